@@ -1,0 +1,520 @@
+"""Loading and validating taskvisor's TOML config.
+
+Owns the config format: finding the file, parsing it with the standard library's
+``tomllib``, applying ``TASKVISOR_<SECTION>__<KEY>`` environment overrides, checking every
+key and value (every problem is collected and raised as one ``ConfigError``), and writing
+the effective config back out as TOML. Runs in the supervisor and the CLI, before fork.
+It must never open the database or import user code: a handler is checked for its
+``module:function`` form only, and preload modules are imported by the fork server.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from supervisor.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class SupervisorConfig:
+    database: Path
+    pool_size: int = 4
+    preload: tuple[str, ...] = ()
+    lease_s: float = 30.0
+    poll_interval_s: float = 1.0
+    shutdown_grace_s: float = 30.0
+    kill_grace_s: float = 5.0
+    boot_timeout_s: float = 10.0
+    memory_budget_mb: int | None = None
+    synchronous: str = "NORMAL"
+    busy_timeout_s: float = 5.0
+    max_payload_bytes: int = 1048576
+    max_result_bytes: int = 1048576
+
+
+@dataclass(frozen=True)
+class Defaults:
+    timeout_s: float | None = 3600.0
+    memory_mb: int | None = None
+    cpu_s: float | None = None
+    open_files: int | None = 1024
+    max_attempts: int = 3
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 300.0
+    priority: int = 0
+
+
+@dataclass(frozen=True)
+class TypeConfig:
+    """Per-type settings; None means "use [defaults]"."""
+
+    handler: str | None = None
+    concurrency: int | None = None
+    timeout_s: float | None = None
+    memory_mb: int | None = None
+    cpu_s: float | None = None
+    open_files: int | None = None
+    max_attempts: int | None = None
+    backoff_initial_s: float | None = None
+    backoff_max_s: float | None = None
+    priority: int | None = None
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    listen: str = "127.0.0.1:9464"
+    token_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "INFO"
+    format: str = "text"
+
+
+@dataclass(frozen=True)
+class LlmConfig:
+    base_url: str | None = None
+    model: str | None = None
+    api_key_env: str = "OPENAI_API_KEY"
+    request_timeout_s: float = 600.0
+    stall_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path | None
+    supervisor: SupervisorConfig
+    defaults: Defaults
+    types: Mapping[str, TypeConfig]
+    http: HttpConfig
+    log: LogConfig
+    llm: LlmConfig
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "types", MappingProxyType(dict(self.types)))
+
+    def __reduce__(self):
+        # A mappingproxy cannot be pickled; rebuild from a plain dict.
+        return (Config, (self.path, self.supervisor, self.defaults, dict(self.types),
+                         self.http, self.log, self.llm))
+
+    def setting(self, type_name: str, key: str) -> Any:
+        """The type's value for a [defaults] key, else the default. KeyError for other keys."""
+        if key not in _DEFAULT_KEYS:
+            raise KeyError(f"{key!r} is not a [defaults] setting")
+        value = getattr(self.types.get(type_name, _NO_TYPE), key)
+        return getattr(self.defaults, key) if value is None else value
+
+    def concurrency_caps(self) -> dict[str, int]:
+        return {n: t.concurrency for n, t in self.types.items() if t.concurrency is not None}
+
+    def with_database(self, path: str | os.PathLike) -> Config:
+        """A copy using another database file; a relative path is taken from the cwd."""
+        database = _absolute(path, Path.cwd())
+        return dataclasses.replace(
+            self, supervisor=dataclasses.replace(self.supervisor, database=database))
+
+
+_NO_TYPE = TypeConfig()
+_DEFAULT_KEYS = frozenset(f.name for f in dataclasses.fields(Defaults))
+
+
+@dataclass(frozen=True)
+class _Field:
+    kind: str  # int | seconds | str | path | modules | handler | listen | url | envname
+    minimum: float | None = None
+    above: bool = False  # the minimum itself is out of range
+    null: str | None = None  # the word meaning "not set" ("none", "auto"), if allowed
+    choices: tuple[str, ...] = ()
+
+
+_POSITIVE_S = _Field("seconds", 0, above=True)
+_SECTIONS: dict[str, dict[str, _Field]] = {
+    "supervisor": {
+        "database": _Field("path"),
+        "pool_size": _Field("int", 1),
+        "preload": _Field("modules"),
+        "lease_s": _POSITIVE_S,
+        "poll_interval_s": _POSITIVE_S,
+        "shutdown_grace_s": _Field("seconds", 0),
+        "kill_grace_s": _Field("seconds", 0),
+        "boot_timeout_s": _POSITIVE_S,
+        "memory_budget_mb": _Field("int", 1, null="auto"),
+        "synchronous": _Field("str", choices=("NORMAL", "FULL")),
+        "busy_timeout_s": _Field("seconds", 0),
+        "max_payload_bytes": _Field("int", 1),
+        "max_result_bytes": _Field("int", 1),
+    },
+    "defaults": {
+        "timeout_s": _Field("seconds", 0, above=True, null="none"),
+        "memory_mb": _Field("int", 1, null="none"),
+        "cpu_s": _Field("seconds", 0, above=True, null="none"),
+        "open_files": _Field("int", 1, null="none"),
+        "max_attempts": _Field("int", 1),
+        "backoff_initial_s": _Field("seconds", 0),
+        "backoff_max_s": _Field("seconds", 0),
+        "priority": _Field("int"),
+    },
+    "http": {"listen": _Field("listen"), "token_file": _Field("path")},
+    "log": {
+        "level": _Field("str", choices=("DEBUG", "INFO", "WARNING", "ERROR")),
+        "format": _Field("str", choices=("text", "json")),
+    },
+    "llm": {
+        "base_url": _Field("url"),
+        "model": _Field("str"),
+        "api_key_env": _Field("envname"),
+        "request_timeout_s": _POSITIVE_S,
+        "stall_timeout_s": _POSITIVE_S,
+    },
+}
+# A type cannot say "none": None in a TypeConfig means "fall back to [defaults]".
+_TYPE_FIELDS: dict[str, _Field] = {
+    "handler": _Field("handler"),
+    "concurrency": _Field("int", 1),
+    **{k: dataclasses.replace(f, null=None) for k, f in _SECTIONS["defaults"].items()},
+}
+_SECTION_CLASSES = {"supervisor": SupervisorConfig, "defaults": Defaults,
+                    "http": HttpConfig, "log": LogConfig, "llm": LlmConfig}
+_ENV_PREFIX = "TASKVISOR_"
+_NAME = r"(?!\d)\w+(?:\.(?!\d)\w+)*"
+_LISTEN = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):(\d{1,5})", re.ASCII)
+_UNITS = {"": 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)", re.ASCII)
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in "30", "30s", "500ms", "5m", "2h", "7d", "1w", "1.5h"; ValueError otherwise."""
+    match = _DURATION.fullmatch(text.strip().lower()) if isinstance(text, str) else None
+    if match is None or match.group(2) not in _UNITS or not math.isfinite(float(match.group(1))):
+        raise ValueError(f"invalid duration {text!r}: expected a number of seconds with an "
+                         "optional unit ms, s, m, h, d or w (e.g. 30, 30s, 5m, 1.5h, 7d)")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def find(explicit: str | os.PathLike | None, env: Mapping[str, str] | None = None) -> Path | None:
+    """The config file to use: ``explicit``, else $TASKVISOR_CONFIG, else ./taskvisor.toml if
+    present, else None (built-in defaults). Raises ConfigError if a named file is missing."""
+    env = os.environ if env is None else env
+    if explicit is not None and os.fspath(explicit) != "":
+        return _existing(explicit, "")
+    if env.get("TASKVISOR_CONFIG"):
+        return _existing(env["TASKVISOR_CONFIG"], " (named by TASKVISOR_CONFIG)")
+    local = Path.cwd() / "taskvisor.toml"
+    return local if local.is_file() else None
+
+
+def load(path: str | os.PathLike | None, env: Mapping[str, str] | None = None) -> Config:
+    """Read, check and return the config; None means built-in defaults. Environment overrides
+    (``env``, default ``os.environ``) apply either way. Raises ConfigError listing every problem."""
+    env = os.environ if env is None else env
+    if path is None:
+        file, label, base, data = None, "<defaults>", Path.cwd(), {}
+    else:
+        file = _absolute(path, Path.cwd())
+        label, base, data = str(file), file.parent, _read(file)
+    errors: list[str] = []
+    values, types = _check_document(data, label, base, errors)
+    for section, overrides in _env_overrides(env, errors).items():
+        values[section].update(overrides)
+    values["supervisor"].setdefault("database", _absolute("taskvisor.db", base))
+    sections = {name: cls(**values[name]) for name, cls in _SECTION_CLASSES.items()}
+    type_configs = {name: TypeConfig(**v) for name, v in types.items()}
+    _check_backoff(label, "[defaults]", sections["defaults"], Defaults(), errors)
+    for name, tc in type_configs.items():
+        _check_backoff(label, f"[types.{_quote(name)}]", tc, sections["defaults"], errors)
+    if errors:
+        raise ConfigError(errors)
+    return Config(path=file, types=type_configs, **sections)
+
+
+def dump(config: Config) -> str:
+    """The effective config as TOML that ``load`` reads back to an equal Config."""
+    origin = f"from {config.path}" if config.path else "built-in defaults"
+    lines = [f"# Effective taskvisor config ({origin}, environment applied).", ""]
+    for section in _SECTION_CLASSES:
+        lines.append(f"[{section}]")
+        for key, spec in _SECTIONS[section].items():
+            value = getattr(getattr(config, section), key)
+            if value is not None:
+                lines.append(f"{key} = {_toml(value)}")
+            elif spec.null:
+                lines.append(f"{key} = {_quote(spec.null)}")
+            else:
+                lines.append(f"# {key} is not set")
+        lines.append("")
+    for name, tc in config.types.items():
+        lines.append(f"[types.{_quote(name)}]")
+        for key in _TYPE_FIELDS:
+            if (value := getattr(tc, key)) is not None:
+                lines.append(f"{key} = {_toml(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+class _Bad(Exception):
+    """One value failed its check; the message says why."""
+
+
+def _read(file: Path) -> dict[str, Any]:
+    try:
+        with open(file, "rb") as fh:
+            return tomllib.load(fh)
+    except OSError as e:
+        raise ConfigError([f"{file}: cannot read config file: {e.strerror or e}"]) from e
+    except UnicodeDecodeError as e:
+        raise ConfigError([f"{file}: not UTF-8 text ({e.reason} at byte {e.start})"]) from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([f"{file}: TOML syntax error: {e}"]) from e
+
+
+def _check_document(data: dict, label: str, base: Path, errors: list[str]):
+    values: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+    types: dict[str, dict[str, Any]] = {}
+    for section, table in data.items():
+        if section not in _SECTIONS and section != "types":
+            errors.append(f"{label}: {_unknown_top(section, table)}")
+        elif not isinstance(table, dict):
+            errors.append(f"{label}: [{section}]: expected a table, got {_describe(table)}")
+        elif section != "types":
+            _check_table(table, section, _SECTIONS[section], base, values[section],
+                         lambda key, s=section: f"{label}: [{s}] {key}", errors)
+    raw_types = data.get("types", {})
+    for name, table in raw_types.items() if isinstance(raw_types, dict) else ():
+        where = f"{label}: [types.{_quote(name)}]"
+        if not name.strip():
+            errors.append(f"{where}: a type name must not be empty")
+        elif not isinstance(table, dict):
+            errors.append(f"{where}: expected a table of settings, got {_describe(table)}")
+        else:
+            _check_table(table, "types", _TYPE_FIELDS, base, types.setdefault(name, {}),
+                         lambda key, w=where: f"{w} {key}", errors, type_name=name)
+    return values, types
+
+
+def _check_table(table: dict, section: str, specs: dict[str, _Field], base: Path,
+                 out: dict, where, errors: list[str], type_name: str = "") -> None:
+    for key, value in table.items():
+        if key in specs:
+            try:
+                out[key] = _convert(specs[key], value, base)
+            except _Bad as e:
+                errors.append(f"{where(key)}: {e}")
+        elif type_name and isinstance(value, dict):
+            # [types.llm.chat] parses as type "llm" holding a table "chat".
+            errors.append(f"{where(key)}: unknown key (a type name containing dots must be "
+                          f"quoted: [types.{_quote(type_name + '.' + key)}])")
+        else:
+            hint = _suggest(key, section)
+            if hint and hint[0] == section:
+                hint_text = f" (did you mean {hint[1]}?)"
+            elif hint:
+                hint_text = f" (did you mean {_section_title(hint[0])} {hint[1]}?)"
+            else:
+                hint_text = ""
+            errors.append(f"{where(key)}: unknown key{hint_text}")
+
+
+def _unknown_top(name: str, value: Any) -> str:
+    if not isinstance(value, dict) and (hint := _suggest(name, "")):
+        return (f"{name}: a key outside any section (did you mean "
+                f"{_section_title(hint[0])} {hint[1]}?)")
+    close = difflib.get_close_matches(name, [*_SECTIONS, "types"], n=1)
+    return f"[{name}]: unknown section" + (f" (did you mean [{close[0]}]?)" if close else "")
+
+
+def _suggest(key: str, section: str) -> tuple[str, str] | None:
+    """(section, key) the user probably meant: the same key elsewhere, else a close one here."""
+    tables = {**_SECTIONS, "types": _TYPE_FIELDS}
+    for other, specs in tables.items():
+        if other != section and key in specs:
+            return other, key
+    close = difflib.get_close_matches(key, list(tables.get(section, ())), n=1)
+    return (section, close[0]) if close else None
+
+
+def _section_title(section: str) -> str:
+    return '[types."NAME"]' if section == "types" else f"[{section}]"
+
+
+def _env_overrides(env: Mapping[str, str], errors: list[str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for var in sorted(env):
+        if not var.upper().startswith(_ENV_PREFIX):
+            continue
+        rest = var[len(_ENV_PREFIX):].lower()
+        where = f"environment: {var}"
+        if "__" not in rest:
+            for section, specs in _SECTIONS.items():
+                if rest.startswith(section + "_") and rest[len(section) + 1:] in specs:
+                    errors.append(f"{where}: section and key are separated by two underscores"
+                                  f" (did you mean {_env_name(section, rest[len(section) + 1:])}?)")
+            continue
+        section, _, key = rest.partition("__")
+        specs = _SECTIONS.get(section)
+        if section == "types":
+            errors.append(f"{where}: per-type settings cannot come from the environment; "
+                          'set them under [types."NAME"] in the config file')
+        elif specs is None:
+            close = difflib.get_close_matches(section, list(_SECTIONS), n=1)
+            hint = f" (did you mean {_env_name(close[0], key)}?)" if close else ""
+            errors.append(f"{where}: unknown section {section!r}{hint}")
+        elif key not in specs:
+            hint = _suggest(key, section)
+            hint_text = (f" (did you mean {_env_name(*hint)}?)"
+                         if hint and hint[0] != "types" else "")
+            errors.append(f"{where}: unknown key {key!r} in [{section}]{hint_text}")
+        else:
+            try:
+                out.setdefault(section, {})[key] = _convert(specs[key], _env_value(env[var]),
+                                                            Path.cwd())
+            except _Bad as e:
+                errors.append(f"{where}: {e}")
+    return out
+
+
+def _env_name(section: str, key: str) -> str:
+    return f"{_ENV_PREFIX}{section.upper()}__{key.upper()}"
+
+
+def _env_value(text: str) -> Any:
+    """A TOML value if the text is one (8, 1.5, true, ["a"], "x"), else the text itself."""
+    try:
+        parsed = tomllib.loads(f"v = {text}")
+    except tomllib.TOMLDecodeError:
+        return text
+    return parsed["v"] if parsed.keys() == {"v"} else text
+
+
+def _convert(spec: _Field, value: Any, base: Path) -> Any:
+    """The checked, normalized value; raises _Bad. Relative paths are taken from ``base``."""
+    if spec.null and isinstance(value, str) and value.lower() == spec.null:
+        return None
+    null_text = f' or "{spec.null}"' if spec.null else ""
+    if spec.kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Bad(_expected("an integer" + null_text, value))
+    elif spec.kind == "seconds":
+        if isinstance(value, str):
+            try:
+                value = parse_duration(value)
+            except ValueError as e:
+                raise _Bad(str(e) + (f', or "{spec.null}"' if spec.null else "")) from None
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _Bad(_expected('a number of seconds or a duration like "5m"' + null_text,
+                                 value))
+        value = float(value)
+        if not math.isfinite(value):
+            raise _Bad(f"expected a finite number of seconds, got {value}")
+    elif spec.kind == "modules":
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+            raise _Bad(_expected("a list of module names", value))
+        for item in items:
+            if not re.fullmatch(_NAME, item):
+                raise _Bad(f"{_quote(item)} is not a module name like \"package.module\"")
+        return tuple(items)
+    elif not isinstance(value, str):
+        raise _Bad(_expected("a string", value))
+    else:
+        return _convert_text(spec, value, base)
+    if spec.minimum is not None and (value < spec.minimum
+                                     or (spec.above and value == spec.minimum)):
+        sign = ">" if spec.above else ">="
+        raise _Bad(f"must be {sign} {spec.minimum:g}{null_text}, got {value!r}")
+    return value
+
+
+def _convert_text(spec: _Field, value: str, base: Path) -> Any:
+    kind = spec.kind
+    if spec.choices:
+        for choice in spec.choices:
+            if value.lower() == choice.lower():
+                return choice
+        raise _Bad(f"expected one of {', '.join(spec.choices)}, got {_quote(value)}")
+    if kind == "path":
+        if not value:
+            raise _Bad("expected a file path, got an empty string")
+        return _absolute(value, base)
+    if kind == "handler" and not re.fullmatch(f"{_NAME}:{_NAME}", value):
+        raise _Bad(f'expected "package.module:function", got {_quote(value)}')
+    if kind == "listen" and value and not _listen_ok(value):
+        raise _Bad('expected "host:port" with a port from 0 to 65535 (or "" to disable), '
+                   f"got {_quote(value)}")
+    if kind == "url" and not re.match(r"https?://.", value):
+        raise _Bad(f"expected an http:// or https:// URL, got {_quote(value)}")
+    if kind == "envname" and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+        # Never echo the value: it may be the secret itself, pasted by mistake.
+        raise _Bad("expected the NAME of an environment variable holding the API key "
+                   "(e.g. OPENAI_API_KEY); never put the key itself in the config")
+    return value
+
+
+def _listen_ok(value: str) -> bool:
+    match = _LISTEN.fullmatch(value)
+    return match is not None and int(match.group(2)) <= 65535
+
+
+def _check_backoff(label: str, title: str, item, fallback, errors: list[str]) -> None:
+    initial = item.backoff_initial_s if item.backoff_initial_s is not None \
+        else fallback.backoff_initial_s
+    maximum = item.backoff_max_s if item.backoff_max_s is not None else fallback.backoff_max_s
+    if maximum < initial:
+        errors.append(f"{label}: {title} backoff_max_s ({maximum:g}) is less than "
+                      f"backoff_initial_s ({initial:g})")
+
+
+def _absolute(path: str | os.PathLike, base: Path) -> Path:
+    return Path(os.path.abspath(base / Path(path).expanduser()))
+
+
+def _existing(path: str | os.PathLike, origin: str) -> Path:
+    file = _absolute(path, Path.cwd())
+    if not file.exists():
+        raise ConfigError([f"config file {file}{origin} does not exist"])
+    if not file.is_file():
+        raise ConfigError([f"config file {file}{origin} is not a file"])
+    return file
+
+
+def _expected(what: str, value: Any) -> str:
+    return f"expected {what}, got {_describe(value)}"
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, bool):
+        return f"boolean {'true' if value else 'false'}"
+    if isinstance(value, (int, float)):
+        return f"{'integer' if isinstance(value, int) else 'float'} {value!r}"
+    if isinstance(value, dict):
+        return "a table"
+    kind = {str: "string", list: "array"}.get(type(value), type(value).__name__)
+    text = _quote(value) if isinstance(value, str) else str(value)
+    return f"{kind} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def _quote(text: str) -> str:
+    """A TOML basic string (JSON's escapes are valid TOML; DEL must be escaped too)."""
+    return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (tuple, list)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return _quote(str(value))

@@ -1,0 +1,60 @@
+"""Pure rules: retry and backoff, which outcomes spend an attempt, admission arithmetic.
+
+Every function takes what it needs (including `now` where time matters) and returns a
+value; nothing here does I/O, reads a clock or touches a process. Backoff maths is
+tenacity's (exponential with jitter), not ours.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import tenacity
+
+from supervisor.store.rows import Outcome
+
+# Outcomes that give the attempt back: the task did nothing wrong.
+REFUNDED = frozenset({Outcome.INTERRUPTED, Outcome.RESCHEDULED})
+
+
+@dataclass(frozen=True)
+class Backoff:
+    initial_s: float = 1.0
+    max_s: float = 300.0
+
+    def delay_s(self, attempt: int) -> float:
+        """Delay before the retry that follows failed attempt number `attempt` (1-based):
+        initial * 2^(attempt-1) plus up to `initial` of random jitter, capped at max."""
+        wait = tenacity.wait_exponential_jitter(
+            initial=self.initial_s, max=self.max_s, jitter=self.initial_s)
+        state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})
+        state.attempt_number = max(1, attempt)
+        return float(wait(state))
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do with a task after an attempt that did not succeed."""
+    action: str              # "requeue" | "fail" | "cancel"
+    run_after: float | None  # for requeue
+    refund: bool             # requeue without spending the attempt
+
+
+def after_failure(outcome: Outcome, *, attempt: int, max_attempts: int, retryable: bool,
+                  cancel_requested: bool, now: float, backoff: Backoff,
+                  delay_s: float | None = None) -> Decision:
+    """Decide the task's next status after a non-successful attempt."""
+    if outcome is Outcome.CANCELLED or cancel_requested:
+        return Decision("cancel", None, False)
+    if outcome in REFUNDED:
+        return Decision("requeue", now + max(0.0, delay_s or 0.0), True)
+    if retryable and attempt < max_attempts:
+        return Decision("requeue", now + backoff.delay_s(attempt), False)
+    return Decision("fail", None, False)
+
+
+def free_memory_mb(budget_mb: float | None, reserved_mb: float) -> float:
+    """What a new claim may declare; an unset budget admits everything."""
+    if budget_mb is None:
+        return float("inf")
+    return budget_mb - reserved_mb

@@ -1,0 +1,189 @@
+"""Opening the SQLite file: pragmas, permissions, transactions, fork safety, error mapping.
+
+Owns the one place a connection is set up (WAL, synchronous, busy timeout, foreign keys,
+the SQLite version check, mode 0600 on the file) and the write/read transaction helpers.
+It must never hold SQL about tasks (that is `queries`) and a connection it opened must
+never be used or closed by a forked child: the child gets `ForkedConnection` instead,
+and the inherited handle is kept alive so its destructor never runs there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import apsw
+
+from supervisor.errors import ForkedConnection, SQLiteTooOld, StoreError, StoreUnavailable
+
+MIN_SQLITE = (3, 35, 0)  # UPDATE … RETURNING
+
+# Connections this process has opened. After fork the child moves them to _inherited
+# and keeps the references for its whole life: if apsw closed them there, SQLite could
+# checkpoint or delete the parent's WAL under its feet.
+_open: "set[Connection]" = set()
+_inherited: list[apsw.Connection] = []
+_lock = threading.Lock()
+
+
+def _after_fork_in_child() -> None:
+    for conn in list(_open):
+        _inherited.append(conn._db)
+        conn._forked = True
+    _open.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def check_sqlite_version() -> None:
+    """Raise SQLiteTooOld when the linked SQLite lacks UPDATE … RETURNING."""
+    version = tuple(int(p) for p in apsw.sqlite_lib_version().split(".")[:3])
+    if version < MIN_SQLITE:
+        raise SQLiteTooOld(
+            f"SQLite {apsw.sqlite_lib_version()} is too old: taskvisor needs 3.35 or newer "
+            "(for UPDATE … RETURNING). Install a newer apsw wheel: pip install -U apsw"
+        )
+
+
+def translate(exc: BaseException, path: str) -> StoreError:
+    """Turn an apsw exception into a StoreError whose message says what to do."""
+    if isinstance(exc, StoreError):
+        return exc
+    if isinstance(exc, apsw.FullError):
+        return StoreUnavailable(
+            f"{path}: the disk is full ({exc}). Nothing was written; free space on that "
+            "disk (or prune old tasks: taskvisor prune --older-than 7d) and try again"
+        )
+    if isinstance(exc, (apsw.BusyError, apsw.LockedError)):
+        return StoreUnavailable(
+            f"{path}: the database stayed locked past the busy timeout ({exc}); "
+            "another process holds a long write transaction"
+        )
+    if isinstance(exc, (apsw.CantOpenError, apsw.PermissionsError, apsw.ReadOnlyError)):
+        return StoreUnavailable(f"{path}: cannot open or write the database ({exc}); check the path and its permissions")
+    if isinstance(exc, (apsw.CorruptError, apsw.NotADBError)):
+        return StoreUnavailable(f"{path}: the file is not a healthy SQLite database ({exc})")
+    if isinstance(exc, apsw.IOError):
+        return StoreUnavailable(f"{path}: I/O error ({exc}); check the disk")
+    return StoreError(f"{path}: {exc.__class__.__name__}: {exc}")
+
+
+class Connection:
+    """One apsw connection of this process, set up the taskvisor way.
+
+    Use from one thread at a time. `write()` is a BEGIN IMMEDIATE transaction (a deferred
+    one that reads then writes would get SQLITE_BUSY_SNAPSHOT at once, ignoring the busy
+    timeout); `read()` a deferred one for a consistent snapshot.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, synchronous: str = "NORMAL",
+                 busy_timeout_s: float = 5.0, create: bool = True):
+        check_sqlite_version()
+        self.path = str(Path(path))
+        self._pid = os.getpid()
+        self._forked = False
+        if create:
+            _create_private(self.path)
+        elif not os.path.exists(self.path):
+            raise StoreUnavailable(f"{self.path}: no such database; run `taskvisor migrate` or check --db")
+        flags = apsw.SQLITE_OPEN_READWRITE | (apsw.SQLITE_OPEN_CREATE if create else 0)
+        try:
+            self._db = apsw.Connection(self.path, flags=flags)
+            self._db.set_busy_timeout(int(busy_timeout_s * 1000))
+            mode = self._db.execute("PRAGMA journal_mode=WAL").fetchall()[0][0]
+            if mode.lower() != "wal":
+                raise StoreUnavailable(f"{self.path}: cannot switch to WAL mode (got {mode}); is it on a network filesystem?")
+            sync = synchronous.upper()
+            if sync not in ("NORMAL", "FULL"):
+                raise StoreError(f"synchronous must be NORMAL or FULL, not {synchronous!r}")
+            self._db.execute(f"PRAGMA synchronous={sync}")
+            self._db.execute("PRAGMA foreign_keys=ON")
+        except apsw.Error as exc:
+            raise translate(exc, self.path) from exc
+        with _lock:
+            _open.add(self)
+
+    @property
+    def db(self) -> apsw.Connection:
+        """The raw apsw connection; raises ForkedConnection in a forked child."""
+        if self._forked or os.getpid() != self._pid:
+            raise ForkedConnection(
+                f"{self.path}: this connection was opened by process {self._pid} and "
+                "inherited across fork; open a new one in this process"
+            )
+        return self._db
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[apsw.Connection]:
+        """BEGIN IMMEDIATE … COMMIT; ROLLBACK on any exception, re-raised as StoreError."""
+        db = self.db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except apsw.Error as exc:
+            raise translate(exc, self.path) from exc
+        try:
+            yield db
+            db.execute("COMMIT")
+        except BaseException as exc:
+            if not db.in_transaction:
+                raise _maybe_translate(exc, self.path) from exc
+            try:
+                db.execute("ROLLBACK")
+            except apsw.Error:
+                pass
+            raise _maybe_translate(exc, self.path) from exc
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[apsw.Connection]:
+        """A deferred transaction: every statement inside sees one snapshot."""
+        db = self.db
+        try:
+            db.execute("BEGIN")
+        except apsw.Error as exc:
+            raise translate(exc, self.path) from exc
+        try:
+            yield db
+        except BaseException as exc:
+            raise _maybe_translate(exc, self.path) from exc
+        finally:
+            if db.in_transaction:
+                try:
+                    db.execute("COMMIT")
+                except apsw.Error:
+                    pass
+
+    def close(self) -> None:
+        """Close in the process that opened it; in a forked child this does nothing."""
+        with _lock:
+            _open.discard(self)
+        if self._forked or os.getpid() != self._pid:
+            return
+        self._db.close()
+
+
+def _maybe_translate(exc: BaseException, path: str) -> BaseException:
+    return translate(exc, path) if isinstance(exc, apsw.Error) else exc
+
+
+def _create_private(path: str) -> None:
+    """Create the file with mode 0600 before SQLite opens it.
+
+    SQLite gives the -wal and -shm files the mode of the database file, so all three stay
+    readable by the owner alone.
+    """
+    if path == ":memory:" or os.path.exists(path):
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise StoreUnavailable(f"{path}: the folder {parent} does not exist; create it or choose another --db")
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        os.close(fd)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise StoreUnavailable(f"{path}: cannot create the database ({exc.strerror})") from exc

@@ -1,0 +1,354 @@
+"""Every SQL statement of taskvisor, one function per statement, named verb_noun.
+
+Each takes a raw apsw connection already inside the right transaction (the caller in
+`supervisor.store.tasks` opens it) and `now` where time matters: no statement calls
+`datetime('now')`. Writes of an attempt are fenced by (id, attempts, lease_owner) and
+report whether they matched. This module must never open connections or transactions.
+"""
+
+from __future__ import annotations
+
+import json
+
+import apsw
+
+from supervisor.store.rows import Attempt, Task
+
+T = Task.COLUMNS
+UNFINISHED_SQL = "('blocked','queued','running')"
+
+
+def _one(cursor) -> tuple | None:
+    for row in cursor:
+        return row
+    return None
+
+
+# -- enqueue ---------------------------------------------------------------------------
+
+def select_unfinished_by_dedupe_key(db: apsw.Connection, key: str) -> str | None:
+    row = _one(db.execute(
+        f"SELECT id FROM tasks WHERE dedupe_key = ? AND status IN {UNFINISHED_SQL}", (key,)))
+    return row[0] if row else None
+
+
+def select_statuses(db: apsw.Connection, ids: list[str]) -> dict[str, str]:
+    return dict(db.execute(
+        "SELECT id, status FROM tasks WHERE id IN (SELECT value FROM json_each(?))",
+        (json.dumps(ids),)))
+
+
+def insert_task(db: apsw.Connection, *, id: str, type: str, payload: str, priority: int,
+                status: str, now: float, run_after: float, max_attempts: int,
+                timeout_s, memory_mb, cpu_s, dedupe_key, error=None, outcome=None,
+                completed_at=None) -> None:
+    db.execute(
+        "INSERT INTO tasks (id, type, payload, priority, status, created_at, run_after, "
+        "max_attempts, timeout_s, memory_mb, cpu_s, dedupe_key, error, outcome, completed_at) "
+        "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        (id, type, payload, priority, status, now, run_after, max_attempts, timeout_s,
+         memory_mb, cpu_s, dedupe_key, error, outcome, completed_at))
+
+
+def insert_deps(db: apsw.Connection, task_id: str, depends_on: list[str]) -> None:
+    db.executemany("INSERT OR IGNORE INTO task_deps (task_id, depends_on) VALUES (?, ?)",
+                   [(task_id, d) for d in depends_on])
+
+
+def select_dep_edges(db: apsw.Connection, ids: list[str]) -> list[tuple[str, str]]:
+    """(task_id, depends_on) edges going out of any of `ids`."""
+    return db.execute(
+        "SELECT task_id, depends_on FROM task_deps "
+        "WHERE task_id IN (SELECT value FROM json_each(?))", (json.dumps(ids),)).fetchall()
+
+
+# -- claim and the lease ---------------------------------------------------------------
+
+def count_running_by_type(db: apsw.Connection, types: list[str]) -> dict[str, int]:
+    return dict(db.execute(
+        "SELECT type, count(*) FROM tasks WHERE status = 'running' "
+        "AND type IN (SELECT value FROM json_each(?)) GROUP BY type", (json.dumps(types),)))
+
+
+def sum_reserved_mb(db: apsw.Connection) -> int:
+    return _one(db.execute("SELECT total(reserved_mb) FROM tasks WHERE status = 'running'"))[0]
+
+
+# The effective declared memory of a queued row: its own, else its type's, else the default.
+_DECLARED_MB = "coalesce(memory_mb, :type_mb ->> type, :default_mb)"
+
+CLAIM_SQL = f"""
+UPDATE tasks SET status = 'running', attempts = attempts + 1, lease_owner = :owner,
+       lease_expires_at = :now + :lease_s, started_at = :now, reserved_mb = {_DECLARED_MB},
+       pid = NULL, pid_started_at = NULL, progress = NULL, progress_message = NULL
+WHERE id = (
+    SELECT id FROM tasks INDEXED BY tasks_claim
+    WHERE status = 'queued' AND run_after <= :now
+      AND type NOT IN (SELECT value FROM json_each(:full_types))
+      AND {_DECLARED_MB} <= :free_mb
+    ORDER BY priority DESC, id
+    LIMIT 1)
+RETURNING {T}
+"""
+
+
+def claim_task(db: apsw.Connection, *, owner: str, now: float, lease_s: float,
+               full_types: list[str], free_mb: float, type_mb: dict[str, int],
+               default_mb: int) -> Task | None:
+    """Lease the next due queued task whose type is not at its cap and whose memory fits."""
+    row = _one(db.execute(CLAIM_SQL, {
+        "owner": owner, "now": now, "lease_s": lease_s, "full_types": json.dumps(full_types),
+        "free_mb": free_mb, "type_mb": json.dumps(type_mb), "default_mb": default_mb}))
+    return Task.from_row(row) if row else None
+
+
+def insert_attempt(db: apsw.Connection, task_id: str, attempt: int, owner: str, now: float) -> None:
+    db.execute("INSERT INTO attempts (task_id, attempt, owner, started_at) VALUES (?,?,?,?)",
+               (task_id, attempt, owner, now))
+
+
+def update_attempt_end(db: apsw.Connection, task_id: str, attempt: int, owner: str, now: float,
+                       end) -> None:
+    """Record the end of the newest open attempt row of (task, attempt, owner)."""
+    db.execute(
+        "UPDATE attempts SET ended_at = ?, outcome = ?, reason = ?, error = ?, exit_code = ?, "
+        "signal = ?, pid = coalesce(?, pid), peak_rss_bytes = ?, cpu_s = ?, wall_s = ? "
+        "WHERE id = (SELECT max(id) FROM attempts WHERE task_id = ? AND attempt = ? "
+        "AND owner = ? AND ended_at IS NULL)",
+        (now, str(end.outcome), end.reason, json.dumps(end.error) if end.error else None,
+         end.exit_code, end.signal, end.pid, end.peak_rss_bytes, end.cpu_s,
+         None if end.wall_s is None else round(end.wall_s, 6), task_id, attempt, owner))
+
+
+_FENCE = "id = :id AND attempts = :attempt AND lease_owner = :owner AND status = 'running'"
+
+
+def update_task_pid(db: apsw.Connection, lease, pid: int, pid_started_at: float) -> bool:
+    db.execute(f"UPDATE tasks SET pid = :pid, pid_started_at = :ps WHERE {_FENCE}",
+               {"pid": pid, "ps": pid_started_at, **_lease(lease)})
+    db.execute("UPDATE attempts SET pid = ? WHERE id = (SELECT max(id) FROM attempts "
+               "WHERE task_id = ? AND attempt = ? AND owner = ?)",
+               (pid, lease.id, lease.attempt, lease.owner))
+    return db.changes() > 0
+
+
+def update_task_progress(db: apsw.Connection, lease, progress: float | None, message: str | None) -> bool:
+    db.execute(f"UPDATE tasks SET progress = :p, progress_message = :m WHERE {_FENCE}",
+               {"p": progress, "m": message, **_lease(lease)})
+    return db.changes() > 0
+
+
+def extend_leases(db: apsw.Connection, owner: str, expires_at: float) -> list[tuple[str, int, bool]]:
+    """Extend every lease `owner` holds; returns (id, attempts, cancel_requested) of each."""
+    return [(r[0], r[1], bool(r[2])) for r in db.execute(
+        "UPDATE tasks SET lease_expires_at = ? WHERE status = 'running' AND lease_owner = ? "
+        "RETURNING id, attempts, cancel_requested", (expires_at, owner))]
+
+
+def select_cancel_requested(db: apsw.Connection, owner: str) -> list[str]:
+    return [r[0] for r in db.execute(
+        "SELECT id FROM tasks WHERE status = 'running' AND lease_owner = ? "
+        "AND cancel_requested = 1", (owner,))]
+
+
+def complete_task(db: apsw.Connection, lease, now: float, result: str | None) -> bool:
+    db.execute(
+        f"UPDATE tasks SET status = 'succeeded', completed_at = :now, result = :result, "
+        f"error = NULL, outcome = 'succeeded', lease_owner = NULL, lease_expires_at = NULL, "
+        f"reserved_mb = 0, progress = 1.0 WHERE {_FENCE}",
+        {"now": now, "result": result, **_lease(lease)})
+    return db.changes() > 0
+
+
+def requeue_task(db: apsw.Connection, lease, *, run_after: float, refund: bool,
+                 outcome: str, error: str | None) -> bool:
+    """Back to queued; `refund` gives the attempt back (shutdown, Retry)."""
+    db.execute(
+        f"UPDATE tasks SET status = 'queued', run_after = :ra, attempts = attempts - :refund, "
+        f"lease_owner = NULL, lease_expires_at = NULL, reserved_mb = 0, pid = NULL, "
+        f"pid_started_at = NULL, outcome = :outcome, error = :error WHERE {_FENCE}",
+        {"ra": run_after, "refund": 1 if refund else 0, "outcome": outcome, "error": error,
+         **_lease(lease)})
+    return db.changes() > 0
+
+
+def fail_task(db: apsw.Connection, lease, *, now: float, status: str, outcome: str,
+              error: str | None) -> bool:
+    """Final: status is 'failed' or 'cancelled'."""
+    db.execute(
+        f"UPDATE tasks SET status = :status, completed_at = :now, outcome = :outcome, "
+        f"error = :error, lease_owner = NULL, lease_expires_at = NULL, reserved_mb = 0 "
+        f"WHERE {_FENCE}",
+        {"status": status, "now": now, "outcome": outcome, "error": error, **_lease(lease)})
+    return db.changes() > 0
+
+
+def select_expired_leases(db: apsw.Connection, now: float) -> list[Task]:
+    return [Task.from_row(r) for r in db.execute(
+        f"SELECT {T} FROM tasks WHERE status = 'running' AND lease_expires_at < ?", (now,))]
+
+
+def select_running_of_owners(db: apsw.Connection, owners: list[str]) -> list[Task]:
+    return [Task.from_row(r) for r in db.execute(
+        f"SELECT {T} FROM tasks WHERE status = 'running' "
+        f"AND lease_owner IN (SELECT value FROM json_each(?))", (json.dumps(owners),))]
+
+
+def _lease(lease) -> dict:
+    return {"id": lease.id, "attempt": lease.attempt, "owner": lease.owner}
+
+
+# -- dependencies ----------------------------------------------------------------------
+
+def unblock_dependents(db: apsw.Connection, task_id: str) -> list[str]:
+    """Queue the blocked dependents of `task_id` whose every dependency has succeeded."""
+    return [r[0] for r in db.execute(
+        "UPDATE tasks SET status = 'queued' WHERE status = 'blocked' "
+        "AND id IN (SELECT task_id FROM task_deps WHERE depends_on = :id) "
+        "AND NOT EXISTS (SELECT 1 FROM task_deps d JOIN tasks t ON t.id = d.depends_on "
+        "  WHERE d.task_id = tasks.id AND t.status != 'succeeded') RETURNING id",
+        {"id": task_id})]
+
+
+def fail_dependents(db: apsw.Connection, task_id: str, now: float, error: str) -> list[str]:
+    """Fail the unfinished, not running dependents of `task_id`; returns their ids."""
+    return [r[0] for r in db.execute(
+        "UPDATE tasks SET status = 'failed', completed_at = :now, outcome = 'dependency_failed', "
+        "error = :error WHERE status IN ('blocked','queued') "
+        "AND id IN (SELECT task_id FROM task_deps WHERE depends_on = :id) RETURNING id",
+        {"id": task_id, "now": now, "error": error})]
+
+
+def select_dependency_failed_dependents(db: apsw.Connection, task_id: str) -> list[str]:
+    return [r[0] for r in db.execute(
+        "SELECT t.id FROM task_deps d JOIN tasks t ON t.id = d.task_id "
+        "WHERE d.depends_on = ? AND t.status = 'failed' AND t.outcome = 'dependency_failed'",
+        (task_id,))]
+
+
+def reblock_task(db: apsw.Connection, task_id: str) -> None:
+    db.execute("UPDATE tasks SET status = 'blocked', completed_at = NULL, outcome = NULL, "
+               "error = NULL WHERE id = ?", (task_id,))
+
+
+def count_unsucceeded_deps(db: apsw.Connection, task_id: str) -> int:
+    return _one(db.execute(
+        "SELECT count(*) FROM task_deps d JOIN tasks t ON t.id = d.depends_on "
+        "WHERE d.task_id = ? AND t.status != 'succeeded'", (task_id,)))[0]
+
+
+# -- cancel, retry, prune --------------------------------------------------------------
+
+def cancel_waiting_task(db: apsw.Connection, task_id: str, now: float) -> bool:
+    db.execute("UPDATE tasks SET status = 'cancelled', completed_at = ?, outcome = 'cancelled', "
+               "error = 'cancelled before it ran' WHERE id = ? AND status IN ('blocked','queued')",
+               (now, task_id))
+    return db.changes() > 0
+
+
+def request_cancel(db: apsw.Connection, task_id: str) -> bool:
+    db.execute("UPDATE tasks SET cancel_requested = 1 WHERE id = ? AND status = 'running'",
+               (task_id,))
+    return db.changes() > 0
+
+
+def retry_task(db: apsw.Connection, task_id: str, now: float, status: str) -> bool:
+    db.execute(
+        "UPDATE tasks SET status = ?, attempts = 0, run_after = ?, completed_at = NULL, "
+        "started_at = NULL, cancel_requested = 0, result = NULL, error = NULL, outcome = NULL, "
+        "progress = NULL, progress_message = NULL WHERE id = ? AND status IN ('failed','cancelled')",
+        (status, now, task_id))
+    return db.changes() > 0
+
+
+def prune_finished(db: apsw.Connection, before: float) -> int:
+    db.execute("DELETE FROM tasks WHERE status IN ('succeeded','failed','cancelled') "
+               "AND completed_at < ?", (before,))
+    return db.changes()
+
+
+# -- reading ---------------------------------------------------------------------------
+
+def select_task(db: apsw.Connection, task_id: str) -> tuple | None:
+    return _one(db.execute(f"SELECT {T} FROM tasks WHERE id = ?", (task_id,)))
+
+
+def select_deps(db: apsw.Connection, task_ids: list[str]) -> dict[str, tuple[str, ...]]:
+    out: dict[str, list[str]] = {}
+    for task_id, dep in db.execute(
+            "SELECT task_id, depends_on FROM task_deps WHERE task_id IN "
+            "(SELECT value FROM json_each(?)) ORDER BY task_id, depends_on", (json.dumps(task_ids),)):
+        out.setdefault(task_id, []).append(dep)
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def select_attempts(db: apsw.Connection, task_id: str) -> list[Attempt]:
+    return [Attempt.from_row(r) for r in db.execute(
+        f"SELECT {Attempt.COLUMNS} FROM attempts WHERE task_id = ? ORDER BY id", (task_id,))]
+
+
+def select_tasks(db: apsw.Connection, *, status: str | None, type: str | None,
+                 before: str | None, limit: int) -> list[tuple]:
+    """Newest first; `before` is an id cursor for the next page."""
+    where, args = [], []
+    if status:
+        where.append("status = ?"); args.append(status)
+    if type:
+        where.append("type = ?"); args.append(type)
+    if before:
+        where.append("id < ?"); args.append(before)
+    sql = f"SELECT {T} FROM tasks"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY id DESC LIMIT ?"
+    return db.execute(sql, (*args, limit)).fetchall()
+
+
+def select_queued_in_order(db: apsw.Connection, limit: int) -> list[tuple]:
+    """Queued tasks in the order a claim would take them (due ones first)."""
+    return db.execute(
+        f"SELECT {T} FROM tasks WHERE status = 'queued' "
+        f"ORDER BY priority DESC, id LIMIT ?", (limit,)).fetchall()
+
+
+def count_by_status_type(db: apsw.Connection) -> list[tuple[str, str, int]]:
+    return db.execute("SELECT status, type, count(*) FROM tasks GROUP BY status, type").fetchall()
+
+
+def select_oldest_queued_by_type(db: apsw.Connection, now: float) -> list[tuple[str, float]]:
+    return db.execute("SELECT type, min(created_at) FROM tasks WHERE status = 'queued' "
+                      "AND run_after <= ? GROUP BY type", (now,)).fetchall()
+
+
+def select_recent_attempts(db: apsw.Connection, since: float) -> list[tuple]:
+    """(ended_at, outcome, type) of attempts that ended since `since`."""
+    return db.execute(
+        "SELECT a.ended_at, a.outcome, t.type FROM attempts a JOIN tasks t ON t.id = a.task_id "
+        "WHERE a.ended_at >= ? ORDER BY a.ended_at", (since,)).fetchall()
+
+
+# -- supervisors -----------------------------------------------------------------------
+
+def upsert_supervisor(db: apsw.Connection, *, owner: str, host: str, pid: int,
+                      pid_started_at: float, now: float, wake_port: int | None,
+                      pool_size: int, version: str) -> None:
+    db.execute(
+        "INSERT INTO supervisors (owner, host, pid, pid_started_at, started_at, heartbeat_at, "
+        "wake_port, pool_size, version) VALUES (?,?,?,?,?,?,?,?,?) "
+        "ON CONFLICT(owner) DO UPDATE SET heartbeat_at = excluded.heartbeat_at, "
+        "wake_port = excluded.wake_port, pool_size = excluded.pool_size",
+        (owner, host, pid, pid_started_at, now, now, wake_port, pool_size, version))
+
+
+def delete_supervisor(db: apsw.Connection, owner: str) -> None:
+    db.execute("DELETE FROM supervisors WHERE owner = ?", (owner,))
+
+
+def select_supervisors(db: apsw.Connection) -> list[tuple]:
+    return db.execute("SELECT owner, host, pid, pid_started_at, started_at, heartbeat_at, "
+                      "wake_port, pool_size, version FROM supervisors ORDER BY started_at").fetchall()
+
+
+def select_wake_ports(db: apsw.Connection, host: str) -> list[int]:
+    return [r[0] for r in db.execute(
+        "SELECT wake_port FROM supervisors WHERE host = ? AND wake_port IS NOT NULL", (host,))]

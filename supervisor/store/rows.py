@@ -1,0 +1,223 @@
+"""Typed rows the store hands out: frozen dataclasses and the status/outcome enums.
+
+Owns the mapping from SQL rows to Python values and the JSON shape of a task that the
+CLI and the HTTP API print. It must never run SQL.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class Status(StrEnum):
+    BLOCKED = "blocked"
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+FINAL = frozenset({Status.SUCCEEDED, Status.FAILED, Status.CANCELLED})
+UNFINISHED = frozenset({Status.BLOCKED, Status.QUEUED, Status.RUNNING})
+
+
+class Outcome(StrEnum):
+    """How one attempt ended (plus how a task that never ran ended)."""
+    SUCCEEDED = "succeeded"
+    ERROR = "error"                # the handler raised
+    TIMEOUT = "timeout"            # wall-clock limit
+    MEMORY_LIMIT = "memory_limit"  # RSS watchdog or RLIMIT_DATA
+    CRASHED = "crashed"            # died by a signal or a non-zero exit without a report
+    LOST = "lost"                  # the lease expired: its supervisor died or hung
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"    # supervisor shutdown; requeued, no attempt spent
+    RESCHEDULED = "rescheduled"    # the handler raised Retry; no attempt spent
+    DEPENDENCY_FAILED = "dependency_failed"  # never ran: a task it depends on failed
+
+
+def iso(ts: float | None) -> str | None:
+    """Epoch seconds -> ISO 8601 UTC with milliseconds, e.g. 2026-11-22T08:34:01.123Z."""
+    if ts is None:
+        return None
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _json(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+@dataclass(frozen=True)
+class Lease:
+    """What fences every write of one attempt."""
+    id: str
+    attempt: int
+    owner: str
+
+
+@dataclass(frozen=True)
+class Attempt:
+    id: int
+    task_id: str
+    attempt: int
+    owner: str
+    started_at: float
+    ended_at: float | None
+    outcome: str | None
+    reason: str | None
+    error: dict | None
+    exit_code: int | None
+    signal: str | None
+    pid: int | None
+    peak_rss_bytes: int | None
+    cpu_s: float | None
+    wall_s: float | None
+
+    COLUMNS = ("id, task_id, attempt, owner, started_at, ended_at, outcome, reason, error, "
+               "exit_code, signal, pid, peak_rss_bytes, cpu_s, wall_s")
+
+    @classmethod
+    def from_row(cls, row: tuple) -> "Attempt":
+        values = list(row)
+        values[8] = _json(values[8])
+        return cls(*values)
+
+    def to_dict(self) -> dict:
+        return {
+            "attempt": self.attempt, "owner": self.owner,
+            "started_at": iso(self.started_at), "ended_at": iso(self.ended_at),
+            "outcome": self.outcome, "reason": self.reason, "error": self.error,
+            "exit_code": self.exit_code, "signal": self.signal, "pid": self.pid,
+            "peak_rss_bytes": self.peak_rss_bytes, "cpu_s": self.cpu_s, "wall_s": self.wall_s,
+        }
+
+
+@dataclass(frozen=True)
+class Task:
+    id: str
+    type: str
+    payload: dict
+    priority: int
+    status: Status
+    created_at: float
+    started_at: float | None
+    completed_at: float | None
+    run_after: float
+    attempts: int
+    max_attempts: int
+    timeout_s: float | None
+    memory_mb: int | None
+    cpu_s: float | None
+    lease_owner: str | None
+    lease_expires_at: float | None
+    reserved_mb: int
+    pid: int | None
+    pid_started_at: float | None
+    cancel_requested: bool
+    progress: float | None
+    progress_message: str | None
+    result: Any
+    error: str | None
+    outcome: str | None
+    dedupe_key: str | None
+    depends_on: tuple[str, ...] = ()
+    history: tuple[Attempt, ...] = field(default=(), compare=False)
+
+    COLUMNS = ("id, type, payload, priority, status, created_at, started_at, completed_at, "
+               "run_after, attempts, max_attempts, timeout_s, memory_mb, cpu_s, lease_owner, "
+               "lease_expires_at, reserved_mb, pid, pid_started_at, cancel_requested, progress, "
+               "progress_message, result, error, outcome, dedupe_key")
+
+    @classmethod
+    def from_row(cls, row: tuple, depends_on: tuple[str, ...] = (),
+                 history: tuple[Attempt, ...] = ()) -> "Task":
+        v = list(row)
+        v[2] = _json(v[2])
+        v[4] = Status(v[4])
+        v[19] = bool(v[19])
+        v[22] = _json(v[22])
+        return cls(*v, depends_on=depends_on, history=history)
+
+    @property
+    def lease(self) -> Lease:
+        return Lease(self.id, self.attempts, self.lease_owner or "")
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINAL
+
+    def to_dict(self, *, with_history: bool = True) -> dict:
+        """The public JSON shape (CLI --json, HTTP API): times as ISO 8601 UTC."""
+        out = {
+            "id": self.id, "type": self.type, "payload": self.payload,
+            "priority": self.priority, "status": str(self.status),
+            "attempts": self.attempts, "max_attempts": self.max_attempts,
+            "created_at": iso(self.created_at), "started_at": iso(self.started_at),
+            "completed_at": iso(self.completed_at), "run_after": iso(self.run_after),
+            "result": self.result, "error": self.error, "outcome": self.outcome,
+            "depends_on": list(self.depends_on),
+            "progress": self.progress, "progress_message": self.progress_message,
+            "timeout_s": self.timeout_s, "memory_mb": self.memory_mb, "cpu_s": self.cpu_s,
+            "dedupe_key": self.dedupe_key, "cancel_requested": self.cancel_requested,
+            "lease_owner": self.lease_owner, "lease_expires_at": iso(self.lease_expires_at),
+            "pid": self.pid,
+        }
+        if with_history:
+            out["history"] = [a.to_dict() for a in self.history]
+        return out
+
+
+@dataclass(frozen=True)
+class NewTask:
+    """A task to insert; `payload` is already-validated JSON text."""
+    type: str
+    payload: str
+    priority: int = 0
+    run_after: float | None = None      # None = now
+    timeout_s: float | None = None
+    memory_mb: int | None = None
+    cpu_s: float | None = None
+    max_attempts: int = 3
+    depends_on: tuple[str, ...] = ()
+    dedupe_key: str | None = None
+    id: str | None = None               # None = a fresh time-ordered id
+
+
+@dataclass(frozen=True)
+class AttemptEnd:
+    """How an attempt ended, as the supervisor records it (never a control-flow error)."""
+    outcome: Outcome
+    reason: str | None = None
+    result: str | None = None            # JSON text, for succeeded
+    error: dict | None = None            # {type, message, traceback} when the handler raised
+    exit_code: int | None = None
+    signal: str | None = None
+    pid: int | None = None
+    peak_rss_bytes: int | None = None
+    cpu_s: float | None = None
+    wall_s: float | None = None
+    retryable: bool = True               # False: fail for good even with attempts left
+    delay_s: float | None = None         # for RESCHEDULED: run again after this long
+
+
+@dataclass(frozen=True)
+class Stats:
+    counts: dict[str, dict[str, int]]         # status -> type -> count
+    oldest_queued_at: float | None            # created_at of the oldest due queued task
+    oldest_queued_by_type: dict[str, float]
+    running_reserved_mb: int
+
+    def totals(self) -> dict[str, int]:
+        return {str(s): sum(self.counts.get(str(s), {}).values()) for s in Status}
+
+    def to_dict(self) -> dict:
+        return {
+            "totals": self.totals(), "by_type": self.counts,
+            "oldest_queued_at": iso(self.oldest_queued_at),
+            "oldest_queued_by_type": {k: iso(v) for k, v in self.oldest_queued_by_type.items()},
+            "running_reserved_mb": self.running_reserved_mb,
+        }

@@ -1,0 +1,340 @@
+"""The store's operations on tasks: each one transaction built from `queries` statements.
+
+Owns the rules that must hold inside one transaction: dedupe, dependency checks and
+cycles at enqueue, type caps and memory admission at claim, unblocking and failing
+dependents, the lease fence on every write of an attempt. It never forks, never kills a
+process and never decides a backoff itself (that is `policy`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+
+from supervisor import policy
+from supervisor.errors import DependencyError, NotFound
+from supervisor.store import queries as q
+from supervisor.store.connection import Connection
+from supervisor.store.ids import new_id
+from supervisor.store.migrate import migrate as _migrate
+from supervisor.store.rows import (
+    AttemptEnd, FINAL, Lease, NewTask, Outcome, Stats, Status, Task)
+
+NO_LIMIT_MB = 1 << 50
+
+
+class Store:
+    """Task state in one SQLite file. One instance per process and thread.
+
+    Every method that changes state is one IMMEDIATE transaction; `now` (epoch seconds)
+    is always the caller's. Raises StoreError subclasses; writes of an attempt return
+    False when the lease no longer matches (the caller decides whether that is LeaseLost).
+    """
+
+    def __init__(self, path: str | os.PathLike, *, synchronous: str = "NORMAL",
+                 busy_timeout_s: float = 5.0, migrate: bool = True, create: bool = True):
+        self.conn = Connection(path, synchronous=synchronous, busy_timeout_s=busy_timeout_s,
+                               create=create)
+        self.path = self.conn.path
+        if migrate:
+            _migrate(self.conn)
+        else:
+            from supervisor.store.migrate import check_not_newer, current_version
+            check_not_newer(current_version(self.conn), self.path)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # -- enqueue -----------------------------------------------------------------------
+
+    def enqueue(self, task: NewTask, now: float) -> str:
+        """Insert one task; returns its id (or the id of the unfinished task holding its key)."""
+        return self.enqueue_many([task], now)[0]
+
+    def enqueue_many(self, tasks: Sequence[NewTask], now: float) -> list[str]:
+        """Insert every task in one transaction: all or nothing.
+
+        Tasks may name each other in depends_on (by their `id`); a missing dependency or a
+        cycle raises DependencyError and nothing is written.
+        """
+        ids = [t.id or new_id(now) for t in tasks]
+        with self.conn.write() as db:
+            batch = {}
+            out = []
+            for task, task_id in zip(tasks, ids):
+                existing = task.dedupe_key and (
+                    q.select_unfinished_by_dedupe_key(db, task.dedupe_key)
+                    or next((i for i, t in batch.items() if t.dedupe_key == task.dedupe_key), None))
+                if existing:
+                    out.append(existing)
+                    continue
+                batch[task_id] = task
+                out.append(task_id)
+            _check_dependencies(db, batch)
+            for task_id in _dependency_order(batch):
+                self._insert(db, task_id, batch[task_id], now)
+        return out
+
+    def _insert(self, db, task_id: str, task: NewTask, now: float) -> None:
+        deps = list(dict.fromkeys(task.depends_on))
+        statuses = q.select_statuses(db, deps) if deps else {}
+        broken = [d for d in deps if statuses.get(d) in (Status.FAILED, Status.CANCELLED)]
+        status, error, outcome, completed = Status.QUEUED, None, None, None
+        if broken:
+            status, outcome, completed = Status.FAILED, Outcome.DEPENDENCY_FAILED, now
+            error = f"dependency {broken[0]} {statuses[broken[0]]}"
+        elif any(statuses.get(d) != Status.SUCCEEDED for d in deps):
+            status = Status.BLOCKED
+        q.insert_task(db, id=task_id, type=task.type, payload=task.payload,
+                      priority=task.priority, status=str(status), now=now,
+                      run_after=now if task.run_after is None else task.run_after,
+                      max_attempts=task.max_attempts, timeout_s=task.timeout_s,
+                      memory_mb=task.memory_mb, cpu_s=task.cpu_s, dedupe_key=task.dedupe_key,
+                      error=error, outcome=outcome and str(outcome), completed_at=completed)
+        if deps:
+            q.insert_deps(db, task_id, deps)
+
+    # -- claim and the lease -----------------------------------------------------------
+
+    def claim(self, owner: str, now: float, *, lease_s: float, caps: dict[str, int] | None = None,
+              memory_budget_mb: float | None = None, type_memory_mb: dict[str, int] | None = None,
+              default_memory_mb: int | None = None) -> Task | None:
+        """Lease the next due task: priority first, then FIFO; None when nothing fits.
+
+        Types whose running count (across every supervisor on the file) has reached
+        their cap in `caps` are skipped; so are tasks whose declared memory (task, else
+        `type_memory_mb`, else `default_memory_mb`) exceeds `memory_budget_mb` minus
+        what running tasks reserved.
+        """
+        caps = caps or {}
+        with self.conn.write() as db:
+            running = q.count_running_by_type(db, list(caps)) if caps else {}
+            full = [t for t, cap in caps.items() if running.get(t, 0) >= cap]
+            free = (NO_LIMIT_MB if memory_budget_mb is None
+                    else memory_budget_mb - q.sum_reserved_mb(db))
+            task = q.claim_task(db, owner=owner, now=now, lease_s=lease_s, full_types=full,
+                                free_mb=free, type_mb={k: v for k, v in (type_memory_mb or {}).items() if v},
+                                default_mb=default_memory_mb or 0)
+            if task is not None:
+                q.insert_attempt(db, task.id, task.attempts, owner, now)
+        return task
+
+    def set_pid(self, lease: Lease, pid: int, pid_started_at: float) -> bool:
+        with self.conn.write() as db:
+            return q.update_task_pid(db, lease, pid, pid_started_at)
+
+    def set_progress(self, updates: Iterable[tuple[Lease, float | None, str | None]]) -> int:
+        """Write several progress updates in one transaction; returns how many matched."""
+        with self.conn.write() as db:
+            return sum(q.update_task_progress(db, lease, p, m) for lease, p, m in updates)
+
+    def extend(self, owner: str, now: float, lease_s: float) -> dict[str, tuple[int, bool]]:
+        """Extend every lease of `owner`; returns {id: (attempts, cancel_requested)} held."""
+        with self.conn.write() as db:
+            return {i: (a, c) for i, a, c in q.extend_leases(db, owner, now + lease_s)}
+
+    def cancel_requests(self, owner: str) -> list[str]:
+        with self.conn.read() as db:
+            return q.select_cancel_requested(db, owner)
+
+    def complete(self, lease: Lease, end: AttemptEnd, now: float) -> bool:
+        """Record success; queue dependents now free to run. False: the lease was lost."""
+        with self.conn.write() as db:
+            if not q.complete_task(db, lease, now, end.result):
+                return False
+            q.update_attempt_end(db, lease.id, lease.attempt, lease.owner, now, end)
+            q.unblock_dependents(db, lease.id)
+        return True
+
+    def fail(self, lease: Lease, end: AttemptEnd, now: float, backoff: policy.Backoff) -> Status | None:
+        """Record an attempt that did not succeed and apply the retry policy.
+
+        Returns the task's new status (queued, failed or cancelled), or None when the
+        lease was lost and nothing was written.
+        """
+        with self.conn.write() as db:
+            row = q.select_task(db, lease.id)
+            if row is None:
+                return None
+            task = Task.from_row(row)
+            if (task.status, task.attempts, task.lease_owner) != (Status.RUNNING, lease.attempt, lease.owner):
+                return None
+            decision = policy.after_failure(
+                end.outcome, attempt=task.attempts, max_attempts=task.max_attempts,
+                retryable=end.retryable, cancel_requested=task.cancel_requested, now=now,
+                backoff=backoff, delay_s=end.delay_s)
+            reason = end.reason or str(end.outcome)
+            q.update_attempt_end(db, lease.id, lease.attempt, lease.owner, now, end)
+            if decision.action == "requeue":
+                q.requeue_task(db, lease, run_after=decision.run_after, refund=decision.refund,
+                               outcome=str(end.outcome), error=reason)
+                return Status.QUEUED
+            status = Status.CANCELLED if decision.action == "cancel" else Status.FAILED
+            if status is Status.CANCELLED and end.outcome is not Outcome.CANCELLED:
+                reason = f"cancelled while running ({reason})"
+            q.fail_task(db, lease, now=now, status=str(status), outcome=str(end.outcome), error=reason)
+            _fail_dependents(db, lease.id, now, status)
+            return status
+
+    def expire(self, now: float, backoff: policy.Backoff, *, owners: Sequence[str] = ()) -> list[Task]:
+        """Rescue running tasks whose lease expired (or whose owner is in `owners`, known
+        dead): each attempt ends `lost`, then requeue or fail. Returns the rescued rows
+        as they were (with pid and pid_started_at, so the caller can kill leftovers)."""
+        with self.conn.read() as db:
+            stale = q.select_expired_leases(db, now)
+            if owners:
+                seen = {t.id for t in stale}
+                stale += [t for t in q.select_running_of_owners(db, list(owners)) if t.id not in seen]
+        rescued = []
+        for task in stale:
+            why = ("its supervisor is gone" if task.lease_owner in owners
+                   else "the lease expired: its supervisor stopped renewing it")
+            end = AttemptEnd(Outcome.LOST, reason=f"lost: {why}", pid=task.pid)
+            if self.fail(task.lease, end, now, backoff) is not None:
+                rescued.append(task)
+        return rescued
+
+    # -- cancel, retry, prune ------------------------------------------------------------
+
+    def cancel(self, task_id: str, now: float) -> Status:
+        """Cancel a waiting task at once, or ask the supervisor to kill a running one.
+
+        Returns the status after the call (cancelled, or running with cancel requested).
+        A finished task is left as it is. Raises NotFound."""
+        with self.conn.write() as db:
+            row = q.select_task(db, task_id)
+            if row is None:
+                raise NotFound(f"no task with id {task_id}", field="id")
+            status = Status(row[4])
+            if q.cancel_waiting_task(db, task_id, now):
+                _fail_dependents(db, task_id, now, Status.CANCELLED)
+                return Status.CANCELLED
+            if status is Status.RUNNING:
+                q.request_cancel(db, task_id)
+            return status
+
+    def retry(self, task_id: str, now: float) -> Status:
+        """Put a failed or cancelled task back in the queue with its attempts reset, and
+        re-block the dependents that failed because of it. Raises NotFound, or InputError
+        when the task is not failed or cancelled."""
+        from supervisor.errors import InputError
+        with self.conn.write() as db:
+            row = q.select_task(db, task_id)
+            if row is None:
+                raise NotFound(f"no task with id {task_id}", field="id")
+            if Status(row[4]) not in (Status.FAILED, Status.CANCELLED):
+                raise InputError(f"task {task_id} is {row[4]}; only failed or cancelled tasks can be retried", field="id")
+            status = Status.BLOCKED if q.count_unsucceeded_deps(db, task_id) else Status.QUEUED
+            q.retry_task(db, task_id, now, str(status))
+            pending = [task_id]
+            while pending:
+                for dep in q.select_dependency_failed_dependents(db, pending.pop()):
+                    q.reblock_task(db, dep)
+                    pending.append(dep)
+            return status
+
+    def prune(self, before: float) -> int:
+        """Delete finished tasks (and their attempts) completed before `before`."""
+        with self.conn.write() as db:
+            return q.prune_finished(db, before)
+
+    # -- reading -------------------------------------------------------------------------
+
+    def get(self, task_id: str, *, history: bool = True) -> Task:
+        with self.conn.read() as db:
+            row = q.select_task(db, task_id)
+            if row is None:
+                raise NotFound(f"no task with id {task_id}", field="id")
+            deps = q.select_deps(db, [task_id]).get(task_id, ())
+            attempts = tuple(q.select_attempts(db, task_id)) if history else ()
+        return Task.from_row(row, deps, attempts)
+
+    def list(self, *, status: str | None = None, type: str | None = None,
+             before: str | None = None, limit: int = 100) -> list[Task]:
+        """Newest first, at most `limit`; `before` is the id where the previous page ended."""
+        with self.conn.read() as db:
+            rows = q.select_tasks(db, status=status, type=type, before=before, limit=limit)
+            deps = q.select_deps(db, [r[0] for r in rows]) if rows else {}
+        return [Task.from_row(r, deps.get(r[0], ())) for r in rows]
+
+    def queued_in_order(self, limit: int = 50) -> list[Task]:
+        with self.conn.read() as db:
+            return [Task.from_row(r) for r in q.select_queued_in_order(db, limit)]
+
+    def stats(self, now: float) -> Stats:
+        with self.conn.read() as db:
+            counts: dict[str, dict[str, int]] = {}
+            for status, type_, n in q.count_by_status_type(db):
+                counts.setdefault(status, {})[type_] = n
+            oldest = dict(q.select_oldest_queued_by_type(db, now))
+            reserved = q.sum_reserved_mb(db)
+        return Stats(counts, min(oldest.values()) if oldest else None, oldest, int(reserved))
+
+    def data_version(self) -> int:
+        """Changes when another connection commits; cheap enough to poll."""
+        return self.conn.db.execute("PRAGMA data_version").fetchall()[0][0]
+
+    # -- supervisors ---------------------------------------------------------------------
+
+    def register_supervisor(self, **fields) -> None:
+        with self.conn.write() as db:
+            q.upsert_supervisor(db, **fields)
+
+    def unregister_supervisor(self, owner: str) -> None:
+        with self.conn.write() as db:
+            q.delete_supervisor(db, owner)
+
+    def supervisors(self) -> list[tuple]:
+        with self.conn.read() as db:
+            return q.select_supervisors(db)
+
+    def wake_ports(self, host: str) -> list[int]:
+        with self.conn.read() as db:
+            return q.select_wake_ports(db, host)
+
+
+def _fail_dependents(db, task_id: str, now: float, why: Status) -> None:
+    """Fail every waiting task downstream of `task_id`, each naming the task it waited on."""
+    pending = [task_id]
+    while pending:
+        dep = pending.pop()
+        reason = f"dependency {dep} {why if dep == task_id else Status.FAILED}"
+        pending.extend(q.fail_dependents(db, dep, now, reason))
+
+
+def _check_dependencies(db, batch: dict[str, NewTask]) -> None:
+    """Every dependency exists (in the file or the batch) and the batch has no cycle."""
+    wanted = {d for t in batch.values() for d in t.depends_on if d not in batch}
+    if wanted:
+        found = q.select_statuses(db, sorted(wanted))
+        missing = sorted(wanted - set(found))
+        if missing:
+            raise DependencyError(f"depends_on names unknown task {missing[0]}", field="depends_on")
+    for task_id, task in batch.items():
+        if task_id in task.depends_on:
+            raise DependencyError(f"task {task_id} depends on itself", field="depends_on")
+    _dependency_order(batch)  # raises on a cycle
+
+
+def _dependency_order(batch: dict[str, NewTask]) -> list[str]:
+    """Ids of the batch, each after the batch tasks it depends on; DependencyError on a cycle."""
+    order, state = [], {}
+    for root in batch:
+        stack = [(root, iter(batch[root].depends_on))]
+        if state.get(root):
+            continue
+        state[root] = 1
+        while stack:
+            node, deps = stack[-1]
+            nxt = next((d for d in deps if d in batch), None)
+            if nxt is None:
+                stack.pop()
+                state[node] = 2
+                order.append(node)
+            elif state.get(nxt) == 1:
+                raise DependencyError(f"depends_on makes a cycle through task {nxt}", field="depends_on")
+            elif not state.get(nxt):
+                state[nxt] = 1
+                stack.append((nxt, iter(batch[nxt].depends_on)))
+    return order
