@@ -317,36 +317,30 @@ def _check_table(table: dict, section: str, specs: dict[str, _Field], base: Path
             errors.append(f"{where(key)}: unknown key (a type name containing dots must be "
                           f"quoted: [types.{_quote(type_name + '.' + key)}])")
         else:
-            hint = _suggest(key, section)
-            if hint and hint[0] == section:
-                hint_text = f" (did you mean {hint[1]}?)"
-            elif hint:
-                hint_text = f" (did you mean {_section_title(hint[0])} {hint[1]}?)"
-            else:
-                hint_text = ""
-            errors.append(f"{where(key)}: unknown key{hint_text}")
+            errors.append(f"{where(key)}: unknown key{_suggest(key, section)}")
 
 
 def _unknown_top(name: str, value: Any) -> str:
     if not isinstance(value, dict) and (hint := _suggest(name, "")):
-        return (f"{name}: a key outside any section (did you mean "
-                f"{_section_title(hint[0])} {hint[1]}?)")
+        return f"{name}: a key outside any section{hint}"
     close = difflib.get_close_matches(name, [*_SECTIONS, "types"], n=1)
     return f"[{name}]: unknown section" + (f" (did you mean [{close[0]}]?)" if close else "")
 
 
-def _suggest(key: str, section: str) -> tuple[str, str] | None:
-    """(section, key) the user probably meant: the same key elsewhere, else a close one here."""
+def _suggest(key: str, section: str, env: bool = False) -> str:
+    """' (did you mean …?)' naming the same key in another section, else a close one here."""
     tables = {**_SECTIONS, "types": _TYPE_FIELDS}
-    for other, specs in tables.items():
-        if other != section and key in specs:
-            return other, key
-    close = difflib.get_close_matches(key, list(tables.get(section, ())), n=1)
-    return (section, close[0]) if close else None
-
-
-def _section_title(section: str) -> str:
-    return '[types."NAME"]' if section == "types" else f"[{section}]"
+    found = next((other for other, specs in tables.items()
+                  if other != section and key in specs), None)
+    if found is None and (close := difflib.get_close_matches(key, list(tables.get(section, ())),
+                                                             n=1)):
+        found, key = section, close[0]
+    if found is None or (env and found == "types"):
+        return ""
+    if env:
+        return f" (did you mean {_env_name(found, key)}?)"
+    title = '[types."NAME"] ' if found == "types" else f"[{found}] "
+    return f" (did you mean {'' if found == section else title}{key}?)"
 
 
 def _env_overrides(env: Mapping[str, str], errors: list[str]) -> dict[str, dict[str, Any]]:
@@ -372,10 +366,8 @@ def _env_overrides(env: Mapping[str, str], errors: list[str]) -> dict[str, dict[
             hint = f" (did you mean {_env_name(close[0], key)}?)" if close else ""
             errors.append(f"{where}: unknown section {section!r}{hint}")
         elif key not in specs:
-            hint = _suggest(key, section)
-            hint_text = (f" (did you mean {_env_name(*hint)}?)"
-                         if hint and hint[0] != "types" else "")
-            errors.append(f"{where}: unknown key {key!r} in [{section}]{hint_text}")
+            errors.append(f"{where}: unknown key {key!r} in [{section}]"
+                          f"{_suggest(key, section, env=True)}")
         else:
             try:
                 out.setdefault(section, {})[key] = _convert(specs[key], _env_value(env[var]),
@@ -440,9 +432,8 @@ def _convert(spec: _Field, value: Any, base: Path) -> Any:
 def _convert_text(spec: _Field, value: str, base: Path) -> Any:
     kind = spec.kind
     if spec.choices:
-        for choice in spec.choices:
-            if value.lower() == choice.lower():
-                return choice
+        if choice := next((c for c in spec.choices if c.lower() == value.lower()), None):
+            return choice
         raise _Bad(f"expected one of {', '.join(spec.choices)}, got {_quote(value)}")
     if kind == "path":
         if not value:
@@ -450,7 +441,8 @@ def _convert_text(spec: _Field, value: str, base: Path) -> Any:
         return _absolute(value, base)
     if kind == "handler" and not re.fullmatch(f"{_NAME}:{_NAME}", value):
         raise _Bad(f'expected "package.module:function", got {_quote(value)}')
-    if kind == "listen" and value and not _listen_ok(value):
+    if kind == "listen" and value and not ((m := _LISTEN.fullmatch(value))
+                                           and int(m.group(2)) <= 65535):
         raise _Bad('expected "host:port" with a port from 0 to 65535 (or "" to disable), '
                    f"got {_quote(value)}")
     if kind == "url" and not re.match(r"https?://.", value):
@@ -462,15 +454,9 @@ def _convert_text(spec: _Field, value: str, base: Path) -> Any:
     return value
 
 
-def _listen_ok(value: str) -> bool:
-    match = _LISTEN.fullmatch(value)
-    return match is not None and int(match.group(2)) <= 65535
-
-
 def _check_backoff(label: str, title: str, item, fallback, errors: list[str]) -> None:
-    initial = item.backoff_initial_s if item.backoff_initial_s is not None \
-        else fallback.backoff_initial_s
-    maximum = item.backoff_max_s if item.backoff_max_s is not None else fallback.backoff_max_s
+    initial, maximum = (getattr(fallback, k) if getattr(item, k) is None else getattr(item, k)
+                        for k in ("backoff_initial_s", "backoff_max_s"))
     if maximum < initial:
         errors.append(f"{label}: {title} backoff_max_s ({maximum:g}) is less than "
                       f"backoff_initial_s ({initial:g})")
