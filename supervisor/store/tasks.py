@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from supervisor import policy
 from supervisor.errors import DependencyError, NotFound
@@ -177,10 +177,15 @@ class Store:
             _fail_dependents(db, lease.id, now, status)
             return status
 
-    def expire(self, now: float, backoff: policy.Backoff, *, owners: Sequence[str] = ()) -> list[Task]:
+    def expire(self, now: float, backoff, *, owners: Sequence[str] = (),
+               before_requeue: Callable[[Task], None] | None = None) -> list[Task]:
         """Rescue running tasks whose lease expired (or whose owner is in `owners`, known
-        dead): each attempt ends `lost`, then requeue or fail. Returns the rescued rows
-        as they were (with pid and pid_started_at, so the caller can kill leftovers)."""
+        dead): each attempt ends `lost`, then requeue or fail by the retry policy.
+
+        `backoff` is a policy.Backoff or a function type -> Backoff. `before_requeue(task)`
+        runs first for each (the supervisor kills a leftover process there, so an attempt
+        never overlaps the next). Returns the rescued rows as they were before.
+        """
         with self.conn.read() as db:
             stale = q.select_expired_leases(db, now)
             if owners:
@@ -188,10 +193,13 @@ class Store:
                 stale += [t for t in q.select_running_of_owners(db, list(owners)) if t.id not in seen]
         rescued = []
         for task in stale:
+            if before_requeue is not None:
+                before_requeue(task)
             why = ("its supervisor is gone" if task.lease_owner in owners
                    else "the lease expired: its supervisor stopped renewing it")
             end = AttemptEnd(Outcome.LOST, reason=f"lost: {why}", pid=task.pid)
-            if self.fail(task.lease, end, now, backoff) is not None:
+            policy_for = backoff(task.type) if callable(backoff) else backoff
+            if self.fail(task.lease, end, now, policy_for) is not None:
                 rescued.append(task)
         return rescued
 

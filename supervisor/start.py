@@ -1,0 +1,52 @@
+"""Start-up order of `taskvisor run`: everything before the loop, in the order that keeps
+forks safe.
+
+Owns that order: logging; cgroup v2 detection (which moves this process into a leaf
+cgroup, so it must precede the fork server); the child-subreaper flag; the fork server
+(started before the database is opened or any thread exists, so it inherits neither);
+then the Supervisor, which opens the database. A preload that fails to import ends here
+with its traceback and exit code 3. It never claims or records tasks itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from supervisor import logs
+from supervisor.children import ForkServer, ForkServerError
+from supervisor.config import Config
+from supervisor.errors import StoreError
+from workers.limits import delegated_cgroup
+from workers.pdeathsig import set_child_subreaper
+
+log = logging.getLogger("taskvisor.supervisor")
+EXIT_PRELOAD_FAILED = 3
+EXIT_STORE_FAILED = 2
+
+
+def run(config: Config, *, events=None) -> int:
+    """Run the supervisor in this process until it is stopped; returns the exit code."""
+    logs.setup(config.log.level, config.log.format)
+    cgroup_dir, cgroup_note = delegated_cgroup()
+    log.info("memory limits: %s", cgroup_note)
+    set_child_subreaper()
+    handlers = {name: t.handler for name, t in config.types.items() if t.handler}
+    server = ForkServer(config.supervisor.preload, handlers)
+    try:
+        server.start(timeout_s=max(60.0, config.supervisor.boot_timeout_s))
+    except ForkServerError as exc:
+        sys.stderr.write(f"taskvisor: error: {exc}\n{exc.detail}")
+        sys.stderr.flush()
+        return EXIT_PRELOAD_FAILED
+    log.info("fork server %d ready: preload=%s types=%s", server.pid,
+             list(config.supervisor.preload), server.types)
+    from supervisor.loop import Supervisor  # imported after the fork server started
+    supervisor = Supervisor(config, server, events=events)
+    supervisor.cgroup_dir = cgroup_dir
+    try:
+        return supervisor.run()
+    except StoreError as exc:
+        server.kill()
+        sys.stderr.write(f"taskvisor: error: {exc}\n")
+        return EXIT_STORE_FAILED

@@ -1,0 +1,49 @@
+"""The RSS watchdog: psutil samples of each task's whole process tree.
+
+Owns measuring memory of running tasks (the task process plus every descendant, so a
+subprocess or a multiprocessing pool counts against its task) and naming the ones over
+their limit. The tree is walked at most once a second per task; the members' RSS is read
+at every sample (4+ times a second). It never sends a signal: the loop decides.
+"""
+
+from __future__ import annotations
+
+import time
+
+import psutil
+
+TREE_REFRESH_S = 1.0
+
+
+class Watchdog:
+    def __init__(self) -> None:
+        self._trees: dict[int, tuple[float, list[psutil.Process]]] = {}
+
+    def rss_bytes(self, pid: int, now_mono: float | None = None) -> int | None:
+        """Total RSS of `pid` and its descendants; None when the process is gone."""
+        now_mono = time.monotonic() if now_mono is None else now_mono
+        entry = self._trees.get(pid)
+        try:
+            if entry is None or now_mono - entry[0] >= TREE_REFRESH_S:
+                root = entry[1][0] if entry else psutil.Process(pid)
+                entry = (now_mono, [root, *root.children(recursive=True)])
+                self._trees[pid] = entry
+        except psutil.Error:
+            self._trees.pop(pid, None)
+            return None
+        total = 0
+        alive = []
+        for proc in entry[1]:
+            try:
+                total += proc.memory_info().rss
+                alive.append(proc)
+            except psutil.Error:
+                if proc is entry[1][0]:
+                    self._trees.pop(pid, None)
+                    return None
+        if len(alive) != len(entry[1]):
+            self._trees[pid] = (entry[0], alive)
+        return total
+
+    def forget(self, pid: int) -> None:
+        self._trees.pop(pid, None)

@@ -1,0 +1,67 @@
+"""TaskContext: what a handler gets besides its payload, and the Retry signal it may raise.
+
+Owns the handler-facing API inside a task process: id, type, attempt, deadline,
+progress(), heartbeat(), cancelled, and a logger whose lines carry the task id. It only
+writes messages to the report pipe; it never touches the database.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+
+class Retry(Exception):
+    """Raise from a handler to run the task again after `delay_s` without spending an
+    attempt (an HTTP 429 with Retry-After, a resource that is busy)."""
+
+    def __init__(self, delay_s: float = 0.0, reason: str | None = None):
+        if delay_s < 0:
+            raise ValueError("Retry delay_s must be >= 0")
+        self.delay_s = float(delay_s)
+        self.reason = reason or f"handler asked to retry in {delay_s:g}s"
+        super().__init__(self.reason)
+
+
+class TaskCancelled(BaseException):
+    """Raised in the task process when the supervisor asks it to stop (SIGTERM).
+
+    A BaseException so a broad `except Exception` in user code does not swallow it."""
+
+
+class TaskContext:
+    """Handed to every handler. Cheap to call: progress() is one small pipe write."""
+
+    def __init__(self, *, id: str, type: str, attempt: int, max_attempts: int,
+                 deadline_at: float | None, reporter: Any, logger: logging.Logger | None = None):
+        self.id = id
+        self.type = type
+        self.attempt = attempt
+        self.max_attempts = max_attempts
+        self.deadline = deadline_at          # epoch seconds, or None without a time limit
+        self.cancelled = False                # set once the supervisor asked to stop
+        self._reporter = reporter
+        base = logger or logging.getLogger(f"taskvisor.task.{type}")
+        self.logger = logging.LoggerAdapter(base, {"task_id": id, "task_type": type})
+
+    @property
+    def remaining_s(self) -> float | None:
+        """Seconds left before the wall-clock limit, or None without one."""
+        return None if self.deadline is None else max(0.0, self.deadline - time.time())
+
+    def progress(self, fraction: float | None = None, message: str | None = None) -> None:
+        """Report progress (0.0-1.0) and/or a short message; also counts as a heartbeat."""
+        if fraction is not None:
+            fraction = min(1.0, max(0.0, float(fraction)))
+        self._reporter.send("progress", fraction=fraction,
+                            message=None if message is None else str(message)[:500])
+
+    def heartbeat(self) -> None:
+        """Say the task is alive (long calls that have no progress to report)."""
+        self._reporter.send("heartbeat")
+
+    def check_cancelled(self) -> None:
+        """Raise TaskCancelled if a cancel was asked (for loops that catch BaseException)."""
+        if self.cancelled:
+            raise TaskCancelled()

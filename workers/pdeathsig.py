@@ -1,0 +1,37 @@
+"""The parent-death signal (Linux prctl PR_SET_PDEATHSIG) through ctypes.
+
+Owns one call. Elsewhere it does nothing and callers rely on their getppid() checks.
+It fires when the creating thread exits and is cleared by fork, so set it in the child
+and then re-check getppid() (the parent may have died before the call).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+
+_libc = None
+if sys.platform.startswith("linux"):
+    try:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        _libc = None
+
+
+def set_parent_death_signal(sig: int) -> bool:
+    """Ask the kernel to send `sig` to this process when its parent exits."""
+    if _libc is None:
+        return False
+    return _libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+
+
+def set_child_subreaper() -> bool:
+    """Orphaned descendants are re-parented to this process instead of init, so it can
+    reap them (a task's grandchild that outlives it must not become a zombie of init)."""
+    if _libc is None:
+        return False
+    return _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0

@@ -1,0 +1,170 @@
+"""The fork server: imports the preload modules once, then forks one process per attempt.
+
+Started by the supervisor as a fresh interpreter (`python -m workers.zygote --fd N
+--parent PID`) before the supervisor opens the database or starts a thread. It has no
+threads and no database connection, so a fork from it is cheap and safe, and every task
+process shares the preloaded modules copy-on-write. It owns the spawn protocol on its
+SOCK_SEQPACKET socket, and it is the parent of the task processes, so it reaps them and
+reports each exit status with its rusage. It must never run a handler itself.
+
+Messages (JSON, one per packet):
+  supervisor -> zygote  {"op": "boot", "preload": [...], "handlers": {type: "mod:fn"}}
+                        {"op": "spawn", "key": K}  + fds [report_w, spec_fd]
+                        {"op": "stop"}
+  zygote -> supervisor  {"op": "ready", "pid", "types": [...], "preload_s"}
+                        {"op": "boot_error", "error": traceback text}
+                        {"op": "spawned", "key": K, "pid": P}
+                        {"op": "spawn_failed", "key": K, "error": text}
+                        {"op": "exited", "pid": P, "status": S, "utime", "stime", "maxrss_kb"}
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import selectors
+import signal
+import socket
+import sys
+import time
+import traceback
+
+from workers import child, registry
+from workers import outcome as proto
+from workers.pdeathsig import set_parent_death_signal
+
+MAX_PACKET = 65536
+
+
+class Zygote:
+    def __init__(self, sock: socket.socket, parent_pid: int):
+        self.sock = sock
+        self.parent_pid = parent_pid
+        self.children: set[int] = set()
+        self.stopping = False
+        self.pid = os.getpid()
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_w, False)
+        os.set_blocking(self.wake_r, False)
+
+    def send(self, msg: dict) -> None:
+        self.sock.sendall(json.dumps(msg, separators=(",", ":")).encode())
+
+    def boot(self) -> bool:
+        data = self.sock.recv(MAX_PACKET)
+        msg = json.loads(data)
+        started = time.monotonic()
+        try:
+            for name in msg.get("preload") or ():
+                importlib.import_module(name)
+            for type_name, spec in (msg.get("handlers") or {}).items():
+                registry.register(type_name, registry.resolve(spec))
+        except BaseException:
+            self.send({"op": "boot_error", "error": traceback.format_exc(limit=30)[-30000:]})
+            return False
+        self.send({"op": "ready", "pid": os.getpid(), "types": registry.names(),
+                   "preload_s": round(time.monotonic() - started, 4)})
+        return True
+
+    def serve(self) -> None:
+        signal.set_wakeup_fd(self.wake_w)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; ^C reaches it
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        self.sel = sel = selectors.DefaultSelector()
+        sel.register(self.sock, selectors.EVENT_READ, "sock")
+        sel.register(self.wake_r, selectors.EVENT_READ, "wake")
+        # After "stop" it takes no new spawns but stays until its children have exited:
+        # they die with it (parent-death signal), and a reload lets them finish.
+        while not (self.stopping and not self.children):
+            for key, _ in sel.select(timeout=1.0):
+                if key.data == "sock":
+                    self._on_request()
+                else:
+                    try:
+                        os.read(self.wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+            self._reap()
+            if os.getppid() != self.parent_pid:
+                break  # the supervisor is gone; pdeathsig normally got here first
+        self._reap()
+
+    def _on_stop(self, *_):
+        self.stopping = True
+
+    def _on_request(self) -> None:
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(self.sock, MAX_PACKET, 4)
+        except (BlockingIOError, InterruptedError):
+            return
+        if not data:  # the supervisor closed its end
+            self.stopping = True
+            self.sel.unregister(self.sock)
+            return
+        msg = json.loads(data)
+        if msg["op"] == "stop":
+            self.stopping = True
+        elif msg["op"] == "spawn" and self.stopping:
+            self.send({"op": "spawn_failed", "key": msg["key"], "error": "fork server is stopping"})
+        elif msg["op"] == "spawn":
+            self._spawn(msg, fds)
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _spawn(self, msg: dict, fds: list[int]) -> None:
+        if len(fds) != 2:
+            self.send({"op": "spawn_failed", "key": msg["key"], "error": "expected 2 fds"})
+            return
+        report_w, spec_fd = fds
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            self.send({"op": "spawn_failed", "key": msg["key"], "error": f"fork failed: {exc}"})
+            return
+        if pid == 0:
+            child.run(spec_fd, report_w, parent_pid=self.pid)
+        self.children.add(pid)
+        self.send({"op": "spawned", "key": msg["key"], "pid": pid})
+
+    def _reap(self) -> None:
+        while self.children:
+            try:
+                pid, status, ru = os.wait4(-1, os.WNOHANG)
+            except ChildProcessError:
+                self.children.clear()
+                return
+            if pid == 0:
+                return
+            self.children.discard(pid)
+            try:
+                self.send({"op": "exited", "pid": pid, "status": status,
+                           "utime": ru.ru_utime, "stime": ru.ru_stime, "maxrss_kb": ru.ru_maxrss})
+            except OSError:
+                pass  # the supervisor is gone
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="workers.zygote")
+    parser.add_argument("--fd", type=int, required=True)
+    parser.add_argument("--parent", type=int, required=True)
+    args = parser.parse_args(argv)
+    set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != args.parent:
+        return proto.ZYGOTE_PARENT_GONE
+    sock = socket.socket(fileno=args.fd)
+    zygote = Zygote(sock, args.parent)
+    if not zygote.boot():
+        return proto.ZYGOTE_PRELOAD_ERROR
+    zygote.serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
