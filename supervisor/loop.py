@@ -85,6 +85,10 @@ class Supervisor:
         self.memory_budget_mb = _memory_budget(config)
         self._status = ""
         self.cgroup_dir: str | None = None  # set by supervisor.start when delegated
+        # Called once the database is migrated and rescued, before READY=1 (the HTTP
+        # server binds here), and at shutdown after the last task was recorded.
+        self.on_ready: list[Callable[["Supervisor"], None]] = []
+        self.on_shutdown: list[Callable[["Supervisor"], None]] = []
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -96,6 +100,8 @@ class Supervisor:
         self.selector.register(self.server, selectors.EVENT_READ, self.server)
         self.open_store()
         self.rescue(self.clock.now(), dead_only=False)
+        for hook in self.on_ready:
+            hook(self)
         self.emit("started", owner=self.owner)
         self.notifier.ready(self.status_line())
         log.info("supervisor %s ready: pool_size=%d database=%s", self.owner,
@@ -135,6 +141,11 @@ class Supervisor:
 
     def shutdown(self) -> None:
         self.notifier.stopping("stopped")
+        for hook in self.on_shutdown:
+            try:
+                hook(self)
+            except Exception:
+                log.exception("shutdown hook failed")
         for server in [self.server, *self.retiring]:
             server.stop()
             server.close()
