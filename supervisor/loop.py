@@ -411,18 +411,24 @@ class Supervisor:
 
     def flush(self, now: float, mono: float) -> None:
         """Write pids, progress and finished attempts; keep them in memory if SQLite fails."""
-        if (self.pending or self.pending_pids) and mono < self.due.get("flush_retry", 0.0):
+        progress_due = mono >= self.due.get("progress", 0.0) and any(
+            c.progress for c in self.children.values())
+        if not (self.pending or self.pending_pids or progress_due):
+            return
+        if mono < self.due.get("flush_retry", 0.0):
             return
         try:
-            for child in self.pending_pids:
-                if child.key in self.children and child.pid_started_at is not None:
-                    self.store.set_pid(child.lease, child.pid, child.pid_started_at)
+            with self.store.transaction():  # one commit for the whole pass
+                for child in self.pending_pids:
+                    if child.key in self.children and child.pid_started_at is not None:
+                        self.store.set_pid(child.lease, child.pid, child.pid_started_at)
+                if progress_due:
+                    self.flush_progress(mono)
+                statuses = [self.record(child, end, now) for child, end in self.pending]
             self.pending_pids.clear()
-            self.flush_progress(mono)
-            while self.pending:
-                child, end = self.pending[0]
-                self.record(child, end, now)
-                self.pending.pop(0)
+            recorded, self.pending = self.pending, []
+            for (child, end), status in zip(recorded, statuses):
+                self.emit("recorded", task=child.task, end=end, status=status)
             self.store_ok = True
         except StoreError as exc:
             if self.store_ok:
@@ -432,8 +438,6 @@ class Supervisor:
             self.due["flush_retry"] = mono + 0.5
 
     def flush_progress(self, mono: float) -> None:
-        if mono < self.due.get("progress", 0.0):
-            return
         updates = [(c.lease, *c.progress) for c in self.children.values() if c.progress]
         if updates:
             self.store.set_progress(updates)
@@ -441,7 +445,8 @@ class Supervisor:
                 child.progress = None
         self.due["progress"] = mono + PROGRESS_FLUSH_S
 
-    def record(self, child: Child, end: AttemptEnd, now: float) -> None:
+    def record(self, child: Child, end: AttemptEnd, now: float) -> str | None:
+        """Write one outcome under its lease; returns the task's new status (None: lost)."""
         lease = child.lease
         if end.outcome is Outcome.SUCCEEDED:
             ok = self.store.complete(lease, end, now)
@@ -451,7 +456,7 @@ class Supervisor:
         if status is None:
             log.warning("outcome of %s attempt %d not recorded: the lease was lost (another "
                         "supervisor rescued it)", lease.id, lease.attempt, extra={"task_id": lease.id})
-        self.emit("recorded", task=child.task, end=end, status=status)
+        return None if status is None else str(status)
 
     def backoff(self, type_name: str) -> policy.Backoff:
         return policy.Backoff(self.config.setting(type_name, "backoff_initial_s"),
@@ -537,19 +542,24 @@ class Supervisor:
         if self.stopping or not self.claim_needed or self.server.exited or not self.store_ok:
             return
         cfg = self.config
-        while len(self.children) < cfg.supervisor.pool_size:
-            try:
-                task = self.store.claim(
-                    self.owner, now, lease_s=cfg.supervisor.lease_s,
-                    caps=cfg.concurrency_caps(), memory_budget_mb=self.memory_budget_mb,
-                    type_memory_mb={n: t.memory_mb for n, t in cfg.types.items() if t.memory_mb},
-                    default_memory_mb=cfg.defaults.memory_mb)
-            except StoreError as exc:
-                log.error("claim failed: %s", exc)
-                return
-            if task is None:
-                self.claim_needed = False
-                return
+        free = cfg.supervisor.pool_size - len(self.children)
+        claimed: list[Task] = []
+        try:
+            with self.store.transaction():  # one commit for every slot filled this pass
+                while len(claimed) < free:
+                    task = self.store.claim(
+                        self.owner, now, lease_s=cfg.supervisor.lease_s,
+                        caps=cfg.concurrency_caps(), memory_budget_mb=self.memory_budget_mb,
+                        type_memory_mb={n: t.memory_mb for n, t in cfg.types.items() if t.memory_mb},
+                        default_memory_mb=cfg.defaults.memory_mb)
+                    if task is None:
+                        self.claim_needed = False
+                        break
+                    claimed.append(task)
+        except StoreError as exc:
+            log.error("claim failed: %s", exc)
+            return
+        for task in claimed:
             self.spawn(task, now, mono)
 
     def spawn(self, task: Task, now: float, mono: float) -> None:

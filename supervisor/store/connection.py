@@ -86,6 +86,7 @@ class Connection:
         self.path = str(Path(path))
         self._pid = os.getpid()
         self._forked = False
+        self._depth = 0
         if create:
             _create_private(self.path)
         elif not os.path.exists(self.path):
@@ -119,12 +120,24 @@ class Connection:
 
     @contextlib.contextmanager
     def write(self) -> Iterator[apsw.Connection]:
-        """BEGIN IMMEDIATE … COMMIT; ROLLBACK on any exception, re-raised as StoreError."""
+        """BEGIN IMMEDIATE … COMMIT; ROLLBACK on any exception, re-raised as StoreError.
+
+        Nested inside another write() of this connection it joins the outer transaction,
+        so a caller can group several operations into one commit (the supervisor writes
+        a whole pass's outcomes at once)."""
         db = self.db
+        if self._depth:
+            self._depth += 1
+            try:
+                yield db
+            finally:
+                self._depth -= 1
+            return
         try:
             db.execute("BEGIN IMMEDIATE")
         except apsw.Error as exc:
             raise translate(exc, self.path) from exc
+        self._depth = 1
         try:
             yield db
             db.execute("COMMIT")
@@ -136,11 +149,17 @@ class Connection:
             except apsw.Error:
                 pass
             raise _maybe_translate(exc, self.path) from exc
+        finally:
+            self._depth = 0
 
     @contextlib.contextmanager
     def read(self) -> Iterator[apsw.Connection]:
-        """A deferred transaction: every statement inside sees one snapshot."""
+        """A deferred transaction: every statement inside sees one snapshot (inside a
+        write() it simply joins that transaction)."""
         db = self.db
+        if self._depth:
+            yield db
+            return
         try:
             db.execute("BEGIN")
         except apsw.Error as exc:

@@ -46,6 +46,11 @@ class Store:
     def close(self) -> None:
         self.conn.close()
 
+    def transaction(self):
+        """Group several operations into one IMMEDIATE transaction (one commit):
+        `with store.transaction(): store.complete(...); store.fail(...)`."""
+        return self.conn.write()
+
     # -- enqueue -----------------------------------------------------------------------
 
     def enqueue(self, task: NewTask, now: float) -> str:
