@@ -1,0 +1,394 @@
+"""The `taskvisor` command line: argparse subcommands, and the one place objects are wired.
+
+Owns argument parsing, config discovery for a command (--config, $TASKVISOR_CONFIG,
+./taskvisor.toml, built-in defaults; --db overrides the database), output formats (human
+tables, --json) and exit codes: 0 ok, 1 the task failed or was cancelled, 2 bad input or
+an unusable config/database (one line `taskvisor: error: …` on stderr, nothing written),
+124 a wait timed out, 130 interrupted. Commands live in `COMMANDS`; each is a small
+`cmd_X(args, config) -> int`. It never writes SQL and never runs a task itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from supervisor import config as _config
+from supervisor.client import Queue
+from supervisor.errors import ConfigError, InputError, StoreError
+from supervisor.store import Status, Task, iso
+
+EXIT_OK = 0
+EXIT_TASK_FAILED = 1
+EXIT_USAGE = 2
+EXIT_TIMEOUT = 124
+EXIT_INTERRUPTED = 130
+PROG = "taskvisor"
+
+
+class UsageError(Exception):
+    """Bad command-line syntax; printed as one `taskvisor: error:` line, exit 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print the usage block too
+        raise UsageError(message)
+
+
+@dataclass(frozen=True)
+class Command:
+    func: Callable[[argparse.Namespace, _config.Config], int]
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None] = lambda p: None
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str, help: str, arguments: Callable[[argparse.ArgumentParser], None] = lambda p: None):
+    """Register `cmd_X(args, config) -> int` as subcommand `name`."""
+    def register(func):
+        COMMANDS[name] = Command(func, help, arguments)
+        return func
+    return register
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit code (the console script exits with it)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as exc:
+        return _error(str(exc))
+    except SystemExit as exc:  # --help
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    try:
+        cfg = load_config(args)
+    except ConfigError as exc:
+        if args.command == "check-config":
+            for line in exc.errors:
+                _error(line)
+            return EXIT_USAGE
+        more = len(exc.errors) - 1
+        return _error(exc.errors[0] + (f" (and {more} more: run `taskvisor check-config`)"
+                                       if more else ""))
+    try:
+        return COMMANDS[args.command].func(args, cfg)
+    except (InputError, StoreError, ConfigError) as exc:
+        return _error(str(exc))
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `taskvisor list | head`: stop quietly, and stop Python's
+        # exit-time flush of stdout from raising again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_TASK_FAILED
+
+
+def build_parser() -> Parser:
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: an option given before the command is not reset by the subparser.
+    common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
+                        help="config file (default: $TASKVISOR_CONFIG, else ./taskvisor.toml)")
+    common.add_argument("--db", metavar="PATH", default=argparse.SUPPRESS,
+                        help="database file (overrides [supervisor] database)")
+    parser = Parser(prog=PROG, parents=[common],
+                    description="A durable local task queue and process supervisor.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, cmd in COMMANDS.items():
+        cmd.arguments(sub.add_parser(name, parents=[common], help=cmd.help, description=cmd.help))
+    return parser
+
+
+def load_config(args: argparse.Namespace) -> _config.Config:
+    cfg = _config.load(_config.find(getattr(args, "config", None)))
+    db = getattr(args, "db", None)
+    return cfg.with_database(db) if db else cfg
+
+
+def _error(message: str) -> int:
+    print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def _duration(text: str) -> float:
+    try:
+        return _config.parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+# -- commands ------------------------------------------------------------------------------
+
+def _enqueue_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("type", metavar="TYPE")
+    p.add_argument("payload", metavar="PAYLOAD_JSON", nargs="?",
+                   help="a JSON object, or - to read it from stdin (default {})")
+    p.add_argument("--priority", type=int, help="higher runs first (default: the type's)")
+    p.add_argument("--delay", type=_duration, metavar="SECONDS", help="run no sooner than this")
+    p.add_argument("--timeout", type=_duration, metavar="SECONDS", help="wall-clock limit")
+    p.add_argument("--memory-mb", type=int, metavar="N", help="memory limit in MiB")
+    p.add_argument("--max-attempts", type=int, metavar="N")
+    p.add_argument("--depends-on", action="append", default=[], metavar="ID",
+                   help="run only after this task succeeded (repeatable)")
+    p.add_argument("--key", metavar="KEY", help="dedupe key: reuse an unfinished task with it")
+
+
+@command("enqueue", "store a task; prints its id", _enqueue_arguments)
+def cmd_enqueue(args, cfg) -> int:
+    payload = _read_payload(args.payload)
+    with Queue(cfg) as queue:
+        task_id = queue.enqueue(args.type, payload, priority=args.priority, delay=args.delay,
+                                timeout_s=args.timeout, memory_mb=args.memory_mb,
+                                max_attempts=args.max_attempts, depends_on=args.depends_on,
+                                dedupe_key=args.key)
+    print(task_id)
+    return EXIT_OK
+
+
+def _read_payload(arg: str | None):
+    if arg is None:
+        return None
+    if arg == "-":
+        try:
+            arg = sys.stdin.buffer.read().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputError(f"payload on stdin is not UTF-8 text ({exc.reason})", "payload") from None
+    try:
+        return json.loads(arg)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"payload is not valid JSON: {exc}", field="payload") from None
+
+
+def _list_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--status", help=f"one of {', '.join(Status)}")
+    p.add_argument("--type")
+    p.add_argument("--limit", type=int, default=100, metavar="N")
+    p.add_argument("--before", metavar="ID", help="continue after this id (next page)")
+    p.add_argument("--json", action="store_true", help="a JSON array of tasks")
+
+
+@command("list", "list tasks, newest first", _list_arguments)
+def cmd_list(args, cfg) -> int:
+    with Queue(cfg, create=False) as queue:
+        tasks = queue.list(status=args.status, type=args.type, limit=args.limit,
+                           before=args.before)
+    if args.json:
+        _print_json([t.to_dict(with_history=False) for t in tasks])
+        return EXIT_OK
+    now = time.time()
+    rows = [("ID", "TYPE", "STATUS", "PRI", "ATTEMPTS", "AGE", "OUTCOME / ERROR")]
+    rows += [(t.id, t.type, str(t.status), str(t.priority), f"{t.attempts}/{t.max_attempts}",
+              _age(now - t.created_at), _truncate(_outcome(t), 60)) for t in tasks]
+    if tasks:
+        _print_table(rows)
+    else:
+        print("no tasks", file=sys.stderr)
+    return EXIT_OK
+
+
+def _id_arguments(json_option: bool = False):
+    def arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("id", metavar="ID")
+        if json_option:
+            p.add_argument("--json", action="store_true")
+    return arguments
+
+
+@command("show", "one task with its attempts", _id_arguments(json_option=True))
+def cmd_show(args, cfg) -> int:
+    with Queue(cfg, create=False) as queue:
+        task = queue.get(args.id)
+    if args.json:
+        _print_json(task.to_dict())
+        return EXIT_OK
+    now = time.time()
+    when = lambda ts: "-" if ts is None else f"{iso(ts)} ({_age(now - ts, signed=True)})"
+    limits = (f"timeout {_num(task.timeout_s, 's')}, memory {_num(task.memory_mb, ' MiB')}, "
+              f"cpu {_num(task.cpu_s, 's')}")
+    status = str(task.status) + (" (cancel requested)" if task.cancel_requested else "")
+    fields = [("id", task.id), ("type", task.type), ("status", status),
+              ("priority", task.priority), ("attempts", f"{task.attempts}/{task.max_attempts}"),
+              ("created", when(task.created_at)), ("run after", when(task.run_after)),
+              ("started", when(task.started_at)), ("completed", when(task.completed_at)),
+              ("depends on", ", ".join(task.depends_on) or "-"),
+              ("dedupe key", task.dedupe_key or "-"), ("limits", limits),
+              ("progress", _progress(task)), ("payload", _truncate(_compact(task.payload), 500)),
+              ("result", _truncate(_compact(task.result), 500) if task.result is not None else "-"),
+              ("outcome", task.outcome or "-"), ("error", task.error or "-")]
+    for name, value in fields:
+        print(f"{name:<11} {value}")
+    print(f"\nhistory ({len(task.history)} attempt{'s' if len(task.history) != 1 else ''}):")
+    for a in task.history:
+        ended = a.outcome or "running"
+        exit_ = (f"signal {a.signal}" if a.signal else
+                 f"exit {a.exit_code}" if a.exit_code is not None else "")
+        peak = "-" if a.peak_rss_bytes is None else f"{a.peak_rss_bytes / 1048576:.1f} MiB"
+        print(f"  #{a.attempt:<3} {ended:<17} {iso(a.started_at)}  wall {_num(a.wall_s, 's')}"
+              f"  cpu {_num(a.cpu_s, 's')}  peak {peak}  {exit_}".rstrip())
+        if a.reason:
+            print(f"       {_truncate(a.reason, 200)}")
+    return EXIT_OK
+
+
+@command("status", "counts by status and type, oldest queued task, supervisors",
+         lambda p: p.add_argument("--json", action="store_true"))
+def cmd_status(args, cfg) -> int:
+    now = time.time()
+    with Queue(cfg, create=False) as queue:
+        stats, sups = queue.stats(), queue.supervisors()
+    lease_s = cfg.supervisor.lease_s
+    for s in sups:
+        s["stale"] = now - s["heartbeat_at"] > lease_s
+    oldest_age = None if stats.oldest_queued_at is None else max(0.0, now - stats.oldest_queued_at)
+    if args.json:
+        out = {"database": str(cfg.supervisor.database), **stats.to_dict(),
+               "oldest_queued_age_s": oldest_age,
+               "supervisors": [{**s, "pid_started_at": iso(s["pid_started_at"]),
+                                "started_at": iso(s["started_at"]),
+                                "heartbeat_at": iso(s["heartbeat_at"])} for s in sups]}
+        _print_json(out)
+        return EXIT_OK
+    totals = stats.totals()
+    print(f"database  {cfg.supervisor.database}")
+    print("tasks     " + "  ".join(f"{s} {totals[str(s)]}" for s in Status))
+    types = sorted({t for by_type in stats.counts.values() for t in by_type})
+    if types:
+        rows = [("TYPE", *(str(s) for s in Status))]
+        rows += [(t, *(str(stats.counts.get(str(s), {}).get(t, 0)) for s in Status)) for t in types]
+        print()
+        _print_table(rows, indent="  ")
+    if oldest_age is None:
+        print("\noldest queued: none due")
+    else:
+        oldest_type = min(stats.oldest_queued_by_type, key=stats.oldest_queued_by_type.get)
+        print(f"\noldest queued: {_age(oldest_age)} ({oldest_type})")
+    print(f"supervisors: {sum(not s['stale'] for s in sups)} live")
+    for s in sups:
+        print(f"  {s['owner']}  {s['host']} pid {s['pid']}  pool {s['pool_size']}  "
+              f"heartbeat {_age(now - s['heartbeat_at'])} ago{'  STALE' if s['stale'] else ''}")
+    return EXIT_OK
+
+
+def _wait_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("id", metavar="ID")
+    p.add_argument("--timeout", type=_duration, metavar="SECONDS", help="give up after (exit 124)")
+
+
+@command("wait", "wait for a task to finish: exit 0 succeeded, 1 failed or cancelled, "
+         "124 timed out", _wait_arguments)
+def cmd_wait(args, cfg) -> int:
+    with Queue(cfg, create=False) as queue:
+        try:
+            task = queue.wait(args.id, timeout=args.timeout)
+        except TimeoutError as exc:
+            print(f"{PROG}: {exc}", file=sys.stderr)
+            return EXIT_TIMEOUT
+    print(task.status)
+    if task.status is Status.SUCCEEDED:
+        return EXIT_OK
+    print(f"{PROG}: task {task.id} {task.status}: {task.error or task.outcome or '-'}",
+          file=sys.stderr)
+    return EXIT_TASK_FAILED
+
+
+@command("cancel", "cancel a task (a running one is stopped by its supervisor)", _id_arguments())
+def cmd_cancel(args, cfg) -> int:
+    with Queue(cfg, create=False) as queue:
+        status = queue.cancel(args.id)
+    print(status)
+    if status is Status.RUNNING:
+        print(f"{PROG}: cancel requested; its supervisor will stop it", file=sys.stderr)
+    elif status is not Status.CANCELLED:
+        print(f"{PROG}: task {args.id} already finished; nothing to cancel", file=sys.stderr)
+    return EXIT_OK
+
+
+@command("retry", "queue a failed or cancelled task again", _id_arguments())
+def cmd_retry(args, cfg) -> int:
+    with Queue(cfg, create=False) as queue:
+        print(queue.retry(args.id))
+    return EXIT_OK
+
+
+@command("prune", "delete finished tasks older than a duration",
+         lambda p: p.add_argument("--older-than", type=_duration, required=True,
+                                  metavar="DURATION", help="e.g. 7d, 12h, 30m"))
+def cmd_prune(args, cfg) -> int:
+    with Queue(cfg, create=False) as queue:
+        n = queue.prune(args.older_than)
+    print(f"{n} task{'' if n == 1 else 's'} deleted")
+    return EXIT_OK
+
+
+@command("migrate", "create the database or bring its schema up to date")
+def cmd_migrate(args, cfg) -> int:
+    from supervisor.store import Connection, migrate
+    sup = cfg.supervisor
+    conn = Connection(sup.database, synchronous=sup.synchronous, busy_timeout_s=sup.busy_timeout_s)
+    try:
+        start, end = migrate(conn)
+    finally:
+        conn.close()
+    print(f"schema version {start} -> {end}")
+    return EXIT_OK
+
+
+@command("check-config", "print the effective config, or every error in it")
+def cmd_check_config(args, cfg) -> int:
+    text = _config.dump(cfg)
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
+    return EXIT_OK
+
+
+# -- formatting ----------------------------------------------------------------------------
+
+def _print_json(value) -> None:
+    print(json.dumps(value, ensure_ascii=False, indent=2))
+
+
+def _print_table(rows: list[tuple], indent: str = "") -> None:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print(indent + "  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
+
+
+def _age(seconds: float, signed: bool = False) -> str:
+    """45s, 12m, 3h, 2d; with `signed`, "in 5m" for the future and "5m ago" for the past."""
+    ahead, s = seconds < 0, abs(seconds)
+    text = (f"{s:.0f}s" if s < 60 else f"{s // 60:.0f}m" if s < 3600
+            else f"{s // 3600:.0f}h" if s < 86400 else f"{s // 86400:.0f}d")
+    if not signed:
+        return text
+    return f"in {text}" if ahead and s >= 0.5 else f"{text} ago"
+
+
+def _outcome(task: Task) -> str:
+    if task.error:
+        prefix = f"{task.outcome}: " if task.outcome and task.outcome != task.status else ""
+        return prefix + task.error
+    return "" if task.outcome in (None, task.status) else task.outcome
+
+
+def _progress(task: Task) -> str:
+    if task.progress is None and not task.progress_message:
+        return "-"
+    pct = "" if task.progress is None else f"{task.progress * 100:.0f}% "
+    return (pct + (task.progress_message or "")).strip()
+
+
+def _num(value, unit: str) -> str:
+    return "-" if value is None else f"{value:g}{unit}"
+
+
+def _compact(value) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _truncate(text: str, width: int) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[:width - 1] + "…"
