@@ -327,15 +327,43 @@ def cmd_prune(args, cfg) -> int:
 
 @command("migrate", "create the database or bring its schema up to date")
 def cmd_migrate(args, cfg) -> int:
-    from supervisor.store import Connection, migrate
+    from supervisor.store import Connection, latest_version, migrate
     sup = cfg.supervisor
-    conn = Connection(sup.database, synchronous=sup.synchronous, busy_timeout_s=sup.busy_timeout_s)
+    conn = Connection(sup.database, synchronous=sup.synchronous, busy_timeout_s=sup.busy_timeout_s,
+                      max_version=latest_version())
     try:
         start, end = migrate(conn)
     finally:
         conn.close()
     print(f"schema version {start} -> {end}")
     return EXIT_OK
+
+
+def _run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pidfile", metavar="PATH", help="write the supervisor's pid here")
+
+
+@command("run", "run the supervisor in the foreground until SIGTERM or SIGINT", _run_arguments)
+def cmd_run(args, cfg) -> int:
+    from supervisor import service, start
+    if args.pidfile:
+        service.write_pidfile(args.pidfile)
+    try:
+        return start.run(cfg)
+    finally:
+        if args.pidfile:
+            service.remove_pidfile(args.pidfile)
+
+
+def _demo_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--keep-running", action="store_true",
+                   help="leave the supervisor and dashboard running until Ctrl-C")
+
+
+@command("demo", "start a supervisor and run an agent-style demo workload", _demo_arguments)
+def cmd_demo(args, cfg) -> int:
+    from supervisor import demo
+    return demo.run(args, cfg)
 
 
 @command("check-config", "print the effective config, or every error in it")

@@ -26,7 +26,7 @@ class Backoff:
         """Delay before the retry that follows failed attempt number `attempt` (1-based):
         initial * 2^(attempt-1) plus up to `initial` of random jitter, capped at max."""
         wait = tenacity.wait_exponential_jitter(
-            initial=self.initial_s, max=self.max_s, jitter=self.initial_s)
+            multiplier=self.initial_s, max=self.max_s, jitter=self.initial_s)
         state = tenacity.RetryCallState(retry_object=None, fn=None, args=(), kwargs={})
         state.attempt_number = max(1, attempt)
         return float(wait(state))

@@ -81,7 +81,7 @@ class Connection:
     """
 
     def __init__(self, path: str | os.PathLike, *, synchronous: str = "NORMAL",
-                 busy_timeout_s: float = 5.0, create: bool = True):
+                 busy_timeout_s: float = 5.0, create: bool = True, max_version: int | None = None):
         check_sqlite_version()
         self.path = str(Path(path))
         self._pid = os.getpid()
@@ -95,6 +95,14 @@ class Connection:
         try:
             self._db = apsw.Connection(self.path, flags=flags)
             self._db.set_busy_timeout(int(busy_timeout_s * 1000))
+            if max_version is not None:
+                # Before anything that writes (even switching to WAL rewrites the header):
+                # a file from a newer taskvisor is refused untouched.
+                from supervisor.store.migrate import check_not_newer
+                version = self._db.execute("PRAGMA user_version").fetchall()[0][0]
+                if version > max_version:
+                    self._db.close()
+                    check_not_newer(version, self.path)
             mode = self._db.execute("PRAGMA journal_mode=WAL").fetchall()[0][0]
             if mode.lower() != "wal":
                 raise StoreUnavailable(f"{self.path}: cannot switch to WAL mode (got {mode}); is it on a network filesystem?")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import replace
 
 from supervisor import policy
 from supervisor.errors import DependencyError, NotFound
@@ -34,8 +35,9 @@ class Store:
 
     def __init__(self, path: str | os.PathLike, *, synchronous: str = "NORMAL",
                  busy_timeout_s: float = 5.0, migrate: bool = True, create: bool = True):
+        from supervisor.store.migrate import latest_version
         self.conn = Connection(path, synchronous=synchronous, busy_timeout_s=busy_timeout_s,
-                               create=create)
+                               create=create, max_version=latest_version())
         self.path = self.conn.path
         if migrate:
             _migrate(self.conn)
@@ -65,17 +67,22 @@ class Store:
         """
         ids = [t.id or new_id(now) for t in tasks]
         with self.conn.write() as db:
-            batch = {}
+            batch: dict[str, NewTask] = {}
+            alias: dict[str, str] = {}  # batch id -> the unfinished task its key dedupes to
             out = []
             for task, task_id in zip(tasks, ids):
                 existing = task.dedupe_key and (
                     q.select_unfinished_by_dedupe_key(db, task.dedupe_key)
                     or next((i for i, t in batch.items() if t.dedupe_key == task.dedupe_key), None))
                 if existing:
+                    alias[task_id] = existing
                     out.append(existing)
                     continue
                 batch[task_id] = task
                 out.append(task_id)
+            if alias:
+                batch = {i: replace(t, depends_on=tuple(alias.get(d, d) for d in t.depends_on))
+                         for i, t in batch.items()}
             _check_dependencies(db, batch)
             for task_id in _dependency_order(batch):
                 self._insert(db, task_id, batch[task_id], now)
