@@ -1,9 +1,7 @@
-"""Running task processes as the supervisor sees them: the fork server handle, one
-`Child` record per attempt, and the classification of how each one ended.
+"""Running task processes as the supervisor sees them: one `Child` record per attempt,
+and the classification of how each one ended.
 
-Owns starting and stopping the fork server (`python -m workers.zygote`), the spawn
-request (a report pipe and a memfd holding the task spec, passed as file descriptors),
-reading report messages, `terminate` (TERM to the process group) and `kill` (KILL to the
+Owns reading report messages, `terminate` (TERM to the process group) and `kill` (KILL to the
 group and to every descendant psutil finds, since a grandchild that called setsid()
 escapes killpg), and turning an exit status plus messages into an `AttemptEnd`. It never
 touches the database and never imports user code.
@@ -14,9 +12,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
-import sys
 import time
+from typing import TYPE_CHECKING
 from dataclasses import dataclass, field
 
 import psutil
@@ -24,157 +21,8 @@ import psutil
 from supervisor.store import AttemptEnd, Lease, Outcome, Task
 from workers import outcome as proto
 
-MAX_PACKET = 65536
-
-
-class ForkServerError(Exception):
-    """The fork server failed to start; `detail` holds its traceback or exit status."""
-
-    def __init__(self, message: str, detail: str = ""):
-        self.detail = detail
-        super().__init__(message)
-
-
-class ForkServer:
-    """The supervisor's handle on one fork server process (one generation)."""
-
-    def __init__(self, preload: tuple[str, ...], handlers: dict[str, str], generation: int = 1):
-        self.preload = tuple(preload)
-        self.handlers = dict(handlers)
-        self.generation = generation
-        self.pid: int | None = None
-        self.sock: socket.socket | None = None
-        self.types: list[str] = []
-        self.exited = False
-
-    def start(self, timeout_s: float = 60.0) -> None:
-        """Start the process and wait until it has imported every preload module.
-
-        Runs in the supervisor's main thread (the parent-death signal is per thread).
-        Raises ForkServerError with the import traceback."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        os.set_inheritable(theirs.fileno(), True)
-        argv = [sys.executable, "-m", "workers.zygote", "--fd", str(theirs.fileno()),
-                "--parent", str(os.getpid())]
-        devnull = os.open(os.devnull, os.O_RDONLY)
-        try:
-            self.pid = os.posix_spawn(sys.executable, argv, _child_env(),
-                                      file_actions=[(os.POSIX_SPAWN_DUP2, devnull, 0)])
-        finally:
-            os.close(devnull)
-            theirs.close()
-        self.sock = ours
-        ours.sendall(json.dumps({"op": "boot", "preload": list(self.preload),
-                                 "handlers": self.handlers}).encode())
-        ours.settimeout(timeout_s)
-        try:
-            data = ours.recv(MAX_PACKET)
-        except socket.timeout:
-            self.kill()
-            raise ForkServerError(f"the fork server did not finish importing preload modules "
-                                  f"within {timeout_s:g}s")
-        if not data:
-            status = self.wait()
-            raise ForkServerError(f"the fork server exited during start-up ({status})")
-        msg = json.loads(data)
-        if msg["op"] == "boot_error":
-            self.wait()
-            raise ForkServerError("a preload module or configured handler failed to import",
-                                  msg["error"])
-        self.types = msg.get("types", [])
-        ours.setblocking(False)
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def spawn(self, key: str, spec: dict) -> int:
-        """Ask for one task process; returns the read end of its report pipe. The pid
-        comes later in a "spawned" event."""
-        report_r, report_w = os.pipe()
-        spec_fd = _spec_file(json.dumps(spec, separators=(",", ":"), ensure_ascii=False).encode())
-        try:
-            self.sock.setblocking(True)
-            socket.send_fds(self.sock, [json.dumps({"op": "spawn", "key": key}).encode()],
-                            [report_w, spec_fd])
-        except OSError:
-            os.close(report_r)
-            raise
-        finally:
-            self.sock.setblocking(False)
-            os.close(report_w)
-            os.close(spec_fd)
-        os.set_blocking(report_r, False)
-        return report_r
-
-    def events(self) -> list[dict]:
-        """Every message waiting from the fork server; [] when none. Sets `exited` on EOF."""
-        out = []
-        while self.sock is not None:
-            try:
-                data = self.sock.recv(MAX_PACKET)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
-                self.exited = True
-                break
-            if not data:
-                self.exited = True
-                break
-            out.append(json.loads(data))
-        return out
-
-    def stop(self) -> None:
-        """Ask it to exit once idle; its running task processes keep running."""
-        if self.sock is not None:
-            try:
-                self.sock.setblocking(True)
-                self.sock.send(b'{"op":"stop"}')
-            except OSError:
-                pass
-
-    def kill(self) -> None:
-        if self.pid:
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-    def wait(self) -> str:
-        try:
-            _, status = os.waitpid(self.pid, 0)
-        except ChildProcessError:
-            return "already reaped"
-        self.exited = True
-        return describe_status(status)
-
-    def close(self) -> None:
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
-
-
-def _child_env() -> dict:
-    env = dict(os.environ)
-    # The fork server must find the package even when run from a source checkout.
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    env.pop("NOTIFY_SOCKET", None)  # only the supervisor talks to systemd
-    env.pop("WATCHDOG_USEC", None)
-    return env
-
-
-def _spec_file(data: bytes) -> int:
-    """An anonymous file holding the spec (any size, unlike a socket packet)."""
-    if hasattr(os, "memfd_create"):
-        fd = os.memfd_create("taskvisor-spec", os.MFD_CLOEXEC)
-    else:  # pragma: no cover - not Linux
-        import tempfile
-        fd, path = tempfile.mkstemp(prefix="taskvisor-spec-")
-        os.unlink(path)
-    os.write(fd, data)
-    os.lseek(fd, 0, os.SEEK_SET)
-    return fd
-
+if TYPE_CHECKING:
+    from supervisor.forkserver import ForkServer
 
 @dataclass
 class Child:
@@ -183,7 +31,7 @@ class Child:
     task: Task
     lease: Lease
     report_fd: int
-    server: ForkServer
+    server: "ForkServer"
     spawned_mono: float
     timeout_s: float | None
     memory_mb: int | None
@@ -202,6 +50,29 @@ class Child:
     status: int | None = None          # wait status, once reaped
     rusage: dict | None = None
     eof: bool = False
+
+    @classmethod
+    def for_task(cls, task: Task, config, server, now: float, mono: float,
+                 cgroup_dir: str | None = None) -> tuple["Child", dict]:
+        """The record of a new attempt and the spec its process reads: limits resolved
+        from the task, else its type, else [defaults]."""
+        timeout_s = task.timeout_s or config.setting(task.type, "timeout_s")
+        memory_mb = task.memory_mb or config.setting(task.type, "memory_mb")
+        cpu_s = task.cpu_s or config.setting(task.type, "cpu_s")
+        spec = {
+            "task": {"id": task.id, "type": task.type, "payload": task.payload,
+                     "attempt": task.attempts, "max_attempts": task.max_attempts},
+            "deadline_at": now + timeout_s if timeout_s else None,
+            "limits": {"memory_mb": memory_mb, "cpu_s": cpu_s,
+                       "open_files": config.setting(task.type, "open_files"),
+                       "cgroup_dir": cgroup_dir},
+            "max_result_bytes": config.supervisor.max_result_bytes,
+            "log_format": config.log.format, "log_level": config.log.level,
+        }
+        child = cls(key=f"{task.id}:{task.attempts}", task=task, lease=task.lease, report_fd=-1,
+                    server=server, spawned_mono=mono, timeout_s=timeout_s, memory_mb=memory_mb,
+                    cpu_s=cpu_s)
+        return child, spec
 
     @property
     def deadline_mono(self) -> float | None:

@@ -21,8 +21,9 @@ from collections.abc import Callable
 import psutil
 
 from supervisor import __version__, policy
-from supervisor.children import (
-    Child, ForkServer, ForkServerError, classify, kill, kill_leftover, terminate)
+from supervisor.children import Child, classify, kill, terminate
+from supervisor.forkserver import ForkServer, ForkServerError, ForkServers
+from supervisor.recovery import Recovery
 from supervisor.config import Config, load
 from supervisor.errors import ConfigError, StoreError
 from supervisor.service import Notifier
@@ -38,7 +39,6 @@ SAMPLE_S = 0.25           # RSS watchdog period
 CANCEL_CHECK_S = 0.25     # how often running tasks' cancel flags are read
 PROGRESS_FLUSH_S = 0.5    # progress is written at most this often
 CANCEL_GRACE_S = 0.5      # TERM -> KILL for a cancel (cancel takes effect within 1 s)
-RESTART_BACKOFF = (0.5, 1, 2, 5, 10, 30, 60)
 
 
 class SystemClock:
@@ -59,8 +59,7 @@ class Supervisor:
         self.config = config
         self.clock = clock
         self.events = events
-        self.server = fork_server
-        self.retiring: list[ForkServer] = []
+        self.servers = ForkServers(fork_server)
         self.host = socket.gethostname()
         self.owner = f"{self.host}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.store: Store | None = None
@@ -69,6 +68,7 @@ class Supervisor:
         self.pending: list[tuple[Child, AttemptEnd]] = []
         self.pending_pids: list[Child] = []
         self.watchdog = Watchdog()
+        self.recovery = Recovery(self.host, self.owner)
         self.signals = Signals()
         self.notifier = Notifier()
         self.wake = WakeSocket()
@@ -78,8 +78,6 @@ class Supervisor:
         self.claim_needed = True
         self.last_loop_at = 0.0
         self.store_ok = False
-        self.restarts = 0
-        self.restart_at: float | None = None
         self.due: dict[str, float] = {}   # step name -> next monotonic time it runs
         self.started_mono = clock.monotonic()
         self.memory_budget_mb = _memory_budget(config)
@@ -98,8 +96,9 @@ class Supervisor:
         self.selector.register(self.signals, selectors.EVENT_READ, "signals")
         self.selector.register(self.wake, selectors.EVENT_READ, "wake")
         self.selector.register(self.server, selectors.EVENT_READ, self.server)
+
         self.open_store()
-        self.rescue(self.clock.now(), dead_only=False)
+        self.rescue(self.clock.now())
         for hook in self.on_ready:
             hook(self)
         self.emit("started", owner=self.owner)
@@ -146,7 +145,7 @@ class Supervisor:
                 hook(self)
             except Exception:
                 log.exception("shutdown hook failed")
-        for server in [self.server, *self.retiring]:
+        for server in self.servers.all():
             server.stop()
             server.close()
         try:
@@ -212,24 +211,27 @@ class Supervisor:
 
     def replace_fork_server(self, why: str) -> None:
         """Start a new fork server for new tasks; the old one stays until its tasks end."""
-        new = ForkServer(self.config.supervisor.preload, _handlers(self.config),
-                         generation=self.server.generation + 1)
         try:
-            new.start(timeout_s=max(60.0, self.config.supervisor.boot_timeout_s))
+            new = self.servers.launch(self.config.supervisor.preload, _handlers(self.config),
+                                      timeout_s=max(60.0, self.config.supervisor.boot_timeout_s))
         except ForkServerError as exc:
             log.error("new fork server failed (%s), keeping the old one: %s\n%s", why, exc, exc.detail)
-            return
-        old, self.server = self.server, new
+            return False
+        self.servers.replace(new)
         self.selector.register(new, selectors.EVENT_READ, new)
-        old.stop()
-        self.retiring.append(old)
-        log.info("fork server %d started (%s); %d retiring", new.pid, why, len(self.retiring))
+        log.info("fork server %d started (%s); %d retiring", new.pid, why, len(self.servers.retiring))
+        return True
 
     # -- fork servers --------------------------------------------------------------------
 
+    @property
+    def server(self) -> ForkServer:
+        return self.servers.current
+
     def tend_fork_servers(self, mono: float) -> None:
         """Notice a dead fork server; restart the current one with backoff."""
-        for server in [self.server, *self.retiring]:
+        servers = self.servers
+        for server in servers.all():
             if not server.exited:
                 continue
             if server.sock is not None:
@@ -241,34 +243,20 @@ class Supervisor:
                     child.stop = (Outcome.INTERRUPTED, "its fork server died; the attempt is given back")
                 if child.eof or child.pid is None:
                     self.finish(child, mono)
-            if server is not self.server:
+            if server is not servers.current:
                 if not orphans:
-                    self.retiring.remove(server)
-                continue
-            if self.restart_at is None:
-                delay = RESTART_BACKOFF[min(self.restarts, len(RESTART_BACKOFF) - 1)]
-                self.restart_at = mono + delay
+                    servers.retiring.remove(server)
+            elif servers.restart_at is None:
+                delay = servers.schedule_restart(mono)
                 log.error("fork server %s died; restarting in %.1fs", server.pid, delay)
-        if self.restart_at is not None and mono >= self.restart_at and not self.stopping:
-            self.restart_fork_server(mono)
-
-    def restart_fork_server(self, mono: float) -> None:
-        self.restart_at = None
-        self.restarts += 1
-        new = ForkServer(self.config.supervisor.preload, _handlers(self.config),
-                         generation=self.server.generation + 1)
-        try:
-            new.start(timeout_s=max(60.0, self.config.supervisor.boot_timeout_s))
-        except ForkServerError as exc:
-            log.error("fork server restart failed: %s\n%s", exc, exc.detail)
-            delay = RESTART_BACKOFF[min(self.restarts, len(RESTART_BACKOFF) - 1)]
-            self.restart_at = mono + delay
-            return
-        self.server = new
-        self.selector.register(new, selectors.EVENT_READ, new)
-        self.claim_needed = True
-        self.emit("forkserver_restarted", pid=new.pid)
-        log.warning("fork server restarted as pid %d", new.pid)
+        if servers.restart_at is not None and mono >= servers.restart_at and not self.stopping:
+            servers.restart_at = None
+            servers.restarts += 1
+            if self.replace_fork_server("the previous one died"):
+                self.claim_needed = True
+                self.emit("forkserver_restarted", pid=servers.current.pid)
+            else:
+                servers.schedule_restart(mono)
 
     def on_server_event(self, server: ForkServer, msg: dict, mono: float) -> None:
         op = msg.get("op")
@@ -307,7 +295,7 @@ class Supervisor:
                 return
             if pid == 0:
                 return
-            for server in [self.server, *self.retiring]:
+            for server in self.servers.all():
                 if server.pid == pid:
                     server.exited = True
             child = self.by_pid.get(pid)
@@ -462,45 +450,20 @@ class Supervisor:
         return policy.Backoff(self.config.setting(type_name, "backoff_initial_s"),
                               self.config.setting(type_name, "backoff_max_s"))
 
-    def rescue(self, now: float, dead_only: bool) -> None:
-        """Requeue tasks of dead supervisors on this host, and expired leases of anyone;
-        kill a leftover task process first, so attempts never overlap."""
-        dead = self.dead_owners()
-        rescued = self.store.expire(now, self.backoff, owners=dead, before_requeue=self.kill_leftover)
-        for owner in dead:
-            self.store.unregister_supervisor(owner)
+    def rescue(self, now: float) -> None:
+        """Requeue tasks of dead supervisors on this host, and expired leases of anyone."""
+        rescued = self.recovery.rescue(self.store, now, self.backoff)
         for task in rescued:
-            log.warning("rescued %s (lease of %s): attempt %d lost", task.id, task.lease_owner,
-                        task.attempts, extra={"task_id": task.id, "task_type": task.type})
             self.emit("expired", task=task)
         if rescued:
             self.claim_needed = True
-
-    def kill_leftover(self, task: Task) -> None:
-        if task.lease_owner and task.lease_owner.startswith(f"{self.host}:") and kill_leftover(
-                task.pid, task.pid_started_at):
-            log.warning("killed leftover process %d of %s", task.pid, task.id,
-                        extra={"task_id": task.id})
-
-    def dead_owners(self) -> list[str]:
-        dead = []
-        for owner, host, pid, started, *_ in self.store.supervisors():
-            if host != self.host or owner == self.owner:
-                continue
-            try:
-                alive = abs(psutil.Process(pid).create_time() - started) < 0.05
-            except psutil.Error:
-                alive = False
-            if not alive:
-                dead.append(owner)
-        return dead
 
     def expire_leases(self, now: float, mono: float) -> None:
         if mono < self.due.get("expire", 0.0):
             return
         self.due["expire"] = mono + max(0.5, self.config.supervisor.lease_s / 2)
         try:
-            self.rescue(now, dead_only=False)
+            self.rescue(now)
         except StoreError as exc:
             log.error("lease rescue failed: %s", exc)
 
@@ -563,23 +526,8 @@ class Supervisor:
             self.spawn(task, now, mono)
 
     def spawn(self, task: Task, now: float, mono: float) -> None:
-        cfg = self.config
-        timeout_s = task.timeout_s or cfg.setting(task.type, "timeout_s")
-        memory_mb = task.memory_mb or cfg.setting(task.type, "memory_mb")
-        cpu_s = task.cpu_s or cfg.setting(task.type, "cpu_s")
-        key = f"{task.id}:{task.attempts}"
-        spec = {
-            "task": {"id": task.id, "type": task.type, "payload": task.payload,
-                     "attempt": task.attempts, "max_attempts": task.max_attempts},
-            "deadline_at": now + timeout_s if timeout_s else None,
-            "limits": {"memory_mb": memory_mb, "cpu_s": cpu_s,
-                       "open_files": cfg.setting(task.type, "open_files"),
-                       "cgroup_dir": self.cgroup_dir},
-            "max_result_bytes": cfg.supervisor.max_result_bytes,
-            "log_format": cfg.log.format, "log_level": cfg.log.level,
-        }
-        child = Child(key=key, task=task, lease=task.lease, report_fd=-1, server=self.server,
-                      spawned_mono=mono, timeout_s=timeout_s, memory_mb=memory_mb, cpu_s=cpu_s)
+        child, spec = Child.for_task(task, self.config, self.server, now, mono, self.cgroup_dir)
+        key = child.key
         self.children[key] = child
         try:
             child.report_fd = self.server.spawn(key, spec)
@@ -618,7 +566,7 @@ class Supervisor:
                 times.extend(t for t in (child.deadline_mono, child.kill_at_mono) if t is not None)
                 if not child.ready:
                     times.append(child.spawned_mono + self.config.supervisor.boot_timeout_s)
-        for t in (self.stop_deadline, self.restart_at, self.notifier.next_watchdog_mono()):
+        for t in (self.stop_deadline, self.servers.restart_at, self.notifier.next_watchdog_mono()):
             if t is not None:
                 times.append(t)
         if self.claim_needed and not self.stopping and len(self.children) < self.config.supervisor.pool_size:

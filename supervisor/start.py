@@ -14,7 +14,7 @@ import logging
 import sys
 
 from supervisor import logs
-from supervisor.children import ForkServer, ForkServerError
+from supervisor.forkserver import ForkServer, ForkServerError
 from supervisor.config import Config
 from supervisor.errors import StoreError
 from workers.limits import delegated_cgroup

@@ -1,0 +1,206 @@
+"""The fork servers, seen from the supervisor: the process handle and its generations.
+
+Owns starting a fork server (`python -m workers.zygote`, a fresh interpreter that
+imports the preload modules), the spawn request (a report pipe and a memfd holding the
+task spec, passed as file descriptors, so a spec of any size crosses), its events, and
+the generations: the current server, the retiring ones that keep running their tasks
+after a reload, and the restart backoff after a crash. It never imports user code and
+never touches the database.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+
+from supervisor.children import describe_status
+
+MAX_PACKET = 65536
+
+
+class ForkServerError(Exception):
+    """The fork server failed to start; `detail` holds its traceback or exit status."""
+
+    def __init__(self, message: str, detail: str = ""):
+        self.detail = detail
+        super().__init__(message)
+
+
+class ForkServer:
+    """The supervisor's handle on one fork server process (one generation)."""
+
+    def __init__(self, preload: tuple[str, ...], handlers: dict[str, str], generation: int = 1):
+        self.preload = tuple(preload)
+        self.handlers = dict(handlers)
+        self.generation = generation
+        self.pid: int | None = None
+        self.sock: socket.socket | None = None
+        self.types: list[str] = []
+        self.exited = False
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        """Start the process and wait until it has imported every preload module.
+
+        Runs in the supervisor's main thread (the parent-death signal is per thread).
+        Raises ForkServerError with the import traceback."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        os.set_inheritable(theirs.fileno(), True)
+        argv = [sys.executable, "-m", "workers.zygote", "--fd", str(theirs.fileno()),
+                "--parent", str(os.getpid())]
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        try:
+            self.pid = os.posix_spawn(sys.executable, argv, _child_env(),
+                                      file_actions=[(os.POSIX_SPAWN_DUP2, devnull, 0)])
+        finally:
+            os.close(devnull)
+            theirs.close()
+        self.sock = ours
+        ours.sendall(json.dumps({"op": "boot", "preload": list(self.preload),
+                                 "handlers": self.handlers}).encode())
+        ours.settimeout(timeout_s)
+        try:
+            data = ours.recv(MAX_PACKET)
+        except socket.timeout:
+            self.kill()
+            raise ForkServerError(f"the fork server did not finish importing preload modules "
+                                  f"within {timeout_s:g}s")
+        if not data:
+            status = self.wait()
+            raise ForkServerError(f"the fork server exited during start-up ({status})")
+        msg = json.loads(data)
+        if msg["op"] == "boot_error":
+            self.wait()
+            raise ForkServerError("a preload module or configured handler failed to import",
+                                  msg["error"])
+        self.types = msg.get("types", [])
+        ours.setblocking(False)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def spawn(self, key: str, spec: dict) -> int:
+        """Ask for one task process; returns the read end of its report pipe. The pid
+        comes later in a "spawned" event."""
+        report_r, report_w = os.pipe()
+        spec_fd = _spec_file(json.dumps(spec, separators=(",", ":"), ensure_ascii=False).encode())
+        try:
+            self.sock.setblocking(True)
+            socket.send_fds(self.sock, [json.dumps({"op": "spawn", "key": key}).encode()],
+                            [report_w, spec_fd])
+        except OSError:
+            os.close(report_r)
+            raise
+        finally:
+            self.sock.setblocking(False)
+            os.close(report_w)
+            os.close(spec_fd)
+        os.set_blocking(report_r, False)
+        return report_r
+
+    def events(self) -> list[dict]:
+        """Every message waiting from the fork server; [] when none. Sets `exited` on EOF."""
+        out = []
+        while self.sock is not None:
+            try:
+                data = self.sock.recv(MAX_PACKET)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self.exited = True
+                break
+            if not data:
+                self.exited = True
+                break
+            out.append(json.loads(data))
+        return out
+
+    def stop(self) -> None:
+        """Ask it to exit once idle; its running task processes keep running."""
+        if self.sock is not None:
+            try:
+                self.sock.setblocking(True)
+                self.sock.send(b'{"op":"stop"}')
+            except OSError:
+                pass
+
+    def kill(self) -> None:
+        if self.pid:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def wait(self) -> str:
+        try:
+            _, status = os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            return "already reaped"
+        self.exited = True
+        return describe_status(status)
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+def _child_env() -> dict:
+    env = dict(os.environ)
+    # The fork server must find the package even when run from a source checkout.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    env.pop("NOTIFY_SOCKET", None)  # only the supervisor talks to systemd
+    env.pop("WATCHDOG_USEC", None)
+    return env
+
+
+def _spec_file(data: bytes) -> int:
+    """An anonymous file holding the spec (any size, unlike a socket packet)."""
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("taskvisor-spec", os.MFD_CLOEXEC)
+    else:  # pragma: no cover - not Linux
+        import tempfile
+        fd, path = tempfile.mkstemp(prefix="taskvisor-spec-")
+        os.unlink(path)
+    os.write(fd, data)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+
+RESTART_BACKOFF_S = (0.5, 1, 2, 5, 10, 30, 60)
+
+
+class ForkServers:
+    """The current fork server, the retiring ones, and when to restart a dead current one."""
+
+    def __init__(self, first: ForkServer):
+        self.current = first
+        self.retiring: list[ForkServer] = []
+        self.restarts = 0
+        self.restart_at: float | None = None
+
+    def all(self) -> list[ForkServer]:
+        return [self.current, *self.retiring]
+
+    def launch(self, preload, handlers: dict[str, str], timeout_s: float) -> ForkServer:
+        """Start the next generation (raises ForkServerError); the caller installs it."""
+        new = ForkServer(preload, handlers, generation=self.current.generation + 1)
+        new.start(timeout_s=timeout_s)
+        return new
+
+    def replace(self, new: ForkServer) -> None:
+        """`new` takes the new tasks; the old one exits once its tasks have ended."""
+        old, self.current = self.current, new
+        if not old.exited:
+            old.stop()
+            self.retiring.append(old)
+
+    def schedule_restart(self, mono: float) -> float:
+        """Back off by the number of restarts so far; returns the delay in seconds."""
+        delay = RESTART_BACKOFF_S[min(self.restarts, len(RESTART_BACKOFF_S) - 1)]
+        self.restart_at = mono + delay
+        return delay

@@ -1,0 +1,59 @@
+"""Recovery of attempts whose supervisor is gone: dead owners, expired leases, leftovers.
+
+Owns deciding which lease owners are dead (a supervisor row on this host whose pid no
+longer names the same process) and the order of a rescue: kill a leftover task process
+first (pid plus start time, so a reused pid is never hit), then let the store end the
+attempt as `lost` and requeue or fail it, so an attempt never overlaps the next one.
+It never forks and never touches a task process of a live supervisor.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import psutil
+
+from supervisor import policy
+from supervisor.children import kill_leftover
+from supervisor.store import Store, Task
+
+log = logging.getLogger("taskvisor.supervisor")
+
+
+class Recovery:
+    def __init__(self, host: str, owner: str):
+        self.host = host
+        self.owner = owner
+
+    def dead_owners(self, store: Store) -> list[str]:
+        """Owners registered on this host whose process is gone (or is another process)."""
+        dead = []
+        for owner, host, pid, started, *_ in store.supervisors():
+            if host != self.host or owner == self.owner:
+                continue
+            try:
+                alive = abs(psutil.Process(pid).create_time() - started) < 0.05
+            except psutil.Error:
+                alive = False
+            if not alive:
+                dead.append(owner)
+        return dead
+
+    def kill_leftover(self, task: Task) -> None:
+        if (task.lease_owner or "").startswith(f"{self.host}:") and kill_leftover(
+                task.pid, task.pid_started_at):
+            log.warning("killed leftover process %d of %s", task.pid, task.id,
+                        extra={"task_id": task.id})
+
+    def rescue(self, store: Store, now: float,
+               backoff: Callable[[str], policy.Backoff]) -> list[Task]:
+        """Rescue every task of a dead owner and every expired lease; returns them."""
+        dead = self.dead_owners(store)
+        rescued = store.expire(now, backoff, owners=dead, before_requeue=self.kill_leftover)
+        for owner in dead:
+            store.unregister_supervisor(owner)
+        for task in rescued:
+            log.warning("rescued %s from %s: attempt %d lost", task.id, task.lease_owner,
+                        task.attempts, extra={"task_id": task.id, "task_type": task.type})
+        return rescued
