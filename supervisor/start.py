@@ -4,8 +4,11 @@ forks safe.
 Owns that order: logging; cgroup v2 detection (which moves this process into a leaf
 cgroup, so it must precede the fork server); the child-subreaper flag; the fork server
 (started before the database is opened or any thread exists, so it inherits neither);
-then the Supervisor, which opens the database. A preload that fails to import ends here
-with its traceback and exit code 3. It never claims or records tasks itself.
+then the Supervisor, which opens the database, and, when [http] listen is set, the
+metrics sink and the HTTP server, bound from the Supervisor's on_ready hook (an address
+that cannot be used leaves HTTP off with an error in the log; tasks still run). A preload
+that fails to import ends here with its traceback and exit code 3. It never claims or
+records tasks itself.
 """
 
 from __future__ import annotations
@@ -42,8 +45,18 @@ def run(config: Config, *, events=None) -> int:
     log.info("fork server %d ready: preload=%s types=%s", server.pid,
              list(config.supervisor.preload), server.types)
     from supervisor.loop import Supervisor  # imported after the fork server started
+    http = None
+    if config.http.listen:
+        from supervisor.http import HttpServer
+        from supervisor.metrics import Metrics, fanout
+        metrics = Metrics()
+        http = HttpServer(config, metrics)
+        events = fanout(metrics, events)
     supervisor = Supervisor(config, server, events=events)
     supervisor.cgroup_dir = cgroup_dir
+    if http is not None:
+        supervisor.on_ready.append(http.start)
+        supervisor.on_shutdown.append(http.stop)
     try:
         return supervisor.run()
     except StoreError as exc:

@@ -1,0 +1,363 @@
+"""What each JSON endpoint does: reads through the HTTP side's own store connection,
+writes through a `Queue` (the same validation as the Python client), health, and live
+figures of running tasks from psutil.
+
+Owns the request checks the Queue does not make (JSON shape, query parameters, ranges
+that keep a value storable and printable), the response shapes the OpenAPI document
+describes, and the status codes. It runs on the HTTP threads: it never writes SQL, never
+signals a process, and only reads plain attributes of the Supervisor.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import time
+from typing import Any
+
+import psutil
+
+from supervisor import __version__, openapi
+from supervisor.errors import InputError, NotFound
+from supervisor.store import Status
+from supervisor.store import queries as q
+
+MIB = 1024 * 1024
+INT64 = (-(1 << 63), (1 << 63) - 1)
+MAX_AT = 253402300799.0          # 9999-12-31T23:59:59Z: later times cannot be printed
+ENQUEUE_FIELDS = ("type", "payload", "priority", "delay", "run_at", "timeout_s", "memory_mb",
+                  "max_attempts", "depends_on", "dedupe_key")
+FAILED_OUTCOMES = {"error", "timeout", "memory_limit", "crashed", "lost", "dependency_failed"}
+THROUGHPUT_CACHE_S = 5.0
+
+
+class ApiError(Exception):
+    """An HTTP error answer: status, a sentence, the field at fault."""
+
+    def __init__(self, status: int, message: str, field: str | None = None,
+                 headers: dict | None = None):
+        self.status = status
+        self.field = field
+        self.headers = headers or {}
+        super().__init__(message)
+
+    def body(self) -> dict:
+        return {"error": str(self), "field": self.field}
+
+
+class Api:
+    """The endpoints. `database` is a LockedStore for reads, `queue` a Queue for writes."""
+
+    def __init__(self, sup, database, queue, clock=time.time):
+        self.sup = sup
+        self.database = database
+        self.queue = queue
+        self.clock = clock
+        self._cpu: dict[int, tuple[float, float]] = {}   # pid -> (monotonic, cpu_s)
+        self._throughput: tuple[float, dict] | None = None
+
+    def close(self) -> None:
+        self.queue.close()
+
+    # -- tasks ---------------------------------------------------------------------------
+
+    def list_tasks(self, query: dict, body=None) -> tuple[int, dict]:
+        status = _opt(query, "status")
+        if status is not None and status not in {str(s) for s in Status}:
+            raise ApiError(400, f"unknown status {status!r}: expected one of "
+                           f"{', '.join(str(s) for s in Status)}", field="status")
+        limit = _limit(query, default=50)
+        with self.database as store:
+            tasks = store.list(status=status, type=_opt(query, "type"),
+                               before=_opt(query, "before"), limit=limit)
+        return 200, {"tasks": [t.to_dict(with_history=False) for t in tasks],
+                     "next_before": tasks[-1].id if len(tasks) == limit else None}
+
+    def get_task(self, query: dict, body=None, *, id: str) -> tuple[int, dict]:
+        return 200, self._task(id)
+
+    def enqueue(self, query: dict, body: bytes | None) -> tuple[int, dict]:
+        fields = _enqueue_fields(_json_object(body))
+        started = self.clock()
+        self.queue.config = self.sup.config  # per-type defaults as of the last reload
+        try:
+            task_id = self.queue.enqueue(**fields)
+        except InputError as exc:
+            raise ApiError(400, str(exc), field=exc.field) from None
+        task = self._task(task_id)
+        created = task["created_at"] >= _iso_floor(started)
+        return (201 if created else 200), task
+
+    def cancel(self, query: dict, body=None, *, id: str) -> tuple[int, dict]:
+        try:
+            self.queue.cancel(id)
+        except NotFound as exc:
+            raise ApiError(404, str(exc), field="id") from None
+        return 200, self._task(id)
+
+    def retry(self, query: dict, body=None, *, id: str) -> tuple[int, dict]:
+        self._check_dedupe_free(id)
+        try:
+            self.queue.retry(id)
+        except NotFound as exc:
+            raise ApiError(404, str(exc), field="id") from None
+        except InputError as exc:
+            raise ApiError(409, str(exc), field=exc.field) from None
+        return 200, self._task(id)
+
+    def _check_dedupe_free(self, task_id: str) -> None:
+        """409 when another unfinished task holds this task's dedupe key: a retry would
+        break the key's uniqueness (the store answers that with a constraint error)."""
+        with self.database as store:
+            try:
+                task = store.get(task_id, history=False)
+            except NotFound as exc:
+                raise ApiError(404, str(exc), field="id") from None
+            if not task.dedupe_key or task.status not in (Status.FAILED, Status.CANCELLED):
+                return
+            with store.conn.read() as db:
+                holder = q.select_unfinished_by_dedupe_key(db, task.dedupe_key)
+        if holder and holder != task_id:
+            raise ApiError(409, f"task {holder} is unfinished and holds the same dedupe_key "
+                           f"{task.dedupe_key!r}; cancel it or wait for it first",
+                           field="dedupe_key")
+
+    def _task(self, task_id: str) -> dict:
+        try:
+            with self.database as store:
+                return store.get(task_id).to_dict()
+        except NotFound as exc:
+            raise ApiError(404, str(exc), field="id") from None
+
+    # -- the queue at a glance -----------------------------------------------------------
+
+    def stats(self, query: dict, body=None) -> tuple[int, dict]:
+        now = self.clock()
+        with self.database as store:
+            stats = store.stats(now)
+        return 200, {**stats.to_dict(), "supervisor": self._supervisor(now)}
+
+    def queued(self, query: dict, body=None) -> tuple[int, dict]:
+        limit = _limit(query, default=50)
+        now = self.clock()
+        with self.database as store:
+            tasks = store.queued_in_order(limit)
+        return 200, {"tasks": [{**t.to_dict(with_history=False), "due": t.run_after <= now}
+                               for t in tasks]}
+
+    def running(self, query: dict, body=None) -> tuple[int, dict]:
+        now = self.clock()
+        with self.database as store:
+            tasks = store.list(status=str(Status.RUNNING), limit=1000)
+        children = {c.task.id: c for c in list(self.sup.children.values())}
+        out = []
+        for task in sorted(tasks, key=lambda t: t.started_at or 0):
+            child = children.get(task.id)
+            rss, cpu_s, cpu_pct = self._sample(task)
+            peak = max(child.peak_rss if child else 0, rss or 0) or None
+            out.append({
+                "id": task.id, "type": task.type, "attempt": task.attempts,
+                "max_attempts": task.max_attempts, "started_at": _iso(task.started_at),
+                "elapsed_s": round(max(0.0, now - (task.started_at or now)), 3),
+                "progress": task.progress, "progress_message": task.progress_message,
+                "pid": task.pid, "rss_bytes": rss, "peak_rss_bytes": peak,
+                "cpu_s": cpu_s, "cpu_percent": cpu_pct, "memory_mb": task.memory_mb,
+                "timeout_s": child.timeout_s if child else task.timeout_s,
+                "cancel_requested": task.cancel_requested, "lease_owner": task.lease_owner,
+                "local": child is not None})
+        live = {t.pid for t in tasks}
+        for pid in [p for p in self._cpu if p not in live]:
+            del self._cpu[pid]
+        return 200, {"tasks": out}
+
+    def _sample(self, task) -> tuple[int | None, float | None, float | None]:
+        """RSS and CPU of the task's process tree, when it runs on this host."""
+        host = self.sup.host
+        if not task.pid or not (task.lease_owner or "").startswith(f"{host}:"):
+            return None, None, None
+        try:
+            proc = psutil.Process(task.pid)
+            if task.pid_started_at and abs(proc.create_time() - task.pid_started_at) > 0.05:
+                return None, None, None  # the pid was reused
+            rss, cpu = 0, 0.0
+            for p in [proc, *proc.children(recursive=True)]:
+                try:
+                    rss += p.memory_info().rss
+                    times = p.cpu_times()
+                    cpu += times.user + times.system
+                except psutil.Error:
+                    pass
+        except psutil.Error:
+            return None, None, None
+        mono = time.monotonic()
+        prev = self._cpu.get(task.pid)
+        self._cpu[task.pid] = (mono, cpu)
+        pct = None
+        if prev is not None and mono - prev[0] > 0.05:
+            pct = round(max(0.0, (cpu - prev[1]) / (mono - prev[0]) * 100), 1)
+        return rss, round(cpu, 3), pct
+
+    def throughput(self, query: dict, body=None) -> tuple[int, dict]:
+        """Attempts that ended per minute over the last hour, by kind of outcome."""
+        now = self.clock()
+        cached = self._throughput
+        if cached is not None and 0 <= now - cached[0] < THROUGHPUT_CACHE_S:
+            return 200, cached[1]
+        end = math.floor(now / 60) * 60 + 60
+        start = end - 60 * 60
+        with self.database as store:
+            with store.conn.read() as db:
+                rows = q.select_recent_attempts(db, start)
+        buckets = [{"at": _iso(start + 60 * i), "succeeded": 0, "failed": 0, "other": 0}
+                   for i in range(60)]
+        for ended_at, outcome, _type in rows:
+            i = int((ended_at - start) // 60)
+            if 0 <= i < 60:
+                kind = ("succeeded" if outcome == "succeeded"
+                        else "failed" if outcome in FAILED_OUTCOMES else "other")
+                buckets[i][kind] += 1
+        result = {"bucket_s": 60, "since": _iso(start), "until": _iso(end), "buckets": buckets}
+        self._throughput = (now, result)
+        return 200, result
+
+    # -- health and the document ---------------------------------------------------------
+
+    def healthz(self, query: dict, body=None) -> tuple[int, dict]:
+        return health(self.sup, self.database, self.clock())
+
+    def openapi(self, query: dict, body=None) -> tuple[int, dict]:
+        return 200, openapi.document()
+
+    def _supervisor(self, now: float) -> dict:
+        sup = self.sup
+        return {"owner": sup.owner, "version": __version__, "host": sup.host,
+                "pool_size": sup.config.supervisor.pool_size,
+                "workers_busy": len(sup.children),
+                "memory_budget_mb": round(sup.memory_budget_mb, 1),
+                "last_loop_at": _iso(sup.last_loop_at) if sup.last_loop_at else None,
+                "stopping": bool(sup.stopping), "now": _iso(now)}
+
+
+def health(sup, database, now: float) -> tuple[int, dict]:
+    """200 when the loop ran within the last few poll intervals and the database answers
+    a read; 503 with the reasons otherwise. `database` is a LockedStore."""
+    from supervisor.errors import StoreError
+    limit = max(3 * sup.config.supervisor.poll_interval_s, 5.0)
+    reasons = []
+    age = now - sup.last_loop_at if sup.last_loop_at else None
+    if age is None:
+        reasons.append("the supervisor loop has not started")
+    elif age > limit:
+        reasons.append(f"the supervisor loop last ran {age:.1f}s ago (limit {limit:g}s): "
+                       "it is stuck")
+    try:
+        with database as store:
+            store.supervisors()
+    except StoreError as exc:
+        reasons.append(f"the database does not answer: {exc}")
+    if not sup.store_ok:
+        reasons.append("the supervisor's last database write failed; finished attempts "
+                       "wait in memory")
+    body = {"status": "unhealthy" if reasons else "ok", "reasons": reasons,
+            "owner": sup.owner, "version": __version__,
+            "loop_age_s": None if age is None else round(max(0.0, age), 3),
+            "workers_busy": len(sup.children), "pool_size": sup.config.supervisor.pool_size,
+            "stopping": bool(sup.stopping)}
+    return (503 if reasons else 200), body
+
+
+# -- input checks --------------------------------------------------------------------------
+
+def _opt(query: dict, key: str) -> str | None:
+    value = query.get(key)
+    return value if value else None
+
+
+def _limit(query: dict, default: int) -> int:
+    raw = _opt(query, "limit")
+    if raw is None:
+        return default
+    if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+        raise ApiError(400, f"limit must be an integer from 1 to 1000, got {raw!r}", field="limit")
+    return int(raw)
+
+
+def _json_object(body: bytes | None) -> dict:
+    if not body:
+        raise ApiError(400, "send a JSON object with at least \"type\"", field="body")
+    try:
+        data = json.loads(body.decode("utf-8"), parse_constant=_no_constant)
+        json.dumps(data, ensure_ascii=False).encode("utf-8")  # lone surrogates fail here
+    except UnicodeError:
+        raise ApiError(400, "the body is not valid UTF-8 (or holds a lone surrogate "
+                       "escape)", field="body") from None
+    except (ValueError, RecursionError) as exc:
+        raise ApiError(400, f"the body is not valid JSON: {exc}", field="body") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the body must be a JSON object", field="body")
+    return data
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _enqueue_fields(data: dict) -> dict[str, Any]:
+    unknown = sorted(set(data) - set(ENQUEUE_FIELDS))
+    if unknown:
+        raise ApiError(400, f"unknown field {unknown[0]!r}; expected some of "
+                       f"{', '.join(ENQUEUE_FIELDS)}", field=unknown[0])
+    if "type" not in data:
+        raise ApiError(400, "type is required", field="type")
+    for key in ("type", "dedupe_key"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise ApiError(400, f"{key} must be a string", field=key)
+    if data.get("payload") is not None and not isinstance(data["payload"], dict):
+        raise ApiError(400, "payload must be a JSON object", field="payload")
+    for key in ("priority", "memory_mb", "max_attempts"):
+        value = data.get(key)
+        if isinstance(value, float) and value.is_integer():
+            data[key] = value = int(value)  # JSON Schema counts 3.0 as an integer
+        if isinstance(value, int) and not isinstance(value, bool) and not (
+                INT64[0] <= value <= INT64[1]):
+            raise ApiError(400, f"{key} is out of range (64-bit integer)", field=key)
+    deps = data.get("depends_on")
+    if deps is not None and (not isinstance(deps, list)
+                             or not all(isinstance(d, str) and d for d in deps)):
+        raise ApiError(400, "depends_on must be an array of task ids", field="depends_on")
+    run_at = data.get("run_at")
+    if isinstance(run_at, str):
+        data["run_at"] = _datetime(run_at)
+    elif _number(run_at) and run_at > MAX_AT:
+        raise ApiError(400, "run_at is after the year 9999", field="run_at")
+    delay = data.get("delay")
+    if _number(delay) and math.isfinite(delay) and time.time() + delay > MAX_AT:
+        raise ApiError(400, "delay reaches past the year 9999", field="delay")
+    return {k: v for k, v in data.items() if v is not None or k == "type"}
+
+
+def _datetime(text: str) -> dt.datetime:
+    try:
+        value = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise ApiError(400, f"run_at must be epoch seconds or an ISO 8601 time with a "
+                       f"time zone, got {text!r}", field="run_at") from None
+    if value.tzinfo is None:
+        raise ApiError(400, "run_at needs a time zone (e.g. 2030-01-01T09:00:00Z)",
+                       field="run_at")
+    return value
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _iso(ts: float | None) -> str | None:
+    from supervisor.store import iso
+    return iso(ts)
+
+
+def _iso_floor(ts: float) -> str:
+    """The ISO text of `ts` rounded down to the millisecond (to_dict's precision)."""
+    return _iso(math.floor(ts * 1000) / 1000)

@@ -1,0 +1,233 @@
+"""The OpenAPI 3.1 document of the HTTP API, served at /api/openapi.json.
+
+Owns the description of every endpoint, its parameters, request body, responses and
+their schemas. It must match what `supervisor.api` and `supervisor.http` really send: a
+schemathesis test checks every response against it. Pure data; no I/O.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from supervisor import __version__
+
+INT64 = {"minimum": -(1 << 63), "maximum": (1 << 63) - 1}
+STATUSES = ["blocked", "queued", "running", "succeeded", "failed", "cancelled"]
+
+
+def _null(schema: dict) -> dict:
+    """The schema, or null."""
+    kind = schema.get("type")
+    if kind is None:
+        return {"anyOf": [schema, {"type": "null"}]}
+    return {**schema, "type": [kind, "null"]}
+
+
+TIME = {"type": "string", "format": "date-time"}
+STR, INT, NUM, BOOL = {"type": "string"}, {"type": "integer"}, {"type": "number"}, {"type": "boolean"}
+REF = "#/components/schemas/"
+
+
+def _obj(props: dict, required: list[str] | None = None, extra: bool = False) -> dict:
+    return {"type": "object", "properties": props,
+            "required": list(props) if required is None else required,
+            "additionalProperties": extra}
+
+
+ATTEMPT = _obj({
+    "attempt": INT, "owner": STR, "started_at": TIME, "ended_at": _null(TIME),
+    "outcome": _null(STR), "reason": _null(STR),
+    "error": _null({"type": "object", "description": "{type, message, traceback} when the "
+                    "handler raised"}),
+    "exit_code": _null(INT), "signal": _null(STR), "pid": _null(INT),
+    "peak_rss_bytes": _null(INT), "cpu_s": _null(NUM), "wall_s": _null(NUM)})
+
+TASK_FIELDS = {
+    "id": {"type": "string", "description": "26-character time-ordered id"},
+    "type": STR, "payload": {"type": "object"}, "priority": INT,
+    "status": {"type": "string", "enum": STATUSES},
+    "attempts": INT, "max_attempts": INT, "created_at": TIME, "started_at": _null(TIME),
+    "completed_at": _null(TIME), "run_after": TIME,
+    "result": {"description": "what the handler returned (any JSON value), once succeeded"},
+    "error": _null({"type": "string", "description": "why the latest attempt failed"}),
+    "outcome": _null(STR), "depends_on": {"type": "array", "items": STR},
+    "progress": _null(NUM), "progress_message": _null(STR), "timeout_s": _null(NUM),
+    "memory_mb": _null(INT), "cpu_s": _null(NUM), "dedupe_key": _null(STR),
+    "cancel_requested": BOOL, "lease_owner": _null(STR), "lease_expires_at": _null(TIME),
+    "pid": _null(INT),
+}
+TASK_REQUIRED = [k for k in TASK_FIELDS if k != "result"]
+
+SCHEMAS: dict[str, Any] = {
+    "Error": _obj({"error": {"type": "string", "description": "what is wrong, for a person"},
+                   "field": _null({"type": "string", "description": "the field at fault"})}),
+    "Attempt": ATTEMPT,
+    "TaskSummary": _obj(TASK_FIELDS, TASK_REQUIRED),
+    "Task": _obj({**TASK_FIELDS, "history": {"type": "array", "items": {"$ref": REF + "Attempt"}}},
+                 [*TASK_REQUIRED, "history"]),
+    "TaskList": _obj({"tasks": {"type": "array", "items": {"$ref": REF + "TaskSummary"}},
+                      "next_before": _null({"type": "string", "description": "pass as "
+                                            "`before` for the next page; null on the last"})}),
+    "NewTask": {
+        "type": "object", "required": ["type"], "additionalProperties": False,
+        "not": {"required": ["delay", "run_at"], "description": "delay or run_at, not both",
+                "properties": {"delay": {"type": "number"},
+                               "run_at": {"type": ["number", "string"]}}},
+        "properties": {
+            "type": {"type": "string", "minLength": 1, "pattern": r"\S",
+                     "description": "task type: picks the handler"},
+            "payload": _null({"type": "object", "description": "JSON object handed to the "
+                              "handler; at most supervisor.max_payload_bytes"}),
+            "priority": _null({"type": "integer", **INT64, "description": "higher runs "
+                               "first; default from the type's config"}),
+            "delay": _null({"type": "number", "minimum": 0, "maximum": 1e10,
+                            "description": "seconds from now before it may run"}),
+            "run_at": {"anyOf": [{"type": "number", "minimum": 0, "maximum": 253402300799},
+                                 {"type": "string", "format": "date-time"}, {"type": "null"}],
+                       "description": "epoch seconds or ISO 8601 time with a zone (not with "
+                                      "delay)"},
+            "timeout_s": _null({"type": "number", "exclusiveMinimum": 0}),
+            "memory_mb": _null({"type": "integer", "minimum": 1, "maximum": INT64["maximum"]}),
+            "max_attempts": _null({"type": "integer", "minimum": 1,
+                                   "maximum": INT64["maximum"]}),
+            "depends_on": _null({"type": "array", "items": {"type": "string", "minLength": 1},
+                                 "description": "ids of tasks that must succeed first"}),
+            "dedupe_key": _null({"type": "string", "minLength": 1, "description": "while a "
+                                 "task with this key is unfinished, enqueue returns it"}),
+        },
+    },
+    "Stats": _obj({
+        "totals": {"type": "object", "additionalProperties": INT,
+                   "description": "tasks by status"},
+        "by_type": {"type": "object", "additionalProperties": {
+            "type": "object", "additionalProperties": INT}, "description": "status -> type -> n"},
+        "oldest_queued_at": _null(TIME),
+        "oldest_queued_by_type": {"type": "object", "additionalProperties": TIME},
+        "running_reserved_mb": INT,
+        "supervisor": _obj({
+            "owner": STR, "version": STR, "host": STR, "pool_size": INT, "workers_busy": INT,
+            "memory_budget_mb": NUM, "last_loop_at": _null(TIME), "stopping": BOOL,
+            "now": TIME}),
+    }),
+    "Running": _obj({"tasks": {"type": "array", "items": _obj({
+        "id": STR, "type": STR, "attempt": INT, "max_attempts": INT, "started_at": _null(TIME),
+        "elapsed_s": NUM, "progress": _null(NUM), "progress_message": _null(STR),
+        "pid": _null(INT), "rss_bytes": _null(INT), "peak_rss_bytes": _null(INT),
+        "cpu_s": _null(NUM), "cpu_percent": _null(NUM), "memory_mb": _null(INT),
+        "timeout_s": _null(NUM), "cancel_requested": BOOL, "lease_owner": _null(STR),
+        "local": {"type": "boolean", "description": "run by the supervisor answering"}})}}),
+    "Queued": _obj({"tasks": {"type": "array", "items": _obj(
+        {**TASK_FIELDS, "due": {"type": "boolean", "description": "run_after has passed"}},
+        [*TASK_REQUIRED, "due"])}}),
+    "Throughput": _obj({
+        "bucket_s": INT, "since": TIME, "until": TIME,
+        "buckets": {"type": "array", "items": _obj({
+            "at": TIME, "succeeded": INT, "failed": INT,
+            "other": {"type": "integer", "description": "cancelled, interrupted, rescheduled"}})}}),
+    "Health": _obj({
+        "status": {"type": "string", "enum": ["ok", "unhealthy"]},
+        "reasons": {"type": "array", "items": STR}, "owner": STR, "version": STR,
+        "loop_age_s": _null(NUM), "workers_busy": INT, "pool_size": INT, "stopping": BOOL}),
+}
+
+
+def _json(ref: str, description: str) -> dict:
+    return {"description": description,
+            "content": {"application/json": {"schema": {"$ref": REF + ref}}}}
+
+
+def _errors(*codes: int) -> dict:
+    text = {400: "bad input; `field` names it", 401: "missing or wrong token",
+            404: "no such task", 409: "the task is not failed or cancelled",
+            413: "the body is too large", 415: "the body is not JSON",
+            503: "the database does not answer"}
+    return {str(c): _json("Error", text[c]) for c in codes}
+
+
+ID_PARAM = {"name": "id", "in": "path", "required": True, "schema": STR}
+LIMIT = {"name": "limit", "in": "query", "required": False,
+         "description": "page size, 1 to 1000; empty means the default (50)",
+         "schema": {"anyOf": [{"type": "integer", "minimum": 1, "maximum": 1000},
+                              {"type": "string", "maxLength": 0}]}}
+WRITE = [{"bearer": []}]
+
+
+def _op(summary: str, responses: dict, **extra) -> dict:
+    return {"summary": summary, "responses": responses, **extra}
+
+
+PATHS = {
+    "/api/tasks": {
+        "get": _op("Tasks, newest first, one page at a time", {
+            "200": _json("TaskList", "a page of tasks"), **_errors(400, 503)},
+            operationId="listTasks", parameters=[
+                {"name": "status", "in": "query", "required": False,
+                 "description": "empty means any status",
+                 "schema": {"type": "string", "enum": [*STATUSES, ""]}},
+                {"name": "type", "in": "query", "required": False, "schema": STR},
+                LIMIT,
+                {"name": "before", "in": "query", "required": False, "schema": STR,
+                 "description": "next_before of the previous page"}]),
+        "post": _op("Enqueue a task (the fields of Queue.enqueue)", {
+            "201": _json("Task", "stored"),
+            "200": _json("Task", "an unfinished task already holds this dedupe_key"),
+            **_errors(400, 401, 413, 415, 503)},
+            operationId="enqueueTask", security=WRITE,
+            requestBody={"required": True, "content": {
+                "application/json": {"schema": {"$ref": REF + "NewTask"}}}}),
+    },
+    "/api/tasks/{id}": {
+        "get": _op("One task with its attempts", {
+            "200": _json("Task", "the task"), **_errors(404, 503)},
+            operationId="getTask", parameters=[ID_PARAM]),
+    },
+    "/api/tasks/{id}/cancel": {
+        "post": _op("Cancel a waiting task, or ask its supervisor to stop a running one", {
+            "200": _json("Task", "the task after the request (a finished one is left as is)"),
+            **_errors(401, 404, 503)}, operationId="cancelTask", parameters=[ID_PARAM],
+            security=WRITE),
+    },
+    "/api/tasks/{id}/retry": {
+        "post": _op("Queue a failed or cancelled task again, attempts reset", {
+            "200": _json("Task", "the task, queued (or blocked on dependencies)"),
+            **_errors(401, 404, 409, 503)}, operationId="retryTask", parameters=[ID_PARAM],
+            security=WRITE),
+    },
+    "/api/stats": {"get": _op("Counts by status and type; this supervisor", {
+        "200": _json("Stats", "counts"), **_errors(503)}, operationId="stats")},
+    "/api/running": {"get": _op("Running tasks with elapsed time, progress, RSS and CPU", {
+        "200": _json("Running", "running tasks, oldest first"), **_errors(503)},
+        operationId="running")},
+    "/api/queued": {"get": _op("Queued tasks in the order they will be claimed", {
+        "200": _json("Queued", "queued tasks"), **_errors(400, 503)},
+        operationId="queued", parameters=[LIMIT])},
+    "/api/throughput": {"get": _op("Attempts ended per minute over the last hour", {
+        "200": _json("Throughput", "60 one-minute buckets, oldest first"), **_errors(503)},
+        operationId="throughput")},
+    "/api/openapi.json": {"get": _op("This document", {
+        "200": {"description": "OpenAPI 3.1", "content": {"application/json": {
+            "schema": {"type": "object"}}}}}, operationId="openapi")},
+    "/healthz": {"get": _op("Health: the loop ran recently and the database answers", {
+        "200": _json("Health", "healthy"), "503": _json("Health", "unhealthy; see reasons")},
+        operationId="health")},
+    "/metrics": {"get": _op("Prometheus metrics", {"200": {
+        "description": "Prometheus text exposition format 0.0.4",
+        "content": {"text/plain": {"schema": {"type": "string"}}}}}, operationId="metrics")},
+    "/": {"get": _op("The dashboard", {"200": {
+        "description": "an HTML page", "content": {"text/html": {"schema": {"type": "string"}}}}},
+        operationId="dashboard")},
+}
+
+
+def document() -> dict:
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "taskvisor", "version": __version__,
+                 "description": "The JSON API of a taskvisor supervisor. Reads are open on "
+                 "loopback; writes need `Authorization: Bearer <token>` (the token file "
+                 "beside the database, or [http] token_file). Errors are JSON "
+                 "{error, field}. Times are ISO 8601 UTC."},
+        "paths": PATHS,
+        "components": {"schemas": SCHEMAS, "securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer"}}},
+    }

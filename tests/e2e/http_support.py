@@ -1,0 +1,215 @@
+"""Harness for the HTTP tests (no tests here): a real supervisor process on a temporary
+config with `[http] listen = "127.0.0.1:0"`, its bound URL read from its log, a small
+HTTP client, and a finalizer that kills its process tree.
+
+The task handlers live in a module written into tmp_path and preloaded by the fork server.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.support import kill_tree, wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+LISTENING = re.compile(r"http: listening on http://127\.0\.0\.1:(\d+)/")
+
+HANDLERS = '''
+import time
+from workers import task
+
+@task("ok")
+def ok(payload, ctx):
+    return {"echo": payload}
+
+@task("sleep")
+def sleep(payload, ctx):
+    steps = int(payload.get("steps", 20))
+    for i in range(steps):
+        ctx.progress(i / steps, f"step {i + 1} of {steps}")
+        if ctx.cancelled:
+            return None
+        time.sleep(float(payload.get("step_s", 0.25)))
+    return {"steps": steps}
+
+@task("fail")
+def fail(payload, ctx):
+    raise ValueError(payload.get("why", "boom"))
+
+@task("hog")
+def hog(payload, ctx):
+    block = bytearray(int(payload.get("mb", 40)) * 1024 * 1024)
+    for i in range(0, len(block), 4096):
+        block[i] = 1
+    time.sleep(float(payload.get("s", 0.3)))
+    return len(block)
+'''
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict
+    body: bytes
+
+    @property
+    def json(self):
+        return json.loads(self.body)
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name.lower())
+
+
+@dataclass
+class Supervisor:
+    proc: subprocess.Popen
+    root: Path
+    log: Path
+    port: int = 0
+    token: str = ""
+    db: Path = field(default=None)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def request(self, method: str, path: str, body=None, *, token: str | None = "",
+                headers: dict | None = None, timeout: float = 10) -> Response:
+        """`token=""` sends the right token, None none at all; a dict body is sent as JSON."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        hdrs = dict(headers or {})
+        if token is not None:
+            hdrs.setdefault("Authorization", f"Bearer {token or self.token}")
+        if isinstance(body, (dict, list)):
+            body = json.dumps(body).encode()
+            hdrs.setdefault("Content-Type", "application/json")
+        try:
+            conn.request(method, path, body=body, headers=hdrs)
+            res = conn.getresponse()
+            return Response(res.status, {k.lower(): v for k, v in res.getheaders()}, res.read())
+        finally:
+            conn.close()
+
+    def get(self, path: str, **kw) -> Response:
+        return self.request("GET", path, token=None, **kw)
+
+    def post(self, path: str, body=None, **kw) -> Response:
+        return self.request("POST", path, body, **kw)
+
+    def enqueue(self, **fields) -> dict:
+        res = self.post("/api/tasks", fields)
+        assert res.status == 201, res.body
+        return res.json
+
+    def task(self, task_id: str) -> dict:
+        res = self.get(f"/api/tasks/{task_id}")
+        assert res.status == 200, res.body
+        return res.json
+
+    def wait_status(self, task_id: str, *statuses: str, timeout: float = 15) -> dict:
+        return wait_until(lambda: (t := self.task(task_id))["status"] in statuses and t,
+                          timeout=timeout, message=f"task {task_id} never became {statuses}")
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, timeout: float = 15) -> int:
+        """SIGTERM and wait: the graceful path (drain, on_shutdown hooks)."""
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+
+def write_config(root: Path, *, listen: str = "127.0.0.1:0", pool_size: int = 2,
+                 extra: str = "") -> Path:
+    (root / "tvtest_handlers.py").write_text(HANDLERS)
+    config = root / "taskvisor.toml"
+    config.write_text(textwrap.dedent(f"""
+        [supervisor]
+        database = "taskvisor.db"
+        pool_size = {pool_size}
+        preload = ["tvtest_handlers"]
+        poll_interval_s = 0.5
+        shutdown_grace_s = 2
+        kill_grace_s = 1
+
+        [defaults]
+        max_attempts = 1
+        backoff_initial_s = 0.1
+
+        [http]
+        listen = "{listen}"
+    """) + extra)
+    return config
+
+
+def spawn(root: Path, config: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKVISOR_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(root)])
+    env.pop("NOTIFY_SOCKET", None)
+    log = open(root / "supervisor.log", "wb")
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-c", "import sys; from supervisor.config import load; "
+             "from supervisor import start; sys.exit(start.run(load(sys.argv[1])))",
+             str(config)], cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True)
+    finally:
+        log.close()
+
+
+def start(root: Path, token_file: Path | None = None, **config_kw) -> Supervisor:
+    """Start a supervisor in `root` and wait until its HTTP server answers /healthz."""
+    if token_file is not None:
+        config_kw["extra"] = config_kw.get("extra", "") + f'token_file = "{token_file}"\n'
+
+    config = write_config(root, **config_kw)
+    proc = spawn(root, config)
+    sup = Supervisor(proc, root, root / "supervisor.log", db=root / "taskvisor.db")
+    try:
+        def bound():
+            assert proc.poll() is None, f"supervisor exited {proc.returncode}: {sup.log_text()}"
+            matches = LISTENING.findall(sup.log_text())
+            return matches and int(matches[-1])
+        sup.port = wait_until(bound, timeout=30, interval=0.05)
+        sup.token = (token_file or root / "taskvisor.token").read_text().strip()
+        wait_until(lambda: sup.get("/healthz").status == 200, timeout=10)
+    except BaseException:
+        kill_tree(proc.pid)
+        proc.wait()
+        raise
+    return sup
+
+
+@pytest.fixture
+def supervisor(tmp_path: Path):
+    sup = start(tmp_path)
+    yield sup
+    if sup.proc.poll() is None:
+        kill_tree(sup.proc.pid)
+    sup.proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """One supervisor for a module's tests that never run a task (a running task process
+    would outlive its test and trip the process-leak guard)."""
+    sup = start(tmp_path_factory.mktemp("shared"))
+    yield sup
+    if sup.proc.poll() is None:
+        kill_tree(sup.proc.pid)
+    sup.proc.wait(timeout=10)
+
+
+def wait_for(predicate, timeout: float = 15, message: str | None = None):
+    return wait_until(predicate, timeout=timeout, interval=0.05, message=message)
