@@ -32,7 +32,10 @@ class ForkServerError(Exception):
 class ForkServer:
     """The supervisor's handle on one fork server process (one generation)."""
 
-    def __init__(self, preload: tuple[str, ...], handlers: dict[str, str], generation: int = 1):
+    def __init__(self, preload: tuple[str, ...], handlers: dict[str, str], generation: int = 1,
+                 log_format: str = "text", log_level: str = "INFO"):
+        self.log_format = log_format
+        self.log_level = log_level
         self.preload = tuple(preload)
         self.handlers = dict(handlers)
         self.generation = generation
@@ -59,7 +62,8 @@ class ForkServer:
             theirs.close()
         self.sock = ours
         ours.sendall(json.dumps({"op": "boot", "preload": list(self.preload),
-                                 "handlers": self.handlers}).encode())
+                                 "handlers": self.handlers, "log_format": self.log_format,
+                                 "log_level": self.log_level}).encode())
         ours.settimeout(timeout_s)
         try:
             data = ours.recv(MAX_PACKET)
@@ -186,9 +190,11 @@ class ForkServers:
     def all(self) -> list[ForkServer]:
         return [self.current, *self.retiring]
 
-    def launch(self, preload, handlers: dict[str, str], timeout_s: float) -> ForkServer:
+    def launch(self, preload, handlers: dict[str, str], timeout_s: float,
+               log_format: str = "text", log_level: str = "INFO") -> ForkServer:
         """Start the next generation (raises ForkServerError); the caller installs it."""
-        new = ForkServer(preload, handlers, generation=self.current.generation + 1)
+        new = ForkServer(preload, handlers, generation=self.current.generation + 1,
+                         log_format=log_format, log_level=log_level)
         new.start(timeout_s=timeout_s)
         return new
 

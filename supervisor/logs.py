@@ -19,6 +19,12 @@ class TextFormatter(logging.Formatter):
         super().__init__(TEXT)
 
     def format(self, record: logging.LogRecord) -> str:
+        # One record, one line: a task type or error text holding a newline must not be
+        # able to forge a second log line.
+        record.msg = str(record.msg).replace("\n", "\\n")
+        if record.args:
+            record.args = tuple(a.replace("\n", "\\n") if isinstance(a, str) else a
+                                for a in (record.args if isinstance(record.args, tuple) else (record.args,)))
         line = super().format(record)
         task_id = getattr(record, "task_id", None)
         if task_id:

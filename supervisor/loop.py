@@ -112,13 +112,12 @@ class Supervisor:
             self.tend_fork_servers(mono)
             self.reap_children(mono)
             self.enforce_limits(mono)
-            self.flush(now, mono)
+            self.sync(now, mono)
             if self.stopping and not self.children and not self.pending:
                 break
             self.expire_leases(now, mono)
             self.extend_leases(now, mono)
             self.check_cancels(mono)
-            self.fill_capacity(now, mono)
             self.publish_status(now, mono)
             self.wait(self.next_deadline(mono) - mono)
         self.shutdown()
@@ -127,7 +126,7 @@ class Supervisor:
     def open_store(self) -> None:
         sup = self.config.supervisor
         self.store = Store(sup.database, synchronous=sup.synchronous,
-                           busy_timeout_s=sup.busy_timeout_s)
+                           busy_timeout_s=sup.busy_timeout_s, background_checkpoints=True)
         self.register()
         self.store_ok = True
 
@@ -213,7 +212,9 @@ class Supervisor:
         """Start a new fork server for new tasks; the old one stays until its tasks end."""
         try:
             new = self.servers.launch(self.config.supervisor.preload, _handlers(self.config),
-                                      timeout_s=max(60.0, self.config.supervisor.boot_timeout_s))
+                                      timeout_s=max(60.0, self.config.supervisor.boot_timeout_s),
+                                      log_format=self.config.log.format,
+                                      log_level=self.config.log.level)
         except ForkServerError as exc:
             log.error("new fork server failed (%s), keeping the old one: %s\n%s", why, exc, exc.detail)
             return False
@@ -343,8 +344,8 @@ class Supervisor:
         self.pending.append((child, end))
         self.claim_needed = True
         level = logging.INFO if end.outcome in (Outcome.SUCCEEDED, Outcome.RESCHEDULED) else logging.WARNING
-        log.log(level, "attempt %d of %s (%s) ended %s: %s", child.lease.attempt, child.task.id,
-                child.task.type, end.outcome, end.reason,
+        log.log(level, "%s attempt %d ended %s: %s", child.task.type, child.lease.attempt,
+                end.outcome, end.reason,
                 extra={"task_id": child.task.id, "task_type": child.task.type,
                        "attempt": child.lease.attempt, "outcome": str(end.outcome), "pid": child.pid})
         self.emit("finished", task=child.task, end=end, child=child)
@@ -392,38 +393,50 @@ class Supervisor:
             terminate(child)
             child.term_mono = mono
             child.kill_at_mono = mono + grace
-        log.info("stopping %s (%s): %s", child.task.id, outcome, reason,
+        log.info("stopping %s attempt (%s): %s", child.task.type, outcome, reason,
                  extra={"task_id": child.task.id, "task_type": child.task.type})
 
     # -- database steps ------------------------------------------------------------------
 
-    def flush(self, now: float, mono: float) -> None:
-        """Write pids, progress and finished attempts; keep them in memory if SQLite fails."""
+    def sync(self, now: float, mono: float) -> None:
+        """One transaction a pass: pids, progress and finished attempts, then a claim for
+        every free slot, so a slot freed by a completion is refilled in the same commit.
+        If SQLite fails, outcomes stay in memory (reaping goes on) and nothing is claimed."""
+        sup = self.config.supervisor
+        if mono >= self.due.get("poll", 0.0):
+            self.claim_needed = True
+            self.due["poll"] = mono + sup.poll_interval_s
         progress_due = mono >= self.due.get("progress", 0.0) and any(
             c.progress for c in self.children.values())
-        if not (self.pending or self.pending_pids or progress_due):
+        free = sup.pool_size - len(self.children)
+        claiming = free > 0 and self.claim_needed and not self.stopping and not self.server.exited
+        if not (self.pending or self.pending_pids or progress_due or claiming):
             return
         if mono < self.due.get("flush_retry", 0.0):
             return
         try:
-            with self.store.transaction():  # one commit for the whole pass
+            with self.store.transaction():
                 for child in self.pending_pids:
                     if child.key in self.children and child.pid_started_at is not None:
                         self.store.set_pid(child.lease, child.pid, child.pid_started_at)
                 if progress_due:
                     self.flush_progress(mono)
                 statuses = [self.record(child, end, now) for child, end in self.pending]
-            self.pending_pids.clear()
-            recorded, self.pending = self.pending, []
-            for (child, end), status in zip(recorded, statuses):
-                self.emit("recorded", task=child.task, end=end, status=status)
-            self.store_ok = True
+                claimed = self.claim(now, free) if claiming else []
         except StoreError as exc:
             if self.store_ok:
                 log.error("database write failed, keeping %d outcome(s) in memory: %s",
                           len(self.pending), exc)
             self.store_ok = False
             self.due["flush_retry"] = mono + 0.5
+            return
+        self.store_ok = True
+        self.pending_pids.clear()
+        recorded, self.pending = self.pending, []
+        for (child, end), status in zip(recorded, statuses):
+            self.emit("recorded", task=child.task, end=end, status=status)
+        for task in claimed:
+            self.spawn(task, now, mono)
 
     def flush_progress(self, mono: float) -> None:
         updates = [(c.lease, *c.progress) for c in self.children.values() if c.progress]
@@ -497,33 +510,21 @@ class Supervisor:
                 grace = min(CANCEL_GRACE_S, self.config.supervisor.kill_grace_s)
                 self.stop_child(child, Outcome.CANCELLED, "cancelled on request", mono, grace=grace)
 
-    def fill_capacity(self, now: float, mono: float) -> None:
-        """Claim while a slot is free, the fork server is up and the queue has work."""
-        if mono >= self.due.get("poll", 0.0):
-            self.claim_needed = True
-            self.due["poll"] = mono + self.config.supervisor.poll_interval_s
-        if self.stopping or not self.claim_needed or self.server.exited or not self.store_ok:
-            return
+    def claim(self, now: float, free: int) -> list[Task]:
+        """Lease up to `free` tasks (inside the caller's transaction)."""
         cfg = self.config
-        free = cfg.supervisor.pool_size - len(self.children)
         claimed: list[Task] = []
-        try:
-            with self.store.transaction():  # one commit for every slot filled this pass
-                while len(claimed) < free:
-                    task = self.store.claim(
-                        self.owner, now, lease_s=cfg.supervisor.lease_s,
-                        caps=cfg.concurrency_caps(), memory_budget_mb=self.memory_budget_mb,
-                        type_memory_mb={n: t.memory_mb for n, t in cfg.types.items() if t.memory_mb},
-                        default_memory_mb=cfg.defaults.memory_mb)
-                    if task is None:
-                        self.claim_needed = False
-                        break
-                    claimed.append(task)
-        except StoreError as exc:
-            log.error("claim failed: %s", exc)
-            return
-        for task in claimed:
-            self.spawn(task, now, mono)
+        while len(claimed) < free:
+            task = self.store.claim(
+                self.owner, now, lease_s=cfg.supervisor.lease_s, caps=cfg.concurrency_caps(),
+                memory_budget_mb=self.memory_budget_mb,
+                type_memory_mb={n: t.memory_mb for n, t in cfg.types.items() if t.memory_mb},
+                default_memory_mb=cfg.defaults.memory_mb)
+            if task is None:
+                self.claim_needed = False
+                break
+            claimed.append(task)
+        return claimed
 
     def spawn(self, task: Task, now: float, mono: float) -> None:
         child, spec = Child.for_task(task, self.config, self.server, now, mono, self.cgroup_dir)

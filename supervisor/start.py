@@ -35,7 +35,8 @@ def run(config: Config, *, events=None) -> int:
     log.info("memory limits: %s", cgroup_note)
     set_child_subreaper()
     handlers = {name: t.handler for name, t in config.types.items() if t.handler}
-    server = ForkServer(config.supervisor.preload, handlers)
+    server = ForkServer(config.supervisor.preload, handlers, log_format=config.log.format,
+                        log_level=config.log.level)
     try:
         server.start(timeout_s=max(60.0, config.supervisor.boot_timeout_s))
     except ForkServerError as exc:

@@ -45,6 +45,9 @@ def run(spec_fd: int, report_fd: int, parent_pid: int, keep_fds: tuple[int, ...]
     """Entry point in the forked child; never returns."""
     code = proto.EXIT_BOOT_ERROR
     try:
+        # A TERM (timeout, cancel, shutdown) that arrives during set-up waits until the
+        # handler runs inside its try block, where it becomes TaskCancelled.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         os.setpgid(0, 0)
         set_parent_death_signal(signal.SIGKILL)
         if os.getppid() != parent_pid:
@@ -52,8 +55,8 @@ def run(spec_fd: int, report_fd: int, parent_pid: int, keep_fds: tuple[int, ...]
         _reset_signals()
         os.set_inheritable(report_fd, False)
         _close_fds_except({0, 1, 2, spec_fd, report_fd, *keep_fds})
-        with os.fdopen(spec_fd, "rb", closefd=True) as f:
-            spec = json.loads(f.read())
+        spec = json.loads(_read_all(spec_fd))
+        os.close(spec_fd)
         reporter = Reporter(report_fd)
         _setup_logging(spec)
         try:
@@ -91,6 +94,7 @@ def _run_handler(spec: dict, reporter: Reporter) -> int:
     signal.signal(signal.SIGTERM, on_term)
     handler = registry.lookup(task["type"])
     try:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         if handler is None:
             reporter.send(
                 proto.ERROR, type="UnknownTaskType", traceback="", retryable=False,
@@ -146,33 +150,39 @@ def _send_result(reporter: Reporter, result, limit: int) -> None:
 
 
 def _reset_signals() -> None:
-    """Undo the fork server's signal set-up: the handler gets default behaviour."""
+    """Undo the fork server's signal set-up (SIGPIPE stays ignored, as Python sets it)."""
     try:
         signal.set_wakeup_fd(-1)
     except ValueError:
         pass
-    for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+    for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while True:
+        data = os.read(fd, 1 << 20)
+        if not data:
+            return b"".join(chunks)
+        chunks.append(data)
 
 
 def _close_fds_except(keep: set[int]) -> None:
-    try:
-        fds = [int(n) for n in os.listdir("/proc/self/fd")]
-    except OSError:
-        fds = list(range(3, 256))
-    for fd in fds:
-        if fd not in keep:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+    """Close every other descriptor (the fork server's socket above all, so its death is
+    seen); os.closerange uses the close_range system call where there is one."""
+    low = 3
+    for fd in sorted(k for k in keep if k >= 3):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 1 << 16)
 
 
 class _TaskFormatter(logging.Formatter):
     def __init__(self, fmt_json: bool):
         super().__init__("%(asctime)s %(levelname)s task=%(task_id)s type=%(task_type)s %(name)s: %(message)s")
         self.fmt_json = fmt_json
+        self.task: dict = {}
 
     def format(self, record: logging.LogRecord) -> str:
         for key in ("task_id", "task_type"):
@@ -187,13 +197,25 @@ class _TaskFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False)
 
 
-def _setup_logging(spec: dict) -> None:
+_handler: logging.Handler | None = None
+
+
+def setup_logging(fmt_json: bool, level: str) -> None:
+    """Called once in the fork server, so a task process only fills in its task's fields."""
+    global _handler
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
-    handler = logging.StreamHandler(sys.stderr)
-    fmt = _TaskFormatter(spec.get("log_format") == "json")
-    fmt.task = {"id": spec["task"]["id"], "type": spec["task"]["type"]}
-    handler.setFormatter(fmt)
-    root.addHandler(handler)
-    root.setLevel(spec.get("log_level", "INFO"))
+    _handler = logging.StreamHandler(sys.stderr)
+    _handler.setFormatter(_TaskFormatter(fmt_json))
+    root.addHandler(_handler)
+    root.setLevel(level)
+
+
+def _setup_logging(spec: dict) -> None:
+    fmt_json = spec.get("log_format") == "json"
+    if _handler is None or _handler.formatter.fmt_json != fmt_json:
+        setup_logging(fmt_json, spec.get("log_level", "INFO"))
+    elif logging.getLogger().level != logging.getLevelName(spec.get("log_level", "INFO")):
+        logging.getLogger().setLevel(spec.get("log_level", "INFO"))
+    _handler.formatter.task = {"id": spec["task"]["id"], "type": spec["task"]["type"]}

@@ -18,7 +18,8 @@ _libc = None
 if sys.platform.startswith("linux"):
     try:
         _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    except OSError:
+        _libc.prctl  # resolve now, in the fork server, not in every task process
+    except (OSError, AttributeError):
         _libc = None
 
 

@@ -21,6 +21,7 @@ Messages (JSON, one per packet):
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import json
 import os
@@ -64,6 +65,11 @@ class Zygote:
         except BaseException:
             self.send({"op": "boot_error", "error": traceback.format_exc(limit=30)[-30000:]})
             return False
+        child.setup_logging(msg.get("log_format") == "json", msg.get("log_level", "INFO"))
+        # Objects that exist now live as long as the fork server: keep the collector from
+        # scanning them in every task process (each scan would copy their pages).
+        gc.collect()
+        gc.freeze()
         self.send({"op": "ready", "pid": os.getpid(), "types": registry.names(),
                    "preload_s": round(time.monotonic() - started, 4)})
         return True

@@ -102,22 +102,17 @@ def claim_task(db: apsw.Connection, *, owner: str, now: float, lease_s: float,
     return Task.from_row(row) if row else None
 
 
-def insert_attempt(db: apsw.Connection, task_id: str, attempt: int, owner: str, now: float) -> None:
-    db.execute("INSERT INTO attempts (task_id, attempt, owner, started_at) VALUES (?,?,?,?)",
-               (task_id, attempt, owner, now))
-
-
-def update_attempt_end(db: apsw.Connection, task_id: str, attempt: int, owner: str, now: float,
-                       end) -> None:
-    """Record the end of the newest open attempt row of (task, attempt, owner)."""
+def insert_attempt(db: apsw.Connection, lease, *, started_at: float | None, now: float, end,
+                   pid: int | None) -> None:
+    """Write the row of one ended attempt (a running attempt has none: it is the tasks row)."""
     db.execute(
-        "UPDATE attempts SET ended_at = ?, outcome = ?, reason = ?, error = ?, exit_code = ?, "
-        "signal = ?, pid = coalesce(?, pid), peak_rss_bytes = ?, cpu_s = ?, wall_s = ? "
-        "WHERE id = (SELECT max(id) FROM attempts WHERE task_id = ? AND attempt = ? "
-        "AND owner = ? AND ended_at IS NULL)",
-        (now, str(end.outcome), end.reason, json.dumps(end.error) if end.error else None,
-         end.exit_code, end.signal, end.pid, end.peak_rss_bytes, end.cpu_s,
-         None if end.wall_s is None else round(end.wall_s, 6), task_id, attempt, owner))
+        "INSERT INTO attempts (task_id, attempt, owner, started_at, ended_at, outcome, reason, "
+        "error, exit_code, signal, pid, peak_rss_bytes, cpu_s, wall_s) "
+        "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        (lease.id, lease.attempt, lease.owner, now if started_at is None else started_at, now,
+         str(end.outcome), end.reason, json.dumps(end.error) if end.error else None,
+         end.exit_code, end.signal, end.pid if end.pid is not None else pid,
+         end.peak_rss_bytes, end.cpu_s, None if end.wall_s is None else round(end.wall_s, 6)))
 
 
 _FENCE = "id = :id AND attempts = :attempt AND lease_owner = :owner AND status = 'running'"
@@ -126,9 +121,6 @@ _FENCE = "id = :id AND attempts = :attempt AND lease_owner = :owner AND status =
 def update_task_pid(db: apsw.Connection, lease, pid: int, pid_started_at: float) -> bool:
     db.execute(f"UPDATE tasks SET pid = :pid, pid_started_at = :ps WHERE {_FENCE}",
                {"pid": pid, "ps": pid_started_at, **_lease(lease)})
-    db.execute("UPDATE attempts SET pid = ? WHERE id = (SELECT max(id) FROM attempts "
-               "WHERE task_id = ? AND attempt = ? AND owner = ?)",
-               (pid, lease.id, lease.attempt, lease.owner))
     return db.changes() > 0
 
 
@@ -151,13 +143,13 @@ def select_cancel_requested(db: apsw.Connection, owner: str) -> list[str]:
         "AND cancel_requested = 1", (owner,))]
 
 
-def complete_task(db: apsw.Connection, lease, now: float, result: str | None) -> bool:
-    db.execute(
+def complete_task(db: apsw.Connection, lease, now: float, result: str | None) -> tuple | None:
+    """Mark succeeded; returns (started_at, pid) of the attempt, or None when not leased."""
+    return _one(db.execute(
         f"UPDATE tasks SET status = 'succeeded', completed_at = :now, result = :result, "
         f"error = NULL, outcome = 'succeeded', lease_owner = NULL, lease_expires_at = NULL, "
-        f"reserved_mb = 0, progress = 1.0 WHERE {_FENCE}",
-        {"now": now, "result": result, **_lease(lease)})
-    return db.changes() > 0
+        f"reserved_mb = 0, progress = 1.0 WHERE {_FENCE} RETURNING started_at, pid",
+        {"now": now, "result": result, **_lease(lease)}))
 
 
 def requeue_task(db: apsw.Connection, lease, *, run_after: float, refund: bool,
@@ -198,12 +190,16 @@ def _lease(lease) -> dict:
     return {"id": lease.id, "attempt": lease.attempt, "owner": lease.owner}
 
 
+def select_dependents_exist(db: apsw.Connection, task_id: str) -> bool:
+    return _one(db.execute("SELECT 1 FROM task_deps WHERE depends_on = ? LIMIT 1", (task_id,))) is not None
+
+
 # -- dependencies ----------------------------------------------------------------------
 
 def unblock_dependents(db: apsw.Connection, task_id: str) -> list[str]:
     """Queue the blocked dependents of `task_id` whose every dependency has succeeded."""
     return [r[0] for r in db.execute(
-        "UPDATE tasks SET status = 'queued' WHERE status = 'blocked' "
+        "UPDATE tasks SET status = 'queued' WHERE +status = 'blocked' "
         "AND id IN (SELECT task_id FROM task_deps WHERE depends_on = :id) "
         "AND NOT EXISTS (SELECT 1 FROM task_deps d JOIN tasks t ON t.id = d.depends_on "
         "  WHERE d.task_id = tasks.id AND t.status != 'succeeded') RETURNING id",
@@ -214,7 +210,7 @@ def fail_dependents(db: apsw.Connection, task_id: str, now: float, error: str) -
     """Fail the unfinished, not running dependents of `task_id`; returns their ids."""
     return [r[0] for r in db.execute(
         "UPDATE tasks SET status = 'failed', completed_at = :now, outcome = 'dependency_failed', "
-        "error = :error WHERE status IN ('blocked','queued') "
+        "error = :error WHERE +status IN ('blocked','queued') "
         "AND id IN (SELECT task_id FROM task_deps WHERE depends_on = :id) RETURNING id",
         {"id": task_id, "now": now, "error": error})]
 

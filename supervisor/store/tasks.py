@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import json
 import os
+
+import apsw
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 
 from supervisor import policy
 from supervisor.errors import DependencyError, NotFound
 from supervisor.store import queries as q
-from supervisor.store.connection import Connection
+from supervisor.store.checkpoint import Checkpointer
+from supervisor.store.connection import Connection, translate
 from supervisor.store.ids import new_id
 from supervisor.store.migrate import migrate as _migrate
 from supervisor.store.rows import (
-    AttemptEnd, FINAL, Lease, NewTask, Outcome, Stats, Status, Task)
+    Attempt, AttemptEnd, FINAL, Lease, NewTask, Outcome, Stats, Status, Task)
 
 NO_LIMIT_MB = 1 << 50
 
@@ -34,18 +37,27 @@ class Store:
     """
 
     def __init__(self, path: str | os.PathLike, *, synchronous: str = "NORMAL",
-                 busy_timeout_s: float = 5.0, migrate: bool = True, create: bool = True):
+                 busy_timeout_s: float = 5.0, migrate: bool = True, create: bool = True,
+                 background_checkpoints: bool = False):
         from supervisor.store.migrate import latest_version
         self.conn = Connection(path, synchronous=synchronous, busy_timeout_s=busy_timeout_s,
                                create=create, max_version=latest_version())
         self.path = self.conn.path
         if migrate:
             _migrate(self.conn)
+        self.checkpointer = None
+        if background_checkpoints:
+            # Call from the thread that owns this Store, after any fork it is to survive.
+            self.conn.db.execute("PRAGMA wal_autocheckpoint=0")
+            self.checkpointer = Checkpointer(self.path, busy_timeout_s=busy_timeout_s)
+            self.checkpointer.start()
         else:
             from supervisor.store.migrate import check_not_newer, current_version
             check_not_newer(current_version(self.conn), self.path)
 
     def close(self) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.stop()
         self.conn.close()
 
     def transaction(self):
@@ -57,7 +69,19 @@ class Store:
 
     def enqueue(self, task: NewTask, now: float) -> str:
         """Insert one task; returns its id (or the id of the unfinished task holding its key)."""
-        return self.enqueue_many([task], now)[0]
+        if task.depends_on or task.dedupe_key:
+            return self.enqueue_many([task], now)[0]
+        # Nothing to read first: one INSERT is its own transaction (no BEGIN/COMMIT round).
+        task_id = task.id or new_id(now)
+        try:
+            q.insert_task(self.conn.db, id=task_id, type=task.type, payload=task.payload,
+                          priority=task.priority, status=str(Status.QUEUED), now=now,
+                          run_after=now if task.run_after is None else task.run_after,
+                          max_attempts=task.max_attempts, timeout_s=task.timeout_s,
+                          memory_mb=task.memory_mb, cpu_s=task.cpu_s, dedupe_key=None)
+        except apsw.Error as exc:
+            raise translate(exc, self.path) from exc
+        return task_id
 
     def enqueue_many(self, tasks: Sequence[NewTask], now: float) -> list[str]:
         """Insert every task in one transaction: all or nothing.
@@ -128,8 +152,6 @@ class Store:
             task = q.claim_task(db, owner=owner, now=now, lease_s=lease_s, full_types=full,
                                 free_mb=free, type_mb={k: v for k, v in (type_memory_mb or {}).items() if v},
                                 default_mb=default_memory_mb or 0)
-            if task is not None:
-                q.insert_attempt(db, task.id, task.attempts, owner, now)
         return task
 
     def set_pid(self, lease: Lease, pid: int, pid_started_at: float) -> bool:
@@ -153,11 +175,15 @@ class Store:
     def complete(self, lease: Lease, end: AttemptEnd, now: float) -> bool:
         """Record success; queue dependents now free to run. False: the lease was lost."""
         with self.conn.write() as db:
-            if not q.complete_task(db, lease, now, end.result):
+            row = q.complete_task(db, lease, now, end.result)
+            if row is None:
                 return False
-            q.update_attempt_end(db, lease.id, lease.attempt, lease.owner, now, end)
+            self._end_attempt(db, lease, row[0], row[1], now, end)
             q.unblock_dependents(db, lease.id)
         return True
+
+    def _end_attempt(self, db, lease: Lease, started_at, pid, now: float, end: AttemptEnd) -> None:
+        q.insert_attempt(db, lease, started_at=started_at, now=now, end=end, pid=pid)
 
     def fail(self, lease: Lease, end: AttemptEnd, now: float, backoff: policy.Backoff) -> Status | None:
         """Record an attempt that did not succeed and apply the retry policy.
@@ -177,7 +203,7 @@ class Store:
                 retryable=end.retryable, cancel_requested=task.cancel_requested, now=now,
                 backoff=backoff, delay_s=end.delay_s)
             reason = end.reason or str(end.outcome)
-            q.update_attempt_end(db, lease.id, lease.attempt, lease.owner, now, end)
+            self._end_attempt(db, lease, task.started_at, task.pid, now, end)
             if decision.action == "requeue":
                 q.requeue_task(db, lease, run_after=decision.run_after, refund=decision.refund,
                                outcome=str(end.outcome), error=reason)
@@ -245,6 +271,11 @@ class Store:
                 raise NotFound(f"no task with id {task_id}", field="id")
             if Status(row[4]) not in (Status.FAILED, Status.CANCELLED):
                 raise InputError(f"task {task_id} is {row[4]}; only failed or cancelled tasks can be retried", field="id")
+            key = row[25]
+            holder = key and q.select_unfinished_by_dedupe_key(db, key)
+            if holder:
+                raise InputError(f"task {task_id} cannot be retried: its dedupe key {key!r} is "
+                                 f"held by unfinished task {holder}", field="id")
             status = Status.BLOCKED if q.count_unsucceeded_deps(db, task_id) else Status.QUEUED
             q.retry_task(db, task_id, now, str(status))
             pending = [task_id]
@@ -268,7 +299,13 @@ class Store:
                 raise NotFound(f"no task with id {task_id}", field="id")
             deps = q.select_deps(db, [task_id]).get(task_id, ())
             attempts = tuple(q.select_attempts(db, task_id)) if history else ()
-        return Task.from_row(row, deps, attempts)
+        task = Task.from_row(row, deps, attempts)
+        if history and task.status is Status.RUNNING and not any(
+                a.attempt == task.attempts and a.ended_at is None for a in attempts):
+            running = Attempt(0, task.id, task.attempts, task.lease_owner or "", task.started_at,
+                              None, None, "running", None, None, None, task.pid, None, None, None)
+            task = replace(task, history=attempts + (running,))
+        return task
 
     def list(self, *, status: str | None = None, type: str | None = None,
              before: str | None = None, limit: int = 100) -> list[Task]:

@@ -1,0 +1,401 @@
+"""`llm.chat`: one chat completion from an OpenAI-compatible server, streamed.
+
+Owns the wire format of `POST {base_url}/chat/completions` with `stream: true` (llama.cpp's
+server, Ollama, vLLM, hosted APIs), turning what the server does into a task outcome:
+a result {text, finish_reason, usage, model}; `Retry` for 429/503 with Retry-After (no
+attempt spent); a retryable error for other 5xx, a lost connection or a malformed body;
+`Fail` (no retry) for any other 4xx, with the server's message; `Fail(outcome="timeout")`
+when the stream stalls longer than `stall_timeout_s`. Settings come from the payload, else
+the task's `[llm]` config section (`ctx.config["llm"]`), else TASKVISOR_LLM__* variables,
+else defaults. The API key is read from the environment variable *named* by api_key_env,
+at call time, and is never put in a result, an error message or a log line.
+Runs in task processes; importing it (httpx) in the fork server through preload is cheap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import math
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from workers import Retry, task
+from workers.handlers import Fail
+
+PROGRESS_EVERY_S = 0.5        # progress (which is also a heartbeat) at most this often
+CONNECT_TIMEOUT_S = 30.0
+_DEFAULTS = {"base_url": None, "model": None, "api_key_env": "OPENAI_API_KEY",
+             "request_timeout_s": 600.0, "stall_timeout_s": 60.0}
+_RESERVED = frozenset({"messages", "stream", "stream_options"})
+
+
+class LlmError(Exception):
+    """A retryable failure (spends an attempt, retried with backoff)."""
+
+
+class LlmUnavailable(LlmError):
+    """The server could not be reached, or the connection broke."""
+
+
+class LlmServerError(LlmError):
+    """A 5xx (or a 429/503 without Retry-After)."""
+
+
+class MalformedReply(LlmError):
+    """The body is not the OpenAI wire format."""
+
+
+class LlmRejected(Fail):
+    """A 4xx other than 429 (or a payload we cannot send): retrying would not help."""
+
+    def __init__(self, message: str):
+        super().__init__(message, retryable=False, outcome="error")
+
+
+class LlmStalled(Fail):
+    """No data for longer than stall_timeout_s, or past request_timeout_s: a timeout."""
+
+    def __init__(self, message: str):
+        super().__init__(message, retryable=True, outcome="timeout")
+
+
+@dataclass(frozen=True)
+class Request:
+    url: str
+    body: dict
+    headers: dict
+    request_timeout_s: float
+    stall_timeout_s: float
+
+    def timeout(self) -> httpx.Timeout:
+        # The read timeout is the stall detector: it bounds every wait for bytes,
+        # the response headers (time to first token) included.
+        return httpx.Timeout(self.stall_timeout_s, connect=min(CONNECT_TIMEOUT_S, self.stall_timeout_s))
+
+
+def build_request(payload: Mapping[str, Any], ctx: Any = None,
+                  env: Mapping[str, str] | None = None) -> Request:
+    """The HTTP request for one payload. Raises LlmRejected for a payload or config that
+    no retry can fix (no base_url, no messages, a bad option)."""
+    env = os.environ if env is None else env
+    if not isinstance(payload, Mapping):
+        raise LlmRejected("llm.chat payload must be a JSON object")
+    section = ((getattr(ctx, "config", None) or {}).get("llm") or {})
+
+    def setting(key: str, from_payload: bool = True):
+        if from_payload and payload.get(key) is not None:
+            return payload[key]
+        if section.get(key) is not None:
+            return section[key]
+        return env.get(f"TASKVISOR_LLM__{key.upper()}") or _DEFAULTS[key]
+
+    base_url = setting("base_url")
+    configured = setting("base_url", from_payload=False)
+    if not base_url:
+        raise LlmRejected("no model server: set [llm] base_url (or TASKVISOR_LLM__BASE_URL), "
+                          "or give base_url in the payload, e.g. http://127.0.0.1:8080/v1")
+    if urlsplit(str(base_url)).scheme not in ("http", "https"):
+        raise LlmRejected(f"base_url must be an http:// or https:// URL, got {base_url!r}")
+    messages = _messages(payload)
+    options = payload.get("options") or {}
+    if not isinstance(options, Mapping):
+        raise LlmRejected("llm.chat payload 'options' must be an object "
+                          "(e.g. {\"temperature\": 0.2, \"max_tokens\": 256})")
+    clash = sorted(_RESERVED & set(options))
+    if clash:
+        raise LlmRejected(f"llm.chat 'options' must not set {', '.join(clash)}")
+    body: dict[str, Any] = {**options, "messages": messages, "stream": True,
+                            "stream_options": {"include_usage": True}}
+    model = setting("model")
+    if model:
+        body["model"] = str(model)
+    headers = {"Accept": "text/event-stream"}
+    key_env = str(setting("api_key_env", from_payload=False))
+    key = env.get(key_env)
+    # A payload may point at another server; the configured key goes only to the
+    # configured server, so whoever can enqueue cannot have it sent elsewhere.
+    if key and (not configured or _origin(base_url) == _origin(configured)):
+        headers["Authorization"] = f"Bearer {key}"
+    try:
+        request_s = float(setting("request_timeout_s"))
+        stall_s = float(setting("stall_timeout_s"))
+    except (TypeError, ValueError):
+        raise LlmRejected("request_timeout_s and stall_timeout_s must be numbers of seconds") from None
+    if not (request_s > 0 and stall_s > 0 and math.isfinite(request_s) and math.isfinite(stall_s)):
+        raise LlmRejected("request_timeout_s and stall_timeout_s must be > 0")
+    return Request(str(base_url).rstrip("/") + "/chat/completions", body, headers, request_s, stall_s)
+
+
+def _messages(payload: Mapping[str, Any]) -> list:
+    messages = payload.get("messages")
+    if messages is None and isinstance(payload.get("prompt"), str):
+        messages = [{"role": "user", "content": payload["prompt"]}]
+        if isinstance(payload.get("system"), str):
+            messages.insert(0, {"role": "system", "content": payload["system"]})
+    if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, Mapping) and "role" in m for m in messages):
+        raise LlmRejected("llm.chat payload needs 'messages': a non-empty list of "
+                          "{\"role\": ..., \"content\": ...} (or a 'prompt' string)")
+    return messages
+
+
+def _origin(url: str) -> tuple:
+    parts = urlsplit(str(url))
+    return parts.scheme, parts.hostname, parts.port
+
+
+def retry_after_s(value: str | None, now: float) -> float | None:
+    """Seconds to wait from a Retry-After header: delta-seconds or an HTTP-date; None if
+    absent or unreadable. `now` is epoch seconds."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when is None:
+            return None
+        seconds = when.timestamp() - now
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+def status_error(response: httpx.Response, url: str) -> BaseException:
+    """The exception for an HTTP error status (the body must have been read)."""
+    code = response.status_code
+    message = server_message(response)
+    where = f"HTTP {code} from {url}: {message}"
+    if code in (429, 503):
+        delay = retry_after_s(response.headers.get("retry-after"), time.time())
+        if delay is not None:
+            return Retry(delay, f"{where} (Retry-After: run again in {delay:.3g}s)")
+    if code >= 500 or code in (408, 429):
+        return LlmServerError(where)
+    return LlmRejected(where)
+
+
+def server_message(response: httpx.Response) -> str:
+    """The server's own words: OpenAI's {"error": {"message"}}, {"error": "..."},
+    FastAPI's {"detail"}, else the start of the body."""
+    try:
+        data = response.json()
+    except ValueError:
+        data = None
+    if isinstance(data, Mapping):
+        err = data.get("error")
+        if isinstance(err, Mapping) and err.get("message"):
+            return str(err["message"])[:2000]
+        for key in ("error", "detail", "message"):
+            if isinstance(data.get(key), str):
+                return data[key][:2000]
+    text = response.text.strip()
+    return text[:2000] if text else response.reason_phrase or "(empty body)"
+
+
+class Reply:
+    """Accumulates a streamed reply from SSE lines; reports progress on `ctx`.
+
+    Server-sent events: `data:` lines are joined until a blank line ends the event;
+    comments (`: keep-alive`) count as bytes but not as progress, so a server that only
+    pings still stalls."""
+
+    def __init__(self, ctx: Any, stall_timeout_s: float, max_tokens: int | None):
+        self.ctx = ctx
+        self.stall_timeout_s = stall_timeout_s
+        self.max_tokens = max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else None
+        self.parts: list[str] = []
+        self.chunks = 0                     # content deltas, about one token each
+        self.finish_reason: str | None = None
+        self.usage: dict | None = None
+        self.model: str | None = None
+        self.done = False
+        self.started_mono = self.last_data_mono = time.monotonic()
+        self.progress_mono = 0.0
+        self._data: list[str] = []
+
+    def feed(self, line: str) -> None:
+        """One line of the body (without its newline). Raises MalformedReply, LlmStalled."""
+        now = time.monotonic()
+        if now - self.last_data_mono > self.stall_timeout_s:
+            raise self.stalled(now)
+        if line == "":
+            self._dispatch()
+        elif not line.startswith(":"):
+            field, _, value = line.partition(":")
+            if field == "data":
+                self._data.append(value[1:] if value.startswith(" ") else value)
+
+    def close(self) -> None:
+        """The body ended; an event without its blank line still counts."""
+        self._dispatch()
+
+    def stalled(self, now: float | None = None) -> LlmStalled:
+        gap = (now or time.monotonic()) - self.last_data_mono
+        return LlmStalled(f"the model stream stalled: no data for {gap:.1f}s (stall_timeout_s="
+                          f"{self.stall_timeout_s:g}) after {self.chunks} token(s)")
+
+    def _dispatch(self) -> None:
+        if not self._data:
+            return
+        data, self._data = "\n".join(self._data), []
+        if data.strip() == "[DONE]":
+            self.done = True
+            return
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            raise MalformedReply(f"the server sent a stream event that is not JSON: {data[:200]!r}") from None
+        self.add(chunk)
+
+    def add(self, chunk: Any) -> None:
+        """One chat.completion.chunk object."""
+        if not isinstance(chunk, Mapping):
+            raise MalformedReply(f"expected a chat.completion.chunk object, got {str(chunk)[:200]!r}")
+        if chunk.get("error"):
+            err = chunk["error"]
+            text = err.get("message") if isinstance(err, Mapping) else err
+            raise LlmServerError(f"the server reported an error mid-stream: {str(text)[:2000]}")
+        choices = chunk.get("choices") or []
+        if not isinstance(choices, list) or not all(isinstance(c, Mapping) for c in choices):
+            raise MalformedReply(f"'choices' is not a list of objects: {str(choices)[:200]!r}")
+        self.model = chunk.get("model") or self.model
+        for choice in choices:
+            delta = choice.get("delta") or choice.get("message") or {}
+            content = delta.get("content") if isinstance(delta, Mapping) else None
+            if isinstance(content, str) and content:
+                self.parts.append(content)
+                self.chunks += 1
+            if choice.get("finish_reason"):
+                self.finish_reason = choice["finish_reason"]
+        if isinstance(chunk.get("usage"), Mapping):
+            self.usage = dict(chunk["usage"])
+        self.last_data_mono = time.monotonic()
+        self._progress(self.last_data_mono)
+
+    def _progress(self, now: float) -> None:
+        if self.ctx is None or now - self.progress_mono < PROGRESS_EVERY_S:
+            return
+        self.progress_mono = now
+        rate = self.chunks / max(now - self.started_mono, 1e-3)
+        fraction = min(0.99, self.chunks / self.max_tokens) if self.max_tokens else None
+        self.ctx.progress(fraction, f"{self.chunks} tokens, {rate:.1f} tok/s")
+
+    def result(self, requested_model: str | None) -> dict:
+        if not self.done and self.finish_reason is None:
+            raise MalformedReply(f"the response ended before the model finished (no [DONE] and "
+                                 f"no finish_reason after {self.chunks} token(s))")
+        usage = self.usage or {}
+        prompt, completion = _count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens"))
+        estimated = completion is None
+        completion = self.chunks if completion is None else completion
+        total = _count(usage.get("total_tokens"))
+        if total is None and prompt is not None:
+            total = prompt + completion
+        out_usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total}
+        if estimated:
+            out_usage["estimated"] = True  # the server sent no usage: content chunks counted
+        elapsed = time.monotonic() - self.started_mono
+        if self.ctx is not None:
+            self.ctx.progress(1.0, f"done: {completion} tokens in {elapsed:.1f}s")
+        return {"text": "".join(self.parts), "finish_reason": self.finish_reason,
+                "usage": out_usage, "model": self.model or requested_model}
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _transport_error(exc: httpx.HTTPError, req: Request, reply: Reply | None) -> BaseException:
+    if isinstance(exc, httpx.ReadTimeout):
+        return reply.stalled() if reply is not None else LlmStalled(
+            f"no response from {req.url} within stall_timeout_s={req.stall_timeout_s:g}s")
+    if isinstance(exc, httpx.UnsupportedProtocol):
+        return LlmRejected(f"cannot use {req.url}: {exc}")
+    if isinstance(exc, httpx.DecodingError):
+        return MalformedReply(f"cannot decode the response of {req.url}: {exc}")
+    what = "connect to" if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)) else "talk to"
+    return LlmUnavailable(f"cannot {what} {req.url}: {type(exc).__name__}: {exc or 'no detail'}")
+
+
+def _overran(req: Request) -> LlmStalled:
+    return LlmStalled(f"the request ran past request_timeout_s={req.request_timeout_s:g}s")
+
+
+def _start(req: Request, ctx: Any) -> Reply:
+    if ctx is not None:
+        host = urlsplit(req.url).netloc
+        ctx.progress(0.0, f"asking {req.body.get('model') or 'the default model'} at {host}")
+    return Reply(ctx, req.stall_timeout_s, req.body.get("max_tokens"))
+
+
+def _finish_json(reply: Reply, data: bytes) -> None:
+    """A server that ignored stream: true and answered with one JSON object."""
+    try:
+        reply.add(json.loads(data))
+    except ValueError:
+        raise MalformedReply(f"the response is not JSON: {data[:200]!r}") from None
+    reply.done = True
+
+
+@task("llm.chat")
+async def chat(payload: Mapping[str, Any], ctx: Any = None) -> dict:
+    """The `llm.chat` handler (async). See the module docstring for outcomes."""
+    req = build_request(payload, ctx)
+    reply = _start(req, ctx)
+    try:
+        async with asyncio.timeout(req.request_timeout_s):
+            async with httpx.AsyncClient(timeout=req.timeout()) as client:
+                async with client.stream("POST", req.url, json=req.body, headers=req.headers) as resp:
+                    if resp.status_code >= 400:
+                        await resp.aread()
+                        raise status_error(resp, req.url)
+                    if _is_json(resp):
+                        _finish_json(reply, await resp.aread())
+                    else:
+                        async for line in resp.aiter_lines():
+                            reply.feed(line)
+                        reply.close()
+    except httpx.HTTPError as exc:
+        raise _transport_error(exc, req, reply) from exc
+    except TimeoutError:
+        raise _overran(req) from None
+    return reply.result(req.body.get("model"))
+
+
+def chat_sync(payload: Mapping[str, Any], ctx: Any = None) -> dict:
+    """The same call, blocking: for plain (non-async) handlers that ask a model."""
+    req = build_request(payload, ctx)
+    reply = _start(req, ctx)
+    deadline = time.monotonic() + req.request_timeout_s
+    try:
+        with httpx.Client(timeout=req.timeout()) as client:
+            with client.stream("POST", req.url, json=req.body, headers=req.headers) as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    raise status_error(resp, req.url)
+                if _is_json(resp):
+                    _finish_json(reply, resp.read())
+                else:
+                    for line in resp.iter_lines():
+                        reply.feed(line)
+                        if time.monotonic() > deadline:
+                            raise _overran(req)
+                    reply.close()
+    except httpx.HTTPError as exc:
+        raise _transport_error(exc, req, reply) from exc
+    return reply.result(req.body.get("model"))
+
+
+def _is_json(resp: httpx.Response) -> bool:
+    return resp.headers.get("content-type", "").split(";")[0].strip() == "application/json"
