@@ -279,7 +279,7 @@ def test_a_newer_rollback_journal_file_is_untouched(tmp_path):
     (["wait", "nope"], None, "no task with id nope"),
     (["prune", "--older-than", "soon"], None, "invalid duration"),
     (["prune"], None, "required: --older-than"),
-    (["run"], None, "invalid choice: 'run'"),
+    (["bogus-command"], None, "invalid choice: 'bogus-command'"),
     ([], None, "required: COMMAND"),
     (["list", "--no-such-option"], None, "unrecognized arguments"),
 ])
