@@ -255,6 +255,8 @@ class Queue:
         type_ = f["type"]
         if not isinstance(type_, str) or not type_.strip():
             raise InputError(f"type must be a non-empty string, got {type_!r}", field="type")
+        if len(type_) > 200 or not type_.isprintable():
+            raise InputError("type must be at most 200 printable characters", field="type")
         payload = self._payload(f.get("payload"))
         priority = f.get("priority")
         priority = self.config.setting(type_, "priority") if priority is None else priority
@@ -266,6 +268,10 @@ class Queue:
         memory_mb = f.get("memory_mb")
         if memory_mb is not None:
             _integer(memory_mb, "memory_mb", minimum=1)
+            budget = self.config.supervisor.memory_budget_mb
+            if budget is not None and memory_mb > budget:
+                raise InputError(f"memory_mb {memory_mb} is over [supervisor] memory_budget_mb "
+                                 f"{budget}: such a task could never start", field="memory_mb")
         timeout_s = f.get("timeout_s")
         if timeout_s is not None:
             timeout_s = _seconds(timeout_s, "timeout_s", minimum=0.0, above=True)
@@ -289,8 +295,12 @@ class Queue:
                               separators=(",", ":"))
         except (TypeError, ValueError) as exc:
             raise InputError(f"payload is not JSON-serialisable: {exc}", field="payload") from None
+        try:
+            size = len(text.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise InputError("payload holds a lone surrogate (\\ud800-\\udfff), which is not "
+                             "valid UTF-8; send proper Unicode text", field="payload") from None
         limit = self.config.supervisor.max_payload_bytes
-        size = len(text.encode("utf-8", "surrogatepass"))
         if size > limit:
             raise InputError(f"payload is {size} bytes, over the limit of {limit} bytes "
                              "(supervisor.max_payload_bytes)", field="payload")
@@ -303,14 +313,14 @@ def _run_after(delay: Any, run_at: Any, now: float) -> float | None:
     if delay is not None:
         if isinstance(delay, dt.timedelta):
             delay = delay.total_seconds()
-        return now + _seconds(delay, "delay", minimum=0.0)
+        return _seconds(now + _seconds(delay, "delay", minimum=0.0), "delay", minimum=0.0)
     if run_at is None:
         return None
     if isinstance(run_at, dt.datetime):
         if run_at.tzinfo is None or run_at.utcoffset() is None:
             raise InputError("run_at must be a timezone-aware datetime (or epoch seconds)",
                              field="run_at")
-        return run_at.timestamp()
+        return _seconds(run_at.timestamp(), "run_at", minimum=0.0)
     return _seconds(run_at, "run_at", minimum=0.0)
 
 
@@ -336,11 +346,17 @@ def _check_id(task_id: Any, field: str = "id") -> str:
     return task_id
 
 
+INT64 = 2 ** 63 - 1
+LATEST_S = 253402300799.0  # 9999-12-31T23:59:59Z: the last time ISO 8601 output can show
+
+
 def _integer(value: Any, field: str, minimum: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InputError(f"{field} must be an integer, got {_kind(value)}", field=field)
     if minimum is not None and value < minimum:
         raise InputError(f"{field} must be >= {minimum}, got {value}", field=field)
+    if not -INT64 - 1 <= value <= INT64:
+        raise InputError(f"{field} must fit in 64 bits, got {value}", field=field)
 
 
 def _seconds(value: Any, field: str, minimum: float, above: bool = False) -> float:
@@ -351,6 +367,8 @@ def _seconds(value: Any, field: str, minimum: float, above: bool = False) -> flo
         sign = ">" if above else ">="
         raise InputError(f"{field} must be a finite number {sign} {minimum:g}, got {value:g}",
                          field=field)
+    if value > LATEST_S:
+        raise InputError(f"{field} must be before the year 10000, got {value:g}", field=field)
     return value
 
 
