@@ -226,3 +226,46 @@ def _crash_reason(child: Child, st: int | None) -> str:
     if code in proto.EXIT_NAMES:
         return f"exited with code {code}: {proto.EXIT_NAMES[code]}"
     return f"exited with code {code}{when} without reporting an outcome (sys.exit or os._exit in the handler?)"
+
+
+def kill_orphans(known: set[int]) -> None:
+    """KILL every child of this process not in `known`, with its descendants: as the
+    child subreaper the supervisor inherits what a finished task left behind in another
+    process group or session (a grandchild that called setsid())."""
+    for pid in _child_pids():
+        if pid in known:
+            continue
+        try:
+            proc = psutil.Process(pid)
+            tree = [proc, *proc.children(recursive=True)]
+        except psutil.Error:
+            continue
+        for p in tree:
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+
+
+def _child_pids() -> set[int]:
+    """Pids of this process's children: /proc/self/task/*/children (tens of microseconds),
+    read for every thread, since an orphan may be handed to any of them."""
+    pids: set[int] = set()
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/children") as f:
+                pids.update(int(p) for p in f.read().split())
+    except OSError:
+        try:
+            pids = {p.pid for p in psutil.Process().children()}
+        except psutil.Error:
+            pass
+    return pids
+
+
+def kill_group(pgid: int) -> None:
+    """SIGKILL whatever is left in a process group (nothing happens when it is empty)."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass

@@ -15,6 +15,7 @@ import os
 import signal
 import socket
 import sys
+import time
 
 from supervisor.children import describe_status
 
@@ -176,6 +177,7 @@ def _spec_file(data: bytes) -> int:
 
 
 RESTART_BACKOFF_S = (0.5, 1, 2, 5, 10, 30, 60)
+STABLE_S = 60.0  # a fork server up this long before dying resets the backoff
 
 
 class ForkServers:
@@ -186,6 +188,7 @@ class ForkServers:
         self.retiring: list[ForkServer] = []
         self.restarts = 0
         self.restart_at: float | None = None
+        self.current_since_mono = time.monotonic()
 
     def all(self) -> list[ForkServer]:
         return [self.current, *self.retiring]
@@ -201,12 +204,20 @@ class ForkServers:
     def replace(self, new: ForkServer) -> None:
         """`new` takes the new tasks; the old one exits once its tasks have ended."""
         old, self.current = self.current, new
+        self.current_since_mono = time.monotonic()
         if not old.exited:
             old.stop()
             self.retiring.append(old)
 
     def schedule_restart(self, mono: float) -> float:
         """Back off by the number of restarts so far; returns the delay in seconds."""
+        if mono - self.current_since_mono > STABLE_S:
+            self.restarts = 0  # it had been fine for a while: not a crash loop
         delay = RESTART_BACKOFF_S[min(self.restarts, len(RESTART_BACKOFF_S) - 1)]
         self.restart_at = mono + delay
         return delay
+
+
+def handlers_of(config) -> dict[str, str]:
+    """The `[types."x"] handler = "module:function"` entries the fork server imports."""
+    return {name: t.handler for name, t in config.types.items() if t.handler}

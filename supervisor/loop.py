@@ -21,8 +21,8 @@ from collections.abc import Callable
 import psutil
 
 from supervisor import __version__, policy
-from supervisor.children import Child, classify, kill, terminate
-from supervisor.forkserver import ForkServer, ForkServerError, ForkServers
+from supervisor.children import Child, classify, kill, kill_group, kill_orphans, terminate
+from supervisor.forkserver import ForkServer, ForkServerError, ForkServers, handlers_of
 from supervisor.recovery import Recovery
 from supervisor.config import Config, load
 from supervisor.errors import ConfigError, StoreError
@@ -80,7 +80,7 @@ class Supervisor:
         self.store_ok = False
         self.due: dict[str, float] = {}   # step name -> next monotonic time it runs
         self.started_mono = clock.monotonic()
-        self.memory_budget_mb = _memory_budget(config)
+        self.memory_budget_mb = policy.memory_budget_mb(config.supervisor.memory_budget_mb, _total_mb())
         self._status = ""
         self.cgroup_dir: str | None = None  # set by supervisor.start when delegated
         # Called once the database is migrated and rescued, before READY=1 (the HTTP
@@ -200,9 +200,9 @@ class Supervisor:
         self.notifier.reloading()
         old = self.config
         self.config = new
-        self.memory_budget_mb = _memory_budget(new)
+        self.memory_budget_mb = policy.memory_budget_mb(new.supervisor.memory_budget_mb, _total_mb())
         self.claim_needed = True
-        if (new.supervisor.preload, _handlers(new)) != (old.supervisor.preload, _handlers(old)):
+        if (new.supervisor.preload, handlers_of(new)) != (old.supervisor.preload, handlers_of(old)):
             self.replace_fork_server("preload or handlers changed")
         log.info("config reloaded from %s: pool_size=%d", new.path, new.supervisor.pool_size)
         self.emit("reloaded", pool_size=new.supervisor.pool_size)
@@ -211,7 +211,7 @@ class Supervisor:
     def replace_fork_server(self, why: str) -> None:
         """Start a new fork server for new tasks; the old one stays until its tasks end."""
         try:
-            new = self.servers.launch(self.config.supervisor.preload, _handlers(self.config),
+            new = self.servers.launch(self.config.supervisor.preload, handlers_of(self.config),
                                       timeout_s=max(60.0, self.config.supervisor.boot_timeout_s),
                                       log_format=self.config.log.format,
                                       log_level=self.config.log.level)
@@ -340,6 +340,9 @@ class Supervisor:
                     os.rmdir(os.path.join(self.cgroup_dir, f"task-{child.pid}"))
                 except OSError:
                     pass
+        if child.pid is not None:
+            kill_group(child.pid)  # what it left behind in its process group dies with it
+        self.kill_orphans()
         end = classify(child)
         self.pending.append((child, end))
         self.claim_needed = True
@@ -349,6 +352,10 @@ class Supervisor:
                 extra={"task_id": child.task.id, "task_type": child.task.type,
                        "attempt": child.lease.attempt, "outcome": str(end.outcome), "pid": child.pid})
         self.emit("finished", task=child.task, end=end, child=child)
+
+    def kill_orphans(self) -> None:
+        """KILL what finished tasks left behind in other groups or sessions."""
+        kill_orphans(known={s.pid for s in self.servers.all()} | set(self.by_pid))
 
     def enforce_limits(self, mono: float) -> None:
         sup = self.config.supervisor
@@ -591,12 +598,5 @@ class Supervisor:
                 self.on_child_messages(target, mono)
 
 
-def _handlers(config: Config) -> dict[str, str]:
-    return {name: t.handler for name, t in config.types.items() if t.handler}
-
-
-def _memory_budget(config: Config) -> float:
-    budget = config.supervisor.memory_budget_mb
-    if budget is None:  # auto: 80% of the machine
-        return psutil.virtual_memory().total * 0.8 / MIB
-    return float(budget)
+def _total_mb() -> float:
+    return psutil.virtual_memory().total / MIB

@@ -53,6 +53,11 @@ def after_failure(outcome: Outcome, *, attempt: int, max_attempts: int, retryabl
     return Decision("fail", None, False)
 
 
+def memory_budget_mb(configured_mb: float | None, total_mb: float) -> float:
+    """The admission budget: the configured one, else 80% of the machine's memory."""
+    return total_mb * 0.8 if configured_mb is None else float(configured_mb)
+
+
 def free_memory_mb(budget_mb: float | None, reserved_mb: float) -> float:
     """What a new claim may declare; an unset budget admits everything."""
     if budget_mb is None:

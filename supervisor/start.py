@@ -17,7 +17,7 @@ import logging
 import sys
 
 from supervisor import logs
-from supervisor.forkserver import ForkServer, ForkServerError
+from supervisor.forkserver import ForkServer, ForkServerError, handlers_of
 from supervisor.config import Config
 from supervisor.errors import StoreError
 from workers.limits import delegated_cgroup
@@ -34,7 +34,7 @@ def run(config: Config, *, events=None) -> int:
     cgroup_dir, cgroup_note = delegated_cgroup()
     log.info("memory limits: %s", cgroup_note)
     set_child_subreaper()
-    handlers = {name: t.handler for name, t in config.types.items() if t.handler}
+    handlers = handlers_of(config)
     server = ForkServer(config.supervisor.preload, handlers, log_format=config.log.format,
                         log_level=config.log.level)
     try:

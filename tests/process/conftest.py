@@ -1,0 +1,364 @@
+"""Process-test fixtures: a real supervisor (`supervisor.start.run`) in its own process,
+started on a config written to tmp_path, with handlers from tests/process/handlers.
+
+`supervisor_proc(**settings)` returns a `SupervisorProc`: start / stop / kill9 / restart,
+the supervisor's log (shown when a test fails), a `Queue` for enqueues (which also sends
+the wake-up datagram), a `Store` for reads, and readers of the handlers' event log. The
+finalizer SIGKILLs the supervisor's tree and every pid a handler recorded, so nothing a
+test started outlives it (a setsid() grandchild re-parented to init included).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from supervisor.client import Queue
+from supervisor.store import Status, Store, Task
+from tests.support import kill_tree, pid_alive, wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+HANDLERS = Path(__file__).resolve().parent / "handlers"
+RUN = ("import sys; from supervisor.config import load; from supervisor import start; "
+       "sys.exit(start.run(load(sys.argv[1])))")
+
+# Short timings so the suite stays fast; a test overrides what it needs.
+BASE = {
+    "supervisor": {
+        "database": "t.db", "pool_size": 2, "preload": ["tvp_handlers"], "lease_s": 2,
+        "poll_interval_s": 0.2, "shutdown_grace_s": 5, "kill_grace_s": 0.5,
+        "boot_timeout_s": 5, "memory_budget_mb": 100_000,
+    },
+    "defaults": {"timeout_s": 60, "max_attempts": 3, "backoff_initial_s": 0.1,
+                 "backoff_max_s": 0.5},
+    "http": {"listen": ""},
+    "log": {"level": "INFO"},
+}
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(v)
+
+
+def render_config(settings: dict) -> str:
+    """{section: {key: value}} plus {"types": {name: {key: value}}} -> TOML text."""
+    lines = []
+    for section, table in settings.items():
+        if section == "types":
+            continue
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+        lines.append("")
+    for name, table in settings.get("types", {}).items():
+        lines.append(f'[types."{name}"]')
+        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = {k: dict(v) for k, v in base.items()}
+    for section, table in over.items():
+        if section == "types":
+            out["types"] = {n: dict(t) for n, t in table.items()}
+        else:
+            out.setdefault(section, {}).update(table)
+    return out
+
+
+class SupervisorProc:
+    """One test's supervisor: the config file, the process (one life at a time), the DB."""
+
+    def __init__(self, tmp_path: Path, settings: dict, name: str = "taskvisor"):
+        self.dir = tmp_path
+        self.name = name
+        self.settings = merge(BASE, settings)
+        self.config_path = tmp_path / f"{name}.toml"
+        self.write_config()
+        self.db_path = tmp_path / self.settings["supervisor"]["database"]
+        self.proc: subprocess.Popen | None = None
+        self.lives: list[subprocess.Popen] = []
+        self.log_path = tmp_path / f"{name}.log"
+        self.born = time.time()
+        self._store: Store | None = None
+        self._queue = Queue(self.config_path)
+
+    # -- configuration -----------------------------------------------------------------
+
+    def write_config(self, settings: dict | None = None, text: str | None = None) -> None:
+        if settings is not None:
+            self.settings = merge(self.settings, settings)
+        tmp = self.config_path.with_suffix(".tmp")
+        tmp.write_text(text if text is not None else render_config(self.settings))
+        os.replace(tmp, self.config_path)
+
+    # -- life cycle ----------------------------------------------------------------------
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("TASKVISOR_", "NOTIFY_SOCKET", "WATCHDOG_"))}
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(HANDLERS)])
+        env["TVP_DIR"] = str(self.dir)
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def start(self, wait_ready: bool = True) -> "SupervisorProc":
+        assert self.proc is None or self.proc.poll() is not None, "already running"
+        with open(self.log_path, "ab") as log:
+            log.write(f"\n==== life {len(self.lives) + 1} ====\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", RUN, str(self.config_path)], cwd=self.dir,
+                env=self.env(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                start_new_session=True)
+        self.lives.append(self.proc)
+        if wait_ready:
+            life = len(self.lives)
+            wait_until(lambda: self._ready_count() >= life or self.proc.poll() is not None,
+                       timeout=30, message="supervisor did not become ready")
+            assert self.proc.poll() is None, f"supervisor exited at start:\n{self.log()}"
+        return self
+
+    def _ready_count(self) -> int:
+        """How many lives logged READY (the loop's "supervisor <owner> ready: ..." line)."""
+        return self.log().count("ready: pool_size=")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def wait_exit(self, timeout: float = 30) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"supervisor did not exit within {timeout}s:\n{self.log()}")
+
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM and wait; returns the exit code."""
+        if self.proc.poll() is None:
+            self.signal(signal.SIGTERM)
+        return self.wait_exit(timeout)
+
+    def kill9(self) -> float:
+        """SIGKILL the supervisor process alone (its fork server and tasks must follow it
+        through their parent-death signals); returns the time of the kill."""
+        at = time.time()
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+        return at
+
+    def restart(self) -> "SupervisorProc":
+        return self.start()
+
+    def fork_servers(self) -> list[psutil.Process]:
+        out = []
+        try:
+            kids = psutil.Process(self.pid).children()
+        except psutil.NoSuchProcess:
+            return out
+        for p in kids:
+            try:
+                if "workers.zygote" in " ".join(p.cmdline()):
+                    out.append(p)
+            except psutil.Error:
+                pass
+        return out
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_log(self, text: str, count: int = 1, timeout: float = 10) -> None:
+        wait_until(lambda: self.log().count(text) >= count, timeout=timeout,
+                   message=f"log never said {text!r} ({count}x):\n{self.log()[-4000:]}")
+
+    # -- the database ----------------------------------------------------------------------
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = Store(self.db_path)
+        return self._store
+
+    @property
+    def queue(self):
+        """A client Queue on the first config (so a later invalid config does not stop it)."""
+        return self._queue
+
+    def enqueue(self, type: str, payload: dict | None = None, **kw) -> str:
+        payload = {"dir": str(self.dir), **(payload or {})}
+        return self.queue.enqueue(type, payload, **kw)
+
+    def get(self, task_id: str) -> Task:
+        return self.store.get(task_id)
+
+    def wait_status(self, task_id: str, *statuses: str, timeout: float = 15) -> Task:
+        wanted = {Status(s) for s in statuses}
+
+        def done():
+            t = self.get(task_id)
+            return t if t.status in wanted else None
+        try:
+            return wait_until(done, timeout=timeout)
+        except AssertionError:
+            t = self.get(task_id)
+            raise AssertionError(f"task {task_id} is {t.status} ({t.outcome}: {t.error}), not "
+                                 f"{statuses} after {timeout}s; history="
+                                 f"{[(a.outcome, a.reason) for a in t.history]}\n"
+                                 f"{self.log()[-4000:]}") from None
+
+    def wait_all(self, ids, *statuses: str, timeout: float = 30) -> list[Task]:
+        deadline = time.monotonic() + timeout
+        return [self.wait_status(i, *statuses, timeout=max(0.1, deadline - time.monotonic()))
+                for i in ids]
+
+    # -- what the handlers wrote -------------------------------------------------------------
+
+    def events(self) -> list[tuple[str, str, float, int]]:
+        """(kind, task id, time, pid) for every line of events.log."""
+        try:
+            text = (self.dir / "events.log").read_text()
+        except FileNotFoundError:
+            return []
+        out = []
+        for line in text.splitlines():
+            parts = line.split()
+            if len(parts) >= 4:
+                out.append((parts[0], parts[1], float(parts[2]), int(parts[3])))
+        return out
+
+    def runs(self) -> dict[str, list[tuple[float, float | None, int, int | None]]]:
+        """task id -> [(start, end or None, pid, life)] in start order. `life` is the
+        1-based supervisor life whose fork server forked the run (None if unknown)."""
+        lives = self.fork_server_lives()
+        out: dict[str, list[list]] = {}
+        try:
+            text = (self.dir / "events.log").read_text()
+        except FileNotFoundError:
+            return {}
+        for line in text.splitlines():
+            parts = line.split()
+            if len(parts) < 4:
+                continue
+            kind, task_id, at, pid = parts[0], parts[1], float(parts[2]), int(parts[3])
+            if kind == "start":
+                life = lives.get(int(parts[4])) if len(parts) > 4 else None
+                out.setdefault(task_id, []).append([at, None, pid, life])
+            elif kind == "end":
+                for run in out.get(task_id, []):
+                    if run[2] == pid and run[1] is None:
+                        run[1] = at
+        return {k: [tuple(r) for r in v] for k, v in out.items()}
+
+    def fork_server_lives(self) -> dict[int, int]:
+        """fork server pid -> the supervisor life (1-based) that started it, from the log."""
+        out, life = {}, 0
+        for line in self.log().splitlines():
+            marker = re.search(r"==== life (\d+) ====", line)
+            if marker:
+                life = int(marker.group(1))
+            else:
+                m = re.search(r"fork server (\d+) (ready|started|restarted)", line) or \
+                    re.search(r"fork server restarted as pid (\d+)", line)
+                if m:
+                    out[int(m.group(1))] = life
+        return out
+
+    def recorded_pids(self) -> list[int]:
+        try:
+            return [int(x) for x in (self.dir / "pids").read_text().split()]
+        except FileNotFoundError:
+            return []
+
+    # -- clean-up -----------------------------------------------------------------------------
+
+    def cleanup(self) -> None:
+        for proc in self.lives:
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                kill_tree(proc.pid)
+                proc.wait(10)
+        for pid in self.recorded_pids():
+            try:
+                p = psutil.Process(pid)
+                if p.create_time() >= self.born - 1:
+                    p.kill()
+            except psutil.Error:
+                pass
+        for closer in (self._queue, self._store):
+            if closer is not None:
+                try:
+                    closer.close()
+                except Exception:
+                    pass
+
+
+@pytest.fixture
+def supervisor_proc(tmp_path, request):
+    """Factory: `supervisor_proc(supervisor={...}, types={...}, start=True, name=...)`.
+    Supervisors made with different names share tmp_path (and so the database)."""
+    made: list[SupervisorProc] = []
+
+    def make(start: bool = True, name: str = "taskvisor", **settings) -> SupervisorProc:
+        sup = SupervisorProc(tmp_path, settings, name=name)
+        made.append(sup)
+        if start:
+            sup.start()
+        return sup
+
+    yield make
+    failed = getattr(request.node, "rep_call", None)
+    for sup in made:
+        if failed is not None and failed.failed:
+            sys.stderr.write(f"\n---- supervisor log ({sup.log_path}) ----\n{sup.log()[-20000:]}\n")
+        sup.cleanup()
+
+
+@pytest.hookimpl(hookwrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, f"rep_{rep.when}", rep)
+
+
+def assert_dead(pid: int, timeout: float = 5.0, what: str = "process") -> None:
+    wait_until(lambda: not pid_alive(pid), timeout=timeout,
+               message=f"{what} {pid} still alive after {timeout}s")
+
+
+def max_concurrent(runs: dict) -> int:
+    """Most runs (of any task) alive at one instant, from `SupervisorProc.runs()`."""
+    edges = []
+    for intervals in runs.values():
+        for start, end, *_ in intervals:
+            edges += [(start, 1), (end if end is not None else float("inf"), -1)]
+    best = cur = 0
+    for _, step in sorted(edges):  # at equal times an end (-1) sorts before a start
+        cur += step
+        best = max(best, cur)
+    return best

@@ -1,0 +1,110 @@
+"""The fork server and the start-up path: a dead fork server is restarted and its running
+task is given back, a preload that fails to import stops `run` with exit 3 and the
+traceback, a task process that never reports ready is killed at the boot deadline, and an
+idle supervisor neither burns CPU nor delays a new task by a poll interval."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from tests.process.conftest import BASE, HANDLERS, ROOT, RUN, assert_dead, merge, render_config
+from tests.support import pid_alive, wait_until
+
+
+@pytest.mark.timeout(60)
+def test_dead_fork_server_is_restarted_and_its_task_requeued(supervisor_proc):
+    sup = supervisor_proc(supervisor={"pool_size": 2})
+    (server,) = sup.fork_servers()
+    task_id = sup.enqueue("t.log", {"s": 1.5})
+    wait_until(lambda: sup.runs().get(task_id), timeout=10)
+    first_pid = sup.runs()[task_id][0][2]
+
+    server.send_signal(signal.SIGKILL)
+    assert_dead(first_pid, what="task process of the dead fork server")
+    (new_server,) = wait_until(
+        lambda: [p for p in sup.fork_servers() if p.pid != server.pid] or None, timeout=10,
+        message="no new fork server")
+    assert sup.proc.poll() is None
+
+    task = sup.wait_status(task_id, "succeeded", timeout=20)
+    assert [a.outcome for a in task.history] == ["interrupted", "succeeded"]
+    assert task.attempts == 1  # the interrupted attempt was given back
+    assert "fork server died" in task.history[0].reason
+    (cut, _, _, _), (again, end, _, _) = sup.runs()[task_id]
+    assert again > cut and end is not None
+    # new tasks run on the new fork server
+    other = sup.wait_status(sup.enqueue("t.ok"), "succeeded")
+    assert other.result["ppid"] == new_server.pid
+    assert sup.stop() == 0
+
+
+@pytest.mark.timeout(60)
+def test_preload_that_fails_to_import_stops_run_with_exit_3(tmp_path):
+    cfg = tmp_path / "taskvisor.toml"
+    cfg.write_text(render_config(merge(BASE, {"supervisor": {"preload": ["tvp_broken"]}})))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKVISOR_")}
+    env["PYTHONPATH"] = f"{ROOT}:{HANDLERS}"
+    res = subprocess.run([sys.executable, "-c", RUN, str(cfg)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 3, res.stderr
+    assert "Traceback" in res.stderr
+    assert "tvp_broken" in res.stderr
+    assert "RuntimeError: tvp_broken fails to import on purpose" in res.stderr
+    assert not (tmp_path / "t.db").exists()  # stopped before opening the database
+
+
+@pytest.mark.timeout(60)
+def test_task_process_that_never_becomes_ready_is_killed(supervisor_proc):
+    """An after-fork hook installed by a preload module hangs every task process before
+    taskvisor's own set-up runs, so it never reports ready."""
+    sup = supervisor_proc(supervisor={"pool_size": 1, "boot_timeout_s": 1,
+                                      "preload": ["tvp_handlers", "tvp_hang_at_fork"]})
+    task_id = sup.enqueue("t.ok", max_attempts=1)
+    task = sup.wait_status(task_id, "failed", timeout=15)
+    (attempt,) = task.history
+    assert attempt.outcome == "crashed"
+    assert "did not become ready within 1s" in attempt.reason
+    assert 0.9 < attempt.wall_s < 5
+    hung = sup.recorded_pids()
+    assert hung and attempt.pid in hung
+    assert_dead(attempt.pid, what="task process stuck at boot")
+    assert sup.proc.poll() is None
+
+
+@pytest.mark.timeout(60)
+def test_idle_supervisor_uses_almost_no_cpu_and_wakes_fast(supervisor_proc):
+    # A long poll interval: a prompt start can only come from the wake-up datagram.
+    sup = supervisor_proc(supervisor={"pool_size": 2, "poll_interval_s": 30, "lease_s": 30})
+    sup.wait_status(sup.enqueue("t.ok"), "succeeded", timeout=40)  # warm: a first fork
+    me = psutil.Process(sup.pid)
+    servers = sup.fork_servers()
+    time.sleep(0.5)  # let the finished task's bookkeeping settle
+
+    def cpu() -> float:
+        t = me.cpu_times()
+        return t.user + t.system + sum(s.cpu_times().user + s.cpu_times().system for s in servers)
+
+    before = cpu()
+    t0 = time.monotonic()
+    time.sleep(3.0)  # measuring idleness: the one place a test must let time pass
+    used = cpu() - before
+    assert used < 0.1, f"idle supervisor used {used:.3f}s CPU in {time.monotonic() - t0:.1f}s"
+
+    latencies = []
+    for _ in range(3):
+        at = time.time()
+        task_id = sup.enqueue("t.log", {"s": 0})
+        task = sup.wait_status(task_id, "succeeded", timeout=10)
+        (run,) = sup.runs()[task_id]
+        latencies.append(run[0] - at)
+        assert task.attempts == 1
+    assert min(latencies) < 0.5, f"enqueue-to-start latencies {latencies} (poll interval 30 s)"
+    assert max(latencies) < 2.0, latencies
+    assert pid_alive(sup.pid)
