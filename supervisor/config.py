@@ -343,13 +343,24 @@ def _suggest(key: str, section: str, env: bool = False) -> str:
     return f" (did you mean {'' if found == section else title}{key}?)"
 
 
+# Short names people expect for the model server (the double-underscore form wins).
+_ALIASES = {"TASKVISOR_LLM_BASE_URL": ("llm", "base_url"), "TASKVISOR_LLM_MODEL": ("llm", "model")}
+
+
 def _env_overrides(env: Mapping[str, str], errors: list[str]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
-    for var in sorted(env):
+    for var in sorted(env, key=lambda v: (v.upper() not in _ALIASES, v)):
         if not var.upper().startswith(_ENV_PREFIX):
             continue
         rest = var[len(_ENV_PREFIX):].lower()
         where = f"environment: {var}"
+        if var.upper() in _ALIASES:
+            section, key = _ALIASES[var.upper()]
+            try:
+                out.setdefault(section, {})[key] = _convert(_SECTIONS[section][key], env[var], Path.cwd())
+            except _Bad as e:
+                errors.append(f"{where}: {e}")
+            continue
         if "__" not in rest:
             for section, specs in _SECTIONS.items():
                 if rest.startswith(section + "_") and rest[len(section) + 1:] in specs:

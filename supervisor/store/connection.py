@@ -135,9 +135,21 @@ class Connection:
         a whole pass's outcomes at once)."""
         db = self.db
         if self._depth:
+            # A savepoint per nested write: an operation that fails inside a grouped
+            # transaction leaves nothing behind, even when the caller handles the error.
             self._depth += 1
+            name = f"taskvisor_{self._depth}"
             try:
+                db.execute(f"SAVEPOINT {name}")
                 yield db
+                db.execute(f"RELEASE {name}")
+            except BaseException as exc:
+                try:
+                    db.execute(f"ROLLBACK TO {name}")
+                    db.execute(f"RELEASE {name}")
+                except apsw.Error:
+                    pass
+                raise _maybe_translate(exc, self.path) from exc
             finally:
                 self._depth -= 1
             return

@@ -75,7 +75,10 @@ def sum_reserved_mb(db: apsw.Connection) -> int:
 
 
 # The effective declared memory of a queued row: its own, else its type's, else the default.
-_DECLARED_MB = "coalesce(memory_mb, :type_mb ->> type, :default_mb)"
+# json_each keys compare as plain strings; `:type_mb ->> type` would read a type such
+# as "$x" (or "") as a JSON path and make the whole claim fail.
+_DECLARED_MB = ("coalesce(memory_mb, (SELECT j.value FROM json_each(:type_mb) AS j "
+                "WHERE j.key = tasks.type), :default_mb)")
 
 CLAIM_SQL = f"""
 UPDATE tasks SET status = 'running', attempts = attempts + 1, lease_owner = :owner,
@@ -220,6 +223,14 @@ def select_dependency_failed_dependents(db: apsw.Connection, task_id: str) -> li
         "SELECT t.id FROM task_deps d JOIN tasks t ON t.id = d.task_id "
         "WHERE d.depends_on = ? AND t.status = 'failed' AND t.outcome = 'dependency_failed'",
         (task_id,))]
+
+
+def select_broken_deps(db: apsw.Connection, task_id: str) -> list[tuple[str, str]]:
+    """(id, status) of the dependencies of `task_id` that failed or were cancelled."""
+    return db.execute(
+        "SELECT d.depends_on, t.status FROM task_deps d JOIN tasks t ON t.id = d.depends_on "
+        "WHERE d.task_id = ? AND t.status IN ('failed','cancelled') ORDER BY d.depends_on",
+        (task_id,)).fetchall()
 
 
 def reblock_task(db: apsw.Connection, task_id: str) -> None:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-
-import apsw
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
+
+import apsw
 
 from supervisor import policy
 from supervisor.errors import DependencyError, NotFound
@@ -51,9 +51,6 @@ class Store:
             self.conn.db.execute("PRAGMA wal_autocheckpoint=0")
             self.checkpointer = Checkpointer(self.path, busy_timeout_s=busy_timeout_s)
             self.checkpointer.start()
-        else:
-            from supervisor.store.migrate import check_not_newer, current_version
-            check_not_newer(current_version(self.conn), self.path)
 
     def close(self) -> None:
         if self.checkpointer is not None:
@@ -276,11 +273,22 @@ class Store:
             if holder:
                 raise InputError(f"task {task_id} cannot be retried: its dedupe key {key!r} is "
                                  f"held by unfinished task {holder}", field="id")
+            broken = q.select_broken_deps(db, task_id)
+            if broken:
+                raise InputError(f"task {task_id} cannot be retried: it depends on task "
+                                 f"{broken[0][0]}, which {broken[0][1]}; retry that one first",
+                                 field="id")
             status = Status.BLOCKED if q.count_unsucceeded_deps(db, task_id) else Status.QUEUED
             q.retry_task(db, task_id, now, str(status))
             pending = [task_id]
             while pending:
                 for dep in q.select_dependency_failed_dependents(db, pending.pop()):
+                    # Still waiting on another failed/cancelled task, or its key was taken
+                    # meanwhile: it stays failed rather than blocked forever (or a clash).
+                    dep_key = q.select_task(db, dep)[25]
+                    if q.select_broken_deps(db, dep) or (
+                            dep_key and q.select_unfinished_by_dedupe_key(db, dep_key)):
+                        continue
                     q.reblock_task(db, dep)
                     pending.append(dep)
             return status
