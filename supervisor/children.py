@@ -9,6 +9,7 @@ touches the database and never imports user code.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -68,6 +69,9 @@ class Child:
                        "cgroup_dir": cgroup_dir},
             "max_result_bytes": config.supervisor.max_result_bytes,
             "log_format": config.log.format, "log_level": config.log.level,
+            # What built-in handlers read as ctx.config: llm.chat's base_url, model,
+            # api_key_env and timeouts. Never a secret: the key stays in the environment.
+            "config": {"llm": dataclasses.asdict(config.llm)},
         }
         child = cls(key=f"{task.id}:{task.attempts}", task=task, lease=task.lease, report_fd=-1,
                     server=server, spawned_mono=mono, timeout_s=timeout_s, memory_mb=memory_mb,

@@ -356,8 +356,8 @@ def cmd_run(args, cfg) -> int:
 
 
 def _demo_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--keep-running", action="store_true",
-                   help="leave the supervisor and dashboard running until Ctrl-C")
+    from supervisor import demo
+    demo.add_arguments(p)
 
 
 @command("demo", "start a supervisor and run an agent-style demo workload", _demo_arguments)

@@ -10,6 +10,7 @@ fork. Labels are closed sets: never a task id, and at most MAX_TYPES task types.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -88,6 +89,11 @@ class Metrics:
             "taskvisor_leases_expired_total",
             "Running tasks rescued by this supervisor because their lease expired or their "
             "supervisor died (each attempt ends `lost`).", registry=r)
+        self.llm_tokens = Counter(
+            "taskvisor_llm_tokens_total",
+            "Model tokens reported in the `usage` of successful results (llm.chat, or any "
+            "handler returning OpenAI-style usage), by task type and kind (prompt, completion).",
+            ["type", "kind"], registry=r)
         self.forkserver_restarts = Counter(
             "taskvisor_forkserver_restarts_total",
             "Times the fork server died and was restarted.", registry=r)
@@ -114,6 +120,19 @@ class Metrics:
             self.duration.labels(label).observe(max(0.0, end.wall_s))
         if end.peak_rss_bytes:
             self.peak_rss.labels(label).observe(end.peak_rss_bytes)
+        if end.result and '"usage"' in end.result:  # parse only results that carry usage
+            self._count_tokens(label, end.result)
+
+    def _count_tokens(self, label: str, result: str) -> None:
+        try:
+            usage = json.loads(result).get("usage")
+        except (ValueError, AttributeError):
+            return
+        if isinstance(usage, dict):
+            for kind in ("prompt", "completion"):
+                n = usage.get(f"{kind}_tokens")
+                if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+                    self.llm_tokens.labels(label, kind).inc(n)
 
     def _on_expired(self, fields: dict) -> None:
         self.leases_expired.inc()

@@ -9,7 +9,7 @@ This package runs in the fork server and in task processes. It must stay lean (s
 library only at import time) and must never open the task database.
 """
 
-from workers.context import Retry, TaskCancelled, TaskContext
+from workers.context import Fail, Retry, TaskCancelled, TaskContext
 from workers.registry import task
 
-__all__ = ["Retry", "TaskCancelled", "TaskContext", "task"]
+__all__ = ["Fail", "Retry", "TaskCancelled", "TaskContext", "task"]

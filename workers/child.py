@@ -20,7 +20,7 @@ import traceback
 
 from workers import outcome as proto
 from workers import registry
-from workers.context import Retry, TaskCancelled, TaskContext
+from workers.context import Fail, Retry, TaskCancelled, TaskContext
 from workers.limits import LimitError, Limits, apply
 from workers.pdeathsig import set_parent_death_signal
 
@@ -85,7 +85,7 @@ def _run_handler(spec: dict, reporter: Reporter) -> int:
     task = spec["task"]
     ctx = TaskContext(id=task["id"], type=task["type"], attempt=task["attempt"],
                       max_attempts=task["max_attempts"], deadline_at=spec.get("deadline_at"),
-                      reporter=reporter)
+                      reporter=reporter, config=spec.get("config"))
 
     def on_term(signum, frame):
         ctx.cancelled = True
@@ -120,6 +120,10 @@ def _run_handler(spec: dict, reporter: Reporter) -> int:
                       "(its memory limit, RLIMIT_DATA, refused an allocation)",
                       traceback=traceback.format_exc(limit=20), retryable=True,
                       outcome="memory_limit")
+    except Fail as exc:  # the handler chose the outcome and whether a retry can help
+        reporter.send(proto.ERROR, type=type(exc).__qualname__, message=str(exc)[:4000],
+                      traceback=traceback.format_exc(limit=50)[-16000:],
+                      retryable=exc.retryable, outcome=exc.outcome)
     except BaseException as exc:
         reporter.send(proto.ERROR, type=type(exc).__qualname__, message=str(exc)[:4000],
                       traceback=traceback.format_exc(limit=50)[-16000:], retryable=True,

@@ -24,6 +24,23 @@ class Retry(Exception):
         super().__init__(self.reason)
 
 
+class Fail(Exception):
+    """Raise from a handler to end the attempt with a chosen outcome and retry decision.
+
+    `Fail("HTTP 400: no such model")` fails the task for good, even with attempts left
+    (retrying would not help); `Fail("stream stalled", retryable=True, outcome="timeout")`
+    records a timeout that the retry policy may run again."""
+
+    OUTCOMES = ("error", "timeout")
+
+    def __init__(self, message: str, *, retryable: bool = False, outcome: str = "error"):
+        if outcome not in self.OUTCOMES:
+            raise ValueError(f"Fail outcome must be one of {self.OUTCOMES}, got {outcome!r}")
+        super().__init__(message)
+        self.retryable = bool(retryable)
+        self.outcome = outcome
+
+
 class TaskCancelled(BaseException):
     """Raised in the task process when the supervisor asks it to stop (SIGTERM).
 
@@ -34,13 +51,15 @@ class TaskContext:
     """Handed to every handler. Cheap to call: progress() is one small pipe write."""
 
     def __init__(self, *, id: str, type: str, attempt: int, max_attempts: int,
-                 deadline_at: float | None, reporter: Any, logger: logging.Logger | None = None):
+                 deadline_at: float | None, reporter: Any, logger: logging.Logger | None = None,
+                 config: dict | None = None):
         self.id = id
         self.type = type
         self.attempt = attempt
         self.max_attempts = max_attempts
         self.deadline = deadline_at          # epoch seconds, or None without a time limit
         self.cancelled = False                # set once the supervisor asked to stop
+        self.config = config or {}            # config sections for handlers: {"llm": {...}}
         self._reporter = reporter
         base = logger or logging.getLogger(f"taskvisor.task.{type}")
         self.logger = logging.LoggerAdapter(base, {"task_id": id, "task_type": type})

@@ -1,0 +1,150 @@
+"""`taskvisor demo` as a real subprocess in tmp_path: it finishes in well under a minute,
+prints the summary, leaves every planned outcome in its database, runs the workflow in
+dependency and priority order, and leaves no supervisor behind (also with --keep-running,
+stopped by Ctrl-C)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from supervisor.client import Queue
+from tests.support.openai_server import FakeOpenAI, Stream
+
+ROOT = Path(__file__).resolve().parents[2]
+CODE = "import sys; from supervisor.demo import run; sys.exit(run(sys.argv[1:]))"
+
+
+def env() -> dict:
+    out = {k: v for k, v in os.environ.items() if not k.startswith("TASKVISOR_")}
+    out["PYTHONPATH"] = str(ROOT)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def supervisors_of(db: Path) -> list[psutil.Process]:
+    """Live processes whose command line names the demo's config beside `db`'s run."""
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            cmd = " ".join(p.info["cmdline"] or ())
+            if "taskvisor-demo-" in cmd and "taskvisor.toml" in cmd and p.status() != psutil.STATUS_ZOMBIE:
+                if str(db) in Path(cmd.split()[-1]).read_text():
+                    found.append(p)
+        except (psutil.Error, OSError):
+            pass
+    return found
+
+
+@pytest.mark.timeout(120)
+def test_demo_runs_every_outcome_and_stops(tmp_path):
+    db = tmp_path / "demo.db"
+    port = free_port()
+    started = time.monotonic()
+    res = subprocess.run([sys.executable, "-c", CODE, "--db", str(db), "--listen", f"127.0.0.1:{port}"],
+                         cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=110)
+    took = time.monotonic() - started
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    assert took < 60, took
+    out = res.stdout
+    assert f"http://127.0.0.1:{port}/" in out
+    assert "offline stand-in" in out and "Summary" in out and "supervisor stopped (exit code 0)" in out
+    summary = out[out.index("Summary"):]
+    for name, outcomes in [("research: failure modes", "rescheduled > succeeded"),
+                           ("fails once, then retried", "error > succeeded"),
+                           ("runs past its time limit", "timeout"),
+                           ("over its memory limit", "memory_limit"),
+                           ("crashes (SIGSEGV)", "crashed"),
+                           ("cancelled on request", "cancelled")]:
+        line = next(l for l in summary.splitlines() if l.startswith(name))
+        assert outcomes in line, line
+    assert not supervisors_of(db), "the demo left its supervisor running"
+
+    with Queue(db, create=False) as queue:
+        tasks = {t.payload["demo"]: queue.get(t.id) for t in queue.list(limit=100)}
+    assert len(tasks) == 17
+    expected = {"runs past its time limit": ("failed", "timeout"),
+                "over its memory limit": ("failed", "memory_limit"),
+                "crashes (SIGSEGV)": ("failed", "crashed"),
+                "cancelled on request": ("cancelled", "cancelled")}
+    for name, task in tasks.items():
+        assert (task.status, task.outcome) == expected.get(name, ("succeeded", "succeeded")), name
+    assert tasks["fails once, then retried"].attempts == 2
+    hog = tasks["over its memory limit"].history[-1]
+    assert hog.peak_rss_bytes and hog.peak_rss_bytes > 100 * 2**20
+    # the workflow: plan, then the steps, then the summary once every step is done
+    plan, summary_task = tasks["research: plan"], tasks["research: summary"]
+    steps = [t for n, t in tasks.items() if n.startswith("research: ") and t not in (plan, summary_task)]
+    assert len(steps) == 4
+    assert all(s.history[0].started_at >= plan.completed_at for s in steps)
+    assert summary_task.started_at >= max(s.completed_at for s in steps)
+    assert summary_task.result["model"] == "offline-stand-in" and summary_task.result["text"]
+    # priorities: the high batch was claimed before the low one
+    high = max(tasks[f"batch high priority #{n}"].started_at for n in (1, 2))
+    low = min(tasks[f"batch low priority #{n}"].started_at for n in (1, 2))
+    assert high <= low
+
+
+@pytest.mark.timeout(120)
+def test_keep_running_until_ctrl_c(tmp_path):
+    db = tmp_path / "kept.db"
+    proc = subprocess.Popen([sys.executable, "-c", CODE, "--db", str(db), "--listen", "",
+                             "--keep-running"], cwd=tmp_path, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "press Ctrl-C" in line:
+                break
+        assert lines and "press Ctrl-C" in lines[-1], "".join(lines)[-3000:]
+        assert supervisors_of(db), "the supervisor should still be running"
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, "".join(lines) + rest
+    assert "supervisor stopped" in rest
+    assert not supervisors_of(db)
+
+
+@pytest.mark.timeout(120)
+def test_demo_uses_a_model_server_when_one_is_configured(tmp_path):
+    db = tmp_path / "llm.db"
+    with FakeOpenAI(Stream(text="notes from a real server " * 5, delay_s=0.02)) as srv:
+        res = subprocess.run([sys.executable, "-c", CODE, "--db", str(db), "--listen", ""],
+                             cwd=tmp_path, env={**env(), "TASKVISOR_LLM__BASE_URL": srv.base_url},
+                             capture_output=True, text=True, timeout=110)
+        assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+        assert f"llm.chat at {srv.base_url}" in res.stdout
+        assert len(srv.requests) == 6  # plan, four steps, summary
+        assert all(r["body"]["stream"] is True for r in srv.requests)
+    with Queue(db, create=False) as queue:
+        research = [t for t in queue.list(limit=100) if t.type == "llm.chat"]
+    assert len(research) == 6 and all(t.status == "succeeded" for t in research)
+    assert all(t.result["usage"]["completion_tokens"] == 25 for t in research)
+
+
+@pytest.mark.timeout(30)
+def test_refuses_an_existing_database(tmp_path):
+    db = tmp_path / "precious.db"
+    db.write_bytes(b"not yours")
+    res = subprocess.run([sys.executable, "-c", CODE, "--db", str(db)], cwd=tmp_path, env=env(),
+                         capture_output=True, text=True, timeout=25)
+    assert res.returncode == 1
+    assert "already exists" in res.stderr and db.read_bytes() == b"not yours"

@@ -1,0 +1,311 @@
+"""A small OpenAI-compatible chat-completions server for tests, on 127.0.0.1 in a thread.
+
+It speaks the wire format the real servers use (`POST /v1/chat/completions`, server-sent
+events `data: {chunk}\\n\\n` ending in `data: [DONE]`, usage in a last chunk when
+`stream_options.include_usage` is set) and is scripted per test: each request takes the
+next queued behaviour, or `default` when the queue is empty. Behaviours: `Stream` (normal
+streaming, optional delays and keep-alive comments), `Status` (429 with Retry-After, 500,
+a 400 with an error JSON), `Stall` (some tokens, then silence), `Malformed` (a body that
+is not the wire format) and `Json` (a non-streaming answer). Every request is recorded.
+The real services cannot be reached from here; this is what the tests talk to.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+@dataclass
+class Stream:
+    text: str = "Hello from the fake model."
+    delay_s: float = 0.0          # between chunks
+    usage: bool = True            # send the usage chunk when the client asked for it
+    prompt_tokens: int = 12
+    finish_reason: str = "stop"
+    ping_every: int = 0           # a `: keep-alive` comment after every N chunks
+    model: str = "fake-model"
+
+
+@dataclass
+class Status:
+    code: int
+    body: str | dict = ""
+    headers: dict = field(default_factory=dict)
+
+
+@dataclass
+class Stall:
+    tokens: int = 2               # chunks sent before going silent
+    hold_s: float = 30.0          # how long the connection stays open and silent
+    ping_every_s: float = 0.0     # keep-alive comments while silent (a stall all the same)
+
+
+@dataclass
+class Malformed:
+    body: str = "data: {\"choices\": [{\"delta\": {\"content\": \"hal\"\n\ndata: nonsense\n\n"
+    content_type: str = "text/event-stream"
+
+
+@dataclass
+class Json:
+    text: str = "Hello, not streamed."
+    prompt_tokens: int = 5
+
+
+def tokens(text: str) -> list[str]:
+    """Split text into word-ish pieces, as a tokenizer would stream them."""
+    out, word = [], ""
+    for ch in text:
+        word += ch
+        if ch == " ":
+            out.append(word)
+            word = ""
+    return out + ([word] if word else [])
+
+
+class FakeOpenAI:
+    """`with FakeOpenAI() as server:` then `server.base_url` (ends in /v1)."""
+
+    def __init__(self, default=None):
+        self.default = default if default is not None else Stream()
+        self.requests: list[dict] = []
+        self._queue: list = []
+        self._lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler_class(self))
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, name="fake-openai",
+                                        kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def script(self, *behaviours) -> None:
+        """Queue behaviours for the next requests, in order."""
+        with self._lock:
+            self._queue.extend(behaviours)
+
+    def reset(self, default=None) -> None:
+        """Forget queued behaviours and recorded requests (a module-scoped server)."""
+        with self._lock:
+            self._queue.clear()
+            self.requests.clear()
+            self.default = default if default is not None else Stream()
+
+    def next(self, body: dict, headers: dict, path: str):
+        with self._lock:
+            self.requests.append({"path": path, "body": body, "headers": headers})
+            return self._queue.pop(0) if self._queue else self.default
+
+    def start(self) -> FakeOpenAI:
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self.stopping.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def __enter__(self) -> FakeOpenAI:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _handler_class(server: FakeOpenAI):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:  # keep test output clean
+            pass
+
+        def do_POST(self) -> None:
+            length = int(self.headers.get("content-length") or 0)
+            raw = self.rfile.read(length)
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                body = {"_raw": raw.decode("utf-8", "replace")}
+            if not self.path.rstrip("/").endswith("/chat/completions"):
+                return self._send(404, {"error": {"message": f"no route {self.path}"}})
+            behaviour = server.next(body, dict(self.headers), self.path)
+            try:
+                self._serve(behaviour, body)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the client gave up (a stall test): expected
+
+        def _serve(self, b, body: dict) -> None:
+            if isinstance(b, Status):
+                return self._send(b.code, b.body, b.headers)
+            if isinstance(b, Malformed):
+                return self._send(200, b.body, {"Content-Type": b.content_type})
+            if isinstance(b, Json):
+                pieces = tokens(b.text)
+                return self._send(200, {
+                    "id": "chatcmpl-fake", "object": "chat.completion", "model": "fake-model",
+                    "choices": [{"index": 0, "finish_reason": "stop",
+                                 "message": {"role": "assistant", "content": b.text}}],
+                    "usage": {"prompt_tokens": b.prompt_tokens, "completion_tokens": len(pieces),
+                              "total_tokens": b.prompt_tokens + len(pieces)}})
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.close_connection = True
+            if isinstance(b, Stall):
+                return self._stall(b)
+            self._stream(b, body)
+
+        def _stream(self, b: Stream, body: dict) -> None:
+            pieces = tokens(b.text)
+            model = body.get("model") or b.model
+            self._event(_chunk(model, {"role": "assistant", "content": ""}))
+            for n, piece in enumerate(pieces, 1):
+                if b.delay_s:
+                    time.sleep(b.delay_s)
+                self._event(_chunk(model, {"content": piece}))
+                if b.ping_every and n % b.ping_every == 0:
+                    self._write(": keep-alive\n\n")
+            self._event(_chunk(model, {}, finish_reason=b.finish_reason))
+            if b.usage and (body.get("stream_options") or {}).get("include_usage"):
+                usage = {"prompt_tokens": b.prompt_tokens, "completion_tokens": len(pieces),
+                         "total_tokens": b.prompt_tokens + len(pieces)}
+                self._event({**_chunk(model, None), "choices": [], "usage": usage})
+            self._write("data: [DONE]\n\n")
+
+        def _stall(self, b: Stall) -> None:
+            self._event(_chunk("fake-model", {"role": "assistant", "content": ""}))
+            for piece in tokens("the stream is about to stall forever")[:b.tokens]:
+                self._event(_chunk("fake-model", {"content": piece}))
+            end = time.monotonic() + b.hold_s
+            while time.monotonic() < end and not server.stopping.is_set():
+                server.stopping.wait(b.ping_every_s or 0.05)
+                if b.ping_every_s:
+                    self._write(": keep-alive\n\n")
+
+        def _event(self, obj: dict) -> None:
+            self._write("data: " + json.dumps(obj) + "\n\n")
+
+        def _write(self, text: str) -> None:
+            self.wfile.write(text.encode())
+            self.wfile.flush()
+
+        def _send(self, code: int, body, headers: dict | None = None) -> None:
+            data = (json.dumps(body) if isinstance(body, dict) else body).encode()
+            self.send_response(code)
+            headers = dict(headers or {})
+            headers.setdefault("Content-Type", "application/json" if isinstance(body, dict)
+                               else "text/plain")
+            for k, v in headers.items():
+                self.send_header(k, str(v))
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+    return Handler
+
+
+def _chunk(model: str, delta: dict | None, finish_reason: str | None = None) -> dict:
+    choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish_reason}]
+    return {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": int(time.time()),
+            "model": model, "choices": choices}
+
+
+# -- a real supervisor for the end-to-end tests of the built-in handlers ---------------------
+# (It belongs in a tests/support module of its own; it lives here until one exists.)
+
+class SupervisorProcess:
+    """`taskvisor run` as a subprocess on a config written to `tmp_path`; use as a context
+    manager (or call stop()). Its log goes to tmp_path/supervisor.log; `log()` reads it."""
+
+    def __init__(self, tmp_path, config_toml: str, env: dict | None = None):
+        import os
+        import sys
+        from pathlib import Path
+        root = Path(__file__).resolve().parents[2]
+        self.tmp_path = Path(tmp_path)
+        self.config_path = self.tmp_path / "taskvisor.toml"
+        self.config_path.write_text(config_toml)
+        self.log_path = self.tmp_path / "supervisor.log"
+        base = {k: v for k, v in os.environ.items() if not k.startswith("TASKVISOR_")}
+        base["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), base.get("PYTHONPATH")]))
+        base.update(env or {})
+        self.env = base
+        self.argv = [sys.executable, "-c",
+                     "import sys; from supervisor.config import load; from supervisor import start; "
+                     "sys.exit(start.run(load(sys.argv[1])))", str(self.config_path)]
+        self.proc = None
+        self._queue = None
+
+    def start(self) -> SupervisorProcess:
+        import subprocess
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(self.argv, cwd=self.tmp_path, env=self.env,
+                                         start_new_session=True, stdin=subprocess.DEVNULL,
+                                         stdout=log, stderr=subprocess.STDOUT)
+        return self
+
+    @property
+    def queue(self):
+        from supervisor.client import Queue
+        if self._queue is None:
+            self._queue = Queue(str(self.config_path))
+        return self._queue
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        from tests.support import wait_until
+
+        def ready():
+            assert self.proc.poll() is None, f"supervisor exited {self.proc.returncode}: {self.log()}"
+            return " ready: " in self.log()
+        wait_until(ready, timeout=timeout, interval=0.05,
+                   message=f"supervisor not ready in {timeout}s")
+
+    def wait(self, task_id: str, timeout: float = 30.0):
+        try:
+            return self.queue.wait(task_id, timeout=timeout)
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}\n--- supervisor log ---\n{self.log()[-6000:]}") from None
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        import signal
+        import subprocess
+        from tests.support import kill_tree
+        if self._queue is not None:
+            self._queue.close()
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                pass
+        kill_tree(self.proc.pid)
+        self.proc.wait()
+
+    def __enter__(self) -> SupervisorProcess:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def supervisor_config(preload: list[str], *, pool_size: int = 2, extra: str = "") -> str:
+    """A config for e2e tests: a database in the config's folder, no HTTP, quick backoff."""
+    mods = ", ".join(json.dumps(m) for m in preload)
+    return (f'[supervisor]\ndatabase = "taskvisor.db"\npool_size = {pool_size}\n'
+            f"preload = [{mods}]\npoll_interval_s = 0.2\nlease_s = 10\nshutdown_grace_s = 2\n"
+            f'kill_grace_s = 1\n\n[defaults]\nbackoff_initial_s = 0.1\nbackoff_max_s = 0.5\n'
+            f'max_attempts = 3\n\n[http]\nlisten = ""\n\n{extra}')
