@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Create the benchmark's own environment, benchmarks/.env (gitignored), with taskvisor
+# (editable, from this checkout) and the peer queues listed in requirements-peers.txt.
+# Then: benchmarks/.env/bin/python benchmarks/store_bench.py [--quick]
+# Re-running it is cheap: it reuses the venv and only installs what is missing.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(dirname "$here")"
+env="$here/.env"
+python="${PYTHON:-python3}"
+
+if [ ! -x "$env/bin/python" ]; then
+    "$python" -m venv "$env"
+fi
+"$env/bin/python" -m pip install --quiet --disable-pip-version-check -e "$repo"
+"$env/bin/python" -m pip install --quiet --disable-pip-version-check -r "$here/requirements-peers.txt"
+"$env/bin/python" - <<'PY'
+from importlib.metadata import version
+print("benchmarks/.env ready:", ", ".join(f"{p} {version(p)}" for p in ("taskvisor", "apsw", "huey", "litequeue")))
+PY
