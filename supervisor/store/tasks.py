@@ -176,7 +176,8 @@ class Store:
             if row is None:
                 return False
             self._end_attempt(db, lease, row[0], row[1], now, end)
-            q.unblock_dependents(db, lease.id)
+            if row[2]:
+                q.unblock_dependents(db, lease.id)
         return True
 
     def _end_attempt(self, db, lease: Lease, started_at, pid, now: float, end: AttemptEnd) -> None:
@@ -296,7 +297,9 @@ class Store:
     def prune(self, before: float) -> int:
         """Delete finished tasks (and their attempts) completed before `before`."""
         with self.conn.write() as db:
-            return q.prune_finished(db, before)
+            n = q.prune_finished(db, before)
+            q.delete_empty_counts(db)
+            return n
 
     # -- reading -------------------------------------------------------------------------
 
