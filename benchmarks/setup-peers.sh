@@ -9,6 +9,11 @@ repo="$(dirname "$here")"
 env="$here/.env"
 python="${PYTHON:-python3}"
 
+# RQ and Celery need a Redis server on 127.0.0.1 (the supervisor benchmark starts its own).
+if ! command -v redis-server >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+fi
+
 if [ ! -x "$env/bin/python" ]; then
     "$python" -m venv "$env"
 fi
@@ -16,5 +21,5 @@ fi
 "$env/bin/python" -m pip install --quiet --disable-pip-version-check -r "$here/requirements-peers.txt"
 "$env/bin/python" - <<'PY'
 from importlib.metadata import version
-print("benchmarks/.env ready:", ", ".join(f"{p} {version(p)}" for p in ("taskvisor", "apsw", "huey", "litequeue")))
+print("benchmarks/.env ready:", ", ".join(f"{p} {version(p)}" for p in ("taskvisor", "apsw", "huey", "litequeue", "rq", "celery")))
 PY
