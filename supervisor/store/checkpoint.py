@@ -4,7 +4,7 @@ Owns moving pages from the WAL into the database file for a process that commits
 (the supervisor). With SQLite's automatic checkpoint, the commit that crosses 1,000 WAL
 pages pays for the checkpoint and its fsync (about 19 ms here); this thread does the same
 work every second instead, PASSIVE so it never waits for or blocks a writer, while the
-hot connection runs with `wal_autocheckpoint=0`. It never writes task state.
+hot connection checkpoints itself only past 10,000 pages. It never writes task state.
 """
 
 from __future__ import annotations

@@ -126,51 +126,20 @@ class Connection:
             )
         return self._db
 
-    @contextlib.contextmanager
-    def write(self) -> Iterator[apsw.Connection]:
+    def write(self, *, savepoint: bool = True) -> "_Write":
         """BEGIN IMMEDIATE … COMMIT; ROLLBACK on any exception, re-raised as StoreError.
 
         Nested inside another write() of this connection it joins the outer transaction,
         so a caller can group several operations into one commit (the supervisor writes
-        a whole pass's outcomes at once)."""
-        db = self.db
-        if self._depth:
-            # A savepoint per nested write: an operation that fails inside a grouped
-            # transaction leaves nothing behind, even when the caller handles the error.
-            self._depth += 1
-            name = f"taskvisor_{self._depth}"
-            try:
-                db.execute(f"SAVEPOINT {name}")
-                yield db
-                db.execute(f"RELEASE {name}")
-            except BaseException as exc:
-                try:
-                    db.execute(f"ROLLBACK TO {name}")
-                    db.execute(f"RELEASE {name}")
-                except apsw.Error:
-                    pass
-                raise _maybe_translate(exc, self.path) from exc
-            finally:
-                self._depth -= 1
-            return
-        try:
-            db.execute("BEGIN IMMEDIATE")
-        except apsw.Error as exc:
-            raise translate(exc, self.path) from exc
-        self._depth = 1
-        try:
-            yield db
-            db.execute("COMMIT")
-        except BaseException as exc:
-            if not db.in_transaction:
-                raise _maybe_translate(exc, self.path) from exc
-            try:
-                db.execute("ROLLBACK")
-            except apsw.Error:
-                pass
-            raise _maybe_translate(exc, self.path) from exc
-        finally:
-            self._depth = 0
+        a whole pass's outcomes at once). A nested write opens a savepoint, so an
+        operation that fails inside a grouped transaction leaves nothing behind even when
+        the caller handles the error; `savepoint=False` skips it for an operation whose
+        only write is one statement (SQLite undoes a failed statement by itself).
+
+        A class rather than @contextmanager: it runs two or three times per supervisor
+        pass; the generator machinery and the claim's savepoint were about a tenth of a
+        claim + complete cycle (benchmarks/store_bench.py)."""
+        return _Write(self, savepoint)
 
     @contextlib.contextmanager
     def read(self) -> Iterator[apsw.Connection]:
@@ -202,6 +171,87 @@ class Connection:
         if self._forked or os.getpid() != self._pid:
             return
         self._db.close()
+
+
+class _Write:
+    """The context manager of Connection.write() (see there)."""
+
+    __slots__ = ("conn", "savepoint", "db", "name")
+
+    def __init__(self, conn: Connection, savepoint: bool):
+        self.conn = conn
+        self.savepoint = savepoint
+        self.name = None
+
+    def __enter__(self) -> apsw.Connection:
+        conn = self.conn
+        if conn._depth:
+            # Joining the open transaction: the pid was checked when it began; a child
+            # forked in the middle of it has _forked set (and .db raises there).
+            db = self.db = conn.db if conn._forked else conn._db
+            conn._depth += 1
+            if self.savepoint:
+                self.name = f"taskvisor_{conn._depth}"
+                try:
+                    db.execute(f"SAVEPOINT {self.name}")
+                except BaseException as exc:
+                    conn._depth -= 1
+                    raise _maybe_translate(exc, conn.path) from exc
+            return db
+        db = self.db = conn.db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except apsw.Error as exc:
+            raise translate(exc, conn.path) from exc
+        conn._depth = 1
+        return db
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        conn, db = self.conn, self.db
+        if conn._depth > 1:
+            try:
+                if self.name is not None:
+                    if exc is None:
+                        try:
+                            db.execute(f"RELEASE {self.name}")
+                        except BaseException as err:
+                            exc = err
+                    if exc is not None:
+                        try:
+                            db.execute(f"ROLLBACK TO {self.name}")
+                            db.execute(f"RELEASE {self.name}")
+                        except apsw.Error:
+                            pass
+            finally:
+                conn._depth -= 1
+            if exc is None:
+                return False
+            if isinstance(exc, apsw.Error):
+                raise translate(exc, conn.path) from exc
+            if exc_type is None:  # RELEASE failed with something other than apsw.Error
+                raise exc
+            return False
+        try:
+            if exc is None:
+                try:
+                    db.execute("COMMIT")
+                    return False
+                except BaseException as err:
+                    exc = err
+                    if not db.in_transaction:
+                        raise _maybe_translate(exc, conn.path) from exc
+            if db.in_transaction:
+                try:
+                    db.execute("ROLLBACK")
+                except apsw.Error:
+                    pass
+            if isinstance(exc, apsw.Error):
+                raise translate(exc, conn.path) from exc
+            if exc_type is None:
+                raise exc
+            return False
+        finally:
+            conn._depth = 0
 
 
 def _maybe_translate(exc: BaseException, path: str) -> BaseException:

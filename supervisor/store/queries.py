@@ -81,30 +81,65 @@ def sum_reserved_mb(db: apsw.Connection) -> int:
 # as "$x" (or "") as a JSON path and make the whole claim fail.
 _DECLARED_MB = ("coalesce(memory_mb, (SELECT j.value FROM json_each(:type_mb) AS j "
                 "WHERE j.key = tasks.type), :default_mb)")
+_DEFAULT_MB = "coalesce(memory_mb, :default_mb)"  # the same when no type declares memory
 
-CLAIM_SQL = f"""
+
+def _claim_sql(capped: bool, budget: bool, typed: bool) -> str:
+    """The claim statement, without the clauses that cannot exclude anything: no type at
+    its cap, no memory budget, no per-type memory. Each variant is one prepared statement
+    in apsw's cache; the full one is CLAIM_SQL."""
+    declared = _DECLARED_MB if typed else _DEFAULT_MB
+    where = ["status = 'queued'", "run_after <= :now"]
+    if capped:
+        where.append("type NOT IN (SELECT value FROM json_each(:full_types))")
+    if budget:
+        where.append(f"{declared} <= :free_mb")
+    return f"""
 UPDATE tasks SET status = 'running', attempts = attempts + 1, lease_owner = :owner,
-       lease_expires_at = :now + :lease_s, started_at = :now, reserved_mb = {_DECLARED_MB},
+       lease_expires_at = :now + :lease_s, started_at = :now, reserved_mb = {declared},
        pid = NULL, pid_started_at = NULL, progress = NULL, progress_message = NULL
 WHERE id = (
     SELECT id FROM tasks INDEXED BY tasks_claim
-    WHERE status = 'queued' AND run_after <= :now
-      AND type NOT IN (SELECT value FROM json_each(:full_types))
-      AND {_DECLARED_MB} <= :free_mb
+    WHERE {' AND '.join(where)}
     ORDER BY priority DESC, id
     LIMIT 1)
 RETURNING {T}
 """
 
 
+CLAIM_SQL = _claim_sql(True, True, True)
+# No cap reached, no budget, no per-type memory, with numbered parameters:
+# ?1 owner, ?2 now, ?3 lease_s, ?4 default_mb.
+_CLAIM_PLAIN = (_claim_sql(False, False, False).replace(":owner", "?1").replace(":now", "?2")
+                .replace(":lease_s", "?3").replace(":default_mb", "?4"))
+_CLAIM_VARIANTS = {(c, b, t): _claim_sql(c, b, t)
+                   for c in (False, True) for b in (False, True) for t in (False, True)}
+
+
 def claim_task(db: apsw.Connection, *, owner: str, now: float, lease_s: float,
-               full_types: list[str], free_mb: float, type_mb: dict[str, int],
+               full_types: list[str], free_mb: float | None, type_mb: str | dict[str, int],
                default_mb: int) -> Task | None:
-    """Lease the next due queued task whose type is not at its cap and whose memory fits."""
-    row = _one(db.execute(CLAIM_SQL, {
-        "owner": owner, "now": now, "lease_s": lease_s, "full_types": json.dumps(full_types),
-        "free_mb": free_mb, "type_mb": json.dumps(type_mb), "default_mb": default_mb}))
-    return Task.from_row(row) if row else None
+    """Lease the next due queued task whose type is not at its cap and whose memory fits.
+
+    `free_mb` None: no memory budget. `type_mb` may come already as JSON text (the store
+    caches it: the same few types on every claim)."""
+    if not isinstance(type_mb, str):
+        type_mb = json.dumps(type_mb)
+    typed = type_mb != "{}"
+    if full_types or free_mb is not None or typed:
+        args = {"owner": owner, "now": now, "lease_s": lease_s, "default_mb": default_mb}
+        if full_types:
+            args["full_types"] = json.dumps(full_types)
+        if free_mb is not None:
+            args["free_mb"] = free_mb
+        if typed:
+            args["type_mb"] = type_mb
+        cursor = db.execute(_CLAIM_VARIANTS[bool(full_types), free_mb is not None, typed], args)
+    else:  # the common case, bound by position (cheaper than a dict)
+        cursor = db.execute(_CLAIM_PLAIN, (owner, now, lease_s, default_mb))
+    for row in cursor:
+        return Task.from_row(row)
+    return None
 
 
 def insert_attempt(db: apsw.Connection, lease, *, started_at: float | None, now: float, end,
@@ -151,11 +186,15 @@ def select_cancel_requested(db: apsw.Connection, owner: str) -> list[str]:
 def complete_task(db: apsw.Connection, lease, now: float, result: str | None) -> tuple | None:
     """Mark succeeded; returns (started_at, pid, has_dependents) of the attempt, or None
     when not leased."""
-    return _one(db.execute(
-        f"UPDATE tasks SET status = 'succeeded', completed_at = :now, result = :result, "
-        f"error = NULL, outcome = 'succeeded', lease_owner = NULL, lease_expires_at = NULL, "
-        f"reserved_mb = 0, progress = 1.0 WHERE {_FENCE} RETURNING started_at, pid, has_dependents",
-        {"now": now, "result": result, **_lease(lease)}))
+    # Positional parameters: binding a tuple costs less than a dict, on the hot path.
+    for row in db.execute(
+            "UPDATE tasks SET status = 'succeeded', completed_at = ?, result = ?, "
+            "error = NULL, outcome = 'succeeded', lease_owner = NULL, lease_expires_at = NULL, "
+            "reserved_mb = 0, progress = 1.0 WHERE id = ? AND attempts = ? AND lease_owner = ? "
+            "AND status = 'running' RETURNING started_at, pid, has_dependents",
+            (now, result, lease.id, lease.attempt, lease.owner)):
+        return row
+    return None
 
 
 def requeue_task(db: apsw.Connection, lease, *, run_after: float, refund: bool,
@@ -272,9 +311,16 @@ def retry_task(db: apsw.Connection, task_id: str, now: float, status: str) -> bo
 
 
 def prune_finished(db: apsw.Connection, before: float) -> int:
-    db.execute("DELETE FROM tasks WHERE completed_at < ? "
-               "AND status IN ('succeeded','failed','cancelled')", (before,))
-    return db.changes()
+    """Delete finished tasks completed before `before`: succeeded ones found through their
+    succeeded attempt (attempts_ended: complete() ends it at the task's completed_at),
+    failed and cancelled ones through the partial index tasks_finished (migration 0004)."""
+    db.execute("DELETE FROM tasks WHERE id IN (SELECT task_id FROM attempts "
+               "WHERE ended_at < :before AND outcome = 'succeeded') "
+               "AND status = 'succeeded' AND completed_at < :before", {"before": before})
+    n = db.changes()
+    db.execute("DELETE FROM tasks WHERE status IN ('failed','cancelled') AND completed_at < ?",
+               (before,))
+    return n + db.changes()
 
 
 # -- reading ---------------------------------------------------------------------------

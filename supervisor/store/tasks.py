@@ -25,8 +25,6 @@ from supervisor.store.migrate import migrate as _migrate
 from supervisor.store.rows import (
     Attempt, AttemptEnd, FINAL, Lease, NewTask, Outcome, Stats, Status, Task)
 
-NO_LIMIT_MB = 1 << 50
-
 
 class Store:
     """Task state in one SQLite file. One instance per process and thread.
@@ -46,9 +44,15 @@ class Store:
         if migrate:
             _migrate(self.conn)
         self.checkpointer = None
+        self._type_mb_cache: tuple[tuple, str] | None = None
         if background_checkpoints:
             # Call from the thread that owns this Store, after any fork it is to survive.
-            self.conn.db.execute("PRAGMA wal_autocheckpoint=0")
+            # The thread checkpoints every second; the commit itself only does so past
+            # 10,000 pages (40 MB), the safety net for a writer that never pauses (a
+            # PASSIVE checkpoint from another connection never catches up with it, and the
+            # WAL would grow without end). The file is truncated back to 64 MB after.
+            self.conn.db.execute("PRAGMA wal_autocheckpoint=10000")
+            self.conn.db.execute(f"PRAGMA journal_size_limit={64 * 1024 * 1024}")
             self.checkpointer = Checkpointer(self.path, busy_timeout_s=busy_timeout_s)
             self.checkpointer.start()
 
@@ -140,16 +144,28 @@ class Store:
         `type_memory_mb`, else `default_memory_mb`) exceeds `memory_budget_mb` minus
         what running tasks reserved.
         """
-        caps = caps or {}
-        with self.conn.write() as db:
-            running = q.count_running_by_type(db, list(caps)) if caps else {}
-            full = [t for t, cap in caps.items() if running.get(t, 0) >= cap]
-            free = (NO_LIMIT_MB if memory_budget_mb is None
-                    else memory_budget_mb - q.sum_reserved_mb(db))
-            task = q.claim_task(db, owner=owner, now=now, lease_s=lease_s, full_types=full,
-                                free_mb=free, type_mb={k: v for k, v in (type_memory_mb or {}).items() if v},
+        # One statement writes: no savepoint needed inside a grouped transaction.
+        with self.conn.write(savepoint=False) as db:
+            if caps:
+                running = q.count_running_by_type(db, list(caps))
+                full = [t for t, cap in caps.items() if running.get(t, 0) >= cap]
+            else:
+                full = []
+            free = None if memory_budget_mb is None else memory_budget_mb - q.sum_reserved_mb(db)
+            return q.claim_task(db, owner=owner, now=now, lease_s=lease_s, full_types=full,
+                                free_mb=free, type_mb=self._type_mb_json(type_memory_mb),
                                 default_mb=default_memory_mb or 0)
-        return task
+
+    def _type_mb_json(self, type_memory_mb: dict[str, int] | None) -> str:
+        """{type: MB} of the types that declare memory, as JSON; cached on its content (a
+        supervisor passes the same config on every claim)."""
+        if not type_memory_mb:
+            return "{}"
+        key = tuple(type_memory_mb.items())
+        cached = self._type_mb_cache
+        if cached is None or cached[0] != key:
+            cached = self._type_mb_cache = (key, json.dumps({k: v for k, v in key if v}))
+        return cached[1]
 
     def set_pid(self, lease: Lease, pid: int, pid_started_at: float) -> bool:
         with self.conn.write() as db:

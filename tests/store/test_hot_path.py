@@ -1,0 +1,213 @@
+"""The claim + complete hot path: what the speed-ups of its statements must not change.
+
+Claim statement variants (clauses that cannot exclude anything are left out), the cached
+JSON of per-type memory, Task rows built without the dataclass __init__, the claim's
+savepoint-free nesting, and prune finding succeeded tasks through their attempts since
+migration 0004 took them out of tasks_finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import pytest
+
+from supervisor.errors import ForkedConnection, NotFound
+from supervisor.policy import Backoff
+from supervisor.store import Status, Store, Task
+from supervisor.store import queries as q
+from tests.store.factory import LEASE_S, T0, error, new, ok
+
+BACKOFF = Backoff(initial_s=1.0, max_s=60.0)
+
+
+def plan(store: Store, sql: str, params) -> list[str]:
+    return [row[3] for row in store.conn.db.execute("EXPLAIN QUERY PLAN " + sql, params)]
+
+
+def fill_and_analyse(store: Store, n: int = 2000) -> None:
+    store.enqueue_many([new(type=f"t{i % 7}", priority=i % 5) for i in range(n)], T0)
+    for i in range(n // 2):
+        task = store.claim("o", T0 + i, lease_s=LEASE_S)
+        if i % 10:
+            store.complete(task.lease, ok(), T0 + i)
+        else:
+            store.fail(task.lease, error(retryable=False), T0 + i, BACKOFF)
+    store.conn.db.execute("ANALYZE")
+
+
+# -- claim variants -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key", sorted(q._CLAIM_VARIANTS))
+def test_every_claim_variant_uses_the_partial_index_and_never_sorts(store, key):
+    fill_and_analyse(store)
+    capped, budget, typed = key
+    params = {"owner": "o", "now": T0, "lease_s": LEASE_S, "default_mb": 0,
+              "full_types": json.dumps(["t1"]), "free_mb": 1000, "type_mb": json.dumps({"t2": 10})}
+    lines = plan(store, q._CLAIM_VARIANTS[key], params)
+    assert any("INDEX tasks_claim" in line for line in lines), lines
+    assert not any("TEMP B-TREE" in line for line in lines), lines
+    assert not any(line.startswith("SCAN tasks") and "tasks_claim" not in line for line in lines), lines
+
+
+def test_the_positional_plain_claim_uses_the_partial_index_and_never_sorts(store):
+    fill_and_analyse(store)
+    lines = plan(store, q._CLAIM_PLAIN, ("o", T0, LEASE_S, 0))
+    assert any("INDEX tasks_claim" in line for line in lines), lines
+    assert not any("TEMP B-TREE" in line for line in lines), lines
+    assert ":" not in q._CLAIM_PLAIN.split("RETURNING")[0], "a named parameter left behind"
+
+
+def test_the_full_variant_is_claim_sql():
+    assert q._CLAIM_VARIANTS[True, True, True] == q.CLAIM_SQL
+
+
+def test_without_budget_or_caps_memory_is_still_reserved(store):
+    """The lean statement (no budget, no caps) still records what a task declared, so a
+    supervisor with a budget sharing the file counts it."""
+    a = store.enqueue(new(type="big"), T0)
+    b = store.enqueue(new(type="other", memory_mb=5), T0)
+    c = store.enqueue(new(type="other"), T0)
+    got = {t.id: t.reserved_mb for t in
+           (store.claim("o", T0, lease_s=LEASE_S, type_memory_mb={"big": 300}, default_memory_mb=7)
+            for _ in range(3))}
+    assert got == {a: 300, b: 5, c: 7}
+
+
+def test_type_memory_cache_follows_the_content_of_the_dict(store):
+    sizes = {"t": 100}
+    first = store.enqueue(new(type="t"), T0)
+    second = store.enqueue(new(type="t"), T0)
+    assert store.claim("o", T0, lease_s=LEASE_S, type_memory_mb=sizes).reserved_mb == 100
+    sizes["t"] = 250  # the same dict object, changed: the cache must not serve the old JSON
+    task = store.claim("o", T0, lease_s=LEASE_S, type_memory_mb=sizes)
+    assert (task.id, task.reserved_mb) == (second, 250)
+    assert store.get(first).reserved_mb == 100
+
+
+def test_budget_and_caps_still_exclude_with_the_cached_json(store):
+    store.enqueue(new(type="big"), T0)
+    small = store.enqueue(new(type="small"), T0)
+    kw = {"memory_budget_mb": 200, "type_memory_mb": {"big": 300, "small": 50}}
+    assert store.claim("o", T0, lease_s=LEASE_S, **kw).id == small
+    assert store.claim("o", T0, lease_s=LEASE_S, **kw) is None
+
+
+# -- rows ----------------------------------------------------------------------------------
+
+def test_task_from_row_equals_the_dataclass_built_the_usual_way(store):
+    task_id = store.enqueue(new(payload={"k": [1, 2]}, priority=3), T0)
+    claimed = store.claim("sup", T0, lease_s=LEASE_S)
+    row = q.select_task(store.conn.db, task_id)
+    values = list(row)
+    values[2], values[4], values[19], values[22] = (
+        json.loads(values[2]), Status(values[4]), bool(values[19]), None)
+    usual = Task(*values, depends_on=("x",))
+    fast = Task.from_row(row, ("x",))
+    assert fast == usual and fast == dataclasses.replace(claimed, depends_on=("x",))
+    assert fast.status is Status.RUNNING and fast.payload == {"k": [1, 2]}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.status = Status.QUEUED  # type: ignore[misc]
+    assert dataclasses.asdict(fast)["priority"] == 3
+
+
+# -- grouping ------------------------------------------------------------------------------
+
+def test_claim_in_a_grouped_transaction_commits_with_it_and_rolls_back_with_it(store):
+    store.enqueue_many([new(), new()], T0)
+    with store.transaction():
+        first = store.claim("o", T0, lease_s=LEASE_S)
+    with pytest.raises(RuntimeError), store.transaction():
+        store.complete(first.lease, ok(), T0)
+        store.claim("o", T0, lease_s=LEASE_S)
+        raise RuntimeError("the pass failed")
+    assert store.get(first.id).status is Status.RUNNING
+    assert [t.status for t in store.list(status="queued")] == [Status.QUEUED]
+    assert store.conn._depth == 0 and not store.conn.db.in_transaction
+
+
+def test_a_claim_error_inside_a_grouped_transaction_keeps_the_other_operations(store):
+    done = store.enqueue(new(), T0)
+    store.enqueue(new(), T0)
+    task = store.claim("o", T0, lease_s=LEASE_S)
+    assert task.id == done
+    with store.transaction():
+        store.complete(task.lease, ok(), T0)
+        with pytest.raises(TypeError):
+            store.claim("o", T0, lease_s=LEASE_S, caps={"t": "not a number"})
+    assert store.get(done).status is Status.SUCCEEDED
+    assert store.conn._depth == 0
+
+
+def test_a_child_forked_inside_a_transaction_cannot_join_it(store):
+    store.enqueue(new(), T0)
+    with store.transaction():
+        pid = os.fork()
+        if pid == 0:  # the child: every nested write must refuse the inherited connection
+            code = 1
+            try:
+                store.claim("child", T0, lease_s=LEASE_S)
+            except ForkedConnection:
+                code = 0
+            except BaseException:  # noqa: BLE001 - anything else is the bug
+                code = 2
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert store.claim("parent", T0, lease_s=LEASE_S) is not None
+
+
+# -- prune since 0004 ----------------------------------------------------------------------
+
+def test_tasks_finished_holds_only_failed_and_cancelled_tasks(store):
+    (sql,) = store.conn.db.execute(
+        "SELECT sql FROM sqlite_master WHERE name = 'tasks_finished'").fetchall()[0]
+    assert "WHERE status IN ('failed','cancelled')" in sql
+
+
+def test_prune_of_a_task_that_failed_then_succeeded(store):
+    task_id = store.enqueue(new(max_attempts=3), T0)
+    assert store.fail(store.claim("o", T0, lease_s=LEASE_S).lease, error(), T0 + 1, BACKOFF) is Status.QUEUED
+    store.complete(store.claim("o", T0 + 100, lease_s=LEASE_S).lease, ok(), T0 + 100)
+    assert store.prune(T0 + 50) == 0  # an attempt ended before the cutoff, the task after it
+    assert store.prune(T0 + 101) == 1
+    assert store.conn.db.execute("SELECT count(*) FROM attempts").fetchall()[0][0] == 0
+    with pytest.raises(NotFound):
+        store.get(task_id)
+
+
+def test_prune_of_cancelled_and_dependency_failed_tasks_without_attempts(store):
+    cancelled = store.enqueue(new(), T0)
+    store.cancel(cancelled, T0 + 1)
+    parent = store.enqueue(new(max_attempts=1), T0)
+    child = store.enqueue(new(depends_on=[parent]), T0)
+    store.fail(store.claim("o", T0, lease_s=LEASE_S).lease, error(), T0 + 2, BACKOFF)
+    assert {store.get(i).status for i in (cancelled, parent, child)} == {Status.CANCELLED, Status.FAILED}
+    assert store.prune(T0 + 3) == 3
+    assert store.list() == []
+
+
+def test_prune_statements_use_indexes(store):
+    fill_and_analyse(store)
+    for line in plan(store, _prune_sql()[0], {"before": T0 + 10}) + \
+            plan(store, _prune_sql()[1], (T0 + 10,)):
+        assert not line.startswith("SCAN"), line
+
+
+def _prune_sql() -> tuple[str, str]:
+    """The two statements of queries.prune_finished, captured as it runs them."""
+    seen = []
+
+    class Spy:
+        def execute(self, sql, args=()):
+            seen.append(sql)
+            return iter(())
+
+        def changes(self):
+            return 0
+
+    q.prune_finished(Spy(), T0)
+    assert len(seen) == 2
+    return seen[0], seen[1]
