@@ -3,7 +3,8 @@ and the classification of how each one ended.
 
 Owns reading report messages, `terminate` (TERM to the process group) and `kill` (KILL to the
 group and to every descendant psutil finds, since a grandchild that called setsid()
-escapes killpg), and turning an exit status plus messages into an `AttemptEnd`. It never
+escapes killpg), a task process's start time (`start_time`, the number `kill_leftover`
+compares), and turning an exit status plus messages into an `AttemptEnd`. It never
 touches the database and never imports user code.
 """
 
@@ -163,6 +164,34 @@ def kill_leftover(pid: int | None, started_at: float | None) -> bool:
             pass
     psutil.wait_procs(procs, timeout=2)
     return True
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_boot: list[float] = [0.0, -1e9]  # [boot time (epoch s), when it was read (monotonic)]
+
+
+def start_time(pid: int) -> float | None:
+    """The process's start time as psutil's `Process(pid).create_time()` gives it (what
+    `kill_leftover` compares), from one read of /proc/<pid>/stat: boot time plus the
+    starttime field over clock ticks. psutil re-reads the boot time and the stat file
+    twice per call; this keeps the boot time for 10 s. None when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        try:  # not Linux
+            return psutil.Process(pid).create_time()
+        except psutil.Error:
+            return None
+    mono = time.monotonic()
+    if mono - _boot[1] > 10.0:
+        _boot[:] = [psutil.boot_time(), mono]
+    # Fields after the command name in parentheses (which may hold spaces): starttime
+    # is field 22 of the line, the 20th after the ")".
+    ticks = int(data[data.rfind(b")") + 2:].split()[19])
+    return ticks / _CLOCK_TICKS + _boot[0]
 
 
 def describe_status(status: int) -> str:

@@ -1,11 +1,11 @@
 """The fork servers, seen from the supervisor: the process handle and its generations.
 
 Owns starting a fork server (`python -m workers.zygote`, a fresh interpreter that
-imports the preload modules), the spawn request (a report pipe and a memfd holding the
-task spec, passed as file descriptors, so a spec of any size crosses), its events, and
-the generations: the current server, the retiring ones that keep running their tasks
-after a reload, and the restart backoff after a crash. It never imports user code and
-never touches the database.
+imports the preload modules), the spawn request (the report pipe passed as a file
+descriptor, the task spec in the same packet, or in a memfd when it is too big for one,
+so a spec of any size crosses), its events, and the generations: the current server,
+the retiring ones that keep running their tasks after a reload, and the restart backoff
+after a crash. It never imports user code and never touches the database.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import time
 from supervisor.children import describe_status
 
 MAX_PACKET = 65536
+INLINE_SPEC_MAX = 60000  # bytes; a bigger spec goes in a memfd (the packet limit is 64 KiB)
 
 
 class ForkServerError(Exception):
@@ -89,19 +90,30 @@ class ForkServer:
     def spawn(self, key: str, spec: dict) -> int:
         """Ask for one task process; returns the read end of its report pipe. The pid
         comes later in a "spawned" event."""
+        head = json.dumps({"op": "spawn", "key": key}).encode()
+        body = json.dumps(spec, separators=(",", ":"), ensure_ascii=False).encode()
         report_r, report_w = os.pipe()
-        spec_fd = _spec_file(json.dumps(spec, separators=(",", ":"), ensure_ascii=False).encode())
+        fds = [report_w]
+        if len(body) <= INLINE_SPEC_MAX:
+            packet = head + b"\n" + body
+        else:
+            packet = head
+            fds.append(_spec_file(body))
         try:
-            self.sock.setblocking(True)
-            socket.send_fds(self.sock, [json.dumps({"op": "spawn", "key": key}).encode()],
-                            [report_w, spec_fd])
+            try:  # the socket stays non-blocking: the packet nearly always fits at once
+                socket.send_fds(self.sock, [packet], fds)
+            except BlockingIOError:
+                self.sock.setblocking(True)
+                try:
+                    socket.send_fds(self.sock, [packet], fds)
+                finally:
+                    self.sock.setblocking(False)
         except OSError:
             os.close(report_r)
             raise
         finally:
-            self.sock.setblocking(False)
-            os.close(report_w)
-            os.close(spec_fd)
+            for fd in fds:
+                os.close(fd)
         os.set_blocking(report_r, False)
         return report_r
 

@@ -21,7 +21,8 @@ from collections.abc import Callable
 import psutil
 
 from supervisor import __version__, policy
-from supervisor.children import Child, classify, kill, kill_group, kill_orphans, terminate
+from supervisor.children import (Child, classify, kill, kill_group, kill_orphans, start_time,
+                                 terminate)
 from supervisor.forkserver import ForkServer, ForkServerError, ForkServers, handlers_of
 from supervisor.recovery import Recovery
 from supervisor.config import Config, load
@@ -267,10 +268,7 @@ class Supervisor:
                 return
             child.pid = msg["pid"]
             self.by_pid[child.pid] = child
-            try:
-                child.pid_started_at = psutil.Process(child.pid).create_time()
-            except psutil.Error:
-                child.pid_started_at = None
+            child.pid_started_at = start_time(child.pid)
             self.pending_pids.append(child)
         elif op == "exited":
             child = self.by_pid.get(msg["pid"])
@@ -382,7 +380,7 @@ class Supervisor:
                                 "is given back", mono, grace=sup.kill_grace_s)
 
     def sample_memory(self, child: Child, mono: float) -> None:
-        rss = self.watchdog.rss_bytes(child.pid, mono)
+        rss = self.watchdog.rss_bytes(child.pid, mono, child.spawned_mono)
         if rss is None:
             return
         child.peak_rss = max(child.peak_rss, rss)

@@ -2,27 +2,36 @@
 
 Owns measuring memory of running tasks (the task process plus every descendant, so a
 subprocess or a multiprocessing pool counts against its task) and naming the ones over
-their limit. The tree is walked at most once a second per task; the members' RSS is read
-at every sample (4+ times a second). It never sends a signal: the loop decides.
+their limit. The tree is walked at most once a second per task, and not at all in a task's
+first second (a walk reads all of /proc; most tasks are over by then), when only the
+task process's own RSS is read; the members' RSS is read at every sample (4+ times a
+second). It never sends a signal: the loop decides.
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 import psutil
 
 TREE_REFRESH_S = 1.0
+TREE_AFTER_S = 1.0  # a task younger than this is measured alone
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 class Watchdog:
     def __init__(self) -> None:
         self._trees: dict[int, tuple[float, list[psutil.Process]]] = {}
 
-    def rss_bytes(self, pid: int, now_mono: float | None = None) -> int | None:
-        """Total RSS of `pid` and its descendants; None when the process is gone."""
+    def rss_bytes(self, pid: int, now_mono: float | None = None,
+                  started_mono: float | None = None) -> int | None:
+        """Total RSS of `pid` and its descendants (of `pid` alone in the first
+        TREE_AFTER_S after `started_mono`); None when the process is gone."""
         now_mono = time.monotonic() if now_mono is None else now_mono
         entry = self._trees.get(pid)
+        if entry is None and started_mono is not None and now_mono - started_mono < TREE_AFTER_S:
+            return _own_rss(pid)
         try:
             if entry is None or now_mono - entry[0] >= TREE_REFRESH_S:
                 root = entry[1][0] if entry else psutil.Process(pid)
@@ -47,3 +56,17 @@ class Watchdog:
 
     def forget(self, pid: int) -> None:
         self._trees.pop(pid, None)
+
+
+def _own_rss(pid: int) -> int | None:
+    """RSS of one process from /proc/<pid>/statm (psutil's figure, without a Process)."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except FileNotFoundError:
+        return None
+    except OSError:  # not Linux
+        try:
+            return psutil.Process(pid).memory_info().rss
+        except psutil.Error:
+            return None

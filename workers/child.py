@@ -9,7 +9,6 @@ leaves with os._exit) and never write task state anywhere but the pipe.
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import json
 import logging
@@ -36,49 +35,81 @@ class Reporter:
     def send(self, kind: str, **fields) -> None:
         line = json.dumps({"kind": kind, **fields}, separators=(",", ":"),
                           ensure_ascii=False, default=str) + "\n"
-        data = line.encode()
+        self.write(line.encode())
+
+    def write(self, data: bytes) -> None:
+        """Write one whole, newline-terminated message."""
         while data:
             data = data[os.write(self.fd, data):]
 
 
-def run(spec_fd: int, report_fd: int, parent_pid: int, keep_fds: tuple[int, ...] = ()) -> None:
-    """Entry point in the forked child; never returns."""
+def run(spec: dict | bytes | int, report_fd: int, parent_pid: int,
+        keep_fds: tuple[int, ...] = ()) -> None:
+    """Entry point in the forked child; never returns. `spec` is the spec (parsed by the
+    fork server before the fork, so the task process does not pay for it), its JSON text,
+    or a descriptor to read it from (a memfd, for a spec too big for one packet)."""
     code = proto.EXIT_BOOT_ERROR
     try:
-        # A TERM (timeout, cancel, shutdown) that arrives during set-up waits until the
-        # handler runs inside its try block, where it becomes TaskCancelled.
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-        os.setpgid(0, 0)
-        set_parent_death_signal(signal.SIGKILL)
-        if os.getppid() != parent_pid:
-            os._exit(proto.EXIT_PARENT_GONE)
-        _reset_signals()
-        os.set_inheritable(report_fd, False)
-        _close_fds_except({0, 1, 2, spec_fd, report_fd, *keep_fds})
-        spec = json.loads(_read_all(spec_fd))
-        os.close(spec_fd)
-        reporter = Reporter(report_fd)
-        _setup_logging(spec)
-        try:
-            apply(Limits.from_dict(spec.get("limits") or {}))
-        except LimitError as exc:
-            reporter.send(proto.ERROR, type="LimitError", message=str(exc), traceback="",
-                          retryable=False, outcome="crashed")
-            os._exit(proto.EXIT_BOOT_ERROR)
-        reporter.send(proto.READY, pid=os.getpid())
-        code = _run_handler(spec, reporter)
+        prepare(parent_pid, keep_fds=(report_fd, *((spec,) if isinstance(spec, int) else ()),
+                                      *keep_fds))
+        code = start(spec, report_fd)
     except BaseException:  # set-up failed: say so on stderr, exit with the boot code
-        try:
-            traceback.print_exc()
-        except BaseException:
-            pass
+        _print_exc()
     finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        except BaseException:
-            pass
-        os._exit(code)
+        _leave(code)
+
+
+def prepare(parent_pid: int, keep_fds: tuple[int, ...] = ()) -> None:
+    """The set-up that needs no spec, right after fork: its own process group, the
+    parent-death signal, the fork server's signal handling undone, other descriptors
+    closed. Raises on failure; exits at once if the fork server is already gone."""
+    # A TERM (timeout, cancel, shutdown) that arrives during set-up waits until the
+    # handler runs inside its try block, where it becomes TaskCancelled.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    os.setpgid(0, 0)
+    set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != parent_pid:
+        os._exit(proto.EXIT_PARENT_GONE)
+    _reset_signals()
+    _close_fds_except({0, 1, 2, *keep_fds})
+
+
+def start(spec: dict | bytes | int, report_fd: int) -> int:
+    """Read the spec, apply its limits, report ready, run the handler; the exit code.
+    Runs after `prepare`; raises if set-up fails before the handler."""
+    os.set_inheritable(report_fd, False)
+    if isinstance(spec, int):
+        data = _read_all(spec)
+        os.close(spec)
+        spec = data
+    if not isinstance(spec, dict):
+        spec = json.loads(spec)
+    reporter = Reporter(report_fd)
+    _setup_logging(spec)
+    try:
+        apply(Limits.from_dict(spec.get("limits") or {}))
+    except LimitError as exc:
+        reporter.send(proto.ERROR, type="LimitError", message=str(exc), traceback="",
+                      retryable=False, outcome="crashed")
+        return proto.EXIT_BOOT_ERROR
+    reporter.write(b'{"kind":"%s","pid":%d}\n' % (proto.READY.encode(), os.getpid()))
+    return _run_handler(spec, reporter)
+
+
+def _print_exc() -> None:
+    try:
+        traceback.print_exc()
+    except BaseException:
+        pass
+
+
+def _leave(code: int) -> None:
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BaseException:
+        pass
+    os._exit(code)
 
 
 def _run_handler(spec: dict, reporter: Reporter) -> int:
@@ -105,6 +136,7 @@ def _run_handler(spec: dict, reporter: Reporter) -> int:
             return proto.EXIT_OK
         result = handler(task["payload"], ctx)
         if inspect.isawaitable(result):
+            import asyncio  # not at the top: with ssl it is MiBs that every fork would copy
             result = asyncio.run(_await(result))
         _send_result(reporter, result, spec.get("max_result_bytes", 1 << 20))
     except Retry as exc:
@@ -150,7 +182,9 @@ def _send_result(reporter: Reporter, result, limit: int) -> None:
                       f"{limit}-byte limit ([supervisor] max_result_bytes); store large output "
                       "in a file and return its path")
         return
-    reporter.send(proto.RESULT, result=text)
+    # One dumps, not two: the line is {"kind":"result","result":<the text as a string>}.
+    reporter.write(b'{"kind":"%s","result":%s}\n' % (
+        proto.RESULT.encode(), json.dumps(text, ensure_ascii=False).encode()))
 
 
 def _reset_signals() -> None:
@@ -202,11 +236,13 @@ class _TaskFormatter(logging.Formatter):
 
 
 _handler: logging.Handler | None = None
+_level: str | None = None
 
 
-def setup_logging(fmt_json: bool, level: str) -> None:
-    """Called once in the fork server, so a task process only fills in its task's fields."""
-    global _handler
+def setup_logging(fmt_json: bool, level: str, types: list[str] = ()) -> None:
+    """Called once in the fork server, so a task process only fills in its task's fields.
+    The loggers of `types` (`ctx.logger`'s) are made here too, not in every task process."""
+    global _handler, _level
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
@@ -214,12 +250,18 @@ def setup_logging(fmt_json: bool, level: str) -> None:
     _handler.setFormatter(_TaskFormatter(fmt_json))
     root.addHandler(_handler)
     root.setLevel(level)
+    _level = level
+    for name in types:
+        logging.getLogger(f"taskvisor.task.{name}")
 
 
 def _setup_logging(spec: dict) -> None:
+    global _level
     fmt_json = spec.get("log_format") == "json"
+    level = spec.get("log_level", "INFO")
     if _handler is None or _handler.formatter.fmt_json != fmt_json:
-        setup_logging(fmt_json, spec.get("log_level", "INFO"))
-    elif logging.getLogger().level != logging.getLevelName(spec.get("log_level", "INFO")):
-        logging.getLogger().setLevel(spec.get("log_level", "INFO"))
+        setup_logging(fmt_json, level)
+    elif level != _level:  # changed by a reload since the fork server started
+        logging.getLogger().setLevel(level)
+        _level = level
     _handler.formatter.task = {"id": spec["task"]["id"], "type": spec["task"]["type"]}

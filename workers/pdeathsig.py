@@ -8,7 +8,6 @@ and then re-check getppid() (the parent may have died before the call).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import sys
 
 PR_SET_PDEATHSIG = 1
@@ -17,7 +16,10 @@ PR_SET_CHILD_SUBREAPER = 36
 _libc = None
 if sys.platform.startswith("linux"):
     try:
-        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        # The running program's own symbols (libc's among them), not ctypes.util's
+        # find_library: that imports subprocess, tempfile and random into the fork
+        # server, and random's after-fork hook reseeds in every task process.
+        _libc = ctypes.CDLL(None, use_errno=True)
         _libc.prctl  # resolve now, in the fork server, not in every task process
     except (OSError, AttributeError):
         _libc = None

@@ -9,7 +9,8 @@ reports each exit status with its rusage. It must never run a handler itself.
 
 Messages (JSON, one per packet):
   supervisor -> zygote  {"op": "boot", "preload": [...], "handlers": {type: "mod:fn"}}
-                        {"op": "spawn", "key": K}  + fds [report_w, spec_fd]
+                        {"op": "spawn", "key": K} "\n" spec JSON  + fds [report_w]
+                        {"op": "spawn", "key": K}  + fds [report_w, spec memfd] (big specs)
                         {"op": "stop"}
   zygote -> supervisor  {"op": "ready", "pid", "types": [...], "preload_s"}
                         {"op": "boot_error", "error": traceback text}
@@ -20,9 +21,9 @@ Messages (JSON, one per packet):
 
 from __future__ import annotations
 
-import argparse
 import gc
 import importlib
+import inspect
 import json
 import os
 import selectors
@@ -65,7 +66,10 @@ class Zygote:
         except BaseException:
             self.send({"op": "boot_error", "error": traceback.format_exc(limit=30)[-30000:]})
             return False
-        child.setup_logging(msg.get("log_format") == "json", msg.get("log_level", "INFO"))
+        if any(inspect.iscoroutinefunction(registry.lookup(n)) for n in registry.names()):
+            import asyncio  # noqa: F401 - async handlers: import once here, not per task
+        child.setup_logging(msg.get("log_format") == "json", msg.get("log_level", "INFO"),
+                            registry.names())
         # Objects that exist now live as long as the fork server: keep the collector from
         # scanning them in every task process (each scan would copy their pages).
         gc.collect()
@@ -111,31 +115,36 @@ class Zygote:
             self.stopping = True
             self.sel.unregister(self.sock)
             return
-        msg = json.loads(data)
+        head, _, spec = data.partition(b"\n")  # a spec inline after the header line
+        msg = json.loads(head)
         if msg["op"] == "stop":
             self.stopping = True
         elif msg["op"] == "spawn" and self.stopping:
             self.send({"op": "spawn_failed", "key": msg["key"], "error": "fork server is stopping"})
         elif msg["op"] == "spawn":
-            self._spawn(msg, fds)
+            self._spawn(msg, spec, fds)
         for fd in fds:
             try:
                 os.close(fd)
             except OSError:
                 pass
 
-    def _spawn(self, msg: dict, fds: list[int]) -> None:
-        if len(fds) != 2:
-            self.send({"op": "spawn_failed", "key": msg["key"], "error": "expected 2 fds"})
+    def _spawn(self, msg: dict, spec: bytes, fds: list[int]) -> None:
+        if len(fds) != (1 if spec else 2):
+            self.send({"op": "spawn_failed", "key": msg["key"], "error": "expected a spec"})
             return
-        report_w, spec_fd = fds
+        try:  # parsed here, once, rather than after the fork in the task process
+            parsed = json.loads(spec) if spec else fds[1]
+        except ValueError as exc:
+            self.send({"op": "spawn_failed", "key": msg["key"], "error": f"bad spec: {exc}"})
+            return
         try:
             pid = os.fork()
         except OSError as exc:
             self.send({"op": "spawn_failed", "key": msg["key"], "error": f"fork failed: {exc}"})
             return
         if pid == 0:
-            child.run(spec_fd, report_w, parent_pid=self.pid)
+            child.run(parsed, fds[0], parent_pid=self.pid)
         self.children.add(pid)
         self.send({"op": "spawned", "key": msg["key"], "pid": pid})
 
@@ -156,16 +165,23 @@ class Zygote:
                 pass  # the supervisor is gone
 
 
+def _args(argv: list[str]) -> dict[str, int]:
+    """`--fd N --parent PID`, as the supervisor passes them. Not argparse: it (with gettext
+    and textwrap) would be in the fork server's memory, which every fork copies."""
+    args = dict(zip(argv[::2], argv[1::2]))
+    try:
+        return {"fd": int(args["--fd"]), "parent": int(args["--parent"])}
+    except (KeyError, ValueError):
+        sys.exit("usage: python -m workers.zygote --fd N --parent PID")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="workers.zygote")
-    parser.add_argument("--fd", type=int, required=True)
-    parser.add_argument("--parent", type=int, required=True)
-    args = parser.parse_args(argv)
+    args = _args(sys.argv[1:] if argv is None else argv)
     set_parent_death_signal(signal.SIGKILL)
-    if os.getppid() != args.parent:
+    if os.getppid() != args["parent"]:
         return proto.ZYGOTE_PARENT_GONE
-    sock = socket.socket(fileno=args.fd)
-    zygote = Zygote(sock, args.parent)
+    sock = socket.socket(fileno=args["fd"])
+    zygote = Zygote(sock, args["parent"])
     if not zygote.boot():
         return proto.ZYGOTE_PRELOAD_ERROR
     zygote.serve()
