@@ -338,7 +338,6 @@ class Supervisor:
                     os.rmdir(os.path.join(self.cgroup_dir, f"task-{child.pid}"))
                 except OSError:
                     pass
-        if child.pid is not None:
             kill_group(child.pid)  # what it left behind in its process group dies with it
         self.kill_orphans()
         end = classify(child)
