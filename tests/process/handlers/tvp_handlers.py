@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 
+from tests.support import pid_alive
 from workers import Retry, task
 
 
@@ -36,20 +37,6 @@ def note_pid(payload: dict, pid: int) -> None:
         append(os.path.join(payload["dir"], "pids"), str(pid))
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def mark_start(payload: dict, ctx) -> None:
     """Log the start; first log an "overlap" line if an earlier run of this task that
     never logged its end still has a live process (the at-most-one-at-a-time promise)."""
@@ -65,7 +52,7 @@ def mark_start(payload: dict, ctx) -> None:
         if len(parts) >= 4 and parts[1] == ctx.id and parts[0] in ("start", "end"):
             runs[parts[3]] = parts[0] == "end"
     for pid, ended in runs.items():
-        if not ended and _alive(int(pid)):
+        if not ended and pid_alive(int(pid)):
             append(path, f"overlap {ctx.id} {time.time():.6f} {pid}")
     append(path, f"start {ctx.id} {time.time():.6f} {os.getpid()} {os.getppid()}")
 
