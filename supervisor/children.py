@@ -46,7 +46,6 @@ class Child:
     progress: tuple | None = None      # (fraction, message) not yet written
     heartbeat_mono: float = 0.0
     stop: tuple | None = None          # (Outcome, reason) when the supervisor ended it
-    term_mono: float | None = None     # when TERM was sent
     kill_at_mono: float | None = None  # when KILL follows
     peak_rss: int = 0
     status: int | None = None          # wait status, once reaped

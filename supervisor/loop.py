@@ -70,6 +70,7 @@ class Supervisor:
         self.pending_pids: list[Child] = []
         self.watchdog = Watchdog()
         self.recovery = Recovery(self.host, self.owner)
+        self.started_at = psutil.Process().create_time()  # with the pid, names this process
         self.signals = Signals()
         self.notifier = Notifier()
         self.wake = WakeSocket()
@@ -80,7 +81,6 @@ class Supervisor:
         self.last_loop_at = 0.0
         self.store_ok = False
         self.due: dict[str, float] = {}   # step name -> next monotonic time it runs
-        self.started_mono = clock.monotonic()
         self.memory_budget_mb = policy.memory_budget_mb(config.supervisor.memory_budget_mb, _total_mb())
         self._status = ""
         self.cgroup_dir: str | None = None  # set by supervisor.start when delegated
@@ -132,9 +132,8 @@ class Supervisor:
         self.store_ok = True
 
     def register(self) -> None:
-        me = psutil.Process()
         self.store.register_supervisor(
-            owner=self.owner, host=self.host, pid=os.getpid(), pid_started_at=me.create_time(),
+            owner=self.owner, host=self.host, pid=os.getpid(), pid_started_at=self.started_at,
             now=self.clock.now(), wake_port=None if self.stopping else self.wake.port,
             pool_size=self.config.supervisor.pool_size, version=__version__)
 
@@ -395,7 +394,6 @@ class Supervisor:
             child.kill_at_mono = mono + 1.0
         else:
             terminate(child)
-            child.term_mono = mono
             child.kill_at_mono = mono + grace
         log.info("stopping %s attempt (%s): %s", child.task.type, outcome, reason,
                  extra={"task_id": child.task.id, "task_type": child.task.type})

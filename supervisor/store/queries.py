@@ -57,13 +57,6 @@ def insert_deps(db: apsw.Connection, task_id: str, depends_on: list[str]) -> Non
                "AND has_dependents = 0", (json.dumps(depends_on),))
 
 
-def select_dep_edges(db: apsw.Connection, ids: list[str]) -> list[tuple[str, str]]:
-    """(task_id, depends_on) edges going out of any of `ids`."""
-    return db.execute(
-        "SELECT task_id, depends_on FROM task_deps "
-        "WHERE task_id IN (SELECT value FROM json_each(?))", (json.dumps(ids),)).fetchall()
-
-
 # -- claim and the lease ---------------------------------------------------------------
 
 def count_running_by_type(db: apsw.Connection, types: list[str]) -> dict[str, int]:
@@ -233,10 +226,6 @@ def select_running_of_owners(db: apsw.Connection, owners: list[str]) -> list[Tas
 
 def _lease(lease) -> dict:
     return {"id": lease.id, "attempt": lease.attempt, "owner": lease.owner}
-
-
-def select_dependents_exist(db: apsw.Connection, task_id: str) -> bool:
-    return _one(db.execute("SELECT 1 FROM task_deps WHERE depends_on = ? LIMIT 1", (task_id,))) is not None
 
 
 # -- dependencies ----------------------------------------------------------------------
