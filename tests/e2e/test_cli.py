@@ -14,9 +14,11 @@ import time
 import tomllib
 from pathlib import Path
 
+import psutil
 import pytest
 
 from supervisor import policy
+from tests.support import wait_until
 from supervisor.store import AttemptEnd, Outcome, Status, Store, latest_version
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -163,7 +165,10 @@ def test_wait_exits_0_when_the_task_succeeds_meanwhile(db, tmp_path):
                              "20"], cwd=tmp_path, env=env_for(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(0.5)  # let it start waiting; the result does not depend on this
+        # Finish the task only once `wait` has the database open (it is then waiting).
+        wait_until(lambda: any(f.path == os.path.realpath(db)
+                               for f in psutil.Process(proc.pid).open_files()),
+                   timeout=15)
         finish(db, ok=True)
         out, err = proc.communicate(timeout=20)
     finally:

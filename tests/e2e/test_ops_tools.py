@@ -18,12 +18,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-CONFIG = ROOT / "config"
-UNIT = CONFIG / "taskvisor.service"
-ALERTS = CONFIG / "prometheus-alerts.yml"
-ALERT_TESTS = CONFIG / "prometheus-alerts.test.yml"
-DASHBOARD = CONFIG / "grafana-dashboard.json"
+from tests.unit.test_ops_files import ALERT_TESTS, ALERTS, CONFIG, DASHBOARD, ROOT, UNIT  # noqa: F401
 
 
 def tool(name: str, package: str) -> str:

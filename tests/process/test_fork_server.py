@@ -85,7 +85,8 @@ def test_idle_supervisor_uses_almost_no_cpu_and_wakes_fast(supervisor_proc):
     sup.wait_status(sup.enqueue("t.ok"), "succeeded", timeout=40)  # warm: a first fork
     me = psutil.Process(sup.pid)
     servers = sup.fork_servers()
-    time.sleep(0.5)  # let the finished task's bookkeeping settle
+    # The finished task's process is reaped before idleness is measured.
+    wait_until(lambda: not any(s.children() for s in servers), timeout=10)
 
     def cpu() -> float:
         t = me.cpu_times()
