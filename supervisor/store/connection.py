@@ -21,6 +21,13 @@ from supervisor.errors import ForkedConnection, SQLiteTooOld, StoreError, StoreU
 
 MIN_SQLITE = (3, 35, 0)  # UPDATE … RETURNING
 
+# Page size of a new file. Every commit appends each page it changed to the WAL, whole;
+# an enqueue or a claim changes a few rows of about 200 bytes in 3 or 4 b-trees, so
+# 1 KiB pages write a quarter of the bytes of SQLite's default 4 KiB (a single enqueue
+# measured 13.7k/s at 4 KiB, 18.7k/s at 1 KiB). Larger payloads and results overflow
+# into more pages, which costs little next to a commit. An existing file keeps its size.
+PAGE_SIZE = 1024
+
 # Connections this process has opened. After fork the child moves them to _inherited
 # and keeps the references for its whole life: if apsw closed them there, SQLite could
 # checkpoint or delete the parent's WAL under its feet.
@@ -103,6 +110,8 @@ class Connection:
                 if version > max_version:
                     self._db.close()
                     check_not_newer(version, self.path)
+            # A no-op unless the file is still empty (must precede the switch to WAL).
+            self._db.execute(f"PRAGMA page_size={PAGE_SIZE}")
             mode = self._db.execute("PRAGMA journal_mode=WAL").fetchall()[0][0]
             if mode.lower() != "wal":
                 raise StoreUnavailable(f"{self.path}: cannot switch to WAL mode (got {mode}); is it on a network filesystem?")

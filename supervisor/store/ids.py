@@ -7,6 +7,8 @@ import os
 import threading
 
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_PAIRS = [a + b for a in _ALPHABET for b in _ALPHABET]  # every 10-bit value as 2 digits
+_SHIFTS = tuple(range(120, -1, -10))
 _lock = threading.Lock()
 _last = [0, 0]  # last millisecond, last 80-bit random part (monotonic within a ms)
 
@@ -22,11 +24,9 @@ def new_id(now: float) -> str:
             rand = int.from_bytes(os.urandom(10), "big") >> 1  # room to count up
         _last[0], _last[1] = ms, rand
     value = (ms << 80) | (rand & ((1 << 80) - 1))
-    chars = []
-    for _ in range(26):
-        chars.append(_ALPHABET[value & 31])
-        value >>= 5
-    return "".join(reversed(chars))
+    # 130 bits (the top two zero), ten at a time: 13 lookups instead of 26 (a single
+    # enqueue spends a few percent of its time here).
+    return "".join([_PAIRS[(value >> shift) & 1023] for shift in _SHIFTS])
 
 
 def _reset_after_fork() -> None:

@@ -50,6 +50,19 @@ def insert_task(db: apsw.Connection, *, id: str, type: str, payload: str, priori
          memory_mb, cpu_s, dedupe_key, error, outcome, completed_at))
 
 
+_INSERT_QUEUED = ("INSERT INTO tasks (id, type, payload, priority, status, created_at, run_after, "
+                  "max_attempts, timeout_s, memory_mb, cpu_s) "
+                  "VALUES (?1, ?2, ?3, ?4, 'queued', ?5, coalesce(?6, ?5), ?7, ?8, ?9, ?10)")
+
+
+def insert_queued_task(db: apsw.Connection, task_id: str, task, now: float) -> None:
+    """The single enqueue's statement: a queued task with no key and no dependencies
+    (positional, as it is the hottest insert)."""
+    db.execute(_INSERT_QUEUED, (task_id, task.type, task.payload, task.priority, now,
+                                task.run_after, task.max_attempts, task.timeout_s,
+                                task.memory_mb, task.cpu_s))
+
+
 def insert_deps(db: apsw.Connection, task_id: str, depends_on: list[str]) -> None:
     db.executemany("INSERT OR IGNORE INTO task_deps (task_id, depends_on) VALUES (?, ?)",
                    [(task_id, d) for d in depends_on])
@@ -359,7 +372,8 @@ def select_queued_in_order(db: apsw.Connection, limit: int) -> list[tuple]:
 
 
 def count_by_status_type(db: apsw.Connection) -> list[tuple[str, str, int]]:
-    """From the counts the triggers of migration 0003 keep: O(types), not O(tasks)."""
+    """Every status but queued, from the counts the triggers of migrations 0003 and 0005
+    keep: O(types), not O(tasks). Queued tasks are counted by `select_queued_by_type`."""
     return db.execute("SELECT status, type, n FROM task_counts WHERE n > 0").fetchall()
 
 
@@ -367,9 +381,11 @@ def delete_empty_counts(db: apsw.Connection) -> None:
     db.execute("DELETE FROM task_counts WHERE n <= 0")
 
 
-def select_oldest_queued_by_type(db: apsw.Connection, now: float) -> list[tuple[str, float]]:
-    return db.execute("SELECT type, min(created_at) FROM tasks WHERE status = 'queued' "
-                      "AND run_after <= ? GROUP BY type", (now,)).fetchall()
+def select_queued_by_type(db: apsw.Connection, now: float) -> list[tuple[str, int, float | None]]:
+    """(type, queued tasks, enqueue time of the oldest due one): one scan of the claim
+    index, O(queued tasks)."""
+    return db.execute("SELECT type, count(*), min(created_at) FILTER (WHERE run_after <= ?) "
+                      "FROM tasks WHERE status = 'queued' GROUP BY type", (now,)).fetchall()
 
 
 def select_recent_attempts(db: apsw.Connection, since: float) -> list[tuple]:

@@ -75,11 +75,7 @@ class Store:
         # Nothing to read first: one INSERT is its own transaction (no BEGIN/COMMIT round).
         task_id = task.id or new_id(now)
         try:
-            q.insert_task(self.conn.db, id=task_id, type=task.type, payload=task.payload,
-                          priority=task.priority, status=str(Status.QUEUED), now=now,
-                          run_after=now if task.run_after is None else task.run_after,
-                          max_attempts=task.max_attempts, timeout_s=task.timeout_s,
-                          memory_mb=task.memory_mb, cpu_s=task.cpu_s, dedupe_key=None)
+            q.insert_queued_task(self.conn.db, task_id, task, now)
         except apsw.Error as exc:
             raise translate(exc, self.path) from exc
         return task_id
@@ -351,7 +347,11 @@ class Store:
             counts: dict[str, dict[str, int]] = {}
             for status, type_, n in q.count_by_status_type(db):
                 counts.setdefault(status, {})[type_] = n
-            oldest = dict(q.select_oldest_queued_by_type(db, now))
+            oldest = {}
+            for type_, n, oldest_at in q.select_queued_by_type(db, now):
+                counts.setdefault(str(Status.QUEUED), {})[type_] = n
+                if oldest_at is not None:
+                    oldest[type_] = oldest_at
             reserved = q.sum_reserved_mb(db)
         return Stats(counts, min(oldest.values()) if oldest else None, oldest, int(reserved))
 

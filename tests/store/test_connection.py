@@ -73,6 +73,27 @@ def test_wal_foreign_keys_and_synchronous_normal_by_default(store):
     assert pragma(store, "synchronous") == 1  # NORMAL
 
 
+def test_a_new_database_gets_small_pages_and_an_existing_one_keeps_its_own(tmp_path):
+    fresh = Store(tmp_path / "fresh.db")
+    try:
+        assert pragma(fresh, "page_size") == connection_module.PAGE_SIZE == 1024
+    finally:
+        fresh.close()
+    import apsw  # a file made before taskvisor chose 1 KiB pages: SQLite's default 4 KiB
+    other = apsw.Connection(str(tmp_path / "other.db"))
+    other.execute("PRAGMA page_size=4096")
+    other.execute("CREATE TABLE t (x)")
+    other.close()
+    store = Store(tmp_path / "other.db")
+    try:
+        assert pragma(store, "page_size") == 4096
+        assert pragma(store, "journal_mode") == "wal"
+        store.enqueue(new(), T0)
+        assert store.stats(T0).counts == {"queued": {"t": 1}}
+    finally:
+        store.close()
+
+
 @pytest.mark.parametrize("value, expected", [("FULL", 2), ("full", 2), ("NORMAL", 1)])
 def test_synchronous_is_selectable(db_path, value, expected):
     store = Store(db_path, synchronous=value)

@@ -141,7 +141,9 @@ def test_migrates_from_every_earlier_version(tmp_path, fresh_schema, start):
             old = store.get(row_id)
             assert old.payload == {"k": 1}
             assert [(a.attempt, a.outcome, a.ended_at) for a in old.history] == [(1, "lost", T0 + 1)]
+            assert store.stats(T0).counts == {"queued": {"old": 1}}
             assert store.claim("o", T0, lease_s=30).id == row_id
+            assert store.stats(T0).counts == {"running": {"old": 1}}
         store.enqueue(new(), T0)
     finally:
         store.close()

@@ -1,0 +1,26 @@
+-- 0005: queued tasks leave the counts table.
+-- Keeping their count made every enqueue write one more b-tree page (the counts row)
+-- in its commit, about a fifth of a single enqueue's cost. Stats count queued tasks in
+-- the scan of the claim index they already make to find the oldest queued task.
+-- Every other status is still counted by trigger; the triggers now skip 'queued'.
+DROP TRIGGER tasks_count_insert;
+DROP TRIGGER tasks_count_delete;
+DROP TRIGGER tasks_count_update;
+DELETE FROM task_counts WHERE status = 'queued';
+
+CREATE TRIGGER tasks_count_insert AFTER INSERT ON tasks WHEN new.status != 'queued' BEGIN
+    INSERT INTO task_counts (status, type, n) VALUES (new.status, new.type, 1)
+        ON CONFLICT (status, type) DO UPDATE SET n = n + 1;
+END;
+CREATE TRIGGER tasks_count_delete AFTER DELETE ON tasks WHEN old.status != 'queued' BEGIN
+    UPDATE task_counts SET n = n - 1 WHERE status = old.status AND type = old.type;
+END;
+CREATE TRIGGER tasks_count_leave AFTER UPDATE OF status ON tasks
+WHEN old.status != new.status AND old.status != 'queued' BEGIN
+    UPDATE task_counts SET n = n - 1 WHERE status = old.status AND type = old.type;
+END;
+CREATE TRIGGER tasks_count_enter AFTER UPDATE OF status ON tasks
+WHEN old.status != new.status AND new.status != 'queued' BEGIN
+    INSERT INTO task_counts (status, type, n) VALUES (new.status, new.type, 1)
+        ON CONFLICT (status, type) DO UPDATE SET n = n + 1;
+END;
