@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import re
 
+import pytest
+
 from supervisor.store import ids
 
 CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
@@ -15,6 +17,14 @@ def decode(text: str) -> int:
     for ch in text:
         value = value * 32 + CROCKFORD.index(ch)
     return value
+
+
+@pytest.fixture(autouse=True)
+def fresh_sequence():
+    """Other tests made ids at other times: start from no last millisecond."""
+    ids._reset_after_fork()
+    yield
+    ids._reset_after_fork()
 
 
 def test_an_id_is_26_crockford_digits_with_its_millisecond_in_the_top_48_bits():
