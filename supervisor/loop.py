@@ -31,7 +31,7 @@ from supervisor.service import Notifier
 from supervisor.signals import Signals
 from supervisor.store import AttemptEnd, Outcome, Store, Task
 from supervisor.wake import WakeSocket
-from supervisor.watchdog import Watchdog
+from supervisor.watchdog import Watchdog, machine_memory_mb
 from workers import outcome as proto
 
 log = logging.getLogger("taskvisor.supervisor")
@@ -78,10 +78,11 @@ class Supervisor:
         self.stopping = False
         self.stop_deadline: float | None = None
         self.claim_needed = True
+        self.orphans_due = False  # a task ended since the last sweep for its orphans
         self.last_loop_at = 0.0
         self.store_ok = False
         self.due: dict[str, float] = {}   # step name -> next monotonic time it runs
-        self.memory_budget_mb = policy.memory_budget_mb(config.supervisor.memory_budget_mb, _total_mb())
+        self.memory_budget_mb = policy.memory_budget_mb(config.supervisor.memory_budget_mb, machine_memory_mb())
         self._status = ""
         self.cgroup_dir: str | None = None  # set by supervisor.start when delegated
         # Called once the database is migrated and rescued, before READY=1 (the HTTP
@@ -112,6 +113,7 @@ class Supervisor:
             self.handle_signals(mono)
             self.tend_fork_servers(mono)
             self.reap_children(mono)
+            self.kill_orphans()
             self.enforce_limits(mono)
             self.sync(now, mono)
             if self.stopping and not self.children and not self.pending:
@@ -200,7 +202,7 @@ class Supervisor:
         self.notifier.reloading()
         old = self.config
         self.config = new
-        self.memory_budget_mb = policy.memory_budget_mb(new.supervisor.memory_budget_mb, _total_mb())
+        self.memory_budget_mb = policy.memory_budget_mb(new.supervisor.memory_budget_mb, machine_memory_mb())
         self.claim_needed = True
         if (new.supervisor.preload, handlers_of(new)) != (old.supervisor.preload, handlers_of(old)):
             self.replace_fork_server("preload or handlers changed")
@@ -338,7 +340,7 @@ class Supervisor:
                 except OSError:
                     pass
             kill_group(child.pid)  # what it left behind in its process group dies with it
-        self.kill_orphans()
+        self.orphans_due = True
         end = classify(child)
         self.pending.append((child, end))
         self.claim_needed = True
@@ -350,8 +352,10 @@ class Supervisor:
         self.emit("finished", task=child.task, end=end, child=child)
 
     def kill_orphans(self) -> None:
-        """KILL what finished tasks left behind in other groups or sessions."""
-        kill_orphans(known={s.pid for s in self.servers.all()} | set(self.by_pid))
+        """KILL what tasks that ended left behind in other groups or sessions: once a pass."""
+        if self.orphans_due:
+            self.orphans_due = False
+            kill_orphans(known={s.pid for s in self.servers.all()} | set(self.by_pid))
 
     def enforce_limits(self, mono: float) -> None:
         sup = self.config.supervisor
@@ -591,7 +595,3 @@ class Supervisor:
                     self.on_server_event(target, msg, mono)
             elif isinstance(target, Child):
                 self.on_child_messages(target, mono)
-
-
-def _total_mb() -> float:
-    return psutil.virtual_memory().total / MIB

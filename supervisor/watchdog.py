@@ -2,7 +2,7 @@
 
 Owns measuring memory of running tasks (the task process plus every descendant, so a
 subprocess or a multiprocessing pool counts against its task) and naming the ones over
-their limit. The tree is walked at most once a second per task, and not at all in a task's
+their limit, and reading the machine's memory (the default admission budget). The tree is walked at most once a second per task, and not at all in a task's
 first second (a walk reads all of /proc; most tasks are over by then), when only the
 task process's own RSS is read; the members' RSS is read at every sample (4+ times a
 second). It never sends a signal: the loop decides.
@@ -18,6 +18,10 @@ import psutil
 TREE_REFRESH_S = 1.0
 TREE_AFTER_S = 1.0  # a task younger than this is measured alone
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def machine_memory_mb() -> float:
+    return psutil.virtual_memory().total / (1024 * 1024)
 
 
 class Watchdog:

@@ -24,11 +24,20 @@ def db_path(tmp_path: Path) -> Path:
 
 @pytest.fixture(autouse=True)
 def no_leaked_processes():
-    """Kill (and report) any child process a test left running."""
+    """Kill (and report) any child process a test left running. A new process whose
+    parent was already there belongs to that longer-lived process (a module fixture's
+    supervisor), not to the test: the spare task process a fork server forks after each
+    task, say."""
     me = psutil.Process(os.getpid())
     before = {p.pid for p in me.children(recursive=True)}
     yield
-    leaked = [p for p in me.children(recursive=True) if p.pid not in before]
+    leaked = []
+    for p in me.children(recursive=True):
+        try:
+            if p.pid not in before and p.ppid() not in before:
+                leaked.append(p)
+        except psutil.NoSuchProcess:
+            pass
     alive = []
     for p in leaked:
         try:

@@ -1,8 +1,9 @@
 """The task process: post-fork set-up, one handler call, one reported outcome, os._exit.
 
 Owns everything between the fork server's fork() and the process's end: its own process
-group, the parent-death signal, limits, the report pipe, running a plain or async
-handler, and turning what happened into exactly one outcome message. It must never
+group, the parent-death signal, waiting as a spare for a task when it was forked ahead
+of one, limits, the report pipe, running a plain or async handler, and turning what
+happened into exactly one outcome message. It must never
 return to the fork server's loop, never run atexit handlers of the fork server (it
 leaves with os._exit) and never write task state anywhere but the pipe.
 """
@@ -14,6 +15,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import traceback
 
@@ -21,9 +23,10 @@ from workers import outcome as proto
 from workers import registry
 from workers.context import Fail, Retry, TaskCancelled, TaskContext
 from workers.limits import LimitError, Limits, apply
-from workers.pdeathsig import set_parent_death_signal
+from workers.pdeathsig import set_parent_death_signal, set_process_name
 
 log = logging.getLogger("taskvisor.task")
+SPARE_PACKET = 65536  # the fork server's own limit for a spec sent inline
 
 
 class Reporter:
@@ -57,6 +60,41 @@ def run(spec: dict | bytes | int, report_fd: int, parent_pid: int,
         _print_exc()
     finally:
         _leave(code)
+
+
+SPARE_NAME = b"taskvisor-spare"  # /proc/PID/comm of a spare waiting for its task
+
+
+def run_spare(sock_fd: int, parent_pid: int) -> None:
+    """Entry point of a spare: a task process forked before its task is known. It does
+    the set-up that needs no spec, then waits on `sock_fd` for one message from the fork
+    server: the spec (or nothing, and a memfd with it) and the report pipe. It becomes
+    that task's process; end of file (the fork server stops) makes it leave quietly.
+    Never returns."""
+    code = proto.EXIT_BOOT_ERROR
+    try:
+        prepare(parent_pid, keep_fds=(sock_fd,))
+        own_name = _process_name()
+        set_process_name(SPARE_NAME)
+        with socket.socket(fileno=sock_fd) as sock:
+            data, fds, _flags, _addr = socket.recv_fds(sock, SPARE_PACKET, 2)
+        if not fds:
+            code = proto.EXIT_PARENT_GONE  # not a task: the fork server is stopping
+            return
+        set_process_name(own_name)
+        code = start(fds[1] if len(fds) > 1 else data, fds[0])
+    except BaseException:
+        _print_exc()
+    finally:
+        _leave(code)
+
+
+def _process_name() -> bytes:
+    try:
+        with open("/proc/self/comm", "rb") as f:
+            return f.read().rstrip(b"\n")
+    except OSError:
+        return b"python"
 
 
 def prepare(parent_pid: int, keep_fds: tuple[int, ...] = ()) -> None:

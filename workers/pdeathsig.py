@@ -1,6 +1,7 @@
-"""The parent-death signal (Linux prctl PR_SET_PDEATHSIG) through ctypes.
+"""The parent-death signal (Linux prctl PR_SET_PDEATHSIG) through ctypes, and the two
+other prctl calls the process tree needs (child subreaper, process name).
 
-Owns one call. Elsewhere it does nothing and callers rely on their getppid() checks.
+Owns these calls. Elsewhere it does nothing and callers rely on their getppid() checks.
 It fires when the creating thread exits and is cleared by fork, so set it in the child
 and then re-check getppid() (the parent may have died before the call).
 """
@@ -11,6 +12,7 @@ import ctypes
 import sys
 
 PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
 PR_SET_CHILD_SUBREAPER = 36
 
 _libc = None
@@ -38,3 +40,10 @@ def set_child_subreaper() -> bool:
     if _libc is None:
         return False
     return _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+
+
+def set_process_name(name: bytes) -> bool:
+    """Set this process's name as `ps` and /proc/PID/comm show it (15 bytes at most)."""
+    if _libc is None:
+        return False
+    return _libc.prctl(PR_SET_NAME, ctypes.c_char_p(name[:15]), 0, 0, 0) == 0

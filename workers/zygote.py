@@ -5,7 +5,12 @@ Started by the supervisor as a fresh interpreter (`python -m workers.zygote --fd
 threads and no database connection, so a fork from it is cheap and safe, and every task
 process shares the preloaded modules copy-on-write. It owns the spawn protocol on its
 SOCK_SEQPACKET socket, and it is the parent of the task processes, so it reaps them and
-reports each exit status with its rusage. It must never run a handler itself.
+reports each exit status with its rusage. It keeps one spare task process forked ahead
+(named `taskvisor-spare`), so an idle supervisor's next task starts without waiting for
+a fork. It must never run a handler itself.
+
+To a spare, on its own socket: the spec JSON (or "{}" and a memfd) + fds [report_w,
+(memfd)]; closing the socket tells it to leave.
 
 Messages (JSON, one per packet):
   supervisor -> zygote  {"op": "boot", "preload": [...], "handlers": {type: "mod:fn"}}
@@ -45,6 +50,13 @@ class Zygote:
         self.sock = sock
         self.parent_pid = parent_pid
         self.children: set[int] = set()
+        # One spare: a process forked ahead of its task, set up as far as it can be
+        # without a spec, waiting on its socket. A spawn hands it the task (a send, not
+        # a fork, on the path from claim to handler) and a new spare is forked after
+        # the reply. Not a task: never reported, killed by closing its socket.
+        self.spare: tuple[int, socket.socket] | None = None
+        self.spare_pids: set[int] = set()  # spares forked and not yet reaped
+        self.spare_after = 0.0  # monotonic time before which no new spare is forked
         self.stopping = False
         self.pid = os.getpid()
         self.wake_r, self.wake_w = os.pipe()
@@ -89,7 +101,8 @@ class Zygote:
         sel.register(self.wake_r, selectors.EVENT_READ, "wake")
         # After "stop" it takes no new spawns but stays until its children have exited:
         # they die with it (parent-death signal), and a reload lets them finish.
-        while not (self.stopping and not self.children):
+        self._fork_spare()
+        while not (self.stopping and not self.children and not self.spare_pids):
             for key, _ in sel.select(timeout=1.0):
                 if key.data == "sock":
                     self._on_request()
@@ -99,12 +112,53 @@ class Zygote:
                     except BlockingIOError:
                         pass
             self._reap()
+            if self.stopping:
+                self._drop_spare()
+            elif self.spare is None and time.monotonic() >= self.spare_after:
+                self._fork_spare()  # the last one was used, or died
             if os.getppid() != self.parent_pid:
                 break  # the supervisor is gone; pdeathsig normally got here first
+        self._drop_spare()
         self._reap()
 
     def _on_stop(self, *_):
         self.stopping = True
+
+    def _fork_spare(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            pid = os.fork()
+        except OSError:
+            ours.close()
+            theirs.close()
+            return  # spawns fork directly until a spare can be made
+        if pid == 0:
+            ours.close()
+            child.run_spare(theirs.detach(), parent_pid=self.pid)
+        theirs.close()
+        self.spare = (pid, ours)
+        self.spare_pids.add(pid)
+
+    def _drop_spare(self) -> None:
+        """Let the spare go: end of file on its socket makes it exit (reaped later)."""
+        if self.spare is not None:
+            self.spare[1].close()
+            self.spare = None
+
+    def _hand_to_spare(self, spec: bytes, fds: list[int]) -> int | None:
+        """Give a spawn to the spare; its pid, or None when there is none that works."""
+        if self.spare is None:
+            return None
+        pid, sock = self.spare
+        self.spare = None
+        try:
+            socket.send_fds(sock, [spec or b"{}"], fds)
+        except OSError:
+            return None  # it died meanwhile: it is reaped as a spare, the spawn forks
+        finally:
+            sock.close()
+        self.spare_pids.discard(pid)
+        return pid
 
     def _on_request(self) -> None:
         try:
@@ -133,30 +187,43 @@ class Zygote:
         if len(fds) != (1 if spec else 2):
             self.send({"op": "spawn_failed", "key": msg["key"], "error": "expected a spec"})
             return
-        try:  # parsed here, once, rather than after the fork in the task process
-            parsed = json.loads(spec) if spec else fds[1]
-        except ValueError as exc:
-            self.send({"op": "spawn_failed", "key": msg["key"], "error": f"bad spec: {exc}"})
-            return
-        try:
-            pid = os.fork()
-        except OSError as exc:
-            self.send({"op": "spawn_failed", "key": msg["key"], "error": f"fork failed: {exc}"})
-            return
-        if pid == 0:
-            child.run(parsed, fds[0], parent_pid=self.pid)
+        pid = self._hand_to_spare(spec, fds)
+        if pid is None:
+            try:  # parsed here, once, rather than after the fork in the task process
+                parsed = json.loads(spec) if spec else fds[1]
+            except ValueError as exc:
+                self.send({"op": "spawn_failed", "key": msg["key"], "error": f"bad spec: {exc}"})
+                return
+            try:
+                pid = os.fork()
+            except OSError as exc:
+                self.send({"op": "spawn_failed", "key": msg["key"], "error": f"fork failed: {exc}"})
+                return
+            if pid == 0:
+                child.run(parsed, fds[0], parent_pid=self.pid)
         self.children.add(pid)
         self.send({"op": "spawned", "key": msg["key"], "pid": pid})
 
     def _reap(self) -> None:
-        while self.children:
+        while self.children or self.spare_pids:
             try:
                 pid, status, ru = os.wait4(-1, os.WNOHANG)
             except ChildProcessError:
                 self.children.clear()
+                self.spare_pids.clear()
+                self.spare = None
                 return
             if pid == 0:
                 return
+            if pid in self.spare_pids:  # a spare that never had a task: not reported
+                self.spare_pids.discard(pid)
+                if self.spare is not None and self.spare[0] == pid:
+                    # It died waiting (killed from outside, or its set-up failed): spawns
+                    # fork directly, and the next spare waits a second, so a spare that
+                    # cannot start never turns into a fork loop.
+                    self._drop_spare()
+                    self.spare_after = time.monotonic() + 1.0
+                continue
             self.children.discard(pid)
             try:
                 self.send({"op": "exited", "pid": pid, "status": status,

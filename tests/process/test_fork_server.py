@@ -1,7 +1,9 @@
 """The fork server and the start-up path: a dead fork server is restarted and its running
 task is given back, a preload that fails to import stops `run` with exit 3 and the
 traceback, a task process that never reports ready is killed at the boot deadline, and an
-idle supervisor neither burns CPU nor delays a new task by a poll interval."""
+idle supervisor neither burns CPU nor delays a new task by a poll interval. The spare
+task process the fork server keeps ready runs the next task, is replaced when it dies,
+and leaves with the fork server."""
 
 from __future__ import annotations
 
@@ -85,8 +87,11 @@ def test_idle_supervisor_uses_almost_no_cpu_and_wakes_fast(supervisor_proc):
     sup.wait_status(sup.enqueue("t.ok"), "succeeded", timeout=40)  # warm: a first fork
     me = psutil.Process(sup.pid)
     servers = sup.fork_servers()
-    # The finished task's process is reaped before idleness is measured.
-    wait_until(lambda: not any(s.children() for s in servers), timeout=10)
+    # The finished task's process is reaped before idleness is measured; what is left is
+    # the one spare the fork server keeps forked ahead of the next task.
+    wait_until(lambda: [[p.name() for p in s.children()] for s in servers]
+               == [["taskvisor-spare"]], timeout=10)
+    spare = servers[0].children()[0]
 
     def cpu() -> float:
         t = me.cpu_times()
@@ -109,3 +114,63 @@ def test_idle_supervisor_uses_almost_no_cpu_and_wakes_fast(supervisor_proc):
     assert min(latencies) < 0.5, f"enqueue-to-start latencies {latencies} (poll interval 30 s)"
     assert max(latencies) < 2.0, latencies
     assert pid_alive(sup.pid)
+    # The first of those tasks ran in the spare that waited through the idle time.
+    assert spare.pid in {a.pid for t in sup.store.list() for a in sup.store.get(t.id).history}
+
+
+def _spares(server: psutil.Process) -> list[psutil.Process]:
+    out = []
+    for p in server.children():
+        try:
+            if p.name() == "taskvisor-spare":
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+@pytest.mark.timeout(60)
+def test_the_spare_runs_the_next_task_and_a_new_one_is_forked_after(supervisor_proc):
+    sup = supervisor_proc(supervisor={"pool_size": 1})
+    (server,) = sup.fork_servers()
+    (spare,) = wait_until(lambda: _spares(server), timeout=10, message="no spare")
+    task = sup.wait_status(sup.enqueue("t.ok"), "succeeded")
+    assert task.result["pid"] == spare.pid
+    assert task.result["ppid"] == server.pid
+    assert task.result["name"] != "taskvisor-spare"  # its own name back once it has a task
+    (new_spare,) = wait_until(lambda: _spares(server), timeout=10, message="no new spare")
+    assert new_spare.pid != spare.pid
+    # A task whose spec is too big for one packet reaches the spare through a memfd.
+    big = "x" * 200_000
+    task = sup.wait_status(sup.enqueue("t.ok", {"value": big}), "succeeded")
+    assert task.result["echo"] == big and task.result["pid"] == new_spare.pid
+    assert sup.stop() == 0
+    assert_dead(new_spare.pid, what="spare")
+
+
+@pytest.mark.timeout(60)
+def test_a_spare_killed_from_outside_is_replaced_and_never_counts_as_a_task(supervisor_proc):
+    sup = supervisor_proc(supervisor={"pool_size": 1})
+    (server,) = sup.fork_servers()
+    (spare,) = wait_until(lambda: _spares(server), timeout=10, message="no spare")
+    spare.send_signal(signal.SIGKILL)
+    assert_dead(spare.pid, what="killed spare")
+    # Until a new spare is forked (a second later), a spawn forks directly.
+    task = sup.wait_status(sup.enqueue("t.ok"), "succeeded")
+    assert task.result["pid"] != spare.pid
+    (new_spare,) = wait_until(lambda: _spares(server), timeout=10, message="no new spare")
+    assert new_spare.pid not in (spare.pid, task.result["pid"])
+    assert [t.status for t in sup.store.list()] == ["succeeded"]  # nothing else recorded
+    assert [a.outcome for a in task.history] == ["succeeded"]
+    assert server.is_running() and sup.proc.poll() is None
+    assert sup.stop() == 0
+
+
+@pytest.mark.timeout(60)
+def test_stopping_the_supervisor_ends_the_spare_with_the_fork_server(supervisor_proc):
+    sup = supervisor_proc(supervisor={"pool_size": 2})
+    (server,) = sup.fork_servers()
+    (spare,) = wait_until(lambda: _spares(server), timeout=10, message="no spare")
+    assert sup.stop() == 0
+    assert_dead(server.pid, what="fork server")
+    assert_dead(spare.pid, what="spare")

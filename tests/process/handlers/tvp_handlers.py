@@ -63,8 +63,10 @@ def mark_end(payload: dict, ctx) -> None:
 
 @task("t.ok")
 def ok(payload, ctx):
+    with open("/proc/self/comm") as f:
+        name = f.read().strip()
     return {"echo": payload.get("value"), "pid": os.getpid(), "ppid": os.getppid(),
-            "attempt": ctx.attempt}
+            "attempt": ctx.attempt, "name": name}
 
 
 @task("t.log")
