@@ -65,36 +65,27 @@ def run(spec: dict | bytes | int, report_fd: int, parent_pid: int,
 SPARE_NAME = b"taskvisor-spare"  # /proc/PID/comm of a spare waiting for its task
 
 
-def run_spare(sock_fd: int, parent_pid: int) -> None:
+def run_spare(sock_fd: int, parent_pid: int, name: bytes = b"python") -> None:
     """Entry point of a spare: a task process forked before its task is known. It does
     the set-up that needs no spec, then waits on `sock_fd` for one message from the fork
     server: the spec (or nothing, and a memfd with it) and the report pipe. It becomes
-    that task's process; end of file (the fork server stops) makes it leave quietly.
-    Never returns."""
+    that task's process, named `name` again; end of file (the fork server stops) makes
+    it leave quietly. Never returns."""
     code = proto.EXIT_BOOT_ERROR
     try:
         prepare(parent_pid, keep_fds=(sock_fd,))
-        own_name = _process_name()
         set_process_name(SPARE_NAME)
         with socket.socket(fileno=sock_fd) as sock:
             data, fds, _flags, _addr = socket.recv_fds(sock, SPARE_PACKET, 2)
         if not fds:
             code = proto.EXIT_PARENT_GONE  # not a task: the fork server is stopping
             return
-        set_process_name(own_name)
+        set_process_name(name)
         code = start(fds[1] if len(fds) > 1 else data, fds[0])
     except BaseException:
         _print_exc()
     finally:
         _leave(code)
-
-
-def _process_name() -> bytes:
-    try:
-        with open("/proc/self/comm", "rb") as f:
-            return f.read().rstrip(b"\n")
-    except OSError:
-        return b"python"
 
 
 def prepare(parent_pid: int, keep_fds: tuple[int, ...] = ()) -> None:
