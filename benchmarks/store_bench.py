@@ -118,7 +118,7 @@ class Taskvisor(Peer):
             self._held = self.store.claim("bench", now, lease_s=30)
 
     def checkpoint(self):
-        self.store.conn.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self.store.conn.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
 
 class Huey(Peer):
@@ -272,6 +272,7 @@ class Bench:
                     peer.enqueue_one()
 
             def rep(peer):
+                settle(peers)
                 # Stops early past the budget (Huey with synchronous=FULL fsyncs each one).
                 n, t = 0, perf()
                 while n < self.n_single and (n % 100 or perf() - t < self.rep_budget_s):
@@ -292,6 +293,7 @@ class Bench:
                 peer.enqueue_batch(1_000)
 
             def rep(peer):
+                settle(peers)
                 t = perf()
                 for _ in range(self.n_batches):
                     peer.enqueue_batch(1_000)
@@ -362,6 +364,14 @@ class Bench:
             fig.update(depth=depth, fill_s=round(fill_s, 2), fill_rate=round((depth + window) / fill_s))
             out.setdefault(peer.name, {})[depth] = fig
         return out
+
+
+def settle(peers: list[Peer]) -> None:
+    """Untimed, before a repetition: checkpoint every peer's WAL, so no peer's timed
+    window pays for (or, through taskvisor's checkpoint thread, shares its cores with)
+    pages another peer wrote."""
+    for peer in peers:
+        peer.checkpoint()
 
 
 def _figure(runs: list[tuple[int, float]], unit: str) -> dict:
