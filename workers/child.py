@@ -3,9 +3,9 @@
 Owns everything between the fork server's fork() and the process's end: its own process
 group, the parent-death signal, waiting as a spare for a task when it was forked ahead
 of one, limits, the report pipe, running a plain or async handler, and turning what
-happened into exactly one outcome message. It must never
-return to the fork server's loop, never run atexit handlers of the fork server (it
-leaves with os._exit) and never write task state anywhere but the pipe.
+happened into exactly one outcome message. It must never return to the fork server's
+loop, never run atexit handlers of the fork server (it leaves with os._exit) and never
+write task state anywhere but the pipe.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from workers.pdeathsig import set_parent_death_signal, set_process_name
 
 log = logging.getLogger("taskvisor.task")
 SPARE_PACKET = 65536  # the fork server's own limit for a spec sent inline
+SPARE_NAME = b"taskvisor-spare"  # /proc/PID/comm of a spare waiting for its task
 
 
 class Reporter:
@@ -60,9 +61,6 @@ def run(spec: dict | bytes | int, report_fd: int, parent_pid: int,
         _print_exc()
     finally:
         _leave(code)
-
-
-SPARE_NAME = b"taskvisor-spare"  # /proc/PID/comm of a spare waiting for its task
 
 
 def run_spare(sock_fd: int, parent_pid: int, name: bytes = b"python") -> None:
