@@ -38,8 +38,8 @@ What is measured
    minus the time just before the enqueue call. taskvisor: Store.enqueue + the UDP wake-up
    (wake.Notifier), pool 4; its latency is also split at the claim (`started_at`) into
    enqueue -> claim (commit, wake-up, claim transaction) and claim -> handler (spawn
-   request, fork in the fork server, task-process set-up). RQ: one forking worker.
-   Celery: prefork -c 2.
+   request, hand-over to the spare task process the fork server forked during the pause,
+   task-process set-up). RQ: one forking worker. Celery: prefork -c 2.
 3. Start cost with a handler module that takes 2 s to import (bench_slow.py): preloaded by
    the fork server (enqueue-to-handler as in 2) versus `subprocess.run` of a fresh
    interpreter that imports it (time from just before subprocess.run to the handler).

@@ -43,7 +43,7 @@ from workers import outcome as proto
 from workers.pdeathsig import set_parent_death_signal
 
 MAX_PACKET = 65536
-SPARE_IDLE_S = 0.05  # no spawn for this long: fork a spare for the next one
+SPARE_IDLE_S = 0.02  # no spawn for this long: fork a spare for the next one
 
 
 class Zygote:
