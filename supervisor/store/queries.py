@@ -381,11 +381,31 @@ def delete_empty_counts(db: apsw.Connection) -> None:
     db.execute("DELETE FROM task_counts WHERE n <= 0")
 
 
+_FEW_TYPES = 8  # up to this many known types, count them in one unsorted pass
+
+
 def select_queued_by_type(db: apsw.Connection, now: float) -> list[tuple[str, int, float | None]]:
-    """(type, queued tasks, enqueue time of the oldest due one): one scan of the claim
-    index, O(queued tasks)."""
-    return db.execute("SELECT type, count(*), min(created_at) FILTER (WHERE run_after <= ?) "
-                      "FROM tasks WHERE status = 'queued' GROUP BY type", (now,)).fetchall()
+    """(type, queued tasks, enqueue time of the oldest due one) for types with queued
+    tasks: one scan of the covering claim index, O(queued tasks). With a few known types
+    (task_types) each gets its own aggregates in that pass; GROUP BY would sort every
+    row by type first (at 1,000,000 queued: 0.3 s against 0.6 s)."""
+    types = [r[0] for r in db.execute("SELECT type FROM task_types")]
+    if not types:
+        return []
+    if len(types) <= _FEW_TYPES:
+        cols = ", ".join(f"count(*) FILTER (WHERE type = ?{i}), "
+                         f"min(id) FILTER (WHERE type = ?{i} AND run_after <= ?1)"
+                         for i in range(2, len(types) + 2))
+        row = db.execute(f"SELECT {cols} FROM tasks WHERE status = 'queued'",
+                         (now, *types)).fetchall()[0]
+        found = [(t, row[2 * i], row[2 * i + 1]) for i, t in enumerate(types) if row[2 * i]]
+    else:
+        found = db.execute("SELECT type, count(*), min(id) FILTER (WHERE run_after <= ?) "
+                           "FROM tasks WHERE status = 'queued' GROUP BY type", (now,)).fetchall()
+    oldest = [i for _, _, i in found if i is not None]
+    created = dict(db.execute("SELECT id, created_at FROM tasks WHERE id IN "
+                              "(SELECT value FROM json_each(?))", (json.dumps(oldest),))) if oldest else {}
+    return [(t, n, created.get(i)) for t, n, i in found]
 
 
 def select_recent_attempts(db: apsw.Connection, since: float) -> list[tuple]:

@@ -612,6 +612,23 @@ def test_stats(store):
         empty.close()
 
 
+@pytest.mark.parametrize("n_types", [3, 12])  # a column per type in one pass; GROUP BY past 8
+def test_stats_count_queued_tasks_of_every_type(store, n_types):
+    names = [f"type{i:02d}" for i in range(n_types)]
+    for i, name in enumerate(names):
+        store.enqueue_many([new(type=name) for _ in range(i + 1)], T0 + i)
+        store.enqueue(new(type=name, run_after=T0 + 1000), T0 - 50)  # older, not due
+    assert claim(store, T0 + 100).type == "type00"  # its only due task
+    stats = store.stats(T0 + 100)
+    assert stats.counts["queued"] == {name: i + 1 + (i > 0) for i, name in enumerate(names)}
+    assert stats.counts["running"] == {"type00": 1}
+    assert stats.oldest_queued_by_type == {name: T0 + i for i, name in enumerate(names) if i}
+    assert stats.oldest_queued_at == T0 + 1
+    # Once a type has nothing queued it leaves the queued counts (it stays known).
+    store.cancel(store.list(status="queued", type="type00")[0].id, T0 + 101)
+    assert "type00" not in store.stats(T0 + 101).counts["queued"]
+
+
 def test_list_pages_newest_first_and_filters(store):
     ids = [store.enqueue(new(type="even" if i % 2 == 0 else "odd"), T0 + i) for i in range(25)]
     pages, before = [], None
