@@ -64,7 +64,7 @@ class Peer:
     def enqueue_batch(self, n: int) -> None: raise NotImplementedError
     def fill(self, n: int) -> None: raise NotImplementedError
     def cycle(self) -> None: raise NotImplementedError
-    def checkpoint(self) -> None: raise NotImplementedError
+    def checkpoint(self, mode: str = "TRUNCATE") -> None: raise NotImplementedError
 
     def version(self) -> str:
         return metadata.version(self.package)
@@ -117,8 +117,8 @@ class Taskvisor(Peer):
                 self.store.complete(self._held.lease, self._end, now)
             self._held = self.store.claim("bench", now, lease_s=30)
 
-    def checkpoint(self):
-        self.store.conn.db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    def checkpoint(self, mode="TRUNCATE"):
+        self.store.conn.db.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
 
 
 class Huey(Peer):
@@ -168,8 +168,8 @@ class Huey(Peer):
         if self.huey.dequeue() is None:
             raise RuntimeError("huey: queue unexpectedly empty")
 
-    def checkpoint(self):
-        self.huey.storage.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    def checkpoint(self, mode="TRUNCATE"):
+        self.huey.storage.conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
 
 
 class HueyDefault(Huey):
@@ -221,8 +221,8 @@ class LiteQueue(Peer):
         message = self.q.pop()
         self.q.done(message.message_id)
 
-    def checkpoint(self):
-        self.q.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    def checkpoint(self, mode="TRUNCATE"):
+        self.q.conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
 
 
 PEERS = [Taskvisor, Huey, LiteQueue, HueyDefault]
@@ -331,6 +331,9 @@ class Bench:
                 lane[4] = perf() - t
                 peer.checkpoint()
                 lane[3] = depth + window
+            # The fills leave hundreds of MB dirty in the page cache; written back during
+            # the first repetitions they slowed every peer's deep figure by up to 40%.
+            os.sync()
 
             def run(lane, limit: int, budget: float) -> tuple[int, float]:
                 peer, depth, window = lane[:3]
@@ -369,9 +372,10 @@ class Bench:
 def settle(peers: list[Peer]) -> None:
     """Untimed, before a repetition: checkpoint every peer's WAL, so no peer's timed
     window pays for (or, through taskvisor's checkpoint thread, shares its cores with)
-    pages another peer wrote."""
+    pages another peer wrote. RESTART, not TRUNCATE: the WAL file keeps its size, as in
+    a long-running program, so the next writes reuse its blocks instead of growing it."""
     for peer in peers:
-        peer.checkpoint()
+        peer.checkpoint("RESTART")
 
 
 def _figure(runs: list[tuple[int, float]], unit: str) -> dict:
