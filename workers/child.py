@@ -73,8 +73,13 @@ def run_spare(sock_fd: int, parent_pid: int, name: bytes = b"python") -> None:
     try:
         prepare(parent_pid, keep_fds=(sock_fd,))
         set_process_name(SPARE_NAME)
+        # While it waits, a TERM ends it (the fork server forks another): held back
+        # until the handler ran, a stray TERM would cancel the next task instead.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         with socket.socket(fileno=sock_fd) as sock:
             data, fds, _flags, _addr = socket.recv_fds(sock, SPARE_PACKET, 2)
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         if not fds:
             code = proto.EXIT_PARENT_GONE  # not a task: the fork server is stopping
             return

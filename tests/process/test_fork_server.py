@@ -167,6 +167,20 @@ def test_a_spare_killed_from_outside_is_replaced_and_never_counts_as_a_task(supe
 
 
 @pytest.mark.timeout(60)
+def test_a_term_to_a_waiting_spare_ends_it_and_does_not_cancel_the_next_task(supervisor_proc):
+    sup = supervisor_proc(supervisor={"pool_size": 1})
+    (server,) = sup.fork_servers()
+    (spare,) = wait_until(lambda: _spares(server), timeout=10, message="no spare")
+    spare.send_signal(signal.SIGTERM)
+    assert_dead(spare.pid, what="spare sent TERM")
+    (new_spare,) = wait_until(lambda: _spares(server), timeout=10, message="no new spare")
+    task = sup.wait_status(sup.enqueue("t.ok"), "succeeded")
+    assert task.result["pid"] == new_spare.pid
+    assert [a.outcome for a in task.history] == ["succeeded"]
+    assert sup.stop() == 0
+
+
+@pytest.mark.timeout(60)
 def test_stopping_the_supervisor_ends_the_spare_with_the_fork_server(supervisor_proc):
     sup = supervisor_proc(supervisor={"pool_size": 2})
     (server,) = sup.fork_servers()
