@@ -1,6 +1,6 @@
 -- 0005: queued tasks leave the counts table.
 -- Keeping their count made every enqueue write one more b-tree page (the counts row)
--- in its commit, about a fifth of a single enqueue's cost. Stats count queued tasks in
+-- in its commit, about 15% of a single enqueue's cost. Stats count queued tasks in
 -- the scan of the claim index they already make to find the oldest queued task.
 -- Every other status is still counted by trigger; the triggers now skip 'queued'.
 -- task_types lists every type ever enqueued, so that scan can count all types in one
