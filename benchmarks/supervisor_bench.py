@@ -456,6 +456,13 @@ def fmt(v, spec=".1f"):
     return "-" if v is None else format(v, spec)
 
 
+def _print_split(label: str, r: dict) -> None:
+    """The enqueue -> claim -> handler split of a latency figure, when it has one."""
+    if r.get("split_p50_ms"):
+        print(f"    {label}, p50: " + ", ".join(
+            f"{k.removesuffix('_ms').replace('_', ' ')} {v:.2f} ms" for k, v in r["split_p50_ms"].items()))
+
+
 def print_report(res: dict) -> None:
     print()
     tp = res.get("throughput")
@@ -481,9 +488,7 @@ def print_report(res: dict) -> None:
         for name, r in lat.items():
             print(f"  {name:<38} {r.get('n', 0):>4} {fmt(r.get('p50_ms'), '.2f'):>8} "
                   f"{fmt(r.get('p99_ms'), '.2f'):>8} {fmt(r.get('max_ms'), '.2f'):>8}")
-            if r.get("split_p50_ms"):
-                print("    taskvisor split, p50: " + ", ".join(
-                    f"{k.removesuffix('_ms').replace('_', ' ')} {v:.2f} ms" for k, v in r["split_p50_ms"].items()))
+            _print_split("taskvisor split", r)
     pre = res.get("preload")
     if pre:
         print("\nPer-task start cost, handler module that takes 2 s to import")
@@ -491,9 +496,7 @@ def print_report(res: dict) -> None:
         for name, r in pre.items():
             print(f"  {name:<44} {r.get('n', 0):>4} {fmt(r.get('p50_ms'), '.2f'):>9} "
                   f"{fmt(r.get('p99_ms'), '.2f'):>9}")
-            if r.get("split_p50_ms"):
-                print("    split, p50: " + ", ".join(
-                    f"{k.removesuffix('_ms').replace('_', ' ')} {v:.2f} ms" for k, v in r["split_p50_ms"].items()))
+            _print_split("split", r)
     idle = res.get("idle")
     if idle and "error" not in idle:
         print(f"\nIdle supervisor (pool 4), {idle['window_s']:.0f} s")
