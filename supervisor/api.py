@@ -97,7 +97,6 @@ class Api:
         return 200, self._task(id)
 
     def retry(self, query: dict, body=None, *, id: str) -> tuple[int, dict]:
-        self._check_dedupe_free(id)
         try:
             self.queue.retry(id)
         except NotFound as exc:
@@ -105,23 +104,6 @@ class Api:
         except InputError as exc:
             raise ApiError(409, str(exc), field=exc.field) from None
         return 200, self._task(id)
-
-    def _check_dedupe_free(self, task_id: str) -> None:
-        """409 when another unfinished task holds this task's dedupe key: a retry would
-        break the key's uniqueness (the store answers that with a constraint error)."""
-        with self.database as store:
-            try:
-                task = store.get(task_id, history=False)
-            except NotFound as exc:
-                raise ApiError(404, str(exc), field="id") from None
-            if not task.dedupe_key or task.status not in (Status.FAILED, Status.CANCELLED):
-                return
-            with store.conn.read() as db:
-                holder = q.select_unfinished_by_dedupe_key(db, task.dedupe_key)
-        if holder and holder != task_id:
-            raise ApiError(409, f"task {holder} is unfinished and holds the same dedupe_key "
-                           f"{task.dedupe_key!r}; cancel it or wait for it first",
-                           field="dedupe_key")
 
     def _task(self, task_id: str) -> dict:
         try:

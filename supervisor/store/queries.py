@@ -123,14 +123,12 @@ _CLAIM_VARIANTS = {(c, b, t): _claim_sql(c, b, t)
 
 
 def claim_task(db: apsw.Connection, *, owner: str, now: float, lease_s: float,
-               full_types: list[str], free_mb: float | None, type_mb: str | dict[str, int],
+               full_types: list[str], free_mb: float | None, type_mb: str,
                default_mb: int) -> Task | None:
     """Lease the next due queued task whose type is not at its cap and whose memory fits.
 
-    `free_mb` None: no memory budget. `type_mb` may come already as JSON text (the store
+    `free_mb` None: no memory budget. `type_mb`: {type: MB} as JSON text (the store
     caches it: the same few types on every claim)."""
-    if not isinstance(type_mb, str):
-        type_mb = json.dumps(type_mb)
     typed = type_mb != "{}"
     if full_types or free_mb is not None or typed:
         args = {"owner": owner, "now": now, "lease_s": lease_s, "default_mb": default_mb}

@@ -23,7 +23,7 @@ from supervisor.store.connection import Connection, translate
 from supervisor.store.ids import new_id
 from supervisor.store.migrate import migrate as _migrate
 from supervisor.store.rows import (
-    Attempt, AttemptEnd, FINAL, Lease, NewTask, Outcome, Stats, Status, Task)
+    Attempt, AttemptEnd, Lease, NewTask, Outcome, Stats, Status, Task)
 
 
 class Store:
@@ -187,13 +187,10 @@ class Store:
             row = q.complete_task(db, lease, now, end.result)
             if row is None:
                 return False
-            self._end_attempt(db, lease, row[0], row[1], now, end)
+            q.insert_attempt(db, lease, started_at=row[0], now=now, end=end, pid=row[1])
             if row[2]:
                 q.unblock_dependents(db, lease.id)
         return True
-
-    def _end_attempt(self, db, lease: Lease, started_at, pid, now: float, end: AttemptEnd) -> None:
-        q.insert_attempt(db, lease, started_at=started_at, now=now, end=end, pid=pid)
 
     def fail(self, lease: Lease, end: AttemptEnd, now: float, backoff: policy.Backoff) -> Status | None:
         """Record an attempt that did not succeed and apply the retry policy.
@@ -213,7 +210,7 @@ class Store:
                 retryable=end.retryable, cancel_requested=task.cancel_requested, now=now,
                 backoff=backoff, delay_s=end.delay_s)
             reason = end.reason or str(end.outcome)
-            self._end_attempt(db, lease, task.started_at, task.pid, now, end)
+            q.insert_attempt(db, lease, started_at=task.started_at, now=now, end=end, pid=task.pid)
             if decision.action == "requeue":
                 q.requeue_task(db, lease, run_after=decision.run_after, refund=decision.refund,
                                outcome=str(end.outcome), error=reason)
@@ -285,7 +282,7 @@ class Store:
             holder = key and q.select_unfinished_by_dedupe_key(db, key)
             if holder:
                 raise InputError(f"task {task_id} cannot be retried: its dedupe key {key!r} is "
-                                 f"held by unfinished task {holder}", field="id")
+                                 f"held by unfinished task {holder}", field="dedupe_key")
             broken = q.select_broken_deps(db, task_id)
             if broken:
                 raise InputError(f"task {task_id} cannot be retried: it depends on task "
