@@ -129,10 +129,7 @@ class Demo:
         for key, value in (self.llm or {}).items():
             if value:  # for llm.chat whichever way it reads its settings
                 env[f"TASKVISOR_LLM__{key.upper()}"] = value
-        from supervisor import cli
-        argv = ([sys.executable, "-m", "supervisor", "run", "--config", str(cfg)] if "run" in cli.COMMANDS
-                else [sys.executable, "-c", "import sys; from supervisor.config import load; "
-                      "from supervisor import start; sys.exit(start.run(load(sys.argv[1])))", str(cfg)])
+        argv = [sys.executable, "-m", "supervisor", "run", "--config", str(cfg)]
         self.log_path = self.folder / "supervisor.log"
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(argv, cwd=self.folder, env=env, stdin=subprocess.DEVNULL,
@@ -173,7 +170,7 @@ class Demo:
                 return url
             except OSError:
                 time.sleep(0.1)
-        return f"{url} (not answering: this build has no HTTP server yet)"
+        return f"{url} (not answering yet: see {self.log_path})"
 
     def log_tail(self, size: int = 3000) -> str:
         try:
@@ -320,16 +317,13 @@ class Demo:
 
 
 def _llm_settings(config) -> dict | None:
-    env = os.environ
-    base = (env.get("TASKVISOR_LLM__BASE_URL") or env.get("TASKVISOR_LLM_BASE_URL")
-            or getattr(getattr(config, "llm", None), "base_url", None))
-    if not base:
+    """[llm] of the CLI's config (else of the defaults), environment overrides and their
+    short aliases applied by `config.load`; None when no base URL is set."""
+    from supervisor.config import load
+    llm = (config if config is not None else load(None)).llm
+    if not llm.base_url:
         return None
-    llm = getattr(config, "llm", None)
-    return {"base_url": base,
-            "model": env.get("TASKVISOR_LLM__MODEL") or env.get("TASKVISOR_LLM_MODEL")
-            or getattr(llm, "model", None) or "",
-            "api_key_env": env.get("TASKVISOR_LLM__API_KEY_ENV") or getattr(llm, "api_key_env", None) or ""}
+    return {"base_url": llm.base_url, "model": llm.model or "", "api_key_env": llm.api_key_env or ""}
 
 
 def _listen(requested, config) -> str:
