@@ -71,7 +71,7 @@ class Child:
             "log_format": config.log.format, "log_level": config.log.level,
             # What built-in handlers read as ctx.config: llm.chat's base_url, model,
             # api_key_env and timeouts. Never a secret: the key stays in the environment.
-            "config": {"llm": dataclasses.asdict(config.llm)},
+            "config": _handler_config(config),
         }
         child = cls(key=f"{task.id}:{task.attempts}", task=task, lease=task.lease, report_fd=-1,
                     server=server, spawned_mono=mono, timeout_s=timeout_s, memory_mb=memory_mb,
@@ -258,6 +258,17 @@ def _crash_reason(child: Child, st: int | None) -> str:
     if code in proto.EXIT_NAMES:
         return f"exited with code {code}: {proto.EXIT_NAMES[code]}"
     return f"exited with code {code}{when} without reporting an outcome (sys.exit or os._exit in the handler?)"
+
+
+_handler_configs: list = [None, {}]  # [the config it was built from, the dict]
+
+
+def _handler_config(config) -> dict:
+    """ctx.config of built-in handlers, built once per config rather than per spawn (the
+    spec is serialised at once, so one dict serves every task)."""
+    if _handler_configs[0] is not config:
+        _handler_configs[:] = [config, {"llm": dataclasses.asdict(config.llm)}]
+    return _handler_configs[1]
 
 
 def kill_orphans(known: set[int]) -> None:

@@ -18,9 +18,10 @@ import sys
 import time
 
 from supervisor.children import describe_status
+from workers import outcome as proto
 
-MAX_PACKET = 65536
-INLINE_SPEC_MAX = 60000  # bytes; a bigger spec goes in a memfd (the packet limit is 64 KiB)
+MAX_PACKET = proto.MAX_PACKET
+INLINE_SPEC_MAX = 60000  # bytes: under MAX_PACKET with room for the header line; bigger: a memfd
 
 
 class ForkServerError(Exception):
@@ -205,13 +206,17 @@ class ForkServers:
     def all(self) -> list[ForkServer]:
         return [self.current, *self.retiring]
 
-    def launch(self, preload, handlers: dict[str, str], timeout_s: float,
-               log_format: str = "text", log_level: str = "INFO") -> ForkServer:
+    def launch(self, config) -> ForkServer:
         """Start the next generation (raises ForkServerError); the caller installs it."""
-        new = ForkServer(preload, handlers, generation=self.current.generation + 1,
-                         log_format=log_format, log_level=log_level)
-        new.start(timeout_s=timeout_s)
-        return new
+        return launch(config, generation=self.current.generation + 1)
+
+    def take_due_restart(self, mono: float) -> bool:
+        """True (and counted) when a scheduled restart is due now."""
+        if self.restart_at is None or mono < self.restart_at:
+            return False
+        self.restart_at = None
+        self.restarts += 1
+        return True
 
     def replace(self, new: ForkServer) -> None:
         """`new` takes the new tasks; the old one exits once its tasks have ended."""
@@ -221,13 +226,23 @@ class ForkServers:
             old.stop()
             self.retiring.append(old)
 
-    def schedule_restart(self, mono: float) -> float:
-        """Back off by the number of restarts so far; returns the delay in seconds."""
-        if mono - self.current_since_mono > STABLE_S:
+    def schedule_restart(self, mono: float, *, died: bool) -> float:
+        """Back off by the number of restarts so far; returns the delay in seconds.
+        `died`: the current one just died (not: a restart of it failed)."""
+        if died and mono - self.current_since_mono > STABLE_S:
             self.restarts = 0  # it had been fine for a while: not a crash loop
         delay = RESTART_BACKOFF_S[min(self.restarts, len(RESTART_BACKOFF_S) - 1)]
         self.restart_at = mono + delay
         return delay
+
+
+def launch(config, generation: int = 1) -> ForkServer:
+    """A started fork server for `config`'s preload, handlers and logging (raises
+    ForkServerError with the preload's traceback)."""
+    server = ForkServer(config.supervisor.preload, handlers_of(config), generation=generation,
+                        log_format=config.log.format, log_level=config.log.level)
+    server.start(timeout_s=max(60.0, config.supervisor.boot_timeout_s))
+    return server
 
 
 def handlers_of(config) -> dict[str, str]:

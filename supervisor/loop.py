@@ -18,7 +18,6 @@ import time
 import uuid
 from collections.abc import Callable
 
-import psutil
 
 from supervisor import __version__, policy
 from supervisor.children import (Child, classify, kill, kill_group, kill_orphans, start_time,
@@ -70,7 +69,7 @@ class Supervisor:
         self.pending_pids: list[Child] = []
         self.watchdog = Watchdog()
         self.recovery = Recovery(self.host, self.owner)
-        self.started_at = psutil.Process().create_time()  # with the pid, names this process
+        self.started_at = start_time(os.getpid())  # with the pid, names this process
         self.signals = Signals()
         self.notifier = Notifier()
         self.wake = WakeSocket()
@@ -210,13 +209,10 @@ class Supervisor:
         self.emit("reloaded", pool_size=new.supervisor.pool_size)
         self.notifier.ready(self.status_line())
 
-    def replace_fork_server(self, why: str) -> None:
+    def replace_fork_server(self, why: str) -> bool:
         """Start a new fork server for new tasks; the old one stays until its tasks end."""
         try:
-            new = self.servers.launch(self.config.supervisor.preload, handlers_of(self.config),
-                                      timeout_s=max(60.0, self.config.supervisor.boot_timeout_s),
-                                      log_format=self.config.log.format,
-                                      log_level=self.config.log.level)
+            new = self.servers.launch(self.config)
         except ForkServerError as exc:
             log.error("new fork server failed (%s), keeping the old one: %s\n%s", why, exc, exc.detail)
             return False
@@ -250,16 +246,14 @@ class Supervisor:
                 if not orphans:
                     servers.retiring.remove(server)
             elif servers.restart_at is None:
-                delay = servers.schedule_restart(mono)
+                delay = servers.schedule_restart(mono, died=True)
                 log.error("fork server %s died; restarting in %.1fs", server.pid, delay)
-        if servers.restart_at is not None and mono >= servers.restart_at and not self.stopping:
-            servers.restart_at = None
-            servers.restarts += 1
+        if not self.stopping and servers.take_due_restart(mono):
             if self.replace_fork_server("the previous one died"):
                 self.claim_needed = True
                 self.emit("forkserver_restarted", pid=servers.current.pid)
             else:
-                servers.schedule_restart(mono)
+                servers.schedule_restart(mono, died=False)
 
     def on_server_event(self, server: ForkServer, msg: dict, mono: float) -> None:
         op = msg.get("op")
@@ -519,12 +513,13 @@ class Supervisor:
     def claim(self, now: float, free: int) -> list[Task]:
         """Lease up to `free` tasks (inside the caller's transaction)."""
         cfg = self.config
+        caps = cfg.concurrency_caps()
+        type_mb = {n: t.memory_mb for n, t in cfg.types.items() if t.memory_mb}
         claimed: list[Task] = []
         while len(claimed) < free:
             task = self.store.claim(
-                self.owner, now, lease_s=cfg.supervisor.lease_s, caps=cfg.concurrency_caps(),
-                memory_budget_mb=self.memory_budget_mb,
-                type_memory_mb={n: t.memory_mb for n, t in cfg.types.items() if t.memory_mb},
+                self.owner, now, lease_s=cfg.supervisor.lease_s, caps=caps,
+                memory_budget_mb=self.memory_budget_mb, type_memory_mb=type_mb,
                 default_memory_mb=cfg.defaults.memory_mb)
             if task is None:
                 self.claim_needed = False

@@ -12,10 +12,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-import psutil
-
 from supervisor import policy
-from supervisor.children import kill_leftover
+from supervisor.children import kill_leftover, start_time
 from supervisor.store import Store, Task
 
 log = logging.getLogger("taskvisor.supervisor")
@@ -32,11 +30,8 @@ class Recovery:
         for owner, host, pid, started, *_ in store.supervisors():
             if host != self.host or owner == self.owner:
                 continue
-            try:
-                alive = abs(psutil.Process(pid).create_time() - started) < 0.05
-            except psutil.Error:
-                alive = False
-            if not alive:
+            now_started = start_time(pid)
+            if now_started is None or abs(now_started - started) >= 0.05:
                 dead.append(owner)
         return dead
 

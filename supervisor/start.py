@@ -17,7 +17,7 @@ import logging
 import sys
 
 from supervisor import logs
-from supervisor.forkserver import ForkServer, ForkServerError, handlers_of
+from supervisor.forkserver import ForkServerError, launch
 from supervisor.config import Config
 from supervisor.errors import StoreError
 from workers.limits import delegated_cgroup
@@ -34,11 +34,8 @@ def run(config: Config, *, events=None) -> int:
     cgroup_dir, cgroup_note = delegated_cgroup()
     log.info("memory limits: %s", cgroup_note)
     set_child_subreaper()
-    handlers = handlers_of(config)
-    server = ForkServer(config.supervisor.preload, handlers, log_format=config.log.format,
-                        log_level=config.log.level)
     try:
-        server.start(timeout_s=max(60.0, config.supervisor.boot_timeout_s))
+        server = launch(config)
     except ForkServerError as exc:
         sys.stderr.write(f"taskvisor: error: {exc}\n{exc.detail}")
         sys.stderr.flush()

@@ -26,7 +26,6 @@ from workers.limits import LimitError, Limits, apply
 from workers.pdeathsig import set_parent_death_signal, set_process_name
 
 log = logging.getLogger("taskvisor.task")
-SPARE_PACKET = 65536  # the fork server's own limit for a spec sent inline
 SPARE_NAME = b"taskvisor-spare"  # /proc/PID/comm of a spare waiting for its task
 
 
@@ -78,7 +77,7 @@ def run_spare(sock_fd: int, parent_pid: int, name: bytes = b"python") -> None:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         with socket.socket(fileno=sock_fd) as sock:
-            data, fds, _flags, _addr = socket.recv_fds(sock, SPARE_PACKET, 2)
+            data, fds, _flags, _addr = socket.recv_fds(sock, proto.MAX_PACKET, 2)
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         if not fds:
             code = proto.EXIT_PARENT_GONE  # not a task: the fork server is stopping
@@ -184,14 +183,12 @@ def _run_handler(spec: dict, reporter: Reporter) -> int:
                       "(its memory limit, RLIMIT_DATA, refused an allocation)",
                       traceback=traceback.format_exc(limit=20), retryable=True,
                       outcome="memory_limit")
-    except Fail as exc:  # the handler chose the outcome and whether a retry can help
+    except BaseException as exc:  # a Fail says the outcome and whether a retry can help
+        chosen = isinstance(exc, Fail)
         reporter.send(proto.ERROR, type=type(exc).__qualname__, message=str(exc)[:4000],
                       traceback=traceback.format_exc(limit=50)[-16000:],
-                      retryable=exc.retryable, outcome=exc.outcome)
-    except BaseException as exc:
-        reporter.send(proto.ERROR, type=type(exc).__qualname__, message=str(exc)[:4000],
-                      traceback=traceback.format_exc(limit=50)[-16000:], retryable=True,
-                      outcome="error")
+                      retryable=exc.retryable if chosen else True,
+                      outcome=exc.outcome if chosen else "error")
     return proto.EXIT_OK
 
 

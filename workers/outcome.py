@@ -8,6 +8,10 @@ never import anything outside the standard library: it is loaded in the fork ser
 
 from __future__ import annotations
 
+# The largest packet on the fork server's sockets (supervisor <-> fork server <-> spare);
+# a spawn whose spec does not fit inline sends it in a memfd.
+MAX_PACKET = 65536
+
 # Message kinds, child -> supervisor.
 READY = "ready"          # set-up done, about to run user code
 PROGRESS = "progress"    # {"fraction": float|None, "message": str|None}

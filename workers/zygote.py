@@ -42,7 +42,7 @@ from workers import child, registry
 from workers import outcome as proto
 from workers.pdeathsig import set_parent_death_signal
 
-MAX_PACKET = 65536
+MAX_PACKET = proto.MAX_PACKET
 SPARE_IDLE_S = 0.02  # no spawn for this long: fork a spare for the next one
 
 
