@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 from supervisor.client import Queue
+from tests.support import kill_tree
 from tests.support.openai_server import FakeOpenAI, Stream
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,12 +55,18 @@ def test_demo_runs_every_outcome_and_stops(tmp_path):
     db = tmp_path / "demo.db"
     port = free_port()
     started = time.monotonic()
-    res = subprocess.run([sys.executable, "-c", CODE, "--db", str(db), "--listen", f"127.0.0.1:{port}"],
-                         cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=110)
+    proc = subprocess.Popen([sys.executable, "-c", CODE, "--db", str(db), "--listen", f"127.0.0.1:{port}"],
+                            cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:  # on a timeout, its supervisor (a session of its own) must not outlive the test
+        out, err = proc.communicate(timeout=110)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc.pid)
+            proc.wait()
     took = time.monotonic() - started
-    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    assert proc.returncode == 0, out[-4000:] + err[-4000:]
     assert took < 60, took
-    out = res.stdout
     assert f"http://127.0.0.1:{port}/" in out
     assert "offline stand-in" in out and "Summary" in out and "supervisor stopped (exit code 0)" in out
     summary = out[out.index("Summary"):]
@@ -116,7 +123,7 @@ def test_keep_running_until_ctrl_c(tmp_path):
         rest, _ = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            kill_tree(proc.pid)  # the demo and the supervisor it started
             proc.wait()
     assert proc.returncode == 0, "".join(lines) + rest
     assert "supervisor stopped" in rest

@@ -13,6 +13,7 @@ import pytest
 
 from supervisor import Queue
 from supervisor.store import Status
+from tests.support import kill_tree
 from tests.e2e.http_support import (  # noqa: F401  (fixtures)
     shared, spawn, start, supervisor, wait_for, write_config)
 
@@ -273,7 +274,7 @@ def test_token_and_database_files_are_private_and_the_token_is_kept(tmp_path):
 
 def _kill(sup) -> None:
     if sup.proc.poll() is None:
-        sup.proc.kill()
+        kill_tree(sup.proc.pid)  # with its fork server and any task process
         sup.proc.wait()
 
 
@@ -303,7 +304,7 @@ def test_a_taken_port_leaves_http_off_but_tasks_run(supervisor, tmp_path):
             assert queue.wait(task_id, timeout=15).status is Status.SUCCEEDED
         assert supervisor.get("/healthz").status == 200  # the first one is untouched
     finally:
-        proc.kill()
+        kill_tree(proc.pid)
         proc.wait()
 
 
@@ -319,7 +320,7 @@ def test_an_unusable_token_file_leaves_http_off_with_the_reason(tmp_path):
         assert "listening on" not in log.read_text()
         assert proc.poll() is None
     finally:
-        proc.kill()
+        kill_tree(proc.pid)
         proc.wait()
 
 

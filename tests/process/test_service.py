@@ -6,7 +6,6 @@ A real supervisor process, a real unix datagram socket standing in for systemd."
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 

@@ -50,6 +50,7 @@ def test_four_processes_claim_every_task_exactly_once(db_path, tmp_path):
 
     read_fd, write_fd = os.pipe()
     pids = []
+    codes: list[int] = []
     try:
         for n in range(WORKERS):
             pid = os.fork()
@@ -64,11 +65,12 @@ def test_four_processes_claim_every_task_exactly_once(db_path, tmp_path):
         os.close(read_fd)
         started = time.monotonic()
         os.write(write_fd, b"g" * WORKERS)  # one byte each: all start together
-        codes = [reap(pid, timeout=100) for pid in pids]
+        for pid in pids:
+            codes.append(reap(pid, timeout=100))
         elapsed = time.monotonic() - started
     finally:
         os.close(write_fd)
-        for pid in pids:
+        for pid in pids[len(codes):]:  # only the unreaped: a reaped pid may be reused
             kill_tree(pid)
             try:
                 os.waitpid(pid, os.WNOHANG)

@@ -18,6 +18,7 @@ from supervisor.errors import ForkedConnection, NotFound
 from supervisor.policy import Backoff
 from supervisor.store import Status, Store, Task
 from supervisor.store import queries as q
+from tests.store.forking import reap
 from tests.store.factory import LEASE_S, T0, error, new, ok
 
 BACKOFF = Backoff(initial_s=1.0, max_s=60.0)
@@ -154,8 +155,8 @@ def test_a_child_forked_inside_a_transaction_cannot_join_it(store):
             except BaseException:  # noqa: BLE001 - anything else is the bug
                 code = 2
             os._exit(code)
-        _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+        code = reap(pid)
+    assert code == 0
     assert store.claim("parent", T0, lease_s=LEASE_S) is not None
 
 

@@ -8,6 +8,7 @@ import re
 import pytest
 
 from supervisor.store import ids
+from tests.store.forking import reap
 
 CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
@@ -59,7 +60,7 @@ def test_a_forked_child_starts_its_own_random_sequence():
     os.close(w)
     child = os.read(r, 64).decode()
     os.close(r)
-    os.waitpid(pid, 0)
+    assert reap(pid) == 0
     # Same millisecond: the child did not continue the parent's counter (parent + 1).
     assert child[:10] == parent[:10]
     assert decode(child) != decode(parent) + 1
