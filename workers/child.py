@@ -10,14 +10,12 @@ write task state anywhere but the pipe.
 
 from __future__ import annotations
 
-import inspect
 import json
-import logging
 import os
 import signal
 import socket
 import sys
-import traceback
+from collections.abc import Awaitable
 
 from workers import outcome as proto
 from workers import registry
@@ -25,7 +23,6 @@ from workers.context import Fail, Retry, TaskCancelled, TaskContext
 from workers.limits import LimitError, Limits, apply
 from workers.pdeathsig import set_parent_death_signal, set_process_name
 
-log = logging.getLogger("taskvisor.task")
 SPARE_NAME = b"taskvisor-spare"  # /proc/PID/comm of a spare waiting for its task
 
 
@@ -116,7 +113,11 @@ def start(spec: dict | bytes | int, report_fd: int) -> int:
     if not isinstance(spec, dict):
         spec = json.loads(spec)
     reporter = Reporter(report_fd)
-    _setup_logging(spec)
+    task = spec["task"]
+    log_settings = (spec.get("log_format") == "json", spec.get("log_level", "INFO"))
+    tasklog = sys.modules.get("workers.tasklog")
+    if tasklog is not None:  # the fork server set logging up (a preload module uses it)
+        tasklog.for_task(*log_settings, task["id"], task["type"])
     try:
         apply(Limits.from_dict(spec.get("limits") or {}))
     except LimitError as exc:
@@ -124,14 +125,22 @@ def start(spec: dict | bytes | int, report_fd: int) -> int:
                       retryable=False, outcome="crashed")
         return proto.EXIT_BOOT_ERROR
     reporter.write(b'{"kind":"%s","pid":%d}\n' % (proto.READY.encode(), os.getpid()))
-    return _run_handler(spec, reporter)
+    return _run_handler(spec, reporter, log_settings)
 
 
 def _print_exc() -> None:
     try:
+        import traceback
         traceback.print_exc()
     except BaseException:
         pass
+
+
+def _format_exc(limit: int) -> str:
+    """The current exception's traceback. traceback (with linecache and tokenize) is
+    imported here, on the error path, and not into the fork server that every fork copies."""
+    import traceback
+    return traceback.format_exc(limit=limit)
 
 
 def _leave(code: int) -> None:
@@ -143,11 +152,11 @@ def _leave(code: int) -> None:
     os._exit(code)
 
 
-def _run_handler(spec: dict, reporter: Reporter) -> int:
+def _run_handler(spec: dict, reporter: Reporter, log_settings: tuple[bool, str]) -> int:
     task = spec["task"]
     ctx = TaskContext(id=task["id"], type=task["type"], attempt=task["attempt"],
                       max_attempts=task["max_attempts"], deadline_at=spec.get("deadline_at"),
-                      reporter=reporter, config=spec.get("config"))
+                      reporter=reporter, config=spec.get("config"), log_settings=log_settings)
 
     def on_term(signum, frame):
         ctx.cancelled = True
@@ -166,7 +175,7 @@ def _run_handler(spec: dict, reporter: Reporter) -> int:
                          f"or set [types.\"{task['type']}\"] handler = \"module:function\""))
             return proto.EXIT_OK
         result = handler(task["payload"], ctx)
-        if inspect.isawaitable(result):
+        if isinstance(result, Awaitable):
             import asyncio  # not at the top: with ssl it is MiBs that every fork would copy
             result = asyncio.run(_await(result))
         _send_result(reporter, result, spec.get("max_result_bytes", 1 << 20))
@@ -181,12 +190,12 @@ def _run_handler(spec: dict, reporter: Reporter) -> int:
     except MemoryError:
         reporter.send(proto.ERROR, type="MemoryError", message="the task ran out of memory "
                       "(its memory limit, RLIMIT_DATA, refused an allocation)",
-                      traceback=traceback.format_exc(limit=20), retryable=True,
+                      traceback=_format_exc(20), retryable=True,
                       outcome="memory_limit")
     except BaseException as exc:  # a Fail says the outcome and whether a retry can help
         chosen = isinstance(exc, Fail)
         reporter.send(proto.ERROR, type=type(exc).__qualname__, message=str(exc)[:4000],
-                      traceback=traceback.format_exc(limit=50)[-16000:],
+                      traceback=_format_exc(50)[-16000:],
                       retryable=exc.retryable if chosen else True,
                       outcome=exc.outcome if chosen else "error")
     return proto.EXIT_OK
@@ -243,54 +252,3 @@ def _close_fds_except(keep: set[int]) -> None:
         os.closerange(low, fd)
         low = fd + 1
     os.closerange(low, 1 << 16)
-
-
-class _TaskFormatter(logging.Formatter):
-    def __init__(self, fmt_json: bool):
-        super().__init__("%(asctime)s %(levelname)s task=%(task_id)s type=%(task_type)s %(name)s: %(message)s")
-        self.fmt_json = fmt_json
-        self.task: dict = {}
-
-    def format(self, record: logging.LogRecord) -> str:
-        for key in ("task_id", "task_type"):
-            if not hasattr(record, key):
-                setattr(record, key, self.task.get(key.removeprefix("task_")))
-        if not self.fmt_json:
-            return super().format(record)
-        out = {"ts": record.created, "level": record.levelname, "logger": record.name,
-               "task_id": record.task_id, "type": record.task_type, "msg": record.getMessage()}
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, ensure_ascii=False)
-
-
-_handler: logging.Handler | None = None
-_level: str | None = None
-
-
-def setup_logging(fmt_json: bool, level: str, types: list[str] = ()) -> None:
-    """Called once in the fork server, so a task process only fills in its task's fields.
-    The loggers of `types` (`ctx.logger`'s) are made here too, not in every task process."""
-    global _handler, _level
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        root.removeHandler(h)
-    _handler = logging.StreamHandler(sys.stderr)
-    _handler.setFormatter(_TaskFormatter(fmt_json))
-    root.addHandler(_handler)
-    root.setLevel(level)
-    _level = level
-    for name in types:
-        logging.getLogger(f"taskvisor.task.{name}")
-
-
-def _setup_logging(spec: dict) -> None:
-    global _level
-    fmt_json = spec.get("log_format") == "json"
-    level = spec.get("log_level", "INFO")
-    if _handler is None or _handler.formatter.fmt_json != fmt_json:
-        setup_logging(fmt_json, level)
-    elif level != _level:  # changed by a reload since the fork server started
-        logging.getLogger().setLevel(level)
-        _level = level
-    _handler.formatter.task = {"id": spec["task"]["id"], "type": spec["task"]["type"]}

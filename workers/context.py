@@ -7,9 +7,7 @@ writes messages to the report pipe; it never touches the database.
 
 from __future__ import annotations
 
-import logging
 import time
-from typing import Any
 
 
 class Retry(Exception):
@@ -51,8 +49,8 @@ class TaskContext:
     """Handed to every handler. Cheap to call: progress() is one small pipe write."""
 
     def __init__(self, *, id: str, type: str, attempt: int, max_attempts: int,
-                 deadline_at: float | None, reporter: Any, logger: logging.Logger | None = None,
-                 config: dict | None = None):
+                 deadline_at: float | None, reporter, logger=None, config: dict | None = None,
+                 log_settings: tuple[bool, str] | None = None):
         self.id = id
         self.type = type
         self.attempt = attempt
@@ -61,8 +59,20 @@ class TaskContext:
         self.cancelled = False                # set once the supervisor asked to stop
         self.config = config or {}            # config sections for handlers: {"llm": {...}}
         self._reporter = reporter
-        base = logger or logging.getLogger(f"taskvisor.task.{type}")
-        self.logger = logging.LoggerAdapter(base, {"task_id": id, "task_type": type})
+        self._logger_base = logger
+        self._log_settings = log_settings     # (JSON lines?, level) for a lazy set-up
+        self._logger = None
+
+    @property
+    def logger(self):
+        """A logging.LoggerAdapter on `taskvisor.task.<type>` whose lines carry the task id.
+        Made on first use: `logging` is imported then if no preload module imported it."""
+        if self._logger is None:
+            from workers import tasklog
+            if self._log_settings is not None:
+                tasklog.for_task(*self._log_settings, self.id, self.type)
+            self._logger = tasklog.adapter(self.type, self.id, self._logger_base)
+        return self._logger
 
     @property
     def remaining_s(self) -> float | None:

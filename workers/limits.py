@@ -11,21 +11,33 @@ from __future__ import annotations
 
 import os
 import resource
-from dataclasses import dataclass
 
 MIB = 1024 * 1024
 
 
-@dataclass(frozen=True)
 class Limits:
-    memory_mb: int | None = None
-    cpu_s: float | None = None
-    open_files: int | None = None
-    cgroup_dir: str | None = None   # a delegated cgroup v2 folder to create our cgroup in
+    """A task's limits, each None when unset. A plain class, not a dataclass: this module
+    is loaded in the fork server, and dataclasses imports inspect and ast into it."""
+
+    __slots__ = ("memory_mb", "cpu_s", "open_files", "cgroup_dir")
+
+    def __init__(self, memory_mb: int | None = None, cpu_s: float | None = None,
+                 open_files: int | None = None, cgroup_dir: str | None = None):
+        self.memory_mb = memory_mb
+        self.cpu_s = cpu_s
+        self.open_files = open_files
+        self.cgroup_dir = cgroup_dir  # a delegated cgroup v2 folder to create our cgroup in
 
     @classmethod
     def from_dict(cls, d: dict) -> "Limits":
         return cls(d.get("memory_mb"), d.get("cpu_s"), d.get("open_files"), d.get("cgroup_dir"))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Limits) and all(
+            getattr(self, k) == getattr(other, k) for k in self.__slots__)
+
+    def __repr__(self) -> str:
+        return "Limits(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__) + ")"
 
 
 class LimitError(Exception):

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from typing import Any
 
-Handler = Callable[..., Any]
+Handler = Callable[..., object]  # not typing.Any: typing is kept out of the fork server
 
 _handlers: dict[str, Handler] = {}
 
@@ -38,7 +37,7 @@ def register(name: str, fn: Handler) -> None:
 def resolve(spec: str) -> Handler:
     """Import "package.module:function" and return the function (ImportError/AttributeError)."""
     module_name, _, attr = spec.partition(":")
-    obj: Any = importlib.import_module(module_name)
+    obj = importlib.import_module(module_name)
     for part in attr.split("."):
         obj = getattr(obj, part)
     if not callable(obj):

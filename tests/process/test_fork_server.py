@@ -7,6 +7,7 @@ and leaves with the fork server."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -188,3 +189,32 @@ def test_stopping_the_supervisor_ends_the_spare_with_the_fork_server(supervisor_
     assert sup.stop() == 0
     assert_dead(server.pid, what="fork server")
     assert_dead(spare.pid, what="spare")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_a_lean_preload_keeps_logging_out_until_a_handler_logs(supervisor_proc, fmt):
+    """With a preload module that imports no logging, neither the fork server nor a task
+    process has logging, threading or traceback loaded before the handler runs (each fork
+    would pay for them); ctx.logger imports logging on first use, in the configured format,
+    with the task id on the line; an error still reports its traceback."""
+    sup = supervisor_proc(supervisor={"pool_size": 1, "preload": ["tvp_lean"]},
+                          log={"level": "INFO", "format": fmt})
+    task_id = sup.enqueue("lean.log")
+    result = sup.wait_status(task_id, "succeeded").result
+    assert result["loaded_at_start"] == []
+    assert result["logging_after"] is True
+    sup.wait_log(f"lean line of {task_id}")
+    line = next(ln for ln in sup.log().splitlines() if f"lean line of {task_id}" in ln)
+    if fmt == "json":
+        record = json.loads(line)
+        assert (record["task_id"], record["type"], record["level"]) == (task_id, "lean.log", "WARNING")
+    else:
+        assert f"task={task_id}" in line and "WARNING" in line
+
+    failed = sup.wait_status(sup.enqueue("lean.fail", max_attempts=1), "failed")
+    (attempt,) = failed.history
+    assert attempt.outcome == "error"
+    assert (attempt.error["type"], attempt.error["message"]) == ("ValueError", "lean failure")
+    assert "Traceback" in attempt.error["traceback"] and "tvp_lean.py" in attempt.error["traceback"]
+    assert sup.stop() == 0
