@@ -10,12 +10,12 @@ write task state anywhere but the pipe.
 
 from __future__ import annotations
 
+import _signal
 import json
 import os
-import signal
 import socket
 import sys
-from collections.abc import Awaitable
+from json.encoder import c_make_encoder, encode_basestring
 
 from workers import outcome as proto
 from workers import registry
@@ -24,6 +24,40 @@ from workers.limits import LimitError, Limits, apply
 from workers.pdeathsig import set_parent_death_signal, set_process_name
 
 SPARE_NAME = b"taskvisor-spare"  # /proc/PID/comm of a spare waiting for its task
+
+# Every page a task process writes to is copied from the fork server first (a fault of
+# about 3 us here), and Python writes to every object it touches. So the path from fork
+# to exit calls C functions directly where the Python wrappers do extra work: `_signal`'s
+# functions, not `signal`'s (which turn each return value into an enum, about 100 faults
+# a task), and json's C encoder, not json.dumps (which builds an encoder per call).
+SIGTERM, SIG_DFL, SIG_BLOCK, SIG_UNBLOCK = (
+    _signal.SIGTERM, _signal.SIG_DFL, _signal.SIG_BLOCK, _signal.SIG_UNBLOCK)
+_TERM = (SIGTERM,)
+_RESET = (_signal.SIGCHLD, _signal.SIGINT, _signal.SIGHUP)
+
+
+def _not_json(obj):
+    raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
+
+
+def _result_encoder():
+    """obj -> compact JSON text, as json.dumps(obj, separators=(",", ":"),
+    ensure_ascii=False, allow_nan=False) makes it."""
+    if c_make_encoder is None:  # a Python without the _json accelerator
+        return json.JSONEncoder(separators=(",", ":"), ensure_ascii=False,
+                                allow_nan=False).encode
+    make = c_make_encoder
+
+    def encode(obj) -> str:
+        if isinstance(obj, str):
+            return encode_basestring(obj)
+        # markers (a dict) catch circular references; allow_nan=False
+        return "".join(make({}, _not_json, encode_basestring, None, ":", ",",
+                            False, False, False)(obj, 0))
+    return encode
+
+
+_encode_result = _result_encoder()
 
 
 class Reporter:
@@ -71,11 +105,11 @@ def run_spare(sock_fd: int, parent_pid: int, name: bytes = b"python") -> None:
         set_process_name(SPARE_NAME)
         # While it waits, a TERM ends it (the fork server forks another): held back
         # until the handler ran, a stray TERM would cancel the next task instead.
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        _signal.signal(SIGTERM, SIG_DFL)
+        _signal.pthread_sigmask(SIG_UNBLOCK, _TERM)
         with socket.socket(fileno=sock_fd) as sock:
             data, fds, _flags, _addr = socket.recv_fds(sock, proto.MAX_PACKET, 2)
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        _signal.pthread_sigmask(SIG_BLOCK, _TERM)
         if not fds:
             code = proto.EXIT_PARENT_GONE  # not a task: the fork server is stopping
             return
@@ -93,9 +127,9 @@ def prepare(parent_pid: int, keep_fds: tuple[int, ...] = ()) -> None:
     closed. Raises on failure; exits at once if the fork server is already gone."""
     # A TERM (timeout, cancel, shutdown) that arrives during set-up waits until the
     # handler runs inside its try block, where it becomes TaskCancelled.
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    _signal.pthread_sigmask(SIG_BLOCK, _TERM)
     os.setpgid(0, 0)
-    set_parent_death_signal(signal.SIGKILL)
+    set_parent_death_signal(_signal.SIGKILL)
     if os.getppid() != parent_pid:
         os._exit(proto.EXIT_PARENT_GONE)
     _reset_signals()
@@ -162,10 +196,10 @@ def _run_handler(spec: dict, reporter: Reporter, log_settings: tuple[bool, str])
         ctx.cancelled = True
         raise TaskCancelled()
 
-    signal.signal(signal.SIGTERM, on_term)
+    _signal.signal(SIGTERM, on_term)
     handler = registry.lookup(task["type"])
     try:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        _signal.pthread_sigmask(SIG_UNBLOCK, _TERM)
         if handler is None:
             reporter.send(
                 proto.ERROR, type="UnknownTaskType", traceback="", retryable=False,
@@ -175,14 +209,14 @@ def _run_handler(spec: dict, reporter: Reporter, log_settings: tuple[bool, str])
                          f"or set [types.\"{task['type']}\"] handler = \"module:function\""))
             return proto.EXIT_OK
         result = handler(task["payload"], ctx)
-        if isinstance(result, Awaitable):
+        if result is not None and hasattr(type(result), "__await__"):  # inspect.isawaitable
             import asyncio  # not at the top: with ssl it is MiBs that every fork would copy
             result = asyncio.run(_await(result))
         _send_result(reporter, result, spec.get("max_result_bytes", 1 << 20))
     except Retry as exc:
         reporter.send(proto.RETRY, delay_s=exc.delay_s, reason=exc.reason)
     except TaskCancelled:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        _signal.signal(SIGTERM, SIG_DFL)
         reporter.send(proto.CANCELLED)
     except SystemExit as exc:  # the handler called sys.exit(n): honour n, skip atexit
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
@@ -207,8 +241,8 @@ async def _await(awaitable):
 
 def _send_result(reporter: Reporter, result, limit: int) -> None:
     try:
-        text = json.dumps(result, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError) as exc:
+        text = _encode_result(result)
+    except (TypeError, ValueError, RecursionError) as exc:
         reporter.send(proto.ERROR, type="ResultNotJSON", retryable=False, outcome="error",
                       traceback="", message=f"the handler returned a value that is not JSON "
                       f"serialisable ({exc}); return dicts, lists, strings, numbers, None")
@@ -222,17 +256,17 @@ def _send_result(reporter: Reporter, result, limit: int) -> None:
         return
     # One dumps, not two: the line is {"kind":"result","result":<the text as a string>}.
     reporter.write(b'{"kind":"%s","result":%s}\n' % (
-        proto.RESULT.encode(), json.dumps(text, ensure_ascii=False).encode()))
+        proto.RESULT.encode(), encode_basestring(text).encode()))
 
 
 def _reset_signals() -> None:
     """Undo the fork server's signal set-up (SIGPIPE stays ignored, as Python sets it)."""
     try:
-        signal.set_wakeup_fd(-1)
+        _signal.set_wakeup_fd(-1)
     except ValueError:
         pass
-    for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_DFL)
+    for sig in _RESET:
+        _signal.signal(sig, SIG_DFL)
 
 
 def _read_all(fd: int) -> bytes:

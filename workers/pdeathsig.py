@@ -22,7 +22,10 @@ if sys.platform.startswith("linux"):
         # find_library: that imports subprocess, tempfile and random into the fork
         # server, and random's after-fork hook reseeds in every task process.
         _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.prctl  # resolve now, in the fork server, not in every task process
+        # Resolve and type it now, in the fork server: a typed call converts its
+        # arguments with less work (fewer page faults) in every task process.
+        _libc.prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
+        _libc.prctl.restype = ctypes.c_int
     except (OSError, AttributeError):
         _libc = None
 
@@ -46,4 +49,5 @@ def set_process_name(name: bytes) -> bool:
     """Set this process's name as `ps` and /proc/PID/comm show it (15 bytes at most)."""
     if _libc is None:
         return False
-    return _libc.prctl(PR_SET_NAME, ctypes.c_char_p(name[:15]), 0, 0, 0) == 0
+    buf = ctypes.create_string_buffer(name[:15])
+    return _libc.prctl(PR_SET_NAME, ctypes.addressof(buf), 0, 0, 0) == 0
