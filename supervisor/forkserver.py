@@ -91,7 +91,7 @@ class ForkServer:
     def spawn(self, key: str, spec: dict) -> int:
         """Ask for one task process; returns the read end of its report pipe. The pid
         comes later in a "spawned" event."""
-        head = json.dumps({"op": "spawn", "key": key}).encode()
+        head = b"spawn " + key.encode()
         body = json.dumps(spec, separators=(",", ":"), ensure_ascii=False).encode()
         report_r, report_w = os.pipe()
         fds = [report_w]
@@ -132,7 +132,7 @@ class ForkServer:
             if not data:
                 self.exited = True
                 break
-            out.append(json.loads(data))
+            out.append(parse_event(data))
         return out
 
     def stop(self) -> None:
@@ -140,7 +140,7 @@ class ForkServer:
         if self.sock is not None:
             try:
                 self.sock.setblocking(True)
-                self.sock.send(b'{"op":"stop"}')
+                self.sock.send(b"stop")
             except OSError:
                 pass
 
@@ -163,6 +163,23 @@ class ForkServer:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
+
+
+def parse_event(data: bytes) -> dict:
+    """One per-task message of the fork server (a text line, see workers.zygote) as a dict
+    with its "op"; anything else is taken as JSON."""
+    op, _, rest = data.partition(b" ")
+    if op == b"exited":
+        pid, status, utime, stime, maxrss = rest.split()
+        return {"op": "exited", "pid": int(pid), "status": int(status), "utime": float(utime),
+                "stime": float(stime), "maxrss_kb": int(maxrss)}
+    if op == b"spawned":
+        key, pid = rest.split()
+        return {"op": "spawned", "key": key.decode(), "pid": int(pid)}
+    if op == b"spawn_failed":
+        key, _, error = rest.partition(b" ")
+        return {"op": "spawn_failed", "key": key.decode(), "error": error.decode(errors="replace")}
+    return json.loads(data)
 
 
 def _child_env() -> dict:

@@ -80,8 +80,9 @@ class Reporter:
 def run(spec: dict | bytes | int, report_fd: int, parent_pid: int,
         keep_fds: tuple[int, ...] = ()) -> None:
     """Entry point in the forked child; never returns. `spec` is the spec (parsed by the
-    fork server before the fork, so the task process does not pay for it), its JSON text,
-    or a descriptor to read it from (a memfd, for a spec too big for one packet)."""
+    fork server before the fork: that costs the task process fewer page faults), its JSON
+    text, or a descriptor to read it from (a memfd, for a spec too big for one packet).
+    `report_fd` must be close-on-exec already."""
     code = proto.EXIT_BOOT_ERROR
     try:
         prepare(parent_pid, keep_fds=(report_fd, *((spec,) if isinstance(spec, int) else ()),
@@ -114,6 +115,7 @@ def run_spare(sock_fd: int, parent_pid: int, name: bytes = b"python") -> None:
             code = proto.EXIT_PARENT_GONE  # not a task: the fork server is stopping
             return
         set_process_name(name)
+        os.set_inheritable(fds[0], False)  # the handler's subprocesses must not hold it
         code = start(fds[1] if len(fds) > 1 else data, fds[0])
     except BaseException:
         _print_exc()
@@ -139,7 +141,6 @@ def prepare(parent_pid: int, keep_fds: tuple[int, ...] = ()) -> None:
 def start(spec: dict | bytes | int, report_fd: int) -> int:
     """Read the spec, apply its limits, report ready, run the handler; the exit code.
     Runs after `prepare`; raises if set-up fails before the handler."""
-    os.set_inheritable(report_fd, False)
     if isinstance(spec, int):
         data = _read_all(spec)
         os.close(spec)
@@ -241,7 +242,7 @@ async def _await(awaitable):
 
 def _send_result(reporter: Reporter, result, limit: int) -> None:
     try:
-        text = _encode_result(result)
+        text = "null" if result is None else _encode_result(result)
     except (TypeError, ValueError, RecursionError) as exc:
         reporter.send(proto.ERROR, type="ResultNotJSON", retryable=False, outcome="error",
                       traceback="", message=f"the handler returned a value that is not JSON "

@@ -54,9 +54,15 @@ def _lower(which: int, name: str, value: int) -> None:
         raise LimitError(f"cannot set {name} to {value}: {exc}") from exc
 
 
+def no_core_dumps() -> None:
+    """RLIMIT_CORE = 0: a crash must not dump gigabytes. Called once by the fork server,
+    whose task processes inherit it (one step less in each of them). Raises LimitError."""
+    _lower(resource.RLIMIT_CORE, "RLIMIT_CORE", 0)
+
+
 def apply(limits: Limits) -> None:
-    """Apply every limit to this process. Raises LimitError."""
-    _lower(resource.RLIMIT_CORE, "RLIMIT_CORE", 0)  # a crash must not dump gigabytes
+    """Apply a task's limits to this process, which inherited RLIMIT_CORE = 0 from the
+    fork server. Raises LimitError."""
     if limits.memory_mb:
         _lower(resource.RLIMIT_DATA, "RLIMIT_DATA", int(limits.memory_mb) * MIB)
     if limits.cpu_s:

@@ -12,31 +12,34 @@ waiting for a fork. It must never run a handler itself.
 To a spare, on its own socket: the spec JSON (or "{}" and a memfd) + fds [report_w,
 (memfd)]; closing the socket tells it to leave.
 
-Messages (JSON, one per packet):
+Messages, one per packet. Start-up is JSON; the per-task messages are short text lines
+(see _LEAN: json.dumps and json.loads cost this process page faults at every fork):
   supervisor -> zygote  {"op": "boot", "preload": [...], "handlers": {type: "mod:fn"}}
-                        {"op": "spawn", "key": K} "\n" spec JSON  + fds [report_w]
-                        {"op": "spawn", "key": K}  + fds [report_w, spec memfd] (big specs)
-                        {"op": "stop"}
+                        "spawn KEY\n" spec JSON  + fds [report_w]
+                        "spawn KEY"  + fds [report_w, spec memfd] (big specs)
+                        "stop"
   zygote -> supervisor  {"op": "ready", "pid", "types": [...], "preload_s"}
                         {"op": "boot_error", "error": traceback text}
-                        {"op": "spawned", "key": K, "pid": P}
-                        {"op": "spawn_failed", "key": K, "error": text}
-                        {"op": "exited", "pid": P, "status": S, "utime", "stime", "maxrss_kb"}
+                        "spawned KEY PID"
+                        "spawn_failed KEY error text"
+                        "exited PID STATUS UTIME STIME MAXRSS_KB"
+KEY is "<task id>:<attempt>" (no spaces); UTIME and STIME are seconds (repr of a float).
 """
 
 from __future__ import annotations
 
+import array
 import gc
 import importlib
 import json
 import os
-import selectors
+import select
 import signal
 import socket
 import sys
 import time
 
-from workers import child, registry
+from workers import child, limits, registry
 from workers import outcome as proto
 from workers.pdeathsig import set_parent_death_signal
 
@@ -44,11 +47,20 @@ MAX_PACKET = proto.MAX_PACKET
 SPARE_IDLE_S = 0.02  # no spawn for this long: fork a spare for the next one
 _CO_COROUTINE = 0x80  # inspect.CO_COROUTINE
 
+_FDS_SPACE = socket.CMSG_SPACE(4 * 4)  # room for up to 4 descriptors
+_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)  # received descriptors: not inherited
+# SIGCHLD's handler: only its wake-up byte matters. A C callable taking (signum, frame),
+# not a lambda: no Python frame runs for it at every task's exit.
+_IGNORE_ARGS = {}.get
+
 # _LEAN: every page of this process is shared copy-on-write with each task process, and
 # the after-fork hooks of every module it imported run in each of them. So it imports no
 # more than the spawn protocol needs: not logging (its import of threading alone doubles
 # the CPU a fork and exit cost: 0.41 to 0.81 ms), not inspect, typing, dataclasses,
-# argparse or traceback. A preload module that imports them still gets them.
+# argparse or traceback. A preload module that imports them still gets them. For the
+# same reason the loop between two forks touches as few objects as it can: every page it
+# writes after a fork is copied first (181 faults a task with selectors, socket.recv_fds
+# and JSON messages).
 
 
 class Zygote:
@@ -107,28 +119,34 @@ class Zygote:
 
     def serve(self) -> None:
         signal.set_wakeup_fd(self.wake_w)
-        signal.signal(signal.SIGCHLD, lambda *_: None)
+        signal.signal(signal.SIGCHLD, _IGNORE_ARGS)
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; ^C reaches it
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        self.sel = sel = selectors.DefaultSelector()
-        sel.register(self.sock, selectors.EVENT_READ, "sock")
-        sel.register(self.wake_r, selectors.EVENT_READ, "wake")
+        self.poller = poller = select.epoll()
+        sock_fd, wake_r = self.sock.fileno(), self.wake_r
+        poller.register(sock_fd, select.EPOLLIN)
+        poller.register(wake_r, select.EPOLLIN)
         # After "stop" it takes no new spawns but stays until its children have exited:
         # they die with it (parent-death signal), and a reload lets them finish.
         while not (self.stopping and not self.children and not self.spare_pids):
             timeout = 1.0
             if self.spare is None and not self.stopping:
                 timeout = min(1.0, max(0.0, self.spare_after - time.monotonic()))
-            for key, _ in sel.select(timeout=timeout):
-                if key.data == "sock":
+            try:
+                events = poller.poll(timeout)
+            except InterruptedError:
+                events = ()
+            for fd, _ in events:
+                if fd == sock_fd:
                     self._on_request()
                 else:
                     try:
-                        os.read(self.wake_r, 4096)
+                        os.read(wake_r, 4096)
                     except BlockingIOError:
                         pass
-            self._reap()
+            if self.children or self.spare_pids:
+                self._reap()
             if self.stopping:
                 self._drop_spare()
             elif self.spare is None and time.monotonic() >= self.spare_after:
@@ -180,48 +198,55 @@ class Zygote:
 
     def _on_request(self) -> None:
         try:
-            data, fds, _flags, _addr = socket.recv_fds(self.sock, MAX_PACKET, 4)
+            data, anc, _flags, _addr = self.sock.recvmsg(MAX_PACKET, _FDS_SPACE, _CLOEXEC)
         except (BlockingIOError, InterruptedError):
             return
+        fds = array.array("i")
+        for level, kind, cdata in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(cdata[:len(cdata) - len(cdata) % 4])
         if not data:  # the supervisor closed its end
             self.stopping = True
-            self.sel.unregister(self.sock)
+            self.poller.unregister(self.sock.fileno())
             return
         head, _, spec = data.partition(b"\n")  # a spec inline after the header line
-        msg = json.loads(head)
-        if msg["op"] == "stop":
+        op, _, key = head.partition(b" ")
+        if op == b"stop":
             self.stopping = True
-        elif msg["op"] == "spawn" and self.stopping:
-            self.send({"op": "spawn_failed", "key": msg["key"], "error": "fork server is stopping"})
-        elif msg["op"] == "spawn":
-            self._spawn(msg, spec, fds)
+        elif op == b"spawn" and self.stopping:
+            self._fail(key, "fork server is stopping")
+        elif op == b"spawn":
+            self._spawn(key, spec, fds)
         for fd in fds:
             try:
                 os.close(fd)
             except OSError:
                 pass
 
-    def _spawn(self, msg: dict, spec: bytes, fds: list[int]) -> None:
+    def _fail(self, key: bytes, error: str) -> None:
+        self.sock.sendall(b"spawn_failed %s %s" % (key, error.encode(errors="replace")))
+
+    def _spawn(self, key: bytes, spec: bytes, fds) -> None:
         if len(fds) != (1 if spec else 2):
-            self.send({"op": "spawn_failed", "key": msg["key"], "error": "expected a spec"})
+            self._fail(key, "expected a spec")
             return
         pid = self._hand_to_spare(spec, fds)
-        self.spare_after = max(self.spare_after, time.monotonic() + SPARE_IDLE_S)
         if pid is None:
-            try:  # parsed here, once, rather than after the fork in the task process
+            try:  # parsed here: it costs a task process more (45 faults) than this one (6)
                 parsed = json.loads(spec) if spec else fds[1]
             except ValueError as exc:
-                self.send({"op": "spawn_failed", "key": msg["key"], "error": f"bad spec: {exc}"})
+                self._fail(key, f"bad spec: {exc}")
                 return
             try:
                 pid = os.fork()
             except OSError as exc:
-                self.send({"op": "spawn_failed", "key": msg["key"], "error": f"fork failed: {exc}"})
+                self._fail(key, f"fork failed: {exc}")
                 return
             if pid == 0:
                 child.run(parsed, fds[0], parent_pid=self.pid)
+        self.spare_after = max(self.spare_after, time.monotonic() + SPARE_IDLE_S)
         self.children.add(pid)
-        self.send({"op": "spawned", "key": msg["key"], "pid": pid})
+        self.sock.sendall(b"spawned %s %d" % (key, pid))
 
     def _reap(self) -> None:
         while self.children or self.spare_pids:
@@ -245,8 +270,8 @@ class Zygote:
                 continue
             self.children.discard(pid)
             try:
-                self.send({"op": "exited", "pid": pid, "status": status,
-                           "utime": ru.ru_utime, "stime": ru.ru_stime, "maxrss_kb": ru.ru_maxrss})
+                self.sock.sendall(b"exited %d %d %r %r %d" % (
+                    pid, status, ru.ru_utime, ru.ru_stime, ru.ru_maxrss))
             except OSError:
                 pass  # the supervisor is gone
 
@@ -280,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != args["parent"]:
         return proto.ZYGOTE_PARENT_GONE
+    limits.no_core_dumps()  # for every task process it forks
     sock = socket.socket(fileno=args["fd"])
     zygote = Zygote(sock, args["parent"])
     if not zygote.boot():

@@ -218,3 +218,24 @@ def test_a_lean_preload_keeps_logging_out_until_a_handler_logs(supervisor_proc, 
     assert (attempt.error["type"], attempt.error["message"]) == ("ValueError", "lean failure")
     assert "Traceback" in attempt.error["traceback"] and "tvp_lean.py" in attempt.error["traceback"]
     assert sup.stop() == 0
+
+
+@pytest.mark.timeout(60)
+def test_task_processes_get_their_limits_whether_forked_or_a_spare(supervisor_proc):
+    """No core dumps (inherited from the fork server), the type's open-files and memory
+    limits, and a report pipe that a subprocess of the handler would not inherit: the
+    same in a spare (the first task after a pause) and in a process forked on demand."""
+    sup = supervisor_proc(supervisor={"pool_size": 2},
+                          types={"t.limits": {"open_files": 64, "memory_mb": 300}})
+    (server,) = sup.fork_servers()
+    (spare,) = wait_until(lambda: _spares(server), timeout=10, message="no spare")
+    first, second = (sup.enqueue("t.limits") for _ in range(2))
+    results = [sup.wait_status(t, "succeeded").result for t in (first, second)]
+    assert {r["pid"] for r in results} >= {spare.pid}  # one ran in the spare ...
+    assert len({r["pid"] for r in results}) == 2       # ... the other in a fresh fork
+    for r in results:
+        assert r["core"] == [0, 0]
+        assert r["nofile"] == 64
+        assert r["data"] == 300 * 1024 * 1024
+        assert r["cloexec"] and all(r["cloexec"]), r  # the report pipe (and any other fd)
+    assert sup.stop() == 0

@@ -69,6 +69,26 @@ def ok(payload, ctx):
             "attempt": ctx.attempt, "name": name}
 
 
+@task("t.limits")
+def limits(payload, ctx):
+    """The rlimits this process runs under, and its descriptors above stderr with their
+    close-on-exec flags (a subprocess of the handler must not inherit the report pipe)."""
+    import fcntl
+    import resource
+    fds = {}
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2:
+            try:
+                fds[fd] = bool(fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC)
+            except OSError:
+                pass  # the listing's own descriptor, closed by now
+    return {"core": resource.getrlimit(resource.RLIMIT_CORE),
+            "nofile": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
+            "data": resource.getrlimit(resource.RLIMIT_DATA)[0],
+            "cloexec": sorted(fds.values()), "pid": os.getpid()}
+
+
 @task("t.log")
 def logged(payload, ctx):
     """Start line, sleep `s` seconds, end line."""
