@@ -174,9 +174,12 @@ def start_time(pid: int) -> float | None:
     `kill_leftover` compares), from one read of /proc/<pid>/stat: boot time plus the
     starttime field over clock ticks. psutil re-reads the boot time and the stat file
     twice per call; this keeps the boot time for 10 s. None when the process is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
+    try:  # os.open and os.read: a third of the cost of open() and its buffered reader
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            data = os.read(fd, 4096)
+        finally:
+            os.close(fd)
     except FileNotFoundError:
         return None
     except OSError:
@@ -296,8 +299,11 @@ def _child_pids() -> set[int]:
     pids: set[int] = set()
     try:
         for tid in os.listdir("/proc/self/task"):
-            with open(f"/proc/self/task/{tid}/children") as f:
-                pids.update(int(p) for p in f.read().split())
+            fd = os.open(f"/proc/self/task/{tid}/children", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                pids.update(map(int, os.read(fd, 1 << 16).split()))
+            finally:
+                os.close(fd)
     except OSError:
         try:
             pids = {p.pid for p in psutil.Process().children()}

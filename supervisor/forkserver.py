@@ -22,6 +22,8 @@ from workers import outcome as proto
 
 MAX_PACKET = proto.MAX_PACKET
 INLINE_SPEC_MAX = 60000  # bytes: under MAX_PACKET with room for the header line; bigger: a memfd
+# One encoder for every spec (json.dumps with arguments builds one per call).
+_encode_spec = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 class ForkServerError(Exception):
@@ -92,7 +94,7 @@ class ForkServer:
         """Ask for one task process; returns the read end of its report pipe. The pid
         comes later in a "spawned" event."""
         head = b"spawn " + key.encode()
-        body = json.dumps(spec, separators=(",", ":"), ensure_ascii=False).encode()
+        body = _encode_spec(spec).encode()
         report_r, report_w = os.pipe()
         fds = [report_w]
         if len(body) <= INLINE_SPEC_MAX:

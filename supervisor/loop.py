@@ -39,6 +39,7 @@ SAMPLE_S = 0.25           # RSS watchdog period
 CANCEL_CHECK_S = 0.25     # how often running tasks' cancel flags are read
 PROGRESS_FLUSH_S = 0.5    # progress is written at most this often
 CANCEL_GRACE_S = 0.5      # TERM -> KILL for a cancel (cancel takes effect within 1 s)
+ORPHAN_SWEEP_S = 0.1      # at most this often, a sweep for what ended tasks left behind
 
 
 class SystemClock:
@@ -112,7 +113,7 @@ class Supervisor:
             self.handle_signals(mono)
             self.tend_fork_servers(mono)
             self.reap_children(mono)
-            self.kill_orphans()
+            self.kill_orphans(mono)
             self.enforce_limits(mono)
             self.sync(now, mono)
             if self.stopping and not self.children and not self.pending:
@@ -345,10 +346,12 @@ class Supervisor:
                        "attempt": child.lease.attempt, "outcome": str(end.outcome), "pid": child.pid})
         self.emit("finished", task=child.task, end=end, child=child)
 
-    def kill_orphans(self) -> None:
-        """KILL what tasks that ended left behind in other groups or sessions: once a pass."""
-        if self.orphans_due:
+    def kill_orphans(self, mono: float) -> None:
+        """KILL what tasks that ended left behind in other groups or sessions: after a
+        task ended, at most every ORPHAN_SWEEP_S (a sweep reads /proc once per thread)."""
+        if self.orphans_due and mono >= self.due.get("orphans", 0.0):
             self.orphans_due = False
+            self.due["orphans"] = mono + ORPHAN_SWEEP_S
             kill_orphans(known={s.pid for s in self.servers.all()} | set(self.by_pid))
 
     def enforce_limits(self, mono: float) -> None:
@@ -559,6 +562,8 @@ class Supervisor:
         times = [self.due.get(k, mono) for k in ("poll", "expire", "extend")]
         if self.pending or self.pending_pids:
             times.append(self.due.get("flush_retry", mono))
+        if self.orphans_due:
+            times.append(self.due.get("orphans", mono))
         if self.children:
             times.append(self.due.get("sample", mono))
             times.append(self.due.get("cancel", mono))
