@@ -418,7 +418,7 @@ class Supervisor:
         if mono < self.due.get("flush_retry", 0.0):
             return
         try:
-            with self.store.transaction():
+            with self.store.transaction(all_or_nothing=True):  # on error: none of it
                 for child in self.pending_pids:
                     if child.key in self.children and child.pid_started_at is not None:
                         self.store.set_pid(child.lease, child.pid, child.pid_started_at)

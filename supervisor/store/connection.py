@@ -94,6 +94,7 @@ class Connection:
         self._pid = os.getpid()
         self._forked = False
         self._depth = 0
+        self._savepoints = True  # do nested writes in the open transaction use savepoints?
         if create:
             _create_private(self.path)
         elif not os.path.exists(self.path):
@@ -135,7 +136,7 @@ class Connection:
             )
         return self._db
 
-    def write(self, *, savepoint: bool = True) -> "_Write":
+    def write(self, *, savepoint: bool = True, nested_savepoints: bool = True) -> "_Write":
         """BEGIN IMMEDIATE … COMMIT; ROLLBACK on any exception, re-raised as StoreError.
 
         Nested inside another write() of this connection it joins the outer transaction,
@@ -144,11 +145,14 @@ class Connection:
         operation that fails inside a grouped transaction leaves nothing behind even when
         the caller handles the error; `savepoint=False` skips it for an operation whose
         only write is one statement (SQLite undoes a failed statement by itself).
+        `nested_savepoints=False` on the outer write skips them for every write nested
+        in it: for a caller that handles no error inside, so any failure rolls the whole
+        group back (two statements less per operation: the supervisor's pass).
 
         A class rather than @contextmanager: it runs two or three times per supervisor
         pass; the generator machinery and the claim's savepoint were about a tenth of a
         claim + complete cycle (benchmarks/store_bench.py)."""
-        return _Write(self, savepoint)
+        return _Write(self, savepoint, nested_savepoints)
 
     @contextlib.contextmanager
     def read(self) -> Iterator[apsw.Connection]:
@@ -185,11 +189,12 @@ class Connection:
 class _Write:
     """The context manager of Connection.write() (see there)."""
 
-    __slots__ = ("conn", "savepoint", "db", "name")
+    __slots__ = ("conn", "savepoint", "nested_savepoints", "db", "name")
 
-    def __init__(self, conn: Connection, savepoint: bool):
+    def __init__(self, conn: Connection, savepoint: bool, nested_savepoints: bool = True):
         self.conn = conn
         self.savepoint = savepoint
+        self.nested_savepoints = nested_savepoints
         self.name = None
 
     def __enter__(self) -> apsw.Connection:
@@ -199,7 +204,7 @@ class _Write:
             # forked in the middle of it has _forked set (and .db raises there).
             db = self.db = conn.db if conn._forked else conn._db
             conn._depth += 1
-            if self.savepoint:
+            if self.savepoint and conn._savepoints:
                 self.name = f"taskvisor_{conn._depth}"
                 try:
                     db.execute(f"SAVEPOINT {self.name}")
@@ -213,6 +218,7 @@ class _Write:
         except apsw.Error as exc:
             raise translate(exc, conn.path) from exc
         conn._depth = 1
+        conn._savepoints = self.nested_savepoints
         return db
 
     def __exit__(self, exc_type, exc, tb) -> bool:

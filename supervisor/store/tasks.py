@@ -61,10 +61,13 @@ class Store:
             self.checkpointer.stop()
         self.conn.close()
 
-    def transaction(self):
+    def transaction(self, *, all_or_nothing: bool = False):
         """Group several operations into one IMMEDIATE transaction (one commit):
-        `with store.transaction(): store.complete(...); store.fail(...)`."""
-        return self.conn.write()
+        `with store.transaction(): store.complete(...); store.fail(...)`. Each operation
+        inside runs in a savepoint, so one that fails leaves nothing behind if the caller
+        catches its error; `all_or_nothing=True` is for a caller that catches none inside:
+        no savepoints, and any failure rolls the whole group back."""
+        return self.conn.write(nested_savepoints=not all_or_nothing)
 
     # -- enqueue -----------------------------------------------------------------------
 

@@ -558,6 +558,35 @@ def test_a_failed_operation_inside_a_transaction_writes_nothing(store):
     assert sorted(t.id for t in store.list()) == sorted([taken, kept])
 
 
+def test_an_all_or_nothing_transaction_takes_no_savepoints_and_rolls_back_whole(store):
+    """all_or_nothing=True (the supervisor's pass): nested operations open no savepoint
+    (two statements less each), and a failure anywhere undoes the whole group; the next
+    default transaction has its savepoints again."""
+    taken = store.enqueue(new(id="01TAKEN"), T0)
+    statements: list[str] = []
+
+    def trace(cursor, sql, bindings):
+        statements.append(sql)
+        return True
+
+    store.conn.db.exec_trace = trace
+    try:
+        with pytest.raises(StoreError), store.transaction(all_or_nothing=True):
+            store.enqueue(new(payload={"first": True}), T0)
+            store.complete(claim(store).lease, ok(), T0)
+            store.enqueue_many([new(payload={"half": True}), new(id=taken)], T0)
+        assert not [s for s in statements if "SAVEPOINT" in s.upper()]
+        assert [t.id for t in store.list()] == [taken]  # nothing of the group is left
+        assert store.get(taken).status is Status.QUEUED  # its claim was undone too
+        lease = claim(store).lease
+        statements.clear()
+        with store.transaction():
+            store.complete(lease, ok(), T0)
+        assert [s for s in statements if "SAVEPOINT" in s.upper()]
+    finally:
+        store.conn.db.exec_trace = None
+
+
 def test_an_operation_failing_inside_a_transaction_raises_a_store_error(store):
     """BUG (reported): the nested write() re-raises apsw's own exception untranslated
     (apsw.ConstraintError here), so `except StoreError` inside a transaction misses it."""
