@@ -191,6 +191,14 @@ def _child_env() -> dict:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     env.pop("NOTIFY_SOCKET", None)  # only the supervisor talks to systemd
     env.pop("WATCHDOG_USEC", None)
+    # Bind every symbol of the interpreter and of the preloaded extension modules when
+    # they load, in the fork server: with lazy binding each task process resolved its
+    # own first calls (a write to a shared page, and a symbol search, per function).
+    # The fork server takes it out of its environment at once (workers.zygote.main), so
+    # task processes and the programs they run do not inherit it.
+    if "LD_BIND_NOW" not in env:  # the operator's own setting is left as it is
+        env["LD_BIND_NOW"] = "1"
+        env["TASKVISOR_UNSET_LD_BIND_NOW"] = "1"
     return env
 
 

@@ -264,8 +264,7 @@ class Supervisor:
                 return
             child.pid = msg["pid"]
             self.by_pid[child.pid] = child
-            child.pid_started_at = start_time(child.pid)
-            self.pending_pids.append(child)
+            self.pending_pids.append(child)  # its start time is read when it is written
         elif op == "exited":
             child = self.by_pid.get(msg["pid"])
             if child is not None and child.status is None:
@@ -419,9 +418,12 @@ class Supervisor:
             return
         try:
             with self.store.transaction(all_or_nothing=True):  # on error: none of it
-                for child in self.pending_pids:
-                    if child.key in self.children and child.pid_started_at is not None:
-                        self.store.set_pid(child.lease, child.pid, child.pid_started_at)
+                for child in self.pending_pids:  # only if still running: most no-ops are not
+                    if child.key in self.children and child.status is None:
+                        if child.pid_started_at is None:
+                            child.pid_started_at = start_time(child.pid)
+                        if child.pid_started_at is not None:
+                            self.store.set_pid(child.lease, child.pid, child.pid_started_at)
                 if progress_due:
                     self.flush_progress(mono)
                 statuses = [self.record(child, end, now) for child, end in self.pending]

@@ -15,13 +15,18 @@ import json
 import os
 import socket
 import sys
+from _signal import (SIG_BLOCK, SIG_DFL, SIG_UNBLOCK, SIGKILL, SIGTERM, pthread_sigmask,
+                     set_wakeup_fd)
+from _signal import signal as set_handler
 from json.encoder import c_make_encoder, encode_basestring
+from os import _exit, close, closerange, getpid, getppid, setpgid, write
 
 from workers import outcome as proto
-from workers import registry
 from workers.context import Fail, Retry, TaskCancelled, TaskContext
 from workers.limits import LimitError, Limits, apply
+from workers.outcome import EXIT_BOOT_ERROR, EXIT_OK, EXIT_PARENT_GONE
 from workers.pdeathsig import set_parent_death_signal, set_process_name
+from workers.registry import lookup
 
 SPARE_NAME = b"taskvisor-spare"  # /proc/PID/comm of a spare waiting for its task
 
@@ -29,10 +34,13 @@ SPARE_NAME = b"taskvisor-spare"  # /proc/PID/comm of a spare waiting for its tas
 # about 3 us here), and Python writes to every object it touches. So the path from fork
 # to exit calls C functions directly where the Python wrappers do extra work: `_signal`'s
 # functions, not `signal`'s (which turn each return value into an enum, about 100 faults
-# a task), and json's C encoder, not json.dumps (which builds an encoder per call).
-SIGTERM, SIG_DFL, SIG_BLOCK, SIG_UNBLOCK = (
-    _signal.SIGTERM, _signal.SIG_DFL, _signal.SIG_BLOCK, _signal.SIG_UNBLOCK)
+# a task), and json's C encoder, not json.dumps (which builds an encoder per call). It
+# uses names imported into this module rather than `os.x`: an attribute of a module is
+# looked up through its type's attribute cache, whose entries the fork server never
+# filled, so each first lookup in a task process writes one (about 35 faults a task).
 _TERM = (SIGTERM,)
+_READY = b'{"kind":"%s","pid":%%d}\n' % proto.READY.encode()
+_RESULT = b'{"kind":"%s","result":%%s}\n' % proto.RESULT.encode()
 _RESET = (_signal.SIGCHLD, _signal.SIGINT, _signal.SIGHUP)
 
 
@@ -73,8 +81,21 @@ class Reporter:
 
     def write(self, data: bytes) -> None:
         """Write one whole, newline-terminated message."""
+        fd = self.fd
         while data:
-            data = data[os.write(self.fd, data):]
+            data = data[write(fd, data):]
+
+
+def warm_up() -> None:
+    """Called by the fork server once it has preloaded: build, and throw away, the objects
+    each task process builds (TaskContext, Reporter, Limits), so their types' attribute
+    cache entries are already filled in the memory every task process starts from. A
+    lookup that misses writes its entry: about 8 page faults a task."""
+    reporter = Reporter(-1)
+    for _ in range(2):
+        TaskContext(id="", type="", attempt=1, max_attempts=1, deadline_at=None,
+                    reporter=reporter, config=None, log_settings=(False, "INFO"))
+        Limits.from_dict({})
 
 
 def run(spec: dict | bytes | int, report_fd: int, parent_pid: int,
@@ -83,7 +104,7 @@ def run(spec: dict | bytes | int, report_fd: int, parent_pid: int,
     fork server before the fork: that costs the task process fewer page faults), its JSON
     text, or a descriptor to read it from (a memfd, for a spec too big for one packet).
     `report_fd` must be close-on-exec already."""
-    code = proto.EXIT_BOOT_ERROR
+    code = EXIT_BOOT_ERROR
     try:
         prepare(parent_pid, keep_fds=(report_fd, *((spec,) if isinstance(spec, int) else ()),
                                       *keep_fds))
@@ -100,19 +121,19 @@ def run_spare(sock_fd: int, parent_pid: int, name: bytes = b"python") -> None:
     server: the spec (or nothing, and a memfd with it) and the report pipe. It becomes
     that task's process, named `name` again; end of file (the fork server stops) makes
     it leave quietly. Never returns."""
-    code = proto.EXIT_BOOT_ERROR
+    code = EXIT_BOOT_ERROR
     try:
         prepare(parent_pid, keep_fds=(sock_fd,))
         set_process_name(SPARE_NAME)
         # While it waits, a TERM ends it (the fork server forks another): held back
         # until the handler ran, a stray TERM would cancel the next task instead.
-        _signal.signal(SIGTERM, SIG_DFL)
-        _signal.pthread_sigmask(SIG_UNBLOCK, _TERM)
+        set_handler(SIGTERM, SIG_DFL)
+        pthread_sigmask(SIG_UNBLOCK, _TERM)
         with socket.socket(fileno=sock_fd) as sock:
             data, fds, _flags, _addr = socket.recv_fds(sock, proto.MAX_PACKET, 2)
-        _signal.pthread_sigmask(SIG_BLOCK, _TERM)
+        pthread_sigmask(SIG_BLOCK, _TERM)
         if not fds:
-            code = proto.EXIT_PARENT_GONE  # not a task: the fork server is stopping
+            code = EXIT_PARENT_GONE  # not a task: the fork server is stopping
             return
         set_process_name(name)
         os.set_inheritable(fds[0], False)  # the handler's subprocesses must not hold it
@@ -129,11 +150,11 @@ def prepare(parent_pid: int, keep_fds: tuple[int, ...] = ()) -> None:
     closed. Raises on failure; exits at once if the fork server is already gone."""
     # A TERM (timeout, cancel, shutdown) that arrives during set-up waits until the
     # handler runs inside its try block, where it becomes TaskCancelled.
-    _signal.pthread_sigmask(SIG_BLOCK, _TERM)
-    os.setpgid(0, 0)
-    set_parent_death_signal(_signal.SIGKILL)
-    if os.getppid() != parent_pid:
-        os._exit(proto.EXIT_PARENT_GONE)
+    pthread_sigmask(SIG_BLOCK, _TERM)
+    setpgid(0, 0)
+    set_parent_death_signal(SIGKILL)
+    if getppid() != parent_pid:
+        _exit(EXIT_PARENT_GONE)
     _reset_signals()
     _close_fds_except({0, 1, 2, *keep_fds})
 
@@ -143,7 +164,7 @@ def start(spec: dict | bytes | int, report_fd: int) -> int:
     Runs after `prepare`; raises if set-up fails before the handler."""
     if isinstance(spec, int):
         data = _read_all(spec)
-        os.close(spec)
+        close(spec)
         spec = data
     if not isinstance(spec, dict):
         spec = json.loads(spec)
@@ -158,8 +179,8 @@ def start(spec: dict | bytes | int, report_fd: int) -> int:
     except LimitError as exc:
         reporter.send(proto.ERROR, type="LimitError", message=str(exc), traceback="",
                       retryable=False, outcome="crashed")
-        return proto.EXIT_BOOT_ERROR
-    reporter.write(b'{"kind":"%s","pid":%d}\n' % (proto.READY.encode(), os.getpid()))
+        return EXIT_BOOT_ERROR
+    reporter.write(_READY % getpid())
     return _run_handler(spec, reporter, log_settings)
 
 
@@ -184,7 +205,7 @@ def _leave(code: int) -> None:
         sys.stderr.flush()
     except BaseException:
         pass
-    os._exit(code)
+    _exit(code)
 
 
 def _run_handler(spec: dict, reporter: Reporter, log_settings: tuple[bool, str]) -> int:
@@ -197,10 +218,10 @@ def _run_handler(spec: dict, reporter: Reporter, log_settings: tuple[bool, str])
         ctx.cancelled = True
         raise TaskCancelled()
 
-    _signal.signal(SIGTERM, on_term)
-    handler = registry.lookup(task["type"])
+    set_handler(SIGTERM, on_term)
+    handler = lookup(task["type"])
     try:
-        _signal.pthread_sigmask(SIG_UNBLOCK, _TERM)
+        pthread_sigmask(SIG_UNBLOCK, _TERM)
         if handler is None:
             reporter.send(
                 proto.ERROR, type="UnknownTaskType", traceback="", retryable=False,
@@ -208,7 +229,7 @@ def _run_handler(spec: dict, reporter: Reporter, log_settings: tuple[bool, str])
                 message=(f"no handler for task type {task['type']!r}: register one with "
                          f"@task({task['type']!r}) in a module listed in [supervisor] preload, "
                          f"or set [types.\"{task['type']}\"] handler = \"module:function\""))
-            return proto.EXIT_OK
+            return EXIT_OK
         result = handler(task["payload"], ctx)
         if result is not None and hasattr(type(result), "__await__"):  # inspect.isawaitable
             import asyncio  # not at the top: with ssl it is MiBs that every fork would copy
@@ -217,7 +238,7 @@ def _run_handler(spec: dict, reporter: Reporter, log_settings: tuple[bool, str])
     except Retry as exc:
         reporter.send(proto.RETRY, delay_s=exc.delay_s, reason=exc.reason)
     except TaskCancelled:
-        _signal.signal(SIGTERM, SIG_DFL)
+        set_handler(SIGTERM, SIG_DFL)
         reporter.send(proto.CANCELLED)
     except SystemExit as exc:  # the handler called sys.exit(n): honour n, skip atexit
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
@@ -233,7 +254,7 @@ def _run_handler(spec: dict, reporter: Reporter, log_settings: tuple[bool, str])
                       traceback=_format_exc(50)[-16000:],
                       retryable=exc.retryable if chosen else True,
                       outcome=exc.outcome if chosen else "error")
-    return proto.EXIT_OK
+    return EXIT_OK
 
 
 async def _await(awaitable):
@@ -256,18 +277,17 @@ def _send_result(reporter: Reporter, result, limit: int) -> None:
                       "in a file and return its path")
         return
     # One dumps, not two: the line is {"kind":"result","result":<the text as a string>}.
-    reporter.write(b'{"kind":"%s","result":%s}\n' % (
-        proto.RESULT.encode(), encode_basestring(text).encode()))
+    reporter.write(_RESULT % encode_basestring(text).encode())
 
 
 def _reset_signals() -> None:
     """Undo the fork server's signal set-up (SIGPIPE stays ignored, as Python sets it)."""
     try:
-        _signal.set_wakeup_fd(-1)
+        set_wakeup_fd(-1)
     except ValueError:
         pass
     for sig in _RESET:
-        _signal.signal(sig, SIG_DFL)
+        set_handler(sig, SIG_DFL)
 
 
 def _read_all(fd: int) -> bytes:
@@ -284,6 +304,6 @@ def _close_fds_except(keep: set[int]) -> None:
     seen); os.closerange uses the close_range system call where there is one."""
     low = 3
     for fd in sorted(k for k in keep if k >= 3):
-        os.closerange(low, fd)
+        closerange(low, fd)
         low = fd + 1
-    os.closerange(low, 1 << 16)
+    closerange(low, 1 << 16)

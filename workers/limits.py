@@ -10,7 +10,11 @@ before user code; it must never raise past `apply` without saying which limit fa
 from __future__ import annotations
 
 import os
-import resource
+
+# Names, not resource.x: in a task process each first module-attribute lookup writes a
+# page (see workers.child).
+from resource import (RLIM_INFINITY, RLIMIT_CORE, RLIMIT_CPU, RLIMIT_DATA, RLIMIT_NOFILE,
+                      getrlimit, setrlimit)
 
 MIB = 1024 * 1024
 
@@ -45,11 +49,11 @@ class LimitError(Exception):
 
 
 def _lower(which: int, name: str, value: int) -> None:
-    soft, hard = resource.getrlimit(which)
-    if hard != resource.RLIM_INFINITY:
+    soft, hard = getrlimit(which)
+    if hard != RLIM_INFINITY:
         value = min(value, hard)
     try:
-        resource.setrlimit(which, (value, hard if hard != resource.RLIM_INFINITY else value))
+        setrlimit(which, (value, hard if hard != RLIM_INFINITY else value))
     except (ValueError, OSError) as exc:
         raise LimitError(f"cannot set {name} to {value}: {exc}") from exc
 
@@ -57,23 +61,23 @@ def _lower(which: int, name: str, value: int) -> None:
 def no_core_dumps() -> None:
     """RLIMIT_CORE = 0: a crash must not dump gigabytes. Called once by the fork server,
     whose task processes inherit it (one step less in each of them). Raises LimitError."""
-    _lower(resource.RLIMIT_CORE, "RLIMIT_CORE", 0)
+    _lower(RLIMIT_CORE, "RLIMIT_CORE", 0)
 
 
 def apply(limits: Limits) -> None:
     """Apply a task's limits to this process, which inherited RLIMIT_CORE = 0 from the
     fork server. Raises LimitError."""
     if limits.memory_mb:
-        _lower(resource.RLIMIT_DATA, "RLIMIT_DATA", int(limits.memory_mb) * MIB)
+        _lower(RLIMIT_DATA, "RLIMIT_DATA", int(limits.memory_mb) * MIB)
     if limits.cpu_s:
         # Soft limit: SIGXCPU; the hard limit one second later: SIGKILL.
         soft = max(1, int(limits.cpu_s + 0.999))
         try:
-            resource.setrlimit(resource.RLIMIT_CPU, (soft, soft + 1))
+            setrlimit(RLIMIT_CPU, (soft, soft + 1))
         except (ValueError, OSError) as exc:
             raise LimitError(f"cannot set RLIMIT_CPU to {soft}s: {exc}") from exc
     if limits.open_files:
-        _lower(resource.RLIMIT_NOFILE, "RLIMIT_NOFILE", int(limits.open_files))
+        _lower(RLIMIT_NOFILE, "RLIMIT_NOFILE", int(limits.open_files))
     if limits.cgroup_dir and limits.memory_mb:
         join_cgroup(limits.cgroup_dir, limits.memory_mb)
 

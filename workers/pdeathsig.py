@@ -16,6 +16,7 @@ PR_SET_NAME = 15
 PR_SET_CHILD_SUBREAPER = 36
 
 _libc = None
+_prctl = None  # bound here: a task process calls it without an attribute lookup
 if sys.platform.startswith("linux"):
     try:
         # The running program's own symbols (libc's among them), not ctypes.util's
@@ -24,30 +25,31 @@ if sys.platform.startswith("linux"):
         _libc = ctypes.CDLL(None, use_errno=True)
         # Resolve and type it now, in the fork server: a typed call converts its
         # arguments with less work (fewer page faults) in every task process.
-        _libc.prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
-        _libc.prctl.restype = ctypes.c_int
+        _prctl = _libc.prctl
+        _prctl.argtypes = [ctypes.c_int] + [ctypes.c_ulong] * 4
+        _prctl.restype = ctypes.c_int
     except (OSError, AttributeError):
-        _libc = None
+        _libc = _prctl = None
 
 
 def set_parent_death_signal(sig: int) -> bool:
     """Ask the kernel to send `sig` to this process when its parent exits."""
-    if _libc is None:
+    if _prctl is None:
         return False
-    return _libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    return _prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) == 0
 
 
 def set_child_subreaper() -> bool:
     """Orphaned descendants are re-parented to this process instead of init, so it can
     reap them (a task's grandchild that outlives it must not become a zombie of init)."""
-    if _libc is None:
+    if _prctl is None:
         return False
-    return _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    return _prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
 
 
 def set_process_name(name: bytes) -> bool:
     """Set this process's name as `ps` and /proc/PID/comm show it (15 bytes at most)."""
-    if _libc is None:
+    if _prctl is None:
         return False
     buf = ctypes.create_string_buffer(name[:15])
-    return _libc.prctl(PR_SET_NAME, ctypes.addressof(buf), 0, 0, 0) == 0
+    return _prctl(PR_SET_NAME, ctypes.addressof(buf), 0, 0, 0) == 0

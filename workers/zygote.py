@@ -110,6 +110,7 @@ class Zygote:
             from workers import tasklog
             tasklog.setup(msg.get("log_format") == "json", msg.get("log_level", "INFO"),
                           registry.names())
+        child.warm_up()
         # Objects that exist now live as long as the fork server: keep the collector from
         # scanning them in every task process (each scan would copy their pages).
         gc.collect()
@@ -316,6 +317,10 @@ def _args(argv: list[str]) -> dict[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Set by the supervisor for this process alone (the dynamic linker read it at start
+    # and keeps binding at load for every later dlopen): not for what tasks run.
+    if os.environ.pop("TASKVISOR_UNSET_LD_BIND_NOW", None):
+        os.environ.pop("LD_BIND_NOW", None)
     args = _args(sys.argv[1:] if argv is None else argv)
     set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != args["parent"]:

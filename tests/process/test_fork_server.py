@@ -238,4 +238,9 @@ def test_task_processes_get_their_limits_whether_forked_or_a_spare(supervisor_pr
         assert r["nofile"] == 64
         assert r["data"] == 300 * 1024 * 1024
         assert r["cloexec"] and all(r["cloexec"]), r  # the report pipe (and any other fd)
+        # The fork server bound its symbols at load (LD_BIND_NOW at its exec); its
+        # task processes, and what they run, do not inherit the setting.
+        assert r["env"] == {"LD_BIND_NOW": None, "TASKVISOR_UNSET_LD_BIND_NOW": None}
+    with open(f"/proc/{server.pid}/environ", "rb") as f:
+        assert b"LD_BIND_NOW=1" in f.read().split(b"\0")
     assert sup.stop() == 0

@@ -86,7 +86,8 @@ def limits(payload, ctx):
     return {"core": resource.getrlimit(resource.RLIMIT_CORE),
             "nofile": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
             "data": resource.getrlimit(resource.RLIMIT_DATA)[0],
-            "cloexec": sorted(fds.values()), "pid": os.getpid()}
+            "cloexec": sorted(fds.values()), "pid": os.getpid(),
+            "env": {k: os.environ.get(k) for k in ("LD_BIND_NOW", "TASKVISOR_UNSET_LD_BIND_NOW")}}
 
 
 @task("t.log")
