@@ -90,12 +90,17 @@ def warm_up() -> None:
     """Called by the fork server once it has preloaded: build, and throw away, the objects
     each task process builds (TaskContext, Reporter, Limits), so their types' attribute
     cache entries are already filled in the memory every task process starts from. A
-    lookup that misses writes its entry: about 8 page faults a task."""
+    lookup that misses writes its entry: about 8 page faults a task. The same for the
+    lookups inside the parent-death call (ctypes) and the flush of stdout and stderr at
+    exit; both are harmless here (the fork server has this parent-death signal already)."""
     reporter = Reporter(-1)
     for _ in range(2):
         TaskContext(id="", type="", attempt=1, max_attempts=1, deadline_at=None,
                     reporter=reporter, config=None, log_settings=(False, "INFO"))
         Limits.from_dict({})
+        set_parent_death_signal(SIGKILL)
+        sys.stdout.flush()
+        sys.stderr.flush()
 
 
 def run(spec: dict | bytes | int, report_fd: int, parent_pid: int,
