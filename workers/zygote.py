@@ -53,6 +53,7 @@ _CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)  # received descriptors: not i
 # SIGCHLD's handler: only its wake-up byte matters. A C callable taking (signum, frame),
 # not a lambda: no Python frame runs for it at every task's exit.
 _IGNORE_ARGS = {}.get
+_ENDED = os.WEXITED | os.WNOHANG | os.WNOWAIT  # waitid: report an ended child, reap none
 
 # _LEAN: every page of this process is shared copy-on-write with each task process, and
 # the after-fork hooks of every module it imported run in each of them. So it imports no
@@ -83,6 +84,10 @@ class Zygote:
         self.stopping = False
         self.pid = os.getpid()
         self.wake_r, self.wake_w = os.pipe()
+        # Buffers made once: a read or receive into them allocates nothing (between two
+        # forks every allocation may copy a page; see _LEAN).
+        self.wake_bufs = [bytearray(64)]
+        self.bufs = [bytearray(MAX_PACKET)]
         os.set_blocking(self.wake_w, False)
         os.set_blocking(self.wake_r, False)
 
@@ -144,7 +149,7 @@ class Zygote:
                     self._on_request()
                 else:
                     try:
-                        os.read(wake_r, 4096)
+                        os.readv(wake_r, self.wake_bufs)
                     except BlockingIOError:
                         pass
             if self.children or self.spare_pids:
@@ -200,9 +205,10 @@ class Zygote:
 
     def _on_request(self) -> None:
         try:
-            data, anc, _flags, _addr = self.sock.recvmsg(MAX_PACKET, _FDS_SPACE, _CLOEXEC)
+            size, anc, _flags, _addr = self.sock.recvmsg_into(self.bufs, _FDS_SPACE, _CLOEXEC)
         except (BlockingIOError, InterruptedError):
             return
+        data = self.bufs[0][:size]
         fds = array.array("i")
         for level, kind, cdata in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -252,7 +258,9 @@ class Zygote:
 
     def _reap(self) -> None:
         while self.children or self.spare_pids:
-            try:
+            try:  # has one ended? (waitid builds no rusage when none has)
+                if os.waitid(os.P_ALL, 0, _ENDED) is None:
+                    return
                 pid, status, ru = os.wait4(-1, os.WNOHANG)
             except ChildProcessError:
                 self.children.clear()
