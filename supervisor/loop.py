@@ -561,9 +561,13 @@ class Supervisor:
         self.notifier.watchdog(mono)
 
     def next_deadline(self, mono: float) -> float:
+        retry_at = self.due.get("flush_retry", 0.0)  # after a database error
+        if (self.claim_needed and not self.stopping and not self.server.exited and mono >= retry_at
+                and len(self.children) < self.config.supervisor.pool_size):
+            return mono  # a free slot and maybe a task for it: no waiting
         times = [self.due.get(k, mono) for k in ("poll", "expire", "extend")]
-        if self.pending or self.pending_pids:
-            times.append(self.due.get("flush_retry", mono))
+        if self.pending or self.pending_pids or (self.claim_needed and retry_at > mono):
+            times.append(retry_at)
         if self.orphans_due:
             times.append(self.due.get("orphans", mono))
         if self.children:
@@ -571,16 +575,16 @@ class Supervisor:
             times.append(self.due.get("cancel", mono))
             if any(c.progress for c in self.children.values()):
                 times.append(self.due.get("progress", mono))
-            for child in self.children.values():
-                times.extend(t for t in (child.deadline_mono, child.kill_at_mono) if t is not None)
-                if not child.ready:
-                    times.append(child.spawned_mono + self.config.supervisor.boot_timeout_s)
+            boot_s = self.config.supervisor.boot_timeout_s
+            for child in self.children.values():  # no generator per child: a pass each time
+                for t in (child.deadline_mono, child.kill_at_mono,
+                          None if child.ready else child.spawned_mono + boot_s):
+                    if t is not None:
+                        times.append(t)
         for t in (self.stop_deadline, self.servers.restart_at, self.notifier.next_watchdog_mono()):
             if t is not None:
                 times.append(t)
-        if self.claim_needed and not self.stopping and len(self.children) < self.config.supervisor.pool_size:
-            times.append(mono)
-        return min(times, default=mono + 1.0)
+        return min(times)
 
     def wait(self, timeout: float) -> None:
         for key, _ in self.selector.select(max(0.0, min(timeout, 5.0))):

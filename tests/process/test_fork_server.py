@@ -244,3 +244,24 @@ def test_task_processes_get_their_limits_whether_forked_or_a_spare(supervisor_pr
     with open(f"/proc/{server.pid}/environ", "rb") as f:
         assert b"LD_BIND_NOW=1" in f.read().split(b"\0")
     assert sup.stop() == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_supervisor_waiting_to_restart_its_fork_server_does_not_spin(supervisor_proc):
+    """A dead fork server is restarted after a backoff (0.5 s the first time). With a task
+    waiting, the supervisor must sleep through that window, not poll in a busy loop
+    (it did: a claim it could not make kept its wait at zero)."""
+    sup = supervisor_proc(supervisor={"pool_size": 2})
+    (server,) = sup.fork_servers()
+    proc = psutil.Process(sup.pid)
+    server.send_signal(signal.SIGKILL)
+    wait_until(lambda: "fork server" in sup.log() and "died" in sup.log(), timeout=10,
+               message="the supervisor did not notice the dead fork server")
+    task_id = sup.enqueue("t.ok")  # something to claim while there is no fork server
+    before = proc.cpu_times()
+    time.sleep(0.3)  # inside the 0.5 s backoff: a window to measure CPU over, not a wait
+    after = proc.cpu_times()
+    used = (after.user + after.system) - (before.user + before.system)
+    assert used < 0.1, f"the supervisor used {used:.2f} s of CPU in 0.3 s while waiting"
+    assert sup.wait_status(task_id, "succeeded").result["ppid"] != server.pid
+    assert sup.stop() == 0
