@@ -19,6 +19,7 @@ from typing import Any
 import psutil
 
 from supervisor import __version__, openapi
+from supervisor.children import is_same_process
 from supervisor.errors import InputError, NotFound
 from supervisor.store import Status
 from supervisor.store import queries as q
@@ -157,9 +158,9 @@ class Api:
         if not task.pid or not (task.lease_owner or "").startswith(f"{host}:"):
             return None, None, None
         try:
-            proc = psutil.Process(task.pid)
-            if task.pid_started_at and abs(proc.create_time() - task.pid_started_at) > 0.05:
+            if task.pid_started_at and not is_same_process(task.pid, task.pid_started_at):
                 return None, None, None  # the pid was reused
+            proc = psutil.Process(task.pid)
             rss, cpu = 0, 0.0
             for p in [proc, *proc.children(recursive=True)]:
                 try:

@@ -147,12 +147,10 @@ def _signal_group(pid: int, sig: int) -> None:
 def kill_leftover(pid: int | None, started_at: float | None) -> bool:
     """Kill a task process from an earlier supervisor life, but only if `pid` still names
     the same process (same start time), so a reused pid is never hit. True if killed."""
-    if not pid or started_at is None:
+    if not pid or not is_same_process(pid, started_at):
         return False
     try:
         proc = psutil.Process(pid)
-        if abs(proc.create_time() - started_at) > 0.05:
-            return False
         procs = proc.children(recursive=True) + [proc]
     except psutil.Error:
         return False
@@ -163,6 +161,13 @@ def kill_leftover(pid: int | None, started_at: float | None) -> bool:
             pass
     psutil.wait_procs(procs, timeout=2)
     return True
+
+
+def is_same_process(pid: int, started_at: float | None) -> bool:
+    """`pid` still names the process that started at `started_at` (start_time's clock,
+    to within a clock tick and the boot time's rounding), not a later one that reused it."""
+    now_started = None if started_at is None else start_time(pid)
+    return now_started is not None and abs(now_started - started_at) <= 0.05
 
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100

@@ -411,7 +411,7 @@ class Supervisor:
         progress_due = mono >= self.due.get("progress", 0.0) and any(
             c.progress for c in self.children.values())
         free = sup.pool_size - len(self.children)
-        claiming = free > 0 and self.claim_needed and not self.stopping and not self.server.exited
+        claiming = self.can_claim(mono)
         if not (self.pending or self.pending_pids or progress_due or claiming):
             return
         if mono < self.due.get("flush_retry", 0.0):
@@ -560,11 +560,16 @@ class Supervisor:
             self.notifier.status(status)
         self.notifier.watchdog(mono)
 
+    def can_claim(self, mono: float) -> bool:
+        """A free slot, maybe a task for it, and a fork server and a database to use."""
+        return (self.claim_needed and not self.stopping and not self.server.exited
+                and len(self.children) < self.config.supervisor.pool_size
+                and mono >= self.due.get("flush_retry", 0.0))
+
     def next_deadline(self, mono: float) -> float:
+        if self.can_claim(mono):
+            return mono  # no waiting
         retry_at = self.due.get("flush_retry", 0.0)  # after a database error
-        if (self.claim_needed and not self.stopping and not self.server.exited and mono >= retry_at
-                and len(self.children) < self.config.supervisor.pool_size):
-            return mono  # a free slot and maybe a task for it: no waiting
         times = [self.due.get(k, mono) for k in ("poll", "expire", "extend")]
         if self.pending or self.pending_pids or (self.claim_needed and retry_at > mono):
             times.append(retry_at)

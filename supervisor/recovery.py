@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable
 
 from supervisor import policy
-from supervisor.children import kill_leftover, start_time
+from supervisor.children import is_same_process, kill_leftover
 from supervisor.store import Store, Task
 
 log = logging.getLogger("taskvisor.supervisor")
@@ -30,8 +30,7 @@ class Recovery:
         for owner, host, pid, started, *_ in store.supervisors():
             if host != self.host or owner == self.owner:
                 continue
-            now_started = start_time(pid)
-            if now_started is None or abs(now_started - started) >= 0.05:
+            if not is_same_process(pid, started):
                 dead.append(owner)
         return dead
 

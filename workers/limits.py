@@ -36,13 +36,6 @@ class Limits:
     def from_dict(cls, d: dict) -> "Limits":
         return cls(d.get("memory_mb"), d.get("cpu_s"), d.get("open_files"), d.get("cgroup_dir"))
 
-    def __eq__(self, other) -> bool:
-        return isinstance(other, Limits) and all(
-            getattr(self, k) == getattr(other, k) for k in self.__slots__)
-
-    def __repr__(self) -> str:
-        return "Limits(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__) + ")"
-
 
 class LimitError(Exception):
     """A limit could not be applied; the message names it."""
