@@ -130,11 +130,17 @@ def _spares(server: psutil.Process) -> list[psutil.Process]:
     return out
 
 
+def _server_and_spare(sup) -> tuple[psutil.Process, psutil.Process]:
+    """The supervisor's one fork server and, once it has forked it, its spare."""
+    (server,) = sup.fork_servers()
+    (spare,) = wait_until(lambda: _spares(server), timeout=10, message="no spare")
+    return server, spare
+
+
 @pytest.mark.timeout(60)
 def test_the_spare_runs_the_next_task_and_a_new_one_is_forked_after(supervisor_proc):
     sup = supervisor_proc(supervisor={"pool_size": 1})
-    (server,) = sup.fork_servers()
-    (spare,) = wait_until(lambda: _spares(server), timeout=10, message="no spare")
+    server, spare = _server_and_spare(sup)
     task = sup.wait_status(sup.enqueue("t.ok"), "succeeded")
     assert task.result["pid"] == spare.pid
     assert task.result["ppid"] == server.pid
@@ -152,8 +158,7 @@ def test_the_spare_runs_the_next_task_and_a_new_one_is_forked_after(supervisor_p
 @pytest.mark.timeout(60)
 def test_a_spare_killed_from_outside_is_replaced_and_never_counts_as_a_task(supervisor_proc):
     sup = supervisor_proc(supervisor={"pool_size": 1})
-    (server,) = sup.fork_servers()
-    (spare,) = wait_until(lambda: _spares(server), timeout=10, message="no spare")
+    server, spare = _server_and_spare(sup)
     spare.send_signal(signal.SIGKILL)
     assert_dead(spare.pid, what="killed spare")
     # Until a new spare is forked (a second later), a spawn forks directly.
@@ -170,8 +175,7 @@ def test_a_spare_killed_from_outside_is_replaced_and_never_counts_as_a_task(supe
 @pytest.mark.timeout(60)
 def test_a_term_to_a_waiting_spare_ends_it_and_does_not_cancel_the_next_task(supervisor_proc):
     sup = supervisor_proc(supervisor={"pool_size": 1})
-    (server,) = sup.fork_servers()
-    (spare,) = wait_until(lambda: _spares(server), timeout=10, message="no spare")
+    server, spare = _server_and_spare(sup)
     spare.send_signal(signal.SIGTERM)
     assert_dead(spare.pid, what="spare sent TERM")
     (new_spare,) = wait_until(lambda: _spares(server), timeout=10, message="no new spare")
@@ -184,8 +188,7 @@ def test_a_term_to_a_waiting_spare_ends_it_and_does_not_cancel_the_next_task(sup
 @pytest.mark.timeout(60)
 def test_stopping_the_supervisor_ends_the_spare_with_the_fork_server(supervisor_proc):
     sup = supervisor_proc(supervisor={"pool_size": 2})
-    (server,) = sup.fork_servers()
-    (spare,) = wait_until(lambda: _spares(server), timeout=10, message="no spare")
+    server, spare = _server_and_spare(sup)
     assert sup.stop() == 0
     assert_dead(server.pid, what="fork server")
     assert_dead(spare.pid, what="spare")
@@ -227,8 +230,7 @@ def test_task_processes_get_their_limits_whether_forked_or_a_spare(supervisor_pr
     same in a spare (the first task after a pause) and in a process forked on demand."""
     sup = supervisor_proc(supervisor={"pool_size": 2},
                           types={"t.limits": {"open_files": 64, "memory_mb": 300}})
-    (server,) = sup.fork_servers()
-    (spare,) = wait_until(lambda: _spares(server), timeout=10, message="no spare")
+    server, spare = _server_and_spare(sup)
     first, second = (sup.enqueue("t.limits") for _ in range(2))
     results = [sup.wait_status(t, "succeeded").result for t in (first, second)]
     assert {r["pid"] for r in results} >= {spare.pid}  # one ran in the spare ...
