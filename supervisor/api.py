@@ -18,8 +18,7 @@ from typing import Any
 
 import psutil
 
-from supervisor import __version__, openapi
-from supervisor.children import is_same_process
+from supervisor import __version__, openapi, proctree
 from supervisor.errors import InputError, NotFound
 from supervisor.store import Status
 from supervisor.store import queries as q
@@ -79,7 +78,7 @@ class Api:
     def enqueue(self, query: dict, body: bytes | None) -> tuple[int, dict]:
         fields = _enqueue_fields(_json_object(body))
         started = self.clock()
-        self.queue.config = self.sup.config  # per-type defaults as of the last reload
+        self.queue.config = self.sup.snapshot.config  # per-type defaults as of the last reload
         try:
             task_id = self.queue.enqueue(**fields)
         except InputError as exc:
@@ -131,12 +130,12 @@ class Api:
         now = self.clock()
         with self.database as store:
             tasks = store.list(status=str(Status.RUNNING), limit=1000)
-        children = {c.task.id: c for c in list(self.sup.children.values())}
+        local = self.sup.snapshot.running  # {task id: (peak RSS, timeout_s)}
         out = []
         for task in sorted(tasks, key=lambda t: t.started_at or 0):
-            child = children.get(task.id)
+            child = local.get(task.id)
             rss, cpu_s, cpu_pct = self._sample(task)
-            peak = max(child.peak_rss if child else 0, rss or 0) or None
+            peak = max(child[0] if child else 0, rss or 0) or None
             out.append({
                 "id": task.id, "type": task.type, "attempt": task.attempts,
                 "max_attempts": task.max_attempts, "started_at": _iso(task.started_at),
@@ -144,7 +143,7 @@ class Api:
                 "progress": task.progress, "progress_message": task.progress_message,
                 "pid": task.pid, "rss_bytes": rss, "peak_rss_bytes": peak,
                 "cpu_s": cpu_s, "cpu_percent": cpu_pct, "memory_mb": task.memory_mb,
-                "timeout_s": child.timeout_s if child else task.timeout_s,
+                "timeout_s": child[1] if child else task.timeout_s,
                 "cancel_requested": task.cancel_requested, "lease_owner": task.lease_owner,
                 "local": child is not None})
         live = {t.pid for t in tasks}
@@ -154,23 +153,22 @@ class Api:
 
     def _sample(self, task) -> tuple[int | None, float | None, float | None]:
         """RSS and CPU of the task's process tree, when it runs on this host."""
-        host = self.sup.host
+        host = self.sup.snapshot.host
         if not task.pid or not (task.lease_owner or "").startswith(f"{host}:"):
             return None, None, None
-        try:
-            if task.pid_started_at and not is_same_process(task.pid, task.pid_started_at):
-                return None, None, None  # the pid was reused
-            proc = psutil.Process(task.pid)
-            rss, cpu = 0, 0.0
-            for p in [proc, *proc.children(recursive=True)]:
-                try:
-                    rss += p.memory_info().rss
-                    times = p.cpu_times()
-                    cpu += times.user + times.system
-                except psutil.Error:
-                    pass
-        except psutil.Error:
+        if task.pid_started_at and not proctree.is_same_process(task.pid, task.pid_started_at):
+            return None, None, None  # the pid was reused
+        members = proctree.tree(task.pid)
+        rss = proctree.rss_bytes(members)
+        if rss is None:
             return None, None, None
+        cpu = 0.0
+        for pid in members:
+            try:
+                times = psutil.Process(pid).cpu_times()
+                cpu += times.user + times.system
+            except psutil.Error:
+                pass
         mono = time.monotonic()
         prev = self._cpu.get(task.pid)
         self._cpu[task.pid] = (mono, cpu)
@@ -211,22 +209,22 @@ class Api:
         return 200, openapi.document()
 
     def _supervisor(self, now: float) -> dict:
-        sup = self.sup
-        return {"owner": sup.owner, "version": __version__, "host": sup.host,
-                "pool_size": sup.config.supervisor.pool_size,
-                "workers_busy": len(sup.children),
-                "memory_budget_mb": round(sup.memory_budget_mb, 1),
-                "last_loop_at": _iso(sup.last_loop_at) if sup.last_loop_at else None,
-                "stopping": bool(sup.stopping), "now": _iso(now)}
+        snap = self.sup.snapshot
+        return {"owner": snap.owner, "version": __version__, "host": snap.host,
+                "pool_size": snap.pool_size, "workers_busy": snap.busy,
+                "memory_budget_mb": round(snap.memory_budget_mb, 1),
+                "last_loop_at": _iso(snap.last_loop_at) if snap.last_loop_at else None,
+                "stopping": snap.stopping, "now": _iso(now)}
 
 
 def health(sup, database, now: float) -> tuple[int, dict]:
     """200 when the loop ran within the last few poll intervals and the database answers
     a read; 503 with the reasons otherwise. `database` is a LockedStore."""
     from supervisor.errors import StoreError
-    limit = max(3 * sup.config.supervisor.poll_interval_s, 5.0)
+    snap = sup.snapshot
+    limit = max(3 * snap.config.supervisor.poll_interval_s, 5.0)
     reasons = []
-    age = now - sup.last_loop_at if sup.last_loop_at else None
+    age = now - snap.last_loop_at if snap.last_loop_at else None
     if age is None:
         reasons.append("the supervisor loop has not started")
     elif age > limit:
@@ -237,14 +235,14 @@ def health(sup, database, now: float) -> tuple[int, dict]:
             store.supervisors()
     except StoreError as exc:
         reasons.append(f"the database does not answer: {exc}")
-    if not sup.store_ok:
+    if not snap.store_ok:
         reasons.append("the supervisor's last database write failed; finished attempts "
                        "wait in memory")
     body = {"status": "unhealthy" if reasons else "ok", "reasons": reasons,
-            "owner": sup.owner, "version": __version__,
+            "owner": snap.owner, "version": __version__,
             "loop_age_s": None if age is None else round(max(0.0, age), 3),
-            "workers_busy": len(sup.children), "pool_size": sup.config.supervisor.pool_size,
-            "stopping": bool(sup.stopping)}
+            "workers_busy": snap.busy, "pool_size": snap.pool_size,
+            "stopping": snap.stopping}
     return (503 if reasons else 200), body
 
 

@@ -1,44 +1,58 @@
-"""Running task processes as the supervisor sees them: one `Child` record per attempt,
-and the classification of how each one ended.
+"""The child table: every attempt this supervisor is running, from spawn to recorded end.
 
-Owns reading report messages, `terminate` (TERM to the process group) and `kill` (KILL to the
-group and to every descendant psutil finds, since a grandchild that called setsid()
-escapes killpg), a task process's start time (`start_time`, the number `kill_leftover`
-compares), and turning an exit status plus messages into an `AttemptEnd`. It never
-touches the database and never imports user code.
+Owns running task processes as the supervisor sees them: the `Child` record of each
+attempt, the spawn request and the fork server's events about it, the report channel
+(every line checked by workers.wire; a task that breaks the protocol ends its own attempt
+as `crashed`), its output pipe (the last max_log_bytes kept), reaping, the time, boot and
+memory limits (deadlines in a heap and a bounded watchdog, so the cost is per event, not
+per task in flight), stopping an attempt, and turning how it ended into an AttemptEnd that
+waits in `pending` until the loop writes it. It never touches the database and never
+imports user code.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import heapq
 import json
+import logging
 import os
+import selectors
 import signal
+import sys
 import time
-from typing import TYPE_CHECKING
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import psutil
-
+from supervisor import proctree
 from supervisor.store import AttemptEnd, Lease, Outcome, Task
-from workers import outcome as proto
+from supervisor.watchdog import Watchdog
+from workers import outcome as codes
+from workers import wire
 
 if TYPE_CHECKING:
     from supervisor.forkserver import ForkServer
 
-@dataclass
+log = logging.getLogger("taskvisor.supervisor")
+MIB = 1024 * 1024
+MAX_LOG_BYTES = 256 * 1024  # the tail of a task's stdout and stderr kept per attempt
+REPORT_READ = 65536
+
+
+@dataclass(eq=False)
 class Child:
     """One attempt in flight. `key` is "<task id>:<attempt>"."""
     key: str
     task: Task
     lease: Lease
-    report_fd: int
     server: "ForkServer"
     spawned_mono: float
     timeout_s: float | None
     memory_mb: int | None
     cpu_s: float | None
+    report_fd: int = -1                # the supervisor's end of the report socket
+    output_fd: int = -1                # the read end of the task's stdout/stderr pipe
     pid: int | None = None
+    forked_mono: float | None = None   # when the fork server said it forked it
     pid_started_at: float | None = None
     ready: bool = False
     buf: bytearray = field(default_factory=bytearray)
@@ -51,197 +65,444 @@ class Child:
     status: int | None = None          # wait status, once reaped
     rusage: dict | None = None
     eof: bool = False
-
-    @classmethod
-    def for_task(cls, task: Task, config, server, now: float, mono: float,
-                 cgroup_dir: str | None = None) -> tuple["Child", dict]:
-        """The record of a new attempt and the spec its process reads: limits resolved
-        from the task, else its type, else [defaults]."""
-        timeout_s = task.timeout_s or config.setting(task.type, "timeout_s")
-        memory_mb = task.memory_mb or config.setting(task.type, "memory_mb")
-        cpu_s = task.cpu_s or config.setting(task.type, "cpu_s")
-        spec = {
-            "task": {"id": task.id, "type": task.type, "payload": task.payload,
-                     "attempt": task.attempts, "max_attempts": task.max_attempts},
-            "deadline_at": now + timeout_s if timeout_s else None,
-            "limits": {"memory_mb": memory_mb, "cpu_s": cpu_s,
-                       "open_files": config.setting(task.type, "open_files"),
-                       "cgroup_dir": cgroup_dir},
-            "max_result_bytes": config.supervisor.max_result_bytes,
-            "log_format": config.log.format, "log_level": config.log.level,
-            # What built-in handlers read as ctx.config: llm.chat's base_url, model,
-            # api_key_env and timeouts. Never a secret: the key stays in the environment.
-            "config": _handler_config(config),
-        }
-        child = cls(key=f"{task.id}:{task.attempts}", task=task, lease=task.lease, report_fd=-1,
-                    server=server, spawned_mono=mono, timeout_s=timeout_s, memory_mb=memory_mb,
-                    cpu_s=cpu_s)
-        return child, spec
+    output: bytearray = field(default_factory=bytearray)  # the tail of stdout/stderr
+    output_bytes: int = 0              # everything it wrote, kept or not
+    acks: list = field(default_factory=list)  # (seq, error) to answer after the commit
 
     @property
     def deadline_mono(self) -> float | None:
         return None if self.timeout_s is None else self.spawned_mono + self.timeout_s
 
-    def read(self) -> list[dict]:
-        """Read what the pipe holds (non-blocking); return complete messages."""
-        while not self.eof:
+
+def limits_of(task: Task, config) -> tuple[float | None, int | None, float | None]:
+    """(timeout_s, memory_mb, cpu_s) of an attempt: the task's, else its type's, else
+    [defaults]."""
+    return (task.timeout_s or config.setting(task.type, "timeout_s"),
+            task.memory_mb or config.setting(task.type, "memory_mb"),
+            task.cpu_s or config.setting(task.type, "cpu_s"))
+
+
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_handler_configs: list = [None, b""]  # [the config it was built from, its JSON]
+
+
+def spec_for(task: Task, config, now: float, limits: tuple, cgroup_dir: str | None) -> bytes:
+    """The JSON text a task process reads: the task (its payload passed through as the
+    stored text, never decoded here), the deadline, limits and handler settings."""
+    timeout_s, memory_mb, cpu_s = limits
+    if _handler_configs[0] is not config:  # ctx.config: llm.chat's settings, never a secret
+        from dataclasses import asdict
+        _handler_configs[:] = [config, _encode({"llm": asdict(config.llm)}).encode()]
+    head = _encode({"id": task.id, "type": task.type, "attempt": task.attempts,
+                    "max_attempts": task.max_attempts})
+    rest = _encode({
+        "deadline_at": now + timeout_s if timeout_s else None,
+        "limits": {"memory_mb": memory_mb, "cpu_s": cpu_s,
+                   "open_files": config.setting(task.type, "open_files"),
+                   "cgroup_dir": cgroup_dir},
+        "max_result_bytes": config.supervisor.max_result_bytes,
+        "log_format": config.log.format, "log_level": config.log.level})
+    return b"".join((b'{"task":', head[:-1].encode(), b',"payload":', task.payload_text.encode(),
+                     b'},"config":', _handler_configs[1], b",", rest[1:].encode()))
+
+
+class Children:
+    """The table of running attempts, keyed by "<task id>:<attempt>"."""
+
+    def __init__(self, selector: selectors.BaseSelector, config, clock, emit,
+                 max_log_bytes: int = MAX_LOG_BYTES, forward_output=None):
+        self.selector = selector
+        self.config = config  # replaced by the loop on reload
+        self.clock = clock
+        self.emit = emit
+        self.max_log_bytes = max_log_bytes
+        # Until task logs are stored, output goes on to this stream as it did before.
+        self.forward_output = forward_output
+        self.table: dict[str, Child] = {}
+        self.by_pid: dict[int, Child] = {}
+        self.pending: list[tuple[Child, AttemptEnd]] = []  # ended, not yet recorded
+        self.pending_pids: list[Child] = []                # pid not yet recorded
+        self.progressed: dict[str, Child] = {}             # progress not yet recorded
+        self.acking: list[Child] = []                      # answers due after the commit
+        self.watchdog = Watchdog()
+        self._timers: list[tuple[float, int, Child]] = []  # (when, seq, child): a heap
+        self._seq = 0
+        self.orphans_due = False
+        self.fence_mono: float | None = None  # set by the loop; past it tasks are killed
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __iter__(self):
+        return iter(list(self.table.values()))
+
+    def values(self):
+        return self.table.values()
+
+    # -- spawn and the fork server's events ----------------------------------------------
+
+    def spawn(self, task: Task, server: "ForkServer", config, now: float, mono: float,
+              cgroup_dir: str | None = None) -> Child:
+        limits = limits_of(task, config)
+        child = Child(key=f"{task.id}:{task.attempts}", task=task, lease=task.lease,
+                      server=server, spawned_mono=mono, timeout_s=limits[0],
+                      memory_mb=limits[1], cpu_s=limits[2])
+        self.table[child.key] = child
+        try:
+            child.report_fd, child.output_fd = server.spawn(
+                child.key, spec_for(task, config, now, limits, cgroup_dir))
+        except OSError as exc:
+            log.error("could not reach the fork server: %s", exc)
+            server.exited = True
+            child.stop = (Outcome.INTERRUPTED, f"could not reach the fork server: {exc}")
+            self.finish(child, mono)
+            return child
+        self.selector.register(child.report_fd, selectors.EVENT_READ, ("report", child))
+        self.selector.register(child.output_fd, selectors.EVENT_READ, ("output", child))
+        if child.deadline_mono is not None:
+            self.at(child.deadline_mono, child)
+        return child
+
+    def give_back(self, task: Task, server: "ForkServer", mono: float, reason: str) -> None:
+        """Record a claimed attempt as interrupted without starting it."""
+        timeout_s, memory_mb, cpu_s = limits_of(task, self.config)
+        child = Child(key=f"{task.id}:{task.attempts}", task=task, lease=task.lease,
+                      server=server, spawned_mono=mono, timeout_s=timeout_s,
+                      memory_mb=memory_mb, cpu_s=cpu_s, stop=(Outcome.INTERRUPTED, reason))
+        self.table[child.key] = child
+        self.finish(child, mono)
+
+    def on_server_event(self, server: "ForkServer", msg: dict, mono: float) -> None:
+        op = msg["op"]
+        if op == "spawned":
+            child = self.table.get(msg["key"])
+            if child is None or child.pid is not None or child.server is not server:
+                return
+            child.pid = msg["pid"]
+            child.forked_mono = mono
+            self.by_pid[child.pid] = child
+            self.pending_pids.append(child)  # its start time is read when it is written
+            if child.memory_mb:
+                self.watchdog.watch(child)
+            if child.stop is not None:  # stopped before its pid was known
+                proctree.kill_tree(child.pid)
+            else:
+                self.at(mono + self.config.supervisor.boot_timeout_s, child)
+        elif op == "exited":
+            child = self.by_pid.get(msg["pid"])
+            if child is not None and child.status is None:
+                child.status = msg["status"]
+                child.rusage = msg
+                self.finish(child, mono)
+        elif op == "spawn_failed":
+            child = self.table.get(msg["key"])
+            if child is not None and child.pid is None:
+                fenced = msg["error"].startswith("fenced")
+                child.stop = (Outcome.LOST if fenced else Outcome.INTERRUPTED,
+                              f"could not start: {msg['error']}")
+                self.finish(child, mono)
+        elif op == "fenced":
+            for child in self:
+                if child.server is server and child.stop is None and child.status is None and child.final is None:
+                    child.stop = (Outcome.LOST, "fenced: the supervisor did not renew its lease "
+                                  "in time (it was stopped, swapped out or its database writes "
+                                  "stalled), so the fork server killed the task before the lease "
+                                  "could pass to another supervisor")
+
+    def server_died(self, server: "ForkServer", mono: float) -> int:
+        """Its task processes die with it: their attempts are given back. How many."""
+        orphans = [c for c in self if c.server is server and c.status is None]
+        for child in orphans:
+            if child.stop is None:
+                child.stop = (Outcome.INTERRUPTED, "its fork server died; the attempt is given back")
+            if child.eof or child.pid is None:
+                self.finish(child, mono)
+        return len(orphans)
+
+    # -- reports and output --------------------------------------------------------------
+
+    def on_report(self, child: Child, mono: float) -> None:
+        """Read what the report socket holds and act on each whole line."""
+        if child.report_fd < 0:
+            return
+        limit = 2 * self.config.supervisor.max_result_bytes + wire.REPORT_LINE_SLACK
+        while True:
             try:
-                data = os.read(self.report_fd, 65536)
+                data = os.read(child.report_fd, REPORT_READ)
             except (BlockingIOError, InterruptedError):
                 break
+            except OSError as exc:  # ECONNRESET and the like: the channel is gone
+                log.debug("report channel of %s: %s", child.key, exc)
+                data = b""
             if not data:
-                self.eof = True
+                child.eof = True
+                self.close_report(child)
                 break
-            self.buf += data
-        msgs = []
-        while True:
-            nl = self.buf.find(b"\n")
+            child.buf += data
+            if len(child.buf) > limit and child.buf.find(b"\n") < 0:
+                self.broke_protocol(child, f"a report line over {limit} bytes", mono)
+                return
+            self._lines(child, mono)
+            if child.report_fd < 0:
+                return
+
+    def _lines(self, child: Child, mono: float) -> None:
+        buf = child.buf
+        start = 0
+        while child.report_fd >= 0:
+            nl = buf.find(b"\n", start)
             if nl < 0:
                 break
-            line = bytes(self.buf[:nl])
-            del self.buf[:nl + 1]
+            line = bytes(buf[start:nl])
+            start = nl + 1
             try:
-                msgs.append(json.loads(line))
-            except ValueError:
-                continue
-        return msgs
+                msg = wire.parse_report(line)
+            except wire.ProtocolError as exc:
+                self.broke_protocol(child, str(exc), mono)
+                return
+            handler = REPORT_HANDLERS[msg["kind"]]
+            error = handler(self, child, msg, mono)
+            if error:
+                self.broke_protocol(child, error, mono)
+                return
+        del buf[:start]
 
-    def close(self) -> None:
-        if self.report_fd >= 0:
-            os.close(self.report_fd)
-            self.report_fd = -1
-
-
-def terminate(child: Child) -> None:
-    """SIGTERM to the task's process group."""
-    if child.pid:
-        _signal_group(child.pid, signal.SIGTERM)
-
-
-def kill(child: Child) -> None:
-    """SIGKILL to the process group and to every descendant (setsid() escapees too)."""
-    if not child.pid:
-        return
-    try:
-        descendants = psutil.Process(child.pid).children(recursive=True)
-    except psutil.Error:
-        descendants = []
-    _signal_group(child.pid, signal.SIGKILL)
-    for proc in descendants:
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
-
-
-def _signal_group(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        try:  # not yet its own group leader (killed before setpgid): the process alone
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
-
-def kill_leftover(pid: int | None, started_at: float | None) -> bool:
-    """Kill a task process from an earlier supervisor life, but only if `pid` still names
-    the same process (same start time), so a reused pid is never hit. True if killed."""
-    if not pid or not is_same_process(pid, started_at):
-        return False
-    try:
-        proc = psutil.Process(pid)
-        procs = proc.children(recursive=True) + [proc]
-    except psutil.Error:
-        return False
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(procs, timeout=2)
-    return True
-
-
-def is_same_process(pid: int, started_at: float | None) -> bool:
-    """`pid` still names the process that started at `started_at` (start_time's clock,
-    to within a clock tick and the boot time's rounding), not a later one that reused it."""
-    now_started = None if started_at is None else start_time(pid)
-    return now_started is not None and abs(now_started - started_at) <= 0.05
-
-
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-_boot: list[float] = [0.0, -1e9]  # [boot time (epoch s), when it was read (monotonic)]
-
-
-def start_time(pid: int) -> float | None:
-    """The process's start time as psutil's `Process(pid).create_time()` gives it (what
-    `kill_leftover` compares), from one read of /proc/<pid>/stat: boot time plus the
-    starttime field over clock ticks. psutil re-reads the boot time and the stat file
-    twice per call; this keeps the boot time for 10 s. None when the process is gone."""
-    try:  # os.open and os.read: a third of the cost of open() and its buffered reader
-        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            data = os.read(fd, 4096)
-        finally:
-            os.close(fd)
-    except FileNotFoundError:
+    def _ready(self, child: Child, msg: dict, mono: float) -> str | None:
+        child.ready = True
+        self.emit("ready", task_id=child.task.id, pid=child.pid)
         return None
-    except OSError:
-        try:  # not Linux
-            return psutil.Process(pid).create_time()
-        except psutil.Error:
-            return None
-    mono = time.monotonic()
-    if mono - _boot[1] > 10.0:
-        _boot[:] = [psutil.boot_time(), mono]
-    # Fields after the command name in parentheses (which may hold spaces): starttime
-    # is field 22 of the line, the 20th after the ")".
-    ticks = int(data[data.rfind(b")") + 2:].split()[19])
-    return ticks / _CLOCK_TICKS + _boot[0]
+
+    def _progress(self, child: Child, msg: dict, mono: float) -> str | None:
+        child.progress = (msg.get("fraction"), msg.get("message"))
+        child.heartbeat_mono = mono
+        self.progressed[child.key] = child
+        return None
+
+    def _heartbeat(self, child: Child, msg: dict, mono: float) -> str | None:
+        child.heartbeat_mono = mono
+        return None
+
+    def _final(self, child: Child, msg: dict, mono: float) -> str | None:
+        if child.final is not None:
+            return f"a second outcome ({msg['kind']} after {child.final['kind']})"
+        child.final = msg
+        return None
+
+    def broke_protocol(self, child: Child, why: str, mono: float) -> None:
+        """The task wrote something wire.py does not declare: end its attempt as crashed."""
+        child.final = None
+        if child.stop is None:
+            log.warning("task %s broke the report protocol: %s", child.key, why,
+                        extra={"task_id": child.task.id, "task_type": child.task.type})
+            self.stop(child, Outcome.CRASHED, f"the task broke the report protocol ({why}); "
+                      "only taskvisor's own TaskContext may write to the report channel", mono, 0)
+        self.close_report(child)
+
+    def close_report(self, child: Child) -> None:
+        if child.report_fd >= 0:
+            self.selector.unregister(child.report_fd)
+            os.close(child.report_fd)
+            child.report_fd = -1
+
+    def ack(self, child: Child, seq: int, error: str | None = None) -> None:
+        """Answer a request line after the commit (`send_acks`)."""
+        child.acks.append((seq, error))
+        self.acking.append(child)
+
+    def send_acks(self) -> None:
+        for child in self.acking:
+            for seq, error in child.acks:
+                if child.report_fd >= 0:
+                    try:  # a few bytes on a socket the task is blocked reading: never blocks
+                        os.write(child.report_fd, wire.encode_ack(seq, error))
+                    except OSError:
+                        pass
+            child.acks.clear()
+        self.acking.clear()
+
+    def on_output(self, child: Child) -> None:
+        """Read the task's stdout/stderr; keep the tail (max_log_bytes)."""
+        while child.output_fd >= 0:
+            try:
+                data = os.read(child.output_fd, REPORT_READ)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self.selector.unregister(child.output_fd)
+                os.close(child.output_fd)
+                child.output_fd = -1
+                return
+            child.output_bytes += len(data)
+            child.output += data
+            if len(child.output) > 2 * self.max_log_bytes:
+                del child.output[:len(child.output) - self.max_log_bytes]
+            if self.forward_output is not None:
+                try:
+                    self.forward_output(data)
+                except OSError:
+                    pass
+
+    # -- limits, timers, stopping ----------------------------------------------------------
+
+    def at(self, when: float, child: Child) -> None:
+        """Look at `child` again at monotonic time `when` (boot deadline, time limit, KILL
+        after TERM): a heap entry, so no pass walks the whole table."""
+        self._seq += 1
+        heapq.heappush(self._timers, (when, self._seq, child))
+
+    def next_timer(self) -> float | None:
+        timers = self._timers
+        while timers and timers[0][2].key not in self.table:
+            heapq.heappop(timers)
+        return timers[0][0] if timers else None
+
+    def check_timers(self, mono: float) -> None:
+        boot_timeout_s = self.config.supervisor.boot_timeout_s
+        timers = self._timers
+        while timers and timers[0][0] <= mono:
+            _, _, child = heapq.heappop(timers)
+            if child.key not in self.table or child.status is not None:
+                continue
+            if child.kill_at_mono is not None and mono >= child.kill_at_mono:
+                if child.pid:
+                    proctree.kill_tree(child.pid)
+                child.kill_at_mono = mono + 1.0  # keep at it until the process is reaped
+                self.at(child.kill_at_mono, child)
+            if child.stop is not None:
+                continue
+            if (not child.ready and child.forked_mono is not None
+                    and mono - child.forked_mono >= boot_timeout_s):
+                self.stop(child, Outcome.CRASHED, f"did not become ready within "
+                          f"{boot_timeout_s:g}s of its fork", mono, grace=0)
+            elif child.deadline_mono is not None and mono >= child.deadline_mono:
+                self.stop(child, Outcome.TIMEOUT, f"ran past its {child.timeout_s:g}s time limit",
+                          mono, grace=self.config.supervisor.kill_grace_s)
+
+    def sample_memory(self) -> None:
+        """One watchdog tick: measure a bounded batch of the tasks with a memory limit."""
+        for child, rss in self.watchdog.tick():
+            child.peak_rss = max(child.peak_rss, rss)
+            if child.memory_mb and rss > child.memory_mb * MIB and child.stop is None:
+                self.stop(child, Outcome.MEMORY_LIMIT, f"used {rss / MIB:.0f} MiB (process "
+                          f"tree RSS), over its {child.memory_mb} MiB limit",
+                          self.clock.monotonic(), grace=0)
+
+    def stop(self, child: Child, outcome: Outcome, reason: str, mono: float, grace: float) -> None:
+        """End an attempt on the supervisor's decision: TERM now, KILL after `grace`."""
+        child.stop = (outcome, reason)
+        if child.pid:
+            if grace <= 0:
+                proctree.kill_tree(child.pid)
+            else:
+                proctree.terminate(child.pid)
+        child.kill_at_mono = mono + (grace if grace > 0 else 1.0)
+        self.at(child.kill_at_mono, child)
+        log.info("stopping %s attempt (%s): %s", child.task.type, outcome, reason,
+                 extra={"task_id": child.task.id, "task_type": child.task.type})
+
+    def stop_all(self, outcome: Outcome, reason: str, mono: float, grace: float) -> None:
+        for child in self:
+            if child.stop is None and child.status is None:
+                self.stop(child, outcome, reason, mono, grace)
+
+    # -- the end of an attempt -------------------------------------------------------------
+
+    def reap(self, servers, mono: float) -> None:
+        """waitpid our own children: fork servers, and task processes re-parented to us
+        (we are their subreaper) after their fork server died."""
+        while True:
+            try:
+                pid, status, ru = os.wait4(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            for server in servers:
+                if server.pid == pid:
+                    server.exited = True
+            child = self.by_pid.get(pid)
+            if child is not None and child.status is None:
+                child.status = status
+                child.rusage = {"utime": ru.ru_utime, "stime": ru.ru_stime, "maxrss_kb": ru.ru_maxrss}
+                self.finish(child, mono)
+
+    def finish(self, child: Child, mono: float) -> None:
+        """The process is gone: read what is left, classify, queue the outcome for writing."""
+        if self.table.get(child.key) is not child:
+            return
+        self.on_report(child, mono)
+        self.close_report(child)
+        if child.output_fd >= 0:
+            self.on_output(child)
+            if child.output_fd >= 0:  # a descendant still holds the pipe: stop listening
+                self.selector.unregister(child.output_fd)
+                os.close(child.output_fd)
+                child.output_fd = -1
+        del self.table[child.key]
+        self.progressed.pop(child.key, None)
+        if child.pid is not None:
+            self.by_pid.pop(child.pid, None)
+            self.watchdog.forget(child)
+            proctree.kill_group(child.pid)  # what it left in its process group dies with it
+        self.orphans_due = True
+        if (child.stop is None and child.final is None and self.fence_mono is not None
+                and child.status is not None and os.WIFSIGNALED(child.status)
+                and os.WTERMSIG(child.status) == signal.SIGKILL and mono >= self.fence_mono):
+            child.stop = (Outcome.LOST, "fenced: killed by its fork server when the lease was "
+                          "not renewed in time")
+        end = classify(child, mono)
+        self.pending.append((child, end))
+        level = logging.INFO if end.outcome in (Outcome.SUCCEEDED, Outcome.RESCHEDULED) else logging.WARNING
+        log.log(level, "%s attempt %d ended %s: %s", child.task.type, child.lease.attempt,
+                end.outcome, end.reason,
+                extra={"task_id": child.task.id, "task_type": child.task.type,
+                       "attempt": child.lease.attempt, "outcome": str(end.outcome), "pid": child.pid})
+        self.emit("finished", task=child.task, end=end, child=child)
+
+    def is_known(self, pid: int) -> bool:
+        return pid in self.by_pid
 
 
-def describe_status(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        return f"killed by {signal_name(os.WTERMSIG(status))}"
-    if os.WIFEXITED(status):
-        return f"exited with code {os.WEXITSTATUS(status)}"
-    return f"wait status {status}"
+REPORT_HANDLERS = {
+    wire.READY: Children._ready,
+    wire.PROGRESS: Children._progress,
+    wire.HEARTBEAT: Children._heartbeat,
+    wire.RESULT: Children._final,
+    wire.ERROR: Children._final,
+    wire.RETRY: Children._final,
+    wire.CANCELLED: Children._final,
+}
+assert set(REPORT_HANDLERS) == set(wire.REPORT), "every report kind needs its handler"
 
 
-def signal_name(sig: int) -> str:
-    try:
-        return signal.Signals(sig).name
-    except ValueError:
-        return f"signal {sig}"
-
-
-def classify(child: Child) -> AttemptEnd:
+def classify(child: Child, mono: float | None = None) -> AttemptEnd:
     """How the attempt ended, from what the supervisor did, what the process said, and
     its exit status (in that order of precedence, except that a reported result wins)."""
     st = child.status
+    mono = time.monotonic() if mono is None else mono
     figures = dict(
         pid=child.pid, peak_rss_bytes=max(child.peak_rss, (child.rusage or {}).get("maxrss_kb", 0) * 1024) or None,
         cpu_s=None if not child.rusage else round(child.rusage["utime"] + child.rusage["stime"], 4),
-        wall_s=time.monotonic() - child.spawned_mono,
+        wall_s=mono - child.spawned_mono,
         exit_code=os.WEXITSTATUS(st) if st is not None and os.WIFEXITED(st) else None,
-        signal=signal_name(os.WTERMSIG(st)) if st is not None and os.WIFSIGNALED(st) else None)
+        signal=proctree.signal_name(os.WTERMSIG(st)) if st is not None and os.WIFSIGNALED(st) else None)
     final = child.final or {}
     kind = final.get("kind")
-    if kind == proto.RESULT:
+    if kind == wire.RESULT:
         return AttemptEnd(Outcome.SUCCEEDED, reason="succeeded", result=final["result"], **figures)
     if child.stop is not None:
         outcome, reason = child.stop
         return AttemptEnd(outcome, reason=reason, **figures)
-    if kind == proto.ERROR:
-        out = Outcome(final.get("outcome") or "error")
+    if kind == wire.ERROR:
         error = {k: final.get(k) for k in ("type", "message", "traceback")}
-        return AttemptEnd(out, reason=f"{final.get('type')}: {final.get('message')}", error=error,
-                          retryable=bool(final.get("retryable", True)), **figures)
-    if kind == proto.RETRY:
+        return AttemptEnd(Outcome(final["outcome"]), reason=f"{final['type']}: {final['message']}",
+                          error=error, retryable=final["retryable"], **figures)
+    if kind == wire.RETRY:
         return AttemptEnd(Outcome.RESCHEDULED, reason=final.get("reason"),
-                          delay_s=float(final.get("delay_s") or 0), **figures)
-    if kind == proto.CANCELLED:
+                          delay_s=float(final["delay_s"]), **figures)
+    if kind == wire.CANCELLED:
         return AttemptEnd(Outcome.CANCELLED, reason="cancelled", **figures)
     if st is not None and os.WIFSIGNALED(st) and os.WTERMSIG(st) == signal.SIGXCPU:
         return AttemptEnd(Outcome.TIMEOUT, reason=f"the CPU time limit of {child.cpu_s:g}s was "
@@ -255,7 +516,7 @@ def _crash_reason(child: Child, st: int | None) -> str:
         return f"the task process vanished{when} (its fork server died and the exit status was lost)"
     if os.WIFSIGNALED(st):
         sig = os.WTERMSIG(st)
-        name = signal_name(sig)
+        name = proctree.signal_name(sig)
         if sig == signal.SIGKILL:
             return (f"killed by SIGKILL{when}, not sent by taskvisor: often the kernel's OOM "
                     "killer (check `dmesg` or `journalctl -k` for 'Out of memory')")
@@ -263,63 +524,14 @@ def _crash_reason(child: Child, st: int | None) -> str:
             return f"crashed with {name}{when} (a fault in native code, or os.abort())"
         return f"killed by {name}{when}"
     code = os.WEXITSTATUS(st)
-    if code in proto.EXIT_NAMES:
-        return f"exited with code {code}: {proto.EXIT_NAMES[code]}"
+    if code in codes.EXIT_NAMES:
+        return f"exited with code {code}: {codes.EXIT_NAMES[code]}"
     return f"exited with code {code}{when} without reporting an outcome (sys.exit or os._exit in the handler?)"
 
 
-_handler_configs: list = [None, {}]  # [the config it was built from, the dict]
-
-
-def _handler_config(config) -> dict:
-    """ctx.config of built-in handlers, built once per config rather than per spawn (the
-    spec is serialised at once, so one dict serves every task)."""
-    if _handler_configs[0] is not config:
-        _handler_configs[:] = [config, {"llm": dataclasses.asdict(config.llm)}]
-    return _handler_configs[1]
-
-
-def kill_orphans(known: set[int]) -> None:
-    """KILL every child of this process not in `known`, with its descendants: as the
-    child subreaper the supervisor inherits what a finished task left behind in another
-    process group or session (a grandchild that called setsid())."""
-    for pid in _child_pids():
-        if pid in known:
-            continue
-        try:
-            proc = psutil.Process(pid)
-            tree = [proc, *proc.children(recursive=True)]
-        except psutil.Error:
-            continue
-        for p in tree:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-
-
-def _child_pids() -> set[int]:
-    """Pids of this process's children: /proc/self/task/*/children (tens of microseconds),
-    read for every thread, since an orphan may be handed to any of them."""
-    pids: set[int] = set()
-    try:
-        for tid in os.listdir("/proc/self/task"):
-            fd = os.open(f"/proc/self/task/{tid}/children", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                pids.update(map(int, os.read(fd, 1 << 16).split()))
-            finally:
-                os.close(fd)
-    except OSError:
-        try:
-            pids = {p.pid for p in psutil.Process().children()}
-        except psutil.Error:
-            pass
-    return pids
-
-
-def kill_group(pgid: int) -> None:
-    """SIGKILL whatever is left in a process group (nothing happens when it is empty)."""
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+def forward_to_stderr(data: bytes) -> None:
+    """Until task logs are stored: a task's output goes to the supervisor's stderr, as it
+    did when task processes inherited it."""
+    fd = sys.stderr.fileno()
+    while data:
+        data = data[os.write(fd, data):]

@@ -1,15 +1,20 @@
 """The fork servers, seen from the supervisor: the process handle and its generations.
 
-Owns starting a fork server (`python -m workers.zygote`, a fresh interpreter that
-imports the preload modules), the spawn request (the report pipe passed as a file
-descriptor, the task spec in the same packet, or in a memfd when it is too big for one,
-so a spec of any size crosses), its events, and the generations: the current server,
-the retiring ones that keep running their tasks after a reload, and the restart backoff
-after a crash. It never imports user code and never touches the database.
+Owns starting a fork server (`python -m workers.zygote`, a fresh interpreter in its own
+process group that imports the preload modules), the spawn request (the report socket and
+the output pipe passed as file descriptors, the task spec in the same packet, or in a
+memfd when it is too big for one, so a spec of any size crosses), the execution fence,
+its events (checked by workers.wire), and the generations: the current server, the
+retiring ones that keep running their tasks after a reload, and the restart backoff after
+a crash. Sends never block: what the socket cannot take now waits in an outbox that the
+loop flushes when the socket is writable, so the supervisor and the fork server can never
+both block writing to each other. It never imports user code and never touches the
+database.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import signal
@@ -17,10 +22,10 @@ import socket
 import sys
 import time
 
-from supervisor.children import describe_status
-from workers import outcome as proto
+from supervisor.proctree import OWNER_ENV, describe_status
+from workers import wire
 
-MAX_PACKET = proto.MAX_PACKET
+MAX_PACKET = wire.MAX_PACKET
 INLINE_SPEC_MAX = 60000  # bytes: under MAX_PACKET with room for the header line; bigger: a memfd
 # One encoder for every spec (json.dumps with arguments builds one per call).
 _encode_spec = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
@@ -38,7 +43,8 @@ class ForkServer:
     """The supervisor's handle on one fork server process (one generation)."""
 
     def __init__(self, preload: tuple[str, ...], handlers: dict[str, str], generation: int = 1,
-                 log_format: str = "text", log_level: str = "INFO"):
+                 log_format: str = "text", log_level: str = "INFO", owner: str | None = None):
+        self.owner = owner
         self.log_format = log_format
         self.log_level = log_level
         self.preload = tuple(preload)
@@ -48,6 +54,9 @@ class ForkServer:
         self.sock: socket.socket | None = None
         self.types: list[str] = []
         self.exited = False
+        self.broken: str | None = None  # why its messages can no longer be trusted
+        # Packets the socket could not take yet, with the descriptors they carry.
+        self.outbox: collections.deque[tuple[bytes, list[int]]] = collections.deque()
 
     def start(self, timeout_s: float = 60.0) -> None:
         """Start the process and wait until it has imported every preload module.
@@ -60,7 +69,9 @@ class ForkServer:
                 "--parent", str(os.getpid())]
         devnull = os.open(os.devnull, os.O_RDONLY)
         try:
-            self.pid = os.posix_spawn(sys.executable, argv, _child_env(),
+            # Its own process group: a stop aimed at the supervisor's group (^Z in a
+            # terminal) leaves it running, so it can still enforce the fence.
+            self.pid = os.posix_spawn(sys.executable, argv, _child_env(self.owner), setpgroup=0,
                                       file_actions=[(os.POSIX_SPAWN_DUP2, devnull, 0)])
         finally:
             os.close(devnull)
@@ -90,40 +101,78 @@ class ForkServer:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def spawn(self, key: str, spec: dict) -> int:
-        """Ask for one task process; returns the read end of its report pipe. The pid
-        comes later in a "spawned" event."""
-        head = b"spawn " + key.encode()
-        body = _encode_spec(spec).encode()
-        report_r, report_w = os.pipe()
-        fds = [report_w]
+    def spawn(self, key: str, spec: dict | bytes) -> tuple[int, int]:
+        """Ask for one task process; returns (the supervisor's end of its report socket,
+        the read end of its output pipe), both non-blocking. The pid comes later in a
+        "spawned" event. Raises OSError only when the fork server is gone."""
+        body = spec if isinstance(spec, bytes) else _encode_spec(spec).encode()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        output_r, output_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        os.set_blocking(output_w, True)  # the task's stdout: a plain blocking pipe
+        fds = [theirs.detach(), output_w]
         if len(body) <= INLINE_SPEC_MAX:
-            packet = head + b"\n" + body
+            packet = wire.encode_spawn(key, body)
         else:
-            packet = head
+            packet = wire.encode_spawn(key, None)
             fds.append(_spec_file(body))
+        ours.setblocking(False)
         try:
-            try:  # the socket stays non-blocking: the packet nearly always fits at once
-                socket.send_fds(self.sock, [packet], fds)
-            except BlockingIOError:
-                self.sock.setblocking(True)
-                try:
-                    socket.send_fds(self.sock, [packet], fds)
-                finally:
-                    self.sock.setblocking(False)
+            self.send(packet, fds)
         except OSError:
-            os.close(report_r)
+            ours.close()
+            os.close(output_r)
             raise
-        finally:
+        return ours.detach(), output_r
+
+    def fence(self, deadline_mono: float) -> None:
+        """Task processes of this server must not run past `deadline_mono` unless a
+        later fence arrives first. A fence still waiting in the outbox is replaced."""
+        packet = wire.encode_fence(deadline_mono)
+        if self.outbox and self.outbox[-1][0].startswith(b"fence "):
+            self.outbox[-1] = (packet, [])
+            return
+        self.send(packet, [])
+
+    def send(self, packet: bytes, fds: list[int]) -> None:
+        """Send now if the socket takes it, else queue it (in order); the descriptors
+        are closed once sent. Raises OSError when the fork server is gone."""
+        if self.sock is None:
             for fd in fds:
                 os.close(fd)
-        os.set_blocking(report_r, False)
-        return report_r
+            raise OSError("the fork server's socket is closed")
+        self.outbox.append((packet, fds))
+        if len(self.outbox) == 1:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send what the outbox holds until the socket would block (never blocks)."""
+        while self.outbox and self.sock is not None:
+            packet, fds = self.outbox[0]
+            try:
+                if fds:
+                    socket.send_fds(self.sock, [packet], fds)
+                else:
+                    self.sock.send(packet)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self.exited = True
+                self._drop_outbox()
+                raise
+            self.outbox.popleft()
+            for fd in fds:
+                os.close(fd)
+
+    def _drop_outbox(self) -> None:
+        while self.outbox:
+            for fd in self.outbox.popleft()[1]:
+                os.close(fd)
 
     def events(self) -> list[dict]:
-        """Every message waiting from the fork server; [] when none. Sets `exited` on EOF."""
+        """Every message waiting from the fork server; [] when none. Sets `exited` on EOF
+        and `broken` (and kills it) on a message that breaks the protocol."""
         out = []
-        while self.sock is not None:
+        while self.sock is not None and self.broken is None:
             try:
                 data = self.sock.recv(MAX_PACKET)
             except (BlockingIOError, InterruptedError):
@@ -134,17 +183,19 @@ class ForkServer:
             if not data:
                 self.exited = True
                 break
-            out.append(parse_event(data))
+            try:
+                out.append(wire.parse_server_event(data))
+            except wire.ProtocolError as exc:
+                self.broken = str(exc)
+                self.kill()  # its task processes die with it; the supervisor restarts it
         return out
 
     def stop(self) -> None:
         """Ask it to exit once idle; its running task processes keep running."""
-        if self.sock is not None:
-            try:
-                self.sock.setblocking(True)
-                self.sock.send(b"stop")
-            except OSError:
-                pass
+        try:
+            self.send(b"stop", [])
+        except OSError:
+            pass
 
     def kill(self) -> None:
         if self.pid:
@@ -162,30 +213,18 @@ class ForkServer:
         return describe_status(status)
 
     def close(self) -> None:
+        self._drop_outbox()
         if self.sock is not None:
             self.sock.close()
             self.sock = None
 
 
-def parse_event(data: bytes) -> dict:
-    """One per-task message of the fork server (a text line, see workers.zygote) as a dict
-    with its "op"; anything else is taken as JSON."""
-    op, _, rest = data.partition(b" ")
-    if op == b"exited":
-        pid, status, utime, stime, maxrss = rest.split()
-        return {"op": "exited", "pid": int(pid), "status": int(status), "utime": float(utime),
-                "stime": float(stime), "maxrss_kb": int(maxrss)}
-    if op == b"spawned":
-        key, pid = rest.split()
-        return {"op": "spawned", "key": key.decode(), "pid": int(pid)}
-    if op == b"spawn_failed":
-        key, _, error = rest.partition(b" ")
-        return {"op": "spawn_failed", "key": key.decode(), "error": error.decode(errors="replace")}
-    return json.loads(data)
-
-
-def _child_env() -> dict:
+def _child_env(owner: str | None = None) -> dict:
     env = dict(os.environ)
+    if owner:
+        env[OWNER_ENV] = owner
+    else:
+        env.pop(OWNER_ENV, None)
     # The fork server must find the package even when run from a source checkout.
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
@@ -223,7 +262,8 @@ STABLE_S = 60.0  # a fork server up this long before dying resets the backoff
 class ForkServers:
     """The current fork server, the retiring ones, and when to restart a dead current one."""
 
-    def __init__(self, first: ForkServer):
+    def __init__(self, first: ForkServer, owner: str | None = None):
+        self.owner = owner
         self.current = first
         self.retiring: list[ForkServer] = []
         self.restarts = 0
@@ -235,7 +275,7 @@ class ForkServers:
 
     def launch(self, config) -> ForkServer:
         """Start the next generation (raises ForkServerError); the caller installs it."""
-        return launch(config, generation=self.current.generation + 1)
+        return launch(config, generation=self.current.generation + 1, owner=self.owner)
 
     def take_due_restart(self, mono: float) -> bool:
         """True (and counted) when a scheduled restart is due now."""
@@ -263,11 +303,12 @@ class ForkServers:
         return delay
 
 
-def launch(config, generation: int = 1) -> ForkServer:
+def launch(config, generation: int = 1, owner: str | None = None) -> ForkServer:
     """A started fork server for `config`'s preload, handlers and logging (raises
-    ForkServerError with the preload's traceback)."""
+    ForkServerError with the preload's traceback). `owner` marks its environment, so the
+    processes it leaves behind can be found if the supervisor dies (proctree.kill_marked)."""
     server = ForkServer(config.supervisor.preload, handlers_of(config), generation=generation,
-                        log_format=config.log.format, log_level=config.log.level)
+                        log_format=config.log.format, log_level=config.log.level, owner=owner)
     server.start(timeout_s=max(60.0, config.supervisor.boot_timeout_s))
     return server
 

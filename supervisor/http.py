@@ -212,7 +212,7 @@ class HttpServer:
         return is_loopback(host)
 
     def max_body(self) -> int:
-        return self.api.sup.config.supervisor.max_payload_bytes + BODY_SLACK
+        return self.api.sup.snapshot.config.supervisor.max_payload_bytes + BODY_SLACK
 
 
 def _bind(listen: str, app: HttpServer) -> _Server:

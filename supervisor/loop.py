@@ -1,14 +1,20 @@
 """The supervisor loop: lease tasks, run each attempt through the fork server, record.
 
-Owns `Supervisor.run()` and its steps, each a method of at most ~30 lines that takes
-the pass's one clock reading. It is the only writer of task state after a claim and the
-only code that signals task processes. Reaping works with the database down: outcomes
-wait in memory (`pending`) until SQLite answers. It never imports user code (the fork
-server does) and never sleeps: it waits on a selector until the next deadline.
+Owns `Supervisor.run()` and its steps, each a short method that takes the pass's one
+clock reading; `step()` is one pass, so tests drive the loop pass by pass with a fake
+clock and a fake fork server. It is the only writer of task state after a claim, and it
+keeps execution fenced: the fork server is told how far the leases reach (minus a margin)
+and kills every task past that, and nothing is spawned past it, so a supervisor that is
+stopped or stuck cannot run a task that another may have rescued. A step that raises is
+logged and counted and the loop goes on. Reaping works with the database down: outcomes
+wait in memory until SQLite answers. It never imports user code and never sleeps: it
+waits on a selector until the next deadline. Running children belong to
+`supervisor.children`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import selectors
@@ -18,28 +24,25 @@ import time
 import uuid
 from collections.abc import Callable
 
-
-from supervisor import __version__, policy
-from supervisor.children import (Child, classify, kill, kill_group, kill_orphans, start_time,
-                                 terminate)
-from supervisor.forkserver import ForkServer, ForkServerError, ForkServers, handlers_of
-from supervisor.recovery import Recovery
+from supervisor import __version__, policy, proctree
+from supervisor.children import Child, Children, forward_to_stderr
 from supervisor.config import Config, load
 from supervisor.errors import ConfigError, StoreError
+from supervisor.forkserver import ForkServer, ForkServerError, ForkServers, handlers_of
+from supervisor.recovery import Recovery
 from supervisor.service import Notifier
 from supervisor.signals import Signals
 from supervisor.store import AttemptEnd, Outcome, Store, Task
 from supervisor.wake import WakeSocket
-from supervisor.watchdog import Watchdog, machine_memory_mb
-from workers import outcome as proto
+from supervisor.watchdog import SAMPLE_S, machine_memory_mb
 
 log = logging.getLogger("taskvisor.supervisor")
-MIB = 1024 * 1024
-SAMPLE_S = 0.25           # RSS watchdog period
-CANCEL_CHECK_S = 0.25     # how often running tasks' cancel flags are read
+CANCEL_CHECK_S = 0.25     # how often running tasks' cancel flags may be read
 PROGRESS_FLUSH_S = 0.5    # progress is written at most this often
 CANCEL_GRACE_S = 0.5      # TERM -> KILL for a cancel (cancel takes effect within 1 s)
 ORPHAN_SWEEP_S = 0.1      # at most this often, a sweep for what ended tasks left behind
+SNAPSHOT_RUNNING_S = 0.5  # the per-task part of the published snapshot, at most this often
+STEP_ERROR_PAUSE_S = 0.1  # after a step raised: no faster than this, so errors cannot spin
 
 
 class SystemClock:
@@ -52,38 +55,69 @@ class SystemClock:
         return time.monotonic()
 
 
+@dataclasses.dataclass
+class Timers:
+    """Monotonic times at which the periodic steps are next due."""
+    poll: float = 0.0
+    expire: float = 0.0
+    extend: float = 0.0
+    cancels: float = 0.0
+    progress: float = 0.0
+    orphans: float = 0.0
+    sample: float = 0.0
+    store_retry: float = 0.0
+    running_snapshot: float = 0.0
+    step_error: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """What the HTTP and metrics threads read: published by the loop every pass, never
+    live loop objects. `running` is {task id: (peak RSS bytes, timeout_s)}, refreshed at
+    most every SNAPSHOT_RUNNING_S."""
+    owner: str
+    host: str
+    pool_size: int
+    busy: int
+    memory_budget_mb: float
+    last_loop_at: float
+    stopping: bool
+    store_ok: bool
+    running: dict
+    config: Config
+
+
 class Supervisor:
     """One supervisor process. Construct in the main thread after the fork server started."""
 
     def __init__(self, config: Config, fork_server: ForkServer, *, clock=SystemClock,
-                 events: Callable[[str, dict], None] | None = None):
+                 events: Callable[[str, dict], None] | None = None, owner: str | None = None):
         self.config = config
         self.clock = clock
         self.events = events
-        self.servers = ForkServers(fork_server)
         self.host = socket.gethostname()
-        self.owner = f"{self.host}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.owner = owner or new_owner(self.host)
+        self.servers = ForkServers(fork_server, owner=self.owner)
         self.store: Store | None = None
-        self.children: dict[str, Child] = {}
-        self.by_pid: dict[int, Child] = {}
-        self.pending: list[tuple[Child, AttemptEnd]] = []
-        self.pending_pids: list[Child] = []
-        self.watchdog = Watchdog()
+        self.selector = selectors.DefaultSelector()
+        self.children = Children(self.selector, config, clock, self.emit,
+                                 forward_output=forward_to_stderr)
+        self.timers = Timers()
         self.recovery = Recovery(self.host, self.owner)
-        self.started_at = start_time(os.getpid())  # with the pid, names this process
+        self.started_at = proctree.start_time(os.getpid())  # with the pid, names this process
         self.signals = Signals()
         self.notifier = Notifier()
         self.wake = WakeSocket()
-        self.selector = selectors.DefaultSelector()
         self.stopping = False
         self.stop_deadline: float | None = None
         self.claim_needed = True
-        self.orphans_due = False  # a task ended since the last sweep for its orphans
         self.last_loop_at = 0.0
         self.store_ok = False
-        self.due: dict[str, float] = {}   # step name -> next monotonic time it runs
-        self.memory_budget_mb = policy.memory_budget_mb(config.supervisor.memory_budget_mb, machine_memory_mb())
+        self.data_version = -1  # of the store, when cancel requests were last read
+        self.memory_budget_mb = policy.memory_budget_mb(config.supervisor.memory_budget_mb,
+                                                        machine_memory_mb())
         self._status = ""
+        self.snapshot = self._snapshot(running={})
         self.cgroup_dir: str | None = None  # set by supervisor.start when delegated
         # Called once the database is migrated and rescued, before READY=1 (the HTTP
         # server binds here), and at shutdown after the last task was recorded.
@@ -94,11 +128,17 @@ class Supervisor:
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; returns the process exit code (0 after a drain)."""
-        self.signals.install()
-        self.selector.register(self.signals, selectors.EVENT_READ, "signals")
-        self.selector.register(self.wake, selectors.EVENT_READ, "wake")
-        self.selector.register(self.server, selectors.EVENT_READ, self.server)
+        self.start()
+        while self.step():
+            self.wait(self.next_deadline(self.clock.monotonic()) - self.clock.monotonic())
+        self.shutdown()
+        return 0
 
+    def start(self) -> None:
+        self.signals.install()
+        self.selector.register(self.signals, selectors.EVENT_READ, ("signals", None))
+        self.selector.register(self.wake, selectors.EVENT_READ, ("wake", None))
+        self.selector.register(self.server, selectors.EVENT_READ, ("server", self.server))
         self.open_store()
         self.rescue(self.clock.now())
         for hook in self.on_ready:
@@ -107,24 +147,33 @@ class Supervisor:
         self.notifier.ready(self.status_line())
         log.info("supervisor %s ready: pool_size=%d database=%s", self.owner,
                  self.config.supervisor.pool_size, self.config.supervisor.database)
-        while True:
-            now, mono = self.clock.now(), self.clock.monotonic()
-            self.last_loop_at = now
-            self.handle_signals(mono)
-            self.tend_fork_servers(mono)
-            self.reap_children(mono)
-            self.kill_orphans(mono)
-            self.enforce_limits(mono)
-            self.sync(now, mono)
-            if self.stopping and not self.children and not self.pending:
-                break
-            self.expire_leases(now, mono)
-            self.extend_leases(now, mono)
-            self.check_cancels(mono)
-            self.publish_status(now, mono)
-            self.wait(self.next_deadline(mono) - mono)
-        self.shutdown()
-        return 0
+
+    def step(self) -> bool:
+        """One pass of the loop; False once a stop has drained every task."""
+        now, mono = self.clock.now(), self.clock.monotonic()
+        self.last_loop_at = now
+        self.guard(self.handle_signals, mono)
+        self.guard(self.tend_fork_servers, mono)
+        self.guard(self.children.reap, self.servers.all(), mono)
+        self.guard(self.kill_orphans, mono)
+        self.guard(self.enforce_limits, mono)
+        self.guard(self.sync, now, mono)
+        if self.stopping and not self.children and not self.children.pending:
+            return False
+        self.guard(self.expire_leases, now, mono)
+        self.guard(self.extend_leases, now, mono)
+        self.guard(self.check_cancels, mono)
+        self.guard(self.publish, now, mono)
+        return True
+
+    def guard(self, step: Callable, *args) -> None:
+        """Run a step; an exception is logged and counted, never the end of the loop."""
+        try:
+            step(*args)
+        except Exception as exc:
+            log.exception("supervisor step %s failed; going on", step.__name__)
+            self.timers.step_error = self.clock.monotonic() + STEP_ERROR_PAUSE_S
+            self.emit("step_failed", step=step.__name__, error=repr(exc))
 
     def open_store(self) -> None:
         sup = self.config.supervisor
@@ -187,7 +236,7 @@ class Supervisor:
             log.info("second stop signal: interrupting %d running task(s) now", len(self.children))
         self.stopping = True
         self.stop_deadline = mono + grace
-        self.due["extend"] = mono  # unregister the wake port promptly
+        self.timers.extend = mono  # unregister the wake port promptly
         self.emit("stopping", fast=fast)
 
     def reload(self) -> None:
@@ -201,7 +250,7 @@ class Supervisor:
             return
         self.notifier.reloading()
         old = self.config
-        self.config = new
+        self.config = self.children.config = new
         self.memory_budget_mb = policy.memory_budget_mb(new.supervisor.memory_budget_mb, machine_memory_mb())
         self.claim_needed = True
         if (new.supervisor.preload, handlers_of(new)) != (old.supervisor.preload, handlers_of(old)):
@@ -218,7 +267,9 @@ class Supervisor:
             log.error("new fork server failed (%s), keeping the old one: %s\n%s", why, exc, exc.detail)
             return False
         self.servers.replace(new)
-        self.selector.register(new, selectors.EVENT_READ, new)
+        self.selector.register(new, selectors.EVENT_READ, ("server", new))
+        if self.children.fence_mono is not None:
+            new.fence(self.children.fence_mono)
         log.info("fork server %d started (%s); %d retiring", new.pid, why, len(self.servers.retiring))
         return True
 
@@ -229,20 +280,18 @@ class Supervisor:
         return self.servers.current
 
     def tend_fork_servers(self, mono: float) -> None:
-        """Notice a dead fork server; restart the current one with backoff."""
+        """Notice a dead or broken fork server; restart the current one with backoff."""
         servers = self.servers
         for server in servers.all():
+            if server.broken and not server.exited:
+                log.error("fork server %s broke the protocol (%s); killed", server.pid, server.broken)
+                server.exited = True
             if not server.exited:
                 continue
             if server.sock is not None:
                 self.selector.unregister(server)
                 server.close()
-            orphans = [c for c in self.children.values() if c.server is server and c.status is None]
-            for child in orphans:  # they die with it; the attempt is given back
-                if child.stop is None:
-                    child.stop = (Outcome.INTERRUPTED, "its fork server died; the attempt is given back")
-                if child.eof or child.pid is None:
-                    self.finish(child, mono)
+            orphans = self.children.server_died(server, mono)
             if server is not servers.current:
                 if not orphans:
                     servers.retiring.remove(server)
@@ -256,147 +305,28 @@ class Supervisor:
             else:
                 servers.schedule_restart(mono, died=False)
 
-    def on_server_event(self, server: ForkServer, msg: dict, mono: float) -> None:
-        op = msg.get("op")
-        if op == "spawned":
-            child = self.children.get(msg["key"])
-            if child is None:
-                return
-            child.pid = msg["pid"]
-            self.by_pid[child.pid] = child
-            self.pending_pids.append(child)  # its start time is read when it is written
-        elif op == "exited":
-            child = self.by_pid.get(msg["pid"])
-            if child is not None and child.status is None:
-                child.status = msg["status"]
-                child.rusage = msg
-                self.finish(child, mono)
-        elif op == "spawn_failed":
-            child = self.children.get(msg["key"])
-            if child is not None:
-                child.stop = (Outcome.INTERRUPTED, f"could not start: {msg.get('error')}")
-                self.finish(child, mono)
-
     # -- children ------------------------------------------------------------------------
-
-    def reap_children(self, mono: float) -> None:
-        """waitpid our own children: fork servers, and task processes re-parented to us
-        (we are their subreaper) after their fork server died."""
-        while True:
-            try:
-                pid, status, ru = os.wait4(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            for server in self.servers.all():
-                if server.pid == pid:
-                    server.exited = True
-            child = self.by_pid.get(pid)
-            if child is not None and child.status is None:
-                child.status = status
-                child.rusage = {"utime": ru.ru_utime, "stime": ru.ru_stime, "maxrss_kb": ru.ru_maxrss}
-                self.finish(child, mono)
-
-    def on_child_messages(self, child: Child, mono: float) -> None:
-        for msg in child.read():
-            kind = msg.get("kind")
-            if kind == proto.READY:
-                child.ready = True
-                self.emit("ready", task_id=child.task.id, pid=child.pid)
-            elif kind == proto.PROGRESS:
-                child.progress = (msg.get("fraction"), msg.get("message"))
-                child.heartbeat_mono = mono
-            elif kind == proto.HEARTBEAT:
-                child.heartbeat_mono = mono
-            elif kind in (proto.RESULT, proto.ERROR, proto.RETRY, proto.CANCELLED):
-                child.final = msg
-        if child.eof and child.report_fd >= 0:
-            self.selector.unregister(child.report_fd)
-            child.close()
-
-    def finish(self, child: Child, mono: float) -> None:
-        """The process is gone: read what is left, classify, queue the outcome for writing."""
-        if child.key not in self.children:
-            return
-        if child.report_fd >= 0:
-            self.on_child_messages(child, mono)
-            if child.report_fd >= 0:
-                self.selector.unregister(child.report_fd)
-                child.close()
-        del self.children[child.key]
-        if child.pid is not None:
-            self.by_pid.pop(child.pid, None)
-            self.watchdog.forget(child.pid)
-            if self.cgroup_dir:
-                try:
-                    os.rmdir(os.path.join(self.cgroup_dir, f"task-{child.pid}"))
-                except OSError:
-                    pass
-            kill_group(child.pid)  # what it left behind in its process group dies with it
-        self.orphans_due = True
-        end = classify(child)
-        self.pending.append((child, end))
-        self.claim_needed = True
-        level = logging.INFO if end.outcome in (Outcome.SUCCEEDED, Outcome.RESCHEDULED) else logging.WARNING
-        log.log(level, "%s attempt %d ended %s: %s", child.task.type, child.lease.attempt,
-                end.outcome, end.reason,
-                extra={"task_id": child.task.id, "task_type": child.task.type,
-                       "attempt": child.lease.attempt, "outcome": str(end.outcome), "pid": child.pid})
-        self.emit("finished", task=child.task, end=end, child=child)
 
     def kill_orphans(self, mono: float) -> None:
         """KILL what tasks that ended left behind in other groups or sessions: after a
-        task ended, at most every ORPHAN_SWEEP_S (a sweep reads /proc once per thread)."""
-        if self.orphans_due and mono >= self.due.get("orphans", 0.0):
-            self.orphans_due = False
-            self.due["orphans"] = mono + ORPHAN_SWEEP_S
-            kill_orphans(known={s.pid for s in self.servers.all()} | set(self.by_pid))
+        task ended, at most every ORPHAN_SWEEP_S."""
+        if self.children.orphans_due and mono >= self.timers.orphans:
+            self.children.orphans_due = False
+            self.timers.orphans = mono + ORPHAN_SWEEP_S
+            servers = {s.pid for s in self.servers.all()}
+            proctree.kill_orphans(lambda pid: pid in servers or self.children.is_known(pid))
 
     def enforce_limits(self, mono: float) -> None:
-        sup = self.config.supervisor
-        sample = mono >= self.due.get("sample", 0.0)
-        if sample:
-            self.due["sample"] = mono + SAMPLE_S
-        for child in list(self.children.values()):
-            if child.pid is None or child.status is not None:
-                continue
-            if not child.ready and child.stop is None and mono - child.spawned_mono > sup.boot_timeout_s:
-                self.stop_child(child, Outcome.CRASHED, f"did not become ready within "
-                                f"{sup.boot_timeout_s:g}s of its fork", mono, grace=0)
-            deadline = child.deadline_mono
-            if deadline is not None and mono >= deadline and child.stop is None:
-                self.stop_child(child, Outcome.TIMEOUT, f"ran past its {child.timeout_s:g}s time "
-                                "limit", mono, grace=sup.kill_grace_s)
-            if sample:
-                self.sample_memory(child, mono)
-            if child.kill_at_mono is not None and mono >= child.kill_at_mono:
-                kill(child)
-                child.kill_at_mono = mono + 1.0  # keep at it until the process is reaped
-            if self.stopping and child.stop is None and mono >= (self.stop_deadline or mono):
-                self.stop_child(child, Outcome.INTERRUPTED, "supervisor shutdown; the attempt "
-                                "is given back", mono, grace=sup.kill_grace_s)
-
-    def sample_memory(self, child: Child, mono: float) -> None:
-        rss = self.watchdog.rss_bytes(child.pid, mono, child.spawned_mono)
-        if rss is None:
-            return
-        child.peak_rss = max(child.peak_rss, rss)
-        if child.memory_mb and rss > child.memory_mb * MIB and child.stop is None:
-            self.stop_child(child, Outcome.MEMORY_LIMIT, f"used {rss / MIB:.0f} MiB (process "
-                            f"tree RSS), over its {child.memory_mb} MiB limit", mono, grace=0)
-
-    def stop_child(self, child: Child, outcome: Outcome, reason: str, mono: float, grace: float) -> None:
-        """End an attempt on the supervisor's decision: TERM now, KILL after `grace`."""
-        child.stop = (outcome, reason)
-        if grace <= 0:
-            kill(child)
-            child.kill_at_mono = mono + 1.0
-        else:
-            terminate(child)
-            child.kill_at_mono = mono + grace
-        log.info("stopping %s attempt (%s): %s", child.task.type, outcome, reason,
-                 extra={"task_id": child.task.id, "task_type": child.task.type})
+        """Time limits, boot deadlines and KILL-after-TERM from the timer heap; a bounded
+        batch of memory samples per tick; the end of the shutdown grace."""
+        self.children.check_timers(mono)
+        if mono >= self.timers.sample:
+            self.timers.sample = mono + SAMPLE_S
+            self.children.sample_memory()
+        if self.stopping and self.stop_deadline is not None and mono >= self.stop_deadline:
+            self.stop_deadline = None
+            self.children.stop_all(Outcome.INTERRUPTED, "supervisor shutdown; the attempt is "
+                                   "given back", mono, grace=self.config.supervisor.kill_grace_s)
 
     # -- database steps ------------------------------------------------------------------
 
@@ -405,51 +335,72 @@ class Supervisor:
         every free slot, so a slot freed by a completion is refilled in the same commit.
         If SQLite fails, outcomes stay in memory (reaping goes on) and nothing is claimed."""
         sup = self.config.supervisor
-        if mono >= self.due.get("poll", 0.0):
+        kids = self.children
+        if mono >= self.timers.poll:
             self.claim_needed = True
-            self.due["poll"] = mono + sup.poll_interval_s
-        progress_due = mono >= self.due.get("progress", 0.0) and any(
-            c.progress for c in self.children.values())
-        free = sup.pool_size - len(self.children)
+            self.timers.poll = mono + sup.poll_interval_s
+        progress_due = bool(kids.progressed) and mono >= self.timers.progress
         claiming = self.can_claim(mono)
-        if not (self.pending or self.pending_pids or progress_due or claiming):
+        if not (kids.pending or kids.pending_pids or progress_due or claiming or kids.acking):
             return
-        if mono < self.due.get("flush_retry", 0.0):
+        if mono < self.timers.store_retry:
             return
+        was_empty = not kids
         try:
             with self.store.transaction(all_or_nothing=True):  # on error: none of it
-                for child in self.pending_pids:  # only if still running: most no-ops are not
-                    if child.key in self.children and child.status is None:
-                        if child.pid_started_at is None:
-                            child.pid_started_at = start_time(child.pid)
-                        if child.pid_started_at is not None:
-                            self.store.set_pid(child.lease, child.pid, child.pid_started_at)
+                self.write_pids()
                 if progress_due:
                     self.flush_progress(mono)
-                statuses = [self.record(child, end, now) for child, end in self.pending]
-                claimed = self.claim(now, free) if claiming else []
+                statuses = [self.record(child, end, now) for child, end in kids.pending]
+                claimed = self.claim(now, sup.pool_size - len(kids)) if claiming else []
         except StoreError as exc:
             if self.store_ok:
                 log.error("database write failed, keeping %d outcome(s) in memory: %s",
-                          len(self.pending), exc)
+                          len(kids.pending), exc)
             self.store_ok = False
-            self.due["flush_retry"] = mono + 0.5
+            self.timers.store_retry = mono + 0.5
             return
         self.store_ok = True
-        self.pending_pids.clear()
-        recorded, self.pending = self.pending, []
+        kids.pending_pids.clear()
+        kids.send_acks()
+        recorded, kids.pending = kids.pending, []
         for (child, end), status in zip(recorded, statuses):
             self.emit("recorded", task=child.task, end=end, status=status)
+        if claimed:
+            if was_empty:  # these are the only leases held: the fence may move up to them
+                self.advance_fence(mono)
+            self.start_attempts(claimed, now)
+
+    def write_pids(self) -> None:
+        for child in self.children.pending_pids:  # only if still running: most no-ops are not
+            if child.key in self.children.table and child.status is None:
+                if child.pid_started_at is None:
+                    child.pid_started_at = proctree.start_time(child.pid)
+                if child.pid_started_at is not None:
+                    self.store.set_pid(child.lease, child.pid, child.pid_started_at)
+
+    def start_attempts(self, claimed: list[Task], now: float) -> None:
+        """Spawn what was claimed, unless the fence has passed meanwhile (the process was
+        stopped between the claim and here): then the leases may already be another
+        supervisor's, and each attempt is given back instead of run."""
+        mono = self.clock.monotonic()  # a fresh reading: this pass may have been paused
+        fence = self.children.fence_mono
         for task in claimed:
-            self.spawn(task, now, mono)
+            if fence is not None and mono >= fence:
+                self.children.give_back(task, self.server, mono, "the supervisor was paused "
+                                        "between the claim and the start; the attempt is given back")
+            else:
+                self.children.spawn(task, self.server, self.config, now, mono, self.cgroup_dir)
+                self.emit("claimed", task=task)
 
     def flush_progress(self, mono: float) -> None:
-        updates = [(c.lease, *c.progress) for c in self.children.values() if c.progress]
+        updates = [(c.lease, *c.progress) for c in self.children.progressed.values() if c.progress]
         if updates:
             self.store.set_progress(updates)
-            for child in self.children.values():
-                child.progress = None
-        self.due["progress"] = mono + PROGRESS_FLUSH_S
+        for child in self.children.progressed.values():
+            child.progress = None
+        self.children.progressed.clear()
+        self.timers.progress = mono + PROGRESS_FLUSH_S
 
     def record(self, child: Child, end: AttemptEnd, now: float) -> str | None:
         """Write one outcome under its lease; returns the task's new status (None: lost)."""
@@ -469,51 +420,81 @@ class Supervisor:
                               self.config.setting(type_name, "backoff_max_s"))
 
     def rescue(self, now: float) -> None:
-        """Requeue tasks of dead supervisors on this host, and expired leases of anyone."""
-        rescued = self.recovery.rescue(self.store, now, self.backoff)
+        """Requeue tasks of dead supervisors on this host, and leases that expired more
+        than the fence margin ago (by then their fork server has killed them)."""
+        margin = policy.fence_margin_s(self.config.supervisor.lease_s)
+        rescued = self.recovery.rescue(self.store, now, self.backoff, expired_before=now - margin)
         for task in rescued:
             self.emit("expired", task=task)
         if rescued:
             self.claim_needed = True
 
     def expire_leases(self, now: float, mono: float) -> None:
-        if mono < self.due.get("expire", 0.0):
+        if mono < self.timers.expire:
             return
-        self.due["expire"] = mono + max(0.5, self.config.supervisor.lease_s / 2)
+        self.timers.expire = mono + max(0.5, self.config.supervisor.lease_s / 2)
         try:
             self.rescue(now)
         except StoreError as exc:
             log.error("lease rescue failed: %s", exc)
 
     def extend_leases(self, now: float, mono: float) -> None:
-        if mono < self.due.get("extend", 0.0):
+        """One statement renews every lease; then the fence moves up to the new expiry
+        (minus the margin). A child whose lease was not renewed was rescued: stop it."""
+        if mono < self.timers.extend:
             return
         sup = self.config.supervisor
-        self.due["extend"] = mono + max(0.2, sup.lease_s / 3)
+        self.timers.extend = mono + policy.renew_interval_s(sup.lease_s)
         try:
             held = self.store.extend(self.owner, now, sup.lease_s)
             self.register()
         except StoreError as exc:
             log.error("lease extension failed: %s", exc)
             return
-        for child in list(self.children.values()):
-            if child.task.id not in held and child.stop is None and not any(
-                    c is child for c, _ in self.pending):
-                self.stop_child(child, Outcome.LOST, "the lease was lost: another supervisor "
-                                "rescued this task", mono, grace=0)
+        self.advance_fence(mono)
+        if len(held) >= len(self.children):
+            return
+        recording = {c.key for c, _ in self.children.pending}
+        for child in self.children:
+            if child.task.id not in held and child.stop is None and child.key not in recording:
+                self.children.stop(child, Outcome.LOST, "the lease was lost: another "
+                                   "supervisor rescued this task", mono, grace=0)
+
+    def advance_fence(self, mono: float) -> None:
+        """Leases written at `mono` (a reading taken before the write) reach mono + lease_s:
+        task processes may run until that minus the margin, and no longer."""
+        lease_s = self.config.supervisor.lease_s
+        fence = mono + lease_s - policy.fence_margin_s(lease_s)
+        if self.children.fence_mono is None or fence > self.children.fence_mono:
+            self.children.fence_mono = fence
+            for server in self.servers.all():
+                if not server.exited:
+                    try:
+                        server.fence(fence)
+                    except OSError:
+                        server.exited = True
 
     def check_cancels(self, mono: float) -> None:
-        if not self.children or mono < self.due.get("cancel", 0.0):
+        """Cancel requests come from other connections: read them only when the file
+        changed (PRAGMA data_version), at most every CANCEL_CHECK_S."""
+        if not self.children or mono < self.timers.cancels:
             return
-        self.due["cancel"] = mono + CANCEL_CHECK_S
+        self.timers.cancels = mono + CANCEL_CHECK_S
         try:
+            version = self.store.data_version()
+            if version == self.data_version:
+                return
+            self.data_version = version
             wanted = set(self.store.cancel_requests(self.owner))
         except StoreError:
             return
-        for child in list(self.children.values()):
+        if not wanted:
+            return
+        grace = min(CANCEL_GRACE_S, self.config.supervisor.kill_grace_s)
+        for child in self.children:
             if child.task.id in wanted and child.stop is None:
-                grace = min(CANCEL_GRACE_S, self.config.supervisor.kill_grace_s)
-                self.stop_child(child, Outcome.CANCELLED, "cancelled on request", mono, grace=grace)
+                self.children.stop(child, Outcome.CANCELLED, "cancelled on request", mono,
+                                   grace=grace)
 
     def claim(self, now: float, free: int) -> list[Task]:
         """Lease up to `free` tasks (inside the caller's transaction)."""
@@ -532,77 +513,99 @@ class Supervisor:
             claimed.append(task)
         return claimed
 
-    def spawn(self, task: Task, now: float, mono: float) -> None:
-        child, spec = Child.for_task(task, self.config, self.server, now, mono, self.cgroup_dir)
-        key = child.key
-        self.children[key] = child
-        try:
-            child.report_fd = self.server.spawn(key, spec)
-        except OSError as exc:
-            log.error("could not reach the fork server: %s", exc)
-            self.server.exited = True
-            child.stop = (Outcome.INTERRUPTED, f"could not reach the fork server: {exc}")
-            self.finish(child, mono)
-            return
-        self.selector.register(child.report_fd, selectors.EVENT_READ, child)
-        self.emit("claimed", task=task)
-
     # -- status and waiting --------------------------------------------------------------
 
     def status_line(self) -> str:
         return (f"{len(self.children)}/{self.config.supervisor.pool_size} slots busy"
                 + (", stopping" if self.stopping else ""))
 
-    def publish_status(self, now: float, mono: float) -> None:
+    def publish(self, now: float, mono: float) -> None:
+        """The snapshot for the HTTP and metrics threads, and systemd's status."""
+        running = self.snapshot.running
+        if mono >= self.timers.running_snapshot:
+            self.timers.running_snapshot = mono + SNAPSHOT_RUNNING_S
+            running = {c.task.id: (c.peak_rss, c.timeout_s) for c in self.children.values()}
+        self.snapshot = self._snapshot(running)
         status = self.status_line()
         if status != self._status:
             self._status = status
             self.notifier.status(status)
         self.notifier.watchdog(mono)
 
+    def _snapshot(self, running: dict) -> Snapshot:
+        return Snapshot(owner=self.owner, host=self.host,
+                        pool_size=self.config.supervisor.pool_size, busy=len(self.children),
+                        memory_budget_mb=self.memory_budget_mb, last_loop_at=self.last_loop_at,
+                        stopping=self.stopping, store_ok=self.store_ok, running=running,
+                        config=self.config)
+
     def can_claim(self, mono: float) -> bool:
         """A free slot, maybe a task for it, and a fork server and a database to use."""
         return (self.claim_needed and not self.stopping and not self.server.exited
                 and len(self.children) < self.config.supervisor.pool_size
-                and mono >= self.due.get("flush_retry", 0.0))
+                and mono >= self.timers.store_retry)
 
     def next_deadline(self, mono: float) -> float:
+        t = self.timers
         if self.can_claim(mono):
-            return mono  # no waiting
-        retry_at = self.due.get("flush_retry", 0.0)  # after a database error
-        times = [self.due.get(k, mono) for k in ("poll", "expire", "extend")]
-        if self.pending or self.pending_pids or (self.claim_needed and retry_at > mono):
-            times.append(retry_at)
-        if self.orphans_due:
-            times.append(self.due.get("orphans", mono))
-        if self.children:
-            times.append(self.due.get("sample", mono))
-            times.append(self.due.get("cancel", mono))
-            if any(c.progress for c in self.children.values()):
-                times.append(self.due.get("progress", mono))
-            boot_s = self.config.supervisor.boot_timeout_s
-            for child in self.children.values():  # no generator per child: a pass each time
-                for t in (child.deadline_mono, child.kill_at_mono,
-                          None if child.ready else child.spawned_mono + boot_s):
-                    if t is not None:
-                        times.append(t)
-        for t in (self.stop_deadline, self.servers.restart_at, self.notifier.next_watchdog_mono()):
-            if t is not None:
-                times.append(t)
-        return min(times)
+            return max(mono, t.step_error)  # no waiting
+        times = [t.poll, t.expire, t.extend]
+        kids = self.children
+        if kids.pending or kids.pending_pids or kids.acking or (self.claim_needed and t.store_retry > mono):
+            times.append(t.store_retry)
+        if kids.orphans_due:
+            times.append(t.orphans)
+        if kids:
+            if len(kids.watchdog):
+                times.append(t.sample)
+            times.append(t.cancels)
+            if kids.progressed:
+                times.append(t.progress)
+        for extra in (kids.next_timer(), self.stop_deadline, self.servers.restart_at,
+                      self.notifier.next_watchdog_mono()):
+            if extra is not None:
+                times.append(extra)
+        return max(min(times), t.step_error)
 
     def wait(self, timeout: float) -> None:
-        for key, _ in self.selector.select(max(0.0, min(timeout, 5.0))):
-            target = key.data
-            mono = self.clock.monotonic()
-            if target == "signals":
-                continue  # drained at the top of the next pass
-            if target == "wake":
-                self.wake.drain()
-                self.claim_needed = True
-                self.due["cancel"] = 0.0
-            elif isinstance(target, ForkServer):
+        self.update_write_interest()
+        for key, events in self.selector.select(max(0.0, min(timeout, 5.0))):
+            kind, target = key.data
+            try:
+                self.dispatch(kind, target, events, self.clock.monotonic())
+            except Exception:
+                log.exception("handling a %s event failed; going on", kind)
+
+    def dispatch(self, kind: str, target, events: int, mono: float) -> None:
+        """One ready descriptor, by the tag it was registered with."""
+        if kind == "report":
+            self.children.on_report(target, mono)
+        elif kind == "output":
+            self.children.on_output(target)
+        elif kind == "server":
+            if events & selectors.EVENT_WRITE:
+                target.flush()
+            if events & selectors.EVENT_READ:
                 for msg in target.events():
-                    self.on_server_event(target, msg, mono)
-            elif isinstance(target, Child):
-                self.on_child_messages(target, mono)
+                    self.children.on_server_event(target, msg, mono)
+        elif kind == "wake":
+            self.wake.drain()
+            self.claim_needed = True
+            self.timers.cancels = 0.0
+            self.data_version = -1
+        # "signals": drained at the top of the next pass
+
+    def update_write_interest(self) -> None:
+        """Ask to hear when a fork server's socket can take more, while its outbox holds
+        packets: sends never block, and nothing waits in the outbox unwatched."""
+        for server in self.servers.all():
+            if server.sock is None:
+                continue
+            want = selectors.EVENT_READ | (selectors.EVENT_WRITE if server.outbox else 0)
+            if self.selector.get_key(server).events != want:
+                self.selector.modify(server, want, ("server", server))
+
+
+def new_owner(host: str) -> str:
+    """A lease owner token: host, pid and a random part (unique across restarts)."""
+    return f"{host}:{os.getpid()}:{uuid.uuid4().hex[:8]}"

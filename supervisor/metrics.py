@@ -180,7 +180,7 @@ class LockedStore:
 
 
 class LoopCollector:
-    """Gauges read from the Supervisor object (plain attribute reads; no database)."""
+    """Gauges read from the snapshot the supervisor loop publishes (no database)."""
 
     def __init__(self, supervisor):
         self.sup = supervisor
@@ -189,12 +189,12 @@ class LoopCollector:
         return []
 
     def collect(self):
-        sup = self.sup
+        sup = self.sup.snapshot
         yield _gauge("taskvisor_workers_busy",
-                     "Task processes this supervisor is running now.", len(sup.children))
+                     "Task processes this supervisor is running now.", sup.busy)
         yield _gauge("taskvisor_pool_size",
                      "How many task processes this supervisor may run at once.",
-                     sup.config.supervisor.pool_size)
+                     sup.pool_size)
         yield _gauge("taskvisor_memory_budget_bytes",
                      "Memory this supervisor may reserve for running tasks (memory-aware "
                      "admission).", sup.memory_budget_mb * MIB)

@@ -53,6 +53,18 @@ def after_failure(outcome: Outcome, *, attempt: int, max_attempts: int, retryabl
     return Decision("fail", None, False)
 
 
+def fence_margin_s(lease_s: float) -> float:
+    """How long before its lease expires a task process is killed when the lease was not
+    renewed, and how long after it another supervisor waits before rescuing the task: a
+    quarter of the lease, at most 5 s. Between the two, no attempt can overlap another."""
+    return min(5.0, lease_s / 4)
+
+
+def renew_interval_s(lease_s: float) -> float:
+    """How often leases (and with them the fence) are renewed: three times a lease."""
+    return max(0.2, lease_s / 3)
+
+
 def memory_budget_mb(configured_mb: float | None, total_mb: float) -> float:
     """The admission budget: the configured one, else 80% of the machine's memory."""
     return total_mb * 0.8 if configured_mb is None else float(configured_mb)

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable
 
 from supervisor import policy
-from supervisor.children import is_same_process, kill_leftover
+from supervisor.proctree import is_same_process, kill_leftover, kill_marked
 from supervisor.store import Store, Task
 
 log = logging.getLogger("taskvisor.supervisor")
@@ -40,11 +40,20 @@ class Recovery:
             log.warning("killed leftover process %d of %s", task.pid, task.id,
                         extra={"task_id": task.id})
 
-    def rescue(self, store: Store, now: float,
-               backoff: Callable[[str], policy.Backoff]) -> list[Task]:
-        """Rescue every task of a dead owner and every expired lease; returns them."""
+    def rescue(self, store: Store, now: float, backoff: Callable[[str], policy.Backoff],
+               expired_before: float | None = None) -> list[Task]:
+        """Rescue every task of a dead owner and every lease that expired before
+        `expired_before` (default `now`); returns them. Whatever a dead owner's fork server
+        left running on this host (task processes, helpers that daemonized) is killed
+        first, found by the owner marker in its environment."""
         dead = self.dead_owners(store)
-        rescued = store.expire(now, backoff, owners=dead, before_requeue=self.kill_leftover)
+        for owner in dead:
+            killed = kill_marked(owner)
+            if killed:
+                log.warning("killed %d process(es) left by dead supervisor %s: %s", len(killed),
+                            owner, killed)
+        rescued = store.expire(now, backoff, owners=dead, before_requeue=self.kill_leftover,
+                               expired_before=expired_before)
         for owner in dead:
             store.unregister_supervisor(owner)
         for task in rescued:

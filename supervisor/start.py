@@ -14,9 +14,10 @@ records tasks itself.
 from __future__ import annotations
 
 import logging
+import socket
 import sys
 
-from supervisor import logs
+from supervisor import capacity, logs
 from supervisor.forkserver import ForkServerError, launch
 from supervisor.config import Config
 from supervisor.errors import StoreError
@@ -26,6 +27,7 @@ from workers.pdeathsig import set_child_subreaper
 log = logging.getLogger("taskvisor.supervisor")
 EXIT_PRELOAD_FAILED = 3
 EXIT_STORE_FAILED = 2
+EXIT_MACHINE_LIMITS = 2  # pool_size does not fit the descriptors or processes allowed
 
 
 def run(config: Config, *, events=None) -> int:
@@ -34,8 +36,18 @@ def run(config: Config, *, events=None) -> int:
     cgroup_dir, cgroup_note = delegated_cgroup()
     log.info("memory limits: %s", cgroup_note)
     set_child_subreaper()
+    soft, _ = capacity.raise_open_files()
+    limits = capacity.problems(config.supervisor.pool_size)
+    if limits:
+        for line in limits:
+            sys.stderr.write(f"taskvisor: error: {line}\n")
+        sys.stderr.flush()
+        return EXIT_MACHINE_LIMITS
+    log.info("open files: up to %d", soft)
+    from supervisor.loop import new_owner
+    owner = new_owner(socket.gethostname())
     try:
-        server = launch(config)
+        server = launch(config, owner=owner)
     except ForkServerError as exc:
         sys.stderr.write(f"taskvisor: error: {exc}\n{exc.detail}")
         sys.stderr.flush()
@@ -50,7 +62,7 @@ def run(config: Config, *, events=None) -> int:
         metrics = Metrics()
         http = HttpServer(config, metrics)
         events = fanout(metrics, events)
-    supervisor = Supervisor(config, server, events=events)
+    supervisor = Supervisor(config, server, events=events, owner=owner)
     supervisor.cgroup_dir = cgroup_dir
     if http is not None:
         supervisor.on_ready.append(http.start)

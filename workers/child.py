@@ -19,13 +19,13 @@ from _signal import (SIG_BLOCK, SIG_DFL, SIG_UNBLOCK, SIGKILL, SIGTERM, pthread_
                      set_wakeup_fd)
 from _signal import signal as set_handler
 from json.encoder import c_make_encoder, encode_basestring
-from os import _exit, close, closerange, getpid, getppid, setpgid, write
+from os import _exit, close, closerange, dup2, getpid, getppid, read, register_at_fork, setpgid, write
 
-from workers import outcome as proto
+from workers import wire
 from workers.context import Fail, Retry, TaskCancelled, TaskContext
 from workers.limits import LimitError, Limits, apply
 from workers.outcome import EXIT_BOOT_ERROR, EXIT_OK, EXIT_PARENT_GONE
-from workers.pdeathsig import set_parent_death_signal, set_process_name
+from workers.pdeathsig import set_child_subreaper, set_parent_death_signal, set_process_name
 from workers.registry import lookup
 
 SPARE_NAME = b"taskvisor-spare"  # /proc/PID/comm of a spare waiting for its task
@@ -39,8 +39,8 @@ SPARE_NAME = b"taskvisor-spare"  # /proc/PID/comm of a spare waiting for its tas
 # looked up through its type's attribute cache, whose entries the fork server never
 # filled, so each first lookup in a task process writes one (about 35 faults a task).
 _TERM = (SIGTERM,)
-_READY = b'{"kind":"%s","pid":%%d}\n' % proto.READY.encode()
-_RESULT = b'{"kind":"%s","result":%%s}\n' % proto.RESULT.encode()
+_READY = b'{"kind":"%s","pid":%%d}\n' % wire.READY.encode()
+_RESULT = b'{"kind":"%s","result":%%s}\n' % wire.RESULT.encode()
 _RESET = (_signal.SIGCHLD, _signal.SIGINT, _signal.SIGHUP)
 
 
@@ -69,21 +69,57 @@ _encode_result = _result_encoder()
 
 
 class Reporter:
-    """Writes newline-delimited JSON messages on the report pipe (blocking, whole lines)."""
+    """Writes report lines (workers.wire) on the attempt's report socket, blocking, whole
+    lines; `request` also waits for the supervisor's answer on the same socket."""
 
     def __init__(self, fd: int):
         self.fd = fd
+        self.seq = 0
+        self.pending = b""  # bytes read past an answer line (never more than one answer)
 
     def send(self, kind: str, **fields) -> None:
-        line = json.dumps({"kind": kind, **fields}, separators=(",", ":"),
-                          ensure_ascii=False, default=str) + "\n"
-        self.write(line.encode())
+        self.write(wire.encode_report(kind, fields))
 
     def write(self, data: bytes) -> None:
         """Write one whole, newline-terminated message."""
         fd = self.fd
+        if fd < 0:  # a process the handler forked: the channel is its parent's
+            raise OSError("the report channel belongs to the task process, not to a process it forked")
         while data:
             data = data[write(fd, data):]
+
+    def request(self, kind: str, **fields) -> None:
+        """Send a request (a kind in wire.REQUESTS) and block until the supervisor has
+        acted on it; raises RuntimeError with the supervisor's reason when it refused."""
+        self.seq += 1
+        seq = self.seq
+        self.send(kind, seq=seq, **fields)
+        buf = self.pending
+        while True:
+            nl = buf.find(b"\n")
+            if nl >= 0:
+                line, buf = buf[:nl], buf[nl + 1:]
+                got, error = wire.parse_ack(line)
+                if got == seq:
+                    self.pending = buf
+                    if error is not None:
+                        raise RuntimeError(error)
+                    return
+                continue
+            data = read(self.fd, 4096)
+            if not data:
+                raise OSError("the supervisor closed the report channel")
+            buf += data
+
+    def detach(self) -> None:
+        """In a process forked by the handler: close our copy of the channel, so that
+        neither its writes nor its lifetime touch the task's report."""
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            try:
+                close(fd)
+            except OSError:
+                pass
 
 
 def warm_up() -> None:
@@ -103,17 +139,18 @@ def warm_up() -> None:
         sys.stderr.flush()
 
 
-def run(spec: dict | bytes | int, report_fd: int, parent_pid: int,
+def run(spec: dict | bytes | int, report_fd: int, log_fd: int, parent_pid: int,
         keep_fds: tuple[int, ...] = ()) -> None:
     """Entry point in the forked child; never returns. `spec` is the spec (parsed by the
     fork server before the fork: that costs the task process fewer page faults), its JSON
     text, or a descriptor to read it from (a memfd, for a spec too big for one packet).
-    `report_fd` must be close-on-exec already."""
+    `report_fd` (the report socket) and `log_fd` (the write end of the attempt's output
+    pipe, or -1) must be close-on-exec already."""
     code = EXIT_BOOT_ERROR
     try:
-        prepare(parent_pid, keep_fds=(report_fd, *((spec,) if isinstance(spec, int) else ()),
-                                      *keep_fds))
-        code = start(spec, report_fd)
+        prepare(parent_pid, keep_fds=(report_fd, log_fd,
+                                      *((spec,) if isinstance(spec, int) else ()), *keep_fds))
+        code = start(spec, report_fd, log_fd)
     except BaseException:  # set-up failed: say so on stderr, exit with the boot code
         _print_exc()
     finally:
@@ -123,7 +160,8 @@ def run(spec: dict | bytes | int, report_fd: int, parent_pid: int,
 def run_spare(sock_fd: int, parent_pid: int, name: bytes = b"python") -> None:
     """Entry point of a spare: a task process forked before its task is known. It does
     the set-up that needs no spec, then waits on `sock_fd` for one message from the fork
-    server: the spec (or nothing, and a memfd with it) and the report pipe. It becomes
+    server: the spec (or nothing, and a memfd with it), the report socket and the output
+    pipe. It becomes
     that task's process, named `name` again; end of file (the fork server stops) makes
     it leave quietly. Never returns."""
     code = EXIT_BOOT_ERROR
@@ -135,14 +173,15 @@ def run_spare(sock_fd: int, parent_pid: int, name: bytes = b"python") -> None:
         set_handler(SIGTERM, SIG_DFL)
         pthread_sigmask(SIG_UNBLOCK, _TERM)
         with socket.socket(fileno=sock_fd) as sock:
-            data, fds, _flags, _addr = socket.recv_fds(sock, proto.MAX_PACKET, 2)
+            data, fds, _flags, _addr = socket.recv_fds(sock, wire.MAX_PACKET, 3)
         pthread_sigmask(SIG_BLOCK, _TERM)
-        if not fds:
+        if len(fds) < 2:
             code = EXIT_PARENT_GONE  # not a task: the fork server is stopping
             return
         set_process_name(name)
-        os.set_inheritable(fds[0], False)  # the handler's subprocesses must not hold it
-        code = start(fds[1] if len(fds) > 1 else data, fds[0])
+        for fd in fds:
+            os.set_inheritable(fd, False)  # the handler's subprocesses must not hold them
+        code = start(fds[2] if len(fds) > 2 else data, fds[0], fds[1])
     except BaseException:
         _print_exc()
     finally:
@@ -158,15 +197,24 @@ def prepare(parent_pid: int, keep_fds: tuple[int, ...] = ()) -> None:
     pthread_sigmask(SIG_BLOCK, _TERM)
     setpgid(0, 0)
     set_parent_death_signal(SIGKILL)
+    # Orphans of the task's own subprocesses (a helper that double-forks and calls
+    # setsid()) are re-parented here, not to the supervisor: the watchdog's walk of this
+    # process's tree then counts their memory against the task's limit.
+    set_child_subreaper()
     if getppid() != parent_pid:
         _exit(EXIT_PARENT_GONE)
     _reset_signals()
     _close_fds_except({0, 1, 2, *keep_fds})
 
 
-def start(spec: dict | bytes | int, report_fd: int) -> int:
-    """Read the spec, apply its limits, report ready, run the handler; the exit code.
-    Runs after `prepare`; raises if set-up fails before the handler."""
+def start(spec: dict | bytes | int, report_fd: int, log_fd: int) -> int:
+    """Route stdout and stderr to the attempt's output pipe, read the spec, apply its
+    limits, report ready, run the handler; the exit code. Runs after `prepare`; raises
+    if set-up fails before the handler."""
+    if log_fd >= 0:  # inheritable copies: the handler's subprocesses write there too
+        dup2(log_fd, 1)
+        dup2(log_fd, 2)
+        close(log_fd)
     if isinstance(spec, int):
         data = _read_all(spec)
         close(spec)
@@ -182,7 +230,7 @@ def start(spec: dict | bytes | int, report_fd: int) -> int:
     try:
         apply(Limits.from_dict(spec.get("limits") or {}))
     except LimitError as exc:
-        reporter.send(proto.ERROR, type="LimitError", message=str(exc), traceback="",
+        reporter.send(wire.ERROR, type="LimitError", message=str(exc), traceback="",
                       retryable=False, outcome="crashed")
         return EXIT_BOOT_ERROR
     reporter.write(_READY % getpid())
@@ -224,12 +272,15 @@ def _run_handler(spec: dict, reporter: Reporter, log_settings: tuple[bool, str])
         raise TaskCancelled()
 
     set_handler(SIGTERM, on_term)
+    # A process the handler forks (os.fork, multiprocessing) gets no copy of the report
+    # channel: what it writes, and how long it lives, cannot touch this attempt's report.
+    register_at_fork(after_in_child=reporter.detach)
     handler = lookup(task["type"])
     try:
         pthread_sigmask(SIG_UNBLOCK, _TERM)
         if handler is None:
             reporter.send(
-                proto.ERROR, type="UnknownTaskType", traceback="", retryable=False,
+                wire.ERROR, type="UnknownTaskType", traceback="", retryable=False,
                 outcome="error",
                 message=(f"no handler for task type {task['type']!r}: register one with "
                          f"@task({task['type']!r}) in a module listed in [supervisor] preload, "
@@ -241,21 +292,21 @@ def _run_handler(spec: dict, reporter: Reporter, log_settings: tuple[bool, str])
             result = asyncio.run(_await(result))
         _send_result(reporter, result, spec.get("max_result_bytes", 1 << 20))
     except Retry as exc:
-        reporter.send(proto.RETRY, delay_s=exc.delay_s, reason=exc.reason)
+        reporter.send(wire.RETRY, delay_s=exc.delay_s, reason=exc.reason)
     except TaskCancelled:
         set_handler(SIGTERM, SIG_DFL)
-        reporter.send(proto.CANCELLED)
+        reporter.send(wire.CANCELLED)
     except SystemExit as exc:  # the handler called sys.exit(n): honour n, skip atexit
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         os._exit(code)
     except MemoryError:
-        reporter.send(proto.ERROR, type="MemoryError", message="the task ran out of memory "
+        reporter.send(wire.ERROR, type="MemoryError", message="the task ran out of memory "
                       "(its memory limit, RLIMIT_DATA, refused an allocation)",
                       traceback=_format_exc(20), retryable=True,
                       outcome="memory_limit")
     except BaseException as exc:  # a Fail says the outcome and whether a retry can help
         chosen = isinstance(exc, Fail)
-        reporter.send(proto.ERROR, type=type(exc).__qualname__, message=str(exc)[:4000],
+        reporter.send(wire.ERROR, type=type(exc).__qualname__[:300], message=str(exc)[:4000],
                       traceback=_format_exc(50)[-16000:],
                       retryable=exc.retryable if chosen else True,
                       outcome=exc.outcome if chosen else "error")
@@ -270,13 +321,13 @@ def _send_result(reporter: Reporter, result, limit: int) -> None:
     try:
         text = "null" if result is None else _encode_result(result)
     except (TypeError, ValueError, RecursionError) as exc:
-        reporter.send(proto.ERROR, type="ResultNotJSON", retryable=False, outcome="error",
+        reporter.send(wire.ERROR, type="ResultNotJSON", retryable=False, outcome="error",
                       traceback="", message=f"the handler returned a value that is not JSON "
                       f"serialisable ({exc}); return dicts, lists, strings, numbers, None")
         return
     size = len(text.encode())
     if size > limit:
-        reporter.send(proto.ERROR, type="ResultTooLarge", retryable=False, outcome="error",
+        reporter.send(wire.ERROR, type="ResultTooLarge", retryable=False, outcome="error",
                       traceback="", message=f"the result is {size} bytes, over the "
                       f"{limit}-byte limit ([supervisor] max_result_bytes); store large output "
                       "in a file and return its path")

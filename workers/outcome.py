@@ -1,25 +1,11 @@
-"""The protocol between a task process and the supervisor: message kinds and exit codes.
+"""The named exit codes of task processes and of the fork server.
 
-Owns the names both sides agree on. A task process writes newline-delimited JSON
-messages on its report pipe (ready, progress, heartbeat, then exactly one of result,
-error, retry, cancelled) and leaves with one of the named exit codes. This module must
-never import anything outside the standard library: it is loaded in the fork server.
+Owns the numbers both sides agree on when a process leaves without a report (the
+messages themselves are declared in workers.wire). Standard library only: it is loaded
+in the fork server.
 """
 
 from __future__ import annotations
-
-# The largest packet on the fork server's sockets (supervisor <-> fork server <-> spare);
-# a spawn whose spec does not fit inline sends it in a memfd.
-MAX_PACKET = 65536
-
-# Message kinds, child -> supervisor.
-READY = "ready"          # set-up done, about to run user code
-PROGRESS = "progress"    # {"fraction": float|None, "message": str|None}
-HEARTBEAT = "heartbeat"  # still alive; nothing else to say
-RESULT = "result"        # {"result": <JSON text>}
-ERROR = "error"          # {"type", "message", "traceback", "retryable", "outcome"}
-RETRY = "retry"          # {"delay_s", "reason"}: reschedule, no attempt spent
-CANCELLED = "cancelled"  # the handler stopped after a cancel request
 
 # Exit codes of a task process (beside user code's own sys.exit codes).
 EXIT_OK = 0              # an outcome message was sent

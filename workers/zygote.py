@@ -15,14 +15,16 @@ To a spare, on its own socket: the spec JSON (or "{}" and a memfd) + fds [report
 Messages, one per packet. Start-up is JSON; the per-task messages are short text lines
 (see _LEAN: json.dumps and json.loads cost this process page faults at every fork):
   supervisor -> zygote  {"op": "boot", "preload": [...], "handlers": {type: "mod:fn"}}
-                        "spawn KEY\n" spec JSON  + fds [report_w]
-                        "spawn KEY"  + fds [report_w, spec memfd] (big specs)
+                        "spawn KEY\n" spec JSON  + fds [report, output_w]
+                        "spawn KEY"  + fds [report, output_w, spec memfd] (big specs)
+                        "fence T"  (CLOCK_MONOTONIC seconds; see _enforce_fence)
                         "stop"
   zygote -> supervisor  {"op": "ready", "pid", "types": [...], "preload_s"}
                         {"op": "boot_error", "error": traceback text}
                         "spawned KEY PID"
                         "spawn_failed KEY error text"
                         "exited PID STATUS UTIME STIME MAXRSS_KB"
+                        "fenced COUNT"
 KEY is "<task id>:<attempt>" (no spaces); UTIME and STIME are seconds (repr of a float).
 """
 
@@ -39,11 +41,11 @@ import socket
 import sys
 import time
 
-from workers import child, limits, registry
+from workers import child, limits, registry, wire
 from workers import outcome as proto
 from workers.pdeathsig import set_parent_death_signal
 
-MAX_PACKET = proto.MAX_PACKET
+MAX_PACKET = wire.MAX_PACKET
 SPARE_IDLE_S = 0.02  # no spawn for this long: fork a spare for the next one
 _CO_COROUTINE = 0x80  # inspect.CO_COROUTINE
 _SCAN = json.JSONDecoder().scan_once  # (text, index) -> (value, end), in C with _json
@@ -80,6 +82,11 @@ class Zygote:
         self.spare: tuple[int, socket.socket] | None = None
         self.spare_pids: set[int] = set()  # spares forked and not yet reaped
         self.spare_after = 0.0  # monotonic time before which no new spare is forked
+        # The execution fence: the supervisor's leases are renewed up to this monotonic
+        # time minus a margin. Past it, every task process is killed and no spawn starts:
+        # a supervisor that is stopped or stuck past its lease cannot have its tasks run
+        # on while another supervisor rescues them. None until the first "fence".
+        self.fence: float | None = None
         self.name = _process_name()
         self.stopping = False
         self.pid = os.getpid()
@@ -140,6 +147,9 @@ class Zygote:
             timeout = 1.0
             if self.spare is None and not self.stopping:
                 timeout = min(1.0, max(0.0, self.spare_after - time.monotonic()))
+            if self.fence is not None and self.children:
+                # Past the fence, look again soon until the killed processes are reaped.
+                timeout = min(timeout, max(0.05, self.fence - time.monotonic()))
             try:
                 events = poller.poll(timeout)
             except InterruptedError:
@@ -152,6 +162,8 @@ class Zygote:
                         os.readv(wake_r, self.wake_bufs)
                     except BlockingIOError:
                         pass
+            if self.fence is not None and self.children:
+                self._enforce_fence()
             if self.children or self.spare_pids:
                 self._reap()
             if self.stopping:
@@ -165,6 +177,28 @@ class Zygote:
 
     def _on_stop(self, *_):
         self.stopping = True
+
+    def _enforce_fence(self) -> None:
+        """Past the fence, KILL every task process (its process group, where it already
+        made one) and say how many; the exit statuses follow as usual."""
+        if time.monotonic() < self.fence:
+            return
+        killed = 0
+        for pid in self.children:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
+            try:  # before its setpgid the group does not exist yet
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+            except OSError:
+                pass
+        if killed:
+            try:
+                self.sock.sendall(b"fenced %d" % killed)
+            except OSError:
+                pass
 
     def _fork_spare(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -221,8 +255,15 @@ class Zygote:
         op, _, key = head.partition(b" ")
         if op == b"stop":
             self.stopping = True
+        elif op == b"fence":
+            try:
+                self.fence = float(key)
+            except ValueError:
+                pass
         elif op == b"spawn" and self.stopping:
             self._fail(key, "fork server is stopping")
+        elif op == b"spawn" and self.fence is not None and time.monotonic() >= self.fence:
+            self._fail(key, "fenced: the supervisor's lease was not renewed in time")
         elif op == b"spawn":
             self._spawn(key, spec, fds)
         for fd in fds:
@@ -235,13 +276,13 @@ class Zygote:
         self.sock.sendall(b"spawn_failed %s %s" % (key, error.encode(errors="replace")))
 
     def _spawn(self, key: bytes, spec: bytes, fds) -> None:
-        if len(fds) != (1 if spec else 2):
-            self._fail(key, "expected a spec")
+        if len(fds) != (2 if spec else 3):
+            self._fail(key, "expected a report socket, an output pipe and a spec")
             return
         pid = self._hand_to_spare(spec, fds)
         if pid is None:
             try:  # parsed here: it costs a task process more (45 faults) than this one (6)
-                parsed = _parse_spec(spec) if spec else fds[1]
+                parsed = _parse_spec(spec) if spec else fds[2]
             except ValueError as exc:
                 self._fail(key, f"bad spec: {exc}")
                 return
@@ -251,7 +292,7 @@ class Zygote:
                 self._fail(key, f"fork failed: {exc}")
                 return
             if pid == 0:
-                child.run(parsed, fds[0], parent_pid=self.pid)
+                child.run(parsed, fds[0], fds[1], parent_pid=self.pid)
         self.spare_after = max(self.spare_after, time.monotonic() + SPARE_IDLE_S)
         self.children.add(pid)
         self.sock.sendall(b"spawned %s %d" % (key, pid))

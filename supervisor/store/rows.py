@@ -138,7 +138,6 @@ class Task:
     def from_row(cls, row: tuple, depends_on: tuple[str, ...] = (),
                  history: tuple[Attempt, ...] = ()) -> "Task":
         v = list(row)
-        v[2] = _json(v[2])
         v[4] = _STATUS[v[4]]
         v[19] = bool(v[19])
         v[22] = _json(v[22])
@@ -147,9 +146,26 @@ class Task:
         task = _new(cls)
         d = task.__dict__
         d.update(zip(_TASK_FIELDS, v))
+        # The payload stays JSON text until something reads it: the supervisor passes the
+        # text through to the task process and never decodes it (see __getattr__).
+        d["payload_json"] = d.pop("payload")
         d["depends_on"] = depends_on
         d["history"] = history
         return task
+
+    def __getattr__(self, name: str):
+        # Only reached for attributes missing from __dict__: the payload of a row read
+        # from the store, decoded once on first use.
+        if name == "payload":
+            value = self.__dict__["payload"] = _json(self.__dict__["payload_json"])
+            return value
+        raise AttributeError(name)
+
+    @property
+    def payload_text(self) -> str:
+        """The payload as JSON text, as stored."""
+        text = self.__dict__.get("payload_json")
+        return json.dumps(self.payload) if text is None else text
 
     @property
     def lease(self) -> Lease:

@@ -195,11 +195,14 @@ class Store:
                 q.unblock_dependents(db, lease.id)
         return True
 
-    def fail(self, lease: Lease, end: AttemptEnd, now: float, backoff: policy.Backoff) -> Status | None:
+    def fail(self, lease: Lease, end: AttemptEnd, now: float, backoff: policy.Backoff, *,
+             expired_before: float | None = None) -> Status | None:
         """Record an attempt that did not succeed and apply the retry policy.
 
         Returns the task's new status (queued, failed or cancelled), or None when the
-        lease was lost and nothing was written.
+        lease was lost and nothing was written. With `expired_before` (a rescue), nothing
+        is written either unless the lease still expires before that time: read inside
+        this transaction, so a renewal that committed after the rescuer's first look wins.
         """
         with self.conn.write() as db:
             row = q.select_task(db, lease.id)
@@ -207,6 +210,8 @@ class Store:
                 return None
             task = Task.from_row(row)
             if (task.status, task.attempts, task.lease_owner) != (Status.RUNNING, lease.attempt, lease.owner):
+                return None
+            if expired_before is not None and (task.lease_expires_at or 0.0) >= expired_before:
                 return None
             decision = policy.after_failure(
                 end.outcome, attempt=task.attempts, max_attempts=task.max_attempts,
@@ -226,7 +231,8 @@ class Store:
             return status
 
     def expire(self, now: float, backoff, *, owners: Sequence[str] = (),
-               before_requeue: Callable[[Task], None] | None = None) -> list[Task]:
+               before_requeue: Callable[[Task], None] | None = None,
+               expired_before: float | None = None) -> list[Task]:
         """Rescue running tasks whose lease expired (or whose owner is in `owners`, known
         dead): each attempt ends `lost`, then requeue or fail by the retry policy.
 
@@ -234,8 +240,9 @@ class Store:
         runs first for each (the supervisor kills a leftover process there, so an attempt
         never overlaps the next). Returns the rescued rows as they were before.
         """
+        cutoff = now if expired_before is None else expired_before
         with self.conn.read() as db:
-            stale = q.select_expired_leases(db, now)
+            stale = q.select_expired_leases(db, cutoff)
             if owners:
                 seen = {t.id for t in stale}
                 stale += [t for t in q.select_running_of_owners(db, list(owners)) if t.id not in seen]
@@ -247,7 +254,9 @@ class Store:
                    else "the lease expired: its supervisor stopped renewing it")
             end = AttemptEnd(Outcome.LOST, reason=f"lost: {why}", pid=task.pid)
             policy_for = backoff(task.type) if callable(backoff) else backoff
-            if self.fail(task.lease, end, now, policy_for) is not None:
+            dead_owner = task.lease_owner in owners
+            if self.fail(task.lease, end, now, policy_for,
+                         expired_before=None if dead_owner else cutoff) is not None:
                 rescued.append(task)
         return rescued
 

@@ -50,11 +50,13 @@ class FakeDatabase:
 
 
 def fake_sup(**kw):
+    """A supervisor as the metrics thread sees it: only the snapshot the loop publishes."""
     config = SimpleNamespace(supervisor=SimpleNamespace(pool_size=4, poll_interval_s=1.0))
-    values = dict(children={}, config=config, memory_budget_mb=1024.0, last_loop_at=0.0,
-                  owner="host:1:abc", store_ok=True, stopping=False)
+    values = dict(busy=0, pool_size=4, config=config, memory_budget_mb=1024.0,
+                  last_loop_at=0.0, owner="host:1:abc", host="host", store_ok=True,
+                  stopping=False, running={})
     values.update(kw)
-    return SimpleNamespace(**values)
+    return SimpleNamespace(snapshot=SimpleNamespace(**values))
 
 
 def task(type_="llm.chat", run_after=100.0, started_at=100.25, created_at=99.0):
@@ -122,8 +124,8 @@ def test_a_task_claimed_before_it_was_due_counts_zero_wait():
 
 def test_loop_gauges_and_build_info_come_from_the_supervisor(bound):
     metrics, store, sup = bound
-    sup.children = {"a": 1, "b": 2}
-    sup.last_loop_at = 1_800_000_000.5
+    sup.snapshot.busy = 2
+    sup.snapshot.last_loop_at = 1_800_000_000.5
     store.reserved_mb = 512
     s = scrape(metrics)
     assert value(s, "taskvisor_workers_busy") == 2
@@ -222,6 +224,6 @@ def test_health_is_503_with_the_reason(sup, down, reason):
 
 def test_health_allows_three_poll_intervals_when_they_are_long():
     sup = fake_sup(last_loop_at=1000.0)
-    sup.config.supervisor.poll_interval_s = 10.0
+    sup.snapshot.config.supervisor.poll_interval_s = 10.0
     assert health(sup, FakeDatabase(FakeStore()), now=1025.0)[0] == 200
     assert health(sup, FakeDatabase(FakeStore()), now=1031.0)[0] == 503

@@ -1,0 +1,63 @@
+"""What this machine lets one supervisor run at once: descriptors and processes.
+
+Owns raising the supervisor's own open-files soft limit to its hard limit at start, and
+the check that `pool_size` fits what the machine allows (each task in flight holds two
+descriptors in the supervisor, its report socket and its output pipe, and at least one
+process), with a message that says what to raise. Runs before the fork server starts;
+never forks, never touches the database.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+
+FDS_PER_TASK = 2   # the report socket and the output pipe, held by the supervisor
+FDS_SPARE = 256    # the database, HTTP clients, fork servers, logs
+PROCS_SPARE = 64   # the supervisor, fork servers, threads, other processes of the user
+
+
+def raise_open_files() -> tuple[int, int]:
+    """Soft RLIMIT_NOFILE up to the hard limit; returns (soft, hard) after."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft, hard
+
+
+def problems(pool_size: int) -> list[str]:
+    """Why `pool_size` tasks cannot run at once here (empty: they can)."""
+    out = []
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = pool_size * FDS_PER_TASK + FDS_SPARE
+    if soft != resource.RLIM_INFINITY and need > soft:
+        out.append(f"pool_size = {pool_size} needs about {need} open files in the supervisor, "
+                   f"but its limit is {soft} (hard limit {hard}): lower pool_size to at most "
+                   f"{max(1, (soft - FDS_SPARE) // FDS_PER_TASK)}, or raise the limit "
+                   "(LimitNOFILE= in the systemd unit, `ulimit -n` in a shell)")
+    procs = pool_size + PROCS_SPARE
+    nproc = resource.getrlimit(resource.RLIMIT_NPROC)[0]
+    if os.geteuid() != 0 and nproc != resource.RLIM_INFINITY and procs > nproc:
+        out.append(f"pool_size = {pool_size} needs at least {procs} processes, but "
+                   f"RLIMIT_NPROC is {nproc}: lower pool_size or raise it (LimitNPROC= in "
+                   "the systemd unit, `ulimit -u` in a shell)")
+    for path, what in (("/proc/sys/kernel/pid_max", "kernel.pid_max"),
+                       ("/proc/sys/kernel/threads-max", "kernel.threads-max")):
+        limit = _read_int(path)
+        if limit is not None and procs > limit // 2:
+            out.append(f"pool_size = {pool_size} needs at least {procs} processes, more than "
+                       f"half of {what} ({limit}): lower pool_size or raise {what} with sysctl")
+    return out
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None

@@ -1,0 +1,232 @@
+"""The supervisor loop one pass at a time: a real SQLite file, a fake clock, a fake fork
+server (real sockets and pipes stand in for the task processes, so a test writes their
+report lines itself), and `Supervisor.step()` called by hand, the way huey's tests call
+`Worker.loop(now)`. No process is forked.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import selectors
+import socket
+
+import pytest
+
+from supervisor import policy
+from supervisor.client import Queue
+from supervisor.config import load
+from supervisor.loop import Supervisor
+from tests.support import FakeClock
+
+NO_SUCH_PID = 4_194_304  # above the largest pid_max: signals to it find nobody
+
+
+class FakeForkServer:
+    """What the loop asks of a fork server, recorded; the test plays the task processes."""
+
+    def __init__(self):
+        self.pid = NO_SUCH_PID + 999
+        self.sock, self._peer = socket.socketpair()
+        self.outbox: collections.deque = collections.deque()
+        self.exited = False
+        self.broken = None
+        self.generation = 1
+        self.types: list[str] = []
+        self.calls: list[tuple] = []   # ("fence", t) and ("spawn", key), in order
+        self.tasks: dict[str, dict] = {}  # key -> {"report": socket, "output": fd, "spec": dict}
+        self.queued: list[dict] = []
+        self.next_pid = NO_SUCH_PID + 1
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def spawn(self, key: str, spec: bytes) -> tuple[int, int]:
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        out_r, out_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self.tasks[key] = {"report": theirs, "output": out_w, "spec": json.loads(spec)}
+        self.calls.append(("spawn", key))
+        return ours.detach(), out_r
+
+    def fence(self, deadline_mono: float) -> None:
+        self.calls.append(("fence", deadline_mono))
+
+    def flush(self) -> None:
+        pass
+
+    def events(self) -> list[dict]:
+        out, self.queued = self.queued, []
+        return out
+
+    def stop(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def kill(self) -> None:
+        pass
+
+    # -- playing the task processes ------------------------------------------------------
+
+    def forked(self, key: str) -> int:
+        pid = self.next_pid
+        self.next_pid += 1
+        self.tasks[key]["pid"] = pid
+        return pid
+
+    def report(self, key: str, *lines: bytes) -> None:
+        for line in lines:
+            self.tasks[key]["report"].sendall(line + b"\n")
+
+    def exit(self, key: str, status: int = 0) -> dict:
+        task = self.tasks[key]
+        task["report"].close()
+        os.close(task["output"])
+        return {"op": "exited", "pid": task["pid"], "status": status, "utime": 0.01,
+                "stime": 0.0, "maxrss_kb": 1024}
+
+
+@pytest.fixture
+def loop(tmp_path):
+    (tmp_path / "t.toml").write_text(
+        '[supervisor]\ndatabase = "t.db"\npool_size = 2\nlease_s = 8\n'
+        '[defaults]\ntimeout_s = 5\nmax_attempts = 2\n')
+    config = load(tmp_path / "t.toml")
+    clock = FakeClock()
+    server = FakeForkServer()
+    seen: list[tuple[str, dict]] = []
+    sup = Supervisor(config, server, clock=clock, events=lambda n, f: seen.append((n, f)))
+    sup.children.forward_output = None
+    sup.selector.register(server, selectors.EVENT_READ, ("server", server))
+    sup.open_store()
+    queue = Queue(config)
+    yield sup, server, clock, queue, seen
+    queue.close()
+    sup.store.close()
+    sup.wake.close()
+
+
+def start_all(sup, server, clock) -> list[str]:
+    """One pass claims and spawns; the fake fork server answers "spawned" for each."""
+    assert sup.step()
+    keys = [k for op, k in server.calls if op == "spawn"]
+    for key in keys:
+        if "pid" not in server.tasks[key]:
+            server.queued.append({"op": "spawned", "key": key, "pid": server.forked(key)})
+    sup.dispatch("server", server, selectors.EVENT_READ, clock.monotonic())
+    return keys
+
+
+def test_a_pass_claims_up_to_the_pool_fences_first_then_records_results(loop):
+    sup, server, clock, queue, seen = loop
+    ids = [queue.enqueue("t", {"n": i}) for i in range(3)]
+    keys = start_all(sup, server, clock)
+    assert len(keys) == 2 and len(sup.children) == 2
+    # The fence reaches the leases just written, minus the margin, and goes out first.
+    assert server.calls[0][0] == "fence"
+    assert server.calls[0][1] == pytest.approx(clock.monotonic() + 8 - policy.fence_margin_s(8))
+    spec = server.tasks[keys[0]]["spec"]
+    assert spec["task"]["payload"] == {"n": 0} and spec["task"]["attempt"] == 1
+    for key in keys:
+        server.report(key, b'{"kind":"ready","pid":1}', b'{"kind":"result","result":"42"}')
+    sup.wait(0.5)
+    for key in keys:
+        sup.children.on_server_event(server, server.exit(key), clock.monotonic())
+    clock.advance(0.01)
+    assert sup.step()  # records both and claims the third in the same transaction
+    done = [queue.get(i) for i in ids[:2]]
+    assert [t.status for t in done] == ["succeeded", "succeeded"] and done[0].result == 42
+    assert queue.get(ids[2]).status == "running"
+    assert [n for n, _ in seen].count("recorded") == 2
+
+
+def test_a_time_limit_is_enforced_from_the_timer_heap(loop):
+    sup, server, clock, queue, seen = loop
+    task_id = queue.enqueue("t", max_attempts=1)
+    (key,) = start_all(sup, server, clock)
+    server.report(key, b'{"kind":"ready","pid":1}')
+    sup.wait(0.2)
+    assert sup.next_deadline(clock.monotonic()) <= clock.monotonic() + 5
+    clock.advance(5.01)
+    assert sup.step()
+    (child,) = sup.children.values()
+    assert child.stop[0] == "timeout"
+    sup.children.on_server_event(server, server.exit(key, status=15), clock.monotonic())
+    assert sup.step()
+    task = queue.get(task_id)
+    assert task.status == "failed" and task.history[-1].outcome == "timeout"
+
+
+def test_a_lie_on_the_report_channel_ends_that_attempt_only(loop):
+    sup, server, clock, queue, seen = loop
+    liar, honest = queue.enqueue("t", max_attempts=1), queue.enqueue("t")
+    keys = start_all(sup, server, clock)
+    server.report(keys[0], b'{"kind": "error", "outcome": "nope"}')
+    server.report(keys[1], b'{"kind":"ready","pid":1}', b'{"kind":"result","result":"1"}')
+    sup.wait(0.2)
+    sup.wait(0.2)
+    for key in keys:
+        sup.children.on_server_event(server, server.exit(key, status=9), clock.monotonic())
+    assert sup.step()
+    lied = queue.get(liar)
+    assert lied.status == "failed"
+    assert "broke the report protocol" in lied.history[-1].reason
+    assert "not one of" in lied.history[-1].reason
+    assert queue.get(honest).status == "succeeded"
+
+
+def test_a_step_that_raises_is_counted_and_the_loop_goes_on(loop, monkeypatch):
+    sup, server, clock, queue, seen = loop
+
+    def broken(*args):
+        raise RuntimeError("a bug in a step")
+    monkeypatch.setattr(sup.children, "reap", broken)
+    queue.enqueue("t")
+    assert sup.step() is True
+    failures = [f for n, f in seen if n == "step_failed"]
+    assert failures and failures[0]["step"] == "broken"
+    assert len(sup.children) == 1  # the other steps of the pass still ran: it claimed
+    # and the loop does not spin on a failing step
+    assert sup.next_deadline(clock.monotonic()) >= clock.monotonic() + 0.09
+
+
+def test_claims_past_the_fence_are_given_back_not_started(loop, monkeypatch):
+    """The pass is paused between the claim's commit and the spawn for longer than the
+    lease: the attempts are recorded interrupted (no attempt spent), never started."""
+    sup, server, clock, queue, seen = loop
+    task_id = queue.enqueue("t")
+    claim = sup.claim
+
+    def claim_then_pause(now, free):
+        claimed = claim(now, free)
+        clock.advance(8)  # the process was stopped right after this transaction
+        return claimed
+    monkeypatch.setattr(sup, "claim", claim_then_pause)
+    assert sup.step()
+    assert not [c for c in server.calls if c[0] == "spawn"]
+    monkeypatch.setattr(sup, "claim", claim)
+    assert sup.step()
+    task = queue.get(task_id)
+    (given_back,) = [a for a in task.history if a.outcome]
+    assert given_back.outcome == "interrupted" and "paused" in given_back.reason
+    # the attempt was not spent: the next claim (this pass) is attempt 1 again
+    assert task.status == "running" and task.attempts == 1
+    assert [c for c in server.calls if c[0] == "spawn"]
+
+
+def test_the_output_pipe_keeps_the_tail(loop):
+    sup, server, clock, queue, seen = loop
+    queue.enqueue("t")
+    (key,) = start_all(sup, server, clock)
+    sup.children.max_log_bytes = 1000
+    out = server.tasks[key]["output"]
+    for i in range(50):
+        os.write(out, b"line %04d " % i + b"x" * 90 + b"\n")
+        sup.wait(0.05)
+    (child,) = sup.children.values()
+    assert child.output_bytes == 50 * 101
+    assert bytes(child.output).endswith(b"line 0049 " + b"x" * 90 + b"\n")
+    assert len(child.output) <= 2000
