@@ -68,6 +68,7 @@ class Timers:
     store_retry: float = 0.0
     running_snapshot: float = 0.0
     step_error: float = 0.0
+    next_due: float = float("inf")  # when the next delayed task becomes due
 
 
 @dataclasses.dataclass(frozen=True)
@@ -336,9 +337,10 @@ class Supervisor:
         If SQLite fails, outcomes stay in memory (reaping goes on) and nothing is claimed."""
         sup = self.config.supervisor
         kids = self.children
-        if mono >= self.timers.poll:
+        if mono >= self.timers.poll or mono >= self.timers.next_due:
             self.claim_needed = True
             self.timers.poll = mono + sup.poll_interval_s
+            self.timers.next_due = float("inf")
         progress_due = bool(kids.progressed) and mono >= self.timers.progress
         claiming = self.can_claim(mono)
         if not (kids.pending or kids.pending_pids or progress_due or claiming or kids.acking):
@@ -509,6 +511,10 @@ class Supervisor:
                 default_memory_mb=cfg.defaults.memory_mb)
             if task is None:
                 self.claim_needed = False
+                # Wake up for the next delayed task, not a poll interval later.
+                due_at = self.store.next_run_after(now)
+                if due_at is not None:
+                    self.timers.next_due = self.clock.monotonic() + max(0.0, due_at - now)
                 break
             claimed.append(task)
         return claimed
@@ -549,7 +555,7 @@ class Supervisor:
         t = self.timers
         if self.can_claim(mono):
             return max(mono, t.step_error)  # no waiting
-        times = [t.poll, t.expire, t.extend]
+        times = [t.poll, t.expire, t.extend, t.next_due]
         kids = self.children
         if kids.pending or kids.pending_pids or kids.acking or (self.claim_needed and t.store_retry > mono):
             times.append(t.store_retry)

@@ -406,6 +406,13 @@ def select_queued_by_type(db: apsw.Connection, now: float) -> list[tuple[str, in
     return [(t, n, created.get(i)) for t, n, i in found]
 
 
+def select_next_run_after(db: apsw.Connection, now: float) -> float | None:
+    """When the next queued task that is not due yet becomes due (None: none waits). A
+    scan of the covering claim index: run it after a claim found nothing, not per claim."""
+    return db.execute("SELECT min(run_after) FROM tasks WHERE status = 'queued' "
+                      "AND run_after > ?", (now,)).fetchall()[0][0]
+
+
 def select_recent_attempts(db: apsw.Connection, since: float) -> list[tuple]:
     """(ended_at, outcome, type) of attempts that ended since `since`."""
     return db.execute(

@@ -166,6 +166,11 @@ class Store:
             cached = self._type_mb_cache = (key, json.dumps({k: v for k, v in key if v}))
         return cached[1]
 
+    def next_run_after(self, now: float) -> float | None:
+        """Epoch time at which the next delayed queued task becomes due, or None."""
+        with self.conn.read() as db:
+            return q.select_next_run_after(db, now)
+
     def set_pid(self, lease: Lease, pid: int, pid_started_at: float) -> bool:
         with self.conn.write() as db:
             return q.update_task_pid(db, lease, pid, pid_started_at)

@@ -11,6 +11,7 @@ import json
 import os
 import selectors
 import socket
+import time
 
 import pytest
 
@@ -95,7 +96,7 @@ def loop(tmp_path):
         '[supervisor]\ndatabase = "t.db"\npool_size = 2\nlease_s = 8\n'
         '[defaults]\ntimeout_s = 5\nmax_attempts = 2\n')
     config = load(tmp_path / "t.toml")
-    clock = FakeClock()
+    clock = FakeClock(start=time.time() + 1)  # the client's enqueue reads the real clock
     server = FakeForkServer()
     seen: list[tuple[str, dict]] = []
     sup = Supervisor(config, server, clock=clock, events=lambda n, f: seen.append((n, f)))
@@ -230,3 +231,23 @@ def test_the_output_pipe_keeps_the_tail(loop):
     assert child.output_bytes == 50 * 101
     assert bytes(child.output).endswith(b"line 0049 " + b"x" * 90 + b"\n")
     assert len(child.output) <= 2000
+
+
+def test_an_idle_loop_wakes_for_the_next_delayed_task_not_the_next_poll(loop):
+    """With poll_interval_s = 30, a task delayed by 3 s starts 3 s later, not 30."""
+    sup, server, clock, queue, seen = loop
+    sup.config = sup.children.config = sup.config.__class__(
+        **{**sup.config.__dict__, "supervisor": sup.config.supervisor.__class__(
+            **{**sup.config.supervisor.__dict__, "poll_interval_s": 30.0})})
+    assert sup.step()  # idle: nothing to claim
+    task_id = queue.enqueue("t", delay=3)
+    sup.claim_needed = True  # what the wake-up datagram of the enqueue does
+    assert sup.step()
+    task = queue.get(task_id)
+    assert task.status == "queued"
+    wait_s = task.run_after - clock.now()
+    assert 1 < wait_s < 3.5
+    assert sup.next_deadline(clock.monotonic()) == pytest.approx(clock.monotonic() + wait_s, abs=0.01)
+    clock.advance(wait_s + 0.01)
+    assert sup.step()
+    assert queue.get(task_id).status == "running"
