@@ -504,11 +504,12 @@ class Supervisor:
         caps = cfg.concurrency_caps()
         type_mb = {n: t.memory_mb for n, t in cfg.types.items() if t.memory_mb}
         claimed: list[Task] = []
+        reserved = self.store.reserved_mb()  # once a pass; each claim adds its own
         while len(claimed) < free:
             task = self.store.claim(
                 self.owner, now, lease_s=cfg.supervisor.lease_s, caps=caps,
                 memory_budget_mb=self.memory_budget_mb, type_memory_mb=type_mb,
-                default_memory_mb=cfg.defaults.memory_mb)
+                default_memory_mb=cfg.defaults.memory_mb, reserved_mb=reserved)
             if task is None:
                 self.claim_needed = False
                 # Wake up for the next delayed task, not a poll interval later.
@@ -517,6 +518,7 @@ class Supervisor:
                     self.timers.next_due = self.clock.monotonic() + max(0.0, due_at - now)
                 break
             claimed.append(task)
+            reserved += task.reserved_mb or 0
         return claimed
 
     # -- status and waiting --------------------------------------------------------------

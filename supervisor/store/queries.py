@@ -79,7 +79,8 @@ def count_running_by_type(db: apsw.Connection, types: list[str]) -> dict[str, in
 
 
 def sum_reserved_mb(db: apsw.Connection) -> int:
-    return _one(db.execute("SELECT total(reserved_mb) FROM tasks WHERE status = 'running'"))[0]
+    return _one(db.execute("SELECT total(reserved_mb) FROM tasks WHERE status = 'running' "
+                           "AND reserved_mb > 0"))[0]
 
 
 # The effective declared memory of a queued row: its own, else its type's, else the default.

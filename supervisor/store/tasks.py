@@ -135,13 +135,14 @@ class Store:
 
     def claim(self, owner: str, now: float, *, lease_s: float, caps: dict[str, int] | None = None,
               memory_budget_mb: float | None = None, type_memory_mb: dict[str, int] | None = None,
-              default_memory_mb: int | None = None) -> Task | None:
+              default_memory_mb: int | None = None, reserved_mb: float | None = None) -> Task | None:
         """Lease the next due task: priority first, then FIFO; None when nothing fits.
 
         Types whose running count (across every supervisor on the file) has reached
         their cap in `caps` are skipped; so are tasks whose declared memory (task, else
         `type_memory_mb`, else `default_memory_mb`) exceeds `memory_budget_mb` minus
-        what running tasks reserved.
+        what running tasks reserved (`reserved_mb` when the caller knows it, as after
+        `reserved_mb()` in the same transaction plus what it claimed since).
         """
         # One statement writes: no savepoint needed inside a grouped transaction.
         with self.conn.write(savepoint=False) as db:
@@ -150,7 +151,10 @@ class Store:
                 full = [t for t, cap in caps.items() if running.get(t, 0) >= cap]
             else:
                 full = []
-            free = None if memory_budget_mb is None else memory_budget_mb - q.sum_reserved_mb(db)
+            if memory_budget_mb is None:
+                free = None
+            else:
+                free = memory_budget_mb - (q.sum_reserved_mb(db) if reserved_mb is None else reserved_mb)
             return q.claim_task(db, owner=owner, now=now, lease_s=lease_s, full_types=full,
                                 free_mb=free, type_mb=self._type_mb_json(type_memory_mb),
                                 default_mb=default_memory_mb or 0)
@@ -165,6 +169,11 @@ class Store:
         if cached is None or cached[0] != key:
             cached = self._type_mb_cache = (key, json.dumps({k: v for k, v in key if v}))
         return cached[1]
+
+    def reserved_mb(self) -> float:
+        """Memory reserved by running tasks, across every supervisor on the file."""
+        with self.conn.read() as db:
+            return q.sum_reserved_mb(db)
 
     def next_run_after(self, now: float) -> float | None:
         """Epoch time at which the next delayed queued task becomes due, or None."""
