@@ -62,3 +62,23 @@ def test_run_stops_at_start_when_a_preload_module_fails_to_import(tmp_path):
     assert "taskvisor: error: a preload module or configured handler failed to import" in text
     assert "ModuleNotFoundError: No module named 'not_a_module_anywhere'" in text
     assert "broken_handlers.py" in text
+
+
+@pytest.mark.timeout(60)
+def test_a_pool_size_the_descriptors_cannot_serve_is_refused_with_what_to_raise(tmp_path):
+    """`run` raises its own open-files soft limit to the hard limit first; a pool_size
+    that still does not fit is refused before anything starts, naming both numbers."""
+    (tmp_path / "taskvisor.toml").write_text(
+        '[supervisor]\ndatabase = "t.db"\npool_size = 100000\n[http]\nlisten = ""\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKVISOR_")}
+    env["PYTHONPATH"] = str(ROOT)
+    script = ("import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_NOFILE, "
+              "(1024, 4096)); sys.argv = ['taskvisor', 'run']; "
+              "runpy.run_module('supervisor', run_name='__main__')")
+    res = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 2, res.stderr
+    assert "pool_size = 100000 needs about 200256 open files" in res.stderr
+    assert "its limit is 4096 (hard limit 4096)" in res.stderr  # raised from 1024 first
+    assert "LimitNOFILE=" in res.stderr
+    assert not (tmp_path / "t.db").exists()

@@ -114,3 +114,21 @@ def test_a_supervisor_paused_between_claim_and_start_never_runs_a_task_twice(sup
     wait_until(lambda: a.get(task_id).status == "succeeded", timeout=5)  # A wrote nothing over it
     assert a.proc.poll() is None
     assert a.stop() == 0 and b.stop() == 0
+
+
+@pytest.mark.timeout(90)
+def test_a_setsid_helper_does_not_survive_the_restart_after_a_kill_9(supervisor_proc):
+    """kill -9 of the supervisor: its fork server and task processes die with it, but a
+    helper in its own session is re-parented to init. The next supervisor rescuing the
+    dead one's tasks finds it by the owner marker in its environment and kills it."""
+    sup = supervisor_proc(supervisor={"pool_size": 1, **HOSTILE})
+    task_id = sup.enqueue("h.daemon_wait", {"s": 60}, max_attempts=3)
+    helper = int(wait_until(lambda: (sup.dir / "helper").exists() and (sup.dir / "helper").read_text(),
+                            timeout=10))
+    sup.kill9()
+    assert pid_alive(helper), "the helper should outlive the kill -9 until the restart"
+    sup.restart()
+    assert_dead(helper, timeout=10, what="setsid helper left by a kill -9'd supervisor")
+    wait_until(lambda: sup.get(task_id).history and sup.get(task_id).history[0].outcome == "lost",
+               timeout=15)
+    assert sup.stop() == 0

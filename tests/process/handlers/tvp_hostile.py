@@ -92,3 +92,16 @@ def fenced(payload, ctx):
     time.sleep(float(payload.get("s", 0)))
     mark_end(payload, ctx)
     return {"pid": os.getpid()}
+
+
+@task("h.daemon_wait")
+def daemon_wait(payload, ctx):
+    """Start a `sleep 1000` in a session of its own, then wait: a kill -9 of the supervisor
+    leaves the helper re-parented to init, found by no process tree."""
+    import subprocess
+    p = subprocess.Popen(["sleep", "1000"], start_new_session=True)
+    note_pid(payload, p.pid)
+    with open(os.path.join(payload["dir"], "helper"), "w") as f:
+        f.write(str(p.pid))
+    time.sleep(float(payload.get("s", 60)))
+    return "done"
