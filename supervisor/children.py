@@ -392,7 +392,7 @@ class Children:
     def stop(self, child: Child, outcome: Outcome, reason: str, mono: float, grace: float) -> None:
         """End an attempt on the supervisor's decision: TERM now, KILL after `grace`."""
         child.stop = (outcome, reason)
-        if child.pid:
+        if child.pid and child.status is None:  # once reaped, its pid may name another process
             if grace <= 0:
                 proctree.kill_tree(child.pid)
             else:

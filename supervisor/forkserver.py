@@ -57,6 +57,7 @@ class ForkServer:
         self.broken: str | None = None  # why its messages can no longer be trusted
         # Packets the socket could not take yet, with the descriptors they carry.
         self.outbox: collections.deque[tuple[bytes, list[int]]] = collections.deque()
+        self.fence_map: wire.Fence | None = None
 
     def start(self, timeout_s: float = 60.0) -> None:
         """Start the process and wait until it has imported every preload module.
@@ -65,8 +66,10 @@ class ForkServer:
         Raises ForkServerError with the import traceback."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         os.set_inheritable(theirs.fileno(), True)
+        self.fence_map, fence_fd = wire.Fence.create()
+        os.set_inheritable(fence_fd, True)
         argv = [sys.executable, "-m", "workers.zygote", "--fd", str(theirs.fileno()),
-                "--parent", str(os.getpid())]
+                "--parent", str(os.getpid()), "--fence-fd", str(fence_fd)]
         devnull = os.open(os.devnull, os.O_RDONLY)
         try:
             # Its own process group: a stop aimed at the supervisor's group (^Z in a
@@ -75,6 +78,7 @@ class ForkServer:
                                       file_actions=[(os.POSIX_SPAWN_DUP2, devnull, 0)])
         finally:
             os.close(devnull)
+            os.close(fence_fd)
             theirs.close()
         self.sock = ours
         ours.sendall(json.dumps({"op": "boot", "preload": list(self.preload),
@@ -125,13 +129,10 @@ class ForkServer:
         return ours.detach(), output_r
 
     def fence(self, deadline_mono: float) -> None:
-        """Task processes of this server must not run past `deadline_mono` unless a
-        later fence arrives first. A fence still waiting in the outbox is replaced."""
-        packet = wire.encode_fence(deadline_mono)
-        if self.outbox and self.outbox[-1][0].startswith(b"fence "):
-            self.outbox[-1] = (packet, [])
-            return
-        self.send(packet, [])
+        """Task processes of this server must not run past `deadline_mono` (monotonic
+        seconds) unless a later fence is set first: the fork server reads it at once."""
+        if self.fence_map is not None:
+            self.fence_map.set(deadline_mono)
 
     def send(self, packet: bytes, fds: list[int]) -> None:
         """Send now if the socket takes it, else queue it (in order); the descriptors

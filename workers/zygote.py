@@ -17,7 +17,6 @@ Messages, one per packet. Start-up is JSON; the per-task messages are short text
   supervisor -> zygote  {"op": "boot", "preload": [...], "handlers": {type: "mod:fn"}}
                         "spawn KEY\n" spec JSON  + fds [report, output_w]
                         "spawn KEY"  + fds [report, output_w, spec memfd] (big specs)
-                        "fence T"  (CLOCK_MONOTONIC seconds; see _enforce_fence)
                         "stop"
   zygote -> supervisor  {"op": "ready", "pid", "types": [...], "preload_s"}
                         {"op": "boot_error", "error": traceback text}
@@ -25,6 +24,8 @@ Messages, one per packet. Start-up is JSON; the per-task messages are short text
                         "spawn_failed KEY error text"
                         "exited PID STATUS UTIME STIME MAXRSS_KB"
                         "fenced COUNT"
+The execution fence is not a message: the supervisor writes it into a shared memfd
+(workers.wire.Fence, `--fence-fd`) that this process reads whenever it decides.
 KEY is "<task id>:<attempt>" (no spaces); UTIME and STIME are seconds (repr of a float).
 """
 
@@ -56,6 +57,7 @@ _CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)  # received descriptors: not i
 # not a lambda: no Python frame runs for it at every task's exit.
 _IGNORE_ARGS = {}.get
 _ENDED = os.WEXITED | os.WNOHANG | os.WNOWAIT  # waitid: report an ended child, reap none
+_DONTWAIT = socket.MSG_DONTWAIT
 
 # _LEAN: every page of this process is shared copy-on-write with each task process, and
 # the after-fork hooks of every module it imported run in each of them. So it imports no
@@ -68,7 +70,7 @@ _ENDED = os.WEXITED | os.WNOHANG | os.WNOWAIT  # waitid: report an ended child, 
 
 
 class Zygote:
-    def __init__(self, sock: socket.socket, parent_pid: int):
+    def __init__(self, sock: socket.socket, parent_pid: int, fence: "wire.Fence | None" = None):
         self.sock = sock
         self.parent_pid = parent_pid
         self.children: set[int] = set()
@@ -85,11 +87,15 @@ class Zygote:
         # The execution fence: the supervisor's leases are renewed up to this monotonic
         # time minus a margin. Past it, every task process is killed and no spawn starts:
         # a supervisor that is stopped or stuck past its lease cannot have its tasks run
-        # on while another supervisor rescues them. None until the first "fence".
-        self.fence: float | None = None
+        # on while another supervisor rescues them. Read from shared memory each time.
+        self.fence_map = fence
         self.name = _process_name()
         self.stopping = False
         self.pid = os.getpid()
+        # Messages the supervisor's socket could not take yet: a stopped supervisor reads
+        # nothing, and this process must never block on it (it enforces the fence).
+        self.outq: list[bytes] = []
+        self.sock_fd = -1  # registered with the poller while the supervisor is connected
         self.wake_r, self.wake_w = os.pipe()
         # Buffers made once: a read or receive into them allocates nothing (between two
         # forks every allocation may copy a page; see _LEAN).
@@ -138,7 +144,8 @@ class Zygote:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; ^C reaches it
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         self.poller = poller = select.epoll()
-        sock_fd, wake_r = self.sock.fileno(), self.wake_r
+        self.sock_fd = sock_fd = self.sock.fileno()
+        wake_r = self.wake_r
         poller.register(sock_fd, select.EPOLLIN)
         poller.register(wake_r, select.EPOLLIN)
         # After "stop" it takes no new spawns but stays until its children have exited:
@@ -147,22 +154,26 @@ class Zygote:
             timeout = 1.0
             if self.spare is None and not self.stopping:
                 timeout = min(1.0, max(0.0, self.spare_after - time.monotonic()))
-            if self.fence is not None and self.children:
+            fence = self.fence_map.get() if self.fence_map is not None else None
+            if fence is not None and self.children:
                 # Past the fence, look again soon until the killed processes are reaped.
-                timeout = min(timeout, max(0.05, self.fence - time.monotonic()))
+                timeout = min(timeout, max(0.05, fence - time.monotonic()))
             try:
                 events = poller.poll(timeout)
             except InterruptedError:
                 events = ()
-            for fd, _ in events:
+            for fd, ev in events:
                 if fd == sock_fd:
-                    self._on_request()
+                    if ev & select.EPOLLOUT:
+                        self._flush()
+                    if ev & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+                        self._on_request()
                 else:
                     try:
                         os.readv(wake_r, self.wake_bufs)
                     except BlockingIOError:
                         pass
-            if self.fence is not None and self.children:
+            if self.fence_map is not None and self.children:
                 self._enforce_fence()
             if self.children or self.spare_pids:
                 self._reap()
@@ -178,10 +189,49 @@ class Zygote:
     def _on_stop(self, *_):
         self.stopping = True
 
+    def _in_child(self) -> None:
+        """Right after a fork, in the child: a task process gets no view of the fence."""
+        if self.fence_map is not None:
+            self.fence_map.close()
+
+    def _fenced(self) -> bool:
+        fence = self.fence_map.get() if self.fence_map is not None else None
+        return fence is not None and time.monotonic() >= fence
+
+    def _send(self, msg: bytes) -> None:
+        """Send one message to the supervisor without ever blocking: queued (in order)
+        while its socket is full, flushed when it can take more."""
+        if not self.outq:
+            try:
+                self.sock.send(msg, _DONTWAIT)
+                return
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                return  # the supervisor is gone
+        self.outq.append(msg)
+        if len(self.outq) == 1 and self.sock_fd >= 0:
+            self.poller.modify(self.sock_fd, select.EPOLLIN | select.EPOLLOUT)
+
+    def _flush(self) -> None:
+        outq = self.outq
+        while outq:
+            try:
+                self.sock.send(outq[0], _DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                outq.clear()
+                break
+            del outq[0]
+        if self.sock_fd >= 0:
+            self.poller.modify(self.sock_fd, select.EPOLLIN)
+
     def _enforce_fence(self) -> None:
         """Past the fence, KILL every task process (its process group, where it already
         made one) and say how many; the exit statuses follow as usual."""
-        if time.monotonic() < self.fence:
+        fence = self.fence_map.get()
+        if fence is None or time.monotonic() < fence:
             return
         killed = 0
         for pid in self.children:
@@ -196,7 +246,7 @@ class Zygote:
                 pass
         if killed:
             try:
-                self.sock.sendall(b"fenced %d" % killed)
+                self._send(b"fenced %d" % killed)
             except OSError:
                 pass
 
@@ -211,6 +261,7 @@ class Zygote:
             return
         if pid == 0:
             ours.close()
+            self._in_child()
             child.run_spare(theirs.detach(), parent_pid=self.pid, name=self.name)
         theirs.close()
         self.spare = (pid, ours)
@@ -249,20 +300,17 @@ class Zygote:
                 fds.frombytes(cdata[:len(cdata) - len(cdata) % 4])
         if not data:  # the supervisor closed its end
             self.stopping = True
-            self.poller.unregister(self.sock.fileno())
+            self.poller.unregister(self.sock_fd)
+            self.sock_fd = -1
+            self.outq.clear()
             return
         head, _, spec = data.partition(b"\n")  # a spec inline after the header line
         op, _, key = head.partition(b" ")
         if op == b"stop":
             self.stopping = True
-        elif op == b"fence":
-            try:
-                self.fence = float(key)
-            except ValueError:
-                pass
         elif op == b"spawn" and self.stopping:
             self._fail(key, "fork server is stopping")
-        elif op == b"spawn" and self.fence is not None and time.monotonic() >= self.fence:
+        elif op == b"spawn" and self._fenced():
             self._fail(key, "fenced: the supervisor's lease was not renewed in time")
         elif op == b"spawn":
             self._spawn(key, spec, fds)
@@ -273,7 +321,7 @@ class Zygote:
                 pass
 
     def _fail(self, key: bytes, error: str) -> None:
-        self.sock.sendall(b"spawn_failed %s %s" % (key, error.encode(errors="replace")))
+        self._send(b"spawn_failed %s %s" % (key, error.encode(errors="replace")))
 
     def _spawn(self, key: bytes, spec: bytes, fds) -> None:
         if len(fds) != (2 if spec else 3):
@@ -292,10 +340,11 @@ class Zygote:
                 self._fail(key, f"fork failed: {exc}")
                 return
             if pid == 0:
+                self._in_child()
                 child.run(parsed, fds[0], fds[1], parent_pid=self.pid)
         self.spare_after = max(self.spare_after, time.monotonic() + SPARE_IDLE_S)
         self.children.add(pid)
-        self.sock.sendall(b"spawned %s %d" % (key, pid))
+        self._send(b"spawned %s %d" % (key, pid))
 
     def _reap(self) -> None:
         while self.children or self.spare_pids:
@@ -320,11 +369,8 @@ class Zygote:
                     self.spare_after = time.monotonic() + 1.0
                 continue
             self.children.discard(pid)
-            try:
-                self.sock.sendall(b"exited %d %d %r %r %d" % (
-                    pid, status, ru.ru_utime, ru.ru_stime, ru.ru_maxrss))
-            except OSError:
-                pass  # the supervisor is gone
+            self._send(b"exited %d %d %r %r %d" % (
+                pid, status, ru.ru_utime, ru.ru_stime, ru.ru_maxrss))
 
 
 def _parse_spec(spec: bytes) -> dict:
@@ -356,13 +402,15 @@ def _process_name() -> bytes:
 
 
 def _args(argv: list[str]) -> dict[str, int]:
-    """`--fd N --parent PID`, as the supervisor passes them. Not argparse: it (with gettext
-    and textwrap) would be in the fork server's memory, which every fork copies."""
+    """`--fd N --parent PID [--fence-fd N]`, as the supervisor passes them. Not argparse:
+    it (with gettext and textwrap) would be in the fork server's memory, which every fork
+    copies."""
     args = dict(zip(argv[::2], argv[1::2]))
     try:
-        return {"fd": int(args["--fd"]), "parent": int(args["--parent"])}
+        return {"fd": int(args["--fd"]), "parent": int(args["--parent"]),
+                "fence_fd": int(args.get("--fence-fd", -1))}
     except (KeyError, ValueError):
-        sys.exit("usage: python -m workers.zygote --fd N --parent PID")
+        sys.exit("usage: python -m workers.zygote --fd N --parent PID [--fence-fd N]")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -376,7 +424,11 @@ def main(argv: list[str] | None = None) -> int:
         return proto.ZYGOTE_PARENT_GONE
     limits.no_core_dumps()  # for every task process it forks
     sock = socket.socket(fileno=args["fd"])
-    zygote = Zygote(sock, args["parent"])
+    fence = None
+    if args["fence_fd"] >= 0:
+        fence = wire.Fence(args["fence_fd"])
+        os.close(args["fence_fd"])  # the mapping stays; task processes inherit neither
+    zygote = Zygote(sock, args["parent"], fence)
     if not zygote.boot():
         return proto.ZYGOTE_PRELOAD_ERROR
     zygote.serve()

@@ -107,3 +107,19 @@ def test_a_request_needs_its_seq_and_gets_an_ack_back(monkeypatch):
 def test_the_task_side_encoder_writes_what_the_supervisor_accepts():
     line = wire.encode_report(wire.PROGRESS, {"fraction": 0.25, "message": "héllo"})
     assert line.endswith(b"\n") and parse_report(line[:-1])["message"] == "héllo"
+
+
+def test_the_fence_is_shared_memory_a_second_mapping_sees_at_once():
+    import os
+    fence, fd = wire.Fence.create()
+    try:
+        reader = wire.Fence(fd)
+        assert reader.get() is None  # none yet
+        fence.set(1234.5)
+        assert reader.get() == 1234.5
+        fence.set(2000.25)
+        assert reader.get() == 2000.25
+        reader.close()
+    finally:
+        os.close(fd)
+        fence.close()
