@@ -1,6 +1,6 @@
 """What each JSON endpoint does: reads through the HTTP side's own store connection,
 writes through a `Queue` (the same validation as the Python client), health, and live
-figures of running tasks from psutil.
+figures of running tasks from /proc (supervisor.proctree).
 
 Owns the request checks the Queue does not make (JSON shape, query parameters, ranges
 that keep a value storable and printable), the response shapes the OpenAPI document
@@ -15,8 +15,6 @@ import json
 import math
 import time
 from typing import Any
-
-import psutil
 
 from supervisor import __version__, openapi, proctree
 from supervisor.errors import InputError, NotFound
@@ -162,13 +160,7 @@ class Api:
         rss = proctree.rss_bytes(members)
         if rss is None:
             return None, None, None
-        cpu = 0.0
-        for pid in members:
-            try:
-                times = psutil.Process(pid).cpu_times()
-                cpu += times.user + times.system
-            except psutil.Error:
-                pass
+        cpu = proctree.cpu_seconds(members)
         mono = time.monotonic()
         prev = self._cpu.get(task.pid)
         self._cpu[task.pid] = (mono, cpu)

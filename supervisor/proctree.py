@@ -104,6 +104,17 @@ def rss_bytes(pids: list[int]) -> int | None:
     return total
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User plus system CPU seconds of `pids` so far (those gone count nothing)."""
+    total = 0
+    for pid in pids:
+        data = _read(f"/proc/{pid}/stat", 4096)
+        if data:
+            fields = data[data.rfind(b")") + 2:].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15
+    return total / _CLOCK_TICKS
+
+
 def terminate(pid: int) -> None:
     """SIGTERM to the process group `pid` leads (or the process alone before its setpgid)."""
     _signal_group(pid, signal.SIGTERM)
