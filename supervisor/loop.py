@@ -5,7 +5,8 @@ clock reading; `step()` is one pass, so tests drive the loop pass by pass with a
 clock and a fake fork server. It is the only writer of task state after a claim, and it
 keeps execution fenced: the fork server is told how far the leases reach (minus a margin)
 and kills every task past that, and nothing is spawned past it, so a supervisor that is
-stopped or stuck cannot run a task that another may have rescued. A step that raises is
+stopped or stuck cannot run a task that another may have rescued (`supervisor.lease`).
+A step that raises is
 logged and counted and the loop goes on. Reaping works with the database down: outcomes
 wait in memory until SQLite answers. It never imports user code and never sleeps: it
 waits on a selector until the next deadline. Running children belong to
@@ -29,7 +30,7 @@ from supervisor.children import Child, Children, forward_to_stderr
 from supervisor.config import Config, load
 from supervisor.errors import ConfigError, StoreError
 from supervisor.forkserver import ForkServer, ForkServerError, ForkServers, handlers_of
-from supervisor.recovery import Recovery
+from supervisor.lease import Leases
 from supervisor.service import Notifier
 from supervisor.signals import Signals
 from supervisor.store import AttemptEnd, Outcome, Store, Task
@@ -104,7 +105,7 @@ class Supervisor:
         self.children = Children(self.selector, config, clock, self.emit,
                                  forward_output=forward_to_stderr)
         self.timers = Timers()
-        self.recovery = Recovery(self.host, self.owner)
+        self.leases = Leases(self)
         self.started_at = proctree.start_time(os.getpid())  # with the pid, names this process
         self.signals = Signals()
         self.notifier = Notifier()
@@ -141,7 +142,7 @@ class Supervisor:
         self.selector.register(self.wake, selectors.EVENT_READ, ("wake", None))
         self.selector.register(self.server, selectors.EVENT_READ, ("server", self.server))
         self.open_store()
-        self.rescue(self.clock.now())
+        self.leases.rescue(self.clock.now())
         for hook in self.on_ready:
             hook(self)
         self.emit("started", owner=self.owner)
@@ -161,8 +162,8 @@ class Supervisor:
         self.guard(self.sync, now, mono)
         if self.stopping and not self.children and not self.children.pending:
             return False
-        self.guard(self.expire_leases, now, mono)
-        self.guard(self.extend_leases, now, mono)
+        self.guard(self.leases.expire, now, mono)
+        self.guard(self.leases.extend, now, mono)
         self.guard(self.check_cancels, mono)
         self.guard(self.publish, now, mono)
         return True
@@ -370,7 +371,7 @@ class Supervisor:
             self.emit("recorded", task=child.task, end=end, status=status)
         if claimed:
             if was_empty:  # these are the only leases held: the fence may move up to them
-                self.advance_fence(mono)
+                self.leases.advance_fence(mono)
             self.start_attempts(claimed, now)
 
     def write_pids(self) -> None:
@@ -420,61 +421,6 @@ class Supervisor:
     def backoff(self, type_name: str) -> policy.Backoff:
         return policy.Backoff(self.config.setting(type_name, "backoff_initial_s"),
                               self.config.setting(type_name, "backoff_max_s"))
-
-    def rescue(self, now: float) -> None:
-        """Requeue tasks of dead supervisors on this host, and leases that expired more
-        than the fence margin ago (by then their fork server has killed them)."""
-        margin = policy.fence_margin_s(self.config.supervisor.lease_s)
-        rescued = self.recovery.rescue(self.store, now, self.backoff, expired_before=now - margin)
-        for task in rescued:
-            self.emit("expired", task=task)
-        if rescued:
-            self.claim_needed = True
-
-    def expire_leases(self, now: float, mono: float) -> None:
-        if mono < self.timers.expire:
-            return
-        self.timers.expire = mono + max(0.5, self.config.supervisor.lease_s / 2)
-        try:
-            self.rescue(now)
-        except StoreError as exc:
-            log.error("lease rescue failed: %s", exc)
-
-    def extend_leases(self, now: float, mono: float) -> None:
-        """One statement renews every lease; then the fence moves up to the new expiry
-        (minus the margin). A child whose lease was not renewed was rescued: stop it."""
-        if mono < self.timers.extend:
-            return
-        sup = self.config.supervisor
-        self.timers.extend = mono + policy.renew_interval_s(sup.lease_s)
-        try:
-            held = self.store.extend(self.owner, now, sup.lease_s)
-            self.register()
-        except StoreError as exc:
-            log.error("lease extension failed: %s", exc)
-            return
-        self.advance_fence(mono)
-        if len(held) >= len(self.children):
-            return
-        recording = {c.key for c, _ in self.children.pending}
-        for child in self.children:
-            if child.task.id not in held and child.stop is None and child.key not in recording:
-                self.children.stop(child, Outcome.LOST, "the lease was lost: another "
-                                   "supervisor rescued this task", mono, grace=0)
-
-    def advance_fence(self, mono: float) -> None:
-        """Leases written at `mono` (a reading taken before the write) reach mono + lease_s:
-        task processes may run until that minus the margin, and no longer."""
-        lease_s = self.config.supervisor.lease_s
-        fence = mono + lease_s - policy.fence_margin_s(lease_s)
-        if self.children.fence_mono is None or fence > self.children.fence_mono:
-            self.children.fence_mono = fence
-            for server in self.servers.all():
-                if not server.exited:
-                    try:
-                        server.fence(fence)
-                    except OSError:
-                        server.exited = True
 
     def check_cancels(self, mono: float) -> None:
         """Cancel requests come from other connections: read them only when the file
