@@ -97,6 +97,10 @@ class Metrics:
         self.forkserver_restarts = Counter(
             "taskvisor_forkserver_restarts_total",
             "Times the fork server died and was restarted.", registry=r)
+        self.step_failures = Counter(
+            "taskvisor_loop_step_failures_total",
+            "Steps of the supervisor loop that raised (logged with their traceback; the "
+            "loop went on), by step.", ["step"], registry=r)
         ProcessCollector(namespace="", registry=r)
 
     # -- the events sink -----------------------------------------------------------------
@@ -133,6 +137,9 @@ class Metrics:
                 n = usage.get(f"{kind}_tokens")
                 if isinstance(n, int) and not isinstance(n, bool) and n > 0:
                     self.llm_tokens.labels(label, kind).inc(n)
+
+    def _on_step_failed(self, fields: dict) -> None:
+        self.step_failures.labels(str(fields.get("step"))[:40]).inc()
 
     def _on_expired(self, fields: dict) -> None:
         self.leases_expired.inc()

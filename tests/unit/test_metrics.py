@@ -115,6 +115,13 @@ def test_buckets_span_5ms_to_an_hour_and_1mib_to_32gib():
     assert RSS_BUCKETS[0] == MIB and RSS_BUCKETS[-1] == 32 * 1024 * MIB
 
 
+def test_a_loop_step_that_raised_is_counted_by_step():
+    metrics = Metrics()
+    metrics("step_failed", {"step": "sync", "error": "RuntimeError()"})
+    metrics("step_failed", {"step": "sync", "error": "RuntimeError()"})
+    assert value(scrape(metrics), "taskvisor_loop_step_failures_total", step="sync") == 2
+
+
 def test_a_task_claimed_before_it_was_due_counts_zero_wait():
     metrics = Metrics()
     metrics("claimed", {"task": task(run_after=200.0, started_at=199.0)})
