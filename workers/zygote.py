@@ -235,6 +235,14 @@ class Zygote:
             return
         killed = 0
         for pid in self.children:
+            # Its descendants first (a command the handler runs in a session of its own
+            # is in no group of ours): a task process is a subreaper, so they are all
+            # below it while it lives.
+            for member in _descendants(pid):
+                try:
+                    os.kill(member, signal.SIGKILL)
+                except OSError:
+                    pass
             try:
                 os.killpg(pid, signal.SIGKILL)
             except OSError:
@@ -371,6 +379,27 @@ class Zygote:
             self.children.discard(pid)
             self._send(b"exited %d %d %r %r %d" % (
                 pid, status, ru.ru_utime, ru.ru_stime, ru.ru_maxrss))
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every descendant of `pid`, from /proc/PID/task/*/children (Linux; [] elsewhere)."""
+    out: list[int] = []
+    todo = [pid]
+    while todo and len(out) < 10000:
+        parent = todo.pop()
+        try:
+            tids = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{parent}/task/{tid}/children", "rb") as f:
+                    kids = [int(k) for k in f.read().split()]
+            except (OSError, ValueError):
+                continue
+            out.extend(kids)
+            todo.extend(kids)
+    return out
 
 
 def _parse_spec(spec: bytes) -> dict:

@@ -132,3 +132,25 @@ def test_a_setsid_helper_does_not_survive_the_restart_after_a_kill_9(supervisor_
     wait_until(lambda: sup.get(task_id).history and sup.get(task_id).history[0].outcome == "lost",
                timeout=15)
     assert sup.stop() == 0
+
+
+@pytest.mark.timeout(90)
+def test_the_fence_also_kills_what_the_task_runs_in_a_session_of_its_own(supervisor_proc):
+    """A stopped supervisor's fork server kills a task's whole tree at the fence, helpers
+    in another session included (a `shell` command, say), while the supervisor is still
+    stopped: nothing of the attempt runs on into the rescuer's."""
+    sup = supervisor_proc(supervisor={"pool_size": 1, "lease_s": 2, **HOSTILE})
+    task_id = sup.enqueue("h.daemon_wait", {"s": 60}, max_attempts=3)
+    helper = int(wait_until(lambda: (sup.dir / "helper").exists() and (sup.dir / "helper").read_text(),
+                            timeout=10))
+    task_pid = sup.get(task_id).pid or wait_until(lambda: sup.get(task_id).pid, timeout=5)
+    sup.signal(signal.SIGSTOP)
+    try:
+        assert_dead(helper, timeout=5, what="the task's setsid helper, at the fence")
+        assert_dead(task_pid, timeout=1, what="the task process, at the fence")
+    finally:
+        sup.signal(signal.SIGCONT)
+    first = wait_until(lambda: next((a for a in sup.get(task_id).history if a.outcome), None),
+                       timeout=15)
+    assert first.outcome == "lost" and "fenced" in first.reason
+    assert sup.stop() == 0
