@@ -19,7 +19,7 @@ from _signal import (SIG_BLOCK, SIG_DFL, SIG_UNBLOCK, SIGKILL, SIGTERM, pthread_
                      set_wakeup_fd)
 from _signal import signal as set_handler
 from json.encoder import c_make_encoder, encode_basestring
-from os import _exit, close, closerange, dup2, getpid, getppid, read, register_at_fork, setpgid, write
+from os import _exit, close, closerange, dup2, getpid, getppid, read, setpgid, write
 
 from workers import wire
 from workers.context import Fail, Retry, TaskCancelled, TaskContext
@@ -120,6 +120,20 @@ class Reporter:
                 close(fd)
             except OSError:
                 pass
+
+
+_current: list = [None]  # this task process's Reporter, once it runs its handler
+
+
+def detach_after_fork() -> None:
+    """Registered once by the fork server with os.register_at_fork(after_in_child=...),
+    so every task process inherits it (registering per task cost about 15 page faults):
+    in a process forked by a handler it closes that process's copy of the report channel;
+    in a task process just forked by the fork server there is no Reporter yet."""
+    reporter = _current[0]
+    if reporter is not None:
+        _current[0] = None
+        reporter.detach()
 
 
 def warm_up() -> None:
@@ -273,8 +287,9 @@ def _run_handler(spec: dict, reporter: Reporter, log_settings: tuple[bool, str])
 
     set_handler(SIGTERM, on_term)
     # A process the handler forks (os.fork, multiprocessing) gets no copy of the report
-    # channel: what it writes, and how long it lives, cannot touch this attempt's report.
-    register_at_fork(after_in_child=reporter.detach)
+    # channel: what it writes, and how long it lives, cannot touch this attempt's report
+    # (the fork server registered detach_after_fork; see there).
+    _current[0] = reporter
     handler = lookup(task["type"])
     try:
         pthread_sigmask(SIG_UNBLOCK, _TERM)

@@ -129,6 +129,7 @@ class Zygote:
             tasklog.setup(msg.get("log_format") == "json", msg.get("log_level", "INFO"),
                           registry.names())
         child.warm_up()
+        os.register_at_fork(after_in_child=child.detach_after_fork)
         # Objects that exist now live as long as the fork server: keep the collector from
         # scanning them in every task process (each scan would copy their pages).
         gc.collect()
@@ -188,11 +189,6 @@ class Zygote:
 
     def _on_stop(self, *_):
         self.stopping = True
-
-    def _in_child(self) -> None:
-        """Right after a fork, in the child: a task process gets no view of the fence."""
-        if self.fence_map is not None:
-            self.fence_map.close()
 
     def _fenced(self) -> bool:
         fence = self.fence_map.get() if self.fence_map is not None else None
@@ -269,7 +265,6 @@ class Zygote:
             return
         if pid == 0:
             ours.close()
-            self._in_child()
             child.run_spare(theirs.detach(), parent_pid=self.pid, name=self.name)
         theirs.close()
         self.spare = (pid, ours)
@@ -348,7 +343,6 @@ class Zygote:
                 self._fail(key, f"fork failed: {exc}")
                 return
             if pid == 0:
-                self._in_child()
                 child.run(parsed, fds[0], fds[1], parent_pid=self.pid)
         self.spare_after = max(self.spare_after, time.monotonic() + SPARE_IDLE_S)
         self.children.add(pid)
