@@ -412,7 +412,9 @@ class Supervisor:
             ok = self.store.complete(lease, end, now)
             status = "succeeded" if ok else None
         else:
-            status = self.store.fail(lease, end, now, self.backoff(child.task.type))
+            status = self.store.fail(lease, end, now, self.backoff(child.task.type),
+                                     max_reschedules=self.config.setting(
+                                         child.task.type, "max_reschedules"))
         if status is None:
             log.warning("outcome of %s attempt %d not recorded: the lease was lost (another "
                         "supervisor rescued it)", lease.id, lease.attempt, extra={"task_id": lease.id})

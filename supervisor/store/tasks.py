@@ -210,13 +210,16 @@ class Store:
         return True
 
     def fail(self, lease: Lease, end: AttemptEnd, now: float, backoff: policy.Backoff, *,
-             expired_before: float | None = None) -> Status | None:
+             expired_before: float | None = None,
+             max_reschedules: int | None = None) -> Status | None:
         """Record an attempt that did not succeed and apply the retry policy.
 
         Returns the task's new status (queued, failed or cancelled), or None when the
         lease was lost and nothing was written. With `expired_before` (a rescue), nothing
         is written either unless the lease still expires before that time: read inside
         this transaction, so a renewal that committed after the rescuer's first look wins.
+        A rescheduled attempt is counted; past `max_reschedules` (the type's setting;
+        None: no limit) the task fails for good instead.
         """
         with self.conn.write() as db:
             row = q.select_task(db, lease.id)
@@ -227,13 +230,20 @@ class Store:
                 return None
             if expired_before is not None and (task.lease_expires_at or 0.0) >= expired_before:
                 return None
+            rescheduled = end.outcome is Outcome.RESCHEDULED
             decision = policy.after_failure(
                 end.outcome, attempt=task.attempts, max_attempts=task.max_attempts,
                 retryable=end.retryable, cancel_requested=task.cancel_requested, now=now,
-                backoff=backoff, delay_s=end.delay_s)
-            reason = end.reason or str(end.outcome)
+                backoff=backoff, delay_s=end.delay_s,
+                reschedules=q.select_reschedules(db, lease.id) if rescheduled else 0,
+                max_reschedules=max_reschedules)
+            reason = decision.reason or end.reason or str(end.outcome)
+            if decision.reason:
+                end = replace(end, reason=reason)
             q.insert_attempt(db, lease, started_at=task.started_at, now=now, end=end, pid=task.pid)
             if decision.action == "requeue":
+                if rescheduled:
+                    q.count_reschedule(db, lease)
                 q.requeue_task(db, lease, run_after=decision.run_after, refund=decision.refund,
                                outcome=str(end.outcome), error=reason)
                 return Status.QUEUED
