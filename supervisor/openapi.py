@@ -138,7 +138,8 @@ def _json(ref: str, description: str) -> dict:
 
 def _errors(*codes: int) -> dict:
     text = {400: "bad input; `field` names it", 401: "missing or wrong token",
-            404: "no such task", 409: "the task is not failed or cancelled",
+            404: "no such task", 408: "the body did not arrive in time",
+            409: "the task is not failed or cancelled",
             413: "the body is too large", 415: "the body is not JSON",
             503: "the database does not answer"}
     return {str(c): _json("Error", text[c]) for c in codes}
@@ -171,7 +172,7 @@ PATHS = {
         "post": _op("Enqueue a task (the fields of Queue.enqueue)", {
             "201": _json("Task", "stored"),
             "200": _json("Task", "an unfinished task already holds this dedupe_key"),
-            **_errors(400, 401, 413, 415, 503)},
+            **_errors(400, 401, 408, 413, 415, 503)},
             operationId="enqueueTask", security=WRITE,
             requestBody={"required": True, "content": {
                 "application/json": {"schema": {"$ref": REF + "NewTask"}}}}),
