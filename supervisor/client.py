@@ -24,6 +24,7 @@ from typing import Any
 from supervisor import config as _config
 from supervisor.errors import InputError
 from supervisor.store import FINAL, NewTask, Stats, Status, Store, Task, new_id
+from supervisor.store.tasks import check_dependencies_without_database
 from supervisor.wake import Notifier
 
 _STATUSES = ", ".join(str(s) for s in Status)
@@ -126,6 +127,7 @@ class Queue:
                                    run_at=run_at, timeout_s=timeout_s, memory_mb=memory_mb,
                                    max_attempts=max_attempts, depends_on=depends_on,
                                    dedupe_key=dedupe_key), now)
+        self._check_new_file([task], now)
         return self._call(lambda s: s.enqueue(task, now), notify=True)
 
     def enqueue_many(self, items: Iterable[Mapping[str, Any]]) -> list[str]:
@@ -162,7 +164,16 @@ class Queue:
             tasks.append(dataclasses.replace(task, depends_on=deps))
         if not tasks:
             return []
+        self._check_new_file(tasks, now)
         return self._call(lambda s: s.enqueue_many(tasks, now), notify=True)
+
+    def _check_new_file(self, tasks: list[NewTask], now: float) -> None:
+        """Before an enqueue creates the database file: refuse input the store would
+        refuse (a dependency cannot exist in a file that does not), so a failed enqueue
+        leaves no empty file behind."""
+        if self._store is None and any(t.depends_on for t in tasks) \
+                and not os.path.exists(self.path):
+            check_dependencies_without_database(tasks, now)
 
     def cancel(self, task_id: str) -> Status:
         """Cancel a blocked or queued task at once (its dependents fail); for a running one,

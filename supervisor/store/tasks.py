@@ -420,11 +420,19 @@ def _fail_dependents(db, task_id: str, now: float, why: Status) -> None:
         pending.extend(q.fail_dependents(db, dep, now, reason))
 
 
+def check_dependencies_without_database(tasks: Sequence[NewTask], now: float) -> None:
+    """The checks of `enqueue_many` for a database file that does not exist yet, where
+    every dependency outside the batch is unknown: raises DependencyError as it would,
+    so a caller can refuse before it creates an empty file."""
+    _check_dependencies(None, {t.id or new_id(now): t for t in tasks})
+
+
 def _check_dependencies(db, batch: dict[str, NewTask]) -> None:
-    """Every dependency exists (in the file or the batch) and the batch has no cycle."""
+    """Every dependency exists (in the file, if `db`, or the batch) and the batch has no
+    cycle."""
     wanted = {d for t in batch.values() for d in t.depends_on if d not in batch}
     if wanted:
-        found = q.select_statuses(db, sorted(wanted))
+        found = q.select_statuses(db, sorted(wanted)) if db is not None else {}
         missing = sorted(wanted - set(found))
         if missing:
             raise DependencyError(f"depends_on names unknown task {missing[0]}", field="depends_on")
