@@ -119,6 +119,12 @@ class Config:
         value = getattr(self.types.get(type_name, _NO_TYPE), key)
         return getattr(self.defaults, key) if value is None else value
 
+    def origin(self, type_name: str, key: str) -> str:
+        """Where `setting(type_name, key)` comes from: '[types."NAME"]' or '[defaults]'."""
+        if getattr(self.types.get(type_name, _NO_TYPE), key) is not None:
+            return f"[types.{_quote(type_name)}]"
+        return "[defaults]"
+
     def concurrency_caps(self) -> dict[str, int]:
         return {n: t.concurrency for n, t in self.types.items() if t.concurrency is not None}
 

@@ -102,7 +102,6 @@ class Connection:
             _create_private(self.path)
         elif not os.path.exists(self.path):
             raise StoreUnavailable(f"{self.path}: no such database; run `taskvisor migrate` or check --db")
-        _tighten_private(self.path)
         flags = apsw.SQLITE_OPEN_READWRITE | (apsw.SQLITE_OPEN_CREATE if create else 0)
         try:
             self._db = apsw.Connection(self.path, flags=flags)
@@ -115,6 +114,9 @@ class Connection:
                 if version > max_version:
                     self._db.close()
                     check_not_newer(version, self.path)
+            # A file refused above stays untouched; the -wal and -shm that WAL mode creates
+            # below take the database file's mode, so tighten it first.
+            _tighten_private(self.path)
             # A no-op unless the file is still empty (must precede the switch to WAL).
             self._db.execute(f"PRAGMA page_size={PAGE_SIZE}")
             mode = self._db.execute("PRAGMA journal_mode=WAL").fetchall()[0][0]
