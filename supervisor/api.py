@@ -227,6 +227,12 @@ def health(sup, database, now: float) -> tuple[int, dict]:
             store.supervisors()
     except StoreError as exc:
         reasons.append(f"the database does not answer: {exc}")
+    # The file's identity is fixed once the loop is ready; one stat here, so /healthz
+    # is right even before the loop's own check (every second) noticed.
+    dbfile = getattr(sup, "dbfile", None)
+    problem = dbfile.problem() if dbfile is not None else None
+    if problem:
+        reasons.append(f"{problem}; the supervisor is stopping")
     if not snap.store_ok:
         reasons.append("the supervisor's last database write failed; finished attempts "
                        "wait in memory")

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from supervisor import config as _config
+from supervisor.dbfile import refuse_if_served
 from supervisor.errors import InputError
 from supervisor.store import FINAL, NewTask, Stats, Status, Store, Task, new_id
 from supervisor.store.tasks import check_dependencies_without_database
@@ -75,6 +76,8 @@ class Queue:
     def _open(self) -> Store:
         """The store of this process; call with the lock held."""
         if self._store is None:
+            if self._create and not os.path.exists(self.path):
+                refuse_if_served(self.path)  # deleted under a running supervisor?
             sup = self.config.supervisor
             self._store = Store(self.path, synchronous=sup.synchronous,
                                 busy_timeout_s=sup.busy_timeout_s, create=self._create)
