@@ -25,7 +25,7 @@ import time
 import uuid
 from collections.abc import Callable
 
-from supervisor import __version__, policy, proctree
+from supervisor import __version__, handlercode, policy, proctree
 from supervisor.children import Child, Children, forward_to_stderr
 from supervisor.config import Config, load
 from supervisor.errors import ConfigError, StoreError
@@ -124,6 +124,7 @@ class Supervisor:
         self.snapshot = self._snapshot(running={})
         self.cgroup_dir: str | None = None  # set by supervisor.start when delegated
         self.dbfile = None  # supervisor.dbfile.DatabaseFile, set by supervisor.start when ready
+        self.handler_code = handlercode.HandlerCode()  # what the fork server loaded
         self.database_problem: str | None = None  # the file was deleted or replaced
         # Called once the database is migrated and rescued, before READY=1 (the HTTP
         # server binds here), and at shutdown after the last task was recorded.
@@ -288,8 +289,17 @@ class Supervisor:
         self.config = self.children.config = new
         self.memory_budget_mb = policy.memory_budget_mb(new.supervisor.memory_budget_mb, machine_memory_mb())
         self.claim_needed = True
+        code = handlercode.stamp(new)  # before a launch: a later edit shows next time
         if (new.supervisor.preload, handlers_of(new)) != (old.supervisor.preload, handlers_of(old)):
-            self.replace_fork_server("preload or handlers changed")
+            why = "preload or handlers changed"
+        elif changed := self.handler_code.changed(code, self.server.pid):
+            why = f"handler code changed: {', '.join(changed)}"
+        else:
+            why = None
+            log.info("reload: no handler module changed since fork server %s started; it "
+                     "stays", self.server.pid)
+        if why is not None and self.replace_fork_server(why):
+            self.handler_code.remember(self.server.pid, code)
         log.info("config reloaded from %s: pool_size=%d", new.path, new.supervisor.pool_size)
         self.emit("reloaded", pool_size=new.supervisor.pool_size)
         self.notifier.ready(self.status_line())

@@ -48,6 +48,8 @@ def run(config: Config, *, events=None) -> int:
     log.info("open files: up to %d", soft)
     from supervisor.loop import new_owner
     owner = new_owner(socket.gethostname())
+    from supervisor import handlercode
+    code = handlercode.stamp(config)  # before the launch: a later edit is seen by a reload
     try:
         server = launch(config, owner=owner)
     except ForkServerError as exc:
@@ -66,6 +68,7 @@ def run(config: Config, *, events=None) -> int:
         events = fanout(metrics, events)
     supervisor = Supervisor(config, server, events=events, owner=owner)
     supervisor.cgroup_dir = cgroup_dir
+    supervisor.handler_code.remember(server.pid, code)
     supervisor.on_ready.append(_track_database)
     if http is not None:
         supervisor.on_ready.append(http.start)
