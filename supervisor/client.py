@@ -48,7 +48,9 @@ class Queue:
     process (a Queue inherited by a forked child opens its own connection on first use and
     never touches the parent's). Any thread may use it: calls are serialised by a lock;
     for parallel reads give each thread its own Queue. `create=False` refuses to create a
-    missing database file (StoreUnavailable) instead of creating an empty one.
+    missing database file (StoreUnavailable) instead of creating an empty one; so does
+    `create=True` while a live supervisor's registration names the missing file (it was
+    deleted under that supervisor: a new file would be a second database nobody serves).
     Errors: InputError (NotFound, DependencyError) for bad input, with nothing written;
     StoreError subclasses when the database fails. Times are epoch seconds.
     """
