@@ -161,7 +161,7 @@ _POSITIVE_S = _Field("seconds", 0, above=True, maximum=HOUR_S)
 _SECTIONS: dict[str, dict[str, _Field]] = {
     "supervisor": {
         "database": _Field("path"),
-        "pool_size": _Field("int", 1, maximum=65536),
+        "pool_size": _Field("int", 1, maximum=1_000_000),
         "preload": _Field("modules"),
         "lease_s": _Field("seconds", MIN_LEASE_S, maximum=DAY_S, hint=(
             f" (the minimum is {MIN_LEASE_S:g} s: a lease is renewed every lease_s / 3 and "
@@ -203,7 +203,7 @@ _SECTIONS: dict[str, dict[str, _Field]] = {
 # A type cannot say "none": None in a TypeConfig means "fall back to [defaults]".
 _TYPE_FIELDS: dict[str, _Field] = {
     "handler": _Field("handler"),
-    "concurrency": _Field("int", 1, maximum=65536),
+    "concurrency": _Field("int", 1, maximum=1_000_000),
     **{k: dataclasses.replace(f, null=None) for k, f in _SECTIONS["defaults"].items()},
 }
 _SECTION_CLASSES = {"supervisor": SupervisorConfig, "defaults": Defaults,
