@@ -198,7 +198,7 @@ class Api:
         return health(self.sup, self.database, self.clock())
 
     def openapi(self, query: dict, body=None) -> tuple[int, dict]:
-        return 200, openapi.document()
+        return 200, openapi.document(self.sup.config)
 
     def _supervisor(self, now: float) -> dict:
         snap = self.sup.snapshot
@@ -227,6 +227,12 @@ def health(sup, database, now: float) -> tuple[int, dict]:
             store.supervisors()
     except StoreError as exc:
         reasons.append(f"the database does not answer: {exc}")
+    # The file's identity is fixed once the loop is ready; one stat here, so /healthz
+    # is right even before the loop's own check (every second) noticed.
+    dbfile = getattr(sup, "dbfile", None)
+    problem = dbfile.problem() if dbfile is not None else None
+    if problem:
+        reasons.append(f"{problem}; the supervisor is stopping")
     if not snap.store_ok:
         reasons.append("the supervisor's last database write failed; finished attempts "
                        "wait in memory")
@@ -299,7 +305,7 @@ def _enqueue_fields(data: dict) -> dict[str, Any]:
     return {k: v for k, v in data.items() if v is not None or k == "type"}
 
 
-def _datetime(text: str) -> dt.datetime:
+def _datetime(text: str) -> float:
     try:
         value = dt.datetime.fromisoformat(text)
     except ValueError:
@@ -308,7 +314,8 @@ def _datetime(text: str) -> dt.datetime:
     if value.tzinfo is None:
         raise ApiError(400, "run_at needs a time zone (e.g. 2030-01-01T09:00:00Z)",
                        field="run_at")
-    return value
+    # A time before 1970 is valid ISO 8601 and simply past: the task is due now.
+    return max(0.0, value.timestamp())
 
 
 def _iso(ts: float | None) -> str | None:

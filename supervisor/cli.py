@@ -208,8 +208,7 @@ def cmd_show(args, cfg) -> int:
         return EXIT_OK
     now = time.time()
     when = lambda ts: "-" if ts is None else f"{iso(ts)} ({_age(now - ts, signed=True)})"
-    limits = (f"timeout {_num(task.timeout_s, 's')}, memory {_num(task.memory_mb, ' MiB')}, "
-              f"cpu {_num(task.cpu_s, 's')}")
+    limits = _limits(task, cfg)
     status = str(task.status) + (" (cancel requested)" if task.cancel_requested else "")
     fields = [("id", task.id), ("type", task.type), ("status", status),
               ("priority", task.priority), ("attempts", f"{task.attempts}/{task.max_attempts}"),
@@ -232,7 +231,29 @@ def cmd_show(args, cfg) -> int:
               f"  cpu {_num(a.cpu_s, 's')}  peak {peak}  {exit_}".rstrip())
         if a.reason:
             print(f"       {_truncate(a.reason, 200)}")
+        trace = (a.error or {}).get("traceback") if isinstance(a.error, dict) else None
+        if trace:
+            for line in str(trace).rstrip("\n").splitlines():
+                print(f"       | {line}")
     return EXIT_OK
+
+
+_LIMITS = (("timeout", "timeout_s", "s"), ("memory", "memory_mb", " MiB"),
+           ("cpu", "cpu_s", "s"), ("open files", "open_files", ""))
+
+
+def _limits(task: Task, cfg: _config.Config) -> str:
+    """Each limit the task runs with and where it comes from: the task itself, else its
+    type's section, else [defaults] (of the config this command read)."""
+    parts = []
+    for label, key, unit in _LIMITS:
+        own = getattr(task, key, None)
+        if own:
+            value, origin = own, "task"
+        else:
+            value, origin = cfg.setting(task.type, key), cfg.origin(task.type, key)
+        parts.append(f"{label} {'none' if value is None else _num(value, unit)} ({origin})")
+    return ", ".join(parts)
 
 
 @command("status", "counts by status and type, oldest queued task, supervisors",

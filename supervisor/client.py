@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from supervisor import config as _config
+from supervisor.dbfile import refuse_if_served
 from supervisor.errors import InputError
 from supervisor.store import FINAL, NewTask, Stats, Status, Store, Task, new_id
+from supervisor.store.tasks import check_dependencies_without_database
 from supervisor.wake import Notifier
 
 _STATUSES = ", ".join(str(s) for s in Status)
@@ -46,7 +48,9 @@ class Queue:
     process (a Queue inherited by a forked child opens its own connection on first use and
     never touches the parent's). Any thread may use it: calls are serialised by a lock;
     for parallel reads give each thread its own Queue. `create=False` refuses to create a
-    missing database file (StoreUnavailable) instead of creating an empty one.
+    missing database file (StoreUnavailable) instead of creating an empty one; so does
+    `create=True` while a live supervisor's registration names the missing file (it was
+    deleted under that supervisor: a new file would be a second database nobody serves).
     Errors: InputError (NotFound, DependencyError) for bad input, with nothing written;
     StoreError subclasses when the database fails. Times are epoch seconds.
     """
@@ -74,6 +78,8 @@ class Queue:
     def _open(self) -> Store:
         """The store of this process; call with the lock held."""
         if self._store is None:
+            if self._create and not os.path.exists(self.path):
+                refuse_if_served(self.path)  # deleted under a running supervisor?
             sup = self.config.supervisor
             self._store = Store(self.path, synchronous=sup.synchronous,
                                 busy_timeout_s=sup.busy_timeout_s, create=self._create)
@@ -126,6 +132,7 @@ class Queue:
                                    run_at=run_at, timeout_s=timeout_s, memory_mb=memory_mb,
                                    max_attempts=max_attempts, depends_on=depends_on,
                                    dedupe_key=dedupe_key), now)
+        self._check_new_file([task], now)
         return self._call(lambda s: s.enqueue(task, now), notify=True)
 
     def enqueue_many(self, items: Iterable[Mapping[str, Any]]) -> list[str]:
@@ -162,7 +169,16 @@ class Queue:
             tasks.append(dataclasses.replace(task, depends_on=deps))
         if not tasks:
             return []
+        self._check_new_file(tasks, now)
         return self._call(lambda s: s.enqueue_many(tasks, now), notify=True)
+
+    def _check_new_file(self, tasks: list[NewTask], now: float) -> None:
+        """Before an enqueue creates the database file: refuse input the store would
+        refuse (a dependency cannot exist in a file that does not), so a failed enqueue
+        leaves no empty file behind."""
+        if self._store is None and any(t.depends_on for t in tasks) \
+                and not os.path.exists(self.path):
+            check_dependencies_without_database(tasks, now)
 
     def cancel(self, task_id: str) -> Status:
         """Cancel a blocked or queued task at once (its dependents fail); for a running one,

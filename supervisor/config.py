@@ -53,6 +53,7 @@ class Defaults:
     backoff_initial_s: float = 1.0
     backoff_max_s: float = 300.0
     priority: int = 0
+    max_reschedules: int = 25
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,7 @@ class TypeConfig:
     backoff_initial_s: float | None = None
     backoff_max_s: float | None = None
     priority: int | None = None
+    max_reschedules: int | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,12 @@ class Config:
         value = getattr(self.types.get(type_name, _NO_TYPE), key)
         return getattr(self.defaults, key) if value is None else value
 
+    def origin(self, type_name: str, key: str) -> str:
+        """Where `setting(type_name, key)` comes from: '[types."NAME"]' or '[defaults]'."""
+        if getattr(self.types.get(type_name, _NO_TYPE), key) is not None:
+            return f"[types.{_quote(type_name)}]"
+        return "[defaults]"
+
     def concurrency_caps(self) -> dict[str, int]:
         return {n: t.concurrency for n, t in self.types.items() if t.concurrency is not None}
 
@@ -136,36 +144,48 @@ class _Field:
     kind: str  # int | seconds | str | path | modules | handler | listen | url | envname
     minimum: float | None = None
     above: bool = False  # the minimum itself is out of range
+    maximum: float | None = None
+    hint: str = ""  # appended to a range error
     null: str | None = None  # the word meaning "not set" ("none", "auto"), if allowed
     choices: tuple[str, ...] = ()
 
 
-_POSITIVE_S = _Field("seconds", 0, above=True)
+# Every number has a range: a value past it used to pass here and then crash `run` (an
+# OverflowError in setrlimit, SQLite's busy timeout or a selector) or quietly misbehave.
+# Maxima are far above any sane setting, well inside what the calls that use them take.
+HOUR_S, DAY_S, YEAR_S = 3600.0, 86400.0, 365 * 86400.0
+MAX_MB = 1 << 30                   # 1 PiB in MiB; MiB * 2**20 still fits an rlimit
+MAX_BYTES = 1 << 30                # 1 GiB: SQLite's default limit on one value is 1e9
+MIN_LEASE_S = 2.0                  # leases are renewed every lease_s / 3, with a margin
+_POSITIVE_S = _Field("seconds", 0, above=True, maximum=HOUR_S)
 _SECTIONS: dict[str, dict[str, _Field]] = {
     "supervisor": {
         "database": _Field("path"),
-        "pool_size": _Field("int", 1),
+        "pool_size": _Field("int", 1, maximum=1_000_000),
         "preload": _Field("modules"),
-        "lease_s": _POSITIVE_S,
+        "lease_s": _Field("seconds", MIN_LEASE_S, maximum=DAY_S, hint=(
+            f" (the minimum is {MIN_LEASE_S:g} s: a lease is renewed every lease_s / 3 and "
+            "a task stops a safety margin before its lease could expire)")),
         "poll_interval_s": _POSITIVE_S,
-        "shutdown_grace_s": _Field("seconds", 0),
-        "kill_grace_s": _Field("seconds", 0),
+        "shutdown_grace_s": _Field("seconds", 0, maximum=DAY_S),
+        "kill_grace_s": _Field("seconds", 0, maximum=HOUR_S),
         "boot_timeout_s": _POSITIVE_S,
-        "memory_budget_mb": _Field("int", 1, null="auto"),
+        "memory_budget_mb": _Field("int", 1, null="auto", maximum=MAX_MB),
         "synchronous": _Field("str", choices=("NORMAL", "FULL")),
-        "busy_timeout_s": _Field("seconds", 0),
-        "max_payload_bytes": _Field("int", 1),
-        "max_result_bytes": _Field("int", 1),
+        "busy_timeout_s": _Field("seconds", 0, maximum=HOUR_S),
+        "max_payload_bytes": _Field("int", 1, maximum=MAX_BYTES),
+        "max_result_bytes": _Field("int", 1, maximum=MAX_BYTES),
     },
     "defaults": {
-        "timeout_s": _Field("seconds", 0, above=True, null="none"),
-        "memory_mb": _Field("int", 1, null="none"),
-        "cpu_s": _Field("seconds", 0, above=True, null="none"),
-        "open_files": _Field("int", 1, null="none"),
-        "max_attempts": _Field("int", 1),
-        "backoff_initial_s": _Field("seconds", 0),
-        "backoff_max_s": _Field("seconds", 0),
-        "priority": _Field("int"),
+        "timeout_s": _Field("seconds", 0, above=True, null="none", maximum=YEAR_S),
+        "memory_mb": _Field("int", 1, null="none", maximum=MAX_MB),
+        "cpu_s": _Field("seconds", 0, above=True, null="none", maximum=YEAR_S),
+        "open_files": _Field("int", 1, null="none", maximum=1 << 20),
+        "max_attempts": _Field("int", 1, maximum=1_000_000),
+        "backoff_initial_s": _Field("seconds", 0, maximum=DAY_S),
+        "backoff_max_s": _Field("seconds", 0, maximum=7 * DAY_S),
+        "priority": _Field("int", -1_000_000_000, maximum=1_000_000_000),
+        "max_reschedules": _Field("int", 0, maximum=1_000_000),
     },
     "http": {"listen": _Field("listen"), "token_file": _Field("path")},
     "log": {
@@ -176,14 +196,14 @@ _SECTIONS: dict[str, dict[str, _Field]] = {
         "base_url": _Field("url"),
         "model": _Field("str"),
         "api_key_env": _Field("envname"),
-        "request_timeout_s": _POSITIVE_S,
-        "stall_timeout_s": _POSITIVE_S,
+        "request_timeout_s": _Field("seconds", 0, above=True, maximum=DAY_S),
+        "stall_timeout_s": _Field("seconds", 0, above=True, maximum=DAY_S),
     },
 }
 # A type cannot say "none": None in a TypeConfig means "fall back to [defaults]".
 _TYPE_FIELDS: dict[str, _Field] = {
     "handler": _Field("handler"),
-    "concurrency": _Field("int", 1),
+    "concurrency": _Field("int", 1, maximum=1_000_000),
     **{k: dataclasses.replace(f, null=None) for k, f in _SECTIONS["defaults"].items()},
 }
 _SECTION_CLASSES = {"supervisor": SupervisorConfig, "defaults": Defaults,
@@ -433,11 +453,30 @@ def _convert(spec: _Field, value: Any, base: Path) -> Any:
         raise _Bad(_expected("a string", value))
     else:
         return _convert_text(spec, value, base)
-    if spec.minimum is not None and (value < spec.minimum
-                                     or (spec.above and value == spec.minimum)):
-        sign = ">" if spec.above else ">="
-        raise _Bad(f"must be {sign} {spec.minimum:g}{null_text}, got {value!r}")
+    if (spec.minimum is not None and (value < spec.minimum
+                                      or (spec.above and value == spec.minimum))) \
+            or (spec.maximum is not None and value > spec.maximum):
+        raise _Bad(f"must be {_range(spec)}{null_text}, got {value!r}{spec.hint}")
     return value
+
+
+def _range(spec: _Field) -> str:
+    """The allowed range in words: "from 1 to 65536", "more than 0 and at most 3600 s"."""
+    unit = " s" if spec.kind == "seconds" else ""
+    low, high = _number(spec.minimum), _number(spec.maximum)
+    if high is None:
+        return f"{'>' if spec.above else '>='} {low}{unit}"
+    if low is None:
+        return f"at most {high}{unit}"
+    if spec.above:
+        return f"more than {low} and at most {high}{unit}"
+    return f"from {low} to {high}{unit}"
+
+
+def _number(value: float | None) -> str | None:
+    if value is None:
+        return None
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 def _convert_text(spec: _Field, value: str, base: Path) -> Any:

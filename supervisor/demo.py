@@ -8,8 +8,10 @@ parallel -> summary; `llm.chat` when TASKVISOR_LLM__BASE_URL is set, else the of
 stand-in `demo.offline_llm`) plus tasks at three priorities and tasks that are retried,
 time out, hit their memory limit, crash and are cancelled; redraws a live table (plain
 lines when stdout is not a terminal), prints a summary, then stops the supervisor with
-SIGTERM (or, with --keep-running, leaves it up until Ctrl-C). It runs no task itself,
-never writes SQL (it uses `Queue`) and never imports user code.
+SIGTERM (or, with --keep-running, leaves it up until Ctrl-C). Its supervisor never
+outlives it: TERM, HUP or Ctrl-C to the demo stop it the same way, and a parent-death
+signal stops it if the demo is killed outright. It runs no task itself, never writes SQL
+(it uses `Queue`) and never imports user code.
 """
 
 from __future__ import annotations
@@ -60,6 +62,27 @@ def run(args=None, config=None) -> int:
     return demo.main()
 
 
+class _Stopped(Exception):
+    """TERM or HUP reached the demo: stop its supervisor, then exit 128 + the signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stopped(signum, frame):
+    raise _Stopped(signum)
+
+
+def _start_new_session_tied_to_us() -> None:
+    """In the supervisor's process, before exec: its own session (Ctrl-C in the terminal
+    reaches the demo, which stops it in order), and SIGTERM when the demo dies by any means
+    (kill -9 included), so it never keeps the port."""
+    from workers.pdeathsig import set_parent_death_signal
+    os.setsid()
+    set_parent_death_signal(signal.SIGTERM)
+
+
 class Demo:
     def __init__(self, *, db, listen, keep_running: bool, config=None):
         self.out = sys.stdout
@@ -77,6 +100,17 @@ class Demo:
         self.cancel_id: str | None = None
 
     def main(self) -> int:
+        previous = {sig: signal.signal(sig, _raise_stopped) for sig in (signal.SIGTERM, signal.SIGHUP)}
+        try:
+            return self._main()
+        except _Stopped as stop:  # before the supervisor started, or after it stopped
+            self.stop()
+            return 128 + stop.signum
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _main(self) -> int:
         if self.db_option is not None and self.db_option.exists():
             return self.fail(f"{self.db_option} already exists: the demo needs a new database "
                              "file (give another --db, or leave it out for a temporary folder)")
@@ -107,6 +141,11 @@ class Demo:
         except KeyboardInterrupt:
             self.say("\ninterrupted")
             ok = False
+        except _Stopped as stop:
+            self.say(f"\n{signal.Signals(stop.signum).name}: stopping the demo's supervisor")
+            self.stop()
+            self.say(f"\nInspect it later: taskvisor list --db {self.db}")
+            return 128 + stop.signum
         finally:
             self.stop()
         self.say(f"\nInspect it later: taskvisor list --db {self.db}")
@@ -133,7 +172,8 @@ class Demo:
         self.log_path = self.folder / "supervisor.log"
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(argv, cwd=self.folder, env=env, stdin=subprocess.DEVNULL,
-                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                         stdout=log, stderr=subprocess.STDOUT,
+                                         preexec_fn=_start_new_session_tied_to_us)
         self.queue = Queue(str(cfg))
 
     def wait_ready(self, timeout: float = 60.0) -> bool:
@@ -147,6 +187,8 @@ class Demo:
         return False
 
     def stop(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGHUP):  # a second one must not cut this short
+            signal.signal(sig, signal.SIG_IGN)
         if self.queue is not None:
             self.queue.close()
         if self.proc is None or self.proc.poll() is not None:

@@ -20,6 +20,7 @@ import secrets
 import socket
 import stat
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from socketserver import TCPServer
@@ -38,6 +39,8 @@ STATIC = {"/": ("index.html", "text/html; charset=utf-8"),
           "/dashboard/style.css": ("style.css", "text/css; charset=utf-8"),
           "/dashboard/favicon.svg": ("favicon.svg", "image/svg+xml")}
 BODY_SLACK = 64 * 1024        # a request body may exceed max_payload_bytes by this much
+BODY_TIMEOUT_S = 5.0          # the whole body must arrive within this (loopback: far more
+                              # than enough); a slow or stalled client gets 408, not a thread
 PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
             "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; "
             "frame-ancestors 'none'")
@@ -339,7 +342,35 @@ class _Handler(BaseHTTPRequestHandler):
                            "(supervisor.max_payload_bytes plus 64 KiB for the other fields)",
                            field="payload")
         self.body_read = True
-        return self.rfile.read(size)
+        return self._read_exactly(size)
+
+    def _read_exactly(self, size: int) -> bytes:
+        """The body, within BODY_TIMEOUT_S for all of it. A client that closes early gets
+        400 at once, one that stalls 408; either way the connection closes (its framing
+        is lost). Without this a short body waited for the 15 s idle timeout, then 500."""
+        deadline = time.monotonic() + BODY_TIMEOUT_S
+        chunks, got = [], 0
+        try:
+            while got < size:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                self.connection.settimeout(left)
+                chunk = self.rfile.read1(min(size - got, 1 << 16))
+                if not chunk:
+                    self.close_connection = True
+                    raise ApiError(400, f"the body ended after {got} of the {size} bytes its "
+                                   "Content-Length announced", field="body")
+                chunks.append(chunk)
+                got += len(chunk)
+        except TimeoutError:
+            self.close_connection = True
+            raise ApiError(408, f"the body did not arrive within {BODY_TIMEOUT_S:g}s ({got} of "
+                           f"the {size} bytes its Content-Length announced)",
+                           field="body") from None
+        finally:
+            self.connection.settimeout(self.timeout)
+        return b"".join(chunks)
 
     def send_page(self, path: str) -> None:
         if path == "/metrics":

@@ -25,7 +25,7 @@ import time
 import uuid
 from collections.abc import Callable
 
-from supervisor import __version__, policy, proctree
+from supervisor import __version__, handlercode, policy, proctree
 from supervisor.children import Child, Children, forward_to_stderr
 from supervisor.config import Config, load
 from supervisor.errors import ConfigError, StoreError
@@ -44,6 +44,7 @@ CANCEL_GRACE_S = 0.5      # TERM -> KILL for a cancel (cancel takes effect withi
 ORPHAN_SWEEP_S = 0.1      # at most this often, a sweep for what ended tasks left behind
 SNAPSHOT_RUNNING_S = 0.5  # the per-task part of the published snapshot, at most this often
 STEP_ERROR_PAUSE_S = 0.1  # after a step raised: no faster than this, so errors cannot spin
+DBFILE_CHECK_S = 1.0      # how often the database path is checked against the open file
 
 
 class SystemClock:
@@ -70,6 +71,7 @@ class Timers:
     running_snapshot: float = 0.0
     step_error: float = 0.0
     next_due: float = float("inf")  # when the next delayed task becomes due
+    dbfile: float = 0.0             # the database file's identity check
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +123,9 @@ class Supervisor:
         self._status = ""
         self.snapshot = self._snapshot(running={})
         self.cgroup_dir: str | None = None  # set by supervisor.start when delegated
+        self.dbfile = None  # supervisor.dbfile.DatabaseFile, set by supervisor.start when ready
+        self.handler_code = handlercode.HandlerCode()  # what the fork server loaded
+        self.database_problem: str | None = None  # the file was deleted or replaced
         # Called once the database is migrated and rescued, before READY=1 (the HTTP
         # server binds here), and at shutdown after the last task was recorded.
         self.on_ready: list[Callable[["Supervisor"], None]] = []
@@ -159,6 +164,7 @@ class Supervisor:
         self.guard(self.children.reap, self.servers.all(), mono)
         self.guard(self.kill_orphans, mono)
         self.guard(self.enforce_limits, mono)
+        self.guard(self.check_database, mono)
         self.guard(self.sync, now, mono)
         if self.stopping and not self.children and not self.children.pending:
             return False
@@ -228,6 +234,34 @@ class Supervisor:
             elif sig == signal.SIGUSR1:
                 log.info("status: %s", self.status_line())
 
+    def check_database(self, mono: float) -> None:
+        """Every DBFILE_CHECK_S, one stat: is the database path still the file we opened?
+        Deleted, every later write goes to a file nobody can open (lost at exit); replaced,
+        writes through our -wal could corrupt the new file. So: log it, close the store (no
+        more writes of any kind), stop at once, drop outcomes that can no longer be
+        recorded (runs before sync); supervisor.start then exits non-zero."""
+        kids, t = self.children, self.timers
+        if self.database_problem:
+            if kids.pending:
+                log.warning("%d outcome(s) not recorded: %s", len(kids.pending),
+                            self.database_problem)
+            kids.pending.clear()
+            kids.pending_pids.clear()
+            kids.progressed.clear()
+            t.expire = t.extend = t.cancels = float("inf")  # the steps that use the store
+            return
+        if self.dbfile is None or mono < t.dbfile:
+            return
+        t.dbfile = mono + DBFILE_CHECK_S
+        problem = self.dbfile.problem()
+        if problem is not None:
+            self.database_problem = problem
+            log.error("%s: stopping now, running tasks are interrupted (restore the file, or "
+                      "start again on a new database)", problem)
+            self.begin_stop(mono, fast=True)
+            self.store.close()
+            self.check_database(mono)
+
     def begin_stop(self, mono: float, fast: bool) -> None:
         grace = 0.0 if fast else self.config.supervisor.shutdown_grace_s
         if not self.stopping:
@@ -255,8 +289,17 @@ class Supervisor:
         self.config = self.children.config = new
         self.memory_budget_mb = policy.memory_budget_mb(new.supervisor.memory_budget_mb, machine_memory_mb())
         self.claim_needed = True
+        code = handlercode.stamp(new)  # before a launch: a later edit shows next time
         if (new.supervisor.preload, handlers_of(new)) != (old.supervisor.preload, handlers_of(old)):
-            self.replace_fork_server("preload or handlers changed")
+            why = "preload or handlers changed"
+        elif changed := self.handler_code.changed(code, self.server.pid):
+            why = f"handler code changed: {', '.join(changed)}"
+        else:
+            why = None
+            log.info("reload: no handler module changed since fork server %s started; it "
+                     "stays", self.server.pid)
+        if why is not None and self.replace_fork_server(why):
+            self.handler_code.remember(self.server.pid, code)
         log.info("config reloaded from %s: pool_size=%d", new.path, new.supervisor.pool_size)
         self.emit("reloaded", pool_size=new.supervisor.pool_size)
         self.notifier.ready(self.status_line())
@@ -412,7 +455,9 @@ class Supervisor:
             ok = self.store.complete(lease, end, now)
             status = "succeeded" if ok else None
         else:
-            status = self.store.fail(lease, end, now, self.backoff(child.task.type))
+            status = self.store.fail(lease, end, now, self.backoff(child.task.type),
+                                     max_reschedules=self.config.setting(
+                                         child.task.type, "max_reschedules"))
         if status is None:
             log.warning("outcome of %s attempt %d not recorded: the lease was lost (another "
                         "supervisor rescued it)", lease.id, lease.attempt, extra={"task_id": lease.id})
@@ -515,6 +560,8 @@ class Supervisor:
             times.append(t.cancels)
             if kids.progressed:
                 times.append(t.progress)
+        if self.dbfile is not None:
+            times.append(t.dbfile)
         for extra in (kids.next_timer(), self.stop_deadline, self.servers.restart_at,
                       self.notifier.next_watchdog_mono()):
             if extra is not None:

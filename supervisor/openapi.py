@@ -2,17 +2,45 @@
 
 Owns the description of every endpoint, its parameters, request body, responses and
 their schemas. It must match what `supervisor.api` and `supervisor.http` really send: a
-schemathesis test checks every response against it. Pure data; no I/O.
+schemathesis test checks every response against it. Every limit the server checks on a
+new task is stated (a test generates bodies from the document: none may get 400), those
+that follow the config from the supervisor's config. Pure data; no I/O.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from supervisor import __version__
 
 INT64 = {"minimum": -(1 << 63), "maximum": (1 << 63) - 1}
 STATUSES = ["blocked", "queued", "running", "succeeded", "failed", "cancelled"]
+LATEST_S = 253402300799   # 9999-12-31T23:59:59Z: the last time the API can print
+TYPE_MAX = 200            # Queue.enqueue: at most 200 printable characters
+
+
+def _char_class(keep) -> str:
+    """A regex character class of the BMP characters for which keep(char) is true."""
+    ranges, start = [], None
+    for code in range(0x10001):
+        if code < 0x10000 and keep(chr(code)):
+            start = code if start is None else start
+        elif start is not None:
+            ranges.append((start, code - 1))
+            start = None
+    return "[" + "".join(f"\\u{a:04x}" if a == b else f"\\u{a:04x}-\\u{b:04x}"
+                         for a, b in ranges) + "]"
+
+
+def _printable_pattern() -> str:
+    """A regex for str.isprintable() text with a non-space character, as the Queue
+    checks it, from this Python's Unicode tables. It lists the Basic Multilingual Plane
+    (ECMA 262 patterns without the u flag cannot range over astral characters); the
+    server also takes printable astral characters, so the document errs on the safe side."""
+    printable = _char_class(str.isprintable)
+    solid = _char_class(lambda c: c.isprintable() and c != " ")
+    return f"^{printable}*{solid}{printable}*$"
 
 
 def _null(schema: dict) -> dict:
@@ -74,19 +102,22 @@ SCHEMAS: dict[str, Any] = {
                 "properties": {"delay": {"type": "number"},
                                "run_at": {"type": ["number", "string"]}}},
         "properties": {
-            "type": {"type": "string", "minLength": 1, "pattern": r"\S",
-                     "description": "task type: picks the handler"},
+            "type": {"type": "string", "minLength": 1, "maxLength": TYPE_MAX,
+                     "pattern": _printable_pattern(),
+                     "description": f"task type: picks the handler; 1 to {TYPE_MAX} "
+                                    "printable characters, not only spaces"},
             "payload": _null({"type": "object", "description": "JSON object handed to the "
                               "handler; at most supervisor.max_payload_bytes"}),
             "priority": _null({"type": "integer", **INT64, "description": "higher runs "
                                "first; default from the type's config"}),
             "delay": _null({"type": "number", "minimum": 0, "maximum": 1e10,
                             "description": "seconds from now before it may run"}),
-            "run_at": {"anyOf": [{"type": "number", "minimum": 0, "maximum": 253402300799},
+            "run_at": {"anyOf": [{"type": "number", "minimum": 0, "maximum": LATEST_S},
                                  {"type": "string", "format": "date-time"}, {"type": "null"}],
                        "description": "epoch seconds or ISO 8601 time with a zone (not with "
-                                      "delay)"},
-            "timeout_s": _null({"type": "number", "exclusiveMinimum": 0}),
+                                      "delay); a time before 1970 means now"},
+            "timeout_s": _null({"type": "number", "exclusiveMinimum": 0,
+                                "maximum": LATEST_S}),
             "memory_mb": _null({"type": "integer", "minimum": 1, "maximum": INT64["maximum"]}),
             "max_attempts": _null({"type": "integer", "minimum": 1,
                                    "maximum": INT64["maximum"]}),
@@ -138,7 +169,8 @@ def _json(ref: str, description: str) -> dict:
 
 def _errors(*codes: int) -> dict:
     text = {400: "bad input; `field` names it", 401: "missing or wrong token",
-            404: "no such task", 409: "the task is not failed or cancelled",
+            404: "no such task", 408: "the body did not arrive in time",
+            409: "the task is not failed or cancelled",
             413: "the body is too large", 415: "the body is not JSON",
             503: "the database does not answer"}
     return {str(c): _json("Error", text[c]) for c in codes}
@@ -171,7 +203,7 @@ PATHS = {
         "post": _op("Enqueue a task (the fields of Queue.enqueue)", {
             "201": _json("Task", "stored"),
             "200": _json("Task", "an unfinished task already holds this dedupe_key"),
-            **_errors(400, 401, 413, 415, 503)},
+            **_errors(400, 401, 408, 413, 415, 503)},
             operationId="enqueueTask", security=WRITE,
             requestBody={"required": True, "content": {
                 "application/json": {"schema": {"$ref": REF + "NewTask"}}}}),
@@ -219,7 +251,21 @@ PATHS = {
 }
 
 
-def document() -> dict:
+def document(config=None) -> dict:
+    """The document; with the supervisor's `config`, the limits that follow it (memory_mb
+    at most [supervisor] memory_budget_mb, the payload size) are stated too."""
+    schemas = SCHEMAS
+    if config is not None:
+        schemas = copy.deepcopy(SCHEMAS)
+        props = schemas["NewTask"]["properties"]
+        budget = config.supervisor.memory_budget_mb
+        if budget is not None:
+            props["memory_mb"]["maximum"] = budget
+            props["memory_mb"]["description"] = ("at most [supervisor] memory_budget_mb "
+                                                 f"({budget}): more could never start")
+        props["payload"]["description"] = (
+            f"JSON object handed to the handler; at most {config.supervisor.max_payload_bytes}"
+            " bytes as compact UTF-8 JSON (supervisor.max_payload_bytes)")
     return {
         "openapi": "3.1.0",
         "info": {"title": "taskvisor", "version": __version__,
@@ -228,6 +274,6 @@ def document() -> dict:
                  "beside the database, or [http] token_file). Errors are JSON "
                  "{error, field}. Times are ISO 8601 UTC."},
         "paths": PATHS,
-        "components": {"schemas": SCHEMAS, "securitySchemes": {
+        "components": {"schemas": schemas, "securitySchemes": {
             "bearer": {"type": "http", "scheme": "bearer"}}},
     }

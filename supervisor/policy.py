@@ -38,14 +38,24 @@ class Decision:
     action: str              # "requeue" | "fail" | "cancel"
     run_after: float | None  # for requeue
     refund: bool             # requeue without spending the attempt
+    reason: str | None = None  # why it fails, when the outcome alone does not say
 
 
 def after_failure(outcome: Outcome, *, attempt: int, max_attempts: int, retryable: bool,
                   cancel_requested: bool, now: float, backoff: Backoff,
-                  delay_s: float | None = None) -> Decision:
-    """Decide the task's next status after a non-successful attempt."""
+                  delay_s: float | None = None, reschedules: int = 0,
+                  max_reschedules: int | None = None) -> Decision:
+    """Decide the task's next status after a non-successful attempt. `reschedules` is how
+    many times the task already rescheduled itself; a reschedule past `max_reschedules`
+    (None: no limit) fails it for good, since a reschedule never spends an attempt."""
     if outcome is Outcome.CANCELLED or cancel_requested:
         return Decision("cancel", None, False)
+    if outcome is Outcome.RESCHEDULED and max_reschedules is not None \
+            and reschedules >= max_reschedules:
+        return Decision("fail", None, False, reason=(
+            f"raised Retry {reschedules + 1} times, more than max_reschedules "
+            f"({max_reschedules}): failed for good (raise the limit in [defaults] or the "
+            "type's config if it should keep waiting)"))
     if outcome in REFUNDED:
         return Decision("requeue", now + max(0.0, delay_s or 0.0), True)
     if retryable and attempt < max_attempts:

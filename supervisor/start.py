@@ -4,7 +4,8 @@ forks safe.
 Owns that order: logging; cgroup v2 detection (which moves this process into a leaf
 cgroup, so it must precede the fork server); the child-subreaper flag; the fork server
 (started before the database is opened or any thread exists, so it inherits neither);
-then the Supervisor, which opens the database, and, when [http] listen is set, the
+then the Supervisor, which opens the database (then its identity is taken and a
+registration written beside it: supervisor.dbfile), and, when [http] listen is set, the
 metrics sink and the HTTP server, bound from the Supervisor's on_ready hook (an address
 that cannot be used leaves HTTP off with an error in the log; tasks still run). A preload
 that fails to import ends here with its traceback and exit code 3. It never claims or
@@ -28,6 +29,7 @@ log = logging.getLogger("taskvisor.supervisor")
 EXIT_PRELOAD_FAILED = 3
 EXIT_STORE_FAILED = 2
 EXIT_MACHINE_LIMITS = 2  # pool_size does not fit the descriptors or processes allowed
+EXIT_DATABASE_GONE = 4  # the database file was deleted or replaced while it ran
 
 
 def run(config: Config, *, events=None) -> int:
@@ -46,6 +48,8 @@ def run(config: Config, *, events=None) -> int:
     log.info("open files: up to %d", soft)
     from supervisor.loop import new_owner
     owner = new_owner(socket.gethostname())
+    from supervisor import handlercode
+    code = handlercode.stamp(config)  # before the launch: a later edit is seen by a reload
     try:
         server = launch(config, owner=owner)
     except ForkServerError as exc:
@@ -64,12 +68,38 @@ def run(config: Config, *, events=None) -> int:
         events = fanout(metrics, events)
     supervisor = Supervisor(config, server, events=events, owner=owner)
     supervisor.cgroup_dir = cgroup_dir
+    supervisor.handler_code.remember(server.pid, code)
+    supervisor.on_ready.append(_track_database)
     if http is not None:
         supervisor.on_ready.append(http.start)
         supervisor.on_shutdown.append(http.stop)
     try:
-        return supervisor.run()
+        code = supervisor.run()
     except StoreError as exc:
         server.kill()
         sys.stderr.write(f"taskvisor: error: {exc}\n")
         return EXIT_STORE_FAILED
+    finally:
+        if supervisor.dbfile is not None:
+            supervisor.dbfile.unregister()
+    if supervisor.database_problem:
+        sys.stderr.write(f"taskvisor: error: {supervisor.database_problem}\n")
+        return EXIT_DATABASE_GONE
+    return code
+
+
+def _track_database(supervisor) -> None:
+    """on_ready: remember which file the database is, and register beside it (a client
+    then refuses to create a new file there while this process lives)."""
+    from supervisor.dbfile import DatabaseFile
+    try:
+        dbfile = DatabaseFile(supervisor.config.supervisor.database)
+    except OSError as exc:
+        log.error("cannot stat the database file: %s", exc)
+        return
+    supervisor.dbfile = dbfile
+    try:
+        dbfile.register()
+    except OSError as exc:
+        log.warning("cannot write the registration %s (%s): a client will not know that "
+                    "this supervisor serves the database", dbfile.registration, exc.strerror)

@@ -68,8 +68,12 @@ class Notifier:
         if not self._ports:
             return
         if self._sock is None:
-            self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            self._sock.setblocking(False)
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            # Bound before the first sendto, which would otherwise bind it to 0.0.0.0:
+            # a port open on every interface for the life of the client.
+            sock.bind((HOST, 0))
+            sock.setblocking(False)
+            self._sock = sock
         for port in self._ports:
             try:
                 self._sock.sendto(b"!", (HOST, port))

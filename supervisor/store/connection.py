@@ -1,7 +1,7 @@
 """Opening the SQLite file: pragmas, permissions, transactions, fork safety, error mapping.
 
 Owns the one place a connection is set up (WAL, synchronous, busy timeout, foreign keys,
-the SQLite version check, mode 0600 on the file) and the write/read transaction helpers.
+the SQLite version check, mode 0600 on the file and its -wal/-shm, tightened if looser) and the write/read transaction helpers.
 It must never hold SQL about tasks (that is `queries`) and a connection it opened must
 never be used or closed by a forked child: the child gets `ForkedConnection` instead,
 and the inherited handle is kept alive so its destructor never runs there.
@@ -10,7 +10,9 @@ and the inherited handle is kept alive so its destructor never runs there.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import stat
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +21,7 @@ import apsw
 
 from supervisor.errors import ForkedConnection, SQLiteTooOld, StoreError, StoreUnavailable
 
+log = logging.getLogger("taskvisor.store")
 MIN_SQLITE = (3, 35, 0)  # UPDATE … RETURNING
 
 # Page size of a new file. Every commit appends each page it changed to the WAL, whole;
@@ -111,6 +114,9 @@ class Connection:
                 if version > max_version:
                     self._db.close()
                     check_not_newer(version, self.path)
+            # A file refused above stays untouched; the -wal and -shm that WAL mode creates
+            # below take the database file's mode, so tighten it first.
+            _tighten_private(self.path)
             # A no-op unless the file is still empty (must precede the switch to WAL).
             self._db.execute(f"PRAGMA page_size={PAGE_SIZE}")
             mode = self._db.execute("PRAGMA journal_mode=WAL").fetchall()[0][0]
@@ -271,6 +277,30 @@ class _Write:
 
 def _maybe_translate(exc: BaseException, path: str) -> BaseException:
     return translate(exc, path) if isinstance(exc, apsw.Error) else exc
+
+
+def _tighten_private(path: str) -> None:
+    """Set mode 0600 on an existing database file and its -wal and -shm that others may
+    read (made by an older version, a copy, or a umask of 022), and log that it did.
+
+    Task payloads and results can hold secrets. A file this process cannot chmod (owned
+    by another user) is left as it is, with a warning."""
+    if path == ":memory:":
+        return
+    for name in (path, path + "-wal", path + "-shm"):
+        try:
+            mode = stat.S_IMODE(os.stat(name).st_mode)
+        except OSError:
+            continue
+        if not mode & 0o077:
+            continue
+        try:
+            os.chmod(name, 0o600)
+        except OSError as exc:
+            log.warning("%s is readable by other users (mode %o) and could not be made "
+                        "private (%s); run chmod 600 on it", name, mode, exc.strerror)
+        else:
+            log.warning("%s had mode %o (readable by other users); set it to 600", name, mode)
 
 
 def _create_private(path: str) -> None:

@@ -214,6 +214,17 @@ def requeue_task(db: apsw.Connection, lease, *, run_after: float, refund: bool,
     return db.changes() > 0
 
 
+def select_reschedules(db: apsw.Connection, task_id: str) -> int:
+    """How many times the task rescheduled itself since it was enqueued (or retried)."""
+    row = _one(db.execute("SELECT reschedules FROM tasks WHERE id = ?", (task_id,)))
+    return 0 if row is None else row[0]
+
+
+def count_reschedule(db: apsw.Connection, lease) -> bool:
+    db.execute(f"UPDATE tasks SET reschedules = reschedules + 1 WHERE {_FENCE}", _lease(lease))
+    return db.changes() > 0
+
+
 def fail_task(db: apsw.Connection, lease, *, now: float, status: str, outcome: str,
               error: str | None) -> bool:
     """Final: status is 'failed' or 'cancelled'."""
@@ -306,7 +317,8 @@ def retry_task(db: apsw.Connection, task_id: str, now: float, status: str) -> bo
     db.execute(
         "UPDATE tasks SET status = ?, attempts = 0, run_after = ?, completed_at = NULL, "
         "started_at = NULL, cancel_requested = 0, result = NULL, error = NULL, outcome = NULL, "
-        "progress = NULL, progress_message = NULL WHERE id = ? AND status IN ('failed','cancelled')",
+        "progress = NULL, progress_message = NULL, reschedules = 0 "
+        "WHERE id = ? AND status IN ('failed','cancelled')",
         (status, now, task_id))
     return db.changes() > 0
 

@@ -210,13 +210,16 @@ class Store:
         return True
 
     def fail(self, lease: Lease, end: AttemptEnd, now: float, backoff: policy.Backoff, *,
-             expired_before: float | None = None) -> Status | None:
+             expired_before: float | None = None,
+             max_reschedules: int | None = None) -> Status | None:
         """Record an attempt that did not succeed and apply the retry policy.
 
         Returns the task's new status (queued, failed or cancelled), or None when the
         lease was lost and nothing was written. With `expired_before` (a rescue), nothing
         is written either unless the lease still expires before that time: read inside
         this transaction, so a renewal that committed after the rescuer's first look wins.
+        A rescheduled attempt is counted; past `max_reschedules` (the type's setting;
+        None: no limit) the task fails for good instead.
         """
         with self.conn.write() as db:
             row = q.select_task(db, lease.id)
@@ -227,13 +230,20 @@ class Store:
                 return None
             if expired_before is not None and (task.lease_expires_at or 0.0) >= expired_before:
                 return None
+            rescheduled = end.outcome is Outcome.RESCHEDULED
             decision = policy.after_failure(
                 end.outcome, attempt=task.attempts, max_attempts=task.max_attempts,
                 retryable=end.retryable, cancel_requested=task.cancel_requested, now=now,
-                backoff=backoff, delay_s=end.delay_s)
-            reason = end.reason or str(end.outcome)
+                backoff=backoff, delay_s=end.delay_s,
+                reschedules=q.select_reschedules(db, lease.id) if rescheduled else 0,
+                max_reschedules=max_reschedules)
+            reason = decision.reason or end.reason or str(end.outcome)
+            if decision.reason:
+                end = replace(end, reason=reason)
             q.insert_attempt(db, lease, started_at=task.started_at, now=now, end=end, pid=task.pid)
             if decision.action == "requeue":
+                if rescheduled:
+                    q.count_reschedule(db, lease)
                 q.requeue_task(db, lease, run_after=decision.run_after, refund=decision.refund,
                                outcome=str(end.outcome), error=reason)
                 return Status.QUEUED
@@ -410,11 +420,19 @@ def _fail_dependents(db, task_id: str, now: float, why: Status) -> None:
         pending.extend(q.fail_dependents(db, dep, now, reason))
 
 
+def check_dependencies_without_database(tasks: Sequence[NewTask], now: float) -> None:
+    """The checks of `enqueue_many` for a database file that does not exist yet, where
+    every dependency outside the batch is unknown: raises DependencyError as it would,
+    so a caller can refuse before it creates an empty file."""
+    _check_dependencies(None, {t.id or new_id(now): t for t in tasks})
+
+
 def _check_dependencies(db, batch: dict[str, NewTask]) -> None:
-    """Every dependency exists (in the file or the batch) and the batch has no cycle."""
+    """Every dependency exists (in the file, if `db`, or the batch) and the batch has no
+    cycle."""
     wanted = {d for t in batch.values() for d in t.depends_on if d not in batch}
     if wanted:
-        found = q.select_statuses(db, sorted(wanted))
+        found = q.select_statuses(db, sorted(wanted)) if db is not None else {}
         missing = sorted(wanted - set(found))
         if missing:
             raise DependencyError(f"depends_on names unknown task {missing[0]}", field="depends_on")

@@ -76,14 +76,14 @@ def test_stalled_supervisor_loses_its_lease_without_overlap(supervisor_proc):
     """A is frozen (SIGSTOP) mid-task: A's fork server kills the task process at the fence
     (before the lease expires), B rescues the expired lease after the margin and runs the
     task; when A resumes, it records nothing."""
-    a = supervisor_proc(name="a", supervisor={"pool_size": 1, "lease_s": 1.5},
+    a = supervisor_proc(name="a", supervisor={"pool_size": 1, "lease_s": 2},
                         defaults={"max_attempts": 5})
     task_id = a.enqueue("t.log", {"s": 6})
     wait_until(lambda: a.runs().get(task_id), timeout=10)
     first_pid = a.runs()[task_id][0][2]
     a.signal(signal.SIGSTOP)
     try:
-        b = supervisor_proc(name="b", supervisor={"pool_size": 1, "lease_s": 1.5},
+        b = supervisor_proc(name="b", supervisor={"pool_size": 1, "lease_s": 2},
                             defaults={"max_attempts": 5})
         wait_until(lambda: not pid_alive(first_pid), timeout=5,
                    message="A's fork server did not fence the task of a stopped supervisor")
