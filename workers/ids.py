@@ -5,12 +5,12 @@ ctx.spawn, by task processes (so a spawn returns its id at once). Owns nothing e
 from __future__ import annotations
 
 import os
-import threading
+import _thread
 
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _PAIRS = [a + b for a in _ALPHABET for b in _ALPHABET]  # every 10-bit value as 2 digits
 _SHIFTS = tuple(range(120, -1, -10))
-_lock = threading.Lock()
+_lock = _thread.allocate_lock()  # not threading: the fork server stays lean
 _last = [0, 0]  # last millisecond, last 80-bit random part (monotonic within a ms)
 
 

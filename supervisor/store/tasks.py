@@ -226,8 +226,9 @@ class Store(WorkflowStore):
             q.insert_attempt(db, lease, started_at=row[0], now=now, end=end, pid=row[1])
             if row[2]:
                 q.unblock_dependents(db, lease.id)
-            if end.spawn and not row[3]:
-                batch = {t.id: t for t in end.spawn}
+            if end.spawn and not row[3]:  # children join the parent's workflow
+                wid = row[4] or lease.id
+                batch = {t.id: replace(t, parent_id=lease.id, workflow_id=wid) for t in end.spawn}
                 for task_id in _dependency_order(batch):
                     self._insert(db, task_id, batch[task_id], now)
         return True
