@@ -55,7 +55,7 @@ ROUTES = [  # (method, compiled path, Api method name, needs the token)
     ("POST", f"/api/tasks/{_ID}/retry", "retry", True),
     ("GET", f"/api/workflows/{_ID}", "get_workflow", False),
     ("POST", f"/api/workflows/{_ID}/cancel", "cancel_workflow", True),
-    ("GET", "/api/events/waiting", "awaiting", False),
+    ("GET", "/api/awaiting", "awaiting", False),
     ("POST", "/api/events/(?P<name>[^/]+)", "send_event", True),
     ("GET", "/api/stats", "stats", False),
     ("GET", "/api/running", "running", False),

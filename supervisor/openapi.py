@@ -267,7 +267,7 @@ PATHS = {
             **_errors(401, 404, 503)}, operationId="cancelWorkflow", parameters=[ID_PARAM],
             security=WRITE),
     },
-    "/api/events/waiting": {"get": _op("Tasks blocked until an event is sent, oldest first", {
+    "/api/awaiting": {"get": _op("Tasks blocked until an event is sent, oldest first", {
         "200": _json("Awaiting", "waiting tasks"), **_errors(503)}, operationId="awaiting")},
     "/api/events/{name}": {
         "post": _op("Send an event: release the tasks that await it (a name is sent once)", {

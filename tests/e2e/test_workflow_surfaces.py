@@ -75,7 +75,7 @@ def test_http_workflow_events_and_cancel(supervisor):  # noqa: F811
                                  await_event="go")
     assert waiting["workflow_id"] == root and waiting["await_event"] == "go"
     supervisor.wait_status(root, "succeeded")
-    res = supervisor.get("/api/events/waiting")
+    res = supervisor.get("/api/awaiting")
     assert [t["id"] for t in res.json["tasks"]] == [waiting["id"]]
     assert supervisor.post("/api/events/go", {"data": {"who": "me"}}, token=None).status == 401
     res = supervisor.post("/api/events/go", {"data": {"who": "me"}})
