@@ -36,6 +36,7 @@ log = logging.getLogger("taskvisor.http")
 DASHBOARD_DIR = Path(__file__).resolve().parent / "dashboard"
 STATIC = {"/": ("index.html", "text/html; charset=utf-8"),
           "/dashboard/app.js": ("app.js", "text/javascript; charset=utf-8"),
+          "/dashboard/workflow.js": ("workflow.js", "text/javascript; charset=utf-8"),
           "/dashboard/style.css": ("style.css", "text/css; charset=utf-8"),
           "/dashboard/favicon.svg": ("favicon.svg", "image/svg+xml")}
 BODY_SLACK = 64 * 1024        # a request body may exceed max_payload_bytes by this much
