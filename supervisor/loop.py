@@ -459,6 +459,9 @@ class Supervisor:
         if end.outcome is Outcome.SUCCEEDED:
             ok = self.store.complete(lease, end, now)
             status = "succeeded" if ok else None
+            # It may have queued what it spawned or its dependents, in our own commit
+            # (no wake-up, no data_version change): claim again in the next pass.
+            self.claim_needed = True
         else:
             status = self.store.fail(lease, end, now, self.backoff(child.task.type),
                                      max_reschedules=self.config.setting(

