@@ -95,26 +95,30 @@ class Store(WorkflowStore):
         """
         ids = [t.id or new_id(now) for t in tasks]
         with self.conn.write() as db:
-            batch: dict[str, NewTask] = {}
-            alias: dict[str, str] = {}  # batch id -> the unfinished task its key dedupes to
-            out = []
-            for task, task_id in zip(tasks, ids):
-                existing = task.dedupe_key and (
-                    q.select_unfinished_by_dedupe_key(db, task.dedupe_key)
-                    or next((i for i, t in batch.items() if t.dedupe_key == task.dedupe_key), None))
-                if existing:
-                    alias[task_id] = existing
-                    out.append(existing)
-                    continue
-                batch[task_id] = task
-                out.append(task_id)
-            if alias:
-                batch = {i: replace(t, depends_on=tuple(alias.get(d, d) for d in t.depends_on))
-                         for i, t in batch.items()}
-            _check_dependencies(db, batch)
-            _check_workflows(db, batch)
-            for task_id in _dependency_order(batch):
-                self._insert(db, task_id, batch[task_id], now)
+            return self._insert_many(db, tasks, ids, now)
+
+    def _insert_many(self, db, tasks: Sequence[NewTask], ids: list[str], now: float) -> list[str]:
+        """enqueue_many inside the caller's transaction (also the spawns of `complete`)."""
+        batch: dict[str, NewTask] = {}
+        alias: dict[str, str] = {}  # batch id -> the unfinished task its key dedupes to
+        out = []
+        for task, task_id in zip(tasks, ids):
+            existing = task.dedupe_key and (
+                q.select_unfinished_by_dedupe_key(db, task.dedupe_key)
+                or next((i for i, t in batch.items() if t.dedupe_key == task.dedupe_key), None))
+            if existing:
+                alias[task_id] = existing
+                out.append(existing)
+                continue
+            batch[task_id] = task
+            out.append(task_id)
+        if alias:
+            batch = {i: replace(t, depends_on=tuple(alias.get(d, d) for d in t.depends_on))
+                     for i, t in batch.items()}
+        _check_dependencies(db, batch)
+        _check_workflows(db, batch)
+        for task_id in _dependency_order(batch):
+            self._insert(db, task_id, batch[task_id], now)
         return out
 
     def _insert(self, db, task_id: str, task: NewTask, now: float) -> None:
@@ -228,9 +232,8 @@ class Store(WorkflowStore):
                 q.unblock_dependents(db, lease.id)
             if end.spawn and not row[3]:  # children join the parent's workflow
                 wid = row[4] or lease.id
-                batch = {t.id: replace(t, parent_id=lease.id, workflow_id=wid) for t in end.spawn}
-                for task_id in _dependency_order(batch):
-                    self._insert(db, task_id, batch[task_id], now)
+                spawn = [replace(t, parent_id=lease.id, workflow_id=wid) for t in end.spawn]
+                self._insert_many(db, spawn, [t.id for t in spawn], now)
         return True
 
     def fail(self, lease: Lease, end: AttemptEnd, now: float, backoff: policy.Backoff, *,

@@ -89,6 +89,13 @@ def select_event_data(db: apsw.Connection, name: str) -> tuple | None:
 
 # -- workflows ---------------------------------------------------------------------------
 
+def select_workflow_of(db: apsw.Connection, task_id: str) -> str | None:
+    """The workflow of a task (its own id for a root), or None when no such task."""
+    for row in db.execute("SELECT coalesce(workflow_id, id) FROM tasks WHERE id = ?", (task_id,)):
+        return row[0]
+    return None
+
+
 def workflow_exists(db: apsw.Connection, workflow_id: str) -> bool:
     return bool(db.execute(f"SELECT 1 FROM tasks WHERE {_IN_WORKFLOW} LIMIT 1",
                            {"w": workflow_id}).fetchall())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 
 from supervisor.errors import DependencyError, NotFound
 from supervisor.store import queries as q
@@ -93,8 +94,13 @@ class WorkflowStore:
         transaction as the `complete` that stores them."""
         from supervisor.store.tasks import _check_dependencies
         batch = {t.id: t for t in spawn}
+        if len(batch) != len(spawn):
+            return "two spawned tasks have the same id"
         try:
             with self.conn.read() as db:
+                taken = q.select_statuses(db, list(batch))
+                if taken:
+                    return f"spawned task id {min(taken)} is already taken"
                 _check_dependencies(db, batch)
         except DependencyError as exc:
             return str(exc)
@@ -102,11 +108,19 @@ class WorkflowStore:
 
 
 def check_workflows(db, batch: dict[str, NewTask]) -> None:
-    """A task may join only a workflow that exists (in the file or in the batch)."""
-    for task in batch.values():
+    """A task may join only a workflow that exists (in the file or in the batch); joining
+    through any task of a workflow joins that task's workflow."""
+    for task_id, task in list(batch.items()):
         wid = task.workflow_id
-        if wid and wid not in batch and not wq.workflow_exists(db, wid):
+        if not wid or wid in batch or task.parent_id:  # spawned: the parent's, checked
+            continue
+        found = wq.select_workflow_of(db, wid)
+        if found is None and wq.workflow_exists(db, wid):  # its first task was pruned
+            found = wid
+        if found is None:
             raise DependencyError(f"workflow_id names unknown workflow {wid}", field="workflow_id")
+        if found != wid:
+            batch[task_id] = replace(task, workflow_id=found)
 
 
 def fail_dependents(db, task_id: str, now: float, why: Status) -> None:

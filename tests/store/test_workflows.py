@@ -193,3 +193,35 @@ def test_cancelling_a_workflow_of_10000_tasks_takes_one_transaction_under_a_seco
     assert store.cancel_requests("owner") == [running.id]
     assert store.get(outside).outcome == "dependency_failed"
     assert store.stats(T0).totals()["cancelled"] == 10_000
+
+
+def test_joining_through_any_task_of_a_workflow_joins_that_workflow(store):
+    root = store.enqueue(new("root"), T0)
+    member = store.enqueue(new("t", workflow_id=root), T0)
+    via_member = store.enqueue(new("t", workflow_id=member), T0)
+    assert store.get(via_member).workflow == root
+
+
+def test_a_spawned_dedupe_key_held_by_an_unfinished_task_reuses_it(store):
+    holder = store.enqueue(new("t", dedupe_key="k"), T0)
+    parent = store.enqueue(new("plan"), T0)
+    task = store.claim("owner", T0, lease_s=LEASE_S)
+    assert task.id == holder
+    task = claim(store)
+    assert task.id == parent
+    dup = spawned(parent, dedupe_key="k")
+    after = spawned(parent, "after", depends_on=(dup.id,))
+    end = dataclasses.replace(ok(), spawn=(dup, after))
+    assert store.check_spawns(end.spawn) is None
+    with store.transaction(all_or_nothing=True):
+        assert store.complete(task.lease, end, T0)
+    stored = store.get(after.id)
+    assert stored.depends_on == (holder,)  # the spawn's id stands for the holder
+    assert [t.id for t in store.list(type="child")] == []
+
+
+def test_a_spawned_id_that_is_taken_or_repeated_is_refused(store):
+    parent = store.enqueue(new("plan"), T0)
+    assert "already taken" in store.check_spawns((new("x", id=parent, parent_id=parent),))
+    kid = spawned(parent)
+    assert "same id" in store.check_spawns((kid, kid))
