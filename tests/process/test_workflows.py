@@ -164,3 +164,23 @@ def test_cancelling_a_workflow_stops_its_running_tasks_within_a_second(sup):
     assert sup.get(waiting).status is Status.CANCELLED
     assert sup.wait_status(outside, "succeeded")
     assert {t.status for t in sup.queue.list(workflow_id=root)} == {Status.CANCELLED}
+
+
+@pytest.mark.timeout(60)
+def test_a_checkpointed_task_resumes_after_its_memory_limit(sup):
+    task_id = sup.enqueue("wf.steps_hog", memory_mb=200, max_attempts=2)
+    task = sup.wait_status(task_id, "succeeded", timeout=30)
+    assert [a.outcome for a in task.history] == ["memory_limit", "succeeded"]
+    assert task.result == {"resumed_at": 1}
+    assert "hog attempt 2 resumes at 1" in lines(sup)
+
+
+@pytest.mark.timeout(60)
+def test_a_checkpoint_over_max_result_bytes_is_refused(supervisor_proc):
+    sup = supervisor_proc(supervisor={"preload": ["tvp_handlers", "tvp_workflow"],
+                                      "max_result_bytes": 1000})
+    task = sup.wait_status(sup.enqueue("wf.big_checkpoint", {"size": 5000}), "succeeded")
+    assert "over the 1000-byte limit" in task.result["refused"]
+    assert sup.store.checkpoint_of(task.id) is None
+    ok = sup.wait_status(sup.enqueue("wf.big_checkpoint", {"size": 100}), "succeeded")
+    assert ok.result == {"stored": True} and sup.store.checkpoint_of(ok.id) is not None

@@ -225,3 +225,28 @@ def test_a_spawned_id_that_is_taken_or_repeated_is_refused(store):
     assert "already taken" in store.check_spawns((new("x", id=parent, parent_id=parent),))
     kid = spawned(parent)
     assert "same id" in store.check_spawns((kid, kid))
+
+
+def test_wait_all_returns_the_finished_tasks_in_order_or_times_out(db_path):
+    import pytest
+    from supervisor import Queue
+    from supervisor.workflow_client import WaitTimeout
+    with Queue(db_path) as queue:
+        a, b = queue.enqueue("t"), queue.enqueue("t")
+        store = Store(db_path)
+        try:
+            now = time.time()
+            first = store.claim("owner", now, lease_s=LEASE_S)
+            store.complete(first.lease, ok({"n": 1}), now)
+            with pytest.raises(WaitTimeout) as info:
+                queue.wait_all([a, b], timeout=0.2)
+            assert [t.id for t in info.value.finished] == [a]
+            second = store.claim("owner", now, lease_s=LEASE_S)
+            store.fail(second.lease, dataclasses.replace(error(), retryable=False), now,
+                       policy.Backoff(0, 0))
+        finally:
+            store.close()
+        done = queue.wait_all([b, a], timeout=5)
+        assert [(t.id, t.status) for t in done] == [(b, Status.FAILED), (a, Status.SUCCEEDED)]
+        with pytest.raises(Exception, match="no task with id NOPE"):
+            queue.wait_all([a, "NOPE"], timeout=1)

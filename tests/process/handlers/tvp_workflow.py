@@ -113,3 +113,25 @@ def sleep(payload, ctx):
     log(payload, f"sleep started {ctx.id}")
     time.sleep(payload.get("s", 1000))
     return None
+
+
+@task("wf.steps_hog")
+def steps_hog(payload, ctx):
+    """Checkpoint, then in attempt 1 allocate past the memory limit (RLIMIT_DATA)."""
+    state = ctx.checkpoint_state or {"step": 0}
+    log(payload, f"hog attempt {ctx.attempt} resumes at {state['step']}")
+    if state["step"] == 0:
+        ctx.checkpoint({"step": 1})
+    if ctx.attempt == 1:
+        hoard = [b"\x01" * (16 << 20) for _ in range(64)]  # 1 GiB, over the limit
+        return len(hoard)
+    return {"resumed_at": state["step"]}
+
+
+@task("wf.big_checkpoint")
+def big_checkpoint(payload, ctx):
+    try:
+        ctx.checkpoint({"blob": "x" * payload["size"]})
+    except ValueError as exc:
+        return {"refused": str(exc)}
+    return {"stored": True}
