@@ -43,7 +43,7 @@ class WorkflowEndpoints:
                 raise _error(400, 'send a JSON object {"data": <any JSON value>} (or no body)',
                              "body")
             data = parsed.get("data")
-        self.queue.config = self.sup.config
+        self.queue.config = self.sup.snapshot.config  # the limits as of the last reload
         try:
             return 200, self.queue.send_event(name, data)
         except InputError as exc:
