@@ -223,6 +223,9 @@ def cmd_show(args, cfg) -> int:
               ("created", when(task.created_at)), ("run after", when(task.run_after)),
               ("started", when(task.started_at)), ("completed", when(task.completed_at)),
               ("depends on", ", ".join(task.depends_on) or "-"),
+              ("workflow", task.workflow + (f" (spawned by {task.parent_id})"
+                                            if task.parent_id else "")),
+              ("awaits", f"event {task.await_event!r}" if task.await_event else "-"),
               ("dedupe key", task.dedupe_key or "-"), ("limits", limits),
               ("progress", _progress(task)), ("payload", _truncate(_compact(task.payload), 500)),
               ("result", _truncate(_compact(task.result), 500) if task.result is not None else "-"),

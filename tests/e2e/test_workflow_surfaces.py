@@ -100,3 +100,13 @@ def test_http_workflow_events_and_cancel(supervisor):  # noqa: F811
     assert supervisor.post("/api/workflows/NOPE/cancel").status == 404
     assert supervisor.post("/api/events/go", b"[1]",
                            headers={"Content-Type": "application/json"}).status == 400
+
+
+def test_show_names_the_workflow_and_the_event(tmp_path):
+    root = enqueue(tmp_path, "t")
+    task_id = enqueue(tmp_path, "t", "--workflow", root, "--await-event", "go", "--run-on-failure")
+    res = tv(tmp_path, "show", task_id)
+    assert res.returncode == 0, res.stderr
+    assert f"workflow    {root}" in res.stdout and "awaits      event 'go'" in res.stdout
+    shown = json.loads(tv(tmp_path, "show", task_id, "--json").stdout)
+    assert (shown["workflow_id"], shown["await_event"], shown["run_on_failure"]) == (root, "go", True)
