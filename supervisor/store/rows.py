@@ -130,7 +130,7 @@ class Task:
     workflow_id: str | None              # None in the row: its own id (see `workflow`)
     await_event: str | None
     run_on_failure: bool
-    claim_reads: int                     # what a claim reads besides the row (migration 0007)
+    claim_reads: int                     # what a claim reads besides the row (migration 0008)
     depends_on: tuple[str, ...] = ()
     history: tuple[Attempt, ...] = field(default=(), compare=False)
     # What the attempt's process gets besides the row, read at claim when claim_reads is

@@ -1,5 +1,5 @@
 """The SQL statements of workflows: events, checkpoints, a workflow's tasks and edges,
-cancelling a workflow, and what a claim reads besides the row (claim_reads, 0007).
+cancelling a workflow, and what a claim reads besides the row (claim_reads, 0008).
 
 Same rules as `queries`: each takes a raw apsw connection already inside the caller's
 transaction and `now` where time matters; writes of an attempt are fenced by the lease.

@@ -1,4 +1,4 @@
--- 0007: agent workflows (issue 12): results flow to dependents, tasks spawn tasks,
+-- 0008: agent workflows (issue 12): results flow to dependents, tasks spawn tasks,
 -- attempts checkpoint, tasks wait for a named event, workflows cancel as a whole.
 --
 -- workflow_id is NULL for a task that starts its own workflow (its workflow is its own
