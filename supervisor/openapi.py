@@ -133,8 +133,10 @@ SCHEMAS: dict[str, Any] = {
             "workflow_id": _null({"type": "string", "minLength": 1,
                                   "description": "join this existing workflow"}),
             "await_event": _null({"type": "string", "minLength": 1, "maxLength": 200,
-                                  "pattern": r"\S", "description": "stay blocked until an "
-                                  "event of this name is sent (POST /api/events/{name})"}),
+                                  "pattern": _printable_pattern(),
+                                  "description": "stay blocked until an event of this name "
+                                  "is sent (POST /api/events/{name}); 1 to 200 printable "
+                                  "characters, not only spaces"}),
             "run_on_failure": _null({"type": "boolean", "description": "run even when a "
                                      "dependency failed"}),
         },
