@@ -20,10 +20,12 @@ from supervisor import __version__, openapi, proctree
 from supervisor.errors import InputError, NotFound
 from supervisor.store import Status
 from supervisor.store import queries as q
+from supervisor.workflow_api import WorkflowEndpoints
 
 MIB = 1024 * 1024
 ENQUEUE_FIELDS = ("type", "payload", "priority", "delay", "run_at", "timeout_s", "memory_mb",
-                  "max_attempts", "depends_on", "dedupe_key")
+                  "max_attempts", "depends_on", "dedupe_key", "workflow_id", "await_event",
+                  "run_on_failure")
 FAILED_OUTCOMES = {"error", "timeout", "memory_limit", "crashed", "lost", "dependency_failed"}
 THROUGHPUT_CACHE_S = 5.0
 
@@ -42,7 +44,7 @@ class ApiError(Exception):
         return {"error": str(self), "field": self.field}
 
 
-class Api:
+class Api(WorkflowEndpoints):
     """The endpoints. `database` is a LockedStore for reads, `queue` a Queue for writes."""
 
     def __init__(self, sup, database, queue, clock=time.time):
@@ -66,7 +68,8 @@ class Api:
         limit = _limit(query, default=50)
         with self.database as store:
             tasks = store.list(status=status, type=_opt(query, "type"),
-                               before=_opt(query, "before"), limit=limit)
+                               before=_opt(query, "before"), limit=limit,
+                               workflow_id=_opt(query, "workflow_id"))
         return 200, {"tasks": [t.to_dict(with_history=False) for t in tasks],
                      "next_before": tasks[-1].id if len(tasks) == limit else None}
 
@@ -287,7 +290,7 @@ def _enqueue_fields(data: dict) -> dict[str, Any]:
                        f"{', '.join(ENQUEUE_FIELDS)}", field=unknown[0])
     if "type" not in data:
         raise ApiError(400, "type is required", field="type")
-    for key in ("type", "dedupe_key"):
+    for key in ("type", "dedupe_key", "workflow_id", "await_event"):
         if data.get(key) is not None and not isinstance(data[key], str):
             raise ApiError(400, f"{key} must be a string", field=key)
     if data.get("payload") is not None and not isinstance(data["payload"], dict):
@@ -296,6 +299,8 @@ def _enqueue_fields(data: dict) -> dict[str, Any]:
         value = data.get(key)
         if isinstance(value, float) and value.is_integer():
             data[key] = int(value)  # JSON Schema counts 3.0 as an integer
+    if data.get("run_on_failure") is not None and not isinstance(data["run_on_failure"], bool):
+        raise ApiError(400, "run_on_failure must be true or false", field="run_on_failure")
     deps = data.get("depends_on")
     if deps is not None and (not isinstance(deps, list)
                              or not all(isinstance(d, str) and d for d in deps)):

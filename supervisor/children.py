@@ -68,6 +68,7 @@ class Child:
     output: bytearray = field(default_factory=bytearray)  # the tail of stdout/stderr
     output_bytes: int = 0              # everything it wrote, kept or not
     acks: list = field(default_factory=list)  # (seq, error) to answer after the commit
+    checkpoints: list = field(default_factory=list)  # (seq, state JSON) not yet written
 
     @property
     def deadline_mono(self) -> float | None:
@@ -101,7 +102,9 @@ def spec_for(task: Task, config, now: float, limits: tuple, cgroup_dir: str | No
                    "open_files": config.setting(task.type, "open_files"),
                    "cgroup_dir": cgroup_dir},
         "max_result_bytes": config.supervisor.max_result_bytes,
-        "log_format": config.log.format, "log_level": config.log.level})
+        "log_format": config.log.format, "log_level": config.log.level,
+        # workflow inputs, event data, checkpoint state (read at claim: Store.claim)
+        **({"context": task.context} if task.context else {})})
     return b"".join((b'{"task":', head[:-1].encode(), b',"payload":', task.payload_text.encode(),
                      b'},"config":', _handler_configs[1], b",", rest[1:].encode()))
 
@@ -124,6 +127,7 @@ class Children:
         self.pending_pids: list[Child] = []                # pid not yet recorded
         self.progressed: dict[str, Child] = {}             # progress not yet recorded
         self.acking: list[Child] = []                      # answers due after the commit
+        self.checkpointing: dict[str, Child] = {}          # checkpoints not yet written
         self.watchdog = Watchdog()
         self._timers: list[tuple[float, int, Child]] = []  # (when, seq, child): a heap
         self._seq = 0
@@ -286,6 +290,23 @@ class Children:
         if child.final is not None:
             return f"a second outcome ({msg['kind']} after {child.final['kind']})"
         child.final = msg
+        return None
+
+    def _checkpoint(self, child: Child, msg: dict, mono: float) -> str | None:
+        """ctx.checkpoint: written in the pass's transaction (supervisor.checkpointing),
+        answered after its commit; a state over max_result_bytes is refused."""
+        state, limit = msg["state"], self.config.supervisor.max_result_bytes
+        size = len(state.encode())
+        if size > limit:
+            self.ack(child, msg["seq"], f"the checkpoint state is {size} bytes, over the "
+                     f"{limit}-byte limit ([supervisor] max_result_bytes)")
+            return None
+        try:
+            json.loads(state)
+        except ValueError:
+            return "a checkpoint state that is not JSON text"
+        child.checkpoints.append((msg["seq"], state))
+        self.checkpointing[child.key] = child
         return None
 
     def broke_protocol(self, child: Child, why: str, mono: float) -> None:
@@ -473,6 +494,7 @@ REPORT_HANDLERS = {
     wire.ERROR: Children._final,
     wire.RETRY: Children._final,
     wire.CANCELLED: Children._final,
+    wire.CHECKPOINT: Children._checkpoint,
 }
 assert set(REPORT_HANDLERS) == set(wire.REPORT), "every report kind needs its handler"
 
@@ -491,7 +513,8 @@ def classify(child: Child, mono: float | None = None) -> AttemptEnd:
     final = child.final or {}
     kind = final.get("kind")
     if kind == wire.RESULT:
-        return AttemptEnd(Outcome.SUCCEEDED, reason="succeeded", result=final["result"], **figures)
+        return AttemptEnd(Outcome.SUCCEEDED, reason="succeeded", result=final["result"],
+                          spawn=final.get("spawn") or (), **figures)
     if child.stop is not None:
         outcome, reason = child.stop
         return AttemptEnd(outcome, reason=reason, **figures)

@@ -136,6 +136,11 @@ def _enqueue_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--depends-on", action="append", default=[], metavar="ID",
                    help="run only after this task succeeded (repeatable)")
     p.add_argument("--key", metavar="KEY", help="dedupe key: reuse an unfinished task with it")
+    p.add_argument("--workflow", metavar="ID", help="join this workflow (default: its own)")
+    p.add_argument("--await-event", metavar="NAME",
+                   help="stay blocked until `taskvisor send-event NAME` (its data: ctx.event)")
+    p.add_argument("--run-on-failure", action="store_true",
+                   help="run even when a dependency failed (ctx.inputs holds its error)")
 
 
 @command("enqueue", "store a task; prints its id", _enqueue_arguments)
@@ -145,7 +150,9 @@ def cmd_enqueue(args, cfg) -> int:
         task_id = queue.enqueue(args.type, payload, priority=args.priority, delay=args.delay,
                                 timeout_s=args.timeout, memory_mb=args.memory_mb,
                                 max_attempts=args.max_attempts, depends_on=args.depends_on,
-                                dedupe_key=args.key)
+                                dedupe_key=args.key, workflow_id=args.workflow,
+                                await_event=args.await_event,
+                                run_on_failure=args.run_on_failure)
     print(task_id)
     return EXIT_OK
 
@@ -169,6 +176,7 @@ def _list_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--type")
     p.add_argument("--limit", type=int, default=100, metavar="N")
     p.add_argument("--before", metavar="ID", help="continue after this id (next page)")
+    p.add_argument("--workflow", metavar="ID", help="only the tasks of this workflow")
     p.add_argument("--json", action="store_true", help="a JSON array of tasks")
 
 
@@ -176,7 +184,7 @@ def _list_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_list(args, cfg) -> int:
     with Queue(cfg, create=False) as queue:
         tasks = queue.list(status=args.status, type=args.type, limit=args.limit,
-                           before=args.before)
+                           before=args.before, workflow_id=args.workflow)
     if args.json:
         _print_json([t.to_dict(with_history=False) for t in tasks])
         return EXIT_OK
@@ -215,6 +223,9 @@ def cmd_show(args, cfg) -> int:
               ("created", when(task.created_at)), ("run after", when(task.run_after)),
               ("started", when(task.started_at)), ("completed", when(task.completed_at)),
               ("depends on", ", ".join(task.depends_on) or "-"),
+              ("workflow", task.workflow + (f" (spawned by {task.parent_id})"
+                                            if task.parent_id else "")),
+              ("awaits", f"event {task.await_event!r}" if task.await_event else "-"),
               ("dedupe key", task.dedupe_key or "-"), ("limits", limits),
               ("progress", _progress(task)), ("payload", _truncate(_compact(task.payload), 500)),
               ("result", _truncate(_compact(task.result), 500) if task.result is not None else "-"),
@@ -296,29 +307,47 @@ def cmd_status(args, cfg) -> int:
 
 
 def _wait_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("id", metavar="ID")
+    p.add_argument("ids", metavar="ID", nargs="+")
     p.add_argument("--timeout", type=_duration, metavar="SECONDS", help="give up after (exit 124)")
 
 
-@command("wait", "wait for a task to finish: exit 0 succeeded, 1 failed or cancelled, "
-         "124 timed out", _wait_arguments)
+@command("wait", "wait for tasks to finish: exit 0 all succeeded, 1 any failed or was "
+         "cancelled, 124 timed out", _wait_arguments)
 def cmd_wait(args, cfg) -> int:
     with Queue(cfg, create=False) as queue:
         try:
-            task = queue.wait(args.id, timeout=args.timeout)
+            if len(args.ids) == 1:
+                tasks = [queue.wait(args.ids[0], timeout=args.timeout)]
+            else:
+                tasks = queue.wait_all(args.ids, timeout=args.timeout)
         except TimeoutError as exc:
             print(f"{PROG}: {exc}", file=sys.stderr)
             return EXIT_TIMEOUT
-    print(task.status)
-    if task.status is Status.SUCCEEDED:
-        return EXIT_OK
-    print(f"{PROG}: task {task.id} {task.status}: {task.error or task.outcome or '-'}",
-          file=sys.stderr)
-    return EXIT_TASK_FAILED
+    code = EXIT_OK
+    for task in tasks:
+        print(task.status if len(tasks) == 1 else f"{task.id} {task.status}")
+        if task.status is not Status.SUCCEEDED:
+            print(f"{PROG}: task {task.id} {task.status}: {task.error or task.outcome or '-'}",
+                  file=sys.stderr)
+            code = EXIT_TASK_FAILED
+    return code
 
 
-@command("cancel", "cancel a task (a running one is stopped by its supervisor)", _id_arguments())
+def _cancel_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("id", metavar="ID", nargs="?")
+    p.add_argument("--workflow", metavar="ID", help="cancel every unfinished task of this workflow")
+
+
+@command("cancel", "cancel a task or a whole workflow (running tasks are stopped by their "
+         "supervisor)", _cancel_arguments)
 def cmd_cancel(args, cfg) -> int:
+    if (args.id is None) == (args.workflow is None):
+        raise InputError("give a task ID or --workflow ID (one of them)", field="id")
+    if args.workflow is not None:
+        with Queue(cfg, create=False) as queue:
+            done = queue.cancel_workflow(args.workflow)
+        print(f"{done['cancelled']} cancelled, {done['stopping']} running asked to stop")
+        return EXIT_OK
     with Queue(cfg, create=False) as queue:
         status = queue.cancel(args.id)
     print(status)
@@ -326,6 +355,32 @@ def cmd_cancel(args, cfg) -> int:
         print(f"{PROG}: cancel requested; its supervisor will stop it", file=sys.stderr)
     elif status is not Status.CANCELLED:
         print(f"{PROG}: task {args.id} already finished; nothing to cancel", file=sys.stderr)
+    return EXIT_OK
+
+
+def _send_event_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("data", metavar="JSON", nargs="?",
+                   help="the event's data, any JSON value (ctx.event), or - for stdin")
+
+
+@command("send-event", "send a named event: release the tasks that await it (once)",
+         _send_event_arguments)
+def cmd_send_event(args, cfg) -> int:
+    data = None
+    if args.data is not None:
+        text = sys.stdin.read() if args.data == "-" else args.data
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"event data is not valid JSON: {exc}", field="data") from None
+    with Queue(cfg, create=False) as queue:
+        sent = queue.send_event(args.name, data)
+    if not sent["sent"]:
+        print(f"{PROG}: event {args.name!r} was already sent; nothing changed", file=sys.stderr)
+    print(f"{len(sent['released'])} task{'' if len(sent['released']) == 1 else 's'} released")
+    for task_id in sent["released"]:
+        print(task_id)
     return EXIT_OK
 
 

@@ -27,16 +27,18 @@ from supervisor.errors import InputError
 from supervisor.store import FINAL, NewTask, Stats, Status, Store, Task, new_id
 from supervisor.store.tasks import check_dependencies_without_database
 from supervisor.wake import Notifier
+from supervisor.workflow_client import WorkflowCalls, check_event_name
 
 _STATUSES = ", ".join(str(s) for s in Status)
 _ITEM_KEYS = frozenset({"id", "type", "payload", "priority", "delay", "run_at", "timeout_s",
-                        "memory_mb", "max_attempts", "depends_on", "dedupe_key"})
+                        "memory_mb", "max_attempts", "depends_on", "dedupe_key",
+                        "workflow_id", "await_event", "run_on_failure"})
 _POLL_FIRST_S = 0.005   # first sleep of wait(); doubles up to _POLL_MAX_S
 _POLL_MAX_S = 0.1
 _REREAD_S = 1.0         # re-read the row at least this often, whatever data_version says
 
 
-class Queue:
+class Queue(WorkflowCalls):
     """A handle on one taskvisor database: enqueue, get, list, cancel, retry, wait, stats.
 
     `path_or_config` is a `Config`, a path to a database file (with built-in defaults plus
@@ -123,15 +125,21 @@ class Queue:
                 priority: int | None = None, delay: float | dt.timedelta | None = None,
                 run_at: float | dt.datetime | None = None, timeout_s: float | None = None,
                 memory_mb: int | None = None, max_attempts: int | None = None,
-                depends_on: Iterable[str] = (), dedupe_key: str | None = None) -> str:
+                depends_on: Iterable[str] = (), dedupe_key: str | None = None,
+                workflow_id: str | None = None, await_event: str | None = None,
+                run_on_failure: bool = False) -> str:
         """Store one task durably and return its id (or, with `dedupe_key` held by an
         unfinished task, that task's id). `delay` is seconds from now; `run_at` an epoch
-        time or an aware datetime. Priority and max_attempts default to the type's config."""
+        time or an aware datetime. Priority and max_attempts default to the type's config.
+        `workflow_id` joins an existing workflow (default: the task starts its own);
+        `await_event` keeps it blocked until `send_event(name)`; `run_on_failure` runs it
+        even when a dependency failed (ctx.inputs then holds that dependency's error)."""
         now = time.time()
         task = self._new_task(dict(type=type, payload=payload, priority=priority, delay=delay,
                                    run_at=run_at, timeout_s=timeout_s, memory_mb=memory_mb,
                                    max_attempts=max_attempts, depends_on=depends_on,
-                                   dedupe_key=dedupe_key), now)
+                                   dedupe_key=dedupe_key, workflow_id=workflow_id,
+                                   await_event=await_event, run_on_failure=run_on_failure), now)
         self._check_new_file([task], now)
         return self._call(lambda s: s.enqueue(task, now), notify=True)
 
@@ -166,7 +174,10 @@ class Queue:
             except InputError as exc:
                 raise InputError(f"item {n}: {exc}", field=exc.field) from None
             deps = tuple(names.get(d, d) for d in task.depends_on)
-            tasks.append(dataclasses.replace(task, depends_on=deps))
+            aliases = tuple((names[d], d) for d in task.depends_on if d in names)
+            wid = task.workflow_id
+            tasks.append(dataclasses.replace(task, depends_on=deps, aliases=aliases,
+                                             workflow_id=names.get(wid, wid)))
         if not tasks:
             return []
         self._check_new_file(tasks, now)
@@ -176,9 +187,15 @@ class Queue:
         """Before an enqueue creates the database file: refuse input the store would
         refuse (a dependency cannot exist in a file that does not), so a failed enqueue
         leaves no empty file behind."""
-        if self._store is None and any(t.depends_on for t in tasks) \
+        if self._store is None and any(t.depends_on or t.workflow_id for t in tasks) \
                 and not os.path.exists(self.path):
             check_dependencies_without_database(tasks, now)
+            ids = {t.id for t in tasks}
+            for t in tasks:  # no workflow to join either
+                if t.workflow_id and t.workflow_id not in ids:
+                    from supervisor.errors import DependencyError
+                    raise DependencyError(f"workflow_id names unknown workflow {t.workflow_id}",
+                                          field="workflow_id")
 
     def cancel(self, task_id: str) -> Status:
         """Cancel a blocked or queued task at once (its dependents fail); for a running one,
@@ -208,9 +225,11 @@ class Queue:
         return self._call(lambda s: s.get(task_id))
 
     def list(self, status: str | Status | None = None, type: str | None = None,
-             limit: int = 100, before: str | None = None) -> list[Task]:
+             limit: int = 100, before: str | None = None,
+             workflow_id: str | None = None) -> list[Task]:
         """Newest first, at most `limit` (1..10000); `before` is the last id of the
-        previous page. Raises InputError for an unknown status."""
+        previous page; `workflow_id` keeps the tasks of that workflow. Raises InputError
+        for an unknown status."""
         if status is not None:
             try:
                 status = Status(status)
@@ -223,8 +242,9 @@ class Queue:
         if type is not None and not isinstance(type, str):
             raise InputError(f"type must be a string, got {_kind(type)}", field="type")
         before = None if before is None else _check_id(before, "before")
+        workflow_id = None if workflow_id is None else _check_id(workflow_id, "workflow_id")
         return self._call(lambda s: s.list(status=status and str(status), type=type,
-                                           before=before, limit=limit))
+                                           before=before, limit=limit, workflow_id=workflow_id))
 
     def stats(self) -> Stats:
         """Counts by status and type, and the oldest due queued task."""
@@ -295,10 +315,22 @@ class Queue:
         if key is not None and (not isinstance(key, str) or not key):
             raise InputError(f"dedupe_key must be a non-empty string, got {key!r}",
                              field="dedupe_key")
+        workflow_id = f.get("workflow_id")
+        if workflow_id is not None:
+            _check_id(workflow_id, "workflow_id")
+        await_event = f.get("await_event")
+        if await_event is not None:
+            check_event_name(await_event, "await_event")
+        run_on_failure = f.get("run_on_failure", False)
+        if not isinstance(run_on_failure, bool):
+            raise InputError(f"run_on_failure must be true or false, got {_kind(run_on_failure)}",
+                             field="run_on_failure")
         return NewTask(type=type_, payload=payload, priority=priority,
                        run_after=_run_after(f.get("delay"), f.get("run_at"), now),
                        timeout_s=timeout_s, memory_mb=memory_mb, max_attempts=max_attempts,
-                       depends_on=_deps(f.get("depends_on", ())), dedupe_key=key, id=task_id)
+                       depends_on=_deps(f.get("depends_on", ())), dedupe_key=key, id=task_id,
+                       workflow_id=workflow_id, await_event=await_event,
+                       run_on_failure=run_on_failure)
 
     def _payload(self, payload: Any) -> str:
         if payload is None:

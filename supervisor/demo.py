@@ -1,17 +1,20 @@
-"""`taskvisor demo`: a supervisor on a fresh database, an agent-style workflow, and a task
-ending in each outcome, shown live in the terminal and on the dashboard.
+"""`taskvisor demo`: a supervisor on a fresh database, an agent run, and a task ending
+in each outcome, shown live in the terminal and on the dashboard.
 
 Owns the demo's plan and its display: it writes a config and a fresh SQLite file (in a
 new temporary folder unless --db names a path that does not exist yet), starts a
-supervisor as a subprocess, enqueues a "research" pipeline (plan -> four steps in
-parallel -> summary; `llm.chat` when TASKVISOR_LLM__BASE_URL is set, else the offline
-stand-in `demo.offline_llm`) plus tasks at three priorities and tasks that are retried,
-time out, hit their memory limit, crash and are cancelled; redraws a live table (plain
-lines when stdout is not a terminal), prints a summary, then stops the supervisor with
-SIGTERM (or, with --keep-running, leaves it up until Ctrl-C). Its supervisor never
-outlives it: TERM, HUP or Ctrl-C to the demo stop it the same way, and a parent-death
-signal stops it if the demo is killed outright. It runs no task itself, never writes SQL
-(it uses `Queue`) and never imports user code.
+supervisor as a subprocess, enqueues the agent run (a `plan` that spawns one research
+step per topic it decides, a summary that reads their results from ctx.inputs, and a
+publish step that waits for an approval event; one research step is killed mid-way and
+resumes from its checkpoint; the model is the server of TASKVISOR_LLM__BASE_URL when set,
+else the offline stand-in) plus tasks at three priorities and tasks that are retried,
+time out, hit their memory limit, crash and are cancelled; sends the approval itself
+after a few seconds (or prints the command, with --approve-manually); redraws a live
+table (plain lines when stdout is not a terminal), prints a summary, then stops the
+supervisor with SIGTERM (or, with --keep-running, leaves it up until Ctrl-C). Its
+supervisor never outlives it: TERM, HUP or Ctrl-C to the demo stop it the same way, and
+a parent-death signal stops it if the demo is killed outright. It runs no task itself,
+never writes SQL (it uses `Queue`) and never imports user code.
 """
 
 from __future__ import annotations
@@ -34,13 +37,16 @@ DEADLINE_S = 120.0          # the demo gives up (exit 1) if tasks are still unfi
 REFRESH_S = 0.5
 ROOT = Path(__file__).resolve().parent.parent
 TOPIC = "running LLM agents reliably on one machine"
-STEPS = ("prior work", "failure modes", "benchmarks", "costs")
+APPROVAL_EVENT = "approve-publish"
+APPROVE_AFTER_S = 2.0       # the demo approves the publish step this long after it waits
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-running", action="store_true",
                    help="after the summary, leave the supervisor running (to browse the "
                         "dashboard) until Ctrl-C")
+    p.add_argument("--approve-manually", action="store_true",
+                   help="do not approve the publish step: print the command that does")
     p.add_argument("--listen", metavar="HOST:PORT", default=None,
                    help=f"the dashboard address (default: [http] listen, else {DEFAULT_LISTEN}; "
                         '"" for none)')
@@ -58,7 +64,8 @@ def run(args=None, config=None) -> int:
         add_arguments(parser)
         args = parser.parse_args(args)
     demo = Demo(db=getattr(args, "db", None), listen=getattr(args, "listen", None),
-                keep_running=bool(getattr(args, "keep_running", False)), config=config)
+                keep_running=bool(getattr(args, "keep_running", False)), config=config,
+                approve_manually=bool(getattr(args, "approve_manually", False)))
     return demo.main()
 
 
@@ -84,7 +91,8 @@ def _start_new_session_tied_to_us() -> None:
 
 
 class Demo:
-    def __init__(self, *, db, listen, keep_running: bool, config=None):
+    def __init__(self, *, db, listen, keep_running: bool, config=None,
+                 approve_manually: bool = False):
         self.out = sys.stdout
         self.tty = self.out.isatty()
         self.keep_running = keep_running
@@ -98,6 +106,9 @@ class Demo:
         self.seen: dict[str, str] = {}
         self.drawn = 0
         self.cancel_id: str | None = None
+        self.approve_manually = approve_manually
+        self.waiting_since: float | None = None  # when publish became ready for approval
+        self.approved = False
 
     def main(self) -> int:
         previous = {sig: signal.signal(sig, _raise_stopped) for sig in (signal.SIGTERM, signal.SIGHUP)}
@@ -232,24 +243,11 @@ class Demo:
         self.say(f"enqueued {len(ids)} tasks; the pool runs 4 at a time.\n")
 
     def plan(self) -> list[dict]:
-        def model_step(name, role, topic, **extra):
-            if self.llm:
-                ask = {"plan": f"Write a four-step research plan on {topic}.",
-                       "step": f"Write short research notes on {topic}.",
-                       "summary": f"Summarise research on {TOPIC} covering: {', '.join(STEPS)}."}[role]
-                payload = {"messages": [{"role": "user", "content": ask}], "options": {"max_tokens": 200}}
-                return {"type": "llm.chat", "payload": {"demo": name, **payload}, **extra}
-            return {"type": "demo.offline_llm", "payload": {"demo": name, "role": role, "topic": topic},
-                    **extra}
-
-        items = [model_step("research: plan", "plan", TOPIC, id="plan", priority=10)]
-        for n, step in enumerate(STEPS):
-            item = model_step(f"research: {step}", "step", step, id=step, priority=5,
-                              depends_on=["plan"])
-            if n == 1 and not self.llm:
-                item["payload"]["busy_once"] = str(self.folder / "busy-once")
-            items.append(item)
-        items.append(model_step("research: summary", "summary", TOPIC, priority=5, depends_on=list(STEPS)))
+        agent = {"demo": "research: plan", "topic": TOPIC, "llm": bool(self.llm),
+                 "approval_event": APPROVAL_EVENT, "die_once": str(self.folder / "die-once")}
+        if not self.llm:
+            agent["busy_once"] = str(self.folder / "busy-once")
+        items = [{"type": "demo.plan", "priority": 10, "payload": agent}]
         for level, priority in (("high", 8), ("normal", 0), ("low", -5)):
             for n in (1, 2):
                 items.append({"type": "demo.sleep", "priority": priority,
@@ -271,16 +269,20 @@ class Demo:
         death came first."""
         started = time.monotonic()
         while True:
-            tasks = [t for t in self.queue.list(limit=1000) if t.id in self.names]
+            tasks = self.queue.list(limit=1000)  # the demo's own file: every task is ours
+            for t in tasks:  # the spawned ones too
+                self.names.setdefault(t.id, str(t.payload.get("demo", t.type)))
             tasks.sort(key=lambda t: t.id)
             self.cancel_when_running(tasks)
+            self.approve_when_waiting(tasks)
             self.show(tasks, time.monotonic() - started)
             if tasks and all(t.status in FINAL for t in tasks):
                 return True
             if self.proc.poll() is not None:
                 self.say(f"the supervisor exited ({self.proc.returncode}):\n{self.log_tail()}")
                 return False
-            if time.monotonic() - started > DEADLINE_S:
+            if time.monotonic() - started > DEADLINE_S and not (
+                    self.approve_manually and not self.approved):
                 self.say(f"gave up after {DEADLINE_S:g}s with tasks unfinished")
                 return False
             time.sleep(REFRESH_S)
@@ -291,6 +293,27 @@ class Demo:
                     and time.time() - t.started_at > 2:
                 self.queue.cancel(t.id)
                 self.cancel_id = None
+
+    def approve_when_waiting(self, tasks: list[Task]) -> None:
+        """Send the publish step's approval APPROVE_AFTER_S after it became the only thing
+        it waits for (or, with --approve-manually, print the command once)."""
+        if self.approved:
+            return
+        waiting = [t for t in tasks if t.await_event and t.status == "blocked"]
+        done = {t.id for t in tasks if t.status == "succeeded"}
+        ready = [t for t in waiting if all(d in done for d in self.queue.get(t.id).depends_on)]
+        if not ready:
+            return
+        if self.waiting_since is None:
+            self.waiting_since = time.monotonic()
+            if self.approve_manually:
+                self.say(f"\n{self.names[ready[0].id]} waits for approval; send it with:\n"
+                         f"  taskvisor send-event {APPROVAL_EVENT} '{{\"by\": \"you\"}}' "
+                         f"--db {self.db}\n(or the button on the dashboard)\n")
+                self.drawn = 0
+        if not self.approve_manually and time.monotonic() - self.waiting_since >= APPROVE_AFTER_S:
+            self.queue.send_event(APPROVAL_EVENT, {"by": "taskvisor demo", "after_s": APPROVE_AFTER_S})
+            self.approved = True
 
     # -- display --------------------------------------------------------------------------
 
@@ -322,16 +345,18 @@ class Demo:
 
     def summary(self) -> None:
         rows = []
-        for task_id, name in self.names.items():
-            t = self.queue.get(task_id)
+        tasks = [self.queue.get(task_id) for task_id in self.names]
+        first = min(self.names)  # the plan: its workflow's tasks come first
+        for t in sorted(tasks, key=lambda t: (t.workflow != first, t.id)):
+            name = self.names[t.id]
             outcomes = " > ".join(a.outcome or "?" for a in t.history) or (t.outcome or "-")
             wall = sum(a.wall_s or 0 for a in t.history)
             peak = max((a.peak_rss_bytes or 0 for a in t.history), default=0)
             rows.append((name, t.type, t.priority, _color(str(t.status)), outcomes, t.attempts,
-                         f"{wall:.1f}s", f"{peak / 2**20:.0f} MiB" if peak else "-"))
+                         f"{wall:.1f}s", f"{peak / 2**20:.0f} MiB" if peak else "-", _note(t)))
         self.say("\nSummary")
         self.say("\n".join(_table([("task", "type", "pri", "status", "attempt outcomes", "att",
-                                    "time", "peak mem")], rows)))
+                                    "time", "peak mem", "workflow")], rows)))
         self.say(f"\ndashboard: {self.dashboard()}   database: {self.db}")
 
     def as_planned(self) -> bool:
@@ -383,6 +408,23 @@ def _listen(requested, config) -> str:
         except OSError:
             s.bind((host.strip("[]"), 0))
             return f"{host}:{s.getsockname()[1]}"
+
+
+def _note(t: Task) -> str:
+    """What the agent run did in this task, for the summary's last column."""
+    r = t.result if isinstance(t.result, dict) else {}
+    if t.type == "demo.plan":
+        return f"decided {len(r.get('topics', []))} topics, spawned {len(r.get('research', [])) + 2}"
+    if t.type == "demo.research":
+        if r.get("resumed_from"):
+            return f"killed mid-way, resumed from checkpoint (step {r['resumed_from']})"
+        return "spawned by plan"
+    if t.type == "demo.summary":
+        return f"read {len(r.get('sources', []))} results from ctx.inputs"
+    if t.type == "demo.publish":
+        by = (r.get("approval") or {}).get("by") if r else None
+        return f"approved by {by}" if by else ("waits for approval" if t.status == "blocked" else "")
+    return ""
 
 
 def _counts(tasks: list[Task]) -> str:

@@ -36,6 +36,7 @@ log = logging.getLogger("taskvisor.http")
 DASHBOARD_DIR = Path(__file__).resolve().parent / "dashboard"
 STATIC = {"/": ("index.html", "text/html; charset=utf-8"),
           "/dashboard/app.js": ("app.js", "text/javascript; charset=utf-8"),
+          "/dashboard/workflow.js": ("workflow.js", "text/javascript; charset=utf-8"),
           "/dashboard/style.css": ("style.css", "text/css; charset=utf-8"),
           "/dashboard/favicon.svg": ("favicon.svg", "image/svg+xml")}
 BODY_SLACK = 64 * 1024        # a request body may exceed max_payload_bytes by this much
@@ -53,6 +54,10 @@ ROUTES = [  # (method, compiled path, Api method name, needs the token)
     ("GET", f"/api/tasks/{_ID}", "get_task", False),
     ("POST", f"/api/tasks/{_ID}/cancel", "cancel", True),
     ("POST", f"/api/tasks/{_ID}/retry", "retry", True),
+    ("GET", f"/api/workflows/{_ID}", "get_workflow", False),
+    ("POST", f"/api/workflows/{_ID}/cancel", "cancel_workflow", True),
+    ("GET", "/api/awaiting", "awaiting", False),
+    ("POST", "/api/events/(?P<name>[^/]+)", "send_event", True),
     ("GET", "/api/stats", "stats", False),
     ("GET", "/api/running", "running", False),
     ("GET", "/api/queued", "queued", False),

@@ -25,7 +25,7 @@ import time
 import uuid
 from collections.abc import Callable
 
-from supervisor import __version__, handlercode, policy, proctree
+from supervisor import __version__, checkpointing, handlercode, policy, proctree, spawning
 from supervisor.children import Child, Children, forward_to_stderr
 from supervisor.config import Config, load
 from supervisor.errors import ConfigError, StoreError
@@ -387,7 +387,8 @@ class Supervisor:
             self.timers.next_due = float("inf")
         progress_due = bool(kids.progressed) and mono >= self.timers.progress
         claiming = self.can_claim(mono)
-        if not (kids.pending or kids.pending_pids or progress_due or claiming or kids.acking):
+        if not (kids.pending or kids.pending_pids or progress_due or claiming or kids.acking
+                or kids.checkpointing):
             return
         if mono < self.timers.store_retry:
             return
@@ -397,6 +398,7 @@ class Supervisor:
                 self.write_pids()
                 if progress_due:
                     self.flush_progress(mono)
+                answers = checkpointing.write(self.store, kids, now)  # before any outcome
                 statuses = [self.record(child, end, now) for child, end in kids.pending]
                 claimed = self.claim(now, sup.pool_size - len(kids)) if claiming else []
         except StoreError as exc:
@@ -408,6 +410,7 @@ class Supervisor:
             return
         self.store_ok = True
         kids.pending_pids.clear()
+        checkpointing.committed(kids, answers)
         kids.send_acks()
         recorded, kids.pending = kids.pending, []
         for (child, end), status in zip(recorded, statuses):
@@ -451,9 +454,14 @@ class Supervisor:
     def record(self, child: Child, end: AttemptEnd, now: float) -> str | None:
         """Write one outcome under its lease; returns the task's new status (None: lost)."""
         lease = child.lease
+        if end.spawn:  # ctx.spawn: checked now, stored with the success (or it fails)
+            end = spawning.prepared(end, child.task, self.config, self.store, child.server.types, now)
         if end.outcome is Outcome.SUCCEEDED:
             ok = self.store.complete(lease, end, now)
             status = "succeeded" if ok else None
+            # It may have queued what it spawned or its dependents, in our own commit
+            # (no wake-up, no data_version change): claim again in the next pass.
+            self.claim_needed = True
         else:
             status = self.store.fail(lease, end, now, self.backoff(child.task.type),
                                      max_reschedules=self.config.setting(
@@ -550,7 +558,7 @@ class Supervisor:
             return max(mono, t.step_error)  # no waiting
         times = [t.poll, t.expire, t.extend, t.next_due]
         kids = self.children
-        if kids.pending or kids.pending_pids or kids.acking or (self.claim_needed and t.store_retry > mono):
+        if kids.pending or kids.pending_pids or kids.acking or kids.checkpointing or (self.claim_needed and t.store_retry > mono):
             times.append(t.store_retry)
         if kids.orphans_due:
             times.append(t.orphans)

@@ -83,6 +83,11 @@ TASK_FIELDS = {
     "memory_mb": _null(INT), "cpu_s": _null(NUM), "dedupe_key": _null(STR),
     "cancel_requested": BOOL, "lease_owner": _null(STR), "lease_expires_at": _null(TIME),
     "pid": _null(INT),
+    "workflow_id": {"type": "string", "description": "its own id, or the workflow it "
+                    "joined or was spawned into"},
+    "parent_id": _null({"type": "string", "description": "the task that spawned it"}),
+    "await_event": _null({"type": "string", "description": "blocked until this event is sent"}),
+    "run_on_failure": BOOL,
 }
 TASK_REQUIRED = [k for k in TASK_FIELDS if k != "result"]
 
@@ -125,8 +130,34 @@ SCHEMAS: dict[str, Any] = {
                                  "description": "ids of tasks that must succeed first"}),
             "dedupe_key": _null({"type": "string", "minLength": 1, "description": "while a "
                                  "task with this key is unfinished, enqueue returns it"}),
+            "workflow_id": _null({"type": "string", "minLength": 1,
+                                  "description": "join this existing workflow"}),
+            "await_event": _null({"type": "string", "minLength": 1, "maxLength": 200,
+                                  "pattern": _printable_pattern(),
+                                  "description": "stay blocked until an event of this name "
+                                  "is sent (POST /api/events/{name}); 1 to 200 printable "
+                                  "characters, not only spaces"}),
+            "run_on_failure": _null({"type": "boolean", "description": "run even when a "
+                                     "dependency failed"}),
         },
     },
+    "Workflow": _obj({
+        "id": STR, "finished": BOOL,
+        "counts": {"type": "object", "additionalProperties": INT, "description": "by status"},
+        "tasks": {"type": "array", "items": {"$ref": REF + "TaskSummary"}},
+        "edges": {"type": "array", "items": _obj({
+            "from": STR, "to": STR,
+            "kind": {"type": "string", "enum": ["depends_on", "spawned"],
+                     "description": "depends_on: to waits for from; spawned: from spawned to"}})}}),
+    "WorkflowCancelled": _obj({
+        "id": STR, "cancelled": {"type": "integer", "description": "blocked or queued tasks "
+                                 "cancelled at once"},
+        "stopping": {"type": "integer", "description": "running tasks asked to stop"}}),
+    "EventSent": _obj({
+        "name": STR, "sent": {"type": "boolean", "description": "false: it had been sent "
+                              "before, and nothing changed"},
+        "released": {"type": "array", "items": STR}}),
+    "Awaiting": _obj({"tasks": {"type": "array", "items": {"$ref": REF + "TaskSummary"}}}),
     "Stats": _obj({
         "totals": {"type": "object", "additionalProperties": INT,
                    "description": "tasks by status"},
@@ -199,7 +230,9 @@ PATHS = {
                 {"name": "type", "in": "query", "required": False, "schema": STR},
                 LIMIT,
                 {"name": "before", "in": "query", "required": False, "schema": STR,
-                 "description": "next_before of the previous page"}]),
+                 "description": "next_before of the previous page"},
+                {"name": "workflow_id", "in": "query", "required": False, "schema": STR,
+                 "description": "only the tasks of this workflow"}]),
         "post": _op("Enqueue a task (the fields of Queue.enqueue)", {
             "201": _json("Task", "stored"),
             "200": _json("Task", "an unfinished task already holds this dedupe_key"),
@@ -224,6 +257,27 @@ PATHS = {
             "200": _json("Task", "the task, queued (or blocked on dependencies)"),
             **_errors(401, 404, 409, 503)}, operationId="retryTask", parameters=[ID_PARAM],
             security=WRITE),
+    },
+    "/api/workflows/{id}": {
+        "get": _op("A workflow: its tasks and edges (dependencies and spawns)", {
+            "200": _json("Workflow", "the workflow"), **_errors(404, 503)},
+            operationId="getWorkflow", parameters=[ID_PARAM]),
+    },
+    "/api/workflows/{id}/cancel": {
+        "post": _op("Cancel every unfinished task of a workflow (running ones are stopped)", {
+            "200": _json("WorkflowCancelled", "what was cancelled"),
+            **_errors(401, 404, 503)}, operationId="cancelWorkflow", parameters=[ID_PARAM],
+            security=WRITE),
+    },
+    "/api/awaiting": {"get": _op("Tasks blocked until an event is sent, oldest first", {
+        "200": _json("Awaiting", "waiting tasks"), **_errors(503)}, operationId="awaiting")},
+    "/api/events/{name}": {
+        "post": _op("Send an event: release the tasks that await it (a name is sent once)", {
+            "200": _json("EventSent", "sent, or already sent before"),
+            **_errors(400, 401, 413, 503)}, operationId="sendEvent", security=WRITE,
+            parameters=[{"name": "name", "in": "path", "required": True, "schema": STR}],
+            requestBody={"required": False, "content": {"application/json": {"schema": _obj(
+                {"data": {"description": "any JSON value: the task's ctx.event"}}, [])}}}),
     },
     "/api/stats": {"get": _op("Counts by status and type; this supervisor", {
         "200": _json("Stats", "counts"), **_errors(503)}, operationId="stats")},

@@ -11,5 +11,7 @@ library only at import time) and must never open the task database.
 
 from workers.context import Fail, Retry, TaskCancelled, TaskContext
 from workers.registry import task
+from workers.workflow import DependencyFailure, SpawnError
 
-__all__ = ["Fail", "Retry", "TaskCancelled", "TaskContext", "task"]
+__all__ = ["DependencyFailure", "Fail", "Retry", "SpawnError", "TaskCancelled", "TaskContext",
+           "task"]

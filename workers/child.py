@@ -279,7 +279,9 @@ def _run_handler(spec: dict, reporter: Reporter, log_settings: tuple[bool, str])
     task = spec["task"]
     ctx = TaskContext(id=task["id"], type=task["type"], attempt=task["attempt"],
                       max_attempts=task["max_attempts"], deadline_at=spec.get("deadline_at"),
-                      reporter=reporter, config=spec.get("config"), log_settings=log_settings)
+                      reporter=reporter, config=spec.get("config"), log_settings=log_settings,
+                      context=spec.get("context"), known_type=_known_type,
+                      max_state_bytes=spec.get("max_result_bytes", 1 << 20))
 
     def on_term(signum, frame):
         ctx.cancelled = True
@@ -305,7 +307,7 @@ def _run_handler(spec: dict, reporter: Reporter, log_settings: tuple[bool, str])
         if result is not None and hasattr(type(result), "__await__"):  # inspect.isawaitable
             import asyncio  # not at the top: with ssl it is MiBs that every fork would copy
             result = asyncio.run(_await(result))
-        _send_result(reporter, result, spec.get("max_result_bytes", 1 << 20))
+        _send_result(reporter, result, spec.get("max_result_bytes", 1 << 20), ctx.spawned)
     except Retry as exc:
         reporter.send(wire.RETRY, delay_s=exc.delay_s, reason=exc.reason)
     except TaskCancelled:
@@ -332,7 +334,11 @@ async def _await(awaitable):
     return await awaitable
 
 
-def _send_result(reporter: Reporter, result, limit: int) -> None:
+def _known_type(name: str) -> bool:
+    return lookup(name) is not None
+
+
+def _send_result(reporter: Reporter, result, limit: int, spawned: list | None = None) -> None:
     try:
         text = "null" if result is None else _encode_result(result)
     except (TypeError, ValueError, RecursionError) as exc:
@@ -346,6 +352,9 @@ def _send_result(reporter: Reporter, result, limit: int) -> None:
                       traceback="", message=f"the result is {size} bytes, over the "
                       f"{limit}-byte limit ([supervisor] max_result_bytes); store large output "
                       "in a file and return its path")
+        return
+    if spawned:  # ctx.spawn requests ride on the result: stored with the success only
+        reporter.send(wire.RESULT, result=text, spawn=spawned)
         return
     # One dumps, not two: the line is {"kind":"result","result":<the text as a string>}.
     reporter.write(_RESULT % encode_basestring(text).encode())

@@ -1,13 +1,23 @@
 """TaskContext: what a handler gets besides its payload, and the Retry signal it may raise.
 
 Owns the handler-facing API inside a task process: id, type, attempt, deadline,
-progress(), heartbeat(), cancelled, and a logger whose lines carry the task id. It only
-writes messages to the report pipe; it never touches the database.
+progress(), heartbeat(), cancelled, a logger whose lines carry the task id, and the
+workflow calls (inputs, input, event, checkpoint_state, spawn(), checkpoint(); their
+rules are in `workers.workflow`). It only writes messages to the report channel; it
+never touches the database.
 """
 
 from __future__ import annotations
 
+import json
 import time
+
+_UNSET = object()
+
+
+def _wf():
+    from workers import workflow  # it imports this module (Fail)
+    return workflow
 
 
 class Retry(Exception):
@@ -50,7 +60,8 @@ class TaskContext:
 
     def __init__(self, *, id: str, type: str, attempt: int, max_attempts: int,
                  deadline_at: float | None, reporter, logger=None, config: dict | None = None,
-                 log_settings: tuple[bool, str] | None = None):
+                 log_settings: tuple[bool, str] | None = None, context: dict | None = None,
+                 max_state_bytes: int = 1 << 20, known_type=None):
         self.id = id
         self.type = type
         self.attempt = attempt
@@ -62,6 +73,82 @@ class TaskContext:
         self._logger_base = logger
         self._log_settings = log_settings     # (JSON lines?, level) for a lazy set-up
         self._logger = None
+        self._context = context or {}         # the spec's "context": JSON texts, parsed on use
+        self._inputs = None
+        self._input_ids: list[str] = []
+        self._event = self._state = _UNSET
+        self._max_state_bytes = max_state_bytes
+        self._known_type = known_type         # type name -> bool (the registry)
+        self.spawned: list[dict] = []         # this attempt's spawn requests, sent with the result
+        self._spawned_bytes = 0
+
+    # -- workflows -------------------------------------------------------------------------
+
+    @property
+    def inputs(self) -> dict:
+        """Each dependency's result by its id (and by its local id when enqueue_many named
+        it so); a failed dependency of a run_on_failure task holds a DependencyFailure."""
+        if self._inputs is None:
+            self._inputs, self._input_ids = _wf().parse_inputs(self._context)
+        return self._inputs
+
+    @property
+    def input(self):
+        """The result of the single dependency; ValueError unless there is exactly one."""
+        inputs = self.inputs
+        if len(self._input_ids) != 1:
+            raise ValueError(f"ctx.input needs exactly one dependency; this task has "
+                             f"{len(self._input_ids)} (use ctx.inputs)")
+        return inputs[self._input_ids[0]]
+
+    @property
+    def event(self):
+        """The data of the event this task awaited (await_event), else None."""
+        if self._event is _UNSET:
+            self._event = _wf().parse_value(self._context, "event")
+        return self._event
+
+    @property
+    def checkpoint_state(self):
+        """The last state stored with checkpoint() (by an earlier attempt when this one
+        starts), else None."""
+        if self._state is _UNSET:
+            self._state = _wf().parse_value(self._context, "checkpoint_state")
+        return self._state
+
+    def spawn(self, type: str, payload: dict | None = None, **options) -> str:
+        """Add a task to the workflow; returns its id at once, so later spawns may list it
+        in depends_on. Options are those of Queue.enqueue (not workflow_id). The tasks are
+        stored with this attempt's success, and only then: an attempt that fails, crashes
+        or is retried spawns nothing. Raises workflow.SpawnError for an unknown type or
+        option, or a payload that is not JSON."""
+        known = self._known_type or (lambda name: True)
+        req = _wf().spawn_request(type, payload, options, self.spawned, known)
+        size = len(json.dumps(req, ensure_ascii=False).encode())
+        if self._spawned_bytes + size > self._max_state_bytes:  # they ride on one report line
+            raise _wf().SpawnError(
+                f"the spawned tasks add up to more than {self._max_state_bytes} bytes "
+                "([supervisor] max_result_bytes); spawn fewer, or pass file paths, not data")
+        self._spawned_bytes += size
+        self.spawned.append(req)
+        return req["id"]
+
+    def checkpoint(self, state) -> None:
+        """Store `state` (any JSON value, at most max_result_bytes) durably for this task:
+        returns once the supervisor wrote it under this attempt's lease. A later attempt
+        (after a crash, timeout, kill or memory limit) starts with it in checkpoint_state.
+        Raises ValueError for a state that is not JSON or too large, RuntimeError when the
+        supervisor refused it (the attempt lost its lease)."""
+        try:
+            text = json.dumps(state, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"checkpoint state is not JSON-serialisable: {exc}") from None
+        size = len(text.encode())
+        if size > self._max_state_bytes:
+            raise ValueError(f"checkpoint state is {size} bytes, over the "
+                             f"{self._max_state_bytes}-byte limit ([supervisor] max_result_bytes)")
+        self._reporter.request("checkpoint", state=text)
+        self._state = json.loads(text)
 
     @property
     def logger(self):

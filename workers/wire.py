@@ -30,6 +30,8 @@ RESULT = "result"        # the handler's return value as JSON text
 ERROR = "error"          # the handler raised (type, message, traceback, retryable, outcome)
 RETRY = "retry"          # reschedule after delay_s without spending an attempt
 CANCELLED = "cancelled"  # the handler stopped after a cancel request
+CHECKPOINT = "checkpoint"  # a request: store this JSON text as the task's state (ctx.checkpoint)
+MAX_SPAWNS = 10_000      # tasks one attempt may spawn (a "spawn" list on its result)
 FINAL = frozenset((RESULT, ERROR, RETRY, CANCELLED))  # exactly one of these ends an attempt
 
 # The outcomes a task process may claim in an ERROR message (a Fail, a MemoryError, or a
@@ -83,15 +85,18 @@ REPORT: dict[str, dict[str, Field]] = {
     PROGRESS: {"fraction": Field((float, int, NoneType), required=False, low=0.0, high=1.0),
                "message": Field((str, NoneType), required=False, max_len=500)},
     HEARTBEAT: {},
-    RESULT: {"result": Field(str)},
+    RESULT: {"result": Field(str),
+             # ctx.spawn: one object per task, checked field by field by supervisor.spawning
+             "spawn": Field(list, required=False, max_len=MAX_SPAWNS)},
     ERROR: {"type": Field(str, max_len=300), "message": Field(str, max_len=8000),
             "traceback": Field(str, max_len=65536), "retryable": Field(bool),
             "outcome": Field(str, choices=ERROR_OUTCOMES)},
     RETRY: {"delay_s": Field(_NUM, low=0.0, high=10 * 365 * 86400.0),
             "reason": Field((str, NoneType), required=False, max_len=2000)},
     CANCELLED: {},
+    CHECKPOINT: {"state": Field(str)},  # within max_result_bytes: the supervisor checks
 }
-REQUESTS: set[str] = set()  # kinds that carry a "seq" and get an ack line back
+REQUESTS: set[str] = {CHECKPOINT}  # kinds that carry a "seq" and get an ack line back
 
 
 def parse_report(line: bytes | str) -> dict:

@@ -349,6 +349,7 @@
   }
 
   document.addEventListener("DOMContentLoaded", () => {
+    window.taskvisorOpenTask = openDetail;  // for workflow.js: a graph node opens its task
     $("close-detail").addEventListener("click", () => { $("detail").close(); state.detailId = null; });
     $("detail").addEventListener("close", () => { state.detailId = null; });
     $("cancel-task").addEventListener("click", () => act("cancel"));

@@ -126,13 +126,22 @@ class Task:
     error: str | None
     outcome: str | None
     dedupe_key: str | None
+    parent_id: str | None
+    workflow_id: str | None              # None in the row: its own id (see `workflow`)
+    await_event: str | None
+    run_on_failure: bool
+    claim_reads: int                     # what a claim reads besides the row (migration 0008)
     depends_on: tuple[str, ...] = ()
     history: tuple[Attempt, ...] = field(default=(), compare=False)
+    # What the attempt's process gets besides the row, read at claim when claim_reads is
+    # set: {"inputs": {...}, "input_errors": [...], "event": ..., "checkpoint_state": ...}.
+    context: dict | None = field(default=None, compare=False)
 
     COLUMNS = ("id, type, payload, priority, status, created_at, started_at, completed_at, "
                "run_after, attempts, max_attempts, timeout_s, memory_mb, cpu_s, lease_owner, "
                "lease_expires_at, reserved_mb, pid, pid_started_at, cancel_requested, progress, "
-               "progress_message, result, error, outcome, dedupe_key")
+               "progress_message, result, error, outcome, dedupe_key, parent_id, workflow_id, "
+               "await_event, run_on_failure, claim_reads")
 
     @classmethod
     def from_row(cls, row: tuple, depends_on: tuple[str, ...] = (),
@@ -141,6 +150,7 @@ class Task:
         v[4] = _STATUS[v[4]]
         v[19] = bool(v[19])
         v[22] = _json(v[22])
+        v[29] = bool(v[29])
         # The generated __init__ of a frozen dataclass sets 28 fields one by one through
         # object.__setattr__: a third of a claim's Python time. Same object, filled at once.
         task = _new(cls)
@@ -151,6 +161,7 @@ class Task:
         d["payload_json"] = d.pop("payload")
         d["depends_on"] = depends_on
         d["history"] = history
+        d["context"] = None
         return task
 
     def __getattr__(self, name: str):
@@ -172,6 +183,11 @@ class Task:
         return Lease(self.id, self.attempts, self.lease_owner or "")
 
     @property
+    def workflow(self) -> str:
+        """The workflow it belongs to: its own id unless it joined or was spawned into one."""
+        return self.workflow_id or self.id
+
+    @property
     def finished(self) -> bool:
         return self.status in FINAL
 
@@ -189,7 +205,8 @@ class Task:
             "timeout_s": self.timeout_s, "memory_mb": self.memory_mb, "cpu_s": self.cpu_s,
             "dedupe_key": self.dedupe_key, "cancel_requested": self.cancel_requested,
             "lease_owner": self.lease_owner, "lease_expires_at": iso(self.lease_expires_at),
-            "pid": self.pid,
+            "pid": self.pid, "workflow_id": self.workflow, "parent_id": self.parent_id,
+            "await_event": self.await_event, "run_on_failure": self.run_on_failure,
         }
         if with_history:
             out["history"] = [a.to_dict() for a in self.history]
@@ -216,6 +233,11 @@ class NewTask:
     depends_on: tuple[str, ...] = ()
     dedupe_key: str | None = None
     id: str | None = None               # None = a fresh time-ordered id
+    workflow_id: str | None = None      # None = its own workflow
+    parent_id: str | None = None        # set for a task spawned by an attempt
+    await_event: str | None = None      # blocked until an event of this name is sent
+    run_on_failure: bool = False        # runs even when a dependency failed
+    aliases: tuple[tuple[str, str], ...] = ()  # (dependency id, its name in the batch)
 
 
 @dataclass(frozen=True)
@@ -233,6 +255,7 @@ class AttemptEnd:
     wall_s: float | None = None
     retryable: bool = True               # False: fail for good even with attempts left
     delay_s: float | None = None         # for RESCHEDULED: run again after this long
+    spawn: tuple = ()                    # NewTasks to store with the success (ctx.spawn)
 
 
 @dataclass(frozen=True)

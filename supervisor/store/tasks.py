@@ -18,15 +18,18 @@ import apsw
 from supervisor import policy
 from supervisor.errors import DependencyError, NotFound
 from supervisor.store import queries as q
+from supervisor.store import workflow_queries as wq
 from supervisor.store.checkpoint import Checkpointer
 from supervisor.store.connection import Connection, translate
 from supervisor.store.ids import new_id
 from supervisor.store.migrate import migrate as _migrate
 from supervisor.store.rows import (
     Attempt, AttemptEnd, Lease, NewTask, Outcome, Stats, Status, Task)
+from supervisor.store.workflows import (
+    WorkflowStore, check_workflows as _check_workflows, claim_context, fail_dependents)
 
 
-class Store:
+class Store(WorkflowStore):
     """Task state in one SQLite file. One instance per process and thread.
 
     Every method that changes state is one IMMEDIATE transaction; `now` (epoch seconds)
@@ -73,7 +76,8 @@ class Store:
 
     def enqueue(self, task: NewTask, now: float) -> str:
         """Insert one task; returns its id (or the id of the unfinished task holding its key)."""
-        if task.depends_on or task.dedupe_key:
+        if (task.depends_on or task.dedupe_key or task.workflow_id or task.await_event
+                or task.parent_id):
             return self.enqueue_many([task], now)[0]
         # Nothing to read first: one INSERT is its own transaction (no BEGIN/COMMIT round).
         task_id = task.id or new_id(now)
@@ -91,25 +95,30 @@ class Store:
         """
         ids = [t.id or new_id(now) for t in tasks]
         with self.conn.write() as db:
-            batch: dict[str, NewTask] = {}
-            alias: dict[str, str] = {}  # batch id -> the unfinished task its key dedupes to
-            out = []
-            for task, task_id in zip(tasks, ids):
-                existing = task.dedupe_key and (
-                    q.select_unfinished_by_dedupe_key(db, task.dedupe_key)
-                    or next((i for i, t in batch.items() if t.dedupe_key == task.dedupe_key), None))
-                if existing:
-                    alias[task_id] = existing
-                    out.append(existing)
-                    continue
-                batch[task_id] = task
-                out.append(task_id)
-            if alias:
-                batch = {i: replace(t, depends_on=tuple(alias.get(d, d) for d in t.depends_on))
-                         for i, t in batch.items()}
-            _check_dependencies(db, batch)
-            for task_id in _dependency_order(batch):
-                self._insert(db, task_id, batch[task_id], now)
+            return self._insert_many(db, tasks, ids, now)
+
+    def _insert_many(self, db, tasks: Sequence[NewTask], ids: list[str], now: float) -> list[str]:
+        """enqueue_many inside the caller's transaction (also the spawns of `complete`)."""
+        batch: dict[str, NewTask] = {}
+        alias: dict[str, str] = {}  # batch id -> the unfinished task its key dedupes to
+        out = []
+        for task, task_id in zip(tasks, ids):
+            existing = task.dedupe_key and (
+                q.select_unfinished_by_dedupe_key(db, task.dedupe_key)
+                or next((i for i, t in batch.items() if t.dedupe_key == task.dedupe_key), None))
+            if existing:
+                alias[task_id] = existing
+                out.append(existing)
+                continue
+            batch[task_id] = task
+            out.append(task_id)
+        if alias:
+            batch = {i: replace(t, depends_on=tuple(alias.get(d, d) for d in t.depends_on))
+                     for i, t in batch.items()}
+        _check_dependencies(db, batch)
+        _check_workflows(db, batch)
+        for task_id in _dependency_order(batch):
+            self._insert(db, task_id, batch[task_id], now)
         return out
 
     def _insert(self, db, task_id: str, task: NewTask, now: float) -> None:
@@ -117,19 +126,28 @@ class Store:
         statuses = q.select_statuses(db, deps) if deps else {}
         broken = [d for d in deps if statuses.get(d) in (Status.FAILED, Status.CANCELLED)]
         status, error, outcome, completed = Status.QUEUED, None, None, None
-        if broken:
+        done = (Status.SUCCEEDED, Status.FAILED, Status.CANCELLED) if task.run_on_failure \
+            else (Status.SUCCEEDED,)
+        if broken and not task.run_on_failure:
             status, outcome, completed = Status.FAILED, Outcome.DEPENDENCY_FAILED, now
             error = f"dependency {broken[0]} {statuses[broken[0]]}"
-        elif any(statuses.get(d) != Status.SUCCEEDED for d in deps):
+        elif any(statuses.get(d) not in done for d in deps):
             status = Status.BLOCKED
+        elif task.await_event and not wq.event_sent(db, task.await_event):
+            status = Status.BLOCKED
+        reads = (wq.READS_INPUTS if deps else 0) | (wq.READS_EVENT if task.await_event else 0)
         q.insert_task(db, id=task_id, type=task.type, payload=task.payload,
                       priority=task.priority, status=str(status), now=now,
                       run_after=now if task.run_after is None else task.run_after,
                       max_attempts=task.max_attempts, timeout_s=task.timeout_s,
                       memory_mb=task.memory_mb, cpu_s=task.cpu_s, dedupe_key=task.dedupe_key,
-                      error=error, outcome=outcome and str(outcome), completed_at=completed)
+                      error=error, outcome=outcome and str(outcome), completed_at=completed,
+                      parent_id=task.parent_id,
+                      workflow_id=None if task.workflow_id == task_id else task.workflow_id,
+                      await_event=task.await_event, run_on_failure=task.run_on_failure,
+                      claim_reads=reads)
         if deps:
-            q.insert_deps(db, task_id, deps)
+            q.insert_deps(db, task_id, deps, dict(task.aliases))
 
     # -- claim and the lease -----------------------------------------------------------
 
@@ -155,9 +173,12 @@ class Store:
                 free = None
             else:
                 free = memory_budget_mb - (q.sum_reserved_mb(db) if reserved_mb is None else reserved_mb)
-            return q.claim_task(db, owner=owner, now=now, lease_s=lease_s, full_types=full,
+            task = q.claim_task(db, owner=owner, now=now, lease_s=lease_s, full_types=full,
                                 free_mb=free, type_mb=self._type_mb_json(type_memory_mb),
                                 default_mb=default_memory_mb or 0)
+            if task is not None and task.claim_reads:  # results, an event, a checkpoint
+                task.__dict__["context"] = claim_context(db, task)  # a fresh row object
+            return task
 
     def _type_mb_json(self, type_memory_mb: dict[str, int] | None) -> str:
         """{type: MB} of the types that declare memory, as JSON; cached on its content (a
@@ -199,7 +220,9 @@ class Store:
             return q.select_cancel_requested(db, owner)
 
     def complete(self, lease: Lease, end: AttemptEnd, now: float) -> bool:
-        """Record success; queue dependents now free to run. False: the lease was lost."""
+        """Record success; queue dependents now free to run; store the tasks the attempt
+        spawned (`end.spawn`, checked by `check_spawns` first), unless its workflow was
+        cancelled meanwhile. False: the lease was lost, and nothing was written."""
         with self.conn.write() as db:
             row = q.complete_task(db, lease, now, end.result)
             if row is None:
@@ -207,6 +230,10 @@ class Store:
             q.insert_attempt(db, lease, started_at=row[0], now=now, end=end, pid=row[1])
             if row[2]:
                 q.unblock_dependents(db, lease.id)
+            if end.spawn and not row[3]:  # children join the parent's workflow
+                wid = row[4] or lease.id
+                spawn = [replace(t, parent_id=lease.id, workflow_id=wid) for t in end.spawn]
+                self._insert_many(db, spawn, [t.id for t in spawn], now)
         return True
 
     def fail(self, lease: Lease, end: AttemptEnd, now: float, backoff: policy.Backoff, *,
@@ -324,7 +351,9 @@ class Store:
                 raise InputError(f"task {task_id} cannot be retried: it depends on task "
                                  f"{broken[0][0]}, which {broken[0][1]}; retry that one first",
                                  field="id")
-            status = Status.BLOCKED if q.count_unsucceeded_deps(db, task_id) else Status.QUEUED
+            waits = q.count_unsucceeded_deps(db, task_id) or (
+                row[28] and not wq.event_sent(db, row[28]))
+            status = Status.BLOCKED if waits else Status.QUEUED
             q.retry_task(db, task_id, now, str(status))
             pending = [task_id]
             while pending:
@@ -364,10 +393,12 @@ class Store:
         return task
 
     def list(self, *, status: str | None = None, type: str | None = None,
-             before: str | None = None, limit: int = 100) -> list[Task]:
+             before: str | None = None, limit: int = 100,
+             workflow_id: str | None = None) -> list[Task]:
         """Newest first, at most `limit`; `before` is the id where the previous page ended."""
         with self.conn.read() as db:
-            rows = q.select_tasks(db, status=status, type=type, before=before, limit=limit)
+            rows = q.select_tasks(db, status=status, type=type, before=before, limit=limit,
+                                  workflow_id=workflow_id)
             deps = q.select_deps(db, [r[0] for r in rows]) if rows else {}
         return [Task.from_row(r, deps.get(r[0], ())) for r in rows]
 
@@ -411,13 +442,7 @@ class Store:
             return q.select_wake_ports(db, host)
 
 
-def _fail_dependents(db, task_id: str, now: float, why: Status) -> None:
-    """Fail every waiting task downstream of `task_id`, each naming the task it waited on."""
-    pending = [task_id]
-    while pending:
-        dep = pending.pop()
-        reason = f"dependency {dep} {why if dep == task_id else Status.FAILED}"
-        pending.extend(q.fail_dependents(db, dep, now, reason))
+_fail_dependents = fail_dependents
 
 
 def check_dependencies_without_database(tasks: Sequence[NewTask], now: float) -> None:

@@ -43,6 +43,11 @@ def sleep(payload, ctx):
         time.sleep(float(payload.get("step_s", 0.25)))
     return {"steps": steps}
 
+@task("spawner")
+def spawner(payload, ctx):
+    kids = [ctx.spawn("ok", {"n": n}) for n in range(int(payload.get("n", 2)))]
+    return {"children": kids}
+
 @task("fail")
 def fail(payload, ctx):
     raise ValueError(payload.get("why", "boom"))

@@ -1,7 +1,8 @@
-"""`taskvisor demo` as a real subprocess in tmp_path: it finishes in well under a minute,
-prints the summary, leaves every planned outcome in its database, runs the workflow in
-dependency and priority order, and leaves no supervisor behind (also with --keep-running,
-stopped by Ctrl-C)."""
+"""`taskvisor demo` as a real subprocess in tmp_path: it finishes in under 30 s, prints the
+summary, leaves every planned outcome in its database, runs the agent run (plan spawns
+research steps, one killed and resumed from its checkpoint, a summary reading their
+results, a publish step released by the approval event) and tasks in priority order,
+and leaves no supervisor behind (also with --keep-running, stopped by Ctrl-C)."""
 
 from __future__ import annotations
 
@@ -66,11 +67,14 @@ def test_demo_runs_every_outcome_and_stops(tmp_path):
             proc.wait()
     took = time.monotonic() - started
     assert proc.returncode == 0, out[-4000:] + err[-4000:]
-    assert took < 60, took
+    assert took < 30, took
     assert f"http://127.0.0.1:{port}/" in out
     assert "offline stand-in" in out and "Summary" in out and "supervisor stopped (exit code 0)" in out
     summary = out[out.index("Summary"):]
     for name, outcomes in [("research: failure modes", "rescheduled > succeeded"),
+                           ("research: benchmarks", "crashed > succeeded"),
+                           ("publish (needs approval)", "approved by taskvisor demo"),
+                           ("research: summary", "read 4 results from ctx.inputs"),
                            ("fails once, then retried", "error > succeeded"),
                            ("runs past its time limit", "timeout"),
                            ("over its memory limit", "memory_limit"),
@@ -82,7 +86,7 @@ def test_demo_runs_every_outcome_and_stops(tmp_path):
 
     with Queue(db, create=False) as queue:
         tasks = {t.payload["demo"]: queue.get(t.id) for t in queue.list(limit=100)}
-    assert len(tasks) == 17
+    assert len(tasks) == 18
     expected = {"runs past its time limit": ("failed", "timeout"),
                 "over its memory limit": ("failed", "memory_limit"),
                 "crashes (SIGSEGV)": ("failed", "crashed"),
@@ -92,13 +96,26 @@ def test_demo_runs_every_outcome_and_stops(tmp_path):
     assert tasks["fails once, then retried"].attempts == 2
     hog = tasks["over its memory limit"].history[-1]
     assert hog.peak_rss_bytes and hog.peak_rss_bytes > 100 * 2**20
-    # the workflow: plan, then the steps, then the summary once every step is done
+    # the agent run: plan spawned the steps, the summary read them, publish was approved
     plan, summary_task = tasks["research: plan"], tasks["research: summary"]
+    publish = tasks["publish (needs approval)"]
     steps = [t for n, t in tasks.items() if n.startswith("research: ") and t not in (plan, summary_task)]
-    assert len(steps) == 4
+    assert len(steps) == 4 and sorted(plan.result["topics"]) == sorted(s.payload["topic"] for s in steps)
+    for task in (*steps, summary_task, publish):
+        assert task.parent_id == plan.id and task.workflow_id == plan.id
     assert all(s.history[0].started_at >= plan.completed_at for s in steps)
     assert summary_task.started_at >= max(s.completed_at for s in steps)
     assert summary_task.result["model"] == "offline-stand-in" and summary_task.result["text"]
+    assert summary_task.result["sources"] == plan.result["topics"]
+    killed = tasks["research: benchmarks"]
+    assert [a.outcome for a in killed.history] == ["crashed", "succeeded"]
+    assert killed.result["resumed_from"] == 2 and killed.result["steps"] == ["search done", "read done"]
+    assert publish.await_event == "approve-publish"
+    assert publish.result["approval"]["by"] == "taskvisor demo"
+    assert publish.started_at >= summary_task.completed_at + 1.5  # approved after a wait
+    with Queue(db, create=False) as queue:
+        workflow = queue.workflow(plan.id)
+    assert len(workflow.tasks) == 7 and workflow.finished
     # priorities: the high batch was claimed before the low one
     high = max(tasks[f"batch high priority #{n}"].started_at for n in (1, 2))
     low = min(tasks[f"batch low priority #{n}"].started_at for n in (1, 2))
@@ -142,9 +159,10 @@ def test_demo_uses_a_model_server_when_one_is_configured(tmp_path):
         assert len(srv.requests) == 6  # plan, four steps, summary
         assert all(r["body"]["stream"] is True for r in srv.requests)
     with Queue(db, create=False) as queue:
-        research = [t for t in queue.list(limit=100) if t.type == "llm.chat"]
+        research = [t for t in queue.list(limit=100)
+                    if t.type in ("demo.plan", "demo.research", "demo.summary")]
     assert len(research) == 6 and all(t.status == "succeeded" for t in research)
-    assert all(t.result["usage"]["completion_tokens"] == 25 for t in research)
+    assert all(t.result["model"] != "offline-stand-in" for t in research)
 
 
 @pytest.mark.timeout(30)
@@ -155,3 +173,33 @@ def test_refuses_an_existing_database(tmp_path):
                          capture_output=True, text=True, timeout=25)
     assert res.returncode == 1
     assert "already exists" in res.stderr and db.read_bytes() == b"not yours"
+
+
+@pytest.mark.timeout(120)
+def test_approve_manually_prints_the_command_and_waits_for_it(tmp_path):
+    db = tmp_path / "manual.db"
+    proc = subprocess.Popen([sys.executable, "-c", CODE, "--db", str(db), "--listen", "",
+                             "--approve-manually"], cwd=tmp_path, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "taskvisor send-event approve-publish" in line:
+                break
+        command = lines[-1].strip()
+        assert command.startswith("taskvisor send-event approve-publish"), "".join(lines)[-3000:]
+        with Queue(db, create=False) as queue:
+            (waiting,) = queue.awaiting()
+            assert waiting.payload["demo"] == "publish (needs approval)"
+        res = subprocess.run([sys.executable, "-m", "supervisor", "--db", str(db), "send-event",
+                              "approve-publish", '{"by": "a person"}'], cwd=tmp_path, env=env(),
+                             capture_output=True, text=True, timeout=30)
+        assert res.returncode == 0 and waiting.id in res.stdout, res.stderr
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc.pid)
+            proc.wait()
+    assert proc.returncode == 0, "".join(lines) + rest
+    assert "approved by a person" in rest

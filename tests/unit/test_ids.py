@@ -1,4 +1,4 @@
-"""supervisor.store.ids: 26 Crockford base32 digits, time-ordered, unique within a ms."""
+"""workers.ids (used by the store and by ctx.spawn): 26 Crockford base32 digits, time-ordered, unique within a ms."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from supervisor.store import ids
+from workers import ids
 from tests.store.forking import reap
 
 CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"

@@ -63,6 +63,8 @@ def test_a_bad_fork_server_message_is_a_protocol_error(bad):
     b'{"kind":"retry","delay_s":2.5,"reason":"429"}',
     b'{"kind":"retry","delay_s":0}',
     b'{"kind":"cancelled"}',
+    b'{"kind":"result","result":"null","spawn":[{"id":"X","type":"t","payload":{}}]}',
+    b'{"kind":"checkpoint","state":"{\\"step\\":2}","seq":3}',
 ])
 def test_every_declared_report_reads_back(line):
     assert parse_report(line) == json.loads(line)
@@ -81,6 +83,10 @@ def test_every_declared_report_reads_back(line):
     (b'{"kind":"retry","delay_s":-1}', "outside"),
     (b'{"kind":"result","result":{"a":1}}', "expected str"),
     (b'{"kind":"launch_missiles"}', "unknown message kind"),
+    (b'{"kind":"result","result":"null","spawn":{"id":"X"}}', "expected list"),
+    (b'{"kind":"result","result":"null","spawn":[' + b'{},' * 10000 + b'{}]}', "over 10000"),
+    (b'{"kind":"checkpoint","state":"{}"}', "needs an integer seq"),
+    (b'{"kind":"checkpoint","state":{"step":1},"seq":1}', "expected str"),
     (b'{"kind":7}', "unknown message kind"),
     (b'["kind","ready"]', "not a JSON object"),
     (b'{"kind":"ready"', "not a JSON line"),

@@ -1,0 +1,112 @@
+"""Workflows through the CLI (`taskvisor wait ID...`, `cancel --workflow`, `list --workflow`,
+`send-event`, `enqueue --await-event`) and the HTTP API (`GET /api/workflows/{id}`,
+`POST /api/workflows/{id}/cancel`, `POST /api/events/{name}` with the token)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from supervisor.store import Status, Store
+from tests.e2e.http_support import supervisor  # noqa: F401  (fixture)
+from tests.e2e.test_cli import enqueue, finish, tv
+
+
+def test_wait_for_many_exits_0_1_or_124(tmp_path):
+    a, b = enqueue(tmp_path, "t"), enqueue(tmp_path, "t")
+    res = tv(tmp_path, "wait", a, b, "--timeout", "0.3")
+    assert res.returncode == 124 and "2 of 2 task(s) still unfinished" in res.stderr
+    finish(tmp_path / "taskvisor.db", ok=True)
+    res = tv(tmp_path, "wait", a, b, "--timeout", "0.3")
+    assert res.returncode == 124 and "1 of 2" in res.stderr
+    finish(tmp_path / "taskvisor.db", ok=True)
+    res = tv(tmp_path, "wait", a, b, "--timeout", "5")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == [a, "succeeded", b, "succeeded"]
+    c = enqueue(tmp_path, "t")
+    finish(tmp_path / "taskvisor.db", ok=False)
+    res = tv(tmp_path, "wait", a, c)
+    assert res.returncode == 1 and f"task {c} failed" in res.stderr
+    res = tv(tmp_path, "wait", a, "NOPE")
+    assert res.returncode == 2 and "no task with id NOPE" in res.stderr
+
+
+def test_send_event_releases_a_waiting_task_once(tmp_path):
+    task_id = enqueue(tmp_path, "t", "--await-event", "approve")
+    res = tv(tmp_path, "list", "--status", "blocked", "--json")
+    assert json.loads(res.stdout)[0]["await_event"] == "approve"
+    res = tv(tmp_path, "send-event", "approve", '{"ok": true}')
+    assert res.returncode == 0 and res.stdout.split() == ["1", "task", "released", task_id]
+    res = tv(tmp_path, "send-event", "approve", '{"ok": false}')
+    assert res.returncode == 0 and "already sent" in res.stderr
+    assert res.stdout.startswith("0 tasks released")
+    res = tv(tmp_path, "send-event", "x", "{not json")
+    assert res.returncode == 2 and "event data is not valid JSON" in res.stderr
+
+
+def test_cancel_and_list_a_workflow(tmp_path):
+    root = enqueue(tmp_path, "t")
+    step = enqueue(tmp_path, "t", "--workflow", root, "--depends-on", root)
+    other = enqueue(tmp_path, "t")
+    res = tv(tmp_path, "list", "--workflow", root, "--json")
+    assert {t["id"] for t in json.loads(res.stdout)} == {root, step}
+    res = tv(tmp_path, "cancel", "--workflow", root)
+    assert res.returncode == 0 and res.stdout.strip() == "2 cancelled, 0 running asked to stop"
+    store = Store(tmp_path / "taskvisor.db")
+    try:
+        assert store.get(step).status is Status.CANCELLED
+        assert store.get(other).status is Status.QUEUED
+    finally:
+        store.close()
+    res = tv(tmp_path, "cancel")
+    assert res.returncode == 2 and "--workflow" in res.stderr
+    res = tv(tmp_path, "cancel", "--workflow", "NOPE")
+    assert res.returncode == 2 and "no workflow with id NOPE" in res.stderr
+    res = tv(tmp_path, "enqueue", "t", "--workflow", "NOPE")
+    assert res.returncode == 2 and "unknown workflow NOPE" in res.stderr
+
+
+@pytest.mark.timeout(60)
+def test_http_workflow_events_and_cancel(supervisor):  # noqa: F811
+    root = supervisor.enqueue(type="ok", payload={"n": 1})["id"]
+    waiting = supervisor.enqueue(type="ok", workflow_id=root, depends_on=[root],
+                                 await_event="go")
+    assert waiting["workflow_id"] == root and waiting["await_event"] == "go"
+    supervisor.wait_status(root, "succeeded")
+    res = supervisor.get("/api/awaiting")
+    assert [t["id"] for t in res.json["tasks"]] == [waiting["id"]]
+    assert supervisor.post("/api/events/go", {"data": {"who": "me"}}, token=None).status == 401
+    res = supervisor.post("/api/events/go", {"data": {"who": "me"}})
+    assert res.status == 200 and res.json == {"name": "go", "sent": True,
+                                               "released": [waiting["id"]]}
+    assert supervisor.post("/api/events/go", {"data": 2}).json["sent"] is False
+    supervisor.wait_status(waiting["id"], "succeeded")
+    res = supervisor.get(f"/api/workflows/{root}")
+    assert res.status == 200 and res.json["finished"] is True
+    assert {t["id"] for t in res.json["tasks"]} == {root, waiting["id"]}
+    assert res.json["edges"] == [{"from": root, "to": waiting["id"], "kind": "depends_on"}]
+    assert res.json["counts"] == {"succeeded": 2}
+    sleeper = supervisor.enqueue(type="sleep", payload={"steps": 400, "step_s": 0.05})["id"]
+    supervisor.wait_status(sleeper, "running")
+    assert supervisor.post(f"/api/workflows/{sleeper}/cancel", token=None).status == 401
+    started = time.monotonic()
+    res = supervisor.post(f"/api/workflows/{sleeper}/cancel")
+    assert res.status == 200 and res.json == {"id": sleeper, "cancelled": 0, "stopping": 1}
+    supervisor.wait_status(sleeper, "cancelled", timeout=5)
+    assert time.monotonic() - started < 1.5
+    assert supervisor.get("/api/workflows/NOPE").status == 404
+    assert supervisor.post("/api/workflows/NOPE/cancel").status == 404
+    assert supervisor.post("/api/events/go", b"[1]",
+                           headers={"Content-Type": "application/json"}).status == 400
+
+
+def test_show_names_the_workflow_and_the_event(tmp_path):
+    root = enqueue(tmp_path, "t")
+    task_id = enqueue(tmp_path, "t", "--workflow", root, "--await-event", "go", "--run-on-failure")
+    res = tv(tmp_path, "show", task_id)
+    assert res.returncode == 0, res.stderr
+    assert f"workflow    {root}" in res.stdout and "awaits      event 'go'" in res.stdout
+    shown = json.loads(tv(tmp_path, "show", task_id, "--json").stdout)
+    assert (shown["workflow_id"], shown["await_event"], shown["run_on_failure"]) == (root, "go", True)
