@@ -126,13 +126,18 @@ class Task:
     error: str | None
     outcome: str | None
     dedupe_key: str | None
+    limit_keys: tuple[str, ...] = ()      # the limits it draws from (type's and its own)
+    estimated_tokens: int | None = None   # what a claim charges token budgets
+    schedule: str | None = None           # the schedule that enqueued it
+    scheduled_for: float | None = None    # the fire time it stands for
     depends_on: tuple[str, ...] = ()
     history: tuple[Attempt, ...] = field(default=(), compare=False)
 
     COLUMNS = ("id, type, payload, priority, status, created_at, started_at, completed_at, "
                "run_after, attempts, max_attempts, timeout_s, memory_mb, cpu_s, lease_owner, "
                "lease_expires_at, reserved_mb, pid, pid_started_at, cancel_requested, progress, "
-               "progress_message, result, error, outcome, dedupe_key")
+               "progress_message, result, error, outcome, dedupe_key, limit_keys, "
+               "estimated_tokens, schedule, scheduled_for")
 
     @classmethod
     def from_row(cls, row: tuple, depends_on: tuple[str, ...] = (),
@@ -141,6 +146,16 @@ class Task:
         v[4] = _STATUS[v[4]]
         v[19] = bool(v[19])
         v[22] = _json(v[22])
+        keys = v[26]
+        if keys:
+            parsed = _KEYS.get(keys)
+            if parsed is None:
+                parsed = tuple(json.loads(keys))
+                if len(_KEYS) < 10_000:  # a few distinct limit groups, parsed once each
+                    _KEYS[keys] = parsed
+            v[26] = parsed
+        else:
+            v[26] = ()
         # The generated __init__ of a frozen dataclass sets 28 fields one by one through
         # object.__setattr__: a third of a claim's Python time. Same object, filled at once.
         task = _new(cls)
@@ -189,7 +204,9 @@ class Task:
             "timeout_s": self.timeout_s, "memory_mb": self.memory_mb, "cpu_s": self.cpu_s,
             "dedupe_key": self.dedupe_key, "cancel_requested": self.cancel_requested,
             "lease_owner": self.lease_owner, "lease_expires_at": iso(self.lease_expires_at),
-            "pid": self.pid,
+            "pid": self.pid, "limit_keys": list(self.limit_keys),
+            "estimated_tokens": self.estimated_tokens, "schedule": self.schedule,
+            "scheduled_for": iso(self.scheduled_for),
         }
         if with_history:
             out["history"] = [a.to_dict() for a in self.history]
@@ -198,6 +215,7 @@ class Task:
 
 _TASK_FIELDS = tuple(Task.COLUMNS.split(", "))
 _STATUS = {str(s): s for s in Status}
+_KEYS: dict[str, tuple[str, ...]] = {}
 _new = object.__new__
 assert _TASK_FIELDS == tuple(f.name for f in fields(Task))[:len(_TASK_FIELDS)]
 
@@ -216,6 +234,10 @@ class NewTask:
     depends_on: tuple[str, ...] = ()
     dedupe_key: str | None = None
     id: str | None = None               # None = a fresh time-ordered id
+    limit_keys: tuple[str, ...] = ()    # every limit it draws from (its type's included)
+    estimated_tokens: int | None = None
+    schedule: str | None = None
+    scheduled_for: float | None = None
 
 
 @dataclass(frozen=True)
@@ -233,6 +255,8 @@ class AttemptEnd:
     wall_s: float | None = None
     retryable: bool = True               # False: fail for good even with attempts left
     delay_s: float | None = None         # for RESCHEDULED: run again after this long
+    pause_limits: tuple[str, ...] = ()   # limit keys to pause for delay_s (Retry pause_limit)
+    spent_tokens: int | None = None      # tokens the handler reported with ctx.spend
 
 
 @dataclass(frozen=True)

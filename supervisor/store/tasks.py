@@ -15,8 +15,9 @@ from dataclasses import replace
 
 import apsw
 
-from supervisor import policy
+from supervisor import budget, policy
 from supervisor.errors import DependencyError, NotFound
+from supervisor.store import flow
 from supervisor.store import queries as q
 from supervisor.store.checkpoint import Checkpointer
 from supervisor.store.connection import Connection, translate
@@ -26,7 +27,7 @@ from supervisor.store.rows import (
     Attempt, AttemptEnd, Lease, NewTask, Outcome, Stats, Status, Task)
 
 
-class Store:
+class Store(flow.FlowOps):
     """Task state in one SQLite file. One instance per process and thread.
 
     Every method that changes state is one IMMEDIATE transaction; `now` (epoch seconds)
@@ -45,6 +46,10 @@ class Store:
             _migrate(self.conn)
         self.checkpointer = None
         self._type_mb_cache: tuple[tuple, str] | None = None
+        self._group_keys: dict[str, tuple[str, ...]] = {}
+        # After a claim: seconds until the soonest limit it found without room has room
+        # by time alone (a refill, a pause's end), or None.
+        self.limit_room_s: float | None = None
         if background_checkpoints:
             # Call from the thread that owns this Store, after any fork it is to survive.
             # The thread checkpoints every second; the commit itself only does so past
@@ -73,7 +78,7 @@ class Store:
 
     def enqueue(self, task: NewTask, now: float) -> str:
         """Insert one task; returns its id (or the id of the unfinished task holding its key)."""
-        if task.depends_on or task.dedupe_key:
+        if task.depends_on or task.dedupe_key or task.limit_keys or task.schedule:
             return self.enqueue_many([task], now)[0]
         # Nothing to read first: one INSERT is its own transaction (no BEGIN/COMMIT round).
         task_id = task.id or new_id(now)
@@ -127,7 +132,10 @@ class Store:
                       run_after=now if task.run_after is None else task.run_after,
                       max_attempts=task.max_attempts, timeout_s=task.timeout_s,
                       memory_mb=task.memory_mb, cpu_s=task.cpu_s, dedupe_key=task.dedupe_key,
-                      error=error, outcome=outcome and str(outcome), completed_at=completed)
+                      error=error, outcome=outcome and str(outcome), completed_at=completed,
+                      limit_keys=budget.group_text(task.limit_keys),
+                      estimated_tokens=task.estimated_tokens, schedule=task.schedule,
+                      scheduled_for=task.scheduled_for)
         if deps:
             q.insert_deps(db, task_id, deps)
 
@@ -135,16 +143,21 @@ class Store:
 
     def claim(self, owner: str, now: float, *, lease_s: float, caps: dict[str, int] | None = None,
               memory_budget_mb: float | None = None, type_memory_mb: dict[str, int] | None = None,
-              default_memory_mb: int | None = None, reserved_mb: float | None = None) -> Task | None:
+              default_memory_mb: int | None = None, reserved_mb: float | None = None,
+              limits: budget.Limits | None = None) -> Task | None:
         """Lease the next due task: priority first, then FIFO; None when nothing fits.
 
         Types whose running count (across every supervisor on the file) has reached
         their cap in `caps` are skipped; so are tasks whose declared memory (task, else
         `type_memory_mb`, else `default_memory_mb`) exceeds `memory_budget_mb` minus
         what running tasks reserved (`reserved_mb` when the caller knows it, as after
-        `reserved_mb()` in the same transaction plus what it claimed since).
+        `reserved_mb()` in the same transaction plus what it claimed since), and tasks of a
+        limit group (migration 0007) any of whose keys has no room by `limits` (or is
+        paused); a claimed task of a group is charged one request and its token estimate
+        in the same transaction.
         """
-        # One statement writes: no savepoint needed inside a grouped transaction.
+        # One statement writes (plus the charge for a task of a limit group): no savepoint
+        # inside a grouped transaction; the supervisor's pass rolls back as a whole.
         with self.conn.write(savepoint=False) as db:
             if caps:
                 running = q.count_running_by_type(db, list(caps))
@@ -155,9 +168,72 @@ class Store:
                 free = None
             else:
                 free = memory_budget_mb - (q.sum_reserved_mb(db) if reserved_mb is None else reserved_mb)
-            return q.claim_task(db, owner=owner, now=now, lease_s=lease_s, full_types=full,
-                                free_mb=free, type_mb=self._type_mb_json(type_memory_mb),
-                                default_mb=default_memory_mb or 0)
+            task = None
+            states: dict[str, budget.KeyState] = {}
+            self.limit_room_s = None
+            tried = False
+            after = None
+            while True:
+                # The next group with room, in head order; the cursor is closed before the
+                # claim writes (an open read cursor on limit_groups, which the claim's
+                # triggers update, made each claim several times slower).
+                group = self._next_free_group(db, after, states, limits or _NO_LIMITS, now)
+                if group is None:
+                    break
+                tried = True
+                task = q.claim_task(db, owner=owner, now=now, lease_s=lease_s, full_types=full,
+                                    free_mb=free, type_mb=self._type_mb_json(type_memory_mb),
+                                    default_mb=default_memory_mb or 0, group=group[0])
+                if task is not None:
+                    break
+                after = group[1:3]  # nothing of that group is due or fits: the next one
+            if not tried:
+                task = q.claim_task(db, owner=owner, now=now, lease_s=lease_s, full_types=full,
+                                    free_mb=free, type_mb=self._type_mb_json(type_memory_mb),
+                                    default_mb=default_memory_mb or 0)
+            if task is not None and task.limit_keys and limits:
+                flow.charge_claim(db, task.limit_keys, task.estimated_tokens, states,
+                                  limits, now)
+            return task
+
+    def _next_free_group(self, db, after, states, limits, now) -> tuple | None:
+        """(keys, head priority, head id) of the first group after `after` in head order
+        whose keys all have room, or None."""
+        cursor = flow.select_open_groups(db, after)
+        try:
+            for row in cursor:
+                keys = self._keys_of(row[0])
+                if keys[0] not in states:
+                    states[keys[0]] = (budget.KeyState(keys[0]) if row[3] is None
+                                       else budget.KeyState(keys[0], *row[3:]))
+                if self._has_room(db, keys, states, limits, now):
+                    return row
+        finally:
+            cursor.close()
+        return None
+
+    def _keys_of(self, group: str) -> tuple[str, ...]:
+        keys = self._group_keys.get(group)
+        if keys is None:
+            keys = budget.group_keys(group)
+            if len(self._group_keys) < 10_000:
+                self._group_keys[group] = keys
+        return keys
+
+    def _has_room(self, db, keys: tuple[str, ...], states: dict, limits: budget.Limits,
+                  now: float) -> bool:
+        """Every key has room (key states read once per claim, into `states`)."""
+        for key in keys:
+            state = states.get(key)
+            if state is None:
+                state = states[key] = flow.select_key_state(db, key)
+            spec = limits.spec(key)
+            if budget.blocked_by(spec, state, now) is not None:
+                wait = budget.wait_s(spec, state, now)
+                if wait != float("inf") and (self.limit_room_s is None or wait < self.limit_room_s):
+                    self.limit_room_s = wait  # the loop wakes then, not a poll later
+                return False
+        return True
 
     def _type_mb_json(self, type_memory_mb: dict[str, int] | None) -> str:
         """{type: MB} of the types that declare memory, as JSON; cached on its content (a
@@ -409,6 +485,9 @@ class Store:
     def wake_ports(self, host: str) -> list[int]:
         with self.conn.read() as db:
             return q.select_wake_ports(db, host)
+
+
+_NO_LIMITS = budget.Limits({})
 
 
 def _fail_dependents(db, task_id: str, now: float, why: Status) -> None:
