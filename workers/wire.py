@@ -30,6 +30,7 @@ RESULT = "result"        # the handler's return value as JSON text
 ERROR = "error"          # the handler raised (type, message, traceback, retryable, outcome)
 RETRY = "retry"          # reschedule after delay_s without spending an attempt
 CANCELLED = "cancelled"  # the handler stopped after a cancel request
+SPEND = "spend"          # model tokens the attempt used (ctx.spend), fire-and-forget
 FINAL = frozenset((RESULT, ERROR, RETRY, CANCELLED))  # exactly one of these ends an attempt
 
 # The outcomes a task process may claim in an ERROR message (a Fail, a MemoryError, or a
@@ -88,7 +89,10 @@ REPORT: dict[str, dict[str, Field]] = {
             "traceback": Field(str, max_len=65536), "retryable": Field(bool),
             "outcome": Field(str, choices=ERROR_OUTCOMES)},
     RETRY: {"delay_s": Field(_NUM, low=0.0, high=10 * 365 * 86400.0),
-            "reason": Field((str, NoneType), required=False, max_len=2000)},
+            "reason": Field((str, NoneType), required=False, max_len=2000),
+            # a limit key or a list of them (at most 16; each item checked by the receiver)
+            "pause_limit": Field((str, list, NoneType), required=False, max_len=200)},
+    SPEND: {"tokens": Field(int, low=0, high=10 ** 12)},
     CANCELLED: {},
 }
 REQUESTS: set[str] = set()  # kinds that carry a "seq" and get an ack line back
