@@ -82,7 +82,8 @@ TASK_FIELDS = {
     "progress": _null(NUM), "progress_message": _null(STR), "timeout_s": _null(NUM),
     "memory_mb": _null(INT), "cpu_s": _null(NUM), "dedupe_key": _null(STR),
     "cancel_requested": BOOL, "lease_owner": _null(STR), "lease_expires_at": _null(TIME),
-    "pid": _null(INT),
+    "pid": _null(INT), "limit_keys": {"type": "array", "items": STR},
+    "estimated_tokens": _null(INT), "schedule": _null(STR), "scheduled_for": _null(TIME),
 }
 TASK_REQUIRED = [k for k in TASK_FIELDS if k != "result"]
 
@@ -125,8 +126,34 @@ SCHEMAS: dict[str, Any] = {
                                  "description": "ids of tasks that must succeed first"}),
             "dedupe_key": _null({"type": "string", "minLength": 1, "description": "while a "
                                  "task with this key is unfinished, enqueue returns it"}),
+            "limit_keys": _null({"type": "array", "maxItems": 16, "items": {
+                "type": "string", "pattern": r"^[^\s*]{1,200}$"},
+                "description": "named limits the task draws from, besides its type's; each "
+                               "must match a [limits] entry by name or prefix:*"}),
+            "estimated_tokens": _null({"type": "integer", "minimum": 0,
+                                       "maximum": INT64["maximum"],
+                                       "description": "what the claim charges token budgets"}),
         },
     },
+    "Limits": _obj({"now": TIME, "limits": {"type": "array", "items": _obj({
+        "key": STR, "limit": _null(STR), "requests_per_minute": _null(NUM),
+        "tokens_per_minute": _null(NUM), "concurrency": _null(INT), "burst": _null(NUM),
+        "running": INT,
+        "available": _obj({"requests": _null(NUM), "tokens": _null(NUM),
+                           "concurrency": _null(INT)}),
+        "blocked_by": _null({"type": "string", "enum": ["paused", "concurrency", "requests",
+                                                        "tokens"]}),
+        "paused_until": _null(TIME), "pause_reason": _null(STR), "waiting": INT,
+        "oldest_waiting_at": _null(TIME),
+        "room_in_s": _null({"type": "number", "description": "seconds until time alone "
+                            "frees room; null: only a running task ending can"})})}}),
+    "Schedule": _obj({
+        "name": STR, "type": STR, "cron": _null(STR), "every_s": _null(NUM), "timezone": STR,
+        "catch_up": {"type": "string", "enum": ["skip", "one"]}, "paused": BOOL,
+        "payload": {"type": "object"}, "last_fire_at": _null(TIME),
+        "last_task_id": _null(STR), "next_fire_at": _null(TIME)}),
+    "Schedules": _obj({"now": TIME, "schedules": {"type": "array",
+                                                  "items": {"$ref": REF + "Schedule"}}}),
     "Stats": _obj({
         "totals": {"type": "object", "additionalProperties": INT,
                    "description": "tasks by status"},
@@ -169,7 +196,7 @@ def _json(ref: str, description: str) -> dict:
 
 def _errors(*codes: int) -> dict:
     text = {400: "bad input; `field` names it", 401: "missing or wrong token",
-            404: "no such task", 408: "the body did not arrive in time",
+            404: "no such task (or schedule)", 408: "the body did not arrive in time",
             409: "the task is not failed or cancelled",
             413: "the body is too large", 415: "the body is not JSON",
             503: "the database does not answer"}
@@ -177,6 +204,7 @@ def _errors(*codes: int) -> dict:
 
 
 ID_PARAM = {"name": "id", "in": "path", "required": True, "schema": STR}
+NAME_PARAM = {"name": "name", "in": "path", "required": True, "schema": STR}
 LIMIT = {"name": "limit", "in": "query", "required": False,
          "description": "page size, 1 to 1000; empty means the default (50)",
          "schema": {"anyOf": [{"type": "integer", "minimum": 1, "maximum": 1000},
@@ -236,6 +264,19 @@ PATHS = {
     "/api/throughput": {"get": _op("Attempts ended per minute over the last hour", {
         "200": _json("Throughput", "60 one-minute buckets, oldest first"), **_errors(503)},
         operationId="throughput")},
+    "/api/limits": {"get": _op("Named limits: budget, use, pause and waiting tasks per key", {
+        "200": _json("Limits", "every configured limit and every key in use"),
+        **_errors(503)}, operationId="limits")},
+    "/api/schedules": {"get": _op("Schedules with their last and next fire", {
+        "200": _json("Schedules", "every configured schedule"), **_errors(503)},
+        operationId="schedules")},
+    "/api/schedules/{name}/pause": {"post": _op("Pause a schedule on every supervisor", {
+        "200": _json("Schedule", "the schedule, paused"), **_errors(401, 404, 503)},
+        operationId="pauseSchedule", parameters=[NAME_PARAM], security=WRITE)},
+    "/api/schedules/{name}/resume": {"post": _op(
+        "Resume a schedule (fires that passed while paused are not run)", {
+            "200": _json("Schedule", "the schedule, running"), **_errors(401, 404, 503)},
+        operationId="resumeSchedule", parameters=[NAME_PARAM], security=WRITE)},
     "/api/openapi.json": {"get": _op("This document", {
         "200": {"description": "OpenAPI 3.1", "content": {"application/json": {
             "schema": {"type": "object"}}}}}, operationId="openapi")},
