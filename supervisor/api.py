@@ -230,7 +230,7 @@ class Api:
         return health(self.sup, self.database, self.clock())
 
     def openapi(self, query: dict, body=None) -> tuple[int, dict]:
-        return 200, openapi.document(self.sup.config)
+        return 200, openapi.document(self.sup.snapshot.config)
 
     def _supervisor(self, now: float) -> dict:
         snap = self.sup.snapshot

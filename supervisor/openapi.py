@@ -294,7 +294,8 @@ PATHS = {
 
 def document(config=None) -> dict:
     """The document; with the supervisor's `config`, the limits that follow it (memory_mb
-    at most [supervisor] memory_budget_mb, the payload size) are stated too."""
+    at most [supervisor] memory_budget_mb, the payload size) are stated too, and the
+    configured schedules' names."""
     schemas = SCHEMAS
     if config is not None:
         schemas = copy.deepcopy(SCHEMAS)
@@ -307,6 +308,14 @@ def document(config=None) -> dict:
         props["payload"]["description"] = (
             f"JSON object handed to the handler; at most {config.supervisor.max_payload_bytes}"
             " bytes as compact UTF-8 JSON (supervisor.max_payload_bytes)")
+    paths = PATHS
+    names = sorted(getattr(config, "schedules", None) or ())
+    if names:  # the pause and resume paths' `name`: one of the configured schedules
+        named = {**NAME_PARAM, "schema": {"type": "string", "enum": names}}
+        paths = dict(PATHS)
+        for action in ("pause", "resume"):
+            key = f"/api/schedules/{{name}}/{action}"
+            paths[key] = {"post": {**PATHS[key]["post"], "parameters": [named]}}
     return {
         "openapi": "3.1.0",
         "info": {"title": "taskvisor", "version": __version__,
@@ -314,7 +323,7 @@ def document(config=None) -> dict:
                  "loopback; writes need `Authorization: Bearer <token>` (the token file "
                  "beside the database, or [http] token_file). Errors are JSON "
                  "{error, field}. Times are ISO 8601 UTC."},
-        "paths": PATHS,
+        "paths": paths,
         "components": {"schemas": schemas, "securitySchemes": {
             "bearer": {"type": "http", "scheme": "bearer"}}},
     }

@@ -232,7 +232,7 @@ def test_openapi_document_names_every_route(shared):
     doc = shared.get("/api/openapi.json").json
     assert doc["openapi"].startswith("3.")
     for method, path, _, auth in ROUTES:
-        path = path.replace("(?P<id>[^/]+)", "{id}")
+        path = path.replace("(?P<id>[^/]+)", "{id}").replace("(?P<name>[^/]+)", "{name}")
         op = doc["paths"][path][method.lower()]
         assert ("security" in op) == auth, path
     assert {"/metrics", "/"} <= set(doc["paths"])
