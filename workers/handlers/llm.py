@@ -362,7 +362,7 @@ async def chat(payload: Mapping[str, Any], ctx: Any = None) -> dict:
                 async with client.stream("POST", req.url, json=req.body, headers=req.headers) as resp:
                     if resp.status_code >= 400:
                         await resp.aread()
-                        raise status_error(resp, req.url, _pause_keys(ctx))
+                        raise status_error(resp, req.url, _pause_keys(ctx, spent=0))
                     if _is_json(resp):
                         _finish_json(reply, await resp.aread())
                     else:
@@ -386,7 +386,7 @@ def chat_sync(payload: Mapping[str, Any], ctx: Any = None) -> dict:
             with client.stream("POST", req.url, json=req.body, headers=req.headers) as resp:
                 if resp.status_code >= 400:
                     resp.read()
-                    raise status_error(resp, req.url, _pause_keys(ctx))
+                    raise status_error(resp, req.url, _pause_keys(ctx, spent=0))
                 if _is_json(resp):
                     _finish_json(reply, resp.read())
                 else:
@@ -400,7 +400,11 @@ def chat_sync(payload: Mapping[str, Any], ctx: Any = None) -> dict:
     return _spend(ctx, reply.result(req.body.get("model")))
 
 
-def _pause_keys(ctx: Any) -> tuple[str, ...]:
+def _pause_keys(ctx: Any, spent: int | None = None) -> tuple[str, ...]:
+    """The limits a refusal pauses (the task type's); a refused call also reports that it
+    used no tokens, so the estimate its claim was charged is given back."""
+    if spent is not None and ctx is not None and hasattr(ctx, "spend"):
+        ctx.spend(spent)
     return tuple(getattr(ctx, "type_limits", ()) or ())
 
 
