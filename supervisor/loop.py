@@ -529,9 +529,10 @@ class Supervisor:
         """Enqueue the schedules' due fires (once across supervisors; supervisor.schedule)."""
         if self.stopping:
             return
-        queue = Queue(self.config)  # the client's checks and per-type defaults; opens nothing
+        # A fire's task gets the client's checks and per-type defaults (opens nothing).
+        prepare = lambda *task: Queue(self.config).prepare(*task)  # noqa: E731
         try:
-            if self.scheduler.step(self.store, self.config, queue.prepare, now, mono):
+            if self.scheduler.step(self.store, self.config, prepare, now, mono):
                 self.claim_needed = True
         except (StoreError, InputError) as exc:
             log.error("schedule step failed, trying again in 1s: %s", exc)

@@ -1,7 +1,8 @@
 """Retention: deleting finished tasks older than `[supervisor] retain_finished`.
 
 Owns the pace of the background prune: one small batch per step (finished tasks with
-their attempts and dependency rows, and schedule fires, older than the horizon), the
+their attempts and dependency rows, and schedule fires, older than the horizon; the
+state of limit keys idle for a day), the
 batch size adapted so a step holds the write lock for about TARGET_S, and the next step
 soon while a backlog remains, else a minute later. It never blocks the loop for long
 and never writes SQL itself (`Store.prune_batch` does).
@@ -35,7 +36,7 @@ class Retention:
             self.due_mono = mono + IDLE_PAUSE_S
             return 0
         started = time.perf_counter()
-        n = store.prune_batch(now - retain_s, self.batch)
+        n = store.prune_batch(now - retain_s, self.batch, now)
         took = time.perf_counter() - started
         self.last_batch_s = took
         self.longest_batch_s = max(self.longest_batch_s, took)

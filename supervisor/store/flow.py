@@ -189,6 +189,16 @@ def prune_finished_batch(db: apsw.Connection, before: float, limit: int) -> int:
     return n
 
 
+def prune_idle_keys(db: apsw.Connection, now: float, limit: int) -> int:
+    """Forget the state of keys (a tenant's, say) nothing ran under for a day: none running,
+    no pause in force, buckets untouched since (a bucket refills long before that, so
+    the row says nothing a missing row would not)."""
+    db.execute("DELETE FROM limit_state WHERE key IN (SELECT key FROM limit_state "
+               "WHERE running = 0 AND coalesce(paused_until, 0) < :now "
+               "AND coalesce(updated_at, 0) < :now - 86400 LIMIT :n)", {"now": now, "n": limit})
+    return db.changes()
+
+
 def prune_fires_batch(db: apsw.Connection, before: float, limit: int) -> int:
     db.execute("DELETE FROM schedule_fires WHERE (name, fire_at) IN (SELECT name, fire_at "
                "FROM schedule_fires WHERE fire_at < ? LIMIT ?)", (before, limit))
@@ -286,8 +296,9 @@ class FlowOps:
 
     # -- retention ---------------------------------------------------------------------
 
-    def prune_batch(self, before: float, limit: int) -> int:
-        """One small batch of retention: finished tasks and fires older than `before`."""
+    def prune_batch(self, before: float, limit: int, now: float | None = None) -> int:
+        """One small batch of retention: finished tasks and fires older than `before`,
+        and (given `now`) the state of limit keys idle for a day; returns the tasks."""
         with self.conn.write() as db:
             n = prune_finished_batch(db, before, limit)
             if n:
@@ -295,4 +306,6 @@ class FlowOps:
                 q.delete_empty_counts(db)
             prune_fires_batch(db, before, limit)
             delete_empty_groups(db)
+            if now is not None:
+                prune_idle_keys(db, now, limit)
             return n

@@ -97,3 +97,17 @@ def test_a_retention_step_holds_the_write_lock_for_milliseconds(db_path):
         assert retention.due_mono - mono <= 60  # nothing left: next look within a minute
     finally:
         store.close()
+
+
+def test_retention_forgets_limit_keys_idle_for_a_day(store):
+    from supervisor.budget import LimitSpec, Limits
+    limits = Limits({"tenant:*": LimitSpec("tenant:*", requests_per_minute=60)})
+    store.enqueue(new(limit_keys=("tenant:old",)), T0)
+    done = store.claim("sup", T0, lease_s=LEASE_S, limits=limits)
+    store.complete(done.lease, ok(), T0 + 1)
+    store.enqueue(new(limit_keys=("tenant:busy",)), T0)
+    assert store.claim("sup", T0, lease_s=LEASE_S, limits=limits) is not None  # still running
+    store.pause_limit("tenant:paused", T0 + 10 * 86400, "maintenance")
+    store.prune_batch(T0 - 1, 100, T0 + 2 * 86400)
+    keys = {r[0] for r in store.conn.db.execute("SELECT key FROM limit_state")}
+    assert keys == {"tenant:busy", "tenant:paused"}
