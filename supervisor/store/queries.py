@@ -157,18 +157,26 @@ _CLAIM_PLAIN = (_claim_sql(False, False, False).replace(":owner", "?1").replace(
                 .replace(":lease_s", "?3").replace(":default_mb", "?4"))
 _CLAIM_VARIANTS = {(c, b, t): _claim_sql(c, b, t)
                    for c in (False, True) for b in (False, True) for t in (False, True)}
+# The same claims, made only while no limit group has queued tasks, checked in the same
+# statement: the claim of a file without limited work costs no statement more than it
+# did before limits existed (migration 0007).
+_NO_GROUPS = ("\n  AND NOT EXISTS (SELECT 1 FROM limit_groups INDEXED BY limit_groups_head "
+              "WHERE queued > 0)\nRETURNING")
+_GUARDED_PLAIN = _CLAIM_PLAIN.replace("\nRETURNING", _NO_GROUPS)
+_GUARDED_VARIANTS = {k: v.replace("\nRETURNING", _NO_GROUPS) for k, v in _CLAIM_VARIANTS.items()}
 _GROUPED_VARIANTS = {(c, b, t): _claim_grouped_sql(c, b, t)
                      for c in (False, True) for b in (False, True) for t in (False, True)}
 
 
 def claim_task(db: apsw.Connection, *, owner: str, now: float, lease_s: float,
                full_types: list[str], free_mb: float | None, type_mb: str,
-               default_mb: int, group: str | None = None) -> Task | None:
+               default_mb: int, group: str | None = None, guard: bool = False) -> Task | None:
     """Lease the next due queued task whose type is not at its cap and whose memory fits.
 
     `free_mb` None: no memory budget. `type_mb`: {type: MB} as JSON text (the store
     caches it: the same few types on every claim). `group`: a limit group (limit_keys
-    text) with room whose head competes too (None: only tasks of no group)."""
+    text) with room whose head competes too (None: only tasks of no group). `guard`:
+    claim only if no limit group has queued tasks (None also when one has)."""
     typed = type_mb != "{}"
     if group is not None:
         args = {"owner": owner, "now": now, "lease_s": lease_s, "default_mb": default_mb,
@@ -188,9 +196,11 @@ def claim_task(db: apsw.Connection, *, owner: str, now: float, lease_s: float,
             args["free_mb"] = free_mb
         if typed:
             args["type_mb"] = type_mb
-        cursor = db.execute(_CLAIM_VARIANTS[bool(full_types), free_mb is not None, typed], args)
+        variants = _GUARDED_VARIANTS if guard else _CLAIM_VARIANTS
+        cursor = db.execute(variants[bool(full_types), free_mb is not None, typed], args)
     else:  # the common case, bound by position (cheaper than a dict)
-        cursor = db.execute(_CLAIM_PLAIN, (owner, now, lease_s, default_mb))
+        cursor = db.execute(_GUARDED_PLAIN if guard else _CLAIM_PLAIN,
+                            (owner, now, lease_s, default_mb))
     for row in cursor:
         return Task.from_row(row)
     return None

@@ -50,6 +50,7 @@ class Store(flow.FlowOps):
         # After a claim: seconds until the soonest limit it found without room has room
         # by time alone (a refill, a pause's end), or None.
         self.limit_room_s: float | None = None
+        self._groups_seen = False  # did the last claim see limit groups with queued tasks?
         if background_checkpoints:
             # Call from the thread that owns this Store, after any fork it is to survive.
             # The thread checkpoints every second; the commit itself only does so past
@@ -168,11 +169,20 @@ class Store(flow.FlowOps):
                 free = None
             else:
                 free = memory_budget_mb - (q.sum_reserved_mb(db) if reserved_mb is None else reserved_mb)
-            task = None
+            type_mb = self._type_mb_json(type_memory_mb)
             states: dict[str, budget.KeyState] = {}
             self.limit_room_s = None
-            tried = False
-            after = None
+            guarded = not self._groups_seen
+            if guarded:
+                # No limit group had queued tasks at the last claim: the claim that succeeds
+                # only if that is still so (no statement more than a file without limits).
+                task = q.claim_task(db, owner=owner, now=now, lease_s=lease_s, full_types=full,
+                                    free_mb=free, type_mb=type_mb,
+                                    default_mb=default_memory_mb or 0, guard=True)
+                if task is not None:
+                    return task
+            task, tried, after = None, False, None
+            self._groups_seen = False  # _next_free_group sets it when it sees a group
             while True:
                 # The next group with room, in head order; the cursor is closed before the
                 # claim writes (an open read cursor on limit_groups, which the claim's
@@ -182,14 +192,16 @@ class Store(flow.FlowOps):
                     break
                 tried = True
                 task = q.claim_task(db, owner=owner, now=now, lease_s=lease_s, full_types=full,
-                                    free_mb=free, type_mb=self._type_mb_json(type_memory_mb),
+                                    free_mb=free, type_mb=type_mb,
                                     default_mb=default_memory_mb or 0, group=group[0])
                 if task is not None:
                     break
                 after = group[1:3]  # nothing of that group is due or fits: the next one
-            if not tried:
+            # Every group full (tasks of no group may still go), or none left since the last
+            # claim; but with no group at all, the guarded claim above already looked.
+            if not tried and (self._groups_seen or not guarded):
                 task = q.claim_task(db, owner=owner, now=now, lease_s=lease_s, full_types=full,
-                                    free_mb=free, type_mb=self._type_mb_json(type_memory_mb),
+                                    free_mb=free, type_mb=type_mb,
                                     default_mb=default_memory_mb or 0)
             if task is not None and task.limit_keys and limits:
                 flow.charge_claim(db, task.limit_keys, task.estimated_tokens, states,
@@ -202,6 +214,7 @@ class Store(flow.FlowOps):
         cursor = flow.select_open_groups(db, after)
         try:
             for row in cursor:
+                self._groups_seen = True
                 keys = self._keys_of(row[0])
                 if keys[0] not in states:
                     states[keys[0]] = (budget.KeyState(keys[0]) if row[3] is None
