@@ -221,3 +221,34 @@ def test_claims_follow_priority_then_fifo_across_many_groups(store):
     while (t := store.claim("sup", T0 + 2, lease_s=LEASE_S, limits=roomy)) is not None:
         got.append(t.id)
     assert got == expected
+
+
+def test_claim_plans_seek_by_index(store):
+    """The guarded claim (no group in use) scans only the claim index and checks the
+    groups through their index; the grouped claim seeks into the group's own index."""
+    from supervisor.store import queries as q
+    plan = lambda sql, args: [r[3] for r in store.conn.db.execute("EXPLAIN QUERY PLAN " + sql, args)]
+    guarded = plan(q._GUARDED_PLAIN, ("o", T0, LEASE_S, 0))
+    assert any("COVERING INDEX tasks_claim" in line for line in guarded), guarded
+    assert any("limit_groups_head" in line for line in guarded), guarded
+    grouped = plan(q._GROUPED_VARIANTS[False, False, False],
+                   {"owner": "o", "now": T0, "lease_s": LEASE_S, "default_mb": 0, "grp": '["a"]'})
+    assert any("tasks_claim_limited (limit_keys=?)" in line for line in grouped), grouped
+    assert not any(line.startswith("SCAN tasks") and "INDEX" not in line for line in grouped)
+
+
+def test_a_file_that_starts_using_limits_is_seen_by_a_store_that_saw_none(db_path):
+    """The guarded claim is only a shortcut: a group that appears later (another process
+    enqueued limited work) is honoured on the very next claim."""
+    a, b = Store(db_path), Store(db_path)
+    try:
+        a.enqueue(new(), T0)
+        assert claim(a).limit_keys == ()           # a saw no groups
+        b.enqueue(new(limit_keys=("one",)), T0)    # another process: a group appears
+        b.enqueue(new(limit_keys=("one",)), T0)
+        b.enqueue(new(), T0 + 1)
+        got = [claim(a, T0 + 2) for _ in range(3)]
+        assert [t.limit_keys if t else None for t in got] == [("one",), (), None]
+    finally:
+        a.close()
+        b.close()
