@@ -30,18 +30,21 @@ def starts(sup, ids):
 
 @pytest.mark.timeout(90)
 def test_two_supervisors_share_one_concurrency_limit(supervisor_proc):
+    """a (one slot) holds one of the limit's two places when b (three slots) starts: b
+    may take only the other one. Counted per supervisor, b would run three at once."""
     settings = flow(limits={"shared": {"concurrency": 2}},
                     types={"f.work": {"limits": ["shared"]}})
-    a = supervisor_proc(name="a", **settings)
+    a = supervisor_proc(name="a", **{**settings, "supervisor": {**settings["supervisor"],
+                                                                 "pool_size": 1}})
+    limited = [a.enqueue("f.work", {"s": 0.6}) for _ in range(8)]
+    wait_until(lambda: any(a.get(i).status == "running" for i in limited), timeout=10)
     b = supervisor_proc(name="b", **settings)
-    limited = [a.enqueue("f.work", {"s": 0.4}) for _ in range(8)]
-    free = [b.enqueue("f.other", {"s": 0.4}) for _ in range(4)]
+    free = [b.enqueue("f.other", {"s": 0.6}) for _ in range(3)]
     done = a.wait_all(limited + free, "succeeded", timeout=60)
     runs = a.runs()
     assert max_concurrent({i: runs[i] for i in limited}) == 2  # never 3, and the cap was used
     assert max_concurrent(runs) >= 3  # tasks of no limit ran beside them
-    assert {t.lease_owner for t in done} == {None}
-    owners = {a.get(i).history[-1].owner.split(":")[1] for i in limited}
+    owners = {a.get(i).history[-1].owner for i in limited}
     assert len(owners) == 2, "both supervisors ran tasks of the shared limit"
     assert done[0].limit_keys == ("shared",) and done[0].result["type_limits"] == ["shared"]
 
