@@ -1,7 +1,7 @@
 """The SQL of flow control: limit state, schedule fires and retention batches.
 
 Owns every statement on `limit_groups`, `limit_state`, `schedules` and `schedule_fires`
-(migration 0007) and the batched deletes of retention, plus the small operations built
+(migration 0008) and the batched deletes of retention, plus the small operations built
 on them that the claim and the supervisor call inside their transactions. Bucket
 arithmetic is `supervisor.budget`'s (pure); `now` is always the caller's. It must never
 open a connection or a transaction of its own (the callers in `tasks` do), and never

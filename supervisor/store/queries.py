@@ -124,7 +124,7 @@ def _claim_where(capped: bool, budget: bool, declared: str) -> str:
 
 def _claim_grouped_sql(capped: bool, budget: bool, typed: bool) -> str:
     """The claim when a limit group has room: the better of the head of the tasks of no
-    group and the head of the group :grp, each one seek into its index (migration 0007),
+    group and the head of the group :grp, each one seek into its index (migration 0008),
     so the tasks of full groups are never walked. `(:grp || '')`, not `:grp`: compared
     bare, the parameter's value takes part in the partial-index check, so SQLite
     re-prepared the statement (and its triggers) on every bind, ~20x the claim's cost."""
@@ -159,7 +159,7 @@ _CLAIM_VARIANTS = {(c, b, t): _claim_sql(c, b, t)
                    for c in (False, True) for b in (False, True) for t in (False, True)}
 # The same claims, made only while no limit group has queued tasks, checked in the same
 # statement: the claim of a file without limited work costs no statement more than it
-# did before limits existed (migration 0007).
+# did before limits existed (migration 0008).
 _NO_GROUPS = ("\n  AND NOT EXISTS (SELECT 1 FROM limit_groups INDEXED BY limit_groups_head "
               "WHERE queued > 0)\nRETURNING")
 _GUARDED_PLAIN = _CLAIM_PLAIN.replace("\nRETURNING", _NO_GROUPS)
@@ -436,7 +436,7 @@ def select_tasks(db: apsw.Connection, *, status: str | None, type: str | None,
 
 def select_queued_in_order(db: apsw.Connection, limit: int) -> list[tuple]:
     """Queued tasks in the order a claim would take them (due ones first): the head of
-    each claim index (migration 0007 keeps tasks of a limit group in their own)."""
+    each claim index (migration 0008 keeps tasks of a limit group in their own)."""
     return db.execute(
         f"SELECT * FROM (SELECT {T} FROM tasks WHERE status = 'queued' AND limit_keys IS NULL "
         f"ORDER BY priority DESC, id LIMIT ?1) UNION ALL "
@@ -494,7 +494,7 @@ def select_queued_by_type(db: apsw.Connection, now: float) -> list[tuple[str, in
 
 def select_next_run_after(db: apsw.Connection, now: float) -> float | None:
     """When the next queued task that is not due yet becomes due (None: none waits). A
-    scan of each claim index (tasks of no limit group, then of any: migration 0007), both
+    scan of each claim index (tasks of no limit group, then of any: migration 0008), both
     covering: run it after a claim found nothing, not per claim."""
     return db.execute(
         "SELECT min(t) FROM (SELECT min(run_after) AS t FROM tasks WHERE status = 'queued' "

@@ -153,7 +153,7 @@ class Store(flow.FlowOps):
         `type_memory_mb`, else `default_memory_mb`) exceeds `memory_budget_mb` minus
         what running tasks reserved (`reserved_mb` when the caller knows it, as after
         `reserved_mb()` in the same transaction plus what it claimed since), and tasks of a
-        limit group (migration 0007) any of whose keys has no room by `limits` (or is
+        limit group (migration 0008) any of whose keys has no room by `limits` (or is
         paused); a claimed task of a group is charged one request and its token estimate
         in the same transaction.
         """

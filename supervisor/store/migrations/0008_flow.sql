@@ -1,4 +1,4 @@
--- 0007: named limits admitted in the claim, recurring schedules.
+-- 0008: named limits admitted in the claim, recurring schedules.
 -- A task that draws from limits carries them (limit_keys: a JSON array of the concrete
 -- keys, sorted, so equal sets are equal text: its "limit group"). Queued tasks of no
 -- group keep the claim index; queued tasks of a group move to an index that leads with
