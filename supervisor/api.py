@@ -25,7 +25,7 @@ from supervisor.workflow_api import WorkflowEndpoints
 MIB = 1024 * 1024
 ENQUEUE_FIELDS = ("type", "payload", "priority", "delay", "run_at", "timeout_s", "memory_mb",
                   "max_attempts", "depends_on", "dedupe_key", "workflow_id", "await_event",
-                  "run_on_failure")
+                  "run_on_failure", "limit_keys", "estimated_tokens")
 FAILED_OUTCOMES = {"error", "timeout", "memory_limit", "crashed", "lost", "dependency_failed"}
 THROUGHPUT_CACHE_S = 5.0
 
@@ -195,13 +195,45 @@ class Api(WorkflowEndpoints):
         self._throughput = (now, result)
         return 200, result
 
+    # -- flow control ----------------------------------------------------------------------
+
+    def limits(self, query: dict, body=None) -> tuple[int, dict]:
+        now = self.clock()
+        with self.database as store:
+            rows = store.limit_report(self.sup.snapshot.config.limit_table(), now)
+        return 200, {"limits": [limit_json(r) for r in rows], "now": _iso(now)}
+
+    def schedules(self, query: dict, body=None) -> tuple[int, dict]:
+        from supervisor.schedule import describe
+        now = self.clock()
+        with self.database as store:
+            states, fires = store.schedule_states()
+        rows = describe(self.sup.snapshot.config.schedules, states, fires, now)
+        return 200, {"schedules": [schedule_json(r) for r in rows], "now": _iso(now)}
+
+    def pause_schedule(self, query: dict, body=None, *, name: str) -> tuple[int, dict]:
+        return self._set_paused(name, True)
+
+    def resume_schedule(self, query: dict, body=None, *, name: str) -> tuple[int, dict]:
+        return self._set_paused(name, False)
+
+    def _set_paused(self, name: str, paused: bool) -> tuple[int, dict]:
+        if name not in self.sup.snapshot.config.schedules:
+            raise ApiError(404, f"no schedule named {name!r} in the config "
+                           f"(known: {', '.join(self.sup.snapshot.config.schedules) or 'none'})",
+                           field="name")
+        self.queue.config = self.sup.snapshot.config
+        self.queue.set_schedule_paused(name, paused)
+        status, body = self.schedules({})
+        return status, next(s for s in body["schedules"] if s["name"] == name)
+
     # -- health and the document ---------------------------------------------------------
 
     def healthz(self, query: dict, body=None) -> tuple[int, dict]:
         return health(self.sup, self.database, self.clock())
 
     def openapi(self, query: dict, body=None) -> tuple[int, dict]:
-        return 200, openapi.document(self.sup.config)
+        return 200, openapi.document(self.sup.snapshot.config)
 
     def _supervisor(self, now: float) -> dict:
         snap = self.sup.snapshot
@@ -210,6 +242,17 @@ class Api(WorkflowEndpoints):
                 "memory_budget_mb": round(snap.memory_budget_mb, 1),
                 "last_loop_at": _iso(snap.last_loop_at) if snap.last_loop_at else None,
                 "stopping": snap.stopping, "now": _iso(now)}
+
+
+def limit_json(row: dict) -> dict:
+    """A row of Store.limit_report with times as ISO 8601 (the /api/limits shape)."""
+    return {**row, "paused_until": _iso(row["paused_until"]),
+            "oldest_waiting_at": _iso(row["oldest_waiting_at"])}
+
+
+def schedule_json(row: dict) -> dict:
+    return {**row, "last_fire_at": _iso(row["last_fire_at"]),
+            "next_fire_at": _iso(row["next_fire_at"])}
 
 
 def health(sup, database, now: float) -> tuple[int, dict]:
@@ -295,7 +338,10 @@ def _enqueue_fields(data: dict) -> dict[str, Any]:
             raise ApiError(400, f"{key} must be a string", field=key)
     if data.get("payload") is not None and not isinstance(data["payload"], dict):
         raise ApiError(400, "payload must be a JSON object", field="payload")
-    for key in ("priority", "memory_mb", "max_attempts"):  # ranges: Queue.enqueue checks
+    keys = data.get("limit_keys")
+    if keys is not None and (not isinstance(keys, list) or not all(isinstance(k, str) for k in keys)):
+        raise ApiError(400, "limit_keys must be an array of strings", field="limit_keys")
+    for key in ("priority", "memory_mb", "max_attempts", "estimated_tokens"):  # ranges: Queue.enqueue checks
         value = data.get(key)
         if isinstance(value, float) and value.is_integer():
             data[key] = int(value)  # JSON Schema counts 3.0 as an integer

@@ -69,6 +69,7 @@ class Child:
     output_bytes: int = 0              # everything it wrote, kept or not
     acks: list = field(default_factory=list)  # (seq, error) to answer after the commit
     checkpoints: list = field(default_factory=list)  # (seq, state JSON) not yet written
+    spent_tokens: int | None = None    # what ctx.spend reported, summed
 
     @property
     def deadline_mono(self) -> float | None:
@@ -104,7 +105,9 @@ def spec_for(task: Task, config, now: float, limits: tuple, cgroup_dir: str | No
         "max_result_bytes": config.supervisor.max_result_bytes,
         "log_format": config.log.format, "log_level": config.log.level,
         # workflow inputs, event data, checkpoint state (read at claim: Store.claim)
-        **({"context": task.context} if task.context else {})})
+        **({"context": task.context} if task.context else {}),
+        # The named limits it draws from, and those of its type (llm.chat pauses these).
+        "limit_keys": list(task.limit_keys), "type_limits": list(config.type_limits(task.type))})
     return b"".join((b'{"task":', head[:-1].encode(), b',"payload":', task.payload_text.encode(),
                      b'},"config":', _handler_configs[1], b",", rest[1:].encode()))
 
@@ -284,6 +287,10 @@ class Children:
 
     def _heartbeat(self, child: Child, msg: dict, mono: float) -> str | None:
         child.heartbeat_mono = mono
+        return None
+
+    def _spend(self, child: Child, msg: dict, mono: float) -> str | None:
+        child.spent_tokens = (child.spent_tokens or 0) + msg["tokens"]
         return None
 
     def _final(self, child: Child, msg: dict, mono: float) -> str | None:
@@ -495,6 +502,7 @@ REPORT_HANDLERS = {
     wire.RETRY: Children._final,
     wire.CANCELLED: Children._final,
     wire.CHECKPOINT: Children._checkpoint,
+    wire.SPEND: Children._spend,
 }
 assert set(REPORT_HANDLERS) == set(wire.REPORT), "every report kind needs its handler"
 
@@ -505,6 +513,7 @@ def classify(child: Child, mono: float | None = None) -> AttemptEnd:
     st = child.status
     mono = time.monotonic() if mono is None else mono
     figures = dict(
+        spent_tokens=child.spent_tokens,
         pid=child.pid, peak_rss_bytes=max(child.peak_rss, (child.rusage or {}).get("maxrss_kb", 0) * 1024) or None,
         cpu_s=None if not child.rusage else round(child.rusage["utime"] + child.rusage["stime"], 4),
         wall_s=mono - child.spawned_mono,
@@ -523,8 +532,11 @@ def classify(child: Child, mono: float | None = None) -> AttemptEnd:
         return AttemptEnd(Outcome(final["outcome"]), reason=f"{final['type']}: {final['message']}",
                           error=error, retryable=final["retryable"], **figures)
     if kind == wire.RETRY:
+        pause = final.get("pause_limit") or ()
+        pause = (pause,) if isinstance(pause, str) else tuple(k for k in pause if isinstance(k, str))
         return AttemptEnd(Outcome.RESCHEDULED, reason=final.get("reason"),
-                          delay_s=float(final["delay_s"]), **figures)
+                          delay_s=float(final["delay_s"]),
+                          pause_limits=tuple(k for k in pause if 0 < len(k) <= 200)[:16], **figures)
     if kind == wire.CANCELLED:
         return AttemptEnd(Outcome.CANCELLED, reason="cancelled", **figures)
     if st is not None and os.WIFSIGNALED(st) and os.WTERMSIG(st) == signal.SIGXCPU:

@@ -141,6 +141,10 @@ def _enqueue_arguments(p: argparse.ArgumentParser) -> None:
                    help="stay blocked until `taskvisor send-event NAME` (its data: ctx.event)")
     p.add_argument("--run-on-failure", action="store_true",
                    help="run even when a dependency failed (ctx.inputs holds its error)")
+    p.add_argument("--limit-key", action="append", default=[], metavar="KEY",
+                   help="also draw from this named limit, e.g. tenant:42 (repeatable)")
+    p.add_argument("--estimated-tokens", type=int, metavar="N",
+                   help="tokens the claim charges token budgets for this task")
 
 
 @command("enqueue", "store a task; prints its id", _enqueue_arguments)
@@ -152,7 +156,8 @@ def cmd_enqueue(args, cfg) -> int:
                                 max_attempts=args.max_attempts, depends_on=args.depends_on,
                                 dedupe_key=args.key, workflow_id=args.workflow,
                                 await_event=args.await_event,
-                                run_on_failure=args.run_on_failure)
+                                run_on_failure=args.run_on_failure, limit_keys=args.limit_key,
+                                estimated_tokens=args.estimated_tokens)
     print(task_id)
     return EXIT_OK
 
@@ -398,6 +403,75 @@ def cmd_prune(args, cfg) -> int:
     with Queue(cfg, create=False) as queue:
         n = queue.prune(args.older_than)
     print(f"{n} task{'' if n == 1 else 's'} deleted")
+    return EXIT_OK
+
+
+@command("limits", "named limits: budget, use, pause and waiting tasks per key",
+         lambda p: p.add_argument("--json", action="store_true"))
+def cmd_limits(args, cfg) -> int:
+    from supervisor.api import limit_json
+    with Queue(cfg, create=False) as queue:
+        rows = queue.limits()
+    if args.json:
+        _print_json([limit_json(r) for r in rows])
+        return EXIT_OK
+    if not rows:
+        print("no limits configured (see [limits] in the config)", file=sys.stderr)
+        return EXIT_OK
+    now = time.time()
+    table = [("KEY", "LIMIT", "RUNNING", "REQUESTS", "TOKENS", "WAITING", "STATE")]
+    for r in rows:
+        a = r["available"]
+        conc = "-" if r["concurrency"] is None else f"{r['running']}/{r['concurrency']}"
+        req = "-" if a["requests"] is None else f"{a['requests']:.1f}/{r['burst']:.1f} left"
+        tok = "-" if a["tokens"] is None else f"{a['tokens']} left"
+        oldest = r["oldest_waiting_at"]
+        waiting = str(r["waiting"]) + (f" (oldest {_age(now - oldest)})" if oldest else "")
+        state = ("paused " + _age(r["paused_until"] - now) + ": " + (r["pause_reason"] or "")
+                 if r["paused_until"] else f"full: {r['blocked_by']}" if r["blocked_by"] else "room")
+        table.append((r["key"], r["limit"] or "(none)", conc, req, tok, waiting,
+                       _truncate(state, 60)))
+    _print_table(table)
+    return EXIT_OK
+
+
+def _schedules_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", nargs="?", choices=("pause", "resume"),
+                   help="pause or resume the schedule NAME (on every supervisor)")
+    p.add_argument("name", nargs="?", metavar="NAME")
+    p.add_argument("--json", action="store_true")
+
+
+@command("schedules", "list schedules with their last and next fire; pause or resume one",
+         _schedules_arguments)
+def cmd_schedules(args, cfg) -> int:
+    from supervisor.api import schedule_json
+    with Queue(cfg) as queue:
+        if args.action:
+            if not args.name:
+                raise InputError(f"schedules {args.action} needs the schedule's NAME", field="name")
+            queue.set_schedule_paused(args.name, args.action == "pause")
+        rows = queue.schedules()
+    if args.action:
+        row = next(r for r in rows if r["name"] == args.name)
+        print("paused" if row["paused"] else "running")
+        return EXIT_OK
+    if args.json:
+        _print_json([schedule_json(r) for r in rows])
+        return EXIT_OK
+    if not rows:
+        print("no schedules configured (see [schedules] in the config)", file=sys.stderr)
+        return EXIT_OK
+    now = time.time()
+    when = lambda ts: "-" if ts is None else f"{iso(ts)} ({_age(now - ts, signed=True)})"
+    table = [("NAME", "WHEN", "TYPE", "STATE", "LAST FIRE", "NEXT FIRE")]
+    for r in rows:
+        rule = r["cron"] if r["cron"] else f"every {r['every_s']:g}s"
+        if r["timezone"] != "UTC":
+            rule += f" {r['timezone']}"
+        table.append((r["name"], rule, r["type"], "paused" if r["paused"] else "active",
+                      when(r["last_fire_at"]), when(r["next_fire_at"])))
+    _print_table(table)
     return EXIT_OK
 
 

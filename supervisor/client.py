@@ -23,6 +23,7 @@ from typing import Any
 
 from supervisor import config as _config
 from supervisor.dbfile import refuse_if_served
+from supervisor import flowconfig
 from supervisor.errors import InputError
 from supervisor.store import FINAL, NewTask, Stats, Status, Store, Task, new_id
 from supervisor.store.tasks import check_dependencies_without_database
@@ -32,7 +33,8 @@ from supervisor.workflow_client import WorkflowCalls, check_event_name
 _STATUSES = ", ".join(str(s) for s in Status)
 _ITEM_KEYS = frozenset({"id", "type", "payload", "priority", "delay", "run_at", "timeout_s",
                         "memory_mb", "max_attempts", "depends_on", "dedupe_key",
-                        "workflow_id", "await_event", "run_on_failure"})
+                        "workflow_id", "await_event", "run_on_failure",
+                        "limit_keys", "estimated_tokens"})
 _POLL_FIRST_S = 0.005   # first sleep of wait(); doubles up to _POLL_MAX_S
 _POLL_MAX_S = 0.1
 _REREAD_S = 1.0         # re-read the row at least this often, whatever data_version says
@@ -127,21 +129,33 @@ class Queue(WorkflowCalls):
                 memory_mb: int | None = None, max_attempts: int | None = None,
                 depends_on: Iterable[str] = (), dedupe_key: str | None = None,
                 workflow_id: str | None = None, await_event: str | None = None,
-                run_on_failure: bool = False) -> str:
+                run_on_failure: bool = False, limit_keys: Iterable[str] = (),
+                estimated_tokens: int | None = None) -> str:
         """Store one task durably and return its id (or, with `dedupe_key` held by an
         unfinished task, that task's id). `delay` is seconds from now; `run_at` an epoch
         time or an aware datetime. Priority and max_attempts default to the type's config.
         `workflow_id` joins an existing workflow (default: the task starts its own);
         `await_event` keeps it blocked until `send_event(name)`; `run_on_failure` runs it
-        even when a dependency failed (ctx.inputs then holds that dependency's error)."""
+        even when a dependency failed (ctx.inputs then holds that dependency's error).
+        `limit_keys` adds named limits (e.g. "tenant:42") to the type's `limits`; the
+        claim charges them `estimated_tokens` (else the type's, else the payload's
+        max_tokens, else each limit's own estimate)."""
         now = time.time()
         task = self._new_task(dict(type=type, payload=payload, priority=priority, delay=delay,
                                    run_at=run_at, timeout_s=timeout_s, memory_mb=memory_mb,
                                    max_attempts=max_attempts, depends_on=depends_on,
                                    dedupe_key=dedupe_key, workflow_id=workflow_id,
-                                   await_event=await_event, run_on_failure=run_on_failure), now)
+                                   await_event=await_event, run_on_failure=run_on_failure,
+                                   limit_keys=limit_keys, estimated_tokens=estimated_tokens), now)
         self._check_new_file([task], now)
         return self._call(lambda s: s.enqueue(task, now), notify=True)
+
+    def prepare(self, type: str, payload: Mapping[str, Any] | None = None,
+                priority: int | None = None) -> NewTask:
+        """Check a task and fill its defaults as `enqueue` does, without storing it (for
+        the schedule step, which stores it in the transaction that claims its fire)."""
+        return self._new_task({"type": type, "payload": payload, "priority": priority},
+                              time.time())
 
     def enqueue_many(self, items: Iterable[Mapping[str, Any]]) -> list[str]:
         """Store every item in one transaction, all or nothing; returns their ids in order.
@@ -216,6 +230,25 @@ class Queue(WorkflowCalls):
         how many."""
         older = _seconds(older_than_s, "older_than_s", minimum=0.0)
         return self._call(lambda s: s.prune(time.time() - older))
+
+    def set_schedule_paused(self, name: str, paused: bool) -> None:
+        """Pause or resume the schedule `name` for every supervisor on the database (a
+        resumed schedule does not run the fires that passed while it was paused).
+        Raises InputError when the config has no such schedule."""
+        if name not in self.config.schedules:
+            raise InputError(f"no schedule named {name!r} in the config (known: "
+                             f"{', '.join(self.config.schedules) or 'none'})", field="name")
+        self._call(lambda s: s.set_schedule_paused(name, paused, time.time()))
+
+    def limits(self) -> list[dict]:
+        """Each named limit key: its budget, use, pause and waiting tasks (epoch times)."""
+        return self._call(lambda s: s.limit_report(self.config.limit_table(), time.time()))
+
+    def schedules(self) -> list[dict]:
+        """Each configured schedule with its last and next fire (epoch times)."""
+        from supervisor.schedule import describe
+        states, fires = self._call(lambda s: s.schedule_states())
+        return describe(self.config.schedules, states, fires, time.time())
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -325,12 +358,44 @@ class Queue(WorkflowCalls):
         if not isinstance(run_on_failure, bool):
             raise InputError(f"run_on_failure must be true or false, got {_kind(run_on_failure)}",
                              field="run_on_failure")
+        keys = self._limit_keys(type_, f.get("limit_keys"))
+        estimated = f.get("estimated_tokens")
+        if estimated is not None:
+            _integer(estimated, "estimated_tokens", minimum=0)
+        elif keys:
+            estimated = _estimate(self.config.types.get(type_), f.get("payload"))
         return NewTask(type=type_, payload=payload, priority=priority,
                        run_after=_run_after(f.get("delay"), f.get("run_at"), now),
                        timeout_s=timeout_s, memory_mb=memory_mb, max_attempts=max_attempts,
                        depends_on=_deps(f.get("depends_on", ())), dedupe_key=key, id=task_id,
                        workflow_id=workflow_id, await_event=await_event,
-                       run_on_failure=run_on_failure)
+                       run_on_failure=run_on_failure,
+                       limit_keys=keys, estimated_tokens=estimated if keys else None)
+
+    def _limit_keys(self, type_: str, extra: Any) -> tuple[str, ...]:
+        """The type's limits plus the task's own keys, checked; InputError names the key."""
+        if extra is None:
+            extra = ()
+        if isinstance(extra, str):
+            extra = (extra,)
+        try:
+            extra = tuple(extra)
+        except TypeError:
+            raise InputError(f"limit_keys must be a list of strings, got {_kind(extra)}",
+                             field="limit_keys") from None
+        table = self.config.limit_table()
+        for key in extra:
+            if not isinstance(key, str) or not flowconfig.KEY_RE.fullmatch(key):
+                raise InputError(f"limit_keys: {key!r} is not a limit key (1-200 printable "
+                                 "ASCII characters, no spaces, no *)", field="limit_keys")
+            if table and table.spec(key) is None:
+                raise InputError(f"limit_keys: {key!r} matches no [limits] entry of the config "
+                                 f"(names: {', '.join(sorted(table.specs))})", field="limit_keys")
+        keys = tuple(dict.fromkeys((*self.config.type_limits(type_), *extra)))
+        if len(keys) > flowconfig.MAX_KEYS:
+            raise InputError(f"limit_keys: at most {flowconfig.MAX_KEYS} keys per task",
+                             field="limit_keys")
+        return keys
 
     def _payload(self, payload: Any) -> str:
         if payload is None:
@@ -353,6 +418,18 @@ class Queue(WorkflowCalls):
             raise InputError(f"payload is {size} bytes, over the limit of {limit} bytes "
                              "(supervisor.max_payload_bytes)", field="payload")
         return text
+
+
+def _estimate(type_config, payload: Any) -> int | None:
+    """The token estimate of a task with no estimate of its own: its type's, else the
+    payload's max_tokens (what a model call may produce at most)."""
+    if type_config is not None and type_config.estimated_tokens is not None:
+        return type_config.estimated_tokens
+    if isinstance(payload, Mapping):
+        max_tokens = payload.get("max_tokens")
+        if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens >= 0:
+            return max_tokens
+    return None
 
 
 def _run_after(delay: Any, run_at: Any, now: float) -> float | None:

@@ -23,7 +23,10 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from supervisor.budget import LimitSpec, Limits
 from supervisor.errors import ConfigError
+from supervisor.flowconfig import ScheduleSpec
+from supervisor import flowconfig
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ class SupervisorConfig:
     busy_timeout_s: float = 5.0
     max_payload_bytes: int = 1048576
     max_result_bytes: int = 1048576
+    retain_finished: float | None = 14 * 86400.0  # seconds; None: "forever"
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,8 @@ class TypeConfig:
     backoff_max_s: float | None = None
     priority: int | None = None
     max_reschedules: int | None = None
+    limits: tuple[str, ...] | None = None   # [limits] keys every task of the type draws from
+    estimated_tokens: int | None = None     # what a claim charges token budgets per task
 
 
 @dataclass(frozen=True)
@@ -103,14 +109,31 @@ class Config:
     http: HttpConfig
     log: LogConfig
     llm: LlmConfig
+    limits: Mapping[str, LimitSpec] = dataclasses.field(default_factory=dict)
+    schedules: Mapping[str, ScheduleSpec] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "types", MappingProxyType(dict(self.types)))
+        object.__setattr__(self, "limits", MappingProxyType(dict(self.limits)))
+        object.__setattr__(self, "schedules", MappingProxyType(dict(self.schedules)))
 
     def __reduce__(self):
         # A mappingproxy cannot be pickled; rebuild from a plain dict.
         return (Config, (self.path, self.supervisor, self.defaults, dict(self.types),
-                         self.http, self.log, self.llm))
+                         self.http, self.log, self.llm, dict(self.limits), dict(self.schedules)))
+
+    def limit_table(self) -> Limits:
+        """The [limits] entries, matching keys by name or `prefix:*` (built once per
+        config: the claim asks on every call)."""
+        cached = _limit_tables.get(id(self.limits))
+        if cached is None or cached[0] is not self.limits:
+            if len(_limit_tables) > 16:
+                _limit_tables.clear()
+            cached = _limit_tables[id(self.limits)] = (self.limits, Limits(self.limits))
+        return cached[1]
+
+    def type_limits(self, type_name: str) -> tuple[str, ...]:
+        return self.types.get(type_name, _NO_TYPE).limits or ()
 
     def setting(self, type_name: str, key: str) -> Any:
         """The type's value for a [defaults] key, else the default. KeyError for other keys."""
@@ -136,6 +159,7 @@ class Config:
 
 
 _NO_TYPE = TypeConfig()
+_limit_tables: dict[int, tuple] = {}  # id of a config's limits -> (that mapping, its Limits)
 _DEFAULT_KEYS = frozenset(f.name for f in dataclasses.fields(Defaults))
 
 
@@ -175,6 +199,7 @@ _SECTIONS: dict[str, dict[str, _Field]] = {
         "busy_timeout_s": _Field("seconds", 0, maximum=HOUR_S),
         "max_payload_bytes": _Field("int", 1, maximum=MAX_BYTES),
         "max_result_bytes": _Field("int", 1, maximum=MAX_BYTES),
+        "retain_finished": _Field("seconds", 0, above=True, null="forever", maximum=100 * YEAR_S),
     },
     "defaults": {
         "timeout_s": _Field("seconds", 0, above=True, null="none", maximum=YEAR_S),
@@ -205,6 +230,8 @@ _TYPE_FIELDS: dict[str, _Field] = {
     "handler": _Field("handler"),
     "concurrency": _Field("int", 1, maximum=1_000_000),
     **{k: dataclasses.replace(f, null=None) for k, f in _SECTIONS["defaults"].items()},
+    "limits": _Field("limitkeys"),
+    "estimated_tokens": _Field("int", 0, maximum=10 ** 12),
 }
 _SECTION_CLASSES = {"supervisor": SupervisorConfig, "defaults": Defaults,
                     "http": HttpConfig, "log": LogConfig, "llm": LlmConfig}
@@ -247,17 +274,20 @@ def load(path: str | os.PathLike | None, env: Mapping[str, str] | None = None) -
         label, base, data = str(file), file.parent, _read(file)
     errors: list[str] = []
     values, types = _check_document(data, label, base, errors)
+    limits = flowconfig.check_limits(data.get("limits", {}), label, errors)
+    schedules = flowconfig.check_schedules(data.get("schedules", {}), label, errors)
     for section, overrides in _env_overrides(env, errors).items():
         values[section].update(overrides)
     values["supervisor"].setdefault("database", _absolute("taskvisor.db", base))
     sections = {name: cls(**values[name]) for name, cls in _SECTION_CLASSES.items()}
     type_configs = {name: TypeConfig(**v) for name, v in types.items()}
+    errors += flowconfig.unmatched_type_limits(type_configs, limits, label)
     _check_backoff(label, "[defaults]", sections["defaults"], Defaults(), errors)
     for name, tc in type_configs.items():
         _check_backoff(label, f"[types.{_quote(name)}]", tc, sections["defaults"], errors)
     if errors:
         raise ConfigError(errors)
-    return Config(path=file, types=type_configs, **sections)
+    return Config(path=file, types=type_configs, limits=limits, schedules=schedules, **sections)
 
 
 def dump(config: Config) -> str:
@@ -281,6 +311,7 @@ def dump(config: Config) -> str:
             if (value := getattr(tc, key)) is not None:
                 lines.append(f"{key} = {_toml(value)}")
         lines.append("")
+    lines += flowconfig.dump(dict(config.limits), dict(config.schedules))
     return "\n".join(lines)
 
 
@@ -304,6 +335,8 @@ def _check_document(data: dict, label: str, base: Path, errors: list[str]):
     values: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
     types: dict[str, dict[str, Any]] = {}
     for section, table in data.items():
+        if section in ("limits", "schedules"):
+            continue  # flowconfig checks them
         if section not in _SECTIONS and section != "types":
             errors.append(f"{label}: {_unknown_top(section, table)}")
         elif not isinstance(table, dict):
@@ -343,7 +376,7 @@ def _check_table(table: dict, section: str, specs: dict[str, _Field], base: Path
 def _unknown_top(name: str, value: Any) -> str:
     if not isinstance(value, dict) and (hint := _suggest(name, "")):
         return f"{name}: a key outside any section{hint}"
-    close = difflib.get_close_matches(name, [*_SECTIONS, "types"], n=1)
+    close = difflib.get_close_matches(name, [*_SECTIONS, "types", "limits", "schedules"], n=1)
     return f"[{name}]: unknown section" + (f" (did you mean [{close[0]}]?)" if close else "")
 
 
@@ -441,6 +474,11 @@ def _convert(spec: _Field, value: Any, base: Path) -> Any:
         value = float(value)
         if not math.isfinite(value):
             raise _Bad(f"expected a finite number of seconds, got {value}")
+    elif spec.kind == "limitkeys":
+        try:
+            return flowconfig.check_type_limits(value)
+        except ValueError as e:
+            raise _Bad(str(e)) from None
     elif spec.kind == "modules":
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, list) or not all(isinstance(v, str) for v in items):

@@ -62,6 +62,10 @@ ROUTES = [  # (method, compiled path, Api method name, needs the token)
     ("GET", "/api/running", "running", False),
     ("GET", "/api/queued", "queued", False),
     ("GET", "/api/throughput", "throughput", False),
+    ("GET", "/api/limits", "limits", False),
+    ("GET", "/api/schedules", "schedules", False),
+    ("POST", "/api/schedules/(?P<name>[^/]+)/pause", "pause_schedule", True),
+    ("POST", "/api/schedules/(?P<name>[^/]+)/resume", "resume_schedule", True),
     ("GET", "/api/openapi.json", "openapi", False),
     ("GET", "/healthz", "healthz", False),
 ]

@@ -27,10 +27,13 @@ from collections.abc import Callable
 
 from supervisor import __version__, checkpointing, handlercode, policy, proctree, spawning
 from supervisor.children import Child, Children, forward_to_stderr
+from supervisor.client import Queue
 from supervisor.config import Config, load
-from supervisor.errors import ConfigError, StoreError
+from supervisor.errors import ConfigError, InputError, StoreError
 from supervisor.forkserver import ForkServer, ForkServerError, ForkServers, handlers_of
 from supervisor.lease import Leases
+from supervisor.retention import Retention
+from supervisor.schedule import Scheduler
 from supervisor.service import Notifier
 from supervisor.signals import Signals
 from supervisor.store import AttemptEnd, Outcome, Store, Task
@@ -108,6 +111,8 @@ class Supervisor:
                                  forward_output=forward_to_stderr)
         self.timers = Timers()
         self.leases = Leases(self)
+        self.scheduler = Scheduler()
+        self.retention = Retention()
         self.started_at = proctree.start_time(os.getpid())  # with the pid, names this process
         self.signals = Signals()
         self.notifier = Notifier()
@@ -171,6 +176,8 @@ class Supervisor:
         self.guard(self.leases.expire, now, mono)
         self.guard(self.leases.extend, now, mono)
         self.guard(self.check_cancels, mono)
+        self.guard(self.fire_schedules, now, mono)
+        self.guard(self.prune_finished, now, mono)
         self.guard(self.publish, now, mono)
         return True
 
@@ -466,6 +473,8 @@ class Supervisor:
             status = self.store.fail(lease, end, now, self.backoff(child.task.type),
                                      max_reschedules=self.config.setting(
                                          child.task.type, "max_reschedules"))
+        if child.task.limit_keys or end.pause_limits:
+            self.store.settle_limits(child.task, end, self.config.limit_table(), now)
         if status is None:
             log.warning("outcome of %s attempt %d not recorded: the lease was lost (another "
                         "supervisor rescued it)", lease.id, lease.attempt, extra={"task_id": lease.id})
@@ -508,17 +517,42 @@ class Supervisor:
             task = self.store.claim(
                 self.owner, now, lease_s=cfg.supervisor.lease_s, caps=caps,
                 memory_budget_mb=self.memory_budget_mb, type_memory_mb=type_mb,
-                default_memory_mb=cfg.defaults.memory_mb, reserved_mb=reserved)
+                default_memory_mb=cfg.defaults.memory_mb, reserved_mb=reserved,
+                limits=cfg.limit_table())
             if task is None:
                 self.claim_needed = False
                 # Wake up for the next delayed task, not a poll interval later.
                 due_at = self.store.next_run_after(now)
                 if due_at is not None:
                     self.timers.next_due = self.clock.monotonic() + max(0.0, due_at - now)
+                if self.store.limit_room_s is not None:  # ... or for a limit to have room
+                    self.timers.next_due = min(self.timers.next_due,
+                                               self.clock.monotonic() + self.store.limit_room_s)
                 break
             claimed.append(task)
             reserved += task.reserved_mb or 0
         return claimed
+
+    def fire_schedules(self, now: float, mono: float) -> None:
+        """Enqueue the schedules' due fires (once across supervisors; supervisor.schedule)."""
+        if self.stopping:
+            return
+        # A fire's task gets the client's checks and per-type defaults (opens nothing).
+        prepare = lambda *task: Queue(self.config).prepare(*task)  # noqa: E731
+        try:
+            if self.scheduler.step(self.store, self.config, prepare, now, mono):
+                self.claim_needed = True
+        except (StoreError, InputError) as exc:
+            log.error("schedule step failed, trying again in 1s: %s", exc)
+            self.scheduler.due_mono = mono + 1.0
+
+    def prune_finished(self, now: float, mono: float) -> None:
+        """One small batch of retention when due (supervisor.retention)."""
+        try:
+            self.retention.step(self.store, self.config.supervisor.retain_finished, now, mono)
+        except StoreError as exc:
+            log.error("retention batch failed: %s", exc)
+            self.retention.due_mono = mono + 5.0
 
     # -- status and waiting --------------------------------------------------------------
 
@@ -570,6 +604,7 @@ class Supervisor:
                 times.append(t.progress)
         if self.dbfile is not None:
             times.append(t.dbfile)
+        times += (self.scheduler.due_mono, self.retention.due_mono)
         for extra in (kids.next_timer(), self.stop_deadline, self.servers.restart_at,
                       self.notifier.next_watchdog_mono()):
             if extra is not None:

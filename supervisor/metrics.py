@@ -153,6 +153,7 @@ class Metrics:
         """Add the collectors that read the Supervisor and the database at scrape time."""
         self.registry.register(LoopCollector(supervisor))
         self.registry.register(DatabaseCollector(database, self.types))
+        self.registry.register(LimitCollector(supervisor, database))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -299,6 +300,55 @@ class DatabaseCollector:
             for label, n in sorted(self.enqueued.items()):
                 enqueued.add_metric([label], n)
         yield enqueued
+
+
+class LimitCollector:
+    """Named limits at scrape time: what each key has left and how long its oldest
+    waiting task has waited. `limit` is the concrete key ("openai", "tenant:42"); at most
+    MAX_LIMIT_KEYS keys are exported (configured names first), so per-tenant keys cannot
+    blow up cardinality."""
+
+    MAX_LIMIT_KEYS = 100
+
+    def __init__(self, supervisor, database: LockedStore):
+        self.sup = supervisor
+        self.database = database
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        now = time.time()
+        try:
+            with self.database as store:
+                rows = store.limit_report(self.sup.snapshot.config.limit_table(), now)
+        except StoreError as exc:
+            log.warning("metrics: limit state read failed, limit metrics left out: %s", exc)
+            return
+        rows.sort(key=lambda r: (r["limit"] != r["key"], r["key"]))
+        available = GaugeMetricFamily(
+            "taskvisor_limit_available",
+            "What a named limit has left now, by key and kind: requests (request bucket), "
+            "tokens (token bucket; negative while in debt), concurrency (free slots); 0 "
+            "for every kind while the limit is paused.", labels=["limit", "kind"])
+        waiting = GaugeMetricFamily(
+            "taskvisor_limit_wait_seconds",
+            "How long the oldest due task waiting on this limit has waited (0 when none).",
+            labels=["limit"])
+        queued = GaugeMetricFamily(
+            "taskvisor_limit_waiting_tasks", "Queued tasks that draw from this limit.",
+            labels=["limit"])
+        for row in rows[:self.MAX_LIMIT_KEYS]:
+            paused = row["paused_until"] is not None
+            for kind, value in row["available"].items():
+                if value is not None:
+                    available.add_metric([row["key"], kind], 0 if paused else value)
+            oldest = row["oldest_waiting_at"]
+            waiting.add_metric([row["key"]], 0.0 if oldest is None else max(0.0, now - oldest))
+            queued.add_metric([row["key"]], row["waiting"])
+        yield available
+        yield waiting
+        yield queued
 
 
 def _gauge(name: str, help_text: str, value: float) -> GaugeMetricFamily:

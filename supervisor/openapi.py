@@ -88,6 +88,8 @@ TASK_FIELDS = {
     "parent_id": _null({"type": "string", "description": "the task that spawned it"}),
     "await_event": _null({"type": "string", "description": "blocked until this event is sent"}),
     "run_on_failure": BOOL,
+    "limit_keys": {"type": "array", "items": STR},
+    "estimated_tokens": _null(INT), "schedule": _null(STR), "scheduled_for": _null(TIME),
 }
 TASK_REQUIRED = [k for k in TASK_FIELDS if k != "result"]
 
@@ -139,6 +141,13 @@ SCHEMAS: dict[str, Any] = {
                                   "characters, not only spaces"}),
             "run_on_failure": _null({"type": "boolean", "description": "run even when a "
                                      "dependency failed"}),
+            "limit_keys": _null({"type": "array", "maxItems": 16, "items": {
+                "type": "string", "pattern": r"^[!-)+-~]{1,200}$"},
+                "description": "named limits the task draws from, besides its type's; each "
+                               "must match a [limits] entry by name or prefix:*"}),
+            "estimated_tokens": _null({"type": "integer", "minimum": 0,
+                                       "maximum": INT64["maximum"],
+                                       "description": "what the claim charges token budgets"}),
         },
     },
     "Workflow": _obj({
@@ -158,6 +167,25 @@ SCHEMAS: dict[str, Any] = {
                               "before, and nothing changed"},
         "released": {"type": "array", "items": STR}}),
     "Awaiting": _obj({"tasks": {"type": "array", "items": {"$ref": REF + "TaskSummary"}}}),
+    "Limits": _obj({"now": TIME, "limits": {"type": "array", "items": _obj({
+        "key": STR, "limit": _null(STR), "requests_per_minute": _null(NUM),
+        "tokens_per_minute": _null(NUM), "concurrency": _null(INT), "burst": _null(NUM),
+        "running": INT,
+        "available": _obj({"requests": _null(NUM), "tokens": _null(NUM),
+                           "concurrency": _null(INT)}),
+        "blocked_by": _null({"type": "string", "enum": ["paused", "concurrency", "requests",
+                                                        "tokens"]}),
+        "paused_until": _null(TIME), "pause_reason": _null(STR), "waiting": INT,
+        "oldest_waiting_at": _null(TIME),
+        "room_in_s": _null({"type": "number", "description": "seconds until time alone "
+                            "frees room; null: only a running task ending can"})})}}),
+    "Schedule": _obj({
+        "name": STR, "type": STR, "cron": _null(STR), "every_s": _null(NUM), "timezone": STR,
+        "catch_up": {"type": "string", "enum": ["skip", "one"]}, "paused": BOOL,
+        "payload": {"type": "object"}, "last_fire_at": _null(TIME),
+        "last_task_id": _null(STR), "next_fire_at": _null(TIME)}),
+    "Schedules": _obj({"now": TIME, "schedules": {"type": "array",
+                                                  "items": {"$ref": REF + "Schedule"}}}),
     "Stats": _obj({
         "totals": {"type": "object", "additionalProperties": INT,
                    "description": "tasks by status"},
@@ -200,7 +228,7 @@ def _json(ref: str, description: str) -> dict:
 
 def _errors(*codes: int) -> dict:
     text = {400: "bad input; `field` names it", 401: "missing or wrong token",
-            404: "no such task", 408: "the body did not arrive in time",
+            404: "no such task (or schedule)", 408: "the body did not arrive in time",
             409: "the task is not failed or cancelled",
             413: "the body is too large", 415: "the body is not JSON",
             503: "the database does not answer"}
@@ -208,6 +236,7 @@ def _errors(*codes: int) -> dict:
 
 
 ID_PARAM = {"name": "id", "in": "path", "required": True, "schema": STR}
+NAME_PARAM = {"name": "name", "in": "path", "required": True, "schema": STR}
 LIMIT = {"name": "limit", "in": "query", "required": False,
          "description": "page size, 1 to 1000; empty means the default (50)",
          "schema": {"anyOf": [{"type": "integer", "minimum": 1, "maximum": 1000},
@@ -290,6 +319,19 @@ PATHS = {
     "/api/throughput": {"get": _op("Attempts ended per minute over the last hour", {
         "200": _json("Throughput", "60 one-minute buckets, oldest first"), **_errors(503)},
         operationId="throughput")},
+    "/api/limits": {"get": _op("Named limits: budget, use, pause and waiting tasks per key", {
+        "200": _json("Limits", "every configured limit and every key in use"),
+        **_errors(503)}, operationId="limits")},
+    "/api/schedules": {"get": _op("Schedules with their last and next fire", {
+        "200": _json("Schedules", "every configured schedule"), **_errors(503)},
+        operationId="schedules")},
+    "/api/schedules/{name}/pause": {"post": _op("Pause a schedule on every supervisor", {
+        "200": _json("Schedule", "the schedule, paused"), **_errors(401, 404, 503)},
+        operationId="pauseSchedule", parameters=[NAME_PARAM], security=WRITE)},
+    "/api/schedules/{name}/resume": {"post": _op(
+        "Resume a schedule (fires that passed while paused are not run)", {
+            "200": _json("Schedule", "the schedule, running"), **_errors(401, 404, 503)},
+        operationId="resumeSchedule", parameters=[NAME_PARAM], security=WRITE)},
     "/api/openapi.json": {"get": _op("This document", {
         "200": {"description": "OpenAPI 3.1", "content": {"application/json": {
             "schema": {"type": "object"}}}}}, operationId="openapi")},
@@ -307,7 +349,8 @@ PATHS = {
 
 def document(config=None) -> dict:
     """The document; with the supervisor's `config`, the limits that follow it (memory_mb
-    at most [supervisor] memory_budget_mb, the payload size) are stated too."""
+    at most [supervisor] memory_budget_mb, the payload size) are stated too, and the
+    configured schedules' names."""
     schemas = SCHEMAS
     if config is not None:
         schemas = copy.deepcopy(SCHEMAS)
@@ -320,6 +363,14 @@ def document(config=None) -> dict:
         props["payload"]["description"] = (
             f"JSON object handed to the handler; at most {config.supervisor.max_payload_bytes}"
             " bytes as compact UTF-8 JSON (supervisor.max_payload_bytes)")
+    paths = PATHS
+    names = sorted(getattr(config, "schedules", None) or ())
+    if names:  # the pause and resume paths' `name`: one of the configured schedules
+        named = {**NAME_PARAM, "schema": {"type": "string", "enum": names}}
+        paths = dict(PATHS)
+        for action in ("pause", "resume"):
+            key = f"/api/schedules/{{name}}/{action}"
+            paths[key] = {"post": {**PATHS[key]["post"], "parameters": [named]}}
     return {
         "openapi": "3.1.0",
         "info": {"title": "taskvisor", "version": __version__,
@@ -327,7 +378,7 @@ def document(config=None) -> dict:
                  "loopback; writes need `Authorization: Bearer <token>` (the token file "
                  "beside the database, or [http] token_file). Errors are JSON "
                  "{error, field}. Times are ISO 8601 UTC."},
-        "paths": PATHS,
+        "paths": paths,
         "components": {"schemas": schemas, "securitySchemes": {
             "bearer": {"type": "http", "scheme": "bearer"}}},
     }

@@ -281,7 +281,9 @@ def _run_handler(spec: dict, reporter: Reporter, log_settings: tuple[bool, str])
                       max_attempts=task["max_attempts"], deadline_at=spec.get("deadline_at"),
                       reporter=reporter, config=spec.get("config"), log_settings=log_settings,
                       context=spec.get("context"), known_type=_known_type,
-                      max_state_bytes=spec.get("max_result_bytes", 1 << 20))
+                      max_state_bytes=spec.get("max_result_bytes", 1 << 20),
+                      limit_keys=spec.get("limit_keys") or (),
+                      type_limits=spec.get("type_limits") or ())
 
     def on_term(signum, frame):
         ctx.cancelled = True
@@ -309,7 +311,8 @@ def _run_handler(spec: dict, reporter: Reporter, log_settings: tuple[bool, str])
             result = asyncio.run(_await(result))
         _send_result(reporter, result, spec.get("max_result_bytes", 1 << 20), ctx.spawned)
     except Retry as exc:
-        reporter.send(wire.RETRY, delay_s=exc.delay_s, reason=exc.reason)
+        reporter.send(wire.RETRY, delay_s=exc.delay_s, reason=exc.reason,
+                      pause_limit=exc.pause_limit)
     except TaskCancelled:
         set_handler(SIGTERM, SIG_DFL)
         reporter.send(wire.CANCELLED)

@@ -22,12 +22,23 @@ def _wf():
 
 class Retry(Exception):
     """Raise from a handler to run the task again after `delay_s` without spending an
-    attempt (an HTTP 429 with Retry-After, a resource that is busy)."""
+    attempt (an HTTP 429 with Retry-After, a resource that is busy).
 
-    def __init__(self, delay_s: float = 0.0, reason: str | None = None):
+    `pause_limit="openai"` (or a list of keys) also pauses those named limits for
+    `delay_s`: no task that draws from them is claimed meanwhile, on any supervisor."""
+
+    def __init__(self, delay_s: float = 0.0, reason: str | None = None, *,
+                 pause_limit: str | list[str] | tuple[str, ...] | None = None):
         if delay_s < 0:
             raise ValueError("Retry delay_s must be >= 0")
+        if isinstance(pause_limit, str):
+            pause_limit = [pause_limit]
+        elif pause_limit is not None:
+            pause_limit = list(pause_limit)
+            if not all(isinstance(k, str) and k for k in pause_limit):
+                raise ValueError("Retry pause_limit must be a limit key or a list of them")
         self.delay_s = float(delay_s)
+        self.pause_limit = pause_limit or None
         self.reason = reason or f"handler asked to retry in {delay_s:g}s"
         super().__init__(self.reason)
 
@@ -61,7 +72,8 @@ class TaskContext:
     def __init__(self, *, id: str, type: str, attempt: int, max_attempts: int,
                  deadline_at: float | None, reporter, logger=None, config: dict | None = None,
                  log_settings: tuple[bool, str] | None = None, context: dict | None = None,
-                 max_state_bytes: int = 1 << 20, known_type=None):
+                 max_state_bytes: int = 1 << 20, known_type=None, limit_keys=(),
+                 type_limits=()):
         self.id = id
         self.type = type
         self.attempt = attempt
@@ -69,6 +81,8 @@ class TaskContext:
         self.deadline = deadline_at          # epoch seconds, or None without a time limit
         self.cancelled = False                # set once the supervisor asked to stop
         self.config = config or {}            # config sections for handlers: {"llm": {...}}
+        self.limit_keys = tuple(limit_keys)   # every named limit this task draws from
+        self.type_limits = tuple(type_limits) # those its type names (the provider's, say)
         self._reporter = reporter
         self._logger_base = logger
         self._log_settings = log_settings     # (JSON lines?, level) for a lazy set-up
@@ -172,6 +186,14 @@ class TaskContext:
             fraction = min(1.0, max(0.0, float(fraction)))
         self._reporter.send("progress", fraction=fraction,
                             message=None if message is None else str(message)[:500])
+
+    def spend(self, tokens: int) -> None:
+        """Report model tokens this attempt used; its limits' token budgets are corrected
+        by the difference from the estimate the claim charged. May be called repeatedly
+        (the amounts add up)."""
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+            raise ValueError(f"spend(tokens=...) takes an integer >= 0, got {tokens!r}")
+        self._reporter.send("spend", tokens=tokens)
 
     def heartbeat(self) -> None:
         """Say the task is alive (long calls that have no progress to report)."""

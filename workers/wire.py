@@ -32,6 +32,7 @@ RETRY = "retry"          # reschedule after delay_s without spending an attempt
 CANCELLED = "cancelled"  # the handler stopped after a cancel request
 CHECKPOINT = "checkpoint"  # a request: store this JSON text as the task's state (ctx.checkpoint)
 MAX_SPAWNS = 10_000      # tasks one attempt may spawn (a "spawn" list on its result)
+SPEND = "spend"          # model tokens the attempt used (ctx.spend), fire-and-forget
 FINAL = frozenset((RESULT, ERROR, RETRY, CANCELLED))  # exactly one of these ends an attempt
 
 # The outcomes a task process may claim in an ERROR message (a Fail, a MemoryError, or a
@@ -92,7 +93,10 @@ REPORT: dict[str, dict[str, Field]] = {
             "traceback": Field(str, max_len=65536), "retryable": Field(bool),
             "outcome": Field(str, choices=ERROR_OUTCOMES)},
     RETRY: {"delay_s": Field(_NUM, low=0.0, high=10 * 365 * 86400.0),
-            "reason": Field((str, NoneType), required=False, max_len=2000)},
+            "reason": Field((str, NoneType), required=False, max_len=2000),
+            # a limit key or a list of them (at most 16; each item checked by the receiver)
+            "pause_limit": Field((str, list, NoneType), required=False, max_len=200)},
+    SPEND: {"tokens": Field(int, low=0, high=10 ** 12)},
     CANCELLED: {},
     CHECKPOINT: {"state": Field(str)},  # within max_result_bytes: the supervisor checks
 }

@@ -311,6 +311,59 @@
     refresh();
   }
 
+  // -- flow control: limits and schedules -------------------------------------------------
+
+  function renderLimits(data) {
+    const rows = data.limits.map((l) => {
+      const a = l.available;
+      const left = [a.requests === null ? null : a.requests.toFixed(1) + " req",
+        a.tokens === null ? null : a.tokens + " tok",
+        a.concurrency === null ? null : l.running + "/" + l.concurrency + " running"].filter(Boolean);
+      const state = l.paused_until ? "paused until " + clock(l.paused_until)
+        : l.blocked_by ? "full: " + l.blocked_by : "room";
+      return el("tr", null,
+        el("td", { class: "type" }, l.key),
+        el("td", null, left.join(", ") || "–"),
+        el("td", { class: "num" }, l.waiting),
+        el("td", null, l.oldest_waiting_at ? ago(l.oldest_waiting_at) : "–"),
+        el("td", { class: "reason", title: l.pause_reason || "" },
+          el("span", { class: "pill " + (state === "room" ? "succeeded" : "failed") }, state)));
+    });
+    table($("limits"), ["key", "left", "waiting", "oldest", "state"], rows, "no limits configured");
+  }
+
+  function renderSchedules(data) {
+    const rows = data.schedules.map((s) => {
+      const button = el("button", { type: "button", class: "ghost" }, s.paused ? "Resume" : "Pause");
+      button.addEventListener("click", () => pauseSchedule(s.name, !s.paused));
+      return el("tr", null,
+        el("td", { class: "type" }, s.name),
+        el("td", null, (s.cron || "every " + duration(s.every_s)) + (s.timezone === "UTC" ? "" : " " + s.timezone)),
+        el("td", null, s.type),
+        el("td", null, s.last_fire_at ? when(s.last_fire_at) : "–"),
+        el("td", null, s.paused ? el("span", { class: "pill failed" }, "paused") : clock(s.next_fire_at)),
+        el("td", null, button));
+    });
+    table($("schedules"), ["name", "when", "type", "last fire", "next fire", ""], rows, "no schedules configured");
+  }
+
+  async function pauseSchedule(name, pause) {
+    $("schedules-message").textContent = pause ? "pausing…" : "resuming…";
+    try {
+      await write("/api/schedules/" + encodeURIComponent(name) + "/" + (pause ? "pause" : "resume"));
+      $("schedules-message").textContent = name + (pause ? " paused" : " resumed");
+    } catch (err) {
+      $("schedules-message").textContent = "failed: " + (err.message || err);
+    }
+    refreshFlow();
+  }
+
+  async function refreshFlow() {
+    const [limits, schedules] = await Promise.all([getJSON("/api/limits"), getJSON("/api/schedules")]);
+    renderLimits(limits);
+    renderSchedules(schedules);
+  }
+
   // -- the refresh loop ------------------------------------------------------------------
 
   async function refresh() {
@@ -329,6 +382,7 @@
       renderQueued(queued, stats.totals.queued);
       renderFailures(failures);
       renderTasks(tasks);
+      await refreshFlow();
       const ok = health.status === "ok";
       $("health").className = "pill " + (ok ? "succeeded" : "failed");
       $("health").textContent = ok ? "healthy" : "unhealthy";

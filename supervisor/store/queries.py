@@ -42,15 +42,18 @@ def insert_task(db: apsw.Connection, *, id: str, type: str, payload: str, priori
                 status: str, now: float, run_after: float, max_attempts: int,
                 timeout_s, memory_mb, cpu_s, dedupe_key, error=None, outcome=None,
                 completed_at=None, parent_id=None, workflow_id=None, await_event=None,
-                run_on_failure=False, claim_reads=0) -> None:
+                run_on_failure=False, claim_reads=0, limit_keys=None, estimated_tokens=None,
+                schedule=None, scheduled_for=None) -> None:
     db.execute(
         "INSERT INTO tasks (id, type, payload, priority, status, created_at, run_after, "
         "max_attempts, timeout_s, memory_mb, cpu_s, dedupe_key, error, outcome, completed_at, "
-        "parent_id, workflow_id, await_event, run_on_failure, claim_reads) "
-        "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        "parent_id, workflow_id, await_event, run_on_failure, claim_reads, "
+        "limit_keys, estimated_tokens, schedule, scheduled_for) "
+        "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
         (id, type, payload, priority, status, now, run_after, max_attempts, timeout_s,
          memory_mb, cpu_s, dedupe_key, error, outcome, completed_at, parent_id, workflow_id,
-         await_event, 1 if run_on_failure else 0, claim_reads))
+         await_event, 1 if run_on_failure else 0, claim_reads, limit_keys,
+         estimated_tokens, schedule, scheduled_for))
 
 
 _INSERT_QUEUED = ("INSERT INTO tasks (id, type, payload, priority, status, created_at, run_after, "
@@ -102,20 +105,53 @@ def _claim_sql(capped: bool, budget: bool, typed: bool) -> str:
     its cap, no memory budget, no per-type memory. Each variant is one prepared statement
     in apsw's cache; the full one is CLAIM_SQL."""
     declared = _DECLARED_MB if typed else _DEFAULT_MB
-    where = ["status = 'queued'", "run_after <= :now"]
-    if capped:
-        where.append("type NOT IN (SELECT value FROM json_each(:full_types))")
-    if budget:
-        where.append(f"{declared} <= :free_mb")
+    where = _claim_where(capped, budget, declared)
     return f"""
 UPDATE tasks SET status = 'running', attempts = attempts + 1, lease_owner = :owner,
        lease_expires_at = :now + :lease_s, started_at = :now, reserved_mb = {declared},
        pid = NULL, pid_started_at = NULL, progress = NULL, progress_message = NULL
 WHERE id = (
     SELECT id FROM tasks INDEXED BY tasks_claim
-    WHERE {' AND '.join(where)}
+    WHERE limit_keys IS NULL AND {where}
     ORDER BY priority DESC, id
     LIMIT 1)
+RETURNING {T}
+"""
+
+
+def _claim_where(capped: bool, budget: bool, declared: str) -> str:
+    where = ["status = 'queued'", "run_after <= :now"]
+    if capped:
+        where.append("type NOT IN (SELECT value FROM json_each(:full_types))")
+    if budget:
+        where.append(f"{declared} <= :free_mb")
+    return " AND ".join(where)
+
+
+def _claim_grouped_sql(capped: bool, budget: bool, typed: bool) -> str:
+    """The claim when a limit group has room: the better of the head of the tasks of no
+    group and the head of the group :grp, each one seek into its index (migration 0009),
+    so the tasks of full groups are never walked. `(:grp || '')`, not `:grp`: compared
+    bare, the parameter's value takes part in the partial-index check, so SQLite
+    re-prepared the statement (and its triggers) on every bind, ~20x the claim's cost."""
+    declared = _DECLARED_MB if typed else _DEFAULT_MB
+    where = _claim_where(capped, budget, declared)
+    return f"""
+UPDATE tasks SET status = 'running', attempts = attempts + 1, lease_owner = :owner,
+       lease_expires_at = :now + :lease_s, started_at = :now, reserved_mb = {declared},
+       pid = NULL, pid_started_at = NULL, progress = NULL, progress_message = NULL
+WHERE id = (
+    SELECT id FROM (
+        SELECT * FROM (
+            SELECT id, priority FROM tasks INDEXED BY tasks_claim
+            WHERE limit_keys IS NULL AND {where}
+            ORDER BY priority DESC, id LIMIT 1)
+        UNION ALL
+        SELECT * FROM (
+            SELECT id, priority FROM tasks INDEXED BY tasks_claim_limited
+            WHERE limit_keys IS NOT NULL AND limit_keys = (:grp || '') AND {where}
+            ORDER BY priority DESC, id LIMIT 1))
+    ORDER BY priority DESC, id LIMIT 1)
 RETURNING {T}
 """
 
@@ -127,17 +163,38 @@ _CLAIM_PLAIN = (_claim_sql(False, False, False).replace(":owner", "?1").replace(
                 .replace(":lease_s", "?3").replace(":default_mb", "?4"))
 _CLAIM_VARIANTS = {(c, b, t): _claim_sql(c, b, t)
                    for c in (False, True) for b in (False, True) for t in (False, True)}
+# The same claims, made only while no limit group has queued tasks, checked in the same
+# statement: the claim of a file without limited work costs no statement more than it
+# did before limits existed (migration 0009).
+_NO_GROUPS = ("\n  AND NOT EXISTS (SELECT 1 FROM limit_groups INDEXED BY limit_groups_head "
+              "WHERE queued > 0)\nRETURNING")
+_GUARDED_PLAIN = _CLAIM_PLAIN.replace("\nRETURNING", _NO_GROUPS)
+_GUARDED_VARIANTS = {k: v.replace("\nRETURNING", _NO_GROUPS) for k, v in _CLAIM_VARIANTS.items()}
+_GROUPED_VARIANTS = {(c, b, t): _claim_grouped_sql(c, b, t)
+                     for c in (False, True) for b in (False, True) for t in (False, True)}
 
 
 def claim_task(db: apsw.Connection, *, owner: str, now: float, lease_s: float,
                full_types: list[str], free_mb: float | None, type_mb: str,
-               default_mb: int) -> Task | None:
+               default_mb: int, group: str | None = None, guard: bool = False) -> Task | None:
     """Lease the next due queued task whose type is not at its cap and whose memory fits.
 
     `free_mb` None: no memory budget. `type_mb`: {type: MB} as JSON text (the store
-    caches it: the same few types on every claim)."""
+    caches it: the same few types on every claim). `group`: a limit group (limit_keys
+    text) with room whose head competes too (None: only tasks of no group). `guard`:
+    claim only if no limit group has queued tasks (None also when one has)."""
     typed = type_mb != "{}"
-    if full_types or free_mb is not None or typed:
+    if group is not None:
+        args = {"owner": owner, "now": now, "lease_s": lease_s, "default_mb": default_mb,
+                "grp": group}
+        if full_types:
+            args["full_types"] = json.dumps(full_types)
+        if free_mb is not None:
+            args["free_mb"] = free_mb
+        if typed:
+            args["type_mb"] = type_mb
+        cursor = db.execute(_GROUPED_VARIANTS[bool(full_types), free_mb is not None, typed], args)
+    elif full_types or free_mb is not None or typed:
         args = {"owner": owner, "now": now, "lease_s": lease_s, "default_mb": default_mb}
         if full_types:
             args["full_types"] = json.dumps(full_types)
@@ -145,9 +202,11 @@ def claim_task(db: apsw.Connection, *, owner: str, now: float, lease_s: float,
             args["free_mb"] = free_mb
         if typed:
             args["type_mb"] = type_mb
-        cursor = db.execute(_CLAIM_VARIANTS[bool(full_types), free_mb is not None, typed], args)
+        variants = _GUARDED_VARIANTS if guard else _CLAIM_VARIANTS
+        cursor = db.execute(variants[bool(full_types), free_mb is not None, typed], args)
     else:  # the common case, bound by position (cheaper than a dict)
-        cursor = db.execute(_CLAIM_PLAIN, (owner, now, lease_s, default_mb))
+        cursor = db.execute(_GUARDED_PLAIN if guard else _CLAIM_PLAIN,
+                            (owner, now, lease_s, default_mb))
     for row in cursor:
         return Task.from_row(row)
     return None
@@ -399,10 +458,14 @@ def select_tasks(db: apsw.Connection, *, status: str | None, type: str | None,
 
 
 def select_queued_in_order(db: apsw.Connection, limit: int) -> list[tuple]:
-    """Queued tasks in the order a claim would take them (due ones first)."""
+    """Queued tasks in the order a claim would take them (due ones first): the head of
+    each claim index (migration 0009 keeps tasks of a limit group in their own)."""
     return db.execute(
-        f"SELECT {T} FROM tasks WHERE status = 'queued' "
-        f"ORDER BY priority DESC, id LIMIT ?", (limit,)).fetchall()
+        f"SELECT * FROM (SELECT {T} FROM tasks WHERE status = 'queued' AND limit_keys IS NULL "
+        f"ORDER BY priority DESC, id LIMIT ?1) UNION ALL "
+        f"SELECT * FROM (SELECT {T} FROM tasks WHERE status = 'queued' AND limit_keys IS NOT NULL "
+        f"ORDER BY priority DESC, id LIMIT ?1) ORDER BY priority DESC, id LIMIT ?1",
+        (limit,)).fetchall()
 
 
 def count_by_status_type(db: apsw.Connection) -> list[tuple[str, str, int]]:
@@ -426,16 +489,26 @@ def select_queued_by_type(db: apsw.Connection, now: float) -> list[tuple[str, in
     types = [r[0] for r in db.execute("SELECT type FROM task_types")]
     if not types:
         return []
-    if len(types) <= _FEW_TYPES:
-        cols = ", ".join(f"count(*) FILTER (WHERE type = ?{i}), "
-                         f"min(id) FILTER (WHERE type = ?{i} AND run_after <= ?1)"
-                         for i in range(2, len(types) + 2))
-        row = db.execute(f"SELECT {cols} FROM tasks WHERE status = 'queued'",
-                         (now, *types)).fetchall()[0]
-        found = [(t, row[2 * i], row[2 * i + 1]) for i, t in enumerate(types) if row[2 * i]]
-    else:
-        found = db.execute("SELECT type, count(*), min(id) FILTER (WHERE run_after <= ?) "
-                           "FROM tasks WHERE status = 'queued' GROUP BY type", (now,)).fetchall()
+    merged: dict[str, list] = {}
+    # One scan per claim index (tasks of no limit group, then of any), each covering.
+    for part in ("limit_keys IS NULL", "limit_keys IS NOT NULL"):
+        if len(types) <= _FEW_TYPES:
+            cols = ", ".join(f"count(*) FILTER (WHERE type = ?{i}), "
+                             f"min(id) FILTER (WHERE type = ?{i} AND run_after <= ?1)"
+                             for i in range(2, len(types) + 2))
+            row = db.execute(f"SELECT {cols} FROM tasks WHERE status = 'queued' AND {part}",
+                             (now, *types)).fetchall()[0]
+            found = [(t, row[2 * i], row[2 * i + 1]) for i, t in enumerate(types) if row[2 * i]]
+        else:
+            found = db.execute("SELECT type, count(*), min(id) FILTER (WHERE run_after <= ?) "
+                               f"FROM tasks WHERE status = 'queued' AND {part} GROUP BY type",
+                               (now,)).fetchall()
+        for t, n, first in found:
+            entry = merged.setdefault(t, [0, None])
+            entry[0] += n
+            if first is not None and (entry[1] is None or first < entry[1]):
+                entry[1] = first
+    found = [(t, n, first) for t, (n, first) in merged.items()]
     oldest = [i for _, _, i in found if i is not None]
     created = dict(db.execute("SELECT id, created_at FROM tasks WHERE id IN "
                               "(SELECT value FROM json_each(?))", (json.dumps(oldest),))) if oldest else {}
@@ -444,9 +517,13 @@ def select_queued_by_type(db: apsw.Connection, now: float) -> list[tuple[str, in
 
 def select_next_run_after(db: apsw.Connection, now: float) -> float | None:
     """When the next queued task that is not due yet becomes due (None: none waits). A
-    scan of the covering claim index: run it after a claim found nothing, not per claim."""
-    return db.execute("SELECT min(run_after) FROM tasks WHERE status = 'queued' "
-                      "AND run_after > ?", (now,)).fetchall()[0][0]
+    scan of each claim index (tasks of no limit group, then of any: migration 0009), both
+    covering: run it after a claim found nothing, not per claim."""
+    return db.execute(
+        "SELECT min(t) FROM (SELECT min(run_after) AS t FROM tasks WHERE status = 'queued' "
+        "AND limit_keys IS NULL AND run_after > ?1 UNION ALL SELECT min(run_after) FROM tasks "
+        "WHERE status = 'queued' AND limit_keys IS NOT NULL AND run_after > ?1)",
+        (now,)).fetchall()[0][0]
 
 
 def select_recent_attempts(db: apsw.Connection, since: float) -> list[tuple]:

@@ -131,6 +131,10 @@ class Task:
     await_event: str | None
     run_on_failure: bool
     claim_reads: int                     # what a claim reads besides the row (migration 0008)
+    limit_keys: tuple[str, ...] = ()      # the limits it draws from (type's and its own)
+    estimated_tokens: int | None = None   # what a claim charges token budgets
+    schedule: str | None = None           # the schedule that enqueued it
+    scheduled_for: float | None = None    # the fire time it stands for
     depends_on: tuple[str, ...] = ()
     history: tuple[Attempt, ...] = field(default=(), compare=False)
     # What the attempt's process gets besides the row, read at claim when claim_reads is
@@ -141,7 +145,8 @@ class Task:
                "run_after, attempts, max_attempts, timeout_s, memory_mb, cpu_s, lease_owner, "
                "lease_expires_at, reserved_mb, pid, pid_started_at, cancel_requested, progress, "
                "progress_message, result, error, outcome, dedupe_key, parent_id, workflow_id, "
-               "await_event, run_on_failure, claim_reads")
+               "await_event, run_on_failure, claim_reads, limit_keys, estimated_tokens, "
+               "schedule, scheduled_for")
 
     @classmethod
     def from_row(cls, row: tuple, depends_on: tuple[str, ...] = (),
@@ -151,6 +156,16 @@ class Task:
         v[19] = bool(v[19])
         v[22] = _json(v[22])
         v[29] = bool(v[29])
+        keys = v[31]
+        if keys:
+            parsed = _KEYS.get(keys)
+            if parsed is None:
+                parsed = tuple(json.loads(keys))
+                if len(_KEYS) < 10_000:  # a few distinct limit groups, parsed once each
+                    _KEYS[keys] = parsed
+            v[31] = parsed
+        else:
+            v[31] = ()
         # The generated __init__ of a frozen dataclass sets 28 fields one by one through
         # object.__setattr__: a third of a claim's Python time. Same object, filled at once.
         task = _new(cls)
@@ -207,6 +222,9 @@ class Task:
             "lease_owner": self.lease_owner, "lease_expires_at": iso(self.lease_expires_at),
             "pid": self.pid, "workflow_id": self.workflow, "parent_id": self.parent_id,
             "await_event": self.await_event, "run_on_failure": self.run_on_failure,
+            "limit_keys": list(self.limit_keys),
+            "estimated_tokens": self.estimated_tokens, "schedule": self.schedule,
+            "scheduled_for": iso(self.scheduled_for),
         }
         if with_history:
             out["history"] = [a.to_dict() for a in self.history]
@@ -215,6 +233,7 @@ class Task:
 
 _TASK_FIELDS = tuple(Task.COLUMNS.split(", "))
 _STATUS = {str(s): s for s in Status}
+_KEYS: dict[str, tuple[str, ...]] = {}
 _new = object.__new__
 assert _TASK_FIELDS == tuple(f.name for f in fields(Task))[:len(_TASK_FIELDS)]
 
@@ -238,6 +257,10 @@ class NewTask:
     await_event: str | None = None      # blocked until an event of this name is sent
     run_on_failure: bool = False        # runs even when a dependency failed
     aliases: tuple[tuple[str, str], ...] = ()  # (dependency id, its name in the batch)
+    limit_keys: tuple[str, ...] = ()    # every limit it draws from (its type's included)
+    estimated_tokens: int | None = None
+    schedule: str | None = None
+    scheduled_for: float | None = None
 
 
 @dataclass(frozen=True)
@@ -256,6 +279,8 @@ class AttemptEnd:
     retryable: bool = True               # False: fail for good even with attempts left
     delay_s: float | None = None         # for RESCHEDULED: run again after this long
     spawn: tuple = ()                    # NewTasks to store with the success (ctx.spawn)
+    pause_limits: tuple[str, ...] = ()   # limit keys to pause for delay_s (Retry pause_limit)
+    spent_tokens: int | None = None      # tokens the handler reported with ctx.spend
 
 
 @dataclass(frozen=True)

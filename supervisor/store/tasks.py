@@ -15,8 +15,9 @@ from dataclasses import replace
 
 import apsw
 
-from supervisor import policy
+from supervisor import budget, policy
 from supervisor.errors import DependencyError, NotFound
+from supervisor.store import flow
 from supervisor.store import queries as q
 from supervisor.store import workflow_queries as wq
 from supervisor.store.checkpoint import Checkpointer
@@ -29,7 +30,7 @@ from supervisor.store.workflows import (
     WorkflowStore, check_workflows as _check_workflows, claim_context, fail_dependents)
 
 
-class Store(WorkflowStore):
+class Store(WorkflowStore, flow.FlowOps):
     """Task state in one SQLite file. One instance per process and thread.
 
     Every method that changes state is one IMMEDIATE transaction; `now` (epoch seconds)
@@ -48,6 +49,11 @@ class Store(WorkflowStore):
             _migrate(self.conn)
         self.checkpointer = None
         self._type_mb_cache: tuple[tuple, str] | None = None
+        self._group_keys: dict[str, tuple[str, ...]] = {}
+        # After a claim: seconds until the soonest limit it found without room has room
+        # by time alone (a refill, a pause's end), or None.
+        self.limit_room_s: float | None = None
+        self._groups_seen = False  # did the last claim see limit groups with queued tasks?
         if background_checkpoints:
             # Call from the thread that owns this Store, after any fork it is to survive.
             # The thread checkpoints every second; the commit itself only does so past
@@ -77,7 +83,7 @@ class Store(WorkflowStore):
     def enqueue(self, task: NewTask, now: float) -> str:
         """Insert one task; returns its id (or the id of the unfinished task holding its key)."""
         if (task.depends_on or task.dedupe_key or task.workflow_id or task.await_event
-                or task.parent_id):
+                or task.parent_id or task.limit_keys or task.schedule):
             return self.enqueue_many([task], now)[0]
         # Nothing to read first: one INSERT is its own transaction (no BEGIN/COMMIT round).
         task_id = task.id or new_id(now)
@@ -145,7 +151,9 @@ class Store(WorkflowStore):
                       parent_id=task.parent_id,
                       workflow_id=None if task.workflow_id == task_id else task.workflow_id,
                       await_event=task.await_event, run_on_failure=task.run_on_failure,
-                      claim_reads=reads)
+                      claim_reads=reads, limit_keys=budget.group_text(task.limit_keys),
+                      estimated_tokens=task.estimated_tokens, schedule=task.schedule,
+                      scheduled_for=task.scheduled_for)
         if deps:
             q.insert_deps(db, task_id, deps, dict(task.aliases))
 
@@ -153,16 +161,21 @@ class Store(WorkflowStore):
 
     def claim(self, owner: str, now: float, *, lease_s: float, caps: dict[str, int] | None = None,
               memory_budget_mb: float | None = None, type_memory_mb: dict[str, int] | None = None,
-              default_memory_mb: int | None = None, reserved_mb: float | None = None) -> Task | None:
+              default_memory_mb: int | None = None, reserved_mb: float | None = None,
+              limits: budget.Limits | None = None) -> Task | None:
         """Lease the next due task: priority first, then FIFO; None when nothing fits.
 
         Types whose running count (across every supervisor on the file) has reached
         their cap in `caps` are skipped; so are tasks whose declared memory (task, else
         `type_memory_mb`, else `default_memory_mb`) exceeds `memory_budget_mb` minus
         what running tasks reserved (`reserved_mb` when the caller knows it, as after
-        `reserved_mb()` in the same transaction plus what it claimed since).
+        `reserved_mb()` in the same transaction plus what it claimed since), and tasks of a
+        limit group (migration 0009) any of whose keys has no room by `limits` (or is
+        paused); a claimed task of a group is charged one request and its token estimate
+        in the same transaction.
         """
-        # One statement writes: no savepoint needed inside a grouped transaction.
+        # One statement writes (plus the charge for a task of a limit group): no savepoint
+        # inside a grouped transaction; the supervisor's pass rolls back as a whole.
         with self.conn.write(savepoint=False) as db:
             if caps:
                 running = q.count_running_by_type(db, list(caps))
@@ -173,12 +186,92 @@ class Store(WorkflowStore):
                 free = None
             else:
                 free = memory_budget_mb - (q.sum_reserved_mb(db) if reserved_mb is None else reserved_mb)
-            task = q.claim_task(db, owner=owner, now=now, lease_s=lease_s, full_types=full,
-                                free_mb=free, type_mb=self._type_mb_json(type_memory_mb),
-                                default_mb=default_memory_mb or 0)
-            if task is not None and task.claim_reads:  # results, an event, a checkpoint
-                task.__dict__["context"] = claim_context(db, task)  # a fresh row object
-            return task
+            type_mb = self._type_mb_json(type_memory_mb)
+            states: dict[str, budget.KeyState] = {}
+            self.limit_room_s = None
+            guarded = not self._groups_seen
+            if guarded:
+                # No limit group had queued tasks at the last claim: the claim that succeeds
+                # only if that is still so (no statement more than a file without limits).
+                task = q.claim_task(db, owner=owner, now=now, lease_s=lease_s, full_types=full,
+                                    free_mb=free, type_mb=type_mb,
+                                    default_mb=default_memory_mb or 0, guard=True)
+                if task is not None:
+                    return self._with_context(db, task)
+            task, tried, after = None, False, None
+            self._groups_seen = False  # _next_free_group sets it when it sees a group
+            while True:
+                # The next group with room, in head order; the cursor is closed before the
+                # claim writes (an open read cursor on limit_groups, which the claim's
+                # triggers update, made each claim several times slower).
+                group = self._next_free_group(db, after, states, limits or _NO_LIMITS, now)
+                if group is None:
+                    break
+                tried = True
+                task = q.claim_task(db, owner=owner, now=now, lease_s=lease_s, full_types=full,
+                                    free_mb=free, type_mb=type_mb,
+                                    default_mb=default_memory_mb or 0, group=group[0])
+                if task is not None:
+                    break
+                after = group[1:3]  # nothing of that group is due or fits: the next one
+            # Every group full (tasks of no group may still go), or none left since the last
+            # claim; but with no group at all, the guarded claim above already looked.
+            if not tried and (self._groups_seen or not guarded):
+                task = q.claim_task(db, owner=owner, now=now, lease_s=lease_s, full_types=full,
+                                    free_mb=free, type_mb=type_mb,
+                                    default_mb=default_memory_mb or 0)
+            if task is not None and task.limit_keys and limits:
+                flow.charge_claim(db, task.limit_keys, task.estimated_tokens, states,
+                                  limits, now)
+            return self._with_context(db, task)
+
+    @staticmethod
+    def _with_context(db, task: Task | None) -> Task | None:
+        """What a claimed task's process reads besides its row (results of its
+        dependencies, its event, its checkpoint), only for a task that has any."""
+        if task is not None and task.claim_reads:
+            task.__dict__["context"] = claim_context(db, task)  # a fresh row object
+        return task
+
+    def _next_free_group(self, db, after, states, limits, now) -> tuple | None:
+        """(keys, head priority, head id) of the first group after `after` in head order
+        whose keys all have room, or None."""
+        cursor = flow.select_open_groups(db, after)
+        try:
+            for row in cursor:
+                self._groups_seen = True
+                keys = self._keys_of(row[0])
+                if keys[0] not in states:
+                    states[keys[0]] = (budget.KeyState(keys[0]) if row[3] is None
+                                       else budget.KeyState(keys[0], *row[3:]))
+                if self._has_room(db, keys, states, limits, now):
+                    return row
+        finally:
+            cursor.close()
+        return None
+
+    def _keys_of(self, group: str) -> tuple[str, ...]:
+        keys = self._group_keys.get(group)
+        if keys is None:
+            keys = budget.group_keys(group)
+            if len(self._group_keys) < 10_000:
+                self._group_keys[group] = keys
+        return keys
+
+    def _has_room(self, db, keys: tuple[str, ...], states: dict, limits: budget.Limits,
+                  now: float) -> bool:
+        """Every key has room (key states read once per claim, into `states`)."""
+        for key in keys:
+            state = states.get(key)
+            if state is None:
+                state = states[key] = flow.select_key_state(db, key)
+            spec = limits.spec(key)
+            if budget.blocked_by(spec, state, now) is not None:
+                wait = budget.wait_s(spec, state, now)
+                if wait != float("inf") and (self.limit_room_s is None or wait < self.limit_room_s):
+                    self.limit_room_s = wait  # the loop wakes then, not a poll later
+                return False
+        return True
 
     def _type_mb_json(self, type_memory_mb: dict[str, int] | None) -> str:
         """{type: MB} of the types that declare memory, as JSON; cached on its content (a
@@ -442,6 +535,7 @@ class Store(WorkflowStore):
             return q.select_wake_ports(db, host)
 
 
+_NO_LIMITS = budget.Limits({})
 _fail_dependents = fail_dependents
 
 

@@ -152,6 +152,10 @@ def write_config(root: Path, *, listen: str = "127.0.0.1:0", pool_size: int = 2,
         max_attempts = 1
         backoff_initial_s = 0.1
 
+        [schedules."yearly"]            # so /api/schedules has one (it fires on Jan 1st)
+        cron = "0 3 1 1 *"
+        type = "ok"
+
         [http]
         listen = "{listen}"
     """) + extra)

@@ -86,6 +86,8 @@ def test_dashboard_shows_the_queue_keeps_data_inert_and_cancels(supervisor, page
     assert queued_types == ["embed.files", "embed.files", XSS_TYPE]  # priority 5, 1, then 0
     assert "the input file is missing" in page.inner_text("#failures")
     wait_for(lambda: page.locator("#chart rect.bar").count() >= 2)
+    schedule = page.locator("#schedules tbody tr").first  # the harness's yearly schedule
+    assert "yearly" in schedule.inner_text() and "0 3 1 1 *" in schedule.inner_text()
 
     # Markup in a type or payload is shown as text and never runs.
     assert page.locator("#queued").get_by_text(XSS_TYPE, exact=True).count() == 1

@@ -54,30 +54,37 @@ def _toml_value(v: Any) -> str:
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{_toml_value(k)} = {_toml_value(x)}" for k, x in v.items()) + " }"
     raise TypeError(v)
 
 
+NAMED = ("types", "limits", "schedules")  # sections of named tables: [types."NAME"]
+
+
 def render_config(settings: dict) -> str:
-    """{section: {key: value}} plus {"types": {name: {key: value}}} -> TOML text."""
+    """{section: {key: value}} plus {"types" | "limits" | "schedules": {name: {key: value}}}
+    -> TOML text."""
     lines = []
     for section, table in settings.items():
-        if section == "types":
+        if section in NAMED:
             continue
         lines.append(f"[{section}]")
         lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
         lines.append("")
-    for name, table in settings.get("types", {}).items():
-        lines.append(f'[types."{name}"]')
-        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
-        lines.append("")
+    for section in NAMED:
+        for name, table in settings.get(section, {}).items():
+            lines.append(f'[{section}."{name}"]')
+            lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+            lines.append("")
     return "\n".join(lines)
 
 
 def merge(base: dict, over: dict) -> dict:
     out = {k: dict(v) for k, v in base.items()}
     for section, table in over.items():
-        if section == "types":
-            out["types"] = {n: dict(t) for n, t in table.items()}
+        if section in NAMED:
+            out[section] = {n: dict(t) for n, t in table.items()}
         else:
             out.setdefault(section, {}).update(table)
     return out

@@ -105,6 +105,8 @@ def test_task_from_row_equals_the_dataclass_built_the_usual_way(store):
     values = list(row)
     values[2], values[4], values[19], values[22] = (
         json.loads(values[2]), Status(values[4]), bool(values[19]), None)
+    values[29] = bool(values[29])  # run_on_failure
+    values[31] = ()  # limit_keys: NULL is no keys
     usual = Task(*values, depends_on=("x",))
     fast = Task.from_row(row, ("x",))
     assert fast == usual and fast == dataclasses.replace(claimed, depends_on=("x",))

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import time
+
 import pytest
+
+from supervisor.budget import Limits
 from prometheus_client.parser import text_string_to_metric_families
 
 from supervisor.api import health
@@ -35,6 +39,13 @@ class FakeStore:
             raise StoreUnavailable("the database is gone")
         return []
 
+    def limit_report(self, limits, now):
+        if self.down:
+            raise StoreUnavailable("the database is gone")
+        return self.limits
+
+    limits: list = []
+
 
 class FakeDatabase:
     """LockedStore's interface: `with database as store`."""
@@ -51,7 +62,8 @@ class FakeDatabase:
 
 def fake_sup(**kw):
     """A supervisor as the metrics thread sees it: only the snapshot the loop publishes."""
-    config = SimpleNamespace(supervisor=SimpleNamespace(pool_size=4, poll_interval_s=1.0))
+    config = SimpleNamespace(supervisor=SimpleNamespace(pool_size=4, poll_interval_s=1.0),
+                             limit_table=lambda: Limits({}))
     values = dict(busy=0, pool_size=4, config=config, memory_budget_mb=1024.0,
                   last_loop_at=0.0, owner="host:1:abc", host="host", store_ok=True,
                   stopping=False, running={})
@@ -234,3 +246,21 @@ def test_health_allows_three_poll_intervals_when_they_are_long():
     sup.snapshot.config.supervisor.poll_interval_s = 10.0
     assert health(sup, FakeDatabase(FakeStore()), now=1025.0)[0] == 200
     assert health(sup, FakeDatabase(FakeStore()), now=1031.0)[0] == 503
+
+
+def test_limit_gauges_show_what_each_key_has_left_and_how_long_tasks_wait(bound):
+    metrics, store, sup = bound
+    now = time.time()
+    store.limits = [
+        {"key": "openai", "limit": "openai", "available": {"requests": 7.5, "tokens": -120,
+         "concurrency": 3}, "paused_until": None, "waiting": 4, "oldest_waiting_at": now - 30},
+        {"key": "tenant:1", "limit": "tenant:*", "available": {"requests": None,
+         "tokens": None, "concurrency": 1}, "paused_until": now + 9, "waiting": 0,
+         "oldest_waiting_at": None}]
+    s = scrape(metrics)
+    assert s[("taskvisor_limit_available", frozenset({("kind", "requests"), ("limit", "openai")}))] == 7.5
+    assert s[("taskvisor_limit_available", frozenset({("kind", "tokens"), ("limit", "openai")}))] == -120
+    assert s[("taskvisor_limit_available", frozenset({("kind", "concurrency"), ("limit", "tenant:1")}))] == 0
+    assert 29 <= s[("taskvisor_limit_wait_seconds", frozenset({("limit", "openai")}))] <= 40
+    assert s[("taskvisor_limit_wait_seconds", frozenset({("limit", "tenant:1")}))] == 0
+    assert s[("taskvisor_limit_waiting_tasks", frozenset({("limit", "openai")}))] == 4

@@ -171,15 +171,18 @@ def retry_after_s(value: str | None, now: float) -> float | None:
     return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
-def status_error(response: httpx.Response, url: str) -> BaseException:
-    """The exception for an HTTP error status (the body must have been read)."""
+def status_error(response: httpx.Response, url: str, pause: tuple[str, ...] = ()) -> BaseException:
+    """The exception for an HTTP error status (the body must have been read). A 429 or
+    503 with Retry-After also pauses the limits in `pause` (the task type's: the
+    provider's budget) for that long, so no other task of theirs hits the same wall."""
     code = response.status_code
     message = server_message(response)
     where = f"HTTP {code} from {url}: {message}"
     if code in (429, 503):
         delay = retry_after_s(response.headers.get("retry-after"), time.time())
         if delay is not None:
-            return Retry(delay, f"{where} (Retry-After: run again in {delay:.3g}s)")
+            return Retry(delay, f"{where} (Retry-After: run again in {delay:.3g}s)",
+                         pause_limit=list(pause) or None)
     if code >= 500 or code in (408, 429):
         return LlmServerError(where)
     return LlmRejected(where)
@@ -359,7 +362,7 @@ async def chat(payload: Mapping[str, Any], ctx: Any = None) -> dict:
                 async with client.stream("POST", req.url, json=req.body, headers=req.headers) as resp:
                     if resp.status_code >= 400:
                         await resp.aread()
-                        raise status_error(resp, req.url)
+                        raise status_error(resp, req.url, _pause_keys(ctx, spent=0))
                     if _is_json(resp):
                         _finish_json(reply, await resp.aread())
                     else:
@@ -370,7 +373,7 @@ async def chat(payload: Mapping[str, Any], ctx: Any = None) -> dict:
         raise _transport_error(exc, req, reply) from exc
     except TimeoutError:
         raise _overran(req) from None
-    return reply.result(req.body.get("model"))
+    return _spend(ctx, reply.result(req.body.get("model")))
 
 
 def chat_sync(payload: Mapping[str, Any], ctx: Any = None) -> dict:
@@ -383,7 +386,7 @@ def chat_sync(payload: Mapping[str, Any], ctx: Any = None) -> dict:
             with client.stream("POST", req.url, json=req.body, headers=req.headers) as resp:
                 if resp.status_code >= 400:
                     resp.read()
-                    raise status_error(resp, req.url)
+                    raise status_error(resp, req.url, _pause_keys(ctx, spent=0))
                 if _is_json(resp):
                     _finish_json(reply, resp.read())
                 else:
@@ -394,7 +397,23 @@ def chat_sync(payload: Mapping[str, Any], ctx: Any = None) -> dict:
                     reply.close()
     except httpx.HTTPError as exc:
         raise _transport_error(exc, req, reply) from exc
-    return reply.result(req.body.get("model"))
+    return _spend(ctx, reply.result(req.body.get("model")))
+
+
+def _pause_keys(ctx: Any, spent: int | None = None) -> tuple[str, ...]:
+    """The limits a refusal pauses (the task type's); a refused call also reports that it
+    used no tokens, so the estimate its claim was charged is given back."""
+    if spent is not None and ctx is not None and hasattr(ctx, "spend"):
+        ctx.spend(spent)
+    return tuple(getattr(ctx, "type_limits", ()) or ())
+
+
+def _spend(ctx: Any, result: dict) -> dict:
+    """Report the tokens the call used (the response's usage) to the task's limits."""
+    total = (result.get("usage") or {}).get("total_tokens")
+    if ctx is not None and hasattr(ctx, "spend") and isinstance(total, int) and total >= 0:
+        ctx.spend(total)
+    return result
 
 
 def _is_json(resp: httpx.Response) -> bool:
