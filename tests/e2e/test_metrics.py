@@ -91,6 +91,9 @@ def test_metrics_follow_the_work(supervisor):
 def test_gauges_show_running_work(supervisor):
     task = supervisor.enqueue(type="sleep", payload={"steps": 200, "step_s": 0.05}, memory_mb=300)
     supervisor.wait_status(task["id"], "running")
+    # The gauges read the snapshot the loop publishes at the end of each pass: the one
+    # after the claim's commit shows the task.
+    wait_for(lambda: sample(scrape(supervisor)[1], "taskvisor_workers_busy") == 1)
     _, families = scrape(supervisor)
     assert sample(families, "taskvisor_workers_busy") == 1
     assert sample(families, "taskvisor_memory_reserved_bytes") == 300 * 1024 * 1024
