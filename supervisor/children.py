@@ -149,7 +149,7 @@ class Children:
     # -- spawn and the fork server's events ----------------------------------------------
 
     def spawn(self, task: Task, server: "ForkServer", config, now: float, mono: float,
-              cgroup_dir: str | None = None) -> Child:
+              cgroup_dir: str | None = None, start_by: float | None = None) -> Child:
         limits = limits_of(task, config)
         child = Child(key=f"{task.id}:{task.attempts}", task=task, lease=task.lease,
                       server=server, spawned_mono=mono, timeout_s=limits[0],
@@ -157,7 +157,7 @@ class Children:
         self.table[child.key] = child
         try:
             child.report_fd, child.output_fd = server.spawn(
-                child.key, spec_for(task, config, now, limits, cgroup_dir))
+                child.key, spec_for(task, config, now, limits, cgroup_dir), start_by)
         except OSError as exc:
             log.error("could not reach the fork server: %s", exc)
             server.exited = True

@@ -105,19 +105,20 @@ class ForkServer:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def spawn(self, key: str, spec: dict | bytes) -> tuple[int, int]:
-        """Ask for one task process; returns (the supervisor's end of its report socket,
-        the read end of its output pipe), both non-blocking. The pid comes later in a
-        "spawned" event. Raises OSError only when the fork server is gone."""
+    def spawn(self, key: str, spec: dict | bytes, start_by: float | None = None) -> tuple[int, int]:
+        """Ask for one task process, to be started before monotonic time `start_by` or not
+        at all; returns (the supervisor's end of its report socket, the read end of its
+        output pipe), both non-blocking. The pid comes later in a "spawned" event. Raises
+        OSError only when the fork server is gone."""
         body = spec if isinstance(spec, bytes) else _encode_spec(spec).encode()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         output_r, output_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         os.set_blocking(output_w, True)  # the task's stdout: a plain blocking pipe
         fds = [theirs.detach(), output_w]
         if len(body) <= INLINE_SPEC_MAX:
-            packet = wire.encode_spawn(key, body)
+            packet = wire.encode_spawn(key, body, start_by)
         else:
-            packet = wire.encode_spawn(key, None)
+            packet = wire.encode_spawn(key, None, start_by)
             fds.append(_spec_file(body))
         ours.setblocking(False)
         try:

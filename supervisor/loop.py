@@ -425,7 +425,7 @@ class Supervisor:
         if claimed:
             if was_empty:  # these are the only leases held: the fence may move up to them
                 self.leases.advance_fence(mono)
-            self.start_attempts(claimed, now)
+            self.start_attempts(claimed, now, mono)
 
     def write_pids(self) -> None:
         for child in self.children.pending_pids:  # only if still running: most no-ops are not
@@ -435,18 +435,21 @@ class Supervisor:
                 if child.pid_started_at is not None:
                     self.store.set_pid(child.lease, child.pid, child.pid_started_at)
 
-    def start_attempts(self, claimed: list[Task], now: float) -> None:
-        """Spawn what was claimed, unless the fence has passed meanwhile (the process was
-        stopped between the claim and here): then the leases may already be another
-        supervisor's, and each attempt is given back instead of run."""
-        mono = self.clock.monotonic()  # a fresh reading: this pass may have been paused
-        fence = self.children.fence_mono
+    def start_attempts(self, claimed: list[Task], now: float, mono: float) -> None:
+        """Spawn what was claimed at `mono` (a reading taken before the claim's write),
+        each to start before that claim's fence or not at all: a process stopped between
+        the claim and a spawn (or a request that waits in the fork server's socket) may
+        find the lease already another supervisor's. Such an attempt is given back."""
+        lease_s = self.config.supervisor.lease_s
+        start_by = mono + lease_s - policy.fence_margin_s(lease_s)
         for task in claimed:
-            if fence is not None and mono >= fence:
-                self.children.give_back(task, self.server, mono, "the supervisor was paused "
+            fresh = self.clock.monotonic()  # read per task: a pause can fall between two
+            if fresh >= start_by:
+                self.children.give_back(task, self.server, fresh, "the supervisor was paused "
                                         "between the claim and the start; the attempt is given back")
             else:
-                self.children.spawn(task, self.server, self.config, now, mono, self.cgroup_dir)
+                self.children.spawn(task, self.server, self.config, now, fresh, self.cgroup_dir,
+                                    start_by=start_by)
                 self.emit("claimed", task=task)
 
     def flush_progress(self, mono: float) -> None:

@@ -60,10 +60,15 @@ def start_time(pid: int) -> float | None:
 
 
 def is_same_process(pid: int, started_at: float | None) -> bool:
-    """`pid` still names the process that started at `started_at` (to within a clock tick
-    and the boot time's rounding), not a later one that reused it."""
+    """`pid` still names the process that started at `started_at`, not a later one that
+    reused it. Within 1.1 s: the kernel's boot time (/proc/stat btime, which every start
+    time is counted from) is whole seconds and moves by one when the wall clock is
+    adjusted, so two processes can read start times a second apart for the same process.
+    (At 0.05 s, two live supervisors took each other for dead and killed each other's
+    fork servers.) A pid reused within a second of the first process's start would have
+    to wrap around the whole pid space."""
     now_started = None if started_at is None else start_time(pid)
-    return now_started is not None and abs(now_started - started_at) <= 0.05
+    return now_started is not None and abs(now_started - started_at) <= 1.1
 
 
 def children_of(pid: int) -> list[int]:

@@ -151,9 +151,15 @@ def parse_ack(line: bytes) -> tuple[int, str | None]:
 
 # -- the fork server channel (supervisor <-> fork server), one message per packet ----------
 
-def encode_spawn(key: str, spec: bytes | None) -> bytes:
-    """"spawn KEY" with the spec inline after a newline, or alone (spec in a memfd)."""
+def encode_spawn(key: str, spec: bytes | None, start_by: float | None = None) -> bytes:
+    """"spawn KEY [START_BY]" with the spec inline after a newline, or alone (spec in a
+    memfd). START_BY (CLOCK_MONOTONIC seconds) is the fence of the claim that leased this
+    attempt: past it the fork server refuses the spawn, whatever the shared fence says by
+    then (a later renewal may not cover this task: another supervisor may have rescued it
+    while the request waited)."""
     head = b"spawn " + key.encode()
+    if start_by is not None:
+        head += b" %r" % start_by
     return head if spec is None else head + b"\n" + spec
 
 

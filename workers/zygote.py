@@ -15,8 +15,8 @@ To a spare, on its own socket: the spec JSON (or "{}" and a memfd) + fds [report
 Messages, one per packet. Start-up is JSON; the per-task messages are short text lines
 (see _LEAN: json.dumps and json.loads cost this process page faults at every fork):
   supervisor -> zygote  {"op": "boot", "preload": [...], "handlers": {type: "mod:fn"}}
-                        "spawn KEY\n" spec JSON  + fds [report, output_w]
-                        "spawn KEY"  + fds [report, output_w, spec memfd] (big specs)
+                        "spawn KEY START_BY\n" spec JSON  + fds [report, output_w]
+                        "spawn KEY START_BY"  + fds [report, output_w, spec memfd] (big specs)
                         "stop"
   zygote -> supervisor  {"op": "ready", "pid", "types": [...], "preload_s"}
                         {"op": "boot_error", "error": traceback text}
@@ -309,11 +309,12 @@ class Zygote:
             return
         head, _, spec = data.partition(b"\n")  # a spec inline after the header line
         op, _, key = head.partition(b" ")
+        key, _, start_by = key.partition(b" ")
         if op == b"stop":
             self.stopping = True
         elif op == b"spawn" and self.stopping:
             self._fail(key, "fork server is stopping")
-        elif op == b"spawn" and self._fenced():
+        elif op == b"spawn" and (self._fenced() or start_by and time.monotonic() >= float(start_by)):
             self._fail(key, "fenced: the supervisor's lease was not renewed in time")
         elif op == b"spawn":
             self._spawn(key, spec, fds)

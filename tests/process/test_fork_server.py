@@ -267,3 +267,33 @@ def test_a_supervisor_waiting_to_restart_its_fork_server_does_not_spin(superviso
     assert used < 0.1, f"the supervisor used {used:.2f} s of CPU in 0.3 s while waiting"
     assert sup.wait_status(task_id, "succeeded").result["ppid"] != server.pid
     assert sup.stop() == 0
+
+
+@pytest.mark.timeout(30)
+def test_a_spawn_past_its_claims_fence_is_refused_even_under_a_later_shared_fence():
+    """A renewal after the claim may not cover this task (another supervisor may have
+    rescued it while the request waited): the request's own start_by decides."""
+    from supervisor.forkserver import ForkServer
+    server = ForkServer((), {})
+    server.start()
+    try:
+        server.fence(time.monotonic() + 60)
+        fds = []
+        for key, start_by in (("01LATE:1", time.monotonic() - 0.01), ("01OK:1", time.monotonic() + 30)):
+            fds += server.spawn(key, b'{"task":{"id":"x","type":"none","payload":{},"attempt":1,'
+                                b'"max_attempts":1}}', start_by)
+        got = {}
+
+        def answered():
+            for msg in server.events():
+                got[msg.get("key")] = msg
+            return len(got) >= 2
+        wait_until(answered, timeout=10)
+        assert got["01LATE:1"]["op"] == "spawn_failed" and "fenced" in got["01LATE:1"]["error"]
+        assert got["01OK:1"]["op"] == "spawned"
+    finally:
+        server.kill()
+        server.wait()
+        server.close()
+        for fd in fds:
+            os.close(fd)

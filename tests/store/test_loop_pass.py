@@ -43,11 +43,12 @@ class FakeForkServer:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def spawn(self, key: str, spec: bytes) -> tuple[int, int]:
+    def spawn(self, key: str, spec: bytes, start_by: float | None = None) -> tuple[int, int]:
         ours, theirs = socket.socketpair()
         ours.setblocking(False)
         out_r, out_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self.tasks[key] = {"report": theirs, "output": out_w, "spec": json.loads(spec)}
+        self.tasks[key] = {"report": theirs, "output": out_w, "spec": json.loads(spec),
+                           "start_by": start_by}
         self.calls.append(("spawn", key))
         return ours.detach(), out_r
 
@@ -129,6 +130,8 @@ def test_a_pass_claims_up_to_the_pool_fences_first_then_records_results(loop):
     # The fence reaches the leases just written, minus the margin, and goes out first.
     assert server.calls[0][0] == "fence"
     assert server.calls[0][1] == pytest.approx(clock.monotonic() + 8 - policy.fence_margin_s(8))
+    # Each spawn must start before its claim's fence, whatever later renewals say.
+    assert server.tasks[keys[0]]["start_by"] == server.calls[0][1]
     spec = server.tasks[keys[0]]["spec"]
     assert spec["task"]["payload"] == {"n": 0} and spec["task"]["attempt"] == 1
     for key in keys:
