@@ -30,7 +30,7 @@ MARK = "TVSOAK_MARK"
 TYPE = "soak.run"
 FIGURES: list[dict] = []   # one row per finished soak test, printed at the end of the session
 COLUMNS = ("test", "tasks", "sup kills", "pauses (aimed)", "fs kills", "task kills",
-           "runs", "duplicate runs", "overlaps", "max overlap s", "drain s", "wall s")
+           "runs", "duplicate runs", "overlaps", "max overlap s", "drain s", "wall s", "notes")
 
 
 class SoakSupervisor(SupervisorProc):
@@ -253,7 +253,7 @@ class Soak:
             if t.status != "succeeded":
                 problems.append(f"{task_id}: {t.status}, not succeeded ({outcomes})")
             elif (outcomes[-1:] != ["succeeded"] or outcomes.count("succeeded") != 1
-                  or not set(outcomes[:-1]) <= earlier or numbers != list(range(1, t.attempts + 1))):
+                  or not set(outcomes[:-1]) <= earlier or not sane(numbers, t.attempts)):
                 problems.append(f"{task_id}: attempts {numbers} ended {outcomes}")
             elif t.attempts not in finished:
                 problems.append(f"{task_id}: attempt {t.attempts} succeeded but the log has no "
@@ -286,6 +286,13 @@ class Soak:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def sane(numbers: list[int], attempts: int) -> bool:
+    """Attempt numbers of a history: from 1, up by one or repeated (an attempt given back,
+    e.g. `interrupted`, keeps its number), ending at the task's attempt count."""
+    steps = [b - a for a, b in zip(numbers, numbers[1:])]
+    return numbers[:1] == [1] and numbers[-1] == attempts and set(steps) <= {0, 1}
 
 
 def describe(pids: list[int]) -> list[str]:
