@@ -103,7 +103,7 @@ def run_full_disk(soak, scale, disk: Path, how: str) -> None:
                                       "database": str(disk / "t.db"), "busy_timeout_s": 1},
                           defaults={"max_attempts": 3})
     soak.enqueue(sup, n_tasks, LOW, HIGH, max_attempts=3)
-    held_total = 0
+    held_total, catch_up = 0, 0.0
     for _ in range(rounds):
         wait_until(lambda: len(read_runs(soak.dir)) >= 4, timeout=30)
         truncate_wal(sup.db_path)
@@ -122,11 +122,13 @@ def run_full_disk(soak, scale, disk: Path, how: str) -> None:
                          f"but were recorded anyway, so no write failed: {statuses}")
         held_total += len(waiting)
         os.unlink(disk / "filler")
-        soak.last_disruption = time.monotonic()
+        soak.last_disruption = freed = time.monotonic()
         wait_until(lambda: all(sup.get(t).status == "succeeded" for t in waiting), timeout=30,
                    message="outcomes held in memory were not recorded after space came back")
+        catch_up = max(catch_up, time.monotonic() - freed)
     drain_s = soak.wait_drained(sup, timeout=120)
     failures = sup.log().count("database write failed")
     soak.finish(drain_s, earlier=set(),
                 extra={"notes": f"{how} full x{rounds}: {held_total} outcomes held in memory, "
+                                f"recorded <= {catch_up:.1f}s after space came back; "
                                 f"{failures} write failure(s) logged"})
