@@ -49,7 +49,10 @@ def test_kill9_of_fork_servers_and_task_processes(soak, scale):
         task_kills = max(30, int(budget / 2))
     else:
         server_kills, task_kills = 3, 10
-    n_tasks = int((budget if scale.long else 20) * 4 / ((LOW + HIGH) / 2))
+    # Enough work to outlast the plan (the waits for the fork server's backoff included),
+    # so that every kill lands under load.
+    plan_s = budget + 61 * max(0, server_kills - 3) if scale.long else 20
+    n_tasks = int(plan_s * 4 / ((LOW + HIGH) / 2))
     sup = soak.supervisor(**SETTINGS)
     soak.enqueue(sup, n_tasks, LOW, HIGH)
     plan = ["server"] * server_kills + ["task"] * task_kills
