@@ -259,8 +259,8 @@ class Soak:
                 problems.append(f"{task_id}: attempt {t.attempts} succeeded but the log has no "
                                 f"finished run of it ({sorted(finished)})")
         if bad:
-            shown = [f"{r.task} attempt {r.attempt} pid {r.pid} at {r.start:.3f}" for r in bad[:10]]
-            problems.append(f"{len(bad)} overlapping execution(s): {shown}")
+            shown = "\n  ".join(explain(r, by_task[r.task]) for r in bad[:10])
+            problems.append(f"{len(bad)} overlapping execution(s):\n  {shown}")
         deadline = time.monotonic() + 10
         while (left := marked_pids(self.mark)) and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -286,6 +286,20 @@ class Soak:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def clock(t: float | None) -> str:
+    return "killed" if t is None else time.strftime("%H:%M:%S", time.localtime(t)) + f".{int(t % 1 * 1000):03d}"
+
+
+def explain(run: Run, runs: list[Run]) -> str:
+    """One overlap in words: this run began while which other run of its task was alive."""
+    alive = [r for r in runs if r is not run and r.start <= run.start + 0.01
+             and (r.end is None or r.end > run.start)]
+    others = "; ".join(f"attempt {r.attempt} pid {r.pid} from {clock(r.start)} to {clock(r.end)}"
+                       for r in alive) or "a run that held the lock"
+    return (f"{run.task} attempt {run.attempt} pid {run.pid} began {clock(run.start)} "
+            f"(to {clock(run.end)}) while alive: {others}")
 
 
 def sane(numbers: list[int], attempts: int) -> bool:
