@@ -1,5 +1,7 @@
 """Shared fixtures: a fresh database path in tmp_path, and a guard that fails a test that
-leaves a child process behind."""
+leaves a child process behind. Also the `--soak-minutes` option: tests/soak is left out
+of a plain `pytest` run and collected only when named (`pytest tests/soak`, the short
+run) or when `--soak-minutes N` asks for the long one (tests/soak/conftest.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,26 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from tests.support import kill_tree  # noqa: E402
+
+
+SOAK = Path(__file__).resolve().parent / "soak"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--soak-minutes", type=float, default=None, metavar="N",
+                     help="run tests/soak, the long version, in about N minutes "
+                          "(without it, `pytest tests/soak` runs the short version)")
+
+
+def pytest_ignore_collect(collection_path, config):
+    """Leave tests/soak out unless it is named on the command line or --soak-minutes is set."""
+    if collection_path != SOAK or config.getoption("soak_minutes") is not None:
+        return None
+    for arg in config.args:
+        target = Path(arg.split("::")[0]).resolve()
+        if target == SOAK or SOAK in target.parents:
+            return None
+    return True
 
 
 @pytest.fixture
