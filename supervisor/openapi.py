@@ -10,6 +10,7 @@ that follow the config from the supervisor's config. Pure data; no I/O.
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 from supervisor import __version__
@@ -360,6 +361,14 @@ def document(config=None) -> dict:
             props["memory_mb"]["maximum"] = budget
             props["memory_mb"]["description"] = ("at most [supervisor] memory_budget_mb "
                                                  f"({budget}): more could never start")
+        if config.limits:  # a key must match a configured entry, by name or prefix
+            names = sorted(config.limits)
+            # Escape what is special in a regular expression (the same in JSON Schema's
+            # and Python's): the other characters of a key stand for themselves.
+            esc = lambda t: re.sub(r"([\\^$.|?*+()\[\]{}/])", r"\\\1", t)  # noqa: E731
+            alts = [esc(n[:-1]) + r"[!-)+-~]*" if n.endswith("*") else esc(n) for n in names]
+            props["limit_keys"]["items"]["pattern"] = "^(?:" + "|".join(alts) + ")$"
+            props["limit_keys"]["description"] += f" (here: {', '.join(names)})"
         props["payload"]["description"] = (
             f"JSON object handed to the handler; at most {config.supervisor.max_payload_bytes}"
             " bytes as compact UTF-8 JSON (supervisor.max_payload_bytes)")

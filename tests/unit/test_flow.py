@@ -152,3 +152,24 @@ def test_bad_flow_config_names_the_key(tmp_path, text, fragment):
     with pytest.raises(ConfigError) as err:
         config.load(write(tmp_path, text), env={})
     assert any(fragment in e for e in err.value.errors), err.value.errors
+
+
+def test_the_openapi_limit_keys_pattern_follows_the_configured_limits(tmp_path):
+    import re
+
+    from supervisor import openapi
+    from supervisor.client import Queue
+    from supervisor.errors import InputError
+    cfg = config.load(write(tmp_path, '[limits."openai.v1"]\nconcurrency = 1\n'
+                            '[limits."t(x)+:*"]\nconcurrency = 1\n'), env={})
+    props = openapi.document(cfg)["components"]["schemas"]["NewTask"]["properties"]
+    pattern = props["limit_keys"]["items"]["pattern"]
+    queue = Queue(cfg.with_database(tmp_path / "never.db"))
+    for key in ("openai.v1", "openaiXv1", "t(x)+:42", "tx:1"):
+        try:
+            queue.prepare("t", {})  # the type alone is valid
+            queue._limit_keys("t", [key])
+            accepted = True
+        except InputError:
+            accepted = False
+        assert bool(re.fullmatch(pattern, key)) == accepted, key
