@@ -92,11 +92,11 @@ class LiveOutput:
         """The monotonic time the next flush is due, or None when nothing waits."""
         due = None
         for att in self._attempts.values():
-            for t in (att.out_since and att.out_since + OUTPUT_FLUSH_S,
-                      att.log_since and att.log_since + (0 if att.ended else LOG_FLUSH_S),
-                      0.0 if att.ended else None):
-                if t is not None and (due is None or t < due):
-                    due = t
+            if att.ended:
+                return 0.0
+            for since, wait in ((att.out_since, OUTPUT_FLUSH_S), (att.log_since, LOG_FLUSH_S)):
+                if since is not None and (due is None or since + wait < due):
+                    due = since + wait
         return due
 
     def due(self, mono: float) -> bool:

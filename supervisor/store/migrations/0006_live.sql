@@ -60,7 +60,7 @@ CREATE TRIGGER events_output_insert AFTER INSERT ON task_output
 WHEN (SELECT enabled FROM event_log WHERE id = 1) BEGIN
     INSERT INTO events (kind, task_id, type, workflow, data)
     SELECT 'output', new.task_id, t.type, t.id,
-        json_object('id', new.task_id, 'attempt', new.attempt, 'pos', new.pos,
+        json_object('id', new.task_id, 'type', t.type, 'attempt', new.attempt, 'pos', new.pos,
                     'text', new.text, 'truncated', json(CASE WHEN new.truncated THEN 'true' ELSE 'false' END))
     FROM tasks t WHERE t.id = new.task_id;
 END;
