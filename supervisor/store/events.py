@@ -136,6 +136,15 @@ def read_output(conn: Connection, task_id: str, attempt: int | None = None) -> O
     return Output(task_id, attempt, "".join(r[0] for r in rows), any(r[1] for r in rows))
 
 
+def read_output_after(conn: Connection, task_id: str, attempt: int, after_seq: int
+                      ) -> list[tuple[int, int, str, bool]]:
+    """(seq, pos, text, truncated) of the chunks of `attempt` after `after_seq`."""
+    with conn.read() as db:
+        return [(seq, pos, text, bool(cut)) for seq, pos, text, cut in db.execute(
+            "SELECT seq, pos, text, truncated FROM task_output WHERE task_id = ? "
+            "AND attempt = ? AND seq > ? ORDER BY seq", (task_id, attempt, after_seq))]
+
+
 # -- task logs -----------------------------------------------------------------------------
 
 def append_log(conn: Connection, lease, seq: int, pos: int, data: bytes,
