@@ -30,6 +30,7 @@ HOUSEKEEP_S = 5.0       # prune, refresh subscribed_at, switch the log off
 RING = 20000            # recent events kept in memory
 READ_BATCH = 5000
 KEEPALIVE_S = 15.0
+MAX_BACKLOG = 8 << 20   # bytes a client may leave unread before it is dropped
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,8 @@ class Broadcast:
         self._subscribed_at = 0.0            # last write of event_log.subscribed_at
         self._watermarks: list[tuple[float, int]] = []  # (time, newest id then)
         self._thread: threading.Thread | None = None
+        self._live: set[Subscription] = set()     # attached clients, fed by the pump
+        self._backlog: set[Subscription] = set()  # clients whose socket was full
         self.delivered = 0                   # frames written to clients (for benchmarks)
 
     # -- life cycle ------------------------------------------------------------------------
@@ -92,7 +95,8 @@ class Broadcast:
         self._stopping = True
         self._poke.set()
         with self._cond:
-            self._cond.notify_all()
+            for sub in list(self._live):
+                self._drop(sub)
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
@@ -128,9 +132,15 @@ class Broadcast:
                     if latest != version:
                         version = latest
                         self._read_new()
+                if self._backlog:
+                    with self._cond:
+                        for sub in list(self._backlog):
+                            self._flush(sub)
                 mono = time.monotonic()
                 if mono >= next_housekeeping:
                     next_housekeeping = mono + HOUSEKEEP_S
+                    with self._cond:
+                        self._keepalive()
                     self._housekeep(self.clock())
             except StoreError as exc:
                 log.warning("events: reading the event log failed: %s", exc)
@@ -152,7 +162,7 @@ class Broadcast:
                 self.last_id = frames[-1].id
                 if len(self._ids) > 2 * RING:
                     del self._ids[:-RING], self._frames[:-RING]
-                self._cond.notify_all()
+                self._fan_out(frames)
             if len(rows) < READ_BATCH:
                 return
 
@@ -171,10 +181,11 @@ class Broadcast:
             if not self._subscribers:
                 events.disable_if_idle(conn, now, self.retention_s)
 
-    # -- subscriptions (on HTTP threads) ------------------------------------------------------
+    # -- subscriptions ------------------------------------------------------------------------
 
     def subscribe(self, last_id: int | None, flt: Filter) -> "Subscription":
-        """Start a client: switch the log on, and start after `last_id` (None: from now)."""
+        """Start a client (on its HTTP thread): switch the log on, and start after
+        `last_id` (None: from now)."""
         now = self.clock()
         with self._db_lock:
             conn = self._db().conn
@@ -196,45 +207,100 @@ class Broadcast:
                 gap = {"after": last_id, "resumed_at": max(state.since_id, oldest - 1)}
         return Subscription(self, cursor, flt, gap)
 
+    def attach(self, sub: "Subscription", sock) -> None:
+        """Send what the client missed (on its HTTP thread, blocking), then hand its
+        socket to the pump, which writes every later frame itself without blocking: one
+        thread feeds every client, rather than one woken thread per client and event."""
+        while not sub.closed:
+            with self._cond:
+                if self._stopping:
+                    sub.close()
+                    return
+                if sub.cursor >= self.last_id:  # up to date: from now on the pump sends
+                    sock.setblocking(False)
+                    sub.sock = sock
+                    self._live.add(sub)
+                    return
+                in_memory = bool(self._ids) and self._ids[0] <= sub.cursor + 1
+                if in_memory:
+                    i = bisect.bisect_right(self._ids, sub.cursor)
+                    chosen = self._frames[i:]
+            if not in_memory:  # older than what memory holds: read the log itself
+                with self._db_lock:
+                    chosen = [frame(r) for r in events.read(self._db().conn, sub.cursor,
+                                                            READ_BATCH)]
+                if not chosen:  # pruned meanwhile: nothing of it is left to send
+                    with self._cond:
+                        sub.cursor = max(sub.cursor, self._ids[0] - 1 if self._ids else self.last_id)
+                    continue
+            data = b"".join(f.data for f in chosen if sub.flt(f))
+            if data:
+                sock.sendall(data)
+                self.delivered += data.count(b"\nid: ") + data.startswith(b"id: ")
+            sub.cursor = chosen[-1].id
+
+    def detach(self, sub: "Subscription") -> None:
+        """The client's HTTP thread is done with it (any thread)."""
+        with self._cond:
+            self._drop(sub)
+
+    def _fan_out(self, frames: list[Frame]) -> None:
+        """New frames to every attached client (the pump's thread, lock held)."""
+        for sub in list(self._live):
+            data = b"".join(f.data for f in frames if sub.flt(f))
+            sub.cursor = frames[-1].id
+            if data:
+                sub.out += data
+                self._flush(sub)
+
+    def _flush(self, sub: "Subscription") -> None:
+        try:
+            while sub.out:
+                n = sub.sock.send(sub.out)
+                self.delivered += sub.out.count(b"\nid: ", 0, n) + sub.out.startswith(b"id: ")
+                del sub.out[:n]
+            sub.written_mono = time.monotonic()
+            self._backlog.discard(sub)
+        except BlockingIOError:
+            self._backlog.add(sub)
+            if len(sub.out) > MAX_BACKLOG:  # not reading: drop it; it resumes by its id
+                self._drop(sub)
+        except OSError:
+            self._drop(sub)
+
+    def _drop(self, sub: "Subscription") -> None:
+        self._live.discard(sub)
+        self._backlog.discard(sub)
+        sub.close()
+
+    def _keepalive(self) -> None:
+        """A comment to clients idle for KEEPALIVE_S: proxies keep the connection, and a
+        client that went away is noticed (lock held)."""
+        now = time.monotonic()
+        for sub in list(self._live):
+            if now - sub.written_mono >= KEEPALIVE_S and not sub.out:
+                sub.out += b": keep-alive\n\n"
+                self._flush(sub)
+
     def _release(self) -> None:
         with self._cond:
             self._subscribers -= 1
 
-    def _take(self, cursor: int, flt: Filter, timeout: float) -> tuple[int, list[bytes], bool]:
-        """Frames after `cursor` that pass `flt`: (new cursor, frames, still open)."""
-        with self._cond:
-            if self.last_id <= cursor and not self._stopping:
-                self._cond.wait(timeout)
-            if self._stopping:
-                return cursor, [], False
-            if self.last_id <= cursor:
-                return cursor, [], True
-            if not self._ids or self._ids[0] > cursor + 1:
-                memory = False
-            else:
-                memory = True
-                i = bisect.bisect_right(self._ids, cursor)
-                chosen = self._frames[i:]
-        if not memory:  # older than what memory holds: read the log itself
-            with self._db_lock:
-                rows = events.read(self._db().conn, cursor, READ_BATCH)
-            chosen = [frame(r) for r in rows]
-            if not chosen:
-                return cursor, [], True
-        wanted = [f.data for f in chosen if flt(f)]
-        self.delivered += len(wanted)
-        return chosen[-1].id, wanted, True
-
 
 class Subscription:
-    """One SSE client's cursor and filter; iterate `next()` until it returns None."""
+    """One SSE client: its cursor, filter, and, once attached, its socket and the bytes
+    not yet sent. `wait()` returns when the client is dropped or the server stops."""
 
     def __init__(self, hub: Broadcast, cursor: int, flt: Filter, gap: dict | None):
         self.hub = hub
         self.cursor = cursor
         self.flt = flt
         self.gap = gap
+        self.sock = None
+        self.out = bytearray()
+        self.written_mono = time.monotonic()
         self.closed = False
+        self._done = threading.Event()
 
     def first(self) -> bytes:
         """What to send right after the headers: the retry hint, and a `gap` event when
@@ -244,19 +310,11 @@ class Subscription:
             out += f"event: gap\ndata: {json.dumps(self.gap)}\n\n".encode()
         return out
 
-    def next(self, timeout: float = KEEPALIVE_S) -> bytes | None:
-        """The next frames to send; b"" when nothing for this client came within
-        `timeout` (or only events its filter drops); None once the server stops."""
-        if self.closed:
-            return None
-        cursor, frames, open_ = self.hub._take(self.cursor, self.flt, timeout)
-        self.cursor = cursor
-        if not open_:
-            self.close()
-            return None
-        return b"".join(frames)
+    def wait(self) -> None:
+        self._done.wait()
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
+            self._done.set()
             self.hub._release()

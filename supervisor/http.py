@@ -24,7 +24,6 @@ import socket
 import socketserver
 import stat
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from socketserver import TCPServer
@@ -32,7 +31,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from supervisor import __version__
 from supervisor.api import Api, ApiError
-from supervisor.broadcast import KEEPALIVE_S, Broadcast, Filter
+from supervisor.broadcast import Broadcast, Filter
 from supervisor.config import Config
 from supervisor.errors import ConfigError, StoreError
 from supervisor.metrics import LockedStore, Metrics
@@ -568,21 +567,13 @@ class _Handler(BaseHTTPRequestHandler):
             if self.command == "HEAD":
                 return
             self.wfile.write(sub.first())
-            written = time.monotonic()
-            while True:
-                data = sub.next(KEEPALIVE_S)
-                if data is None:
-                    return
-                if data:
-                    self.wfile.write(data)
-                    written = time.monotonic()
-                elif time.monotonic() - written >= KEEPALIVE_S:
-                    self.wfile.write(b": keep-alive\n\n")
-                    written = time.monotonic()
+            # From here the Broadcast's pump writes to the socket; this thread only waits.
+            self.app.broadcast.attach(sub, self.connection)
+            sub.wait()
         except OSError:  # the client went away (or stopped reading for `timeout`)
             pass
         finally:
-            sub.close()
+            self.app.broadcast.detach(sub)
 
     def address_string(self) -> str:
         return self.client_address[0] if self.client_address else "unix"
