@@ -107,6 +107,8 @@ def serve(config_path: str, out_path: str) -> int:
             syncs.append((time.time(), time.thread_time() - t0, outcomes, output))
 
     Supervisor.__init__, Supervisor.sync = init, sync
+    if os.environ.get("EVBENCH_SWITCH"):
+        sys.setswitchinterval(float(os.environ["EVBENCH_SWITCH"]))
     try:
         return start.run(load(config_path))
     finally:

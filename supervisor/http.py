@@ -127,13 +127,28 @@ def is_loopback(host: str) -> bool:
         return host.lower() in LOOPBACK_NAMES
 
 
-class _Server(ThreadingHTTPServer):
+class _HandOver:
+    """Sockets of event streams given to the fan-out process: closed here, never shut
+    down (shutdown() would end the connection in that process too)."""
+
+    def handed_over(self, sock) -> None:
+        self._handed.add(sock.fileno())
+
+    def shutdown_request(self, request) -> None:
+        if request.fileno() in self._handed:
+            self._handed.discard(request.fileno())
+            self.close_request(request)
+        else:
+            super().shutdown_request(request)
+
+
+class _Server(_HandOver, ThreadingHTTPServer):
     daemon_threads = True
-    block_on_close = False  # event streams end when the Broadcast stops, not before
     allow_reuse_address = True
     request_queue_size = 256
 
     def __init__(self, family: int, address: tuple, app: "HttpServer"):
+        self._handed: set[int] = set()
         self.address_family = family
         self.app = app
         super().__init__(address, _Handler)
@@ -146,13 +161,13 @@ class _Server(ThreadingHTTPServer):
         self.server_name, self.server_port = self.server_address[:2]
 
 
-class _UnixServer(socketserver.ThreadingUnixStreamServer):
+class _UnixServer(_HandOver, socketserver.ThreadingUnixStreamServer):
     """The same API on a Unix socket, created with mode 0600."""
     daemon_threads = True
-    block_on_close = False
     request_queue_size = 256
 
     def __init__(self, path: str, app: "HttpServer"):
+        self._handed: set[int] = set()
         self.app = app
         self.path = path
         super().__init__(path, _Handler)
@@ -244,8 +259,9 @@ class HttpServer:
         sup_cfg = sup.config.supervisor
         self.database = LockedStore(lambda: _open_reader(sup_cfg))
         self.api = Api(sup, self.database, Queue(sup.config, create=False))
-        self.broadcast = Broadcast(lambda: _open_reader(sup_cfg), sup.config.http.events_retention)
-        self.broadcast.start()
+        self.broadcast = Broadcast(lambda: _open_reader(sup_cfg), str(sup_cfg.database),
+                                   sup.config.http.events_retention)
+        sup.helper_pids.add(self.broadcast.start())
         sup.on_commit.append(self.broadcast.poke)
         if self.metrics is not None:
             self.metrics.bind(sup, self.database)
@@ -554,26 +570,25 @@ class _Handler(BaseHTTPRequestHandler):
                      workflow=query.get("workflow") or None)
         sub = self.app.broadcast.subscribe(last_id, flt)
         self.close_connection = True
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("X-Accel-Buffering", "no")
+        self.send_header("Content-Security-Policy", DATA_CSP)
+        self.send_cors_headers()
+        self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command == "HEAD":
+            return
         try:
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-            self.send_header("Cache-Control", "no-store")
-            self.send_header("X-Content-Type-Options", "nosniff")
-            self.send_header("X-Accel-Buffering", "no")
-            self.send_header("Content-Security-Policy", DATA_CSP)
-            self.send_cors_headers()
-            self.send_header("Connection", "close")
-            self.end_headers()
-            if self.command == "HEAD":
-                return
             self.wfile.write(sub.first())
-            # From here the Broadcast's pump writes to the socket; this thread only waits.
-            self.app.broadcast.attach(sub, self.connection)
-            sub.wait()
-        except OSError:  # the client went away (or stopped reading for `timeout`)
-            pass
-        finally:
-            self.app.broadcast.detach(sub)
+            # The fan-out process writes every event from here; this thread is done.
+            self.app.broadcast.hand_over(sub, self.connection)
+        except OSError as exc:
+            log.debug("http: event stream not handed over: %s", exc)
+            return
+        self.server.handed_over(self.connection)
 
     def address_string(self) -> str:
         return self.client_address[0] if self.client_address else "unix"
