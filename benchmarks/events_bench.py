@@ -208,6 +208,18 @@ class Supervisor:
         t = self.ps.cpu_times()
         return t.user + t.system
 
+    def helper_cpu_s(self) -> float:
+        """CPU of the event fan-out process (a child named taskvisor-events)."""
+        total = 0.0
+        for child in self.ps.children():
+            try:
+                if child.name() == "taskvisor-events":
+                    t = child.cpu_times()
+                    total += t.user + t.system
+            except Exception:
+                pass
+        return total
+
     def count(self, status: str) -> int:
         return sum(1 for _ in self.queue.list(status=status, limit=10000))
 
@@ -252,13 +264,14 @@ def _delivery(args, clients: int, root: Path) -> dict:
             reader = ctx.Process(target=sse_clients, args=(sup.port, clients, "", ready, stop, send))
             reader.start()
             ready.wait(60)
-        cpu0 = sup.cpu_s()
+        cpu0, fan0 = sup.cpu_s(), sup.helper_cpu_s()
         enqueued: dict[str, float] = {}
         for _ in range(args.tasks):
             task_id = sup.queue.enqueue("work", {"steps": 4, "step_s": 0.25})
             enqueued[task_id] = time.time()
         wait_done(sup, args.tasks, timeout=args.tasks * 2 + 60)
         cpu = sup.cpu_s() - cpu0
+        sup.fanout_cpu = sup.helper_cpu_s() - fan0
         got = []
         if reader is not None:
             time.sleep(0.5)
@@ -285,17 +298,26 @@ def _delivery(args, clients: int, root: Path) -> dict:
         "SELECT id, task_id, json_extract(data, '$.status') FROM events").fetchall()
     with_store.close()
     client_commit = {i: enqueued[t] for i, t, s in rows if s == "queued" and t in enqueued}
-    lat = []
+    lat, lat_client, lat_sup = [], [], []
     for per_client in got:
         for ev_id, at, _kind, _size in per_client:
-            t = client_commit.get(ev_id) or committed_at(ev_id)
+            t = client_commit.get(ev_id)
+            (lat_client if t is not None else lat_sup).append(ev_id)
+            t = t or committed_at(ev_id)
             if t is not None:
-                lat.append((at - t) * 1000)
+                ms = (at - t) * 1000
+                lat.append(ms)
+                (lat_client if ev_id in client_commit else lat_sup)[-1] = ms
+    split = lambda xs: {"p50": round(pct(xs, 50), 2), "p99": round(pct(xs, 99), 2)} if xs else None
     delivered = sum(len(g) for g in got)
     out.update({"events": len(rows), "delivered": delivered,
                 "expected": len(rows) * clients,
                 "latency_ms": {"p50": round(pct(lat, 50), 2), "p99": round(pct(lat, 99), 2),
                                "max": round(max(lat), 2)} if lat else None,
+                "latency_ms_client_commits": split(lat_client),
+                "latency_ms_supervisor_commits": split(lat_sup),
+                "fanout_cpu_s": round(sup.fanout_cpu, 3),
+                "load_average": os.getloadavg(),
                 "supervisor_cpu_us_per_event_delivered": round(cpu / max(delivered, 1) * 1e6, 2),
                 "supervisor_cpu_us_per_event": round(cpu / max(len(rows), 1) * 1e6, 1)})
     return out
