@@ -19,18 +19,40 @@ window.__result = null;
 (async () => {
   const [api, token] = decodeURIComponent(location.hash.slice(1)).split("|");
   try {
-    const res = await fetch(api + "/api/tasks", {method: "POST",
-      headers: {"Content-Type": "application/json", "Authorization": "Bearer " + token},
-      body: JSON.stringify({type: "stream", payload: {n: 3}})});
-    const task = await res.json();
+    // Listen first, then enqueue: the stream sees the task from its first event.
+    const es = new EventSource(api + "/api/events?type=stream");
+    const opened = await new Promise((resolve) => {
+      es.onopen = () => resolve(true); es.onerror = () => resolve(false); });
+    if (!opened) {  // refused: the enqueue must be refused too (its preflight fails)
+      es.close();
+      const r = await fetch(api + "/api/tasks", {method: "POST",
+        headers: {"Content-Type": "application/json", "Authorization": "Bearer " + token},
+        body: JSON.stringify({type: "stream", payload: {n: 1}})});
+      window.__result = {unexpected: r.status};
+      return;
+    }
     const seen = [];
-    const es = new EventSource(api + "/api/events?task=" + task.id + "&last_event_id=0");
-    es.addEventListener("output", (e) => seen.push(JSON.parse(e.data).text));
+    let taskId = null;
+    const early = [];
+    es.addEventListener("output", (e) => {
+      const d = JSON.parse(e.data);
+      if (taskId === null) early.push(d); else if (d.id === taskId) seen.push(d.text);
+    });
+    let status = null;
     es.addEventListener("task", (e) => {
       const d = JSON.parse(e.data);
-      if (d.status === "succeeded") { es.close(); window.__result = {status: res.status, output: seen.join("")}; }
+      if (d.id === taskId && d.status === "succeeded") {
+        es.close();
+        window.__result = {status, output: seen.join("")};
+      }
     });
-    es.onerror = () => { if (!window.__result) window.__result = {error: "eventsource"}; };
+    const res = await fetch(api + "/api/tasks", {method: "POST",
+      headers: {"Content-Type": "application/json", "Authorization": "Bearer " + token},
+      body: JSON.stringify({type: "stream", payload: {n: 3, gap_s: 0.05}})});
+    status = res.status;
+    const task = await res.json();
+    taskId = task.id;
+    for (const d of early) if (d.id === taskId) seen.push(d.text);
   } catch (e) {
     window.__result = {error: String(e)};
   }
