@@ -29,6 +29,7 @@ ENQUEUE_FIELDS = ("type", "payload", "priority", "delay", "run_at", "timeout_s",
                   "run_on_failure", "limit_keys", "estimated_tokens")
 FAILED_OUTCOMES = {"error", "timeout", "memory_limit", "crashed", "lost", "dependency_failed"}
 THROUGHPUT_CACHE_S = 5.0
+MAX_INDEX = 1_000_000_000  # attempt numbers and chunk sequence numbers in a query
 
 
 class ApiError(Exception):
@@ -120,8 +121,10 @@ class Api(WorkflowEndpoints):
         that has a log), as text; `after_seq` returns only newer chunks (for --follow)."""
         attempt = _attempt(query)
         after = _opt(query, "after_seq")
-        if after is not None and not after.lstrip("-").isdigit():
-            raise ApiError(400, f"after_seq must be an integer, got {after!r}", field="after_seq")
+        if after is not None and not (after.lstrip("-").isdigit()
+                                      and -1 <= int(after) <= MAX_INDEX):
+            raise ApiError(400, f"after_seq must be an integer from -1 to {MAX_INDEX}, got "
+                           f"{after!r}", field="after_seq")
         with self.database as store:
             task = self._exists(store, id)
             attempts = live.log_attempts(store.conn, id)
@@ -349,8 +352,9 @@ def _attempt(query: dict) -> int | None:
     raw = _opt(query, "attempt")
     if raw is None:
         return None
-    if not raw.isdigit() or int(raw) < 1:
-        raise ApiError(400, f"attempt must be a positive integer, got {raw!r}", field="attempt")
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_INDEX:
+        raise ApiError(400, f"attempt must be an integer from 1 to {MAX_INDEX}, got {raw!r}",
+                       field="attempt")
     return int(raw)
 
 

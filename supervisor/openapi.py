@@ -253,7 +253,7 @@ LIMIT = {"name": "limit", "in": "query", "required": False,
 WRITE = [{"bearer": []}]
 ATTEMPT = {"name": "attempt", "in": "query", "required": False,
            "description": "attempt number (default: the latest with data)",
-           "schema": {"type": "integer", "minimum": 1}}
+           "schema": {"type": "integer", "minimum": 1, "maximum": 1000000000}}
 
 
 def _op(summary: str, responses: dict, **extra) -> dict:
@@ -298,7 +298,7 @@ PATHS = {
             operationId="taskLogs", parameters=[ID_PARAM, ATTEMPT, {
                 "name": "after_seq", "in": "query", "required": False,
                 "description": "only chunks after this one (seq of the previous answer)",
-                "schema": {"type": "integer"}}]),
+                "schema": {"type": "integer", "minimum": -1, "maximum": 1000000000}}]),
     },
     "/api/events": {
         "get": _op("Server-Sent Events: `task` (id, type, status, outcome, progress, message, "
