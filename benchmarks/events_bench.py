@@ -100,8 +100,8 @@ def serve(config_path: str, out_path: str) -> int:
         # CPU of the loop's thread, not wall time: the task processes that stream take
         # the machine's cores too, and that is not the loop's pass getting slower.
         t0 = time.thread_time()
-        outcomes = len(self.pending)
-        output = self.output.due(mono)
+        outcomes = len(self.children.pending)
+        output = self.children.output.due(mono)
         original_sync(self, now, mono)
         if outcomes or output:
             syncs.append((time.time(), time.thread_time() - t0, outcomes, output))
