@@ -9,9 +9,12 @@ measuring hook after each pass's commit: it notes the time and the newest event 
 every event has its commit time; and it times each `Supervisor.sync`, the pass's
 database step). Then:
 
-1. Delivery: `--clients` (200) SSE clients, one epoll thread in a separate process, are
+1. Delivery: `--clients` (200) SSE clients without a filter (each gets every event),
+   spread over `--client-procs` (4) processes with one epoll loop each (a client process
+   only notes the time and the bytes while measuring; it parses at the end), are
    connected while `--tasks` (1,000) tasks run (each 1 s with progress every 0.25 s;
-   `--pool` at once). For every event each client receives: receive time minus the
+   `--pool` at once; enqueued at `--enqueue-rate` a second, so tasks arrive while others
+   run). For every event each client receives: receive time minus the
    commit time of its event (the client's commit for the enqueue events, taken just after
    `Queue.enqueue` returned; the supervisor's for the others). Reports p50/p99/max (bar:
    p99 under 50 ms), and the supervisor's CPU (user+system, psutil) per event delivered
@@ -117,6 +120,9 @@ def serve(config_path: str, out_path: str) -> int:
 
 # -- the client side -----------------------------------------------------------------------
 
+_ID = __import__("re").compile(rb"(?:^|\n)id: (\d+)\nevent: (\w+)\ndata: (.*)")
+
+
 def sse_clients(port: int, n: int, query: str, ready, stop, out) -> None:
     """n SSE connections read by one epoll loop; sends [(event id, receive time, kind,
     text length)] per client through `out` at the end."""
@@ -149,20 +155,53 @@ def sse_clients(port: int, n: int, query: str, ready, stop, out) -> None:
             if not data:
                 sel.unregister(key.fileobj)
                 continue
-            st["buf"] += data
-            *frames, st["buf"] = st["buf"].split(b"\n\n")
+            # Only the time and the id here (parsing later): the receive time must not
+            # wait for this process to parse what other clients got.
+            st["got"].append((now, data))
+    res = []
+    for st in states:
+        buf = st["buf"]
+        got = []
+        for now, data in st["got"]:
+            buf += data
+            *frames, buf = buf.split(b"\n\n")
             for fr in frames:
-                if not fr.startswith(b"id: "):
-                    continue
-                head, _, rest = fr.partition(b"\n")
-                kind = rest[7:rest.index(b"\n")] if rest.startswith(b"event: ") else b""
-                size = 0
-                if kind == b"output":
-                    size = len(json.loads(rest.split(b"data: ", 1)[1])["text"])
-                st["got"].append((int(head[4:]), now, kind.decode(), size))
-    out.send([st["got"] for st in states])
+                m = _ID.search(fr)
+                if m:
+                    kind = m.group(2).decode()
+                    size = len(json.loads(m.group(3))["text"]) if kind == "output" else 0
+                    got.append((int(m.group(1)), now, kind, size))
+        res.append(got)
+    out.send(res)
     for s in socks:
         s.close()
+
+
+def start_clients(ctx, port: int, n: int, query: str, procs: int):
+    """n clients spread over `procs` processes; returns (ready events, stop, readers)."""
+    stop = ctx.Event()
+    readers = []
+    for i in range(procs):
+        k = n // procs + (1 if i < n % procs else 0)
+        if not k:
+            continue
+        ready = ctx.Event()
+        recv, send = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=sse_clients, args=(port, k, query, ready, stop, send))
+        p.start()
+        readers.append((p, ready, recv))
+    for _, ready, _ in readers:
+        ready.wait(60)
+    return stop, readers
+
+
+def collect(stop, readers) -> list:
+    stop.set()
+    got = []
+    for p, _, recv in readers:
+        got.extend(recv.recv())
+        p.join(30)
+    return got
 
 
 class Supervisor:
@@ -213,7 +252,7 @@ class Supervisor:
         total = 0.0
         for child in self.ps.children():
             try:
-                if child.name() == "taskvisor-events":
+                if child.name().startswith("taskvisor-even"):  # comm holds 15 characters
                     t = child.cpu_times()
                     total += t.user + t.system
             except Exception:
@@ -257,27 +296,24 @@ def delivery(args, clients: int) -> dict:
 def _delivery(args, clients: int, root: Path) -> dict:
     with Supervisor(root, args.pool) as sup:
         ctx = multiprocessing.get_context("spawn")
-        ready, stop = ctx.Event(), ctx.Event()
-        recv, send = ctx.Pipe(duplex=False)
-        reader = None
         if clients:
-            reader = ctx.Process(target=sse_clients, args=(sup.port, clients, "", ready, stop, send))
-            reader.start()
-            ready.wait(60)
+            stop, readers = start_clients(ctx, sup.port, clients, "", args.client_procs)
         cpu0, fan0 = sup.cpu_s(), sup.helper_cpu_s()
         enqueued: dict[str, float] = {}
-        for _ in range(args.tasks):
+        start = time.monotonic()
+        for i in range(args.tasks):  # paced: tasks arrive while others run
+            ahead = start + i / args.enqueue_rate - time.monotonic()
+            if ahead > 0:
+                time.sleep(ahead)
             task_id = sup.queue.enqueue("work", {"steps": 4, "step_s": 0.25})
             enqueued[task_id] = time.time()
         wait_done(sup, args.tasks, timeout=args.tasks * 2 + 60)
         cpu = sup.cpu_s() - cpu0
         sup.fanout_cpu = sup.helper_cpu_s() - fan0
         got = []
-        if reader is not None:
+        if clients:
             time.sleep(0.5)
-            stop.set()
-            got = recv.recv()
-            reader.join(30)
+            got = collect(stop, readers)
     out = {"clients": clients, "tasks": args.tasks, "pool": args.pool,
            "supervisor_cpu_s": round(cpu, 3),
            "supervisor_cpu_ms_per_task": round(cpu / args.tasks * 1000, 3)}
@@ -330,11 +366,7 @@ def streaming(args) -> dict:
             sup.queue.enqueue("noop", {})
         wait_done(sup, args.noops, timeout=120)
         ctx = multiprocessing.get_context("spawn")
-        ready, stop = ctx.Event(), ctx.Event()
-        recv, send = ctx.Pipe(duplex=False)
-        reader = ctx.Process(target=sse_clients, args=(sup.port, 1, "?type=streamer", ready, stop, send))
-        reader.start()
-        ready.wait(60)
+        stop, readers = start_clients(ctx, sup.port, 1, "?type=streamer", 1)
         started = time.time()
         for _ in range(args.streamers):
             sup.queue.enqueue("streamer", {"tokens": args.tokens, "token": "tok ",
@@ -344,9 +376,7 @@ def streaming(args) -> dict:
         wait_done(sup, args.noops * 2 + args.streamers, timeout=300)
         ended = time.time()
         time.sleep(0.5)
-        stop.set()
-        got = recv.recv()[0]
-        reader.join(30)
+        got = collect(stop, readers)[0]
     outputs = [(at, size) for _id, at, kind, size in got if kind == "output"]
     tokens = sum(s for _, s in outputs) / len("tok ")
     span = outputs[-1][0] - outputs[0][0] if len(outputs) > 1 else 0.0
@@ -375,6 +405,8 @@ def main(argv=None) -> int:
     p.add_argument("--clients", type=int, default=200)
     p.add_argument("--tasks", type=int, default=1000)
     p.add_argument("--pool", type=int, default=100)
+    p.add_argument("--enqueue-rate", type=float, default=200.0, help="tasks enqueued per second")
+    p.add_argument("--client-procs", type=int, default=4, help="processes the SSE clients use")
     p.add_argument("--streamers", type=int, default=8)
     p.add_argument("--tokens", type=int, default=50000)
     p.add_argument("--noops", type=int, default=300)

@@ -298,9 +298,19 @@ class FanOut:
             self.last_id = frames[-1].id
             if len(self.ids) > 2 * RING:
                 del self.ids[:-RING], self.frames[:-RING]
+            joined: dict[Filter, bytes] = {}  # clients with the same filter share one join
             for client in list(self.clients.values()):
                 if client.cursor < frames[0].id - 1:
                     self.catch_up(client)  # was behind (a large backlog): from its cursor
+                elif client.cursor == frames[0].id - 1:
+                    data = joined.get(client.flt)
+                    if data is None:
+                        data = joined[client.flt] = b"".join(
+                            f.data for f in frames if client.flt(f))
+                    client.cursor = self.last_id
+                    if data:
+                        client.out += data
+                        self.flush(client)
                 elif client.cursor < self.last_id:
                     self.send(client, [f for f in frames if f.id > client.cursor])
             if len(rows) < READ_BATCH:
