@@ -18,7 +18,10 @@ database step). Then:
    commit time of its event (the client's commit for the enqueue events, taken just after
    `Queue.enqueue` returned; the supervisor's for the others). Reports p50/p99/max (bar:
    p99 under 50 ms), and the supervisor's CPU (user+system, psutil) per event delivered
-   and per task, against the same run with no client connected (the event log off).
+   and per task, against the same run with no client connected (the event log off), the
+   fan-out process's CPU, and the machine's own wake-up latency meanwhile (one process
+   pinging another every 10 ms through a pipe): on a shared machine the event path pays
+   that at each of its two wake-ups (fan-out process, client process).
 2. Streamed output: `--streamers` (8) tasks each call ctx.stream() with `--tokens` tokens
    as fast as they can while one SSE client reads the output events. Tokens/s = tokens
    received / (last output event - first) (bar: 50,000 over all tasks). The loop's pass
@@ -177,6 +180,47 @@ def sse_clients(port: int, n: int, query: str, ready, stop, out) -> None:
         s.close()
 
 
+def _floor_reader(conn, out) -> None:
+    got = []
+    while True:
+        msg = conn.recv()
+        if msg is None:
+            break
+        got.append((time.time() - msg) * 1000)
+    out.send(got)
+
+
+def _floor_writer(conn, stop, interval_s: float) -> None:
+    while not stop.is_set():
+        conn.send(time.time())
+        time.sleep(interval_s)
+    conn.send(None)
+
+
+def start_floor(ctx, interval_s: float = 0.01):
+    """The machine's own wake-up latency while the run goes on: one process sends the
+    time to another every 10 ms; the other notes how late it got it. The same load slows
+    the event path (commit -> fan-out process -> client process) at each wake-up."""
+    a, b = ctx.Pipe(duplex=False)
+    res_recv, res_send = ctx.Pipe(duplex=False)
+    stop = ctx.Event()
+    reader = ctx.Process(target=_floor_reader, args=(a, res_send))
+    writer = ctx.Process(target=_floor_writer, args=(b, stop, interval_s))
+    reader.start()
+    writer.start()
+    return stop, reader, writer, res_recv
+
+
+def stop_floor(floor) -> dict:
+    stop, reader, writer, res = floor
+    stop.set()
+    writer.join(10)
+    got = res.recv()
+    reader.join(10)
+    return {"p50": round(pct(got, 50), 2), "p99": round(pct(got, 99), 2),
+            "max": round(max(got), 2), "samples": len(got)} if got else {}
+
+
 def start_clients(ctx, port: int, n: int, query: str, procs: int):
     """n clients spread over `procs` processes; returns (ready events, stop, readers)."""
     stop = ctx.Event()
@@ -298,6 +342,7 @@ def _delivery(args, clients: int, root: Path) -> dict:
         ctx = multiprocessing.get_context("spawn")
         if clients:
             stop, readers = start_clients(ctx, sup.port, clients, "", args.client_procs)
+        floor = start_floor(ctx)
         cpu0, fan0 = sup.cpu_s(), sup.helper_cpu_s()
         enqueued: dict[str, float] = {}
         start = time.monotonic()
@@ -310,13 +355,15 @@ def _delivery(args, clients: int, root: Path) -> dict:
         wait_done(sup, args.tasks, timeout=args.tasks * 2 + 60)
         cpu = sup.cpu_s() - cpu0
         sup.fanout_cpu = sup.helper_cpu_s() - fan0
+        sup.floor = stop_floor(floor)
         got = []
         if clients:
             time.sleep(0.5)
             got = collect(stop, readers)
     out = {"clients": clients, "tasks": args.tasks, "pool": args.pool,
            "supervisor_cpu_s": round(cpu, 3),
-           "supervisor_cpu_ms_per_task": round(cpu / args.tasks * 1000, 3)}
+           "supervisor_cpu_ms_per_task": round(cpu / args.tasks * 1000, 3),
+           "wakeup_floor_ms": sup.floor, "load_average": os.getloadavg()}
     if not clients:
         return out
     commits = sup.commits
@@ -353,7 +400,6 @@ def _delivery(args, clients: int, root: Path) -> dict:
                 "latency_ms_client_commits": split(lat_client),
                 "latency_ms_supervisor_commits": split(lat_sup),
                 "fanout_cpu_s": round(sup.fanout_cpu, 3),
-                "load_average": os.getloadavg(),
                 "supervisor_cpu_us_per_event_delivered": round(cpu / max(delivered, 1) * 1e6, 2),
                 "supervisor_cpu_us_per_event": round(cpu / max(len(rows), 1) * 1e6, 1)})
     return out

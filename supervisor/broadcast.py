@@ -268,6 +268,10 @@ class FanOut:
 
     def attach(self, sock: socket.socket, flt: Filter, cursor: int) -> None:
         sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            # Small frames go out at once: with Nagle's algorithm a frame waits for the
+            # ACK of the previous one, which the client delays up to 40 ms.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         client = _Client(sock, flt, cursor)
         self.clients[sock.fileno()] = client
         self.sel.register(sock, selectors.EVENT_READ, client)
