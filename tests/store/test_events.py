@@ -9,7 +9,7 @@ import json
 import pytest
 
 from supervisor import policy
-from supervisor.output import LiveOutput
+from supervisor.output import OUTPUT_FLUSH_S, LiveOutput
 from supervisor.store import Lease, Status, Store
 from supervisor.store import events
 from tests.store.factory import LEASE_S, T0, error, new, ok
@@ -131,7 +131,7 @@ def test_live_output_cuts_at_max_output_bytes_and_keeps_the_log_tail(store):
     live.on_stream(key, lease, 42, 0.0)             # not text: ignored
     for _ in range(100_000):                         # 100 MB printed
         live.on_log(key, lease, b"x" * 999 + b"\n", 0.0)
-    assert live.due(0.02) and not live.due(0.0)
+    assert live.due(OUTPUT_FLUSH_S) and not live.due(0.0)
     with store.transaction(all_or_nothing=True):
         live.flush(store, 1.5)
     live.committed()
