@@ -169,14 +169,20 @@ class Broadcast:
                           "workflow": sub.flt.workflow}).encode()
         if len(msg) > MAX_MESSAGE:
             raise OSError("the event filter is too long")
-        with self._lock:
-            if self._ctrl is None:
-                raise OSError("the event stream is shutting down")
-            self._ctrl.setblocking(True)
-            try:
-                socket.send_fds(self._ctrl, [msg], [sock.fileno()])
-            finally:
-                self._ctrl.setblocking(False)
+        # The control socket stays non-blocking (the loop pokes it and must never wait):
+        # a full one is retried here, on the HTTP thread, for up to a second.
+        deadline = time.monotonic() + 1.0
+        while True:
+            with self._lock:
+                if self._ctrl is None:
+                    raise OSError("the event stream is shutting down")
+                try:
+                    socket.send_fds(self._ctrl, [msg], [sock.fileno()])
+                    return
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise OSError("the event fan-out process does not keep up") from None
+            time.sleep(0.002)
 
 
 # -- the fan-out process ------------------------------------------------------------------------
