@@ -1,4 +1,4 @@
--- 0007: the event log, streamed output and task logs (issue 14).
+-- 0008: the event log, streamed output and task logs (issue 14).
 --
 -- events: one row per task change (kind 'task') or output chunk (kind 'output'), with
 -- increasing ids that SSE clients send back as Last-Event-ID. Written by triggers, in
