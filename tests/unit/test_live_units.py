@@ -86,7 +86,7 @@ def test_config_keys_of_issue_14(tmp_path):
     ('allow_origins = "nope"', "is not an origin"),
     ('allow_origins = [1]', "a list of origins"),
     ('listen = "unix:"', "socket path"),
-    ('events_retention = 0', "must be >"),
+    ('events_retention = 0', "must be more than 0"),
 ])
 def test_bad_issue_14_keys_name_the_key(tmp_path, text, message):
     path = tmp_path / "t.toml"
