@@ -10,7 +10,7 @@ every event has its commit time; and it times each `Supervisor.sync`, the pass's
 database step). Then:
 
 1. Delivery: `--clients` (200) SSE clients without a filter (each gets every event),
-   spread over `--client-procs` (4) processes with one epoll loop each (a client process
+   in `--client-procs` (1) process(es) with one epoll loop each (a client process
    only notes the time and the bytes while measuring; it parses at the end), are
    connected while `--tasks` (1,000) tasks run (each 1 s with progress every 0.25 s;
    `--pool` at once; enqueued at `--enqueue-rate` a second, so tasks arrive while others
@@ -452,7 +452,7 @@ def main(argv=None) -> int:
     p.add_argument("--tasks", type=int, default=1000)
     p.add_argument("--pool", type=int, default=100)
     p.add_argument("--enqueue-rate", type=float, default=200.0, help="tasks enqueued per second")
-    p.add_argument("--client-procs", type=int, default=4, help="processes the SSE clients use")
+    p.add_argument("--client-procs", type=int, default=1, help="processes the SSE clients use")
     p.add_argument("--streamers", type=int, default=8)
     p.add_argument("--tokens", type=int, default=50000)
     p.add_argument("--noops", type=int, default=300)
