@@ -163,3 +163,12 @@ def test_live_output_rolled_back_is_written_again(store):
         live.flush(store, 1.1)
     live.committed()
     assert events.read_output(store.conn, lease.id).text == "abc"
+
+
+def test_events_carry_the_workflow_of_their_task(store):
+    events.subscribe(store.conn, T0)
+    root = store.enqueue(new("a"), T0)
+    joined = store.enqueue(new("b", workflow_id=root), T0 + 1)
+    other = store.enqueue(new("c"), T0 + 2)
+    got = {e.task_id: e.workflow for e in events.read(store.conn, 0)}
+    assert got == {root: root, joined: root, other: other}

@@ -1,4 +1,4 @@
--- 0008: the event log, streamed output and task logs (issue 14).
+-- 0009: the event log, streamed output and task logs (issue 14).
 --
 -- events: one row per task change (kind 'task') or output chunk (kind 'output'), with
 -- increasing ids that SSE clients send back as Last-Event-ID. Written by triggers, in
@@ -8,7 +8,7 @@
 -- subscribes and clears it once nobody subscribed for events_retention, so a file
 -- nobody watches pays no page per write (one enqueue wrote 3 pages; a 4th was ~25%).
 -- Rows are pruned after events_retention; the newest row is always kept, so ids
--- never restart. A task's workflow is its own id until workflows exist.
+-- never restart. A task's workflow is its workflow_id, else its own id (0008).
 CREATE TABLE events (
     id       INTEGER PRIMARY KEY,
     kind     TEXT NOT NULL,              -- 'task' | 'output'
@@ -28,7 +28,7 @@ INSERT INTO event_log (id, enabled, subscribed_at, since_id) VALUES (1, 0, NULL,
 
 CREATE TRIGGER events_task_insert AFTER INSERT ON tasks
 WHEN (SELECT enabled FROM event_log WHERE id = 1) BEGIN
-    INSERT INTO events (kind, task_id, type, workflow, data) VALUES ('task', new.id, new.type, new.id,
+    INSERT INTO events (kind, task_id, type, workflow, data) VALUES ('task', new.id, new.type, coalesce(new.workflow_id, new.id),
         json_object('id', new.id, 'type', new.type, 'status', new.status, 'outcome', new.outcome,
                     'progress', new.progress, 'message', new.progress_message,
                     'attempt', new.attempts, 'error', new.error));
@@ -38,7 +38,7 @@ CREATE TRIGGER events_task_update AFTER UPDATE OF status, progress, progress_mes
 WHEN (SELECT enabled FROM event_log WHERE id = 1)
  AND (old.status IS NOT new.status OR old.progress IS NOT new.progress
       OR old.progress_message IS NOT new.progress_message OR old.attempts IS NOT new.attempts) BEGIN
-    INSERT INTO events (kind, task_id, type, workflow, data) VALUES ('task', new.id, new.type, new.id,
+    INSERT INTO events (kind, task_id, type, workflow, data) VALUES ('task', new.id, new.type, coalesce(new.workflow_id, new.id),
         json_object('id', new.id, 'type', new.type, 'status', new.status, 'outcome', new.outcome,
                     'progress', new.progress, 'message', new.progress_message,
                     'attempt', new.attempts, 'error', new.error));
@@ -59,7 +59,7 @@ CREATE TABLE task_output (
 CREATE TRIGGER events_output_insert AFTER INSERT ON task_output
 WHEN (SELECT enabled FROM event_log WHERE id = 1) BEGIN
     INSERT INTO events (kind, task_id, type, workflow, data)
-    SELECT 'output', new.task_id, t.type, t.id,
+    SELECT 'output', new.task_id, t.type, coalesce(t.workflow_id, t.id),
         json_object('id', new.task_id, 'type', t.type, 'attempt', new.attempt, 'pos', new.pos,
                     'text', new.text, 'truncated', json(CASE WHEN new.truncated THEN 'true' ELSE 'false' END))
     FROM tasks t WHERE t.id = new.task_id;
