@@ -98,7 +98,7 @@ def serve(config_path: str, out_path: str) -> int:
         original_init(self, *a, **kw)
 
         def noted():
-            row = self.store.conn.db.execute("SELECT max(id) FROM events").fetchall()[0][0]
+            row = self.store.conn.db.execute("SELECT max(id) FROM task_events").fetchall()[0][0]
             commits.append((time.time(), row or 0))
         self.on_commit.append(noted)
 
@@ -378,7 +378,7 @@ def _delivery(args, clients: int, root: Path) -> dict:
     with_store = __import__("supervisor.store", fromlist=["Store"]).Store(
         sup.root / "taskvisor.db", migrate=False)
     rows = with_store.conn.db.execute(
-        "SELECT id, task_id, json_extract(data, '$.status') FROM events").fetchall()
+        "SELECT id, task_id, json_extract(data, '$.status') FROM task_events").fetchall()
     with_store.close()
     client_commit = {i: enqueued[t] for i, t, s in rows if s == "queued" and t in enqueued}
     lat, lat_client, lat_sup = [], [], []

@@ -1,6 +1,6 @@
 """The live tables: the event log, streamed output and task logs (migration 0009).
 
-Owns every SQL statement on `events`, `event_log`, `task_output` and `task_logs`, each
+Owns every SQL statement on `task_events`, `task_events_state`, `task_output` and `task_logs`, each
 one function taking a `Connection`, and the small transactions around them. Task events
 themselves are written by the triggers of migration 0009, in the transaction of each
 change; this module switches them on and off (`subscribe`, `disable_if_idle`), reads
@@ -43,10 +43,10 @@ def subscribe(conn: Connection, now: float) -> LogState:
     off, events after the current newest id are complete from here on (`since_id`)."""
     with conn.write(savepoint=False) as db:
         enabled, since_id = db.execute(
-            "SELECT enabled, since_id FROM event_log WHERE id = 1").fetchall()[0]
+            "SELECT enabled, since_id FROM task_events_state WHERE id = 1").fetchall()[0]
         if not enabled:
-            since_id = db.execute("SELECT coalesce(max(id), 0) FROM events").fetchall()[0][0]
-        db.execute("UPDATE event_log SET enabled = 1, subscribed_at = ?, since_id = ? "
+            since_id = db.execute("SELECT coalesce(max(id), 0) FROM task_events").fetchall()[0][0]
+        db.execute("UPDATE task_events_state SET enabled = 1, subscribed_at = ?, since_id = ? "
                    "WHERE id = 1", (now, since_id))
     return LogState(True, now, since_id)
 
@@ -55,7 +55,7 @@ def disable_if_idle(conn: Connection, now: float, idle_s: float) -> bool:
     """Switch the triggers off when no supervisor noted a subscriber for `idle_s`
     (every supervisor with subscribers refreshes `subscribed_at`). True if switched off."""
     with conn.write(savepoint=False) as db:
-        db.execute("UPDATE event_log SET enabled = 0 WHERE id = 1 AND enabled = 1 "
+        db.execute("UPDATE task_events_state SET enabled = 0 WHERE id = 1 AND enabled = 1 "
                    "AND (subscribed_at IS NULL OR subscribed_at < ?)", (now - idle_s,))
         return db.changes() > 0
 
@@ -63,25 +63,25 @@ def disable_if_idle(conn: Connection, now: float, idle_s: float) -> bool:
 def state(conn: Connection) -> LogState:
     with conn.read() as db:
         enabled, at, since_id = db.execute(
-            "SELECT enabled, subscribed_at, since_id FROM event_log WHERE id = 1").fetchall()[0]
+            "SELECT enabled, subscribed_at, since_id FROM task_events_state WHERE id = 1").fetchall()[0]
     return LogState(bool(enabled), at, since_id)
 
 
 def newest_id(conn: Connection) -> int:
     with conn.read() as db:
-        return db.execute("SELECT coalesce(max(id), 0) FROM events").fetchall()[0][0]
+        return db.execute("SELECT coalesce(max(id), 0) FROM task_events").fetchall()[0][0]
 
 
 def oldest_id(conn: Connection) -> int:
     with conn.read() as db:
-        return db.execute("SELECT coalesce(min(id), 0) FROM events").fetchall()[0][0]
+        return db.execute("SELECT coalesce(min(id), 0) FROM task_events").fetchall()[0][0]
 
 
 def read(conn: Connection, after_id: int, limit: int = 1000) -> list[Event]:
     """Events with id > after_id, oldest first, at most `limit`."""
     with conn.read() as db:
         return [Event(*row) for row in db.execute(
-            f"SELECT {EVENT_COLUMNS} FROM events WHERE id > ? ORDER BY id LIMIT ?",
+            f"SELECT {EVENT_COLUMNS} FROM task_events WHERE id > ? ORDER BY id LIMIT ?",
             (after_id, limit))]
 
 
@@ -89,7 +89,7 @@ def prune(conn: Connection, below_id: int) -> int:
     """Delete events with id < below_id, always keeping the newest row (so the next id
     is never one a client has already seen). Returns how many were deleted."""
     with conn.write(savepoint=False) as db:
-        db.execute("DELETE FROM events WHERE id < min(?, (SELECT max(id) FROM events))",
+        db.execute("DELETE FROM task_events WHERE id < min(?, (SELECT max(id) FROM task_events))",
                    (below_id,))
         return db.changes()
 

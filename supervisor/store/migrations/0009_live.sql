@@ -1,15 +1,15 @@
 -- 0009: the event log, streamed output and task logs (issue 14).
 --
--- events: one row per task change (kind 'task') or output chunk (kind 'output'), with
+-- task_events: one row per task change (kind 'task') or output chunk (kind 'output'), with
 -- increasing ids that SSE clients send back as Last-Event-ID. Written by triggers, in
 -- the transaction of the change, so every process sharing the file is covered (a
 -- client's enqueue or cancel, every supervisor). The triggers write only while
--- event_log.enabled is set: a supervisor serving /api/events sets it when a client
+-- task_events_state.enabled is set: a supervisor serving /api/events sets it when a client
 -- subscribes and clears it once nobody subscribed for events_retention, so a file
 -- nobody watches pays no page per write (one enqueue wrote 3 pages; a 4th was ~25%).
 -- Rows are pruned after events_retention; the newest row is always kept, so ids
 -- never restart. A task's workflow is its workflow_id, else its own id (0008).
-CREATE TABLE events (
+CREATE TABLE task_events (
     id       INTEGER PRIMARY KEY,
     kind     TEXT NOT NULL,              -- 'task' | 'output'
     task_id  TEXT NOT NULL,
@@ -18,27 +18,27 @@ CREATE TABLE events (
     data     TEXT NOT NULL               -- JSON object sent as the SSE data line
 );
 
-CREATE TABLE event_log (
+CREATE TABLE task_events_state (
     id            INTEGER PRIMARY KEY CHECK (id = 1),
     enabled       INTEGER NOT NULL DEFAULT 0,
     subscribed_at REAL,                  -- last time a supervisor had a subscriber
     since_id      INTEGER NOT NULL DEFAULT 0  -- events after this id are complete
 );
-INSERT INTO event_log (id, enabled, subscribed_at, since_id) VALUES (1, 0, NULL, 0);
+INSERT INTO task_events_state (id, enabled, subscribed_at, since_id) VALUES (1, 0, NULL, 0);
 
-CREATE TRIGGER events_task_insert AFTER INSERT ON tasks
-WHEN (SELECT enabled FROM event_log WHERE id = 1) BEGIN
-    INSERT INTO events (kind, task_id, type, workflow, data) VALUES ('task', new.id, new.type, coalesce(new.workflow_id, new.id),
+CREATE TRIGGER task_events_task_insert AFTER INSERT ON tasks
+WHEN (SELECT enabled FROM task_events_state WHERE id = 1) BEGIN
+    INSERT INTO task_events (kind, task_id, type, workflow, data) VALUES ('task', new.id, new.type, coalesce(new.workflow_id, new.id),
         json_object('id', new.id, 'type', new.type, 'status', new.status, 'outcome', new.outcome,
                     'progress', new.progress, 'message', new.progress_message,
                     'attempt', new.attempts, 'error', new.error));
 END;
 
-CREATE TRIGGER events_task_update AFTER UPDATE OF status, progress, progress_message, attempts ON tasks
-WHEN (SELECT enabled FROM event_log WHERE id = 1)
+CREATE TRIGGER task_events_task_update AFTER UPDATE OF status, progress, progress_message, attempts ON tasks
+WHEN (SELECT enabled FROM task_events_state WHERE id = 1)
  AND (old.status IS NOT new.status OR old.progress IS NOT new.progress
       OR old.progress_message IS NOT new.progress_message OR old.attempts IS NOT new.attempts) BEGIN
-    INSERT INTO events (kind, task_id, type, workflow, data) VALUES ('task', new.id, new.type, coalesce(new.workflow_id, new.id),
+    INSERT INTO task_events (kind, task_id, type, workflow, data) VALUES ('task', new.id, new.type, coalesce(new.workflow_id, new.id),
         json_object('id', new.id, 'type', new.type, 'status', new.status, 'outcome', new.outcome,
                     'progress', new.progress, 'message', new.progress_message,
                     'attempt', new.attempts, 'error', new.error));
@@ -56,9 +56,9 @@ CREATE TABLE task_output (
     PRIMARY KEY (task_id, attempt, seq)
 ) WITHOUT ROWID;
 
-CREATE TRIGGER events_output_insert AFTER INSERT ON task_output
-WHEN (SELECT enabled FROM event_log WHERE id = 1) BEGIN
-    INSERT INTO events (kind, task_id, type, workflow, data)
+CREATE TRIGGER task_events_output_insert AFTER INSERT ON task_output
+WHEN (SELECT enabled FROM task_events_state WHERE id = 1) BEGIN
+    INSERT INTO task_events (kind, task_id, type, workflow, data)
     SELECT 'output', new.task_id, t.type, coalesce(t.workflow_id, t.id),
         json_object('id', new.task_id, 'type', t.type, 'attempt', new.attempt, 'pos', new.pos,
                     'text', new.text, 'truncated', json(CASE WHEN new.truncated THEN 'true' ELSE 'false' END))
