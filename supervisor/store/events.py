@@ -1,8 +1,8 @@
-"""The live tables: the event log, streamed output and task logs (migration 0009).
+"""The live tables: the event log, streamed output and task logs (migration 0010).
 
 Owns every SQL statement on `task_events`, `task_events_state`, `task_output` and `task_logs`, each
 one function taking a `Connection`, and the small transactions around them. Task events
-themselves are written by the triggers of migration 0009, in the transaction of each
+themselves are written by the triggers of migration 0010, in the transaction of each
 change; this module switches them on and off (`subscribe`, `disable_if_idle`), reads
 and prunes them. Writes called inside an open write transaction (the supervisor's pass)
 join it. It never decides when to prune or how much output a task may keep: the caller

@@ -1,4 +1,4 @@
--- 0009: the event log, streamed output and task logs (issue 14).
+-- 0010: the event log, streamed output and task logs (issue 14).
 --
 -- task_events: one row per task change (kind 'task') or output chunk (kind 'output'), with
 -- increasing ids that SSE clients send back as Last-Event-ID. Written by triggers, in
