@@ -19,6 +19,7 @@ from typing import Any
 from supervisor import __version__, openapi, proctree
 from supervisor.errors import InputError, NotFound
 from supervisor.store import Status
+from supervisor.store import events as live
 from supervisor.store import queries as q
 from supervisor.workflow_api import WorkflowEndpoints
 
@@ -28,6 +29,7 @@ ENQUEUE_FIELDS = ("type", "payload", "priority", "delay", "run_at", "timeout_s",
                   "run_on_failure", "limit_keys", "estimated_tokens")
 FAILED_OUTCOMES = {"error", "timeout", "memory_limit", "crashed", "lost", "dependency_failed"}
 THROUGHPUT_CACHE_S = 5.0
+MAX_INDEX = 1_000_000_000  # attempt numbers and chunk sequence numbers in a query
 
 
 class ApiError(Exception):
@@ -103,6 +105,46 @@ class Api(WorkflowEndpoints):
         except InputError as exc:
             raise ApiError(409, str(exc), field=exc.field) from None
         return 200, self._task(id)
+
+    def output(self, query: dict, body=None, *, id: str) -> tuple[int, dict]:
+        """The task's streamed output (ctx.stream), whole: of ?attempt=N, else of the
+        attempt that has output."""
+        attempt = _attempt(query)
+        with self.database as store:
+            task = self._exists(store, id)
+            out = live.read_output(store.conn, id, attempt)
+        return 200, {"id": id, "status": str(task.status), "attempt": out.attempt,
+                     "text": out.text, "truncated": out.truncated}
+
+    def logs(self, query: dict, body=None, *, id: str) -> tuple[int, dict]:
+        """The tail of stdout and stderr of one attempt (?attempt=N, default the latest
+        that has a log), as text; `after_seq` returns only newer chunks (for --follow)."""
+        attempt = _attempt(query)
+        after = _opt(query, "after_seq")
+        if after is not None and not (after.lstrip("-").isdigit()
+                                      and -1 <= int(after) <= MAX_INDEX):
+            raise ApiError(400, f"after_seq must be an integer from -1 to {MAX_INDEX}, got "
+                           f"{after!r}", field="after_seq")
+        with self.database as store:
+            task = self._exists(store, id)
+            attempts = live.log_attempts(store.conn, id)
+            if attempt is None:
+                attempt = attempts[-1] if attempts else None
+            chunks = [] if attempt is None else live.read_log(
+                store.conn, id, attempt, int(after) if after is not None else -1)
+        data = b"".join(c.data for c in chunks)
+        return 200, {"id": id, "status": str(task.status), "attempt": attempt,
+                     "attempts": attempts, "text": data.decode("utf-8", "replace"),
+                     "start": chunks[0].pos if chunks else None,
+                     "end": chunks[-1].pos + len(chunks[-1].data) if chunks else None,
+                     "seq": chunks[-1].seq if chunks else (int(after) if after else None)}
+
+    @staticmethod
+    def _exists(store, task_id: str):
+        try:
+            return store.get(task_id, history=False)
+        except NotFound as exc:
+            raise ApiError(404, str(exc), field="id") from None
 
     def _task(self, task_id: str) -> dict:
         try:
@@ -303,6 +345,16 @@ def _limit(query: dict, default: int) -> int:
         return default
     if not raw.isdigit() or not 1 <= int(raw) <= 1000:
         raise ApiError(400, f"limit must be an integer from 1 to 1000, got {raw!r}", field="limit")
+    return int(raw)
+
+
+def _attempt(query: dict) -> int | None:
+    raw = _opt(query, "attempt")
+    if raw is None:
+        return None
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_INDEX:
+        raise ApiError(400, f"attempt must be an integer from 1 to {MAX_INDEX}, got {raw!r}",
+                       field="attempt")
     return int(raw)
 
 

@@ -18,12 +18,12 @@ import logging
 import os
 import selectors
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from supervisor import proctree
+from supervisor.output import LiveOutput
 from supervisor.store import AttemptEnd, Lease, Outcome, Task
 from supervisor.watchdog import Watchdog
 from workers import outcome as codes
@@ -122,7 +122,9 @@ class Children:
         self.clock = clock
         self.emit = emit
         self.max_log_bytes = max_log_bytes
-        # Until task logs are stored, output goes on to this stream as it did before.
+        # Streamed output (ctx.stream) and stdout/stderr of running attempts, stored by
+        # the loop's pass (supervisor.output); forward_output is a copy for debugging.
+        self.output = LiveOutput(config.supervisor.max_output_bytes, max_log_bytes)
         self.forward_output = forward_output
         self.table: dict[str, Child] = {}
         self.by_pid: dict[int, Child] = {}
@@ -293,6 +295,10 @@ class Children:
         child.spent_tokens = (child.spent_tokens or 0) + msg["tokens"]
         return None
 
+    def _stream(self, child: Child, msg: dict, mono: float) -> str | None:
+        self.output.on_stream(child.key, child.lease, msg["text"], mono)
+        return None
+
     def _final(self, child: Child, msg: dict, mono: float) -> str | None:
         if child.final is not None:
             return f"a second outcome ({msg['kind']} after {child.final['kind']})"
@@ -364,6 +370,7 @@ class Children:
                 return
             child.output_bytes += len(data)
             child.output += data
+            self.output.on_log(child.key, child.lease, data, self.clock.monotonic())
             if len(child.output) > 2 * self.max_log_bytes:
                 del child.output[:len(child.output) - self.max_log_bytes]
             if self.forward_output is not None:
@@ -469,6 +476,7 @@ class Children:
                 os.close(child.output_fd)
                 child.output_fd = -1
         del self.table[child.key]
+        self.output.end(child.key)
         self.progressed.pop(child.key, None)
         if child.pid is not None:
             self.by_pid.pop(child.pid, None)
@@ -503,6 +511,7 @@ REPORT_HANDLERS = {
     wire.CANCELLED: Children._final,
     wire.CHECKPOINT: Children._checkpoint,
     wire.SPEND: Children._spend,
+    wire.STREAM: Children._stream,
 }
 assert set(REPORT_HANDLERS) == set(wire.REPORT), "every report kind needs its handler"
 
@@ -562,11 +571,3 @@ def _crash_reason(child: Child, st: int | None) -> str:
     if code in codes.EXIT_NAMES:
         return f"exited with code {code}: {codes.EXIT_NAMES[code]}"
     return f"exited with code {code}{when} without reporting an outcome (sys.exit or os._exit in the handler?)"
-
-
-def forward_to_stderr(data: bytes) -> None:
-    """Until task logs are stored: a task's output goes to the supervisor's stderr, as it
-    did when task processes inherited it."""
-    fd = sys.stderr.fileno()
-    while data:
-        data = data[os.write(fd, data):]

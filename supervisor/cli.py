@@ -570,3 +570,7 @@ def _compact(value) -> str:
 def _truncate(text: str, width: int) -> str:
     text = " ".join(str(text).split())
     return text if len(text) <= width else text[:width - 1] + "…"
+
+
+# The live commands (watch, logs) register themselves in COMMANDS.
+from supervisor import watch as _watch  # noqa: E402,F401

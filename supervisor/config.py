@@ -45,6 +45,8 @@ class SupervisorConfig:
     max_payload_bytes: int = 1048576
     max_result_bytes: int = 1048576
     retain_finished: float | None = 14 * 86400.0  # seconds; None: "forever"
+    max_output_bytes: int = 1048576     # ctx.stream output kept per task
+    max_log_bytes: int = 262144         # stdout/stderr tail kept per attempt
 
 
 @dataclass(frozen=True)
@@ -81,8 +83,10 @@ class TypeConfig:
 
 @dataclass(frozen=True)
 class HttpConfig:
-    listen: str = "127.0.0.1:9464"
+    listen: str = "127.0.0.1:9464"      # "host:port", "unix:/path", or "" for off
     token_file: Path | None = None
+    events_retention: float = 600.0     # seconds the event log keeps events
+    allow_origins: tuple[str, ...] = () # CORS: origins allowed to call the API
 
 
 @dataclass(frozen=True)
@@ -165,7 +169,7 @@ _DEFAULT_KEYS = frozenset(f.name for f in dataclasses.fields(Defaults))
 
 @dataclass(frozen=True)
 class _Field:
-    kind: str  # int | seconds | str | path | modules | handler | listen | url | envname
+    kind: str  # int | seconds | str | path | modules | origins | handler | listen | url | envname
     minimum: float | None = None
     above: bool = False  # the minimum itself is out of range
     maximum: float | None = None
@@ -200,6 +204,8 @@ _SECTIONS: dict[str, dict[str, _Field]] = {
         "max_payload_bytes": _Field("int", 1, maximum=MAX_BYTES),
         "max_result_bytes": _Field("int", 1, maximum=MAX_BYTES),
         "retain_finished": _Field("seconds", 0, above=True, null="forever", maximum=100 * YEAR_S),
+        "max_output_bytes": _Field("int", 1, maximum=MAX_BYTES),
+        "max_log_bytes": _Field("int", 1, maximum=MAX_BYTES),
     },
     "defaults": {
         "timeout_s": _Field("seconds", 0, above=True, null="none", maximum=YEAR_S),
@@ -212,7 +218,9 @@ _SECTIONS: dict[str, dict[str, _Field]] = {
         "priority": _Field("int", -1_000_000_000, maximum=1_000_000_000),
         "max_reschedules": _Field("int", 0, maximum=1_000_000),
     },
-    "http": {"listen": _Field("listen"), "token_file": _Field("path")},
+    "http": {"listen": _Field("listen"), "token_file": _Field("path"),
+             "events_retention": _Field("seconds", 0, above=True, maximum=7 * DAY_S),
+             "allow_origins": _Field("origins")},
     "log": {
         "level": _Field("str", choices=("DEBUG", "INFO", "WARNING", "ERROR")),
         "format": _Field("str", choices=("text", "json")),
@@ -487,6 +495,8 @@ def _convert(spec: _Field, value: Any, base: Path) -> Any:
             if not re.fullmatch(_NAME, item):
                 raise _Bad(f"{_quote(item)} is not a module name like \"package.module\"")
         return tuple(items)
+    elif spec.kind == "origins":
+        return _origins(value)
     elif not isinstance(value, str):
         raise _Bad(_expected("a string", value))
     else:
@@ -529,10 +539,14 @@ def _convert_text(spec: _Field, value: str, base: Path) -> Any:
         return _absolute(value, base)
     if kind == "handler" and not re.fullmatch(f"{_NAME}:{_NAME}", value):
         raise _Bad(f'expected "package.module:function", got {_quote(value)}')
+    if kind == "listen" and value.startswith("unix:"):
+        if not value[5:].strip():
+            raise _Bad('expected "unix:/path/to/api.sock" with a socket path after "unix:"')
+        return "unix:" + str(_absolute(value[5:], base))
     if kind == "listen" and value and not ((m := _LISTEN.fullmatch(value))
                                            and int(m.group(2)) <= 65535):
-        raise _Bad('expected "host:port" with a port from 0 to 65535 (or "" to disable), '
-                   f"got {_quote(value)}")
+        raise _Bad('expected "host:port" with a port from 0 to 65535, "unix:/path" for a '
+                   f'Unix socket (or "" to disable), got {_quote(value)}')
     if kind == "url" and not re.match(r"https?://.", value):
         raise _Bad(f"expected an http:// or https:// URL, got {_quote(value)}")
     if kind == "envname" and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
@@ -540,6 +554,25 @@ def _convert_text(spec: _Field, value: str, base: Path) -> Any:
         raise _Bad("expected the NAME of an environment variable holding the API key "
                    "(e.g. OPENAI_API_KEY); never put the key itself in the config")
     return value
+
+
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^\s/?#]+", re.ASCII)
+
+
+def _origins(value: Any) -> tuple[str, ...]:
+    """CORS origins: "scheme://host[:port]" each, as a browser sends them in Origin."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not all(isinstance(v, str) for v in items):
+        raise _Bad(_expected('a list of origins like ["http://localhost:5173", "app://x"]', value))
+    out = []
+    for item in items:
+        if item == "*":
+            raise _Bad('"*" is not allowed: list each origin that may call the API')
+        if not _ORIGIN.fullmatch(item):
+            raise _Bad(f"{_quote(item)} is not an origin: expected scheme://host[:port] with "
+                       "no path or trailing slash (e.g. http://localhost:5173)")
+        out.append(item.lower())
+    return tuple(out)
 
 
 def _check_backoff(label: str, title: str, item, fallback, errors: list[str]) -> None:

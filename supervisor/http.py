@@ -2,10 +2,13 @@
 
 Owns the listening socket, the serving thread, request framing (routing, the size limit,
 content types, security headers), the bearer token for writes and its file, and the
-Host check that keeps a web page from reaching the API through DNS rebinding. What each
-endpoint does is `supervisor.api`. It runs on daemon threads of the supervisor process
-and never blocks or calls into the loop: it reads the Supervisor's attributes and the
-database through its own connections, and wakes the loop with a datagram after a write.
+Host check that keeps a web page from reaching the API through DNS rebinding, CORS for
+the configured origins, the Unix-socket listener (`listen = "unix:/path"`, mode 0600,
+no token: the file's permissions are the authentication), and the framing of the event
+stream (`GET /api/events`, fed by `supervisor.broadcast`). What each endpoint does is
+`supervisor.api`. It runs on daemon threads of the supervisor process and never blocks
+or calls into the loop: it reads the Supervisor's attributes and the database through
+its own connections, and wakes the loop with a datagram after a write.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import os
 import re
 import secrets
 import socket
+import socketserver
 import stat
 import threading
 import time
@@ -28,6 +32,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from supervisor import __version__
 from supervisor.api import Api, ApiError
+from supervisor.broadcast import Broadcast, Filter
 from supervisor.config import Config
 from supervisor.errors import ConfigError, StoreError
 from supervisor.metrics import LockedStore, Metrics
@@ -52,6 +57,9 @@ ROUTES = [  # (method, compiled path, Api method name, needs the token)
     ("GET", "/api/tasks", "list_tasks", False),
     ("POST", "/api/tasks", "enqueue", True),
     ("GET", f"/api/tasks/{_ID}", "get_task", False),
+    ("GET", f"/api/tasks/{_ID}/output", "output", False),
+    ("GET", f"/api/tasks/{_ID}/logs", "logs", False),
+    ("GET", "/api/events", "events", False),
     ("POST", f"/api/tasks/{_ID}/cancel", "cancel", True),
     ("POST", f"/api/tasks/{_ID}/retry", "retry", True),
     ("GET", f"/api/workflows/{_ID}", "get_workflow", False),
@@ -120,12 +128,28 @@ def is_loopback(host: str) -> bool:
         return host.lower() in LOOPBACK_NAMES
 
 
-class _Server(ThreadingHTTPServer):
+class _HandOver:
+    """Sockets of event streams given to the fan-out process: closed here, never shut
+    down (shutdown() would end the connection in that process too)."""
+
+    def handed_over(self, sock) -> None:
+        self._handed.add(sock.fileno())
+
+    def shutdown_request(self, request) -> None:
+        if request.fileno() in self._handed:
+            self._handed.discard(request.fileno())
+            self.close_request(request)
+        else:
+            super().shutdown_request(request)
+
+
+class _Server(_HandOver, ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
-    request_queue_size = 64
+    request_queue_size = 256
 
     def __init__(self, family: int, address: tuple, app: "HttpServer"):
+        self._handed: set[int] = set()
         self.address_family = family
         self.app = app
         super().__init__(address, _Handler)
@@ -136,6 +160,57 @@ class _Server(ThreadingHTTPServer):
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
+
+
+class _UnixServer(_HandOver, socketserver.ThreadingUnixStreamServer):
+    """The same API on a Unix socket, created with mode 0600."""
+    daemon_threads = True
+    request_queue_size = 256
+
+    def __init__(self, path: str, app: "HttpServer"):
+        self._handed: set[int] = set()
+        self.app = app
+        self.path = path
+        super().__init__(path, _Handler)
+
+    def server_bind(self) -> None:
+        _remove_stale_socket(self.path)
+        old = os.umask(0o177)  # no moment where the socket is open to others
+        try:
+            self.socket.bind(self.path)
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+        self.server_address = self.path
+        self.server_name, self.server_port = "localhost", 0
+
+    def server_close(self) -> None:
+        super().server_close()
+        try:
+            if stat.S_ISSOCK(os.stat(self.path).st_mode):
+                os.unlink(self.path)
+        except OSError:
+            pass
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Remove a socket file left by a supervisor that died; refuse a live one or a file
+    that is not a socket."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise OSError(f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # nobody listens: left behind
+        return
+    finally:
+        probe.close()
+    raise OSError(f"another process is serving on {path}")
 
 
 class HttpServer:
@@ -149,7 +224,10 @@ class HttpServer:
         self.database: LockedStore | None = None
         self.token = ""
         self.loopback = True
+        self.unix = False
         self.url = ""
+        self.broadcast: Broadcast | None = None
+        self.allow_origins = frozenset(config.http.allow_origins)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
         self._static: dict[str, tuple[bytes, str]] = {}
@@ -171,13 +249,21 @@ class HttpServer:
             self.stop()
             return
         bound = self._server.server_address
-        self.loopback = is_loopback(bound[0])
-        shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
-        self.url = f"http://{shown}:{bound[1]}/"
+        if isinstance(self._server, _UnixServer):
+            self.unix, self.loopback = True, True
+            self.url = f"unix:{bound}"
+        else:
+            self.loopback = is_loopback(bound[0])
+            shown = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+            self.url = f"http://{shown}:{bound[1]}/"
         self._static = _read_static()
         sup_cfg = sup.config.supervisor
         self.database = LockedStore(lambda: _open_reader(sup_cfg))
         self.api = Api(sup, self.database, Queue(sup.config, create=False))
+        self.broadcast = Broadcast(lambda: _open_reader(sup_cfg), str(sup_cfg.database),
+                                   sup.config.http.events_retention)
+        sup.helper_pids.add(self.broadcast.start())
+        sup.on_commit.append(self.broadcast.poke)
         if self.metrics is not None:
             self.metrics.bind(sup, self.database)
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={
@@ -191,6 +277,8 @@ class HttpServer:
                         self.url)
 
     def stop(self, sup=None) -> None:
+        if self.broadcast is not None:  # ends every event stream
+            self.broadcast.stop()
         if self._server is not None:
             if self._thread is not None:  # shutdown() waits for serve_forever to return
                 self._server.shutdown()
@@ -203,6 +291,8 @@ class HttpServer:
             self.database.close()
 
     def authorized(self, header: str | None) -> bool:
+        if self.unix:  # the socket file is mode 0600: whoever can open it is the owner
+            return True
         scheme, _, given = (header or "").partition(" ")
         if scheme.lower() != "bearer" or not self.token:
             return False
@@ -212,7 +302,7 @@ class HttpServer:
     def host_allowed(self, host_header: str | None) -> bool:
         """On loopback, only loopback host names: a page on another site whose name
         resolves to 127.0.0.1 (DNS rebinding) must not read or drive the API."""
-        if not self.loopback:
+        if not self.loopback or self.unix:
             return True
         if not host_header:
             return False
@@ -228,6 +318,13 @@ class HttpServer:
 
 
 def _bind(listen: str, app: HttpServer) -> _Server:
+    if listen.startswith("unix:"):
+        try:
+            return _UnixServer(listen[5:], app)
+        except OSError as exc:
+            raise ConfigError(f"[http] listen {listen}: cannot listen there "
+                              f"({exc.strerror or exc}); check the folder exists, or remove "
+                              "the file if no supervisor uses it") from exc
     host, port = parse_listen(listen)
     try:
         family, _, _, _, address = socket.getaddrinfo(
@@ -274,6 +371,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     timeout = 15  # an idle or slow client frees its thread after this long
     body_read = False
+    cors: str | None = None  # the allowed cross-origin caller of this request
 
     @property
     def app(self) -> HttpServer:
@@ -288,6 +386,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def dispatch(self, method: str) -> None:
         self.body_read = False
+        self.cors = None
         try:
             self.route(method)
         except ApiError as exc:
@@ -304,6 +403,14 @@ class _Handler(BaseHTTPRequestHandler):
         if not self.app.host_allowed(self.headers.get("Host")):
             raise ApiError(403, "this Host is not allowed: use http://127.0.0.1 or "
                            "http://localhost (protection against DNS rebinding)")
+        origin = self.headers.get("Origin")
+        if origin is not None and not self.same_origin(origin):
+            if origin.lower() not in self.app.allow_origins:
+                raise ApiError(403, f"requests from origin {origin} are not allowed: add it to "
+                               "[http] allow_origins to let that page call the API")
+            self.cors = origin
+        if method == "OPTIONS" and self.cors is not None:
+            return self.send_preflight()
         url = urlsplit(self.path)
         path = url.path
         get = "GET" if method == "HEAD" else method
@@ -326,6 +433,8 @@ class _Handler(BaseHTTPRequestHandler):
             if name == "enqueue" and self.headers.get_content_type() != "application/json":
                 raise ApiError(415, "send the task as JSON with 'Content-Type: "
                                "application/json'", field="Content-Type")
+            if name == "events":
+                return self.serve_events(_query(url.query))
             body = self.read_body() if method == "POST" else None
             params = {k: unquote(v) for k, v in match.groupdict().items()}
             status, payload = getattr(self.app.api, name)(
@@ -404,7 +513,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("X-Content-Type-Options", "nosniff")
         self.send_header("X-Frame-Options", "DENY")
         self.send_header("Referrer-Policy", "no-referrer")
-        self.send_header("Cross-Origin-Resource-Policy", "same-origin")
+        self.send_cors_headers()
         headers = dict(headers or {})
         headers.setdefault("Content-Security-Policy", DATA_CSP)
         for name, value in headers.items():
@@ -418,6 +527,72 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
+
+    def same_origin(self, origin: str) -> bool:
+        """The page was served by this server (the dashboard): Origin names our Host."""
+        host = (self.headers.get("Host") or "").strip().lower()
+        return bool(host) and origin.lower() in (f"http://{host}", f"https://{host}")
+
+    def send_cors_headers(self) -> None:
+        if self.cors is None:
+            self.send_header("Cross-Origin-Resource-Policy", "same-origin")
+            return
+        self.send_header("Access-Control-Allow-Origin", self.cors)
+        self.send_header("Vary", "Origin")
+        self.send_header("Cross-Origin-Resource-Policy", "cross-origin")
+
+    def send_preflight(self) -> None:
+        """Answer a CORS preflight from an allowed origin (checked by route)."""
+        self.send_response(204)
+        self.send_cors_headers()
+        self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+        self.send_header("Access-Control-Allow-Headers",
+                         "Authorization, Content-Type, Last-Event-ID")
+        self.send_header("Access-Control-Max-Age", "600")
+        if self.headers.get("Access-Control-Request-Private-Network", "").lower() == "true":
+            self.send_header("Access-Control-Allow-Private-Network", "true")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def serve_events(self, query: dict) -> None:
+        """GET /api/events: Server-Sent Events until the client leaves or the server stops.
+        Resumes after `Last-Event-ID` (or ?last_event_id=, for an EventSource's first
+        connection); filters ?task=, ?type=, ?workflow=."""
+        unknown = sorted(set(query) - {"task", "type", "workflow", "last_event_id"})
+        if unknown:
+            raise ApiError(400, f"unknown parameter {unknown[0]!r}; /api/events takes task, "
+                           "type, workflow and last_event_id", field=unknown[0])
+        raw = self.headers.get("Last-Event-ID") or query.get("last_event_id") or ""
+        if raw.strip() and not raw.strip().isdigit():
+            raise ApiError(400, f"Last-Event-ID must be an event id (an integer), got {raw!r}",
+                           field="Last-Event-ID")
+        last_id = int(raw) if raw.strip() else None
+        flt = Filter(task=query.get("task") or None, type=query.get("type") or None,
+                     workflow=query.get("workflow") or None)
+        sub = self.app.broadcast.subscribe(last_id, flt)
+        self.close_connection = True
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("X-Accel-Buffering", "no")
+        self.send_header("Content-Security-Policy", DATA_CSP)
+        self.send_cors_headers()
+        self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command == "HEAD":
+            return
+        try:
+            self.wfile.write(sub.first())
+            # The fan-out process writes every event from here; this thread is done.
+            self.app.broadcast.hand_over(sub, self.connection)
+        except OSError as exc:
+            log.debug("http: event stream not handed over: %s", exc)
+            return
+        self.server.handed_over(self.connection)
+
+    def address_string(self) -> str:
+        return self.client_address[0] if self.client_address else "unix"
 
     def handle_expect_100(self) -> bool:
         # Refuse an oversized body before the client sends it, not after "100 Continue".

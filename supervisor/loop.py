@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Callable
 
 from supervisor import __version__, checkpointing, handlercode, policy, proctree, spawning
-from supervisor.children import Child, Children, forward_to_stderr
+from supervisor.children import Child, Children
 from supervisor.client import Queue
 from supervisor.config import Config, load
 from supervisor.errors import ConfigError, InputError, StoreError
@@ -108,7 +108,7 @@ class Supervisor:
         self.store: Store | None = None
         self.selector = selectors.DefaultSelector()
         self.children = Children(self.selector, config, clock, self.emit,
-                                 forward_output=forward_to_stderr)
+                                 max_log_bytes=config.supervisor.max_log_bytes)
         self.timers = Timers()
         self.leases = Leases(self)
         self.scheduler = Scheduler()
@@ -135,6 +135,10 @@ class Supervisor:
         # server binds here), and at shutdown after the last task was recorded.
         self.on_ready: list[Callable[["Supervisor"], None]] = []
         self.on_shutdown: list[Callable[["Supervisor"], None]] = []
+        # After each pass's commit (the event stream reads the log there), and children
+        # of ours that are not tasks (the event fan-out process), spared by kill_orphans.
+        self.on_commit: list[Callable[[], None]] = []
+        self.helper_pids: set[int] = set()
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -294,6 +298,8 @@ class Supervisor:
         self.notifier.reloading()
         old = self.config
         self.config = self.children.config = new
+        self.children.max_log_bytes = new.supervisor.max_log_bytes
+        self.children.output.configure(new.supervisor.max_output_bytes, new.supervisor.max_log_bytes)
         self.memory_budget_mb = policy.memory_budget_mb(new.supervisor.memory_budget_mb, machine_memory_mb())
         self.claim_needed = True
         code = handlercode.stamp(new)  # before a launch: a later edit shows next time
@@ -366,7 +372,8 @@ class Supervisor:
             self.children.orphans_due = False
             self.timers.orphans = mono + ORPHAN_SWEEP_S
             servers = {s.pid for s in self.servers.all()}
-            proctree.kill_orphans(lambda pid: pid in servers or self.children.is_known(pid))
+            proctree.kill_orphans(lambda pid: pid in servers or self.children.is_known(pid)
+                                  or pid in self.helper_pids)
 
     def enforce_limits(self, mono: float) -> None:
         """Time limits, boot deadlines and KILL-after-TERM from the timer heap; a bounded
@@ -394,8 +401,9 @@ class Supervisor:
             self.timers.next_due = float("inf")
         progress_due = bool(kids.progressed) and mono >= self.timers.progress
         claiming = self.can_claim(mono)
+        output_due = kids.output.due(mono)
         if not (kids.pending or kids.pending_pids or progress_due or claiming or kids.acking
-                or kids.checkpointing):
+                or kids.checkpointing or output_due):
             return
         if mono < self.timers.store_retry:
             return
@@ -406,6 +414,8 @@ class Supervisor:
                 if progress_due:
                     self.flush_progress(mono)
                 answers = checkpointing.write(self.store, kids, now)  # before any outcome
+                if output_due:  # before outcomes: an attempt's output precedes its end
+                    kids.output.flush(self.store, mono)
                 statuses = [self.record(child, end, now) for child, end in kids.pending]
                 claimed = self.claim(now, sup.pool_size - len(kids)) if claiming else []
         except StoreError as exc:
@@ -416,6 +426,9 @@ class Supervisor:
             self.timers.store_retry = mono + 0.5
             return
         self.store_ok = True
+        kids.output.committed()
+        for hook in self.on_commit:
+            hook()
         kids.pending_pids.clear()
         checkpointing.committed(kids, answers)
         kids.send_acks()
@@ -608,6 +621,9 @@ class Supervisor:
         if self.dbfile is not None:
             times.append(t.dbfile)
         times += (self.scheduler.due_mono, self.retention.due_mono)
+        output_at = kids.output.next_due()
+        if output_at is not None:  # not before a failed write may be retried
+            times.append(max(output_at, t.store_retry))
         for extra in (kids.next_timer(), self.stop_deadline, self.servers.restart_at,
                       self.notifier.next_watchdog_mono()):
             if extra is not None:

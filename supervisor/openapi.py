@@ -215,6 +215,15 @@ SCHEMAS: dict[str, Any] = {
         "buckets": {"type": "array", "items": _obj({
             "at": TIME, "succeeded": INT, "failed": INT,
             "other": {"type": "integer", "description": "cancelled, interrupted, rescheduled"}})}}),
+    "Output": _obj({
+        "id": STR, "status": {"type": "string", "enum": STATUSES},
+        "attempt": _null(INT), "text": STR,
+        "truncated": {"type": "boolean", "description": "cut at max_output_bytes"}}),
+    "Logs": _obj({
+        "id": STR, "status": {"type": "string", "enum": STATUSES},
+        "attempt": _null(INT), "attempts": {"type": "array", "items": INT},
+        "text": {"type": "string", "description": "stdout and stderr, decoded as UTF-8"},
+        "start": _null(INT), "end": _null(INT), "seq": _null(INT)}),
     "Health": _obj({
         "status": {"type": "string", "enum": ["ok", "unhealthy"]},
         "reasons": {"type": "array", "items": STR}, "owner": STR, "version": STR,
@@ -243,6 +252,9 @@ LIMIT = {"name": "limit", "in": "query", "required": False,
          "schema": {"anyOf": [{"type": "integer", "minimum": 1, "maximum": 1000},
                               {"type": "string", "maxLength": 0}]}}
 WRITE = [{"bearer": []}]
+ATTEMPT = {"name": "attempt", "in": "query", "required": False,
+           "description": "attempt number (default: the latest with data)",
+           "schema": {"type": "integer", "minimum": 1, "maximum": 1000000000}}
 
 
 def _op(summary: str, responses: dict, **extra) -> dict:
@@ -275,6 +287,33 @@ PATHS = {
         "get": _op("One task with its attempts", {
             "200": _json("Task", "the task"), **_errors(404, 503)},
             operationId="getTask", parameters=[ID_PARAM]),
+    },
+    "/api/tasks/{id}/output": {
+        "get": _op("The task's streamed output (ctx.stream), whole", {
+            "200": _json("Output", "the output of one attempt"), **_errors(400, 404, 503)},
+            operationId="taskOutput", parameters=[ID_PARAM, ATTEMPT]),
+    },
+    "/api/tasks/{id}/logs": {
+        "get": _op("The tail of one attempt's stdout and stderr", {
+            "200": _json("Logs", "the log of one attempt"), **_errors(400, 404, 503)},
+            operationId="taskLogs", parameters=[ID_PARAM, ATTEMPT, {
+                "name": "after_seq", "in": "query", "required": False,
+                "description": "only chunks after this one (seq of the previous answer)",
+                "schema": {"type": "integer", "minimum": -1, "maximum": 1000000000}}]),
+    },
+    "/api/events": {
+        "get": _op("Server-Sent Events: `task` (id, type, status, outcome, progress, message, "
+                   "attempt, error) and `output` (id, attempt, pos, text, truncated) events, "
+                   "each with an id; send Last-Event-ID to resume", {
+            "200": {"description": "an event stream that stays open",
+                    "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+            **_errors(400, 503)},
+            operationId="events", parameters=[
+                {"name": n, "in": "query", "required": False, "schema": STR,
+                 "description": d} for n, d in (
+                    ("task", "only events of this task"), ("type", "only this task type"),
+                    ("workflow", "only this workflow"),
+                    ("last_event_id", "resume after this id (as the Last-Event-ID header)"))]),
     },
     "/api/tasks/{id}/cancel": {
         "post": _op("Cancel a waiting task, or ask its supervisor to stop a running one", {

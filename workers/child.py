@@ -305,10 +305,13 @@ def _run_handler(spec: dict, reporter: Reporter, log_settings: tuple[bool, str])
                          f"@task({task['type']!r}) in a module listed in [supervisor] preload, "
                          f"or set [types.\"{task['type']}\"] handler = \"module:function\""))
             return EXIT_OK
-        result = handler(task["payload"], ctx)
-        if result is not None and hasattr(type(result), "__await__"):  # inspect.isawaitable
-            import asyncio  # not at the top: with ssl it is MiBs that every fork would copy
-            result = asyncio.run(_await(result))
+        try:
+            result = handler(task["payload"], ctx)
+            if result is not None and hasattr(type(result), "__await__"):  # inspect.isawaitable
+                import asyncio  # not at the top: with ssl it is MiBs that every fork would copy
+                result = asyncio.run(_await(result))
+        finally:
+            ctx.close_output()  # streamed output goes out before the outcome
         _send_result(reporter, result, spec.get("max_result_bytes", 1 << 20), ctx.spawned)
     except Retry as exc:
         reporter.send(wire.RETRY, delay_s=exc.delay_s, reason=exc.reason,

@@ -1,9 +1,9 @@
 """TaskContext: what a handler gets besides its payload, and the Retry signal it may raise.
 
 Owns the handler-facing API inside a task process: id, type, attempt, deadline,
-progress(), heartbeat(), cancelled, a logger whose lines carry the task id, and the
-workflow calls (inputs, input, event, checkpoint_state, spawn(), checkpoint(); their
-rules are in `workers.workflow`). It only writes messages to the report channel; it
+progress(), heartbeat(), stream(), cancelled, a logger whose lines carry the task id,
+and the workflow calls (inputs, input, event, checkpoint_state, spawn(), checkpoint();
+their rules are in `workers.workflow`). It only writes messages to the report channel; it
 never touches the database.
 """
 
@@ -95,6 +95,7 @@ class TaskContext:
         self._known_type = known_type         # type name -> bool (the registry)
         self.spawned: list[dict] = []         # this attempt's spawn requests, sent with the result
         self._spawned_bytes = 0
+        self._output = None                   # workers.stream.OutputStream, once used
 
     # -- workflows -------------------------------------------------------------------------
 
@@ -161,7 +162,9 @@ class TaskContext:
         if size > self._max_state_bytes:
             raise ValueError(f"checkpoint state is {size} bytes, over the "
                              f"{self._max_state_bytes}-byte limit ([supervisor] max_result_bytes)")
-        self._reporter.request("checkpoint", state=text)
+        # Through the output stream once it exists: what was streamed goes first, and its
+        # flusher thread never writes in the middle of this request.
+        (self._output or self._reporter).request("checkpoint", state=text)
         self._state = json.loads(text)
 
     @property
@@ -184,8 +187,8 @@ class TaskContext:
         """Report progress (0.0-1.0) and/or a short message; also counts as a heartbeat."""
         if fraction is not None:
             fraction = min(1.0, max(0.0, float(fraction)))
-        self._reporter.send("progress", fraction=fraction,
-                            message=None if message is None else str(message)[:500])
+        (self._output or self._reporter).send(
+            "progress", fraction=fraction, message=None if message is None else str(message)[:500])
 
     def spend(self, tokens: int) -> None:
         """Report model tokens this attempt used; its limits' token budgets are corrected
@@ -197,7 +200,25 @@ class TaskContext:
 
     def heartbeat(self) -> None:
         """Say the task is alive (long calls that have no progress to report)."""
-        self._reporter.send("heartbeat")
+        (self._output or self._reporter).send("heartbeat")
+
+    def stream(self, text: str) -> None:
+        """Append `text` to this attempt's output: stored by the supervisor (up to
+        [supervisor] max_output_bytes a task), sent live as `output` events, readable
+        at GET /api/tasks/{id}/output. Cheap per call: small pieces (model tokens) are
+        batched, sent at most 20 ms after they were written."""
+        if not isinstance(text, str):
+            raise TypeError(f"ctx.stream() takes a str, got {type(text).__name__}")
+        if self._output is None:
+            from workers.stream import OutputStream
+            self._output = OutputStream(self._reporter)
+        self._output.write(text)
+
+    def close_output(self) -> None:
+        """Send what ctx.stream() still buffers; the task process calls this once the
+        handler returned or raised, before the outcome."""
+        if self._output is not None:
+            self._output.close()
 
     def check_cancelled(self) -> None:
         """Raise TaskCancelled if a cancel was asked (for loops that catch BaseException)."""

@@ -33,6 +33,7 @@ CANCELLED = "cancelled"  # the handler stopped after a cancel request
 CHECKPOINT = "checkpoint"  # a request: store this JSON text as the task's state (ctx.checkpoint)
 MAX_SPAWNS = 10_000      # tasks one attempt may spawn (a "spawn" list on its result)
 SPEND = "spend"          # model tokens the attempt used (ctx.spend), fire-and-forget
+STREAM = "stream"        # text for ctx.stream (batched by workers.stream; fire-and-forget)
 FINAL = frozenset((RESULT, ERROR, RETRY, CANCELLED))  # exactly one of these ends an attempt
 
 # The outcomes a task process may claim in an ERROR message (a Fail, a MemoryError, or a
@@ -99,6 +100,7 @@ REPORT: dict[str, dict[str, Field]] = {
     SPEND: {"tokens": Field(int, low=0, high=10 ** 12)},
     CANCELLED: {},
     CHECKPOINT: {"state": Field(str)},  # within max_result_bytes: the supervisor checks
+    STREAM: {"text": Field(str, max_len=16384)},
 }
 REQUESTS: set[str] = {CHECKPOINT}  # kinds that carry a "seq" and get an ack line back
 

@@ -4,12 +4,15 @@
 "use strict";
 
 (() => {
-  const REFRESH_MS = 2000;
+  const REFRESH_MS = 2000;       // polling, while the event stream is down
+  const LIVE_REFRESH_MS = 15000;  // with the event stream: RSS/CPU, health, the chart
+  const EVENT_DEBOUNCE_MS = 300;  // a burst of task events makes one refresh
   const CHART_MS = 10000;
   const STATUSES = ["blocked", "queued", "running", "succeeded", "failed", "cancelled"];
   const TOKEN_KEY = "taskvisor.token";
   const $ = (id) => document.getElementById(id);
-  const state = { before: null, next: null, detailId: null, chartAt: 0, timer: null };
+  const state = { before: null, next: null, detailId: null, chartAt: 0, timer: null,
+    live: false, pending: null, output: { id: null, attempt: null, text: "" } };
 
   // -- building the page safely ----------------------------------------------------------
 
@@ -294,6 +297,76 @@
     $("detail-traceback").hidden = $("detail-traceback-title").hidden = !trace;
     $("cancel-task").hidden = !["blocked", "queued", "running"].includes(t.status) || t.cancel_requested;
     $("retry-task").hidden = !["failed", "cancelled"].includes(t.status);
+    await renderOutput(t);
+  }
+
+  // Streamed output (ctx.stream) and the stdout/stderr log of the task shown.
+  async function renderOutput(t) {
+    try {
+      const [out, logs] = await Promise.all([
+        getJSON("/api/tasks/" + encodeURIComponent(t.id) + "/output"),
+        getJSON("/api/tasks/" + encodeURIComponent(t.id) + "/logs")]);
+      if (state.detailId !== t.id) return;
+      state.output = { id: t.id, attempt: out.attempt, text: out.text };
+      showOutput(out.truncated ? " (cut at max_output_bytes)" : t.status === "running" ? " (live)" : "");
+      $("detail-log").textContent = logs.text;
+      $("detail-log-attempt").textContent = logs.attempt ? "attempt " + logs.attempt : "";
+      $("detail-log").hidden = $("detail-log-title").hidden = !logs.text;
+    } catch (err) {
+      $("detail-message").textContent = String(err.message || err);
+    }
+  }
+
+  function showOutput(note) {
+    const pre = $("detail-output");
+    const atEnd = pre.scrollTop + pre.clientHeight >= pre.scrollHeight - 4;
+    pre.textContent = state.output.text;
+    pre.hidden = $("detail-output-title").hidden = !state.output.text;
+    if (note !== undefined) $("detail-output-live").textContent = note;
+    if (atEnd) pre.scrollTop = pre.scrollHeight;
+  }
+
+  function onOutput(d) {
+    const out = state.output;
+    if (d.id !== state.detailId || out.id !== d.id) return;
+    if (d.attempt !== out.attempt) { out.attempt = d.attempt; out.text = ""; }
+    if (d.pos === out.text.length) out.text += d.text;       // in order: append
+    else if (d.pos + d.text.length > out.text.length) {       // a gap: read it whole
+      renderDetail();
+      return;
+    }
+    showOutput(d.truncated ? " (cut at max_output_bytes)" : " (live)");
+  }
+
+  // -- the event stream: refresh on task changes instead of polling -----------------------
+
+  function scheduleRefresh() {
+    if (state.pending) return;
+    state.pending = setTimeout(() => { state.pending = null; refresh(); }, EVENT_DEBOUNCE_MS);
+  }
+
+  function connectEvents() {
+    if (!window.EventSource) return;
+    const es = new EventSource("/api/events");
+    es.addEventListener("open", () => {
+      state.live = true;
+      $("updated").dataset.live = "true";
+      scheduleRefresh();  // whatever changed while it was down
+    });
+    es.addEventListener("task", (e) => {
+      const d = JSON.parse(e.data);
+      if (d.id === state.detailId) state.detailDirty = true;
+      scheduleRefresh();
+    });
+    es.addEventListener("output", (e) => onOutput(JSON.parse(e.data)));
+    es.addEventListener("gap", () => scheduleRefresh());
+    es.addEventListener("error", () => {
+      // EventSource reconnects by itself (sending Last-Event-ID); poll meanwhile.
+      state.live = false;
+      delete $("updated").dataset.live;
+      clearTimeout(state.timer);
+      state.timer = setTimeout(refresh, REFRESH_MS);
+    });
   }
 
   async function act(verb) {
@@ -387,19 +460,23 @@
       $("health").className = "pill " + (ok ? "succeeded" : "failed");
       $("health").textContent = ok ? "healthy" : "unhealthy";
       $("health").title = health.reasons.join("; ");
-      $("updated").textContent = "updated " + new Date().toLocaleTimeString();
+      $("updated").textContent = (state.live ? "live, updated " : "updated ") + new Date().toLocaleTimeString();
       if (Date.now() - state.chartAt > CHART_MS) {
         state.chartAt = Date.now();
         renderChart(await getJSON("/api/throughput"));
       }
-      if ($("detail").open) await renderDetail();
+      if ($("detail").open && (!state.live || state.detailDirty)) {
+        state.detailDirty = false;
+        await renderDetail();
+      }
     } catch (err) {
       $("health").className = "pill failed";
       $("health").textContent = "offline";
       $("health").title = String(err.message || err);
     }
     document.body.dataset.loaded = "true";
-    state.timer = setTimeout(refresh, REFRESH_MS);
+    clearTimeout(state.timer);
+    state.timer = setTimeout(refresh, state.live ? LIVE_REFRESH_MS : REFRESH_MS);
   }
 
   document.addEventListener("DOMContentLoaded", () => {
@@ -420,5 +497,6 @@
     window.addEventListener("resize", () => { state.chartAt = 0; });
     document.addEventListener("visibilitychange", () => { if (!document.hidden) refresh(); });
     refresh();
+    connectEvents();
   });
 })();

@@ -197,6 +197,19 @@ class SupervisorProc:
         except FileNotFoundError:
             return ""
 
+    def task_log(self, task_id: str, attempt: int = 1) -> str:
+        """The task's own log (its stdout and stderr, stored by the supervisor)."""
+        from supervisor.store import events as live
+        return b"".join(c.data for c in live.read_log(self.store.conn, task_id, attempt)).decode(
+            errors="replace")
+
+    def wait_task_log(self, task_id: str, text: str, timeout: float = 10) -> str:
+        """Wait until `text` is in the task's log (stored at least every second while it
+        runs); returns the line holding it."""
+        wait_until(lambda: text in self.task_log(task_id), timeout=timeout,
+                   message=f"the log of task {task_id} never said {text!r}")
+        return next(ln for ln in self.task_log(task_id).splitlines() if text in ln)
+
     def wait_log(self, text: str, count: int = 1, timeout: float = 10) -> None:
         wait_until(lambda: self.log().count(text) >= count, timeout=timeout,
                    message=f"log never said {text!r} ({count}x):\n{self.log()[-4000:]}")

@@ -230,9 +230,9 @@ def test_progress_and_task_logs_reach_the_supervisor(sup):
     task_id = sup.enqueue("t.progress")
     wait_until(lambda: sup.get(task_id).progress == 0.5, timeout=10)
     assert sup.get(task_id).progress_message == "half way"
-    sup.wait_log("hello from the handler of")
-    line = next(ln for ln in sup.log().splitlines() if "hello from the handler of" in ln)
+    line = sup.wait_task_log(task_id, "hello from the handler of")  # the task's own log
     assert f"task={task_id}" in line
+    assert "hello from the handler of" not in sup.log()  # not the supervisor's (issue 14)
     (sup.dir / "release").touch()
     assert sup.wait_status(task_id, "succeeded").result == "released"
 

@@ -48,7 +48,8 @@ def test_help_exits_0(capsys):
 
 def test_commands_are_a_registry():
     assert {"enqueue", "list", "show", "status", "wait", "cancel", "retry", "prune", "migrate",
-            "check-config", "run", "demo", "send-event", "limits", "schedules"} == set(cli.COMMANDS)
+            "check-config", "run", "demo", "send-event", "limits", "schedules", "watch",
+            "logs"} == set(cli.COMMANDS)
 
 
 @pytest.mark.parametrize("seconds, text", [(5, "5s"), (59.4, "59s"), (61, "1m"), (7200, "2h"),

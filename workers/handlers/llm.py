@@ -215,6 +215,7 @@ class Reply:
 
     def __init__(self, ctx: Any, stall_timeout_s: float, max_tokens: int | None):
         self.ctx = ctx
+        self.stream = getattr(ctx, "stream", None)  # ctx.stream, batched in the task process
         self.stall_timeout_s = stall_timeout_s
         self.max_tokens = max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else None
         self.parts: list[str] = []
@@ -279,6 +280,8 @@ class Reply:
             if isinstance(content, str) and content:
                 self.parts.append(content)
                 self.chunks += 1
+                if self.stream is not None:
+                    self.stream(content)  # live to clients: output events, /output
             if choice.get("finish_reason"):
                 self.finish_reason = choice["finish_reason"]
         if isinstance(chunk.get("usage"), Mapping):

@@ -1,0 +1,163 @@
+"""What running attempts write for people to read: streamed output and stdout/stderr logs.
+
+Owns the supervisor's buffers of both between passes and the rules for keeping them:
+output (`ctx.stream`) is stored in chunks up to `max_output_bytes` a task, cut there
+and marked truncated; a task process's stdout and stderr keep their last `max_log_bytes`
+per attempt, whatever the task prints (a task that prints 100 MB costs the supervisor
+that tail in memory and at most that much written per flush). `flush()` runs inside the
+loop's pass transaction, before outcomes are recorded, so an attempt's last output is
+stored (and its events sent) before the event of its end. Writes are fenced by the
+lease. It never reads a pipe itself and never decides when a pass runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from supervisor.store import events
+
+# Output waits at most this long for the pass that stores it: longer means fewer, larger
+# chunks and passes that cost less while tasks stream (10 ms: passes with outcomes 1.37x
+# slower while 8 tasks streamed 50,000 tokens/s; 50 ms: see benchmarks/README.md).
+OUTPUT_FLUSH_S = 0.05
+LOG_FLUSH_S = 1.0       # a running attempt's log is stored this often (for --follow)
+
+
+@dataclass
+class _Attempt:
+    lease: object
+    out_seq: int = 0
+    out_chars: int = 0            # characters stored so far (the next chunk's position)
+    out_bytes: int = 0            # UTF-8 bytes stored so far, against max_output_bytes
+    out_truncated: bool = False
+    out_pending: list[str] = field(default_factory=list)
+    out_since: float | None = None
+    log_seq: int = 0
+    log_written: int = 0          # bytes the attempt wrote so far
+    log_stored: int = 0           # bytes of those already stored or dropped
+    log_pending: bytearray = field(default_factory=bytearray)
+    log_since: float | None = None
+    ended: bool = False
+
+
+class LiveOutput:
+    """The buffers of every running attempt, keyed by the child's key."""
+
+    def __init__(self, max_output_bytes: int, max_log_bytes: int):
+        self.max_output_bytes = max_output_bytes
+        self.max_log_bytes = max_log_bytes
+        self._attempts: dict[str, _Attempt] = {}
+        self._staged: list = []   # state changes applied once the transaction committed
+        self.dropped_output = 0   # chunks refused: the lease was lost meanwhile
+
+    def configure(self, max_output_bytes: int, max_log_bytes: int) -> None:
+        """A reloaded config applies to what is written from now on."""
+        self.max_output_bytes, self.max_log_bytes = max_output_bytes, max_log_bytes
+
+    def _get(self, key: str, lease) -> _Attempt:
+        att = self._attempts.get(key)
+        if att is None:
+            att = self._attempts[key] = _Attempt(lease)
+        return att
+
+    def on_stream(self, key: str, lease, text, mono: float) -> None:
+        """A "stream" message of the attempt: {"text": str}; anything else is ignored."""
+        if not isinstance(text, str) or not text:
+            return
+        att = self._get(key, lease)
+        if att.out_truncated:
+            return
+        att.out_pending.append(text)
+        if att.out_since is None:
+            att.out_since = mono
+
+    def on_log(self, key: str, lease, data: bytes, mono: float) -> None:
+        """A chunk the attempt wrote to stdout or stderr; only the tail is kept."""
+        if not data:
+            return
+        att = self._get(key, lease)
+        att.log_written += len(data)
+        att.log_pending += data
+        excess = len(att.log_pending) - self.max_log_bytes
+        if excess > 0:  # older than the tail: never stored
+            del att.log_pending[:excess]
+            att.log_stored += excess
+        if att.log_since is None:
+            att.log_since = mono
+
+    def end(self, key: str) -> None:
+        """The attempt's process is gone: store what is left in the next pass."""
+        att = self._attempts.get(key)
+        if att is not None:
+            att.ended = True
+
+    def next_due(self) -> float | None:
+        """The monotonic time the next flush is due, or None when nothing waits."""
+        due = None
+        for att in self._attempts.values():
+            if att.ended:
+                return 0.0
+            for since, wait in ((att.out_since, OUTPUT_FLUSH_S), (att.log_since, LOG_FLUSH_S)):
+                if since is not None and (due is None or since + wait < due):
+                    due = since + wait
+        return due
+
+    def due(self, mono: float) -> bool:
+        t = self.next_due()
+        return t is not None and mono >= t
+
+    def flush(self, store, mono: float) -> None:
+        """Store what is due, inside the caller's transaction. Nothing here changes until
+        `committed()`: if the transaction rolls back, the next flush writes it again."""
+        conn = store.conn
+        self._staged = []
+        for key, att in self._attempts.items():
+            if att.out_pending and (att.ended or mono >= att.out_since + OUTPUT_FLUSH_S):
+                self._flush_output(conn, att)
+            if att.log_pending and (att.ended or mono >= att.log_since + LOG_FLUSH_S):
+                self._flush_log(conn, att)
+            if att.ended:
+                self._staged.append(lambda key=key: self._attempts.pop(key, None))
+
+    def committed(self) -> None:
+        """The transaction of the last flush committed: apply what it stored."""
+        staged, self._staged = self._staged, []
+        for apply in staged:
+            apply()
+
+    def _flush_output(self, conn, att: _Attempt) -> None:
+        # A lone surrogate (valid in JSON, not in UTF-8) becomes "?": SQLite must take it.
+        data = "".join(att.out_pending).encode("utf-8", "replace")
+        room = self.max_output_bytes - att.out_bytes
+        truncated = len(data) > room
+        if truncated:
+            data = data[:max(room, 0)]
+        text = data.decode("utf-8", "ignore")  # a cut inside a character drops it
+        data = text.encode("utf-8")
+        stored = events.append_output(conn, att.lease, att.out_seq, att.out_chars, text, truncated)
+        n = len(att.out_pending)
+
+        def apply() -> None:
+            if stored:
+                att.out_seq += 1
+                att.out_chars += len(text)
+                att.out_bytes += len(data)
+            else:
+                self.dropped_output += 1
+            att.out_truncated = truncated
+            del att.out_pending[:n]
+            att.out_since = None
+        self._staged.append(apply)
+
+    def _flush_log(self, conn, att: _Attempt) -> None:
+        data = bytes(att.log_pending)
+        keep_from = att.log_written - self.max_log_bytes
+        events.append_log(conn, att.lease, att.log_seq, att.log_stored, data,
+                          keep_from_pos=keep_from if keep_from > 0 else None)
+
+        def apply() -> None:
+            att.log_seq += 1
+            att.log_stored += len(data)
+            del att.log_pending[:len(data)]
+            att.log_since = None
+        self._staged.append(apply)

@@ -1,0 +1,186 @@
+"""The live tables: the event log, streamed output and task logs (migration 0010).
+
+Owns every SQL statement on `task_events`, `task_events_state`, `task_output` and `task_logs`, each
+one function taking a `Connection`, and the small transactions around them. Task events
+themselves are written by the triggers of migration 0010, in the transaction of each
+change; this module switches them on and off (`subscribe`, `disable_if_idle`), reads
+and prunes them. Writes called inside an open write transaction (the supervisor's pass)
+join it. It never decides when to prune or how much output a task may keep: the caller
+passes ids and limits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from supervisor.store.connection import Connection
+
+EVENT_COLUMNS = "id, kind, task_id, type, workflow, data"
+
+
+@dataclass(frozen=True)
+class Event:
+    """One row of the event log; `data` is the JSON text sent to SSE clients."""
+    id: int
+    kind: str
+    task_id: str
+    type: str
+    workflow: str | None
+    data: str
+
+
+@dataclass(frozen=True)
+class LogState:
+    enabled: bool
+    subscribed_at: float | None
+    since_id: int   # the log is complete after this id (it was off before)
+
+
+# -- the event log -------------------------------------------------------------------------
+
+def subscribe(conn: Connection, now: float) -> LogState:
+    """Switch the event triggers on (if off) and note a subscriber at `now`. When it was
+    off, events after the current newest id are complete from here on (`since_id`)."""
+    with conn.write(savepoint=False) as db:
+        enabled, since_id = db.execute(
+            "SELECT enabled, since_id FROM task_events_state WHERE id = 1").fetchall()[0]
+        if not enabled:
+            since_id = db.execute("SELECT coalesce(max(id), 0) FROM task_events").fetchall()[0][0]
+        db.execute("UPDATE task_events_state SET enabled = 1, subscribed_at = ?, since_id = ? "
+                   "WHERE id = 1", (now, since_id))
+    return LogState(True, now, since_id)
+
+
+def disable_if_idle(conn: Connection, now: float, idle_s: float) -> bool:
+    """Switch the triggers off when no supervisor noted a subscriber for `idle_s`
+    (every supervisor with subscribers refreshes `subscribed_at`). True if switched off."""
+    with conn.write(savepoint=False) as db:
+        db.execute("UPDATE task_events_state SET enabled = 0 WHERE id = 1 AND enabled = 1 "
+                   "AND (subscribed_at IS NULL OR subscribed_at < ?)", (now - idle_s,))
+        return db.changes() > 0
+
+
+def state(conn: Connection) -> LogState:
+    with conn.read() as db:
+        enabled, at, since_id = db.execute(
+            "SELECT enabled, subscribed_at, since_id FROM task_events_state WHERE id = 1").fetchall()[0]
+    return LogState(bool(enabled), at, since_id)
+
+
+def newest_id(conn: Connection) -> int:
+    with conn.read() as db:
+        return db.execute("SELECT coalesce(max(id), 0) FROM task_events").fetchall()[0][0]
+
+
+def oldest_id(conn: Connection) -> int:
+    with conn.read() as db:
+        return db.execute("SELECT coalesce(min(id), 0) FROM task_events").fetchall()[0][0]
+
+
+def read(conn: Connection, after_id: int, limit: int = 1000) -> list[Event]:
+    """Events with id > after_id, oldest first, at most `limit`."""
+    with conn.read() as db:
+        return [Event(*row) for row in db.execute(
+            f"SELECT {EVENT_COLUMNS} FROM task_events WHERE id > ? ORDER BY id LIMIT ?",
+            (after_id, limit))]
+
+
+def prune(conn: Connection, below_id: int) -> int:
+    """Delete events with id < below_id, always keeping the newest row (so the next id
+    is never one a client has already seen). Returns how many were deleted."""
+    with conn.write(savepoint=False) as db:
+        db.execute("DELETE FROM task_events WHERE id < min(?, (SELECT max(id) FROM task_events))",
+                   (below_id,))
+        return db.changes()
+
+
+# -- streamed output -----------------------------------------------------------------------
+
+_FENCED = ("EXISTS (SELECT 1 FROM tasks WHERE id = ?1 AND attempts = ?2 AND lease_owner = ?3 "
+           "AND status = 'running')")
+
+
+def append_output(conn: Connection, lease, seq: int, pos: int, text: str,
+                  truncated: bool = False) -> bool:
+    """Store one output chunk of the attempt `lease` holds (False, nothing written, when
+    it no longer does). Chunk 0 of an attempt first drops the output of the task's
+    earlier attempts, so a task keeps one attempt's output."""
+    args = (lease.id, lease.attempt, lease.owner, seq, pos, text, int(truncated))
+    with conn.write(savepoint=False) as db:
+        db.execute(f"INSERT OR IGNORE INTO task_output (task_id, attempt, seq, pos, text, truncated) "
+                   f"SELECT ?1, ?2, ?4, ?5, ?6, ?7 WHERE {_FENCED}", args)
+        if not db.changes():
+            return False
+        if seq == 0:
+            db.execute("DELETE FROM task_output WHERE task_id = ? AND attempt != ?",
+                       (lease.id, lease.attempt))
+    return True
+
+
+@dataclass(frozen=True)
+class Output:
+    task_id: str
+    attempt: int | None
+    text: str
+    truncated: bool
+
+
+def read_output(conn: Connection, task_id: str, attempt: int | None = None) -> Output:
+    """The whole stored output of `attempt` (default: the attempt that has output)."""
+    with conn.read() as db:
+        if attempt is None:
+            attempt = db.execute("SELECT max(attempt) FROM task_output WHERE task_id = ?",
+                                 (task_id,)).fetchall()[0][0]
+        rows = db.execute("SELECT text, truncated FROM task_output WHERE task_id = ? "
+                          "AND attempt = ? ORDER BY seq", (task_id, attempt)).fetchall()
+    return Output(task_id, attempt, "".join(r[0] for r in rows), any(r[1] for r in rows))
+
+
+def read_output_after(conn: Connection, task_id: str, attempt: int, after_seq: int
+                      ) -> list[tuple[int, int, str, bool]]:
+    """(seq, pos, text, truncated) of the chunks of `attempt` after `after_seq`."""
+    with conn.read() as db:
+        return [(seq, pos, text, bool(cut)) for seq, pos, text, cut in db.execute(
+            "SELECT seq, pos, text, truncated FROM task_output WHERE task_id = ? "
+            "AND attempt = ? AND seq > ? ORDER BY seq", (task_id, attempt, after_seq))]
+
+
+# -- task logs -----------------------------------------------------------------------------
+
+def append_log(conn: Connection, lease, seq: int, pos: int, data: bytes,
+               keep_from_pos: int | None = None) -> bool:
+    """Store one chunk of the stdout/stderr of the attempt `lease` holds (False when it
+    no longer does); with `keep_from_pos`, delete the chunks that end at or before it,
+    so the log keeps its tail."""
+    args = (lease.id, lease.attempt, lease.owner, seq, pos, data)
+    with conn.write(savepoint=False) as db:
+        db.execute(f"INSERT OR IGNORE INTO task_logs (task_id, attempt, seq, pos, data) "
+                   f"SELECT ?1, ?2, ?4, ?5, ?6 WHERE {_FENCED}", args)
+        if not db.changes():
+            return False
+        if keep_from_pos is not None:
+            db.execute("DELETE FROM task_logs WHERE task_id = ? AND attempt = ? "
+                       "AND pos + length(data) <= ?", (lease.id, lease.attempt, keep_from_pos))
+    return True
+
+
+@dataclass(frozen=True)
+class LogChunk:
+    attempt: int
+    seq: int
+    pos: int
+    data: bytes
+
+
+def log_attempts(conn: Connection, task_id: str) -> list[int]:
+    with conn.read() as db:
+        return [r[0] for r in db.execute(
+            "SELECT DISTINCT attempt FROM task_logs WHERE task_id = ? ORDER BY attempt",
+            (task_id,))]
+
+
+def read_log(conn: Connection, task_id: str, attempt: int, after_seq: int = -1) -> list[LogChunk]:
+    with conn.read() as db:
+        return [LogChunk(attempt, seq, pos, bytes(data)) for seq, pos, data in db.execute(
+            "SELECT seq, pos, data FROM task_logs WHERE task_id = ? AND attempt = ? "
+            "AND seq > ? ORDER BY seq", (task_id, attempt, after_seq))]

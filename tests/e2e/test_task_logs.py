@@ -1,0 +1,75 @@
+"""Task logs against a real supervisor: a task's stdout and stderr (and ctx.logger lines)
+go to that task's log, not to the supervisor's; a task that prints 100 MB leaves the
+supervisor's log small and its own log with the last max_log_bytes; the CLI prints and
+follows it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from tests.e2e.live_support import start_live, stop
+from tests.e2e.http_support import ROOT
+from tests.support import wait_until
+
+MIB = 1024 * 1024
+
+
+def cli(sup, *args, timeout: float = 30) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {k: v for k, v in env.items() if not k.startswith("TASKVISOR_")}
+    return subprocess.run([sys.executable, "-m", "supervisor", "--config",
+                           str(sup.root / "taskvisor.toml"), *args], env=env,
+                          capture_output=True, timeout=timeout, cwd=sup.root)
+
+
+@pytest.mark.timeout(120)
+def test_a_task_that_prints_100_mb_keeps_its_tail_and_the_supervisor_log_small(tmp_path):
+    sup = start_live(tmp_path, extra="", pool_size=2)
+    try:
+        proc = psutil.Process(sup.proc.pid)
+        cpu0 = sum(proc.cpu_times()[:2])
+        task = sup.enqueue(type="print", payload={"mb": 100})
+        done = sup.wait_status(task["id"], "succeeded", "failed", timeout=90)
+        cpu = sum(proc.cpu_times()[:2]) - cpu0
+        assert done["status"] == "succeeded", done
+        assert os.path.getsize(sup.log) < 64 * 1024, "task output reached the supervisor's log"
+        body = sup.get(f"/api/tasks/{task['id']}/logs").json
+        assert body["attempt"] == 1 and body["attempts"] == [1]
+        size = len(body["text"].encode())
+        assert 256 * 1024 - 1024 <= size <= 256 * 1024
+        assert body["end"] > 100 * MIB and body["end"] - body["start"] == size
+        assert "the last line\n" in body["text"]
+        assert "a logger line" in body["text"] and f"task={task['id']}" in body["text"]
+        assert body["text"].count("x" * 1023 + "\n") >= 200
+        # Reading 100 MB through a pipe and keeping its tail: well under a core-second
+        # per 10 MB on this machine (the task process itself is not counted).
+        assert cpu < 10.0, f"the supervisor used {cpu:.1f} s of CPU for 100 MB of output"
+        res = cli(sup, "logs", task["id"])
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.endswith(body["text"].encode()[-2000:])
+        assert cli(sup, "logs", task["id"], "--attempt", "2").stdout == b""
+    finally:
+        stop(sup)
+
+
+@pytest.mark.timeout(60)
+def test_logs_follow_prints_a_running_task_until_it_ends(tmp_path):
+    sup = start_live(tmp_path)
+    try:
+        task = sup.enqueue(type="stream", payload={"n": 1})  # warm: the table exists
+        sup.wait_status(task["id"], "succeeded")
+        task = sup.enqueue(type="print", payload={"mb": 1})
+        res = cli(sup, "logs", task["id"], "--follow")
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.endswith(b"a logger line\n") or b"a logger line" in res.stdout
+        assert b"the last line\n" in res.stdout
+        assert res.stdout.count(b"x" * 1023 + b"\n") >= 200  # the 256 KiB tail of 1 MiB
+        watched = cli(sup, "watch", task["id"])
+        assert watched.returncode == 0 and b"[succeeded]" in watched.stderr
+    finally:
+        stop(sup)

@@ -1,0 +1,174 @@
+"""The live tables on a real file: the event log written by triggers only while it is on,
+in commit order, from any connection; pruning that never lets ids restart; output and
+logs fenced by the lease and bounded."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from supervisor import policy
+from supervisor.output import OUTPUT_FLUSH_S, LiveOutput
+from supervisor.store import Lease, Status, Store
+from supervisor.store import events
+from tests.store.factory import LEASE_S, T0, error, new, ok
+
+BACKOFF = policy.Backoff(1.0, 10.0)
+
+
+def task_events(store: Store, after: int = 0) -> list[tuple[int, str, dict]]:
+    return [(e.id, e.kind, json.loads(e.data)) for e in events.read(store.conn, after)]
+
+
+def test_nothing_is_logged_until_someone_subscribes(store):
+    store.enqueue(new(), T0)
+    assert task_events(store) == []
+    state = events.subscribe(store.conn, T0)
+    assert state.enabled and state.since_id == 0
+    tid = store.enqueue(new("a"), T0 + 1)
+    (eid, kind, data), = task_events(store)
+    assert kind == "task" and data["id"] == tid and data["status"] == "queued"
+    assert data["type"] == "a" and data["attempt"] == 0
+
+
+def test_every_change_of_a_task_is_one_event_in_commit_order(store, db_path):
+    events.subscribe(store.conn, T0)
+    tid = store.enqueue(new(), T0)
+    with store.transaction(all_or_nothing=True):
+        task = store.claim("me", T0 + 1, lease_s=LEASE_S)
+    store.set_progress([(task.lease, 0.5, "half")])
+    store.set_pid(task.lease, 123, T0)              # not a change anyone watches
+    store.extend("me", T0 + 2, LEASE_S)             # neither is a lease extension
+    assert store.fail(task.lease, error(), T0 + 3, BACKOFF) is Status.QUEUED
+    task2 = store.claim("me", T0 + 10, lease_s=LEASE_S)
+    assert store.complete(task2.lease, ok({"x": 1}), T0 + 11)
+    got = task_events(store)
+    ids = [e[0] for e in got]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    seen = [(d["status"], d["attempt"], d["progress"], d["outcome"]) for _, _, d in got]
+    assert seen == [("queued", 0, None, None), ("running", 1, None, None),
+                    ("running", 1, 0.5, None), ("queued", 1, 0.5, "error"),
+                    ("running", 2, None, "error"), ("succeeded", 2, 1.0, "succeeded")]
+    assert all(d["id"] == tid for _, _, d in got)
+    # Another process's connection (a client) writes events into the same log.
+    other = Store(db_path)
+    try:
+        other.cancel(other.enqueue(new("b"), T0 + 20), T0 + 21)
+    finally:
+        other.close()
+    tail = task_events(store, ids[-1])
+    assert [(d["type"], d["status"]) for _, _, d in tail] == [("b", "queued"), ("b", "cancelled")]
+
+
+def test_prune_keeps_the_newest_event_so_ids_never_restart(store):
+    events.subscribe(store.conn, T0)
+    for i in range(5):
+        store.enqueue(new(), T0 + i)
+    newest = events.newest_id(store.conn)
+    assert events.prune(store.conn, newest + 100) == 4
+    assert [e.id for e in events.read(store.conn, 0)] == [newest]
+    store.enqueue(new(), T0 + 9)
+    assert events.newest_id(store.conn) == newest + 1
+
+
+def test_switching_off_needs_retention_without_subscribers(store):
+    events.subscribe(store.conn, T0)
+    assert not events.disable_if_idle(store.conn, T0 + 599, 600)
+    events.subscribe(store.conn, T0 + 500)          # another supervisor's refresh
+    assert not events.disable_if_idle(store.conn, T0 + 1000, 600)
+    assert events.disable_if_idle(store.conn, T0 + 1101, 600)
+    store.enqueue(new(), T0 + 1102)
+    assert task_events(store) == []
+    # Switched on again: events after the newest id are complete from there.
+    store.conn.db.execute("INSERT INTO tasks (id, type, payload, status, created_at, run_after) "
+                          "VALUES ('x', 't', '{}', 'queued', 0, 0)")  # not logged: off
+    state = events.subscribe(store.conn, T0 + 1200)
+    assert state.since_id == events.newest_id(store.conn)
+
+
+def claimed(store: Store, now: float = T0) -> Lease:
+    store.enqueue(new(), now)
+    return store.claim("me", now, lease_s=LEASE_S).lease
+
+
+def test_output_is_fenced_by_the_lease_and_one_attempt_is_kept(store):
+    events.subscribe(store.conn, T0)
+    lease = claimed(store)
+    assert events.append_output(store.conn, lease, 0, 0, "hello ")
+    assert events.append_output(store.conn, lease, 1, 6, "world")
+    stale = Lease(lease.id, lease.attempt, "someone else")
+    assert not events.append_output(store.conn, stale, 2, 11, "!")
+    out = events.read_output(store.conn, lease.id)
+    assert (out.attempt, out.text, out.truncated) == (1, "hello world", False)
+    outputs = [d for _, k, d in task_events(store) if k == "output"]
+    assert [(d["pos"], d["text"]) for d in outputs] == [(0, "hello "), (6, "world")]
+    # A second attempt that streams replaces the first one's output.
+    store.fail(lease, error(), T0 + 1, policy.Backoff(0, 0))
+    lease2 = store.claim("me", T0 + 2, lease_s=LEASE_S).lease
+    assert events.append_output(store.conn, lease2, 0, 0, "again")
+    assert events.read_output(store.conn, lease.id).text == "again"
+    assert events.read_output(store.conn, lease.id, attempt=1).text == ""
+
+
+def test_log_keeps_its_tail(store):
+    lease = claimed(store)
+    events.append_log(store.conn, lease, 0, 0, b"a" * 100)
+    events.append_log(store.conn, lease, 1, 100, b"b" * 100, keep_from_pos=150)
+    events.append_log(store.conn, lease, 2, 200, b"c" * 100, keep_from_pos=250)
+    chunks = events.read_log(store.conn, lease.id, lease.attempt)
+    assert [c.seq for c in chunks] == [2]
+    assert events.log_attempts(store.conn, lease.id) == [1]
+    assert events.read_log(store.conn, lease.id, lease.attempt, after_seq=2) == []
+
+
+def test_live_output_cuts_at_max_output_bytes_and_keeps_the_log_tail(store):
+    live = LiveOutput(max_output_bytes=10, max_log_bytes=1000)
+    lease = claimed(store)
+    key = f"{lease.id}:{lease.attempt}"
+    live.on_stream(key, lease, "héllo ", 0.0)       # 7 bytes
+    live.on_stream(key, lease, "wörld!", 0.0)       # would make 14
+    live.on_stream(key, lease, 42, 0.0)             # not text: ignored
+    for _ in range(100_000):                         # 100 MB printed
+        live.on_log(key, lease, b"x" * 999 + b"\n", 0.0)
+    assert live.due(OUTPUT_FLUSH_S) and not live.due(0.0)
+    with store.transaction(all_or_nothing=True):
+        live.flush(store, 1.5)
+    live.committed()
+    out = events.read_output(store.conn, lease.id)
+    assert out.text == "héllo wö" and out.truncated
+    live.on_stream(key, lease, "more", 2.0)         # after the cut: dropped
+    live.end(key)
+    with store.transaction(all_or_nothing=True):
+        live.flush(store, 2.0)
+    live.committed()
+    assert events.read_output(store.conn, lease.id).text == "héllo wö"
+    chunks = events.read_log(store.conn, lease.id, lease.attempt)
+    data = b"".join(c.data for c in chunks)
+    assert len(data) == 1000 and chunks[0].pos == 100_000_000 - 1000
+    assert live.next_due() is None                   # the ended attempt is forgotten
+
+
+def test_live_output_rolled_back_is_written_again(store):
+    live = LiveOutput(max_output_bytes=1000, max_log_bytes=1000)
+    lease = claimed(store)
+    key = f"{lease.id}:{lease.attempt}"
+    live.on_stream(key, lease, "abc", 0.0)
+    with pytest.raises(RuntimeError):
+        with store.transaction(all_or_nothing=True):
+            live.flush(store, 1.0)
+            raise RuntimeError("the pass failed after the flush")
+    assert events.read_output(store.conn, lease.id).text == ""
+    with store.transaction(all_or_nothing=True):
+        live.flush(store, 1.1)
+    live.committed()
+    assert events.read_output(store.conn, lease.id).text == "abc"
+
+
+def test_events_carry_the_workflow_of_their_task(store):
+    events.subscribe(store.conn, T0)
+    root = store.enqueue(new("a"), T0)
+    joined = store.enqueue(new("b", workflow_id=root), T0 + 1)
+    other = store.enqueue(new("c"), T0 + 2)
+    got = {e.task_id: e.workflow for e in events.read(store.conn, 0)}
+    assert got == {root: root, joined: root, other: other}

@@ -1,0 +1,107 @@
+"""Pure parts of issue 14: ctx.stream's batching in the task process, the config keys
+(listen on a Unix socket, allow_origins, events_retention, output and log limits), and
+the SSE framing and filters of the fan-out."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from supervisor.broadcast import Filter, Frame, Subscription, frame
+from supervisor.config import load
+from supervisor.errors import ConfigError
+from supervisor.store.events import Event
+from tests.support import wait_until
+from workers import stream
+from workers.context import TaskContext
+
+
+class Reporter:
+    def __init__(self):
+        self.sent: list[tuple[str, dict]] = []
+        self.lock = threading.Lock()
+
+    def send(self, kind, **fields):
+        with self.lock:
+            self.sent.append((kind, fields))
+
+
+def ctx(reporter) -> TaskContext:
+    return TaskContext(id="t", type="x", attempt=1, max_attempts=1, deadline_at=None,
+                       reporter=reporter)
+
+
+def test_stream_batches_small_pieces_and_keeps_order_with_progress():
+    rep = Reporter()
+    c = ctx(rep)
+    for i in range(50_000):
+        c.stream("tok ")
+    c.progress(0.5, "half")
+    c.stream("after")
+    c.close_output()
+    kinds = [k for k, _ in rep.sent]
+    texts = "".join(f["text"] for k, f in rep.sent if k == "stream")
+    assert texts == "tok " * 50_000 + "after"
+    assert kinds.count("stream") <= 50_000 * 4 // stream.FLUSH_BYTES + 5  # batched
+    assert all(len(f["text"]) <= stream.MAX_MESSAGE_CHARS for k, f in rep.sent if k == "stream")
+    # The progress message comes after every piece written before it.
+    i = kinds.index("progress")
+    assert "".join(f["text"] for k, f in rep.sent[:i] if k == "stream") == "tok " * 50_000
+    with pytest.raises(ValueError):
+        c.stream("too late")
+    with pytest.raises(TypeError):
+        ctx(Reporter()).stream(b"bytes")
+
+
+def test_a_pause_does_not_hold_text_back():
+    rep = Reporter()
+    c = ctx(rep)
+    c.stream("one piece")
+    wait_until(lambda: rep.sent, timeout=2, interval=0.005)  # sent within ~20 ms
+    assert rep.sent == [("stream", {"text": "one piece"})]
+    c.close_output()
+
+
+def test_config_keys_of_issue_14(tmp_path):
+    path = tmp_path / "t.toml"
+    path.write_text('[supervisor]\nmax_output_bytes = 10\nmax_log_bytes = 20\n'
+                    '[http]\nlisten = "unix:run/api.sock"\nevents_retention = "2m"\n'
+                    'allow_origins = ["http://localhost:5173", "app://Desk"]\n')
+    cfg = load(path)
+    assert cfg.http.listen == f"unix:{tmp_path / 'run' / 'api.sock'}"
+    assert cfg.http.events_retention == 120.0
+    assert cfg.http.allow_origins == ("http://localhost:5173", "app://desk")
+    assert (cfg.supervisor.max_output_bytes, cfg.supervisor.max_log_bytes) == (10, 20)
+    default = load(None)
+    assert default.http.allow_origins == () and default.http.events_retention == 600.0
+    assert default.supervisor.max_output_bytes == 1 << 20
+    assert default.supervisor.max_log_bytes == 256 * 1024
+
+
+@pytest.mark.parametrize("text, message", [
+    ('allow_origins = ["*"]', '"*" is not allowed'),
+    ('allow_origins = ["http://x/path"]', "is not an origin"),
+    ('allow_origins = "nope"', "is not an origin"),
+    ('allow_origins = [1]', "a list of origins"),
+    ('listen = "unix:"', "socket path"),
+    ('events_retention = 0', "must be more than 0"),
+])
+def test_bad_issue_14_keys_name_the_key(tmp_path, text, message):
+    path = tmp_path / "t.toml"
+    path.write_text(f"[http]\n{text}\n")
+    with pytest.raises(ConfigError) as err:
+        load(path)
+    assert message in str(err.value) and "[http]" in str(err.value)
+
+
+def test_frames_and_filters():
+    ev = Event(7, "output", "T1", "llm.chat", "T1", json.dumps({"text": "hi"}))
+    f = frame(ev)
+    assert f.data == b'id: 7\nevent: output\ndata: {"text": "hi"}\n\n'
+    assert Filter()(f) and Filter(task="T1")(f) and Filter(type="llm.chat", workflow="T1")(f)
+    assert not Filter(task="T2")(f) and not Filter(type="other")(f)
+    sub = Subscription(3, Filter(), {"after": 3, "resumed_at": 9})
+    assert sub.first() == b'retry: 1000\n\nevent: gap\ndata: {"after": 3, "resumed_at": 9}\n\n'
+    assert isinstance(f, Frame)
