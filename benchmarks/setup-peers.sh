@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create the benchmark's own environment, benchmarks/.env (gitignored), with taskvisor
-# (editable, from this checkout) and the peer queues listed in requirements-peers.txt.
+# (editable, from this checkout) and the peer queues listed in requirements-peers.txt,
 # and benchmarks/.env-arq (arq alone, for inflight_bench.py).
 # Then: benchmarks/.env/bin/python benchmarks/store_bench.py [--quick]
 # Re-running it is cheap: it reuses the venv and only installs what is missing.
