@@ -131,10 +131,13 @@ def run(sessions: procfs.Sessions, redis, workdir: Path, peer: str, kind: str, s
                         cpu=lambda: {"consumer": procfs.session_cpu(sid)},
                         log_tail=lambda: log.read_text(errors="replace")[-2000:])
         got = follow(system, n, concurrency, hang_s=hang_s, boot_s=boot_s)
-        first, last = (float(x) for x in r.mget(f"{run_id}:first", f"{run_id}:last"))
+        first, last, errors = r.mget(f"{run_id}:first", f"{run_id}:last", f"{run_id}:errors")
         c = got["cpu"]["consumer"]
-        out.update(status="ok", window_s=last - first, memory=got["memory"], succeeded=n,
+        out.update(status="ok", window_s=float(last) - float(first), memory=got["memory"],
+                   succeeded=n - int(errors or 0), max_in_flight_seen=got["max_in_flight_seen"],
                    cpu_ms_per_task={"total": (c.own_s + c.reaped_s) * 1000 / n})
+        if errors:
+            out.update(status="FAIL", error=f"{int(errors)} of {n} jobs raised (see {log})")
     except Hang as exc:
         out.update(status="HANG", error=str(exc))
     except Exception as exc:  # noqa: BLE001 - one row fails, the benchmark goes on

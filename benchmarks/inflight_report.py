@@ -29,14 +29,22 @@ def _find(res: dict, kind: str, system: str, concurrency: int, baseline: bool = 
     return None
 
 
-def pss_per_task_mib(r: dict) -> float | None:
+def _per_task(r: dict, key: str) -> float | None:
+    """taskvisor: over the task processes read (one per task; the fork server's spare
+    included); a peer: over its tasks in flight at the sample (its processes are shared)."""
     m = r.get("memory")
-    return None if not m or not m["in_flight"] else m["task_pss_kib"] / MIB / m["in_flight"]
+    if not m:
+        return None
+    count = m["task_processes"] if r["system"] == "taskvisor" else m["in_flight"]
+    return m[key] / MIB / count if count else None
+
+
+def pss_per_task_mib(r: dict) -> float | None:
+    return _per_task(r, "task_pss_kib")
 
 
 def rss_per_task_mib(r: dict) -> float | None:
-    m = r.get("memory")
-    return None if not m or not m["in_flight"] else m["task_rss_kib"] / MIB / m["in_flight"]
+    return _per_task(r, "task_rss_kib")
 
 
 def bars(res: dict) -> list[dict]:
@@ -94,7 +102,7 @@ def print_report(res: dict) -> None:
           f"(ideal window {3 * s:g} s)")
     head = (f"  {'variant':<7} {'in flight':>9} {'system':<16} {'tasks':>6} {'status':<6} "
             f"{'x ideal':>7} {'CPU ms/task':>11} {'sup ms':>7} {'fs ms':>6} {'task ms':>7} "
-            f"{'PSS MiB':>7} {'RSS MiB':>7} {'fixed PSS':>9}")
+            f"{'PSS MiB':>7} {'RSS MiB':>7} {'fixed PSS':>9} {'max seen':>8}")
     print(head)
     for r in res["runs"]:
         cpu = r.get("cpu_ms_per_task") or {}
@@ -106,10 +114,18 @@ def print_report(res: dict) -> None:
               f"{fmt(cpu.get('total')):>11} {fmt(cpu.get('supervisor')):>7} "
               f"{fmt(cpu.get('fork_server')):>6} {fmt(cpu.get('task_processes')):>7} "
               f"{fmt(pss_per_task_mib(r)):>7} {fmt(rss_per_task_mib(r)):>7} "
-              f"{fmt(mem.get('overhead_pss_kib', 0) / MIB if mem.get('overhead_pss_kib') else None, '.0f'):>9}")
+              f"{fmt(mem.get('overhead_pss_kib', 0) / MIB if mem.get('overhead_pss_kib') else None, '.0f'):>9}"
+              f" {fmt(r.get('max_in_flight_seen'), ',d'):>8}")
     for sk in res.get("skipped", []):
         print(f"  skipped {sk['system']}{' at ' + format(sk['concurrency'], ',') if 'concurrency' in sk else ''}"
               f"{' (' + sk['kind'] + ')' if 'kind' in sk else ''}: {sk['why']}")
+    for r in res["runs"]:
+        lag = r.get("lags_ms")
+        if lag:
+            label = "pool 4" if r.get("baseline") else f"{r['concurrency']:,} in flight"
+            print(f"  taskvisor {r['kind']} {label}: " + "; ".join(
+                f"{k.replace('_', ' ')} p50 {fmt(v['p50'], '.0f')} p99 {fmt(v['p99'], '.0f')} "
+                f"max {fmt(v['max'], '.0f')} ms" for k, v in lag.items()))
     for r in res["runs"]:
         if r["status"] != "ok":
             print(f"  {r['system']} {r['kind']} at {r['concurrency']:,}: {r['status']} {r.get('error', '')[:300]}")
@@ -117,7 +133,8 @@ def print_report(res: dict) -> None:
           "  taskvisor = supervisor (own) + fork server (own) + task processes (the fork server's\n"
           "  reaped children); peers = every process of the worker's session. PSS/RSS: per task in\n"
           "  flight at the peak (taskvisor: task processes only, the supervisor and fork server are\n"
-          "  'fixed PSS'; peers: all worker processes).")
+          "  'fixed PSS'; peers: all worker processes). max seen: most tasks in flight at once\n"
+          "  (polled every 0.1 s; taskvisor counts task processes, its spare included).")
     probe = res.get("probe")
     if probe:
         print(f"\nEnqueue-to-start with {probe['in_flight']:,} in flight ({probe['probes']} probes, one at a time)")

@@ -131,16 +131,19 @@ def run(sessions, workdir: Path, name: str, kind: str, seconds: float, pool: int
         base = sv.cpu()
         got = follow(sv.system(), n, pool, hang_s=hang_s, base_cpu=base)
         cpu = got["cpu"]
-        out.update(status="ok", memory=got["memory"], cpu_ms_per_task={
-            "supervisor": cpu["supervisor"].own_s * 1000 / n,
-            "fork_server": cpu["fork_server"].own_s * 1000 / n,
-            "task_processes": cpu["fork_server"].reaped_s * 1000 / n})
-        out["cpu_ms_per_task"]["total"] = sum(out["cpu_ms_per_task"].values())
+        per_task = {"supervisor": cpu["supervisor"].own_s * 1000 / n,
+                    "fork_server": cpu["fork_server"].own_s * 1000 / n,
+                    "task_processes": cpu["fork_server"].reaped_s * 1000 / n}
+        per_task["total"] = sum(per_task.values())
+        out.update(status="ok", memory=got["memory"], cpu_ms_per_task=per_task,
+                   max_in_flight_seen=got["max_in_flight_seen"])
         with sv.store.conn.read() as db:
             ok, first, last = db.execute(
                 "SELECT count(*), min(started_at), max(completed_at) FROM tasks "
                 "WHERE status = 'succeeded'").fetchall()[0]
         out.update(succeeded=ok, window_s=(last - first) if ok else None)
+        if kind == "sleep":
+            out["lags_ms"] = lags(sv.store, seconds)
         if ok != n:
             out.update(status="FAIL", error=f"{n - ok} of {n} tasks did not succeed")
     except Hang as exc:
@@ -150,6 +153,23 @@ def run(sessions, workdir: Path, name: str, kind: str, seconds: float, pool: int
     finally:
         sv.stop(hung=out.get("status") != "ok")
     return out
+
+
+def lags(store: Store, seconds: float) -> dict:
+    """Where a sleep task's time went besides its sleep, from the store and the handler's
+    entry time: claim -> handler entry (spawn), and handler end -> outcome recorded (reap).
+    p50/p99/max in ms; shows which side makes a window longer than the ideal."""
+    from inflight_report import percentile
+    with store.conn.read() as db:
+        rows = db.execute("SELECT started_at, completed_at, result FROM tasks "
+                          "WHERE status = 'succeeded' AND type = 'inflight.sleep'").fetchall()
+    spawn, reap = [], []
+    for started, completed, result in rows:
+        entered = json.loads(result)["t"]
+        spawn.append((entered - started) * 1000)
+        reap.append((completed - entered - seconds) * 1000)
+    return {name: {"p50": percentile(v, 50), "p99": percentile(v, 99), "max": max(v, default=None)}
+            for name, v in (("claim_to_handler", spawn), ("handler_end_to_recorded", reap))}
 
 
 def probe(sessions, workdir: Path, in_flight: int, probes: int, gap_s: float,

@@ -3,7 +3,8 @@
 Not a test. `kind` is "sleep" (a sleep of `s` seconds) or "chat" (one streamed chat
 completion from the benchmark's local OpenAI-compatible server, which answers in a fixed
 time). Each job increments `{run}:started` when entered and `{run}:done` when finished,
-sets `{run}:first` (first entry) and `{run}:last` (when the last of `total` finished): the
+sets `{run}:first` (first entry) and `{run}:last` (when the last of `total` finished),
+and counts failures in `{run}:errors` (a failed job still counts as done): the
 benchmark reads its window and the number in flight from these keys. The sync body runs
 in Celery (threads, prefork) and Dramatiq (gevent); the async one in arq.
 """
@@ -27,7 +28,10 @@ def redis_client():
     global _client, _client_pid
     if _client is None or _client_pid != os.getpid():
         import redis
-        _client, _client_pid = redis.Redis.from_url(URL), os.getpid()
+        # Thousands of threads or greenlets share one client: a bounded pool that waits
+        # for a free connection (redis-py's default pool raises "Too many connections").
+        pool = redis.BlockingConnectionPool.from_url(URL, max_connections=64, timeout=60)
+        _client, _client_pid = redis.Redis(connection_pool=pool), os.getpid()
     return _client
 
 
@@ -73,12 +77,17 @@ def started(r, run: str, t: float) -> None:
 def work_sync(run: str, total: int, kind: str, s: float, base_url: str | None) -> None:
     r = redis_client()
     started(r, run, time.time())
-    if kind == "chat":
-        chat_sync(base_url)
-    else:
-        time.sleep(s)
-    if r.incr(f"{run}:done") == total:
-        r.set(f"{run}:last", time.time())
+    try:
+        if kind == "chat":
+            chat_sync(base_url)
+        else:
+            time.sleep(s)
+    except Exception:
+        r.incr(f"{run}:errors")
+        raise
+    finally:
+        if r.incr(f"{run}:done") == total:
+            r.set(f"{run}:last", time.time())
 
 
 async def work_async(r, run: str, total: int, kind: str, s: float, base_url: str | None) -> None:
@@ -88,9 +97,14 @@ async def work_async(r, run: str, total: int, kind: str, s: float, base_url: str
     pipe.setnx(f"{run}:first", t)
     pipe.incr(f"{run}:started")
     await pipe.execute()
-    if kind == "chat":
-        await chat_async(base_url)
-    else:
-        await asyncio.sleep(s)
-    if await r.incr(f"{run}:done") == total:
-        await r.set(f"{run}:last", time.time())
+    try:
+        if kind == "chat":
+            await chat_async(base_url)
+        else:
+            await asyncio.sleep(s)
+    except Exception:
+        await r.incr(f"{run}:errors")
+        raise
+    finally:
+        if await r.incr(f"{run}:done") == total:
+            await r.set(f"{run}:last", time.time())
