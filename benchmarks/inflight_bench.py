@@ -104,12 +104,16 @@ def main(argv=None) -> int:
     ap.add_argument("--seconds", type=float, help="S, how long each task waits (default 3, quick 2)")
     ap.add_argument("--only", default=",".join(SYSTEMS), help=f"systems, of: {', '.join(SYSTEMS)}")
     ap.add_argument("--variants", default="sleep,chat", help="sleep, chat or both")
+    ap.add_argument("--chat-sizes", help="sizes of the chat variant (default 100,1000; quick 100)")
     ap.add_argument("--probes", type=int, help="enqueue-to-start probes (default 100, quick 40)")
     ap.add_argument("--probe-in-flight", type=int, default=1000)
     ap.add_argument("--hang-s", type=float, default=30.0, help="no task finished for this long = HANG")
     ap.add_argument("--out", default=str(HERE / "results" / "inflight.json"))
     args = ap.parse_args(argv)
     sizes = [int(x) for x in (args.sizes or ("100,1000" if args.quick else "100,1000,3000")).split(",")]
+    # The chat variant stops at 1,000: every system's HTTP client costs 16-35 ms CPU per call
+    # here, so 9,000 calls take minutes of CPU on 2 cores and measure the client, not the queue.
+    chat_sizes = [int(x) for x in (args.chat_sizes or ("100" if args.quick else "100,1000")).split(",")]
     seconds = args.seconds or (2.0 if args.quick else 3.0)
     probes = args.probes or (40 if args.quick else 100)
     systems = [s.strip() for s in args.only.split(",") if s.strip()]
@@ -119,19 +123,22 @@ def main(argv=None) -> int:
         ap.error(f"unknown --only/--variants value(s) {', '.join(bad)}; systems: {', '.join(SYSTEMS)}; "
                  "variants: sleep, chat")
     nofile = raise_nofile()
-    res: dict = {"machine": machine(nofile), "seconds": seconds, "sizes": sizes,
+    res: dict = {"machine": machine(nofile), "seconds": seconds, "sizes": sizes, "chat_sizes": chat_sizes,
                  "systems": systems, "variants": variants, "runs": [], "skipped": []}
-    print(f"In flight: S={seconds:g}s, sizes {sizes}, systems {systems}, variants {variants}; "
+    print(f"In flight: S={seconds:g}s, sizes {sizes} (chat {chat_sizes}), systems {systems}, variants {variants}; "
           f"load {os.getloadavg()[0]:.1f}, open files {nofile[0]}", flush=True)
     sessions = procfs.Sessions()
     t_start = time.monotonic()
+    interrupted = False
     try:
         with tempfile.TemporaryDirectory(prefix="tv-inflight-") as tmp:
-            run_all(args, Path(tmp), sessions, res, sizes, seconds, probes, systems, variants)
+            run_all(args, Path(tmp), sessions, res, sizes, chat_sizes, seconds, probes, systems,
+                    variants)
     except KeyboardInterrupt:
-        print("\ninterrupted: every process started has been killed", file=sys.stderr)
         sessions.kill_all()
-        return 130
+        print("\ninterrupted: every process started has been killed; the runs so far:",
+              file=sys.stderr)
+        interrupted = res["interrupted"] = True
     finally:
         sessions.kill_all()
     res["machine"]["loadavg_end"] = os.getloadavg()
@@ -142,10 +149,11 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2, default=str) + "\n")
     print(f"\nwrote {out} ({res['elapsed_s']:.0f} s)")
-    return 0
+    return 130 if interrupted else 0
 
 
-def run_all(args, workdir: Path, sessions, res: dict, sizes, seconds, probes, systems, variants) -> None:
+def run_all(args, workdir: Path, sessions, res: dict, sizes, chat_sizes, seconds, probes, systems,
+            variants) -> None:
     peers = [p for p in systems if p != "taskvisor"]
     for p in list(peers):
         why = inflight_peers.available(p)
@@ -165,7 +173,7 @@ def run_all(args, workdir: Path, sessions, res: dict, sizes, seconds, probes, sy
             res["runs"].append(r)
             print(f"  taskvisor pool 4 ({4 * POOL4_WAVES} tasks): {line(r, POOL4_WAVES * seconds / 3)}",
                   flush=True)
-        for size in sizes:
+        for size in (chat_sizes if kind == "chat" else sizes):
             for system in ["taskvisor", *peers] if "taskvisor" in systems else peers:
                 t = time.monotonic()
                 if system == "celery-prefork":
