@@ -4,7 +4,7 @@ Owns following one run from the moment its consumer starts until its N tasks are
 polling progress, detecting a hang (no task finished for `hang_s`, or none started within
 `boot_s`), taking the CPU readings at the start and the end of the window, and sampling
 memory once at the peak (the first time the number in flight reaches 90% of the
-concurrency, plus a short settle). It never starts or stops a process: the caller does,
+concurrency, or half of it once a task has finished; plus a short settle). It never starts or stops a process: the caller does,
 and kills everything when `follow` raises.
 """
 
@@ -67,7 +67,10 @@ def follow(system: System, n: int, concurrency: int, *, hang_s: float = 30.0,
             raise Hang(f"no task finished for {hang_s:g} s: {done} of {n} done, "
                        f"{in_flight} in flight")
         if memory is None:
-            if peak_seen_at is None and in_flight >= PEAK_SHARE * concurrency:
+            # a system that never gets PEAK_SHARE in flight is sampled once its first
+            # task has finished, if at least half the concurrency is in flight then
+            if peak_seen_at is None and (in_flight >= PEAK_SHARE * concurrency
+                                         or (done and in_flight >= concurrency / 2)):
                 peak_seen_at = now
             elif peak_seen_at is not None and now - peak_seen_at >= SETTLE_S:
                 memory = sample_memory(system, in_flight)
