@@ -4,8 +4,8 @@ Owns following one run from the moment its consumer starts until its N tasks are
 polling progress, detecting a hang (no task finished for `hang_s`, or none started within
 `boot_s`), taking the CPU readings at the start and the end of the window, and sampling
 memory once at the peak (the first time the number in flight reaches 90% of the
-concurrency, or half of it once a task has finished; plus a short settle). It never starts or stops a process: the caller does,
-and kills everything when `follow` raises.
+concurrency, or half of it once a task has finished; plus a short settle). It never
+starts or stops a process: the caller does, and kills everything when `follow` raises.
 """
 
 from __future__ import annotations
