@@ -3,9 +3,10 @@
 Owns following one run from the moment its consumer starts until its N tasks are done:
 polling progress, detecting a hang (no task finished for `hang_s`, or none started within
 `boot_s`), taking the CPU readings at the start and the end of the window, and sampling
-memory once at the peak (the first time the number in flight reaches 90% of the
-concurrency, or half of it once a task has finished; plus a short settle). It never
-starts or stops a process: the caller does, and kills everything when `follow` raises.
+memory at the peak: a few samples as the number in flight grows (each 1.5x the last,
+0.5 s after it got there, until 90% of the concurrency), keeping the one with the most in
+flight. It never starts or stops a process: the caller does, and kills everything when
+`follow` raises.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from typing import Callable
 import inflight_proc as procfs
 
 POLL_S = 0.1
-SETTLE_S = 0.5   # after reaching the peak, let the last-started tasks reach their wait
-PEAK_SHARE = 0.9  # "at the peak": the first time this share of the concurrency is in flight
+SETTLE_S = 0.5   # after a new high, let the last-started tasks reach their wait
+PEAK_SHARE = 0.9  # no more samples once this share of the concurrency was sampled in flight
+SAMPLE_FROM = 0.1
+SAMPLE_GROWTH = 1.5
 
 
 class Hang(Exception):
@@ -43,7 +46,7 @@ def follow(system: System, n: int, concurrency: int, *, hang_s: float = 30.0,
     Without `base_cpu`, the CPU window opens when the first task is seen in flight."""
     t0 = time.monotonic()
     last_done, last_change = 0, t0
-    peak_seen_at = None
+    sample_at = None
     memory = None
     max_in_flight = 0
     while True:
@@ -66,14 +69,19 @@ def follow(system: System, n: int, concurrency: int, *, hang_s: float = 30.0,
         if (done or max_in_flight) and now - last_change > hang_s:
             raise Hang(f"no task finished for {hang_s:g} s: {done} of {n} done, "
                        f"{in_flight} in flight")
-        if memory is None:
-            # a system that never gets PEAK_SHARE in flight is sampled once its first
-            # task has finished, if at least half the concurrency is in flight then
-            if peak_seen_at is None and (in_flight >= PEAK_SHARE * concurrency
-                                         or (done and in_flight >= concurrency / 2)):
-                peak_seen_at = now
-            elif peak_seen_at is not None and now - peak_seen_at >= SETTLE_S:
-                memory = sample_memory(system, in_flight)
+        # Sampled each time the number in flight has grown by SAMPLE_GROWTH since the last
+        # sample (from SAMPLE_FROM of the concurrency on), SETTLE_S after it got there; the
+        # sample with the most in flight is kept. Stops once PEAK_SHARE were sampled.
+        sampled = memory["in_flight"] if memory else 0
+        if sampled < PEAK_SHARE * concurrency:
+            if sample_at is None and in_flight >= max(SAMPLE_FROM * concurrency,
+                                                      SAMPLE_GROWTH * sampled, 1):
+                sample_at = now + SETTLE_S
+            elif sample_at is not None and now >= sample_at:
+                m = sample_memory(system, in_flight)
+                if m["in_flight"] >= sampled:
+                    memory = m
+                sample_at = None
         time.sleep(POLL_S)
     cpu = {role: end_cpu[role] - base_cpu[role] for role in end_cpu if role in base_cpu}
     return {"cpu": cpu, "memory": memory, "max_in_flight_seen": max_in_flight,
