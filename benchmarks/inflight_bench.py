@@ -5,7 +5,8 @@ Usage (from the repository root, after benchmarks/setup-peers.sh):
 
     benchmarks/.env/bin/python benchmarks/inflight_bench.py              # 100, 1,000, 3,000 in flight, S=3
     benchmarks/.env/bin/python benchmarks/inflight_bench.py --quick      # 100 and 1,000, S=2
-    ... --only taskvisor | --only taskvisor,arq   --sizes 100,1000   --seconds 3   --variants sleep
+    ... --only taskvisor | --only taskvisor,arq   --sizes 100,1000   --chat-sizes 100
+    ... --seconds 3   --variants sleep   --probes 100   --hang-s 30
 
 Workload: N tasks that each wait S seconds, the queue filled before the consumer starts,
 concurrency P = N/3 so that three waves run (N = 3P). Two variants: `sleep` (the handler
