@@ -58,7 +58,7 @@ def bars(res: dict) -> list[dict]:
         if "taskvisor" not in res["systems"]:
             continue
         r3k = _find(res, kind, "taskvisor", 3000)
-        if r3k is not None or kind == "sleep":  # chat stops at 1,000 by default (inflight_bench.py)
+        if r3k is not None or kind == "sleep":  # chat runs at 100 by default (inflight_bench.py)
             bar(f"[{kind}] 3,000 in flight completes", r3k["status"] if r3k else None,
                 None if r3k is None else r3k["status"] == "ok", "ok", (r3k or {}).get("error", ""))
         r1k = _find(res, kind, "taskvisor", 1000)
