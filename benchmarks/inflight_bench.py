@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seconds", type=float, help="S, how long each task waits (default 3, quick 2)")
     ap.add_argument("--only", default=",".join(SYSTEMS), help=f"systems, of: {', '.join(SYSTEMS)}")
     ap.add_argument("--variants", default="sleep,chat", help="sleep, chat or both")
-    ap.add_argument("--chat-sizes", default="100", help="sizes of the chat variant (default 100)")
+    ap.add_argument("--chat-sizes", help="sizes of the chat variant (default: those of --sizes up to 100)")
     ap.add_argument("--probes", type=int, help="enqueue-to-start probes (default 100, quick 40)")
     ap.add_argument("--probe-in-flight", type=int, default=1000)
     ap.add_argument("--hang-s", type=float, default=30.0, help="no task finished for this long = HANG")
@@ -115,7 +115,8 @@ def main(argv=None) -> int:
     # The chat variant runs at 100 by default: every system's HTTP client costs 25-45 ms CPU
     # per call here, so at 1,000 in flight (3,000 calls) each system took 2-5 minutes of CPU on
     # 2 cores (16-31x the ideal) and measured the client and the machine, not the queue.
-    chat_sizes = [int(x) for x in args.chat_sizes.split(",")]
+    chat_sizes = ([int(x) for x in args.chat_sizes.split(",")] if args.chat_sizes
+                  else [x for x in sizes if x <= 100] or [min(sizes)])
     seconds = args.seconds or (2.0 if args.quick else 3.0)
     probes = args.probes or (40 if args.quick else 100)
     systems = [s.strip() for s in args.only.split(",") if s.strip()]
