@@ -169,6 +169,31 @@ def test_connection_refused_is_retryable_and_bad_payloads_are_not():
         assert info.value.retryable is False
 
 
+def test_a_call_imports_nothing_the_preloaded_module_could_have(server):
+    """What a task process would import at its first call (httpx's transport stack, a TLS
+    context's certificates) is imported once by the fork server's preload: each task
+    process otherwise paid ~110 ms CPU per call for it (benchmarks/README.md, "In flight")."""
+    import json
+    import subprocess
+    import sys
+    script = (
+        "import asyncio, json, sys\n"
+        "from workers.handlers import llm\n"
+        "payload = {'base_url': sys.argv[1], 'messages': [{'role': 'user', 'content': 'hi'}]}\n"
+        "before = set(sys.modules)\n"
+        "text = asyncio.run(llm.chat(payload))['text']\n"
+        "after_async = set(sys.modules)\n"
+        "llm.chat_sync(payload)\n"
+        "print(json.dumps({'text': text, 'async': sorted(after_async - before),\n"
+        "                  'sync': sorted(set(sys.modules) - after_async)}))\n")
+    out = subprocess.run([sys.executable, "-c", script, server.base_url], capture_output=True,
+                         text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["text"] == "Hello from the fake model."
+    assert got["async"] == [] and got["sync"] == [], got
+
+
 def test_retry_after_parsing():
     now = 1_800_000_000.0
     assert llm.retry_after_s("120", now) == 120

@@ -9,13 +9,15 @@ when the stream stalls longer than `stall_timeout_s`. Settings come from the pay
 the task's `[llm]` config section (`ctx.config["llm"]`), else TASKVISOR_LLM__* variables,
 else defaults. The API key is read from the environment variable *named* by api_key_env,
 at call time, and is never put in a result, an error message or a log line.
-Runs in task processes; importing it (httpx) in the fork server through preload is cheap.
+Runs in task processes; preload it: its import (httpx, its transport stack and one TLS
+context, ~0.1 s) is then paid once by the fork server instead of by every task.
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
+import encodings.idna  # noqa: F401 - see _TLS (httpx's sync client encodes host names)
 import json
 import math
 import os
@@ -25,6 +27,11 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+import anyio._backends._asyncio  # noqa: F401 - see _TLS
+import h11  # noqa: F401
+import httpcore._async  # noqa: F401
+import httpcore._backends.anyio  # noqa: F401
+import httpcore._backends.auto  # noqa: F401
 import httpx
 
 from workers import Retry, task
@@ -35,6 +42,12 @@ CONNECT_TIMEOUT_S = 30.0
 _DEFAULTS = {"base_url": None, "model": None, "api_key_env": "OPENAI_API_KEY",
              "request_timeout_s": 600.0, "stall_timeout_s": 60.0}
 _RESERVED = frozenset({"messages", "stream", "stream_options"})
+# Built at import, so once in the fork server (preload), and shared copy-on-write by every
+# task process, like the transport modules imported above, which httpx would otherwise import
+# at a task's first request. Without them each call cost ~125 ms CPU in a fresh task process
+# (its own TLS context, even for http://, and ~75 imports) against ~16 ms with them: the
+# difference between 16 and 125 model calls a second per core (benchmarks/README.md, "In flight").
+_TLS = httpx.create_ssl_context()
 
 
 class LlmError(Exception):
@@ -361,7 +374,7 @@ async def chat(payload: Mapping[str, Any], ctx: Any = None) -> dict:
     reply = _start(req, ctx)
     try:
         async with asyncio.timeout(req.request_timeout_s):
-            async with httpx.AsyncClient(timeout=req.timeout()) as client:
+            async with httpx.AsyncClient(timeout=req.timeout(), verify=_TLS) as client:
                 async with client.stream("POST", req.url, json=req.body, headers=req.headers) as resp:
                     if resp.status_code >= 400:
                         await resp.aread()
@@ -385,7 +398,7 @@ def chat_sync(payload: Mapping[str, Any], ctx: Any = None) -> dict:
     reply = _start(req, ctx)
     deadline = time.monotonic() + req.request_timeout_s
     try:
-        with httpx.Client(timeout=req.timeout()) as client:
+        with httpx.Client(timeout=req.timeout(), verify=_TLS) as client:
             with client.stream("POST", req.url, json=req.body, headers=req.headers) as resp:
                 if resp.status_code >= 400:
                     resp.read()
