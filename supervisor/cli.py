@@ -491,6 +491,9 @@ def cmd_migrate(args, cfg) -> int:
 
 def _run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pidfile", metavar="PATH", help="write the supervisor's pid here")
+    p.add_argument("--ready-file", metavar="PATH",
+                   help="once ready (database migrated, HTTP bound), write a JSON object "
+                        "{pid, owner, http, ready_at} here; removed at a clean exit")
 
 
 @command("run", "run the supervisor in the foreground until SIGTERM or SIGINT", _run_arguments)
@@ -499,7 +502,7 @@ def cmd_run(args, cfg) -> int:
     if args.pidfile:
         service.write_pidfile(args.pidfile)
     try:
-        return start.run(cfg)
+        return start.run(cfg, ready_file=args.ready_file)
     finally:
         if args.pidfile:
             service.remove_pidfile(args.pidfile)
