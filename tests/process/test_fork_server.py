@@ -17,7 +17,7 @@ import time
 import psutil
 import pytest
 
-from tests.process.conftest import BASE, HANDLERS, ROOT, RUN, assert_dead, merge, render_config
+from tests.process.conftest import BASE, HANDLERS, ROOT, assert_dead, merge, render_config
 from tests.support import pid_alive, wait_until
 
 
@@ -54,7 +54,8 @@ def test_preload_that_fails_to_import_stops_run_with_exit_3(tmp_path):
     cfg.write_text(render_config(merge(BASE, {"supervisor": {"preload": ["tvp_broken"]}})))
     env = {k: v for k, v in os.environ.items() if not k.startswith("TASKVISOR_")}
     env["PYTHONPATH"] = f"{ROOT}:{HANDLERS}"
-    res = subprocess.run([sys.executable, "-c", RUN, str(cfg)], cwd=tmp_path, env=env,
+    res = subprocess.run([sys.executable, "-m", "supervisor", "run", "--config", str(cfg)],
+                         cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=30)
     assert res.returncode == 3, res.stderr
     assert "Traceback" in res.stderr
