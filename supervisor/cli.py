@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from supervisor import __version__
 from supervisor import config as _config
 from supervisor.client import Queue
 from supervisor.errors import ConfigError, InputError, StoreError
@@ -98,6 +99,7 @@ def build_parser() -> Parser:
                         help="database file (overrides [supervisor] database)")
     parser = Parser(prog=PROG, parents=[common],
                     description="A durable local task queue and process supervisor.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, cmd in COMMANDS.items():
         cmd.arguments(sub.add_parser(name, parents=[common], help=cmd.help, description=cmd.help))
