@@ -30,8 +30,10 @@ class _TaskFormatter(logging.Formatter):
                 setattr(record, key, self.task.get(key.removeprefix("task_")))
         if not self.fmt_json:
             return super().format(record)
-        out = {"ts": record.created, "level": record.levelname, "logger": record.name,
-               "task_id": record.task_id, "type": record.task_type, "msg": record.getMessage()}
+        # The same field names as the supervisor's JSON lines (supervisor/logs.py).
+        out = {"ts": round(record.created, 3), "level": record.levelname, "logger": record.name,
+               "msg": record.getMessage(), "task_id": record.task_id,
+               "task_type": record.task_type}
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, ensure_ascii=False)
