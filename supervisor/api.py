@@ -20,7 +20,6 @@ from supervisor import __version__, openapi, proctree
 from supervisor.errors import InputError, NotFound
 from supervisor.store import Status
 from supervisor.store import events as live
-from supervisor.store import queries as q
 from supervisor.workflow_api import WorkflowEndpoints
 
 MIB = 1024 * 1024
@@ -223,8 +222,7 @@ class Api(WorkflowEndpoints):
         end = math.floor(now / 60) * 60 + 60
         start = end - 60 * 60
         with self.database as store:
-            with store.conn.read() as db:
-                rows = q.select_recent_attempts(db, start)
+            rows = store.recent_attempts(start)
         buckets = [{"at": _iso(start + 60 * i), "succeeded": 0, "failed": 0, "other": 0}
                    for i in range(60)]
         for ended_at, outcome, _type in rows:

@@ -495,6 +495,11 @@ class Store(WorkflowStore, flow.FlowOps):
             deps = q.select_deps(db, [r[0] for r in rows]) if rows else {}
         return [Task.from_row(r, deps.get(r[0], ())) for r in rows]
 
+    def recent_attempts(self, since: float) -> list[tuple[float, str, str]]:
+        """(ended_at, outcome, type) of every attempt that ended at or after `since`."""
+        with self.conn.read() as db:
+            return q.select_recent_attempts(db, since)
+
     def queued_in_order(self, limit: int = 50) -> list[Task]:
         with self.conn.read() as db:
             return [Task.from_row(r) for r in q.select_queued_in_order(db, limit)]
