@@ -24,7 +24,7 @@ from typing import Any
 from supervisor import config as _config
 from supervisor.dbfile import refuse_if_served
 from supervisor import flowconfig
-from supervisor.errors import InputError
+from supervisor.errors import InputError, NotFound
 from supervisor.store import FINAL, NewTask, Stats, Status, Store, Task, new_id
 from supervisor.store.tasks import check_dependencies_without_database
 from supervisor.wake import WakeSender
@@ -256,6 +256,23 @@ class Queue(WorkflowCalls):
         """The task with its attempt history. Raises NotFound."""
         task_id = _check_id(task_id)
         return self._call(lambda s: s.get(task_id))
+
+    def resolve_id(self, text: str) -> str:
+        """The full id of a task given its id or a unique end of it, like git's short
+        hashes: the dashboard shows the last 8 characters. Case does not matter for
+        generated ids. Raises NotFound, or InputError naming the candidates when the end
+        is shared by several tasks (give more characters)."""
+        text = _check_id(text).strip()
+        found = self._call(lambda s: s.ids_matching(text, limit=3))
+        if not found and text != text.upper():
+            found = self._call(lambda s: s.ids_matching(text.upper(), limit=3))
+        if len(found) == 1:
+            return found[0]
+        if not found:
+            raise NotFound(f"no task with id {text} (nor one whose id ends with it)", field="id")
+        more = ", …" if len(found) > 2 else ""
+        raise InputError(f"{text!r} is the end of more than one task id ({', '.join(found[:2])}"
+                         f"{more}): give more characters", field="id")
 
     def list(self, status: str | Status | None = None, type: str | None = None,
              limit: int = 100, before: str | None = None,

@@ -526,6 +526,16 @@ def select_next_run_after(db: apsw.Connection, now: float) -> float | None:
         (now,)).fetchall()[0][0]
 
 
+def select_ids_matching(db: apsw.Connection, text: str, limit: int) -> list[str]:
+    """`text` if it is an id, else up to `limit` ids that end with it (a scan of the id
+    index: for a person typing a short id, never on a hot path)."""
+    rows = db.execute("SELECT id FROM tasks WHERE id = ?", (text,)).fetchall()
+    if rows:
+        return [rows[0][0]]
+    return [r[0] for r in db.execute("SELECT id FROM tasks WHERE substr(id, -?) = ? LIMIT ?",
+                                     (len(text), text, limit))]
+
+
 def select_recent_attempts(db: apsw.Connection, since: float) -> list[tuple]:
     """(ended_at, outcome, type) of attempts that ended since `since`."""
     return db.execute(

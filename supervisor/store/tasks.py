@@ -495,6 +495,11 @@ class Store(WorkflowStore, flow.FlowOps):
             deps = q.select_deps(db, [r[0] for r in rows]) if rows else {}
         return [Task.from_row(r, deps.get(r[0], ())) for r in rows]
 
+    def ids_matching(self, text: str, limit: int = 2) -> list[str]:
+        """[text] when it is a task id, else up to `limit` ids ending with `text`."""
+        with self.conn.read() as db:
+            return q.select_ids_matching(db, text, limit)
+
     def recent_attempts(self, since: float) -> list[tuple[float, str, str]]:
         """(ended_at, outcome, type) of every attempt that ended at or after `since`."""
         with self.conn.read() as db:
