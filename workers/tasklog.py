@@ -5,8 +5,8 @@ JSON lines, as `[log] format` says) and `ctx.logger`'s adapter. Imported only wh
 `logging` is needed: by the fork server when a preload module imported `logging` (so
 that a task process only fills in its task's fields), else by a task process the first
 time its handler touches `ctx.logger`. Importing `logging` brings `threading`, whose
-after-fork hooks cost every forked process about 0.4 ms of CPU, so this module must never
-be imported by the fork server on its own account.
+after-fork hooks cost CPU in every forked process (benchmarks/README.md), so this module
+must never be imported by the fork server on its own account.
 """
 
 from __future__ import annotations
