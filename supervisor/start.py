@@ -2,14 +2,15 @@
 forks safe.
 
 Owns that order: logging; cgroup v2 detection (which moves this process into a leaf
-cgroup, so it must precede the fork server); the child-subreaper flag; the fork server
-(started before the database is opened or any thread exists, so it inherits neither);
-then the Supervisor, which opens the database (then its identity is taken and a
-registration written beside it: supervisor.dbfile), and, when [http] listen is set, the
-metrics sink and the HTTP server, bound from the Supervisor's on_ready hook (an address
-that cannot be used leaves HTTP off with an error in the log; tasks still run). A preload
-that fails to import ends here with its traceback and exit code 3. It never claims or
-records tasks itself.
+cgroup, so it must precede the fork server); the child-subreaper flag; the preload search
+path (the config file's folder joins PYTHONPATH); the fork server (started before the
+database is opened or any thread exists, so it inherits neither); then the Supervisor,
+which opens the database (then its identity is taken and a registration written beside
+it: supervisor.dbfile), and, when [http] listen is set, the metrics sink and the HTTP
+server, bound from the Supervisor's on_ready hook (an address that cannot be used leaves
+HTTP off with an error in the log; tasks still run), then the ready file. A preload that
+fails to import ends here with its traceback, a hint when the module was not found, and
+exit code 3. It never claims or records tasks itself.
 """
 
 from __future__ import annotations
