@@ -92,8 +92,10 @@ class SupervisorProcess:
                  env: Mapping[str, str] | None = None,
                  pythonpath: Iterable[str | os.PathLike] = (), name: str = "taskvisor",
                  config_path: str | os.PathLike | None = None,
-                 log_path: str | os.PathLike | None = None, ready_timeout: float = 60.0):
+                 log_path: str | os.PathLike | None = None, ready_timeout: float = 60.0,
+                 args: Iterable[str] = ()):
         self.dir = Path(folder)
+        self.args = list(args)  # more `taskvisor run` options (--pidfile P)
         self.ready_timeout = ready_timeout
         self.name = name
         self.config_path = Path(config_path) if config_path else self.dir / f"{name}.toml"
@@ -120,7 +122,7 @@ class SupervisorProcess:
 
     def argv(self) -> list[str]:
         return [sys.executable, "-m", "supervisor", "run", "--config", str(self.config_path),
-                "--ready-file", str(self.ready_path)]
+                "--ready-file", str(self.ready_path), *self.args]
 
     def start(self, wait_ready: bool = True, timeout: float | None = None) -> "SupervisorProcess":
         assert self.proc is None or self.proc.poll() is not None, "already running"
