@@ -214,7 +214,7 @@ def test_a_lean_preload_keeps_logging_out_until_a_handler_logs(supervisor_proc, 
     line = next(ln for ln in text.splitlines() if f"lean line of {task_id}" in ln)
     if fmt == "json":
         record = json.loads(line)
-        assert (record["task_id"], record["type"], record["level"]) == (task_id, "lean.log", "WARNING")
+        assert (record["task_id"], record["task_type"], record["level"]) == (task_id, "lean.log", "WARNING")
     else:
         assert f"task={task_id}" in line and "WARNING" in line
 
