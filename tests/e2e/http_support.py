@@ -75,12 +75,32 @@ class Supervisor(SupervisorProcess):
     """A supervisor whose config and handlers are in `root`; `url`, `port` and `token` are
     known once it is ready (`start()` below)."""
 
-    def __init__(self, root: Path, config: Path):
+    def __init__(self, root, config=None, log: Path | None = None, port: int = 0,
+                 token: str = "", db: Path | None = None):
+        """`Supervisor(root, config_path)`, then `start()`. The form from before the
+        launcher, `Supervisor(proc, root, log_path, db=...)`, adopts a process `spawn()`
+        started (its caller sets `port` and `token`)."""
+        proc = None
+        if isinstance(root, subprocess.Popen):
+            proc, root = root, Path(config)
+            config = root / "taskvisor.toml"
         super().__init__(root, None, pythonpath=[root], config_path=config,
-                         log_path=root / "supervisor.log")
+                         log_path=log or root / "supervisor.log")
+        if proc is not None:
+            self.proc = proc
+            self.lives.append(proc)
         self.root = root
-        self.db = root / "taskvisor.db"
-        self.token = ""
+        self.db = db or root / "taskvisor.db"
+        self.token = token
+        self._port = port
+
+    @property
+    def port(self) -> int:
+        return self._port or SupervisorProcess.port.fget(self)
+
+    @port.setter
+    def port(self, value: int) -> None:
+        self._port = value
 
     @property
     def url(self) -> str:

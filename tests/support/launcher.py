@@ -84,7 +84,8 @@ def supervisor_env(pythonpath: Iterable[str | os.PathLike] = (),
 class SupervisorProcess:
     """One supervisor on a config file in `folder`: start / wait_ready / stop / kill9 /
     restart, its log, and a `Queue` on its config. One life runs at a time; `lives` keeps
-    every Popen. Use as a context manager, or call `close()`.
+    every Popen. Use as a context manager, or call `close()`. A subclass changes what runs
+    by overriding `argv()` and `env()`, never by reading the log for readiness.
 
     `config`: TOML text, or settings for `render_config`, or None when the file exists."""
 
@@ -103,7 +104,8 @@ class SupervisorProcess:
         self.ready_path = self.dir / f"{name}.ready.json"
         if config is not None:
             self.write_config_text(config if isinstance(config, str) else render_config(config))
-        self.env = supervisor_env(pythonpath, env)
+        self.pythonpath = list(pythonpath)
+        self.extra_env = dict(env or {})
         self.proc: subprocess.Popen | None = None
         self.lives: list[subprocess.Popen] = []
         self.ready_info: dict = {}
@@ -120,6 +122,10 @@ class SupervisorProcess:
 
     # -- life cycle ----------------------------------------------------------------------
 
+    def env(self) -> dict[str, str]:
+        """The supervisor's environment (a subclass may add to it)."""
+        return supervisor_env(self.pythonpath, self.extra_env)
+
     def argv(self) -> list[str]:
         return [sys.executable, "-m", "supervisor", "run", "--config", str(self.config_path),
                 "--ready-file", str(self.ready_path), *self.args]
@@ -134,7 +140,7 @@ class SupervisorProcess:
             log.write(f"\n==== life {len(self.lives) + 1} ====\n".encode())
             log.flush()
             self.proc = subprocess.Popen(
-                self.argv(), cwd=self.dir, env=self.env, stdin=subprocess.DEVNULL,
+                self.argv(), cwd=self.dir, env=self.env(), stdin=subprocess.DEVNULL,
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.lives.append(self.proc)
         if wait_ready:
