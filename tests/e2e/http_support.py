@@ -11,14 +11,13 @@ from __future__ import annotations
 import http.client
 import json
 import subprocess
-import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from tests.support import wait_until
-from tests.support.launcher import ROOT, SupervisorProcess  # noqa: F401
+from tests.support.launcher import ROOT, SupervisorProcess, render_config  # noqa: F401
 
 HANDLERS = '''
 import time
@@ -153,28 +152,18 @@ class Supervisor(SupervisorProcess):
 
 def write_config(root: Path, *, listen: str = "127.0.0.1:0", pool_size: int = 2,
                  extra: str = "") -> Path:
+    """The handlers module and taskvisor.toml in `root`; `extra` is TOML text appended to
+    the [http] section (more keys there, or more sections)."""
     (root / "tvtest_handlers.py").write_text(HANDLERS)
     config = root / "taskvisor.toml"
-    config.write_text(textwrap.dedent(f"""
-        [supervisor]
-        database = "taskvisor.db"
-        pool_size = {pool_size}
-        preload = ["tvtest_handlers"]
-        poll_interval_s = 0.5
-        shutdown_grace_s = 2
-        kill_grace_s = 1
-
-        [defaults]
-        max_attempts = 1
-        backoff_initial_s = 0.1
-
-        [schedules."yearly"]            # so /api/schedules has one (it fires on Jan 1st)
-        cron = "0 3 1 1 *"
-        type = "ok"
-
-        [http]
-        listen = "{listen}"
-    """) + extra)
+    config.write_text(render_config({
+        "supervisor": {"database": "taskvisor.db", "pool_size": pool_size,
+                       "preload": ["tvtest_handlers"], "poll_interval_s": 0.5,
+                       "shutdown_grace_s": 2, "kill_grace_s": 1},
+        "defaults": {"max_attempts": 1, "backoff_initial_s": 0.1},
+        # so /api/schedules has one (it fires on Jan 1st)
+        "schedules": {"yearly": {"cron": "0 3 1 1 *", "type": "ok"}},
+    }) + render_config({"http": {"listen": listen}}).rstrip("\n") + "\n" + extra)
     return config
 
 

@@ -272,9 +272,12 @@ class SupervisorProcess:
 
 
 def supervisor_config(preload: list[str], *, pool_size: int = 2, extra: str = "") -> str:
-    """A config for e2e tests: a database in the config's folder, no HTTP, quick backoff."""
-    mods = ", ".join(json.dumps(m) for m in preload)
-    return (f'[supervisor]\ndatabase = "taskvisor.db"\npool_size = {pool_size}\n'
-            f"preload = [{mods}]\npoll_interval_s = 0.2\nlease_s = 10\nshutdown_grace_s = 2\n"
-            f'kill_grace_s = 1\n\n[defaults]\nbackoff_initial_s = 0.1\nbackoff_max_s = 0.5\n'
-            f'max_attempts = 3\n\n[http]\nlisten = ""\n\n{extra}')
+    """A config for e2e tests: a database in the config's folder, no HTTP, quick backoff;
+    `extra` is TOML text appended as it is (more sections)."""
+    return render_config({
+        "supervisor": {"database": "taskvisor.db", "pool_size": pool_size,
+                       "preload": list(preload), "poll_interval_s": 0.2, "lease_s": 10,
+                       "shutdown_grace_s": 2, "kill_grace_s": 1},
+        "defaults": {"backoff_initial_s": 0.1, "backoff_max_s": 0.5, "max_attempts": 3},
+        "http": {"listen": ""},
+    }) + "\n" + extra
