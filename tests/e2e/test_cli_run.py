@@ -3,11 +3,15 @@ SIGTERM to exit 0, and a preload that fails to import (exit 3 with its traceback
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.support.launcher import SupervisorProcess
+from tests.support.launcher import ROOT, SupervisorProcess
+
 
 def supervisor(tmp_path: Path, preload: str, *args: str) -> SupervisorProcess:
     config = (f'[supervisor]\ndatabase = "t.db"\npreload = ["{preload}"]\npoll_interval_s = 0.2\n'
