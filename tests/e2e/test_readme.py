@@ -70,3 +70,26 @@ def test_quick_start_runs_as_written(tmp_path):
         tasks = q.list()
     assert len(tasks) == 2 and all(t.status == "succeeded" for t in tasks), tasks
     assert {t.result["count"] for t in tasks} == {1, 2}
+
+
+def test_the_first_two_commands_stay():
+    first = blocks(README[:README.index("\n## ")], "sh")[0]
+    assert "taskvisor demo" in first and "bash .ci/run" in first
+
+
+def test_where_things_live_answers_the_four_questions_with_files_that_exist():
+    how = section("How it works")
+    table = how[how.index("### Where things live"):]
+    for question in ("retries decided", "lease extended", "timeout enforced",
+                     "outcome written"):
+        assert question in table, question
+    paths = re.findall(r"`((?:supervisor|workers)/[\w/.]+)`", table)
+    assert len(paths) >= 10, paths
+    missing = [p for p in paths if not (ROOT / p).exists()]
+    assert not missing, f"the table names files that do not exist: {missing}"
+
+
+def test_install_says_how_to_live_beside_supervisord():
+    install = section("Install")
+    assert "supervisord" in install and "venv" in install
+    assert "sudo pip install" not in README.replace("refuses `sudo pip install`", "")
