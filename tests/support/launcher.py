@@ -30,6 +30,11 @@ from tests.support import kill_tree, wait_until
 ROOT = Path(__file__).resolve().parents[2]
 
 
+# Sections made of named tables: [types."NAME"] (and the [limits."NAME"] and
+# [schedules."NAME"] of flow control).
+NAMED = ("types", "limits", "schedules")
+
+
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
@@ -39,31 +44,36 @@ def _toml_value(v: Any) -> str:
         return json.dumps(str(v))  # a TOML basic string is a JSON string
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, Mapping):
+        return "{ " + ", ".join(f"{_toml_value(k)} = {_toml_value(x)}" for k, x in v.items()) + " }"
     raise TypeError(f"no TOML form for {v!r}")
 
 
 def render_config(settings: Mapping[str, Mapping[str, Any]]) -> str:
-    """{section: {key: value}} plus {"types": {name: {key: value}}} -> TOML text."""
+    """{section: {key: value}} plus {"types" | "limits" | "schedules": {name: {key: value}}}
+    -> TOML text."""
     lines = []
     for section, table in settings.items():
-        if section == "types":
+        if section in NAMED:
             continue
         lines.append(f"[{section}]")
         lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
         lines.append("")
-    for name, table in settings.get("types", {}).items():
-        lines.append(f'[types."{name}"]')
-        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
-        lines.append("")
+    for section in NAMED:
+        for name, table in settings.get(section, {}).items():
+            lines.append(f'[{section}."{name}"]')
+            lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+            lines.append("")
     return "\n".join(lines)
 
 
 def merge(base: Mapping, over: Mapping) -> dict:
-    """`over`'s keys replace `base`'s, section by section ("types" is replaced whole)."""
+    """`over`'s keys replace `base`'s, section by section (a named-tables section such as
+    "types" is replaced whole)."""
     out = {k: dict(v) for k, v in base.items()}
     for section, table in over.items():
-        if section == "types":
-            out["types"] = {n: dict(t) for n, t in table.items()}
+        if section in NAMED:
+            out[section] = {n: dict(t) for n, t in table.items()}
         else:
             out.setdefault(section, {}).update(table)
     return out
