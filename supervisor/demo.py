@@ -366,8 +366,7 @@ class Demo:
         self.say("\nSummary")
         self.say("\n".join(_table([("task", "type", "pri", "status", "attempt outcomes", "att",
                                     "time", "peak mem", "workflow")], rows)))
-        self.say(f"
-database: {self.db}")
+        self.say(f"\ndatabase: {self.db}")
 
     def as_planned(self) -> bool:
         tasks = [self.queue.get(i) for i in self.names]

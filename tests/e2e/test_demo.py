@@ -91,7 +91,7 @@ def test_demo_runs_every_outcome_and_stops(tmp_path):
     assert "--keep-running" in last[3] and "dashboard" in last[3], last
     listed = subprocess.run([sys.executable, "-m", "supervisor", "list", "--db", str(db)],
                             cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=30)
-    assert listed.returncode == 0 and "demo.offline_llm" in listed.stdout, listed.stderr
+    assert listed.returncode == 0 and "demo.sleep" in listed.stdout, listed.stderr
     some_id = listed.stdout.splitlines()[1].split()[0]
     shown = subprocess.run([sys.executable, "-m", "supervisor", "show", "--db", str(db),
                             some_id[-8:]], cwd=tmp_path, env=env(), capture_output=True,
