@@ -8,6 +8,7 @@ and leaves with the fork server."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 
