@@ -500,6 +500,20 @@ class Store(WorkflowStore, flow.FlowOps):
         with self.conn.read() as db:
             return q.select_ids_matching(db, text, limit)
 
+    # -- a task's streamed output and log (statements in store.events) --------------------
+
+    def read_output(self, task_id: str, attempt: int | None = None):
+        from supervisor.store import events
+        return events.read_output(self.conn, task_id, attempt)
+
+    def log_attempts(self, task_id: str) -> list[int]:
+        from supervisor.store import events
+        return events.log_attempts(self.conn, task_id)
+
+    def read_log(self, task_id: str, attempt: int, after_seq: int = -1):
+        from supervisor.store import events
+        return events.read_log(self.conn, task_id, attempt, after_seq)
+
     def recent_attempts(self, since: float) -> list[tuple[float, str, str]]:
         """(ended_at, outcome, type) of every attempt that ended at or after `since`."""
         with self.conn.read() as db:
