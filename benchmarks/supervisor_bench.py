@@ -38,7 +38,7 @@ What is measured
 2. Enqueue-to-start latency on an idle, warmed-up consumer: one task at a time, a short
    pause between tasks; latency = the time the handler was entered (taken in the handler)
    minus the time just before the enqueue call. taskvisor: Store.enqueue + the UDP wake-up
-   (wake.Notifier), pool 4; its latency is also split at the claim (`started_at`) into
+   (wake.WakeSender), pool 4; its latency is also split at the claim (`started_at`) into
    enqueue -> claim (commit, wake-up, claim transaction) and claim -> handler (spawn
    request, hand-over to the spare task process the fork server forked during the pause,
    task-process set-up). RQ: one forking worker. Celery: prefork -c 2.
@@ -78,7 +78,7 @@ import psutil  # noqa: E402
 import peers_supervisor as peers  # noqa: E402
 from peers_supervisor import percentile, start, stop, wait_until  # noqa: E402
 from supervisor.store import NewTask, Store  # noqa: E402
-from supervisor.wake import Notifier  # noqa: E402
+from supervisor.wake import WakeSender  # noqa: E402
 
 RUN_SUPERVISOR = ("import sys; from supervisor.config import load; from supervisor import start; "
                   "sys.exit(start.run(load(sys.argv[1])))")
@@ -219,7 +219,7 @@ def tv_latency(workdir: Path, name: str, n: int, gap_s: float, type_: str = "sta
     the supervisor writes in its claim transaction) and claim -> handler entry."""
     out = []
     with Taskvisor(workdir, name, pool=4, preload=preload) as tv:
-        notifier = Notifier(tv.store, socket.gethostname())
+        notifier = WakeSender(tv.store, socket.gethostname())
         db = tv.store.conn.db
         for i in range(-warmup, n):
             time.sleep(gap_s if i > -warmup else 0)

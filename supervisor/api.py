@@ -19,8 +19,6 @@ from typing import Any
 from supervisor import __version__, openapi, proctree
 from supervisor.errors import InputError, NotFound
 from supervisor.store import Status
-from supervisor.store import events as live
-from supervisor.store import queries as q
 from supervisor.workflow_api import WorkflowEndpoints
 
 MIB = 1024 * 1024
@@ -112,7 +110,7 @@ class Api(WorkflowEndpoints):
         attempt = _attempt(query)
         with self.database as store:
             task = self._exists(store, id)
-            out = live.read_output(store.conn, id, attempt)
+            out = store.read_output(id, attempt)
         return 200, {"id": id, "status": str(task.status), "attempt": out.attempt,
                      "text": out.text, "truncated": out.truncated}
 
@@ -127,11 +125,11 @@ class Api(WorkflowEndpoints):
                            f"{after!r}", field="after_seq")
         with self.database as store:
             task = self._exists(store, id)
-            attempts = live.log_attempts(store.conn, id)
+            attempts = store.log_attempts(id)
             if attempt is None:
                 attempt = attempts[-1] if attempts else None
-            chunks = [] if attempt is None else live.read_log(
-                store.conn, id, attempt, int(after) if after is not None else -1)
+            chunks = [] if attempt is None else store.read_log(
+                id, attempt, int(after) if after is not None else -1)
         data = b"".join(c.data for c in chunks)
         return 200, {"id": id, "status": str(task.status), "attempt": attempt,
                      "attempts": attempts, "text": data.decode("utf-8", "replace"),
@@ -223,8 +221,7 @@ class Api(WorkflowEndpoints):
         end = math.floor(now / 60) * 60 + 60
         start = end - 60 * 60
         with self.database as store:
-            with store.conn.read() as db:
-                rows = q.select_recent_attempts(db, start)
+            rows = store.recent_attempts(start)
         buckets = [{"at": _iso(start + 60 * i), "succeeded": 0, "failed": 0, "other": 0}
                    for i in range(60)]
         for ended_at, outcome, _type in rows:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from supervisor import __version__
 from supervisor import config as _config
 from supervisor.client import Queue
 from supervisor.errors import ConfigError, InputError, StoreError
@@ -98,6 +99,7 @@ def build_parser() -> Parser:
                         help="database file (overrides [supervisor] database)")
     parser = Parser(prog=PROG, parents=[common],
                     description="A durable local task queue and process supervisor.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, cmd in COMMANDS.items():
         cmd.arguments(sub.add_parser(name, parents=[common], help=cmd.help, description=cmd.help))
@@ -204,9 +206,12 @@ def cmd_list(args, cfg) -> int:
     return EXIT_OK
 
 
+_ID_HELP = "a task id, or a unique end of one (the dashboard shows the last 8 characters)"
+
+
 def _id_arguments(json_option: bool = False):
     def arguments(p: argparse.ArgumentParser) -> None:
-        p.add_argument("id", metavar="ID")
+        p.add_argument("id", metavar="ID", help=_ID_HELP)
         if json_option:
             p.add_argument("--json", action="store_true")
     return arguments
@@ -215,7 +220,7 @@ def _id_arguments(json_option: bool = False):
 @command("show", "one task with its attempts", _id_arguments(json_option=True))
 def cmd_show(args, cfg) -> int:
     with Queue(cfg, create=False) as queue:
-        task = queue.get(args.id)
+        task = queue.get(queue.resolve_id(args.id))
     if args.json:
         _print_json(task.to_dict())
         return EXIT_OK
@@ -312,7 +317,7 @@ def cmd_status(args, cfg) -> int:
 
 
 def _wait_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("ids", metavar="ID", nargs="+")
+    p.add_argument("ids", metavar="ID", nargs="+", help=_ID_HELP)
     p.add_argument("--timeout", type=_duration, metavar="SECONDS", help="give up after (exit 124)")
 
 
@@ -321,10 +326,11 @@ def _wait_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_wait(args, cfg) -> int:
     with Queue(cfg, create=False) as queue:
         try:
-            if len(args.ids) == 1:
-                tasks = [queue.wait(args.ids[0], timeout=args.timeout)]
+            ids = [queue.resolve_id(i) for i in args.ids]
+            if len(ids) == 1:
+                tasks = [queue.wait(ids[0], timeout=args.timeout)]
             else:
-                tasks = queue.wait_all(args.ids, timeout=args.timeout)
+                tasks = queue.wait_all(ids, timeout=args.timeout)
         except TimeoutError as exc:
             print(f"{PROG}: {exc}", file=sys.stderr)
             return EXIT_TIMEOUT
@@ -339,7 +345,7 @@ def cmd_wait(args, cfg) -> int:
 
 
 def _cancel_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("id", metavar="ID", nargs="?")
+    p.add_argument("id", metavar="ID", nargs="?", help=_ID_HELP)
     p.add_argument("--workflow", metavar="ID", help="cancel every unfinished task of this workflow")
 
 
@@ -354,7 +360,7 @@ def cmd_cancel(args, cfg) -> int:
         print(f"{done['cancelled']} cancelled, {done['stopping']} running asked to stop")
         return EXIT_OK
     with Queue(cfg, create=False) as queue:
-        status = queue.cancel(args.id)
+        status = queue.cancel(queue.resolve_id(args.id))
     print(status)
     if status is Status.RUNNING:
         print(f"{PROG}: cancel requested; its supervisor will stop it", file=sys.stderr)
@@ -392,7 +398,7 @@ def cmd_send_event(args, cfg) -> int:
 @command("retry", "queue a failed or cancelled task again", _id_arguments())
 def cmd_retry(args, cfg) -> int:
     with Queue(cfg, create=False) as queue:
-        print(queue.retry(args.id))
+        print(queue.retry(queue.resolve_id(args.id)))
     return EXIT_OK
 
 
@@ -491,6 +497,9 @@ def cmd_migrate(args, cfg) -> int:
 
 def _run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pidfile", metavar="PATH", help="write the supervisor's pid here")
+    p.add_argument("--ready-file", metavar="PATH",
+                   help="once ready (database migrated, HTTP bound), write a JSON object "
+                        "{pid, owner, http, ready_at} here; removed at a clean exit")
 
 
 @command("run", "run the supervisor in the foreground until SIGTERM or SIGINT", _run_arguments)
@@ -499,7 +508,7 @@ def cmd_run(args, cfg) -> int:
     if args.pidfile:
         service.write_pidfile(args.pidfile)
     try:
-        return start.run(cfg)
+        return start.run(cfg, ready_file=args.ready_file)
     finally:
         if args.pidfile:
             service.remove_pidfile(args.pidfile)

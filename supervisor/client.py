@@ -24,10 +24,10 @@ from typing import Any
 from supervisor import config as _config
 from supervisor.dbfile import refuse_if_served
 from supervisor import flowconfig
-from supervisor.errors import InputError
+from supervisor.errors import InputError, NotFound
 from supervisor.store import FINAL, NewTask, Stats, Status, Store, Task, new_id
 from supervisor.store.tasks import check_dependencies_without_database
-from supervisor.wake import Notifier
+from supervisor.wake import WakeSender
 from supervisor.workflow_client import WorkflowCalls, check_event_name
 
 _STATUSES = ", ".join(str(s) for s in Status)
@@ -75,7 +75,7 @@ class Queue(WorkflowCalls):
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self._store: Store | None = None
-        self._notifier: Notifier | None = None
+        self._waker: WakeSender | None = None
 
     # -- the connection, once per process --------------------------------------------------
 
@@ -87,7 +87,7 @@ class Queue(WorkflowCalls):
             sup = self.config.supervisor
             self._store = Store(self.path, synchronous=sup.synchronous,
                                 busy_timeout_s=sup.busy_timeout_s, create=self._create)
-            self._notifier = Notifier(self._store, socket.gethostname())
+            self._waker = WakeSender(self._store, socket.gethostname())
         return self._store
 
     def _call(self, fn, *, notify: bool = False):
@@ -96,24 +96,24 @@ class Queue(WorkflowCalls):
             # connection must never be used or closed here (store.connection keeps it alive).
             self._lock = threading.Lock()
             self._pid = os.getpid()
-            self._store = self._notifier = None
+            self._store = self._waker = None
         with self._lock:
             result = fn(self._open())
-            if notify and self._notifier is not None:
-                self._notifier.notify()
+            if notify and self._waker is not None:
+                self._waker.notify()
             return result
 
     def close(self) -> None:
         """Close this process's connection (one inherited across fork is only dropped)."""
         if self._pid != os.getpid():
-            self._store = self._notifier = None  # never take a lock inherited across fork
+            self._store = self._waker = None  # never take a lock inherited across fork
             return
         with self._lock:
-            if self._notifier is not None:
-                self._notifier.close()
+            if self._waker is not None:
+                self._waker.close()
             if self._store is not None:
                 self._store.close()
-            self._store = self._notifier = None
+            self._store = self._waker = None
 
     def __enter__(self) -> Queue:
         return self
@@ -256,6 +256,23 @@ class Queue(WorkflowCalls):
         """The task with its attempt history. Raises NotFound."""
         task_id = _check_id(task_id)
         return self._call(lambda s: s.get(task_id))
+
+    def resolve_id(self, text: str) -> str:
+        """The full id of a task given its id or a unique end of it, like git's short
+        hashes: the dashboard shows the last 8 characters. Case does not matter for
+        generated ids. Raises NotFound, or InputError naming the candidates when the end
+        is shared by several tasks (give more characters)."""
+        text = _check_id(text).strip()
+        found = self._call(lambda s: s.ids_matching(text, limit=3))
+        if not found and text != text.upper():
+            found = self._call(lambda s: s.ids_matching(text.upper(), limit=3))
+        if len(found) == 1:
+            return found[0]
+        if not found:
+            raise NotFound(f"no task with id {text} (nor one whose id ends with it)", field="id")
+        more = ", …" if len(found) > 2 else ""
+        raise InputError(f"{text!r} is the end of more than one task id ({', '.join(found[:2])}"
+                         f"{more}): give more characters", field="id")
 
     def list(self, status: str | Status | None = None, type: str | None = None,
              limit: int = 100, before: str | None = None,

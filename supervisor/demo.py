@@ -155,12 +155,22 @@ class Demo:
         except _Stopped as stop:
             self.say(f"\n{signal.Signals(stop.signum).name}: stopping the demo's supervisor")
             self.stop()
-            self.say(f"\nInspect it later: taskvisor list --db {self.db}")
+            self.say(self.afterwards())
             return 128 + stop.signum
         finally:
             self.stop()
-        self.say(f"\nInspect it later: taskvisor list --db {self.db}")
+        self.say(self.afterwards())
         return 0 if ok else 1
+
+    def afterwards(self) -> str:
+        """The last lines: what still exists once the supervisor has stopped."""
+        lines = [f"\nThe tasks stay in {self.db}; look at them with",
+                 f"  taskvisor list --db {self.db}",
+                 f"  taskvisor show --db {self.db} ID      (an id from the list, or its last 8 characters)"]
+        if not self.keep_running:
+            lines.append("The dashboard stopped with the supervisor: run `taskvisor demo "
+                         "--keep-running` to browse it until Ctrl-C.")
+        return "\n".join(lines)
 
     # -- the supervisor -------------------------------------------------------------------
 
@@ -176,10 +186,9 @@ class Demo:
             f'[http]\nlisten = "{self.listen}"\n\n' + (f"[llm]\n{llm}" if llm else ""))
         env = {k: v for k, v in os.environ.items() if not k.startswith("TASKVISOR_")}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-        for key, value in (self.llm or {}).items():
-            if value:  # for llm.chat whichever way it reads its settings
-                env[f"TASKVISOR_LLM__{key.upper()}"] = value
-        argv = [sys.executable, "-m", "supervisor", "run", "--config", str(cfg)]
+        self.ready_path = self.folder / "ready.json"
+        argv = [sys.executable, "-m", "supervisor", "run", "--config", str(cfg),
+                "--ready-file", str(self.ready_path)]
         self.log_path = self.folder / "supervisor.log"
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(argv, cwd=self.folder, env=env, stdin=subprocess.DEVNULL,
@@ -192,7 +201,7 @@ class Demo:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 return False
-            if " ready: " in self.log_tail(20000):
+            if self.ready_path.exists():  # written once migrated and serving
                 return True
             time.sleep(0.1)
         return False
@@ -357,7 +366,7 @@ class Demo:
         self.say("\nSummary")
         self.say("\n".join(_table([("task", "type", "pri", "status", "attempt outcomes", "att",
                                     "time", "peak mem", "workflow")], rows)))
-        self.say(f"\ndashboard: {self.dashboard()}   database: {self.db}")
+        self.say(f"\ndatabase: {self.db}")
 
     def as_planned(self) -> bool:
         tasks = [self.queue.get(i) for i in self.names]

@@ -1,8 +1,10 @@
 """Logging set-up for the supervisor: text or JSON lines on stderr.
 
 Owns the formatters. A log line about a task carries its id (pass
-`extra={"task_id": ..., "task_type": ...}`); both formats print it. Never log from a
-signal handler.
+`extra={"task_id": ..., "task_type": ...}`); both formats print it. JSON lines use the
+same field names as task processes' lines (workers/tasklog.py): ts, level, logger, msg,
+task_id, task_type, then attempt, outcome, pid, exc when known. Never log from a signal
+handler.
 """
 
 from __future__ import annotations

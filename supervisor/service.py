@@ -1,13 +1,17 @@
-"""Service-manager integration: systemd notifications and the pidfile.
+"""Service-manager integration: systemd notifications, the pidfile and the ready file.
 
 Owns the sd_notify datagram (READY=1, STATUS=, WATCHDOG=1, STOPPING=1, RELOADING=1) sent
 to $NOTIFY_SOCKET as a plain unix datagram, with no extra dependency; without the
 variable every call does nothing. It must never block the loop: sends are non-blocking
 and failures are ignored (a lost STATUS is harmless; a lost WATCHDOG is retried next pass).
+The ready file (`taskvisor run --ready-file PATH`) is the machine-readable "ready" for
+launchers without systemd (tests, scripts): one JSON object written atomically, mode 0600,
+once the database is migrated and rescued and HTTP is bound; removed at a clean exit.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
@@ -86,4 +90,26 @@ def remove_pidfile(path: str) -> None:
             if f.read().strip() == str(os.getpid()):
                 os.unlink(path)
     except OSError:
+        pass
+
+
+def write_ready_file(path: str, *, owner: str, http_url: str | None) -> None:
+    """{"pid", "owner", "http", "ready_at"}: written to a temporary name, then renamed, so
+    a reader sees the whole object or no file. `http` is the bound URL or null."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    data = {"pid": os.getpid(), "owner": owner, "http": http_url or None,
+            "ready_at": time.time()}
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(data) + "\n")
+    os.replace(tmp, path)
+
+
+def remove_ready_file(path: str) -> None:
+    """Remove the ready file if this process wrote it (a successor's is left alone)."""
+    try:
+        with open(path) as f:
+            if json.loads(f.read()).get("pid") == os.getpid():
+                os.unlink(path)
+    except (OSError, ValueError, AttributeError):
         pass

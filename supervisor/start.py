@@ -2,23 +2,26 @@
 forks safe.
 
 Owns that order: logging; cgroup v2 detection (which moves this process into a leaf
-cgroup, so it must precede the fork server); the child-subreaper flag; the fork server
-(started before the database is opened or any thread exists, so it inherits neither);
-then the Supervisor, which opens the database (then its identity is taken and a
-registration written beside it: supervisor.dbfile), and, when [http] listen is set, the
-metrics sink and the HTTP server, bound from the Supervisor's on_ready hook (an address
-that cannot be used leaves HTTP off with an error in the log; tasks still run). A preload
-that fails to import ends here with its traceback and exit code 3. It never claims or
-records tasks itself.
+cgroup, so it must precede the fork server); the child-subreaper flag; the preload search
+path (the config file's folder joins PYTHONPATH); the fork server (started before the
+database is opened or any thread exists, so it inherits neither); then the Supervisor,
+which opens the database (then its identity is taken and a registration written beside
+it: supervisor.dbfile), and, when [http] listen is set, the metrics sink and the HTTP
+server, bound from the Supervisor's on_ready hook (an address that cannot be used leaves
+HTTP off with an error in the log; tasks still run), then the ready file. A preload that
+fails to import ends here with its traceback, a hint when the module was not found, and
+exit code 3. It never claims or records tasks itself.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import sys
+from pathlib import Path
 
-from supervisor import capacity, logs
+from supervisor import capacity, logs, service
 from supervisor.forkserver import ForkServerError, launch
 from supervisor.config import Config
 from supervisor.errors import StoreError
@@ -32,8 +35,9 @@ EXIT_MACHINE_LIMITS = 2  # pool_size does not fit the descriptors or processes a
 EXIT_DATABASE_GONE = 4  # the database file was deleted or replaced while it ran
 
 
-def run(config: Config, *, events=None) -> int:
-    """Run the supervisor in this process until it is stopped; returns the exit code."""
+def run(config: Config, *, events=None, ready_file: str | None = None) -> int:
+    """Run the supervisor in this process until it is stopped; returns the exit code.
+    `ready_file`: where to write the ready file (supervisor.service) once ready."""
     logs.setup(config.log.level, config.log.format)
     cgroup_dir, cgroup_note = delegated_cgroup()
     log.info("memory limits: %s", cgroup_note)
@@ -48,12 +52,13 @@ def run(config: Config, *, events=None) -> int:
     log.info("open files: up to %d", soft)
     from supervisor.loop import new_owner
     owner = new_owner(socket.gethostname())
+    add_config_folder_to_path(config)
     from supervisor import handlercode
     code = handlercode.stamp(config)  # before the launch: a later edit is seen by a reload
     try:
         server = launch(config, owner=owner)
     except ForkServerError as exc:
-        sys.stderr.write(f"taskvisor: error: {exc}\n{exc.detail}")
+        sys.stderr.write(f"taskvisor: error: {exc}\n{exc.detail}{preload_hint(config, exc.detail)}")
         sys.stderr.flush()
         return EXIT_PRELOAD_FAILED
     log.info("fork server %d ready: preload=%s types=%s", server.pid,
@@ -73,6 +78,10 @@ def run(config: Config, *, events=None) -> int:
     if http is not None:
         supervisor.on_ready.append(http.start)
         supervisor.on_shutdown.append(http.stop)
+    if ready_file:  # after http.start: the file names the bound URL
+        supervisor.on_ready.append(lambda sup: service.write_ready_file(
+            ready_file, owner=sup.owner, http_url=http.url if http is not None else None))
+        supervisor.on_shutdown.append(lambda sup: service.remove_ready_file(ready_file))
     try:
         code = supervisor.run()
     except StoreError as exc:
@@ -103,3 +112,30 @@ def _track_database(supervisor) -> None:
     except OSError as exc:
         log.warning("cannot write the registration %s (%s): a client will not know that "
                     "this supervisor serves the database", dbfile.registration, exc.strerror)
+
+
+def add_config_folder_to_path(config: Config) -> None:
+    """Let the fork server (and every later one, after a reload) import preload modules
+    that sit beside the config file, as well as from the working directory and PYTHONPATH:
+    `taskvisor run --config /etc/x/taskvisor.toml` from any folder finds /etc/x/myhandlers.py."""
+    if config.path is None:
+        return
+    folder = str(Path(config.path).resolve().parent)
+    parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if folder not in parts:
+        os.environ["PYTHONPATH"] = os.pathsep.join(parts + [folder])
+    if folder not in sys.path:  # where supervisor.handlercode looks for their files (no import)
+        sys.path.append(folder)
+
+
+def preload_hint(config: Config, detail: str) -> str:
+    """How to fix a preload module that was not found (empty for any other failure)."""
+    if "ModuleNotFoundError" not in (detail or ""):
+        return ""
+    places = [f"the working directory ({os.getcwd()})"]
+    if config.path is not None:
+        places.append(f"the config file's folder ({Path(config.path).resolve().parent})")
+    return (f"hint: preload modules are imported from {' and '.join(places)} and PYTHONPATH; "
+            "put the module file there, install its package into this Python, or add its "
+            "folder to PYTHONPATH.\n")
+

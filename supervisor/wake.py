@@ -1,7 +1,7 @@
 """Wake-ups: a datagram on 127.0.0.1 tells idle supervisors that the queue changed.
 
 Owns the wake socket of a supervisor (a UDP port on loopback, recorded in the
-`supervisors` table) and `notify()`, which a client calls after a commit so a new task
+`supervisors` table) and `WakeSender.notify()`, which a client calls after a commit so a new task
 starts within milliseconds instead of a poll interval. A wake-up carries no data and is
 only a hint: losing one costs at most one poll interval, never a task. Never put task
 state in a datagram.
@@ -43,7 +43,7 @@ class WakeSocket:
         self.sock.close()
 
 
-class Notifier:
+class WakeSender:
     """The client's end: sends one byte to every live supervisor of a database file.
 
     The list of ports is read from the store at most once a second.

@@ -1,7 +1,8 @@
-"""Shared fixtures: a fresh database path in tmp_path, and a guard that fails a test that
-leaves a child process behind. Also the `--soak-minutes` option: tests/soak is left out
-of a plain `pytest` run and collected only when named (`pytest tests/soak`, the short
-run) or when `--soak-minutes N` asks for the long one (tests/soak/conftest.py)."""
+"""Shared fixtures: a fresh database path in tmp_path, a guard that fails a test that
+leaves a child process behind, and (tests/support/ci_skips.py) no skips under CI=true.
+Also the `--soak-minutes` option: tests/soak is left out of a plain `pytest` run and
+collected only when named (`pytest tests/soak`, the short run) or when `--soak-minutes N`
+asks for the long one (tests/soak/conftest.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from tests.support import kill_tree  # noqa: E402
+
+pytest_plugins = ["tests.support.ci_skips"]  # CI=true: a skip is a failure
 
 
 SOAK = Path(__file__).resolve().parent / "soak"

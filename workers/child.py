@@ -23,7 +23,7 @@ from os import _exit, close, closerange, dup2, getpid, getppid, read, setpgid, w
 
 from workers import wire
 from workers.context import Fail, Retry, TaskCancelled, TaskContext
-from workers.limits import LimitError, Limits, apply
+from workers.limits import LimitError, ResourceLimits, apply
 from workers.outcome import EXIT_BOOT_ERROR, EXIT_OK, EXIT_PARENT_GONE
 from workers.pdeathsig import set_child_subreaper, set_parent_death_signal, set_process_name
 from workers.registry import lookup
@@ -138,7 +138,7 @@ def detach_after_fork() -> None:
 
 def warm_up() -> None:
     """Called by the fork server once it has preloaded: build, and throw away, the objects
-    each task process builds (TaskContext, Reporter, Limits), so their types' attribute
+    each task process builds (TaskContext, Reporter, ResourceLimits), so their types' attribute
     cache entries are already filled in the memory every task process starts from. A
     lookup that misses writes its entry: about 8 page faults a task. The same for the
     lookups inside the parent-death call (ctypes) and the flush of stdout and stderr at
@@ -147,7 +147,7 @@ def warm_up() -> None:
     for _ in range(2):
         TaskContext(id="", type="", attempt=1, max_attempts=1, deadline_at=None,
                     reporter=reporter, config=None, log_settings=(False, "INFO"))
-        Limits.from_dict({})
+        ResourceLimits.from_dict({})
         set_parent_death_signal(SIGKILL)
         sys.stdout.flush()
         sys.stderr.flush()
@@ -242,7 +242,7 @@ def start(spec: dict | bytes | int, report_fd: int, log_fd: int) -> int:
     if tasklog is not None:  # the fork server set logging up (a preload module uses it)
         tasklog.for_task(*log_settings, task["id"], task["type"])
     try:
-        apply(Limits.from_dict(spec.get("limits") or {}))
+        apply(ResourceLimits.from_dict(spec.get("limits") or {}))
     except LimitError as exc:
         reporter.send(wire.ERROR, type="LimitError", message=str(exc), traceback="",
                       retryable=False, outcome="crashed")

@@ -19,7 +19,7 @@ from resource import (RLIM_INFINITY, RLIMIT_CORE, RLIMIT_CPU, RLIMIT_DATA, RLIMI
 MIB = 1024 * 1024
 
 
-class Limits:
+class ResourceLimits:
     """A task's limits, each None when unset. A plain class, not a dataclass: this module
     is loaded in the fork server, and dataclasses imports inspect and ast into it."""
 
@@ -33,7 +33,7 @@ class Limits:
         self.cgroup_dir = cgroup_dir  # a delegated cgroup v2 folder to create our cgroup in
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Limits":
+    def from_dict(cls, d: dict) -> "ResourceLimits":
         return cls(d.get("memory_mb"), d.get("cpu_s"), d.get("open_files"), d.get("cgroup_dir"))
 
 
@@ -57,7 +57,7 @@ def no_core_dumps() -> None:
     _lower(RLIMIT_CORE, "RLIMIT_CORE", 0)
 
 
-def apply(limits: Limits) -> None:
+def apply(limits: ResourceLimits) -> None:
     """Apply a task's limits to this process, which inherited RLIMIT_CORE = 0 from the
     fork server. Raises LimitError."""
     if limits.memory_mb:

@@ -5,8 +5,8 @@ JSON lines, as `[log] format` says) and `ctx.logger`'s adapter. Imported only wh
 `logging` is needed: by the fork server when a preload module imported `logging` (so
 that a task process only fills in its task's fields), else by a task process the first
 time its handler touches `ctx.logger`. Importing `logging` brings `threading`, whose
-after-fork hooks cost every forked process about 0.4 ms of CPU, so this module must never
-be imported by the fork server on its own account.
+after-fork hooks cost CPU in every forked process (benchmarks/README.md), so this module
+must never be imported by the fork server on its own account.
 """
 
 from __future__ import annotations
@@ -30,8 +30,10 @@ class _TaskFormatter(logging.Formatter):
                 setattr(record, key, self.task.get(key.removeprefix("task_")))
         if not self.fmt_json:
             return super().format(record)
-        out = {"ts": record.created, "level": record.levelname, "logger": record.name,
-               "task_id": record.task_id, "type": record.task_type, "msg": record.getMessage()}
+        # The same field names as the supervisor's JSON lines (supervisor/logs.py).
+        out = {"ts": round(record.created, 3), "level": record.levelname, "logger": record.name,
+               "msg": record.getMessage(), "task_id": record.task_id,
+               "task_type": record.task_type}
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, ensure_ascii=False)

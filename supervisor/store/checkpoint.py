@@ -2,9 +2,10 @@
 
 Owns moving pages from the WAL into the database file for a process that commits often
 (the supervisor). With SQLite's automatic checkpoint, the commit that crosses 1,000 WAL
-pages pays for the checkpoint and its fsync (about 19 ms here); this thread does the same
-work every second instead, PASSIVE so it never waits for or blocks a writer, while the
-hot connection checkpoints itself only past 10,000 pages. It never writes task state.
+pages pays for the checkpoint and its fsync (a stall: benchmarks/README.md); this thread
+does the same work every second instead, PASSIVE so it never waits for or blocks a
+writer, while the hot connection checkpoints itself only past 10,000 pages. It never
+writes task state.
 """
 
 from __future__ import annotations

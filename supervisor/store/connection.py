@@ -26,9 +26,9 @@ MIN_SQLITE = (3, 35, 0)  # UPDATE … RETURNING
 
 # Page size of a new file. Every commit appends each page it changed to the WAL, whole;
 # an enqueue or a claim changes a few rows of about 200 bytes in 3 or 4 b-trees, so
-# 1 KiB pages write a quarter of the bytes of SQLite's default 4 KiB (a single enqueue
-# measured 13.7k/s at 4 KiB, 18.7k/s at 1 KiB). Larger payloads and results overflow
-# into more pages, which costs little next to a commit. An existing file keeps its size.
+# 1 KiB pages write a quarter of the bytes of SQLite's default 4 KiB: more enqueues a
+# second (figures in benchmarks/README.md). Larger payloads and results overflow into
+# more pages, which costs little next to a commit. An existing file keeps its size.
 PAGE_SIZE = 1024
 
 # Connections this process has opened. After fork the child moves them to _inherited

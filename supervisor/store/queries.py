@@ -485,7 +485,7 @@ def select_queued_by_type(db: apsw.Connection, now: float) -> list[tuple[str, in
     """(type, queued tasks, enqueue time of the oldest due one) for types with queued
     tasks: one scan of the covering claim index, O(queued tasks). With a few known types
     (task_types) each gets its own aggregates in that pass; GROUP BY would sort every
-    row by type first (4 types, 1,000,000 queued: 0.29 s against 0.56 s)."""
+    row by type first, about twice as slow (benchmarks/README.md)."""
     types = [r[0] for r in db.execute("SELECT type FROM task_types")]
     if not types:
         return []
@@ -524,6 +524,16 @@ def select_next_run_after(db: apsw.Connection, now: float) -> float | None:
         "AND limit_keys IS NULL AND run_after > ?1 UNION ALL SELECT min(run_after) FROM tasks "
         "WHERE status = 'queued' AND limit_keys IS NOT NULL AND run_after > ?1)",
         (now,)).fetchall()[0][0]
+
+
+def select_ids_matching(db: apsw.Connection, text: str, limit: int) -> list[str]:
+    """`text` if it is an id, else up to `limit` ids that end with it (a scan of the id
+    index: for a person typing a short id, never on a hot path)."""
+    rows = db.execute("SELECT id FROM tasks WHERE id = ?", (text,)).fetchall()
+    if rows:
+        return [rows[0][0]]
+    return [r[0] for r in db.execute("SELECT id FROM tasks WHERE substr(id, -?) = ? LIMIT ?",
+                                     (len(text), text, limit))]
 
 
 def select_recent_attempts(db: apsw.Connection, since: float) -> list[tuple]:

@@ -495,6 +495,30 @@ class Store(WorkflowStore, flow.FlowOps):
             deps = q.select_deps(db, [r[0] for r in rows]) if rows else {}
         return [Task.from_row(r, deps.get(r[0], ())) for r in rows]
 
+    def ids_matching(self, text: str, limit: int = 2) -> list[str]:
+        """[text] when it is a task id, else up to `limit` ids ending with `text`."""
+        with self.conn.read() as db:
+            return q.select_ids_matching(db, text, limit)
+
+    # -- a task's streamed output and log (statements in store.events) --------------------
+
+    def read_output(self, task_id: str, attempt: int | None = None):
+        from supervisor.store import events
+        return events.read_output(self.conn, task_id, attempt)
+
+    def log_attempts(self, task_id: str) -> list[int]:
+        from supervisor.store import events
+        return events.log_attempts(self.conn, task_id)
+
+    def read_log(self, task_id: str, attempt: int, after_seq: int = -1):
+        from supervisor.store import events
+        return events.read_log(self.conn, task_id, attempt, after_seq)
+
+    def recent_attempts(self, since: float) -> list[tuple[float, str, str]]:
+        """(ended_at, outcome, type) of every attempt that ended at or after `since`."""
+        with self.conn.read() as db:
+            return q.select_recent_attempts(db, since)
+
     def queued_in_order(self, limit: int = 50) -> list[Task]:
         with self.conn.read() as db:
             return [Task.from_row(r) for r in q.select_queued_in_order(db, limit)]

@@ -1,6 +1,7 @@
-"""Harness for the HTTP tests (no tests here): a real supervisor process on a temporary
-config with `[http] listen = "127.0.0.1:0"`, its bound URL read from its log, a small
-HTTP client, and a finalizer that kills its process tree.
+"""Harness for the HTTP tests (no tests here): a real supervisor process (the launcher of
+tests/support/launcher.py) on a temporary config with `[http] listen = "127.0.0.1:0"`,
+its bound URL read from its ready file, a small HTTP client, and a finalizer that kills
+its process tree.
 
 The task handlers live in a module written into tmp_path and preloaded by the fork server.
 """
@@ -9,21 +10,14 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
-import re
-import signal
 import subprocess
-import sys
-import textwrap
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.support import kill_tree, wait_until
-
-ROOT = Path(__file__).resolve().parents[2]
-LISTENING = re.compile(r"http: listening on http://127\.0\.0\.1:(\d+)/")
+from tests.support import wait_until
+from tests.support.launcher import ROOT, SupervisorProcess, render_config  # noqa: F401
 
 HANDLERS = '''
 import time
@@ -76,14 +70,36 @@ class Response:
         return self.headers.get(name.lower())
 
 
-@dataclass
-class Supervisor:
-    proc: subprocess.Popen
-    root: Path
-    log: Path
-    port: int = 0
-    token: str = ""
-    db: Path = field(default=None)
+class Supervisor(SupervisorProcess):
+    """A supervisor whose config and handlers are in `root`; `url`, `port` and `token` are
+    known once it is ready (`start()` below)."""
+
+    def __init__(self, root, config=None, log: Path | None = None, port: int = 0,
+                 token: str = "", db: Path | None = None):
+        """`Supervisor(root, config_path)`, then `start()`. The form from before the
+        launcher, `Supervisor(proc, root, log_path, db=...)`, adopts a process `spawn()`
+        started (its caller sets `port` and `token`)."""
+        proc = None
+        if isinstance(root, subprocess.Popen):
+            proc, root = root, Path(config)
+            config = root / "taskvisor.toml"
+        super().__init__(root, None, pythonpath=[root], config_path=config,
+                         log_path=log or root / "supervisor.log")
+        if proc is not None:
+            self.proc = proc
+            self.lives.append(proc)
+        self.root = root
+        self.db = db or root / "taskvisor.db"
+        self.token = token
+        self._port = port
+
+    @property
+    def port(self) -> int:
+        return self._port or SupervisorProcess.port.fget(self)
+
+    @port.setter
+    def port(self, value: int) -> None:
+        self._port = value
 
     @property
     def url(self) -> str:
@@ -127,75 +143,47 @@ class Supervisor:
                           timeout=timeout, message=f"task {task_id} never became {statuses}")
 
     def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
+        return self.log()
 
     def stop(self, timeout: float = 15) -> int:
         """SIGTERM and wait: the graceful path (drain, on_shutdown hooks)."""
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=timeout)
+        return super().stop(timeout)
 
 
 def write_config(root: Path, *, listen: str = "127.0.0.1:0", pool_size: int = 2,
                  extra: str = "") -> Path:
+    """The handlers module and taskvisor.toml in `root`; `extra` is TOML text appended to
+    the [http] section (more keys there, or more sections)."""
     (root / "tvtest_handlers.py").write_text(HANDLERS)
     config = root / "taskvisor.toml"
-    config.write_text(textwrap.dedent(f"""
-        [supervisor]
-        database = "taskvisor.db"
-        pool_size = {pool_size}
-        preload = ["tvtest_handlers"]
-        poll_interval_s = 0.5
-        shutdown_grace_s = 2
-        kill_grace_s = 1
-
-        [defaults]
-        max_attempts = 1
-        backoff_initial_s = 0.1
-
-        [schedules."yearly"]            # so /api/schedules has one (it fires on Jan 1st)
-        cron = "0 3 1 1 *"
-        type = "ok"
-
-        [http]
-        listen = "{listen}"
-    """) + extra)
+    config.write_text(render_config({
+        "supervisor": {"database": "taskvisor.db", "pool_size": pool_size,
+                       "preload": ["tvtest_handlers"], "poll_interval_s": 0.5,
+                       "shutdown_grace_s": 2, "kill_grace_s": 1},
+        "defaults": {"max_attempts": 1, "backoff_initial_s": 0.1},
+        # so /api/schedules has one (it fires on Jan 1st)
+        "schedules": {"yearly": {"cron": "0 3 1 1 *", "type": "ok"}},
+    }) + render_config({"http": {"listen": listen}}).rstrip("\n") + "\n" + extra)
     return config
 
 
 def spawn(root: Path, config: Path) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKVISOR_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(root)])
-    env.pop("NOTIFY_SOCKET", None)
-    log = open(root / "supervisor.log", "wb")
-    try:
-        return subprocess.Popen(
-            [sys.executable, "-c", "import sys; from supervisor.config import load; "
-             "from supervisor import start; sys.exit(start.run(load(sys.argv[1])))",
-             str(config)], cwd=root, env=env, stdin=subprocess.DEVNULL, stdout=log,
-            stderr=subprocess.STDOUT, start_new_session=True)
-    finally:
-        log.close()
+    """A supervisor on `config`, not waited for (a test of a start-up that leaves HTTP
+    off); the caller kills its tree."""
+    return Supervisor(root, config).start(wait_ready=False).proc
 
 
 def start(root: Path, token_file: Path | None = None, **config_kw) -> Supervisor:
-    """Start a supervisor in `root` and wait until its HTTP server answers /healthz."""
+    """Start a supervisor in `root` and wait until it is ready and serving HTTP."""
     if token_file is not None:
         config_kw["extra"] = config_kw.get("extra", "") + f'token_file = "{token_file}"\n'
-
-    config = write_config(root, **config_kw)
-    proc = spawn(root, config)
-    sup = Supervisor(proc, root, root / "supervisor.log", db=root / "taskvisor.db")
+    sup = Supervisor(root, write_config(root, **config_kw))
     try:
-        def bound():
-            assert proc.poll() is None, f"supervisor exited {proc.returncode}: {sup.log_text()}"
-            matches = LISTENING.findall(sup.log_text())
-            return matches and int(matches[-1])
-        sup.port = wait_until(bound, timeout=30, interval=0.05)
+        sup.start(timeout=30)
+        assert sup.http_url, f"ready without HTTP:\n{sup.log()[-4000:]}"
         sup.token = (token_file or root / "taskvisor.token").read_text().strip()
-        wait_until(lambda: sup.get("/healthz").status == 200, timeout=10)
     except BaseException:
-        kill_tree(proc.pid)
-        proc.wait()
+        sup.close(graceful_s=0)
         raise
     return sup
 
@@ -204,9 +192,7 @@ def start(root: Path, token_file: Path | None = None, **config_kw) -> Supervisor
 def supervisor(tmp_path: Path):
     sup = start(tmp_path)
     yield sup
-    if sup.proc.poll() is None:
-        kill_tree(sup.proc.pid)
-    sup.proc.wait(timeout=10)
+    sup.close(graceful_s=0)
 
 
 @pytest.fixture(scope="module")
@@ -215,9 +201,7 @@ def shared(tmp_path_factory):
     would outlive its test and trip the process-leak guard)."""
     sup = start(tmp_path_factory.mktemp("shared"))
     yield sup
-    if sup.proc.poll() is None:
-        kill_tree(sup.proc.pid)
-    sup.proc.wait(timeout=10)
+    sup.close(graceful_s=0)
 
 
 def wait_for(predicate, timeout: float = 15, message: str | None = None):

@@ -4,28 +4,19 @@ SIGTERM to exit 0, and a preload that fails to import (exit 3 with its traceback
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from supervisor.client import Queue
-from tests.support import kill_tree, wait_until
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support.launcher import ROOT, SupervisorProcess
 
 
-def start(tmp_path: Path, preload: str, *extra: str) -> subprocess.Popen:
-    (tmp_path / "taskvisor.toml").write_text(
-        f'[supervisor]\ndatabase = "t.db"\npreload = ["{preload}"]\npoll_interval_s = 0.2\n'
-        '[http]\nlisten = ""\n')
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKVISOR_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(tmp_path)])
-    return subprocess.Popen([sys.executable, "-m", "supervisor", "run", *extra], cwd=tmp_path,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True)
+def supervisor(tmp_path: Path, preload: str, *args: str) -> SupervisorProcess:
+    config = (f'[supervisor]\ndatabase = "t.db"\npreload = ["{preload}"]\npoll_interval_s = 0.2\n'
+              '[http]\nlisten = ""\n')
+    return SupervisorProcess(tmp_path, config, pythonpath=[tmp_path], args=args)
 
 
 @pytest.mark.timeout(60)
@@ -33,32 +24,21 @@ def test_run_writes_its_pidfile_runs_a_task_and_exits_0_on_sigterm(tmp_path):
     (tmp_path / "cli_handlers.py").write_text(
         "from workers import task\n@task('hello')\ndef hello(payload, ctx):\n"
         "    return {'hi': payload['name']}\n")
-    proc = start(tmp_path, "cli_handlers", "--pidfile", "run.pid")
-    try:
+    with supervisor(tmp_path, "cli_handlers", "--pidfile", "run.pid") as sup:
         pidfile = tmp_path / "run.pid"
-        wait_until(pidfile.exists, timeout=20, message="no pidfile")
-        assert int(pidfile.read_text()) == proc.pid
-        with Queue(tmp_path / "taskvisor.toml") as q:
-            task = q.wait(q.enqueue("hello", {"name": "ada"}), timeout=20)
+        assert int(pidfile.read_text()) == sup.pid  # written before the ready file
+        task = sup.wait(sup.queue.enqueue("hello", {"name": "ada"}), timeout=20)
         assert (task.status, task.result) == ("succeeded", {"hi": "ada"})
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
+        assert sup.stop() == 0
         assert not pidfile.exists()
-    finally:
-        kill_tree(proc.pid)
-        proc.wait(5)
 
 
 @pytest.mark.timeout(60)
 def test_run_stops_at_start_when_a_preload_module_fails_to_import(tmp_path):
     (tmp_path / "broken_handlers.py").write_text("import not_a_module_anywhere\n")
-    proc = start(tmp_path, "broken_handlers")
-    try:
-        _, err = proc.communicate(timeout=30)
-    finally:
-        kill_tree(proc.pid)
-    assert proc.returncode == 3
-    text = err.decode()
+    with supervisor(tmp_path, "broken_handlers").start(wait_ready=False) as sup:
+        assert sup.wait_exit(30) == 3
+        text = sup.log()
     assert "taskvisor: error: a preload module or configured handler failed to import" in text
     assert "ModuleNotFoundError: No module named 'not_a_module_anywhere'" in text
     assert "broken_handlers.py" in text

@@ -5,7 +5,6 @@ token once, and leaves a screenshot in tests/artifacts/dashboard.png."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 from pathlib import Path
@@ -23,8 +22,6 @@ XSS_TYPE = "<img src=x onerror=window.__xss=1>"
 XSS_PAYLOAD = {"html": "<script>window.__xss=1</script>", "img": "<img src=x onerror=window.__xss=2>"}
 
 pytestmark = [
-    pytest.mark.skipif(importlib.util.find_spec("playwright") is None,
-                       reason="the playwright package is not installed (pip install playwright)"),
     pytest.mark.skipif(not CHROMIUM or not os.access(CHROMIUM, os.X_OK),
                        reason="no chromium binary (apt-get install chromium, or set "
                               "TASKVISOR_TEST_CHROMIUM)"),

@@ -42,9 +42,10 @@ def supervisors_of(db: Path) -> list[psutil.Process]:
     found = []
     for p in psutil.process_iter(["cmdline"]):
         try:
-            cmd = " ".join(p.info["cmdline"] or ())
-            if "taskvisor-demo-" in cmd and "taskvisor.toml" in cmd and p.status() != psutil.STATUS_ZOMBIE:
-                if str(db) in Path(cmd.split()[-1]).read_text():
+            argv = p.info["cmdline"] or []
+            cmd = " ".join(argv)
+            if "taskvisor-demo-" in cmd and "--config" in argv and p.status() != psutil.STATUS_ZOMBIE:
+                if str(db) in Path(argv[argv.index("--config") + 1]).read_text():
                     found.append(p)
         except (psutil.Error, OSError):
             pass
@@ -83,6 +84,19 @@ def test_demo_runs_every_outcome_and_stops(tmp_path):
         line = next(l for l in summary.splitlines() if l.startswith(name))
         assert outcomes in line, line
     assert not supervisors_of(db), "the demo left its supervisor running"
+    # The last lines point at what still exists, and the commands they give work.
+    last = out.strip().splitlines()[-4:]
+    assert last[0] == f"The tasks stay in {db}; look at them with", last
+    assert last[1].strip() == f"taskvisor list --db {db}", last
+    assert "--keep-running" in last[3] and "dashboard" in last[3], last
+    listed = subprocess.run([sys.executable, "-m", "supervisor", "list", "--db", str(db)],
+                            cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=30)
+    assert listed.returncode == 0 and "demo.sleep" in listed.stdout, listed.stderr
+    some_id = listed.stdout.splitlines()[1].split()[0]
+    shown = subprocess.run([sys.executable, "-m", "supervisor", "show", "--db", str(db),
+                            some_id[-8:]], cwd=tmp_path, env=env(), capture_output=True,
+                           text=True, timeout=30)
+    assert shown.returncode == 0 and some_id in shown.stdout, shown.stderr
 
     with Queue(db, create=False) as queue:
         tasks = {t.payload["demo"]: queue.get(t.id) for t in queue.list(limit=100)}
@@ -144,6 +158,7 @@ def test_keep_running_until_ctrl_c(tmp_path):
             proc.wait()
     assert proc.returncode == 0, "".join(lines) + rest
     assert "supervisor stopped" in rest
+    assert f"taskvisor list --db {db}" in rest and "--keep-running" not in rest
     assert not supervisors_of(db)
 
 

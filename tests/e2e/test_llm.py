@@ -6,41 +6,29 @@ on 500, failed for good on 400, timeout on a stall, error on a malformed body)."
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import email.utils
-import inspect
-import socket
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
-import supervisor
-import workers.context
+from supervisor.config import load as load_config
 from tests.support import wait_until
-from tests.support.openai_server import (
-    FakeOpenAI, Json, Malformed, Stall, Status, Stream, SupervisorProcess, supervisor_config)
+from tests.support.launcher import SupervisorProcess, supervisor_config
+from tests.support.openai_server import FakeOpenAI, Json, Malformed, Stall, Status, Stream
 from workers import Retry
 from workers.handlers import Fail, llm
 
-needs_fail = pytest.mark.skipif(
-    not hasattr(workers.context, "Fail"),
-    reason="needs workers.Fail reported by workers/child.py with its retryable/outcome "
-           "(proposed diff in the issue 5 report); until then every handler error is retryable")
-needs_ctx_config = pytest.mark.skipif(
-    "config" not in inspect.signature(workers.context.TaskContext).parameters,
-    reason="needs TaskContext.config filled from the task spec by supervisor/children.py "
-           "Child.for_task "
-           "(proposed diff in the issue 5 report)")
-needs_token_metric = pytest.mark.skipif(
-    "taskvisor_llm_tokens_total" not in (Path(supervisor.__file__).parent / "metrics.py").read_text(),
-    reason="needs taskvisor_llm_tokens_total counted from results' usage in supervisor/metrics.py "
-           "(proposed diff in the issue 5 report)")
+def llm_section(**over) -> dict:
+    """[llm] as supervisor.config resolves it (the one owner of its precedence) with no
+    file and no environment, plus `over`: what a supervisor hands the handler."""
+    return {**dataclasses.asdict(load_config(None, env={}).llm), **over}
 
 
 class FakeCtx:
     def __init__(self, config: dict | None = None):
-        self.config = config or {}
+        self.config = {**(config or {}), "llm": llm_section(**(config or {}).get("llm", {}))}
         self.events: list[tuple] = []
 
     def progress(self, fraction=None, message=None):
@@ -57,7 +45,7 @@ def server():
 
 
 def run(payload, ctx=None):
-    return asyncio.run(llm.chat(payload, ctx))
+    return asyncio.run(llm.chat(payload, ctx if ctx is not None else FakeCtx()))
 
 
 # -- the handler called directly -----------------------------------------------------------
@@ -102,6 +90,21 @@ def test_api_key_from_the_named_variable_only_to_the_configured_server(server, m
     with FakeOpenAI() as other:
         run({"prompt": "hi", "base_url": other.base_url, "api_key_env": "PATH"}, ctx)
         assert "Authorization" not in other.requests[0]["headers"]
+
+
+@pytest.mark.timeout(20)
+def test_the_handler_reads_no_environment_of_its_own(server, monkeypatch):
+    """Precedence (file, TASKVISOR_LLM__*, defaults) is supervisor.config's alone: the
+    handler sees only the payload and the section it is handed."""
+    monkeypatch.setenv("TASKVISOR_LLM__BASE_URL", server.base_url)
+    monkeypatch.setenv("TASKVISOR_LLM__MODEL", "from-env")
+    with pytest.raises(Fail, match="no model server"):
+        run({"prompt": "hi"}, FakeCtx())
+    out = run({"prompt": "hi"}, FakeCtx({"llm": {"base_url": server.base_url, "model": "m2"}}))
+    assert out["model"] == "m2" and len(server.requests) == 1
+    # ...while the config resolves the variables into the section a supervisor hands over
+    section = dataclasses.asdict(load_config(None).llm)
+    assert section["base_url"] == server.base_url and section["model"] == "from-env"
 
 
 @pytest.mark.timeout(20)
@@ -279,7 +282,6 @@ def test_e2e_500_is_retried_with_backoff(sup, llm_server):
     assert "upstream exploded" in task.history[0].reason
 
 
-@needs_fail
 @pytest.mark.timeout(60)
 def test_e2e_400_fails_for_good_with_the_servers_message(sup, llm_server):
     llm_server.script(Status(400, {"error": {"message": "model 'nope' not found",
@@ -290,7 +292,6 @@ def test_e2e_400_fails_for_good_with_the_servers_message(sup, llm_server):
     assert "model 'nope' not found" in task.error
 
 
-@needs_fail
 @pytest.mark.timeout(60)
 def test_e2e_stalled_stream_is_a_timeout(sup, llm_server):
     llm_server.script(Stall(tokens=3, hold_s=20))
@@ -318,7 +319,6 @@ def test_e2e_cancel_mid_stream(sup, llm_server):
     assert task.status == "cancelled" and task.outcome == "cancelled"
 
 
-@needs_ctx_config
 @pytest.mark.timeout(60)
 def test_e2e_llm_section_of_the_config_file_reaches_the_handler(tmp_path):
     with FakeOpenAI(Stream(text="configured")) as srv:
@@ -330,20 +330,16 @@ def test_e2e_llm_section_of_the_config_file_reaches_the_handler(tmp_path):
         assert task.result["text"] == "configured" and task.result["model"] == "from-config"
 
 
-@needs_token_metric
 @pytest.mark.timeout(60)
 def test_e2e_token_usage_reaches_the_metrics(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     with FakeOpenAI(Stream(text="one two three")) as srv:
         toml = supervisor_config(["workers.handlers.llm"]).replace(
-            'listen = ""', f'listen = "127.0.0.1:{port}"')
+            'listen = ""', 'listen = "127.0.0.1:0"')
         with SupervisorProcess(tmp_path, toml, env={"TASKVISOR_LLM__BASE_URL": srv.base_url}) as proc:
             for _ in range(2):
                 task = proc.wait(proc.queue.enqueue("llm.chat", {"prompt": "hi"}))
                 assert task.status == "succeeded", task.error
-            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+            text = urllib.request.urlopen(proc.http_url + "metrics", timeout=10).read().decode()
     lines = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
              for line in text.splitlines() if line.startswith("taskvisor_llm_tokens_total{")}
     assert lines == {'taskvisor_llm_tokens_total{kind="prompt",type="llm.chat"}': 24.0,

@@ -5,10 +5,12 @@ talking to the local fake OpenAI server."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import pytest
 
+from supervisor.config import load as load_config
 from tests.support import wait_until
 from tests.support.openai_server import (
     FakeOpenAI, Status, Stream, SupervisorProcess, supervisor_config)
@@ -17,10 +19,11 @@ from workers.handlers import llm
 
 
 class Ctx:
-    config: dict = {}
     type_limits = ("openai",)
 
     def __init__(self):
+        # the [llm] section a supervisor hands over: supervisor.config alone resolves it
+        self.config = {"llm": dataclasses.asdict(load_config(None, env={}).llm)}
         self.spent = []
 
     def progress(self, fraction=None, message=None):

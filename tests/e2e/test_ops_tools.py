@@ -100,14 +100,14 @@ def verifiable_unit(tmp_path: Path, text: str | None = None) -> Path:
     """A copy of the unit whose ExecStart names a binary that exists here.
 
     `systemd-analyze verify` checks that ExecStart's program is executable, and
-    /usr/local/bin/taskvisor is not installed in a test environment; so the copy runs
+    /opt/taskvisor/venv/bin/taskvisor is not installed in a test environment; so the copy runs
     `true` with the same arguments. Everything else is verified as shipped (ExecReload's
     /bin/kill included). PID 1 need not be systemd: verify works offline."""
     text = UNIT.read_text(encoding="utf-8") if text is None else text
     true = shutil.which("true")
     assert true, "no `true` binary on PATH"
-    text, n = re.subn(r"(?m)^ExecStart=/usr/local/bin/taskvisor ", f"ExecStart={true} ", text)
-    assert n == 1, "ExecStart=/usr/local/bin/taskvisor ... not found in the unit"
+    text, n = re.subn(r"(?m)^ExecStart=/opt/taskvisor/venv/bin/taskvisor ", f"ExecStart={true} ", text)
+    assert n == 1, "ExecStart=/opt/taskvisor/venv/bin/taskvisor ... not found in the unit"
     path = tmp_path / UNIT.name
     path.write_text(text, encoding="utf-8")
     return path

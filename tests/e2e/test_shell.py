@@ -10,17 +10,10 @@ import uuid
 import psutil
 import pytest
 
-import workers.context
 from tests.support import wait_until
-from tests.support.openai_server import SupervisorProcess, supervisor_config
+from tests.support.launcher import SupervisorProcess, supervisor_config
 from workers.handlers import Fail
 from workers.handlers.shell import TAIL_BYTES, CommandFailed, shell
-
-needs_fail = pytest.mark.skipif(
-    not hasattr(workers.context, "Fail"),
-    reason="needs workers.Fail reported by workers/child.py with its retryable flag "
-           "(proposed diff in the issue 5 report)")
-
 
 class FakeCtx:
     config: dict = {}
@@ -126,7 +119,6 @@ def test_e2e_success_and_error_with_tail(sup, tmp_path):
     assert "exited with code 7" in task.error and "disk full" in task.error
 
 
-@needs_fail
 @pytest.mark.timeout(60)
 def test_e2e_missing_command_is_not_retried(sup):
     task = sup.wait(sup.queue.enqueue("shell", {"argv": ["no-such-program-here"]}, max_attempts=3))

@@ -1,5 +1,6 @@
-"""Process-test fixtures: a real supervisor (`supervisor.start.run`) in its own process,
-started on a config written to tmp_path, with handlers from tests/process/handlers.
+"""Process-test fixtures: a real supervisor in its own process (the one launcher in
+tests/support/launcher.py), started on a config written to tmp_path, with handlers from
+tests/process/handlers.
 
 `supervisor_proc(**settings)` returns a `SupervisorProc`: start / stop / kill9 / restart,
 the supervisor's log (shown when a test fails), a `Queue` for enqueues (which also sends
@@ -10,26 +11,20 @@ test started outlives it (a setsid() grandchild re-parented to init included).
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
 
 from supervisor.client import Queue
 from supervisor.store import Status, Store, Task
-from tests.support import kill_tree, pid_alive, wait_until
+from tests.support import pid_alive, wait_until
+from tests.support.launcher import ROOT, SupervisorProcess, merge, render_config  # noqa: F401
 
-ROOT = Path(__file__).resolve().parents[2]
 HANDLERS = Path(__file__).resolve().parent / "handlers"
-RUN = ("import sys; from supervisor.config import load; from supervisor import start; "
-       "sys.exit(start.run(load(sys.argv[1])))")
 
 # Short timings so the suite stays fast; a test overrides what it needs.
 BASE = {
@@ -45,137 +40,28 @@ BASE = {
 }
 
 
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{_toml_value(k)} = {_toml_value(x)}" for k, x in v.items()) + " }"
-    raise TypeError(v)
-
-
-NAMED = ("types", "limits", "schedules")  # sections of named tables: [types."NAME"]
-
-
-def render_config(settings: dict) -> str:
-    """{section: {key: value}} plus {"types" | "limits" | "schedules": {name: {key: value}}}
-    -> TOML text."""
-    lines = []
-    for section, table in settings.items():
-        if section in NAMED:
-            continue
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
-        lines.append("")
-    for section in NAMED:
-        for name, table in settings.get(section, {}).items():
-            lines.append(f'[{section}."{name}"]')
-            lines += [f"{k} = {_toml_value(v)}" for k, v in table.items()]
-            lines.append("")
-    return "\n".join(lines)
-
-
-def merge(base: dict, over: dict) -> dict:
-    out = {k: dict(v) for k, v in base.items()}
-    for section, table in over.items():
-        if section in NAMED:
-            out[section] = {n: dict(t) for n, t in table.items()}
-        else:
-            out.setdefault(section, {}).update(table)
-    return out
-
-
-class SupervisorProc:
-    """One test's supervisor: the config file, the process (one life at a time), the DB."""
+class SupervisorProc(SupervisorProcess):
+    """One test's supervisor: the launcher plus BASE settings, the handlers' folder on
+    PYTHONPATH, a Store for reads and readers of what the handlers wrote."""
 
     def __init__(self, tmp_path: Path, settings: dict, name: str = "taskvisor"):
-        self.dir = tmp_path
-        self.name = name
         self.settings = merge(BASE, settings)
-        self.config_path = tmp_path / f"{name}.toml"
-        self.write_config()
+        super().__init__(tmp_path, self.settings, name=name, pythonpath=[HANDLERS],
+                         env={"TVP_DIR": str(tmp_path)}, ready_timeout=30)
         self.db_path = tmp_path / self.settings["supervisor"]["database"]
-        self.proc: subprocess.Popen | None = None
-        self.lives: list[subprocess.Popen] = []
-        self.log_path = tmp_path / f"{name}.log"
-        self.born = time.time()
         self._store: Store | None = None
         self._queue = Queue(self.config_path)
 
-    # -- configuration -----------------------------------------------------------------
+    def _ready_count(self) -> int:
+        """Lives whose log says "ready". Kept only for subclasses written before the ready
+        file that start their own process (tests/soak): new code overrides argv() and lets
+        start() wait for the ready file."""
+        return self.log().count("ready: pool_size=")
 
     def write_config(self, settings: dict | None = None, text: str | None = None) -> None:
         if settings is not None:
             self.settings = merge(self.settings, settings)
-        tmp = self.config_path.with_suffix(".tmp")
-        tmp.write_text(text if text is not None else render_config(self.settings))
-        os.replace(tmp, self.config_path)
-
-    # -- life cycle ----------------------------------------------------------------------
-
-    def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("TASKVISOR_", "NOTIFY_SOCKET", "WATCHDOG_"))}
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(HANDLERS)])
-        env["TVP_DIR"] = str(self.dir)
-        env["PYTHONUNBUFFERED"] = "1"
-        return env
-
-    def start(self, wait_ready: bool = True) -> "SupervisorProc":
-        assert self.proc is None or self.proc.poll() is not None, "already running"
-        with open(self.log_path, "ab") as log:
-            log.write(f"\n==== life {len(self.lives) + 1} ====\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", RUN, str(self.config_path)], cwd=self.dir,
-                env=self.env(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                start_new_session=True)
-        self.lives.append(self.proc)
-        if wait_ready:
-            life = len(self.lives)
-            wait_until(lambda: self._ready_count() >= life or self.proc.poll() is not None,
-                       timeout=30, message="supervisor did not become ready")
-            assert self.proc.poll() is None, f"supervisor exited at start:\n{self.log()}"
-        return self
-
-    def _ready_count(self) -> int:
-        """How many lives logged READY (the loop's "supervisor <owner> ready: ..." line)."""
-        return self.log().count("ready: pool_size=")
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def signal(self, sig: int) -> None:
-        self.proc.send_signal(sig)
-
-    def wait_exit(self, timeout: float = 30) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"supervisor did not exit within {timeout}s:\n{self.log()}")
-
-    def stop(self, timeout: float = 30) -> int:
-        """SIGTERM and wait; returns the exit code."""
-        if self.proc.poll() is None:
-            self.signal(signal.SIGTERM)
-        return self.wait_exit(timeout)
-
-    def kill9(self) -> float:
-        """SIGKILL the supervisor process alone (its fork server and tasks must follow it
-        through their parent-death signals); returns the time of the kill."""
-        at = time.time()
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-        return at
-
-    def restart(self) -> "SupervisorProc":
-        return self.start()
+        self.write_config_text(text if text is not None else render_config(self.settings))
 
     def fork_servers(self) -> list[psutil.Process]:
         out = []
@@ -191,12 +77,6 @@ class SupervisorProc:
                 pass
         return out
 
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
     def task_log(self, task_id: str, attempt: int = 1) -> str:
         """The task's own log (its stdout and stderr, stored by the supervisor)."""
         from supervisor.store import events as live
@@ -209,10 +89,6 @@ class SupervisorProc:
         wait_until(lambda: text in self.task_log(task_id), timeout=timeout,
                    message=f"the log of task {task_id} never said {text!r}")
         return next(ln for ln in self.task_log(task_id).splitlines() if text in ln)
-
-    def wait_log(self, text: str, count: int = 1, timeout: float = 10) -> None:
-        wait_until(lambda: self.log().count(text) >= count, timeout=timeout,
-                   message=f"log never said {text!r} ({count}x):\n{self.log()[-4000:]}")
 
     # -- the database ----------------------------------------------------------------------
 
@@ -315,14 +191,8 @@ class SupervisorProc:
     # -- clean-up -----------------------------------------------------------------------------
 
     def cleanup(self) -> None:
-        for proc in self.lives:
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                kill_tree(proc.pid)
-                proc.wait(10)
+        queue = self._queue
+        self.close(graceful_s=0)
         for pid in self.recorded_pids():
             try:
                 p = psutil.Process(pid)
@@ -330,7 +200,7 @@ class SupervisorProc:
                     p.kill()
             except psutil.Error:
                 pass
-        for closer in (self._queue, self._store):
+        for closer in (queue, self._store):
             if closer is not None:
                 try:
                     closer.close()

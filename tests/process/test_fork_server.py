@@ -10,14 +10,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import psutil
 import pytest
 
-from tests.process.conftest import BASE, HANDLERS, ROOT, RUN, assert_dead, merge, render_config
+from tests.process.conftest import BASE, HANDLERS, assert_dead, merge
+from tests.support.launcher import SupervisorProcess
 from tests.support import pid_alive, wait_until
 
 
@@ -50,16 +49,18 @@ def test_dead_fork_server_is_restarted_and_its_task_requeued(supervisor_proc):
 
 @pytest.mark.timeout(60)
 def test_preload_that_fails_to_import_stops_run_with_exit_3(tmp_path):
-    cfg = tmp_path / "taskvisor.toml"
-    cfg.write_text(render_config(merge(BASE, {"supervisor": {"preload": ["tvp_broken"]}})))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKVISOR_")}
-    env["PYTHONPATH"] = f"{ROOT}:{HANDLERS}"
-    res = subprocess.run([sys.executable, "-c", RUN, str(cfg)], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=30)
-    assert res.returncode == 3, res.stderr
-    assert "Traceback" in res.stderr
-    assert "tvp_broken" in res.stderr
-    assert "RuntimeError: tvp_broken fails to import on purpose" in res.stderr
+    sup = SupervisorProcess(tmp_path, merge(BASE, {"supervisor": {"preload": ["tvp_broken"]}}),
+                            pythonpath=[HANDLERS])
+    try:
+        sup.start(wait_ready=False)
+        assert sup.wait_exit(30) == 3, sup.log()
+    finally:
+        sup.close()
+    log = sup.log()
+    assert "Traceback" in log
+    assert "tvp_broken" in log
+    assert "RuntimeError: tvp_broken fails to import on purpose" in log
+    assert "hint:" not in log  # the module was found: it failed by itself
     assert not (tmp_path / "t.db").exists()  # stopped before opening the database
 
 
@@ -214,7 +215,7 @@ def test_a_lean_preload_keeps_logging_out_until_a_handler_logs(supervisor_proc, 
     line = next(ln for ln in text.splitlines() if f"lean line of {task_id}" in ln)
     if fmt == "json":
         record = json.loads(line)
-        assert (record["task_id"], record["type"], record["level"]) == (task_id, "lean.log", "WARNING")
+        assert (record["task_id"], record["task_type"], record["level"]) == (task_id, "lean.log", "WARNING")
     else:
         assert f"task={task_id}" in line and "WARNING" in line
 

@@ -106,4 +106,7 @@ def test_json_logs_carry_the_task_id(supervisor_proc):
     about_task = [r for r in records if task_id in r["msg"] or r.get("task_id") == task_id]
     assert about_task and all(r.get("task_id") == task_id for r in about_task)
     handler_line = next(r for r in records if "hello from the handler of" in r["msg"])
-    assert handler_line["type"] == "t.progress"
+    assert handler_line["task_type"] == "t.progress"
+    # one vocabulary: the supervisor's lines about the task name its type the same way
+    assert any(r.get("task_type") == "t.progress" and r["logger"].startswith("taskvisor.")
+               and not r["logger"].startswith("taskvisor.task") for r in about_task), about_task

@@ -9,14 +9,14 @@ import socket
 import time
 
 from supervisor.store import Store
-from supervisor.wake import HOST, Notifier, WakeSocket
+from supervisor.wake import HOST, WakeSender, WakeSocket
 from tests.support import wait_until
 
 
 def test_wake_sender_binds_to_loopback_and_still_reaches_the_supervisor(db_path):
     wake = WakeSocket()
     store = Store(db_path)
-    notifier = Notifier(store, socket.gethostname())
+    notifier = WakeSender(store, socket.gethostname())
     try:
         assert wake.sock.getsockname()[0] == HOST
         store.register_supervisor(owner="sup-1", host=socket.gethostname(), pid=os.getpid(),

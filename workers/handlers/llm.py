@@ -6,9 +6,11 @@ a result {text, finish_reason, usage, model}; `Retry` for 429/503 with Retry-Aft
 attempt spent); a retryable error for other 5xx, a lost connection or a malformed body;
 `Fail` (no retry) for any other 4xx, with the server's message; `Fail(outcome="timeout")`
 when the stream stalls longer than `stall_timeout_s`. Settings come from the payload, else
-the task's `[llm]` config section (`ctx.config["llm"]`), else TASKVISOR_LLM__* variables,
-else defaults. The API key is read from the environment variable *named* by api_key_env,
-at call time, and is never put in a result, an error message or a log line.
+the task's `[llm]` section (`ctx.config["llm"]`). Which of the config file, the
+TASKVISOR_LLM__* variables and the defaults fills that section is decided by
+`supervisor.config` alone: this module applies no environment or default of its own.
+The API key is read from the environment variable *named* by api_key_env, at call time,
+and is never put in a result, an error message or a log line.
 Runs in task processes; preload it: its import (httpx, its transport stack and one TLS
 context, ~0.1 s) is then paid once by the fork server instead of by every task.
 """
@@ -39,8 +41,6 @@ from workers.handlers import Fail
 
 PROGRESS_EVERY_S = 0.5        # progress (which is also a heartbeat) at most this often
 CONNECT_TIMEOUT_S = 30.0
-_DEFAULTS = {"base_url": None, "model": None, "api_key_env": "OPENAI_API_KEY",
-             "request_timeout_s": 600.0, "stall_timeout_s": 60.0}
 _RESERVED = frozenset({"messages", "stream", "stream_options"})
 # Built at import, so once in the fork server (preload), and shared copy-on-write by every
 # task process, like the transport modules imported above, which httpx would otherwise import
@@ -106,14 +106,13 @@ def build_request(payload: Mapping[str, Any], ctx: Any = None,
     def setting(key: str, from_payload: bool = True):
         if from_payload and payload.get(key) is not None:
             return payload[key]
-        if section.get(key) is not None:
-            return section[key]
-        return env.get(f"TASKVISOR_LLM__{key.upper()}") or _DEFAULTS[key]
+        return section.get(key)
 
     base_url = setting("base_url")
     configured = setting("base_url", from_payload=False)
     if not base_url:
-        raise LlmRejected("no model server: set [llm] base_url (or TASKVISOR_LLM__BASE_URL), "
+        raise LlmRejected("no model server: set [llm] base_url in the config (or "
+                          "TASKVISOR_LLM__BASE_URL in the supervisor's environment), "
                           "or give base_url in the payload, e.g. http://127.0.0.1:8080/v1")
     if urlsplit(str(base_url)).scheme not in ("http", "https"):
         raise LlmRejected(f"base_url must be an http:// or https:// URL, got {base_url!r}")
@@ -131,12 +130,16 @@ def build_request(payload: Mapping[str, Any], ctx: Any = None,
     if model:
         body["model"] = str(model)
     headers = {"Accept": "text/event-stream"}
-    key_env = str(setting("api_key_env", from_payload=False))
-    key = env.get(key_env)
+    key_env = setting("api_key_env", from_payload=False)
+    key = env.get(str(key_env)) if key_env else None
     # A payload may point at another server; the configured key goes only to the
     # configured server, so whoever can enqueue cannot have it sent elsewhere.
     if key and (not configured or _origin(base_url) == _origin(configured)):
         headers["Authorization"] = f"Bearer {key}"
+    if setting("request_timeout_s") is None or setting("stall_timeout_s") is None:
+        raise LlmRejected("request_timeout_s and stall_timeout_s are not set: the [llm] section "
+                          "of the config gives them (ctx.config['llm']); outside a supervisor, "
+                          "give them in the payload")
     try:
         request_s = float(setting("request_timeout_s"))
         stall_s = float(setting("stall_timeout_s"))

@@ -1,0 +1,61 @@
+"""Short task ids, like git's short hashes: the dashboard shows the last 8 characters of
+an id, and `taskvisor show | wait | cancel | retry` accept any unique end of one, with a
+clear error when it is ambiguous or matches nothing. Real CLI subprocesses, a real file."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from supervisor.client import Queue
+from supervisor.errors import InputError, NotFound
+from supervisor.store import NewTask, Store
+from tests.e2e.test_cli import tv
+
+
+def test_cli_commands_accept_the_short_id_the_dashboard_shows(tmp_path):
+    with Queue(tmp_path / "taskvisor.db") as q:
+        task_id = q.enqueue("noop", {"n": 1})
+    short = task_id[-8:]
+    for args in (["show", short], ["show", short.lower(), "--json"], ["cancel", short],
+                 ["retry", short], ["wait", short, "--timeout", "0.1"]):
+        res = tv(tmp_path, *args)
+        assert res.returncode in (0, 124), (args, res.stderr)
+        assert "error" not in res.stderr, (args, res.stderr)
+    assert task_id in tv(tmp_path, "show", short).stdout
+
+
+def test_an_ambiguous_or_unknown_end_is_a_clear_error(tmp_path):
+    store = Store(tmp_path / "taskvisor.db")
+    now = time.time()
+    try:
+        store.enqueue_many([NewTask(id="job-alpha-7", type="t", payload="{}"),
+                            NewTask(id="job-beta-7", type="t", payload="{}")],
+                           now)
+    finally:
+        store.close()
+    res = tv(tmp_path, "show", "ha-7")
+    assert res.returncode == 0 and "job-alpha-7" in res.stdout, res.stderr
+    res = tv(tmp_path, "cancel", "-7")
+    assert res.returncode == 2
+    assert "more than one task id" in res.stderr and "give more characters" in res.stderr
+    assert "job-alpha-7" in res.stderr and "job-beta-7" in res.stderr
+    res = tv(tmp_path, "show", "nothing")
+    assert res.returncode == 2 and "no task with id nothing" in res.stderr
+
+
+def test_queue_resolve_id_prefers_an_exact_id(tmp_path):
+    store = Store(tmp_path / "t.db")
+    try:
+        store.enqueue_many([NewTask(id="7", type="t", payload="{}"),
+                            NewTask(id="job-7", type="t", payload="{}")], time.time())
+    finally:
+        store.close()
+    with Queue(tmp_path / "t.db") as q:
+        assert q.resolve_id("7") == "7"  # an id itself, though another id ends with it
+        assert q.resolve_id("b-7") == "job-7"
+        with pytest.raises(NotFound):
+            q.resolve_id("x-7")
+        with pytest.raises(InputError, match="must be a non-empty"):
+            q.resolve_id("")
