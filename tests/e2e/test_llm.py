@@ -8,8 +8,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import email.utils
+import json
+import subprocess
+import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -182,7 +186,8 @@ def test_a_call_imports_nothing_the_preloaded_module_could_have(server):
     script = (
         "import asyncio, json, sys\n"
         "from workers.handlers import llm\n"
-        "payload = {'base_url': sys.argv[1], 'messages': [{'role': 'user', 'content': 'hi'}]}\n"
+        "payload = {'base_url': sys.argv[1], 'messages': [{'role': 'user', 'content': 'hi'}],\n"
+        "           'request_timeout_s': 30, 'stall_timeout_s': 30}\n"
         "before = set(sys.modules)\n"
         "text = asyncio.run(llm.chat(payload))['text']\n"
         "after_async = set(sys.modules)\n"

@@ -37,7 +37,7 @@ def test_a_task_that_prints_100_mb_keeps_its_tail_and_the_supervisor_log_small(t
         done = sup.wait_status(task["id"], "succeeded", "failed", timeout=90)
         cpu = sum(proc.cpu_times()[:2]) - cpu0
         assert done["status"] == "succeeded", done
-        assert os.path.getsize(sup.log) < 64 * 1024, "task output reached the supervisor's log"
+        assert os.path.getsize(sup.log_path) < 64 * 1024, "task output reached the supervisor's log"
         body = sup.get(f"/api/tasks/{task['id']}/logs").json
         assert body["attempt"] == 1 and body["attempts"] == [1]
         size = len(body["text"].encode())
