@@ -8,9 +8,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import email.utils
-import json
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path

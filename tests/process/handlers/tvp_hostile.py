@@ -10,7 +10,7 @@ import ctypes
 import os
 import time
 
-from tests.process.handlers.tvp_handlers import mark_end, mark_start, note_pid
+from tests.process.handlers.tvp_handlers import logged, note_pid
 from workers import task
 
 # A fork of the fork server waits here while a file named "slow_fork" exists in its
@@ -85,13 +85,7 @@ def daemon_hog(payload, ctx):
     return "the helpers were not noticed"
 
 
-@task("h.fenced")
-def fenced(payload, ctx):
-    """t.log's start/end lines (overlap detection) around a sleep of `s` seconds."""
-    mark_start(payload, ctx)
-    time.sleep(float(payload.get("s", 0)))
-    mark_end(payload, ctx)
-    return {"pid": os.getpid()}
+task("h.fenced")(logged)  # t.log under this module's name: start/end lines, a sleep
 
 
 @task("h.daemon_wait")
