@@ -23,7 +23,7 @@ from pathlib import Path
 import inflight_proc as procfs
 from inflight_run import Hang, System, follow
 from supervisor.store import NewTask, Store
-from supervisor.wake import Notifier
+from supervisor.wake import WakeSender
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -191,7 +191,7 @@ def probe(sessions, workdir: Path, in_flight: int, probes: int, gap_s: float,
             time.sleep(0.1)
         time.sleep(1.0)
         out["task_processes_at_start"] = len(procfs.children(sv.fork_server))
-        notifier = Notifier(sv.store, socket.gethostname())
+        notifier = WakeSender(sv.store, socket.gethostname())
         to_handler, to_claim = [], []
         for i in range(-2, probes):  # two warm-ups
             time.sleep(gap_s)
