@@ -23,11 +23,20 @@ import encodings.idna  # noqa: F401 - see _TLS (httpx's sync client encodes host
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
+
+# httpx imports its command-line client (click, rich and pygments, 5.4 MiB of objects) when
+# those happen to be installed; no task uses it, and every page the fork server holds is
+# copied into the page tables of each fork. A None entry makes that one import fail, and
+# httpx then goes without its CLI. Only if httpx is not imported yet (a preload module may
+# have imported it, CLI and all).
+if "httpx" not in sys.modules:
+    sys.modules.setdefault("httpx._main", None)
 
 import anyio._backends._asyncio  # noqa: F401 - see _TLS
 import h11  # noqa: F401
