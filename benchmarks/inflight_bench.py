@@ -6,7 +6,7 @@ Usage (from the repository root, after benchmarks/setup-peers.sh):
     benchmarks/.env/bin/python benchmarks/inflight_bench.py              # 100, 1,000, 3,000 in flight, S=3
     benchmarks/.env/bin/python benchmarks/inflight_bench.py --quick      # 100 and 1,000, S=2
     ... --only taskvisor | --only taskvisor,arq   --sizes 100,1000   --chat-sizes 100
-    ... --seconds 3   --variants sleep   --probes 100   --hang-s 30
+    ... --seconds 3   --variants sleep   --probes 100   --hang-s 30   --preload-llm
 
 Workload: N tasks that each wait S seconds, the queue filled before the consumer starts,
 concurrency P = N/3 so that three waves run (N = 3P). Two variants: `sleep` (the handler
@@ -108,6 +108,8 @@ def main(argv=None) -> int:
     ap.add_argument("--chat-sizes", help="sizes of the chat variant (default: those of --sizes up to 100)")
     ap.add_argument("--probes", type=int, help="enqueue-to-start probes (default 100, quick 40)")
     ap.add_argument("--probe-in-flight", type=int, default=1000)
+    ap.add_argument("--preload-llm", action="store_true",
+                    help="taskvisor's sleep variant preloads workers.handlers.llm too, as an agent's config would")
     ap.add_argument("--hang-s", type=float, default=30.0, help="no task finished for this long = HANG")
     ap.add_argument("--out", default=str(HERE / "results" / "inflight.json"))
     args = ap.parse_args(argv)
@@ -171,7 +173,8 @@ def run_all(args, workdir: Path, sessions, res: dict, sizes, chat_sizes, seconds
         print(f"\nVariant {kind}", flush=True)
         if "taskvisor" in systems:
             r = inflight_taskvisor.run(sessions, workdir, f"{kind}-pool4", kind, seconds, 4,
-                                       4 * POOL4_WAVES, base_url, args.hang_s)
+                                       4 * POOL4_WAVES, base_url, args.hang_s,
+                                       preload_llm=args.preload_llm)
             r["baseline"] = True
             res["runs"].append(r)
             print(f"  taskvisor pool 4 ({4 * POOL4_WAVES} tasks): {line(r, POOL4_WAVES * seconds / 3)}",
@@ -188,7 +191,8 @@ def run_all(args, workdir: Path, sessions, res: dict, sizes, chat_sizes, seconds
                         continue
                 if system == "taskvisor":
                     r = inflight_taskvisor.run(sessions, workdir, f"{kind}-{size}", kind, seconds,
-                                               size, 3 * size, base_url, args.hang_s)
+                                               size, 3 * size, base_url, args.hang_s,
+                                               preload_llm=args.preload_llm)
                 else:
                     r = inflight_peers.run(sessions, redis, workdir, system, kind, seconds, size,
                                            3 * size, base_url, args.hang_s, boot_s=180)

@@ -32,6 +32,10 @@ RUN_SUPERVISOR = ("import sys; from supervisor.config import load; from supervis
 MESSAGES = [{"role": "user", "content": "Say hello."}]
 
 
+PRELOAD = {"sleep": ("inflight_handlers",),
+           "chat": ("inflight_handlers", "workers.handlers.llm")}
+
+
 def workload(kind: str, seconds: float, base_url: str | None) -> tuple[str, str]:
     """(task type, payload) of one task of the workload."""
     if kind == "chat":
@@ -43,8 +47,10 @@ def workload(kind: str, seconds: float, base_url: str | None) -> tuple[str, str]
 class Supervisor:
     """One supervisor process on a fresh database in `workdir`."""
 
-    def __init__(self, sessions: procfs.Sessions, workdir: Path, name: str, pool: int):
+    def __init__(self, sessions: procfs.Sessions, workdir: Path, name: str, pool: int,
+                 preload: tuple[str, ...] = ("inflight_handlers",)):
         self.sessions = sessions
+        self.preload = preload
         self.workdir = workdir
         self.name = name
         self.db = workdir / f"{name}.db"
@@ -60,7 +66,7 @@ class Supervisor:
         # thousands of sleeping tasks; nothing else differs from the defaults
         cfg.write_text("[supervisor]\n"
                        f"database = {json.dumps(str(self.db))}\n"
-                       'preload = ["inflight_handlers", "workers.handlers.llm"]\n'
+                       f"preload = {json.dumps(list(self.preload))}\n"
                        f"pool_size = {self.pool}\nshutdown_grace_s = 2\nkill_grace_s = 1\n\n"
                        '[http]\nlisten = ""\n\n[log]\nlevel = "WARNING"\n')
         env = dict(os.environ)
@@ -120,12 +126,18 @@ class Supervisor:
 
 
 def run(sessions, workdir: Path, name: str, kind: str, seconds: float, pool: int, n: int,
-        base_url: str | None, hang_s: float) -> dict:
-    """N tasks, queue filled first, pool `pool`; the row's figures, or status HANG/ERROR."""
-    sv = Supervisor(sessions, workdir, name, pool)
+        base_url: str | None, hang_s: float, preload_llm: bool = False) -> dict:
+    """N tasks, queue filled first, pool `pool`; the row's figures, or status HANG/ERROR.
+    `preload_llm`: preload workers.handlers.llm whatever the variant."""
+    # What a user running each workload would preload: the chat variant's handler is
+    # llm.chat (httpx and a TLS context, 13 MiB the fork server holds and every fork copies
+    # the page tables of); the sleep variant's is inflight_handlers alone.
+    preload = PRELOAD["chat" if preload_llm else kind]
+    sv = Supervisor(sessions, workdir, name, pool, preload)
     type_, payload = workload(kind, seconds, base_url)
     sv.store.enqueue_many([NewTask(type=type_, payload=payload) for _ in range(n)], time.time())
-    out: dict = {"system": "taskvisor", "kind": kind, "concurrency": pool, "tasks": n}
+    out: dict = {"system": "taskvisor", "kind": kind, "concurrency": pool, "tasks": n,
+                 "preload": list(preload)}
     try:
         sv.start()
         base = sv.cpu()
