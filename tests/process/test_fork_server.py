@@ -124,7 +124,9 @@ def _spares(server: psutil.Process) -> list[psutil.Process]:
     out = []
     for p in server.children():
         try:
-            if p.name() == "taskvisor-spare":
+            # A spare that died keeps its name as a zombie until the fork server reaps
+            # it (later under load): not a spare.
+            if p.name() == "taskvisor-spare" and p.status() != psutil.STATUS_ZOMBIE:
                 out.append(p)
         except psutil.NoSuchProcess:
             pass
