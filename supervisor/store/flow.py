@@ -17,6 +17,7 @@ import apsw
 
 from supervisor import budget
 from supervisor.budget import KeyState
+from supervisor.store import workflow_queries as wq
 
 _STATE_COLUMNS = "key, running, requests, tokens, updated_at, paused_until, pause_reason"
 
@@ -297,14 +298,16 @@ class FlowOps:
     # -- retention ---------------------------------------------------------------------
 
     def prune_batch(self, before: float, limit: int, now: float | None = None) -> int:
-        """One small batch of retention: finished tasks and fires older than `before`,
-        and (given `now`) the state of limit keys idle for a day; returns the tasks."""
+        """One small batch of retention: finished tasks, schedule fires and sent events
+        older than `before`, and (given `now`) the state of limit keys idle for a day;
+        returns the tasks."""
         with self.conn.write() as db:
             n = prune_finished_batch(db, before, limit)
             if n:
                 from supervisor.store import queries as q
                 q.delete_empty_counts(db)
             prune_fires_batch(db, before, limit)
+            wq.prune_events_batch(db, before, limit)
             delete_empty_groups(db)
             if now is not None:
                 prune_idle_keys(db, now, limit)

@@ -462,10 +462,12 @@ class Store(WorkflowStore, flow.FlowOps):
             return status
 
     def prune(self, before: float) -> int:
-        """Delete finished tasks (and their attempts) completed before `before`."""
+        """Delete finished tasks (and their attempts) completed before `before`, and
+        events sent before then."""
         with self.conn.write() as db:
             n = q.prune_finished(db, before)
             q.delete_empty_counts(db)
+            wq.prune_events_batch(db, before, -1)  # LIMIT -1: all of them
             return n
 
     # -- reading -------------------------------------------------------------------------

@@ -31,6 +31,15 @@ def insert_event(db: apsw.Connection, name: str, data: str | None, now: float) -
     return db.changes() > 0
 
 
+def prune_events_batch(db: apsw.Connection, before: float, limit: int) -> int:
+    """Delete at most `limit` sent events older than `before`; returns how many. Their
+    tasks were released when they were sent; a task enqueued later to await the same name
+    waits for a new send."""
+    db.execute("DELETE FROM events WHERE name IN (SELECT name FROM events "
+               "WHERE sent_at < ? LIMIT ?)", (before, limit))
+    return db.changes()
+
+
 def release_awaiting(db: apsw.Connection, name: str) -> list[str]:
     """Queue the blocked tasks awaiting `name` that may run now; returns their ids."""
     return [r[0] for r in db.execute(

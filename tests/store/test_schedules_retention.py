@@ -111,3 +111,23 @@ def test_retention_forgets_limit_keys_idle_for_a_day(store):
     store.prune_batch(T0 - 1, 100, T0 + 2 * 86400)
     keys = {r[0] for r in store.conn.db.execute("SELECT key FROM limit_state")}
     assert keys == {"tenant:busy", "tenant:paused"}
+
+
+def test_retention_deletes_sent_events_older_than_it_and_a_later_await_waits_again(store):
+    store.send_event("old", '{"ok":true}', T0)
+    store.send_event("recent", None, T0 + 50)
+    store.prune_batch(T0 + 10, 100)
+    names = {r[0] for r in store.conn.db.execute("SELECT name FROM events")}
+    assert names == {"recent"}
+    late = store.enqueue(new(await_event="old"), T0 + 60)
+    assert store.get(late).status == "blocked"  # no longer released by the pruned send
+    assert store.send_event("old", None, T0 + 61) == (True, [late])
+    kept = store.enqueue(new(await_event="recent"), T0 + 60)
+    assert store.get(kept).status == "queued"
+
+
+def test_prune_on_demand_deletes_old_events_too(store):
+    store.send_event("old", None, T0)
+    store.send_event("recent", None, T0 + 50)
+    store.prune(T0 + 10)
+    assert {r[0] for r in store.conn.db.execute("SELECT name FROM events")} == {"recent"}
