@@ -106,7 +106,7 @@ class WorkflowCalls:
             if latest != version or time.monotonic() - read_mono >= _REREAD_S:
                 version, read_mono = latest, time.monotonic()
                 left = [i for i in wanted if i not in done]
-                rows = {t.id: t for t in self._call(lambda s: s.tasks_by_ids(left))}
+                rows = self._call(lambda s: s.tasks_by_ids(left))
                 missing = [i for i in left if i not in rows]
                 if missing:
                     from supervisor.errors import NotFound

@@ -422,6 +422,20 @@ def select_task(db: apsw.Connection, task_id: str) -> tuple | None:
     return _one(db.execute(f"SELECT {T} FROM tasks WHERE id = ?", (task_id,)))
 
 
+def insert_aliases(db: apsw.Connection, aliases: dict[str, str]) -> None:
+    """Record each alias -> task id (the task exists); an alias already recorded stays."""
+    db.execute("INSERT INTO task_aliases (alias, task_id) SELECT key, value FROM json_each(?) "
+               "WHERE true ON CONFLICT (alias) DO NOTHING", (json.dumps(aliases),))
+
+
+def resolve_aliases(db: apsw.Connection, ids: list[str]) -> dict[str, str]:
+    """{alias: task id} for those of `ids` that are another name of a task."""
+    if not ids:
+        return {}
+    return dict(db.execute("SELECT alias, task_id FROM task_aliases WHERE alias IN "
+                           "(SELECT value FROM json_each(?))", (json.dumps(ids),)).fetchall())
+
+
 def select_deps(db: apsw.Connection, task_ids: list[str]) -> dict[str, tuple[str, ...]]:
     out: dict[str, list[str]] = {}
     for task_id, dep in db.execute(
@@ -527,11 +541,14 @@ def select_next_run_after(db: apsw.Connection, now: float) -> float | None:
 
 
 def select_ids_matching(db: apsw.Connection, text: str, limit: int) -> list[str]:
-    """`text` if it is an id, else up to `limit` ids that end with it (a scan of the id
-    index: for a person typing a short id, never on a hot path)."""
+    """`text` if it is an id (or another name of one), else up to `limit` ids that end
+    with it (a scan of the id index: for a person typing a short id, never on a hot path)."""
     rows = db.execute("SELECT id FROM tasks WHERE id = ?", (text,)).fetchall()
     if rows:
         return [rows[0][0]]
+    named = resolve_aliases(db, [text])
+    if named:
+        return [named[text]]
     return [r[0] for r in db.execute("SELECT id FROM tasks WHERE substr(id, -?) = ? LIMIT ?",
                                      (len(text), text, limit))]
 

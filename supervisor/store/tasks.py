@@ -107,6 +107,7 @@ class Store(WorkflowStore, flow.FlowOps):
         """enqueue_many inside the caller's transaction (also the spawns of `complete`)."""
         batch: dict[str, NewTask] = {}
         alias: dict[str, str] = {}  # batch id -> the unfinished task its key dedupes to
+        named: dict[str, str] = {}  # of those, the ids the caller chose: kept as aliases
         out = []
         for task, task_id in zip(tasks, ids):
             existing = task.dedupe_key and (
@@ -114,10 +115,15 @@ class Store(WorkflowStore, flow.FlowOps):
                 or next((i for i, t in batch.items() if t.dedupe_key == task.dedupe_key), None))
             if existing:
                 alias[task_id] = existing
+                if task.id is not None:
+                    named[task_id] = existing
                 out.append(existing)
                 continue
             batch[task_id] = task
             out.append(task_id)
+        outside = sorted({d for t in batch.values() for d in t.depends_on
+                          if d not in batch and d not in alias})
+        alias.update(q.resolve_aliases(db, outside))  # a dependency named by another name
         if alias:
             batch = {i: replace(t, depends_on=tuple(alias.get(d, d) for d in t.depends_on))
                      for i, t in batch.items()}
@@ -125,6 +131,8 @@ class Store(WorkflowStore, flow.FlowOps):
         _check_workflows(db, batch)
         for task_id in _dependency_order(batch):
             self._insert(db, task_id, batch[task_id], now)
+        if named:
+            q.insert_aliases(db, named)
         return out
 
     def _insert(self, db, task_id: str, task: NewTask, now: float) -> None:
@@ -412,7 +420,7 @@ class Store(WorkflowStore, flow.FlowOps):
         Returns the status after the call (cancelled, or running with cancel requested).
         A finished task is left as it is. Raises NotFound."""
         with self.conn.write() as db:
-            row = q.select_task(db, task_id)
+            task_id, row = _task_row(db, task_id)
             if row is None:
                 raise NotFound(f"no task with id {task_id}", field="id")
             status = Status(row[4])
@@ -429,7 +437,7 @@ class Store(WorkflowStore, flow.FlowOps):
         when the task is not failed or cancelled."""
         from supervisor.errors import InputError
         with self.conn.write() as db:
-            row = q.select_task(db, task_id)
+            task_id, row = _task_row(db, task_id)
             if row is None:
                 raise NotFound(f"no task with id {task_id}", field="id")
             if Status(row[4]) not in (Status.FAILED, Status.CANCELLED):
@@ -473,8 +481,10 @@ class Store(WorkflowStore, flow.FlowOps):
     # -- reading -------------------------------------------------------------------------
 
     def get(self, task_id: str, *, history: bool = True) -> Task:
+        """The task (with its attempts unless `history` is False); an alias (see
+        `enqueue_many`) gives the task it names. Raises NotFound."""
         with self.conn.read() as db:
-            row = q.select_task(db, task_id)
+            task_id, row = _task_row(db, task_id)
             if row is None:
                 raise NotFound(f"no task with id {task_id}", field="id")
             deps = q.select_deps(db, [task_id]).get(task_id, ())
@@ -572,6 +582,15 @@ def check_dependencies_without_database(tasks: Sequence[NewTask], now: float) ->
     _check_dependencies(None, {t.id or new_id(now): t for t in tasks})
 
 
+def _task_row(db, task_id: str) -> tuple[str, tuple | None]:
+    """(id, row) of the task `task_id` names: itself, or the task it is another name of."""
+    row = q.select_task(db, task_id)
+    if row is None and (named := q.resolve_aliases(db, [task_id])):
+        task_id = named[task_id]
+        row = q.select_task(db, task_id)
+    return task_id, row
+
+
 def _check_dependencies(db, batch: dict[str, NewTask]) -> None:
     """Every dependency exists (in the file, if `db`, or the batch) and the batch has no
     cycle."""
@@ -579,6 +598,8 @@ def _check_dependencies(db, batch: dict[str, NewTask]) -> None:
     if wanted:
         found = q.select_statuses(db, sorted(wanted)) if db is not None else {}
         missing = sorted(wanted - set(found))
+        if missing and db is not None:  # another name of a task names that task
+            missing = sorted(set(missing) - set(q.resolve_aliases(db, missing)))
         if missing:
             raise DependencyError(f"depends_on names unknown task {missing[0]}", field="depends_on")
     for task_id, task in batch.items():

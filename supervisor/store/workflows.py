@@ -83,10 +83,19 @@ class WorkflowStore:
         with self.conn.read() as db:
             return [Task.from_row(r) for r in wq.select_awaiting(db, limit)]
 
-    def tasks_by_ids(self, task_ids: Sequence[str]) -> list[Task]:
-        """The rows of these ids that exist (no history, no dependencies), in no order."""
+    def tasks_by_ids(self, task_ids: Sequence[str]) -> dict[str, Task]:
+        """{id: task} for those of these ids that name a task (no history, no
+        dependencies); an alias (see `enqueue_many`) maps to the task it names."""
+        wanted = list(task_ids)
         with self.conn.read() as db:
-            return [Task.from_row(r) for r in wq.select_tasks_by_ids(db, list(task_ids))]
+            rows = {r[0]: Task.from_row(r) for r in wq.select_tasks_by_ids(db, wanted)}
+            named = q.resolve_aliases(db, [i for i in wanted if i not in rows])
+            if named:
+                rows.update((r[0], Task.from_row(r))
+                            for r in wq.select_tasks_by_ids(db, sorted(set(named.values()))))
+        out = {i: rows[i] for i in wanted if i in rows}
+        out.update((a, rows[t]) for a, t in named.items() if t in rows)
+        return out
 
     def check_spawns(self, spawn: Sequence[NewTask]) -> str | None:
         """Why these spawned tasks cannot be stored (a dependency that does not exist, a
@@ -98,7 +107,7 @@ class WorkflowStore:
             return "two spawned tasks have the same id"
         try:
             with self.conn.read() as db:
-                taken = q.select_statuses(db, list(batch))
+                taken = q.select_statuses(db, list(batch)) or q.resolve_aliases(db, list(batch))
                 if taken:
                     return f"spawned task id {min(taken)} is already taken"
                 _check_dependencies(db, batch)

@@ -250,3 +250,32 @@ def test_wait_all_returns_the_finished_tasks_in_order_or_times_out(db_path):
         assert [(t.id, t.status) for t in done] == [(b, Status.FAILED), (a, Status.SUCCEEDED)]
         with pytest.raises(Exception, match="no task with id NOPE"):
             queue.wait_all([a, "NOPE"], timeout=1)
+
+
+def test_the_id_of_a_spawn_deduped_to_another_task_names_that_task(store, db_path):
+    """A handler returns the ids ctx.spawn gave it: one whose dedupe key was held is
+    stored as the holder, and its id keeps naming the holder everywhere a task id goes
+    (get, wait_all, depends_on of a later enqueue or spawn, cancel, a short id), until
+    retention deletes the holder."""
+    from supervisor import Queue
+    holder = store.enqueue(new("t", dedupe_key="k"), T0)
+    parent = store.enqueue(new("plan"), T0)
+    assert claim(store).id == holder
+    task = claim(store)
+    dup = spawned(parent, dedupe_key="k")
+    end = dataclasses.replace(ok({"child": dup.id}), spawn=(dup,))
+    with store.transaction(all_or_nothing=True):
+        assert store.complete(task.lease, end, T0)
+    assert store.get(dup.id).id == holder
+    assert store.tasks_by_ids([dup.id, parent])[dup.id].id == holder
+    later = store.enqueue(new("after", depends_on=(dup.id,)), T0)
+    assert store.get(later).depends_on == (holder,)
+    assert store.check_spawns((spawned(parent, depends_on=(dup.id,)),)) is None
+    assert "already taken" in store.check_spawns((new("x", id=dup.id, parent_id=parent),))
+    assert store.ids_matching(dup.id, limit=3) == [holder]
+    with Queue(db_path) as queue:
+        assert queue.get(dup.id).id == holder
+        assert queue.resolve_id(dup.id) == holder
+        assert store.cancel(dup.id, T0) == Status.RUNNING  # the holder runs: asked to stop
+    store.conn.db.execute("DELETE FROM tasks WHERE id = ?", (holder,))
+    assert store.conn.db.execute("SELECT count(*) FROM task_aliases").fetchall() == [(0,)]
