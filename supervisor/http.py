@@ -40,6 +40,7 @@ from supervisor.metrics import LockedStore, Metrics
 log = logging.getLogger("taskvisor.http")
 DASHBOARD_DIR = Path(__file__).resolve().parent / "dashboard"
 STATIC = {"/": ("index.html", "text/html; charset=utf-8"),
+          "/dashboard/dom.js": ("dom.js", "text/javascript; charset=utf-8"),
           "/dashboard/app.js": ("app.js", "text/javascript; charset=utf-8"),
           "/dashboard/workflow.js": ("workflow.js", "text/javascript; charset=utf-8"),
           "/dashboard/style.css": ("style.css", "text/css; charset=utf-8"),
