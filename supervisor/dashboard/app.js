@@ -328,20 +328,25 @@
   function connectEvents() {
     if (!window.EventSource) return;
     const es = new EventSource("/api/events");
+    // The other panels (workflow.js) follow the stream through these document events.
+    const share = (name, detail) => document.dispatchEvent(new CustomEvent(name, { detail }));
     es.addEventListener("open", () => {
       state.live = true;
       $("updated").dataset.live = "true";
+      share("taskvisor:stream", { live: true });
       scheduleRefresh();  // whatever changed while it was down
     });
     es.addEventListener("task", (e) => {
       const d = JSON.parse(e.data);
       if (d.id === state.detailId) state.detailDirty = true;
+      share("taskvisor:task", d);
       scheduleRefresh();
     });
     es.addEventListener("output", (e) => onOutput(JSON.parse(e.data)));
-    es.addEventListener("gap", () => scheduleRefresh());
+    es.addEventListener("gap", () => { share("taskvisor:task", null); scheduleRefresh(); });
     es.addEventListener("error", () => {
       // EventSource reconnects by itself (sending Last-Event-ID); poll meanwhile.
+      share("taskvisor:stream", { live: false });
       state.live = false;
       delete $("updated").dataset.live;
       clearTimeout(state.timer);

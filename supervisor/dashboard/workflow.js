@@ -1,15 +1,18 @@
 // The dashboard's workflow panels: tasks waiting for an event (with a button that sends
 // it) and a workflow drawn as a graph (tasks as nodes coloured by status, solid edges for
-// dependencies, dashed ones for spawns), refreshed by polling. Plain JS and SVG, nothing
+// dependencies, dashed ones for spawns), refreshed on the task events app.js passes on
+// from the event stream (polling only while the stream is down). Plain JS and SVG, nothing
 // from outside; task data goes in with textContent / SVG text nodes, never as HTML.
 "use strict";
 
 (() => {
-  const REFRESH_MS = 2000;
+  const REFRESH_MS = 2000;        // polling, while the event stream is down
+  const LIVE_REFRESH_MS = 60000;  // with the event stream (a safety net only)
+  const EVENT_DEBOUNCE_MS = 300;  // a burst of task events makes one refresh
   const TOKEN_KEY = "taskvisor.token";
   const NODE_W = 150, NODE_H = 40, GAP_X = 60, GAP_Y = 14, PAD = 12;
   const $ = (id) => document.getElementById(id);
-  const state = { chosen: null, timer: null, known: [] };
+  const state = { chosen: null, timer: null, known: [], live: false, pending: null };
 
   const { el, svg } = window.taskvisorDom;  // dom.js
 
@@ -156,8 +159,20 @@
     } catch (err) {
       $("workflow-summary").textContent = "could not load: " + (err.message || err);
     }
-    state.timer = setTimeout(refresh, REFRESH_MS);
+    state.timer = setTimeout(refresh, state.live ? LIVE_REFRESH_MS : REFRESH_MS);
   }
+
+  function setLive(live) {
+    state.live = live;
+    document.body.dataset.workflowLive = String(live);
+  }
+
+  document.addEventListener("taskvisor:stream", (e) => setLive(e.detail.live));
+  document.addEventListener("taskvisor:task", () => {
+    setLive(true);
+    if (state.pending) return;
+    state.pending = setTimeout(() => { state.pending = null; refresh(); }, EVENT_DEBOUNCE_MS);
+  });
 
   document.addEventListener("DOMContentLoaded", () => {
     $("workflow-select").addEventListener("change", (e) => { state.chosen = e.target.value; refresh(); });

@@ -5,6 +5,8 @@ Leaves a screenshot in tests/artifacts/dashboard-workflow.png."""
 
 from __future__ import annotations
 
+import time
+
 from tests.e2e.http_support import supervisor, wait_for  # noqa: F401  (fixture)
 from tests.e2e.test_dashboard import ARTIFACTS, page, pytestmark  # noqa: F401
 
@@ -39,6 +41,14 @@ def test_workflow_graph_follows_the_workflow_and_the_event_button_releases(super
     assert supervisor.task(gate)["result"]["echo"]["demo"] == "publish <b>now</b>"
     wait_for(lambda: gate_node.get_attribute("data-status") == "succeeded", timeout=10)
     assert "4 succeeded" in page.inner_text("#workflow-summary")
+    # Live: a task joining the workflow shows up on its task event, not at the next poll
+    # (once per minute while the stream is up).
+    page.wait_for_selector("body[data-workflow-live=true]")
+    extra = supervisor.enqueue(type="ok", payload={}, workflow_id=root)["id"]
+    started = time.monotonic()
+    wait_for(lambda: page.locator(f"#workflow-graph g.node[data-id='{extra}']").count() == 1,
+             timeout=20)
+    assert time.monotonic() - started < 8
     gate_node.click()  # a node opens the task's detail
     page.wait_for_selector("#detail[open]")
     wait_for(lambda: gate in page.inner_text("#detail-fields"))
