@@ -5,7 +5,7 @@ and the error types. This package never imports user code; that is `workers`.
 """
 
 from supervisor.errors import (
-    ConfigError, DependencyError, InputError, NotFound, StoreError, StoreUnavailable,
+    ApiError, ConfigError, DependencyError, InputError, NotFound, StoreError, StoreUnavailable,
     TaskvisorError)
 
 __version__ = "0.1.0"
@@ -19,5 +19,5 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-__all__ = ["ConfigError", "DependencyError", "InputError", "NotFound", "Queue", "StoreError",
-           "StoreUnavailable", "TaskvisorError", "__version__"]
+__all__ = ["ApiError", "ConfigError", "DependencyError", "InputError", "NotFound", "Queue",
+           "StoreError", "StoreUnavailable", "TaskvisorError", "__version__"]

@@ -30,8 +30,10 @@ THROUGHPUT_CACHE_S = 5.0
 MAX_INDEX = 1_000_000_000  # attempt numbers and chunk sequence numbers in a query
 
 
-class ApiError(Exception):
-    """An HTTP error answer: status, a sentence, the field at fault."""
+class ErrorAnswer(Exception):
+    """The error answer this server sends: status, a sentence, the field at fault. Raised
+    in an endpoint, turned into the JSON body by http.py; a program calling the API over
+    HTTP gets `supervisor.apiclient.ApiError` instead."""
 
     def __init__(self, status: int, message: str, field: str | None = None,
                  headers: dict | None = None):
@@ -63,8 +65,8 @@ class Api(WorkflowEndpoints):
     def list_tasks(self, query: dict, body=None) -> tuple[int, dict]:
         status = _opt(query, "status")
         if status is not None and status not in {str(s) for s in Status}:
-            raise ApiError(400, f"unknown status {status!r}: expected one of "
-                           f"{', '.join(str(s) for s in Status)}", field="status")
+            raise ErrorAnswer(400, f"unknown status {status!r}: expected one of "
+                              f"{', '.join(str(s) for s in Status)}", field="status")
         limit = _limit(query, default=50)
         with self.database as store:
             tasks = store.list(status=status, type=_opt(query, "type"),
@@ -83,7 +85,7 @@ class Api(WorkflowEndpoints):
         try:
             task_id = self.queue.enqueue(**fields)
         except InputError as exc:
-            raise ApiError(400, str(exc), field=exc.field) from None
+            raise ErrorAnswer(400, str(exc), field=exc.field) from None
         task = self._task(task_id)
         created = task["created_at"] >= _iso_floor(started)
         return (201 if created else 200), task
@@ -92,16 +94,16 @@ class Api(WorkflowEndpoints):
         try:
             self.queue.cancel(id)
         except NotFound as exc:
-            raise ApiError(404, str(exc), field="id") from None
+            raise ErrorAnswer(404, str(exc), field="id") from None
         return 200, self._task(id)
 
     def retry(self, query: dict, body=None, *, id: str) -> tuple[int, dict]:
         try:
             self.queue.retry(id)
         except NotFound as exc:
-            raise ApiError(404, str(exc), field="id") from None
+            raise ErrorAnswer(404, str(exc), field="id") from None
         except InputError as exc:
-            raise ApiError(409, str(exc), field=exc.field) from None
+            raise ErrorAnswer(409, str(exc), field=exc.field) from None
         return 200, self._task(id)
 
     def output(self, query: dict, body=None, *, id: str) -> tuple[int, dict]:
@@ -121,8 +123,8 @@ class Api(WorkflowEndpoints):
         after = _opt(query, "after_seq")
         if after is not None and not (after.lstrip("-").isdigit()
                                       and -1 <= int(after) <= MAX_INDEX):
-            raise ApiError(400, f"after_seq must be an integer from -1 to {MAX_INDEX}, got "
-                           f"{after!r}", field="after_seq")
+            raise ErrorAnswer(400, f"after_seq must be an integer from -1 to {MAX_INDEX}, got "
+                              f"{after!r}", field="after_seq")
         with self.database as store:
             task = self._exists(store, id)
             attempts = store.log_attempts(id)
@@ -142,14 +144,14 @@ class Api(WorkflowEndpoints):
         try:
             return store.get(task_id, history=False)
         except NotFound as exc:
-            raise ApiError(404, str(exc), field="id") from None
+            raise ErrorAnswer(404, str(exc), field="id") from None
 
     def _task(self, task_id: str) -> dict:
         try:
             with self.database as store:
                 return store.get(task_id).to_dict()
         except NotFound as exc:
-            raise ApiError(404, str(exc), field="id") from None
+            raise ErrorAnswer(404, str(exc), field="id") from None
 
     # -- the queue at a glance -----------------------------------------------------------
 
@@ -258,9 +260,9 @@ class Api(WorkflowEndpoints):
 
     def _set_paused(self, name: str, paused: bool) -> tuple[int, dict]:
         if name not in self.sup.snapshot.config.schedules:
-            raise ApiError(404, f"no schedule named {name!r} in the config "
-                           f"(known: {', '.join(self.sup.snapshot.config.schedules) or 'none'})",
-                           field="name")
+            raise ErrorAnswer(404, f"no schedule named {name!r} in the config "
+                              f"(known: {', '.join(self.sup.snapshot.config.schedules) or 'none'})",
+                              field="name")
         self.queue.config = self.sup.snapshot.config
         self.queue.set_schedule_paused(name, paused)
         status, body = self.schedules({})
@@ -341,7 +343,8 @@ def _limit(query: dict, default: int) -> int:
     if raw is None:
         return default
     if not raw.isdigit() or not 1 <= int(raw) <= 1000:
-        raise ApiError(400, f"limit must be an integer from 1 to 1000, got {raw!r}", field="limit")
+        raise ErrorAnswer(400, f"limit must be an integer from 1 to 1000, got {raw!r}",
+                          field="limit")
     return int(raw)
 
 
@@ -350,24 +353,24 @@ def _attempt(query: dict) -> int | None:
     if raw is None:
         return None
     if not raw.isdigit() or not 1 <= int(raw) <= MAX_INDEX:
-        raise ApiError(400, f"attempt must be an integer from 1 to {MAX_INDEX}, got {raw!r}",
-                       field="attempt")
+        raise ErrorAnswer(400, f"attempt must be an integer from 1 to {MAX_INDEX}, got {raw!r}",
+                          field="attempt")
     return int(raw)
 
 
 def _json_object(body: bytes | None) -> dict:
     if not body:
-        raise ApiError(400, "send a JSON object with at least \"type\"", field="body")
+        raise ErrorAnswer(400, "send a JSON object with at least \"type\"", field="body")
     try:
         data = json.loads(body.decode("utf-8"), parse_constant=_no_constant)
         json.dumps(data, ensure_ascii=False).encode("utf-8")  # lone surrogates fail here
     except UnicodeError:
-        raise ApiError(400, "the body is not valid UTF-8 (or holds a lone surrogate "
-                       "escape)", field="body") from None
+        raise ErrorAnswer(400, "the body is not valid UTF-8 (or holds a lone surrogate "
+                          "escape)", field="body") from None
     except (ValueError, RecursionError) as exc:
-        raise ApiError(400, f"the body is not valid JSON: {exc}", field="body") from None
+        raise ErrorAnswer(400, f"the body is not valid JSON: {exc}", field="body") from None
     if not isinstance(data, dict):
-        raise ApiError(400, "the body must be a JSON object", field="body")
+        raise ErrorAnswer(400, "the body must be a JSON object", field="body")
     return data
 
 
@@ -378,28 +381,28 @@ def _no_constant(name: str):
 def _enqueue_fields(data: dict) -> dict[str, Any]:
     unknown = sorted(set(data) - set(ENQUEUE_FIELDS))
     if unknown:
-        raise ApiError(400, f"unknown field {unknown[0]!r}; expected some of "
-                       f"{', '.join(ENQUEUE_FIELDS)}", field=unknown[0])
+        raise ErrorAnswer(400, f"unknown field {unknown[0]!r}; expected some of "
+                          f"{', '.join(ENQUEUE_FIELDS)}", field=unknown[0])
     if "type" not in data:
-        raise ApiError(400, "type is required", field="type")
+        raise ErrorAnswer(400, "type is required", field="type")
     for key in ("type", "dedupe_key", "workflow_id", "await_event"):
         if data.get(key) is not None and not isinstance(data[key], str):
-            raise ApiError(400, f"{key} must be a string", field=key)
+            raise ErrorAnswer(400, f"{key} must be a string", field=key)
     if data.get("payload") is not None and not isinstance(data["payload"], dict):
-        raise ApiError(400, "payload must be a JSON object", field="payload")
+        raise ErrorAnswer(400, "payload must be a JSON object", field="payload")
     keys = data.get("limit_keys")
     if keys is not None and (not isinstance(keys, list) or not all(isinstance(k, str) for k in keys)):
-        raise ApiError(400, "limit_keys must be an array of strings", field="limit_keys")
+        raise ErrorAnswer(400, "limit_keys must be an array of strings", field="limit_keys")
     for key in ("priority", "memory_mb", "max_attempts", "estimated_tokens"):  # ranges: Queue.enqueue checks
         value = data.get(key)
         if isinstance(value, float) and value.is_integer():
             data[key] = int(value)  # JSON Schema counts 3.0 as an integer
     if data.get("run_on_failure") is not None and not isinstance(data["run_on_failure"], bool):
-        raise ApiError(400, "run_on_failure must be true or false", field="run_on_failure")
+        raise ErrorAnswer(400, "run_on_failure must be true or false", field="run_on_failure")
     deps = data.get("depends_on")
     if deps is not None and (not isinstance(deps, list)
                              or not all(isinstance(d, str) and d for d in deps)):
-        raise ApiError(400, "depends_on must be an array of task ids", field="depends_on")
+        raise ErrorAnswer(400, "depends_on must be an array of task ids", field="depends_on")
     if isinstance(data.get("run_at"), str):
         data["run_at"] = _datetime(data["run_at"])
     return {k: v for k, v in data.items() if v is not None or k == "type"}
@@ -409,11 +412,11 @@ def _datetime(text: str) -> float:
     try:
         value = dt.datetime.fromisoformat(text)
     except ValueError:
-        raise ApiError(400, f"run_at must be epoch seconds or an ISO 8601 time with a "
-                       f"time zone, got {text!r}", field="run_at") from None
+        raise ErrorAnswer(400, f"run_at must be epoch seconds or an ISO 8601 time with a "
+                          f"time zone, got {text!r}", field="run_at") from None
     if value.tzinfo is None:
-        raise ApiError(400, "run_at needs a time zone (e.g. 2030-01-01T09:00:00Z)",
-                       field="run_at")
+        raise ErrorAnswer(400, "run_at needs a time zone (e.g. 2030-01-01T09:00:00Z)",
+                          field="run_at")
     # A time before 1970 is valid ISO 8601 and simply past: the task is due now.
     return max(0.0, value.timestamp())
 

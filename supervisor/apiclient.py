@@ -17,15 +17,9 @@ from typing import Any
 
 import httpx
 
-from supervisor.errors import InputError, NotFound, StoreUnavailable
+from supervisor.errors import ApiError, InputError, NotFound, StoreUnavailable
 
-
-class ApiError(InputError):
-    """The supervisor refused the request (the message is its answer)."""
-
-    def __init__(self, status: int, message: str, field: str | None = None):
-        super().__init__(f"the supervisor answered HTTP {status}: {message}", field=field)
-        self.status = status
+__all__ = ["ApiClient", "ApiError"]
 
 
 class ApiClient:

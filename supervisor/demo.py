@@ -217,7 +217,8 @@ class Demo:
         try:
             self.proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            from supervisor import proctree
+            proctree.kill_tree(self.proc.pid)  # its group, and any setsid() escapee below it
             self.proc.wait()
         self.say(f"supervisor stopped (exit code {self.proc.returncode}).")
 

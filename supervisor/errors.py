@@ -1,13 +1,15 @@
 """The exception tree of taskvisor.
 
 Owns every exception type the supervisor side raises; never imports anything else
-from the package, so every module may import it.
+from the package, so every module may import it. (The HTTP server's own error answer,
+`supervisor.api.ErrorAnswer`, never leaves the server: a client gets `ApiError`.)
 
     TaskvisorError
      ├── ConfigError          bad config: carries every error found, each naming key and file
      ├── InputError           bad input from a user or program (payload, option, id)
      │    ├── NotFound        an unknown task id
-     │    └── DependencyError depends_on names a missing task or makes a cycle
+     │    ├── DependencyError depends_on names a missing task or makes a cycle
+     │    └── ApiError        the HTTP API refused a request (supervisor.apiclient)
      └── StoreError           the database refused or failed
           ├── StoreUnavailable  cannot be opened / disk full / I/O error / locked too long
           ├── SchemaTooNew      the file was written by a newer taskvisor
@@ -45,6 +47,15 @@ class NotFound(InputError):
 
 class DependencyError(InputError):
     """A dependency names an unknown task or would make a cycle."""
+
+
+class ApiError(InputError):
+    """The supervisor refused an API request (`supervisor.apiclient.ApiClient`); the message
+    is its answer, ``status`` the HTTP status and ``field`` the field at fault."""
+
+    def __init__(self, status: int, message: str, field: str | None = None):
+        super().__init__(f"the supervisor answered HTTP {status}: {message}", field=field)
+        self.status = status
 
 
 class StoreError(TaskvisorError):

@@ -31,7 +31,7 @@ from socketserver import TCPServer
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from supervisor import __version__
-from supervisor.api import Api, ApiError
+from supervisor.api import Api, ErrorAnswer
 from supervisor.broadcast import Broadcast, Filter
 from supervisor.config import Config
 from supervisor.errors import ConfigError, StoreError
@@ -357,11 +357,11 @@ def _query(text: str) -> dict[str, str]:
     try:
         pairs = parse_qsl(text, keep_blank_values=True, max_num_fields=50)
     except ValueError:
-        raise ApiError(400, "too many query parameters", field="query") from None
+        raise ErrorAnswer(400, "too many query parameters", field="query") from None
     out: dict[str, str] = {}
     for key, value in pairs:
         if key in out:
-            raise ApiError(400, f"{key} is given more than once", field=key)
+            raise ErrorAnswer(400, f"{key} is given more than once", field=key)
         out[key] = value
     return out
 
@@ -390,7 +390,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.cors = None
         try:
             self.route(method)
-        except ApiError as exc:
+        except ErrorAnswer as exc:
             self.send_json(exc.status, exc.body(), exc.headers)
         except StoreError as exc:
             log.warning("http: %s %s: database error: %s", method, self.path, exc)
@@ -402,13 +402,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def route(self, method: str) -> None:
         if not self.app.host_allowed(self.headers.get("Host")):
-            raise ApiError(403, "this Host is not allowed: use http://127.0.0.1 or "
-                           "http://localhost (protection against DNS rebinding)")
+            raise ErrorAnswer(403, "this Host is not allowed: use http://127.0.0.1 or "
+                              "http://localhost (protection against DNS rebinding)")
         origin = self.headers.get("Origin")
         if origin is not None and not self.same_origin(origin):
             if origin.lower() not in self.app.allow_origins:
-                raise ApiError(403, f"requests from origin {origin} are not allowed: add it to "
-                               "[http] allow_origins to let that page call the API")
+                raise ErrorAnswer(403, f"requests from origin {origin} are not allowed: add it to "
+                                  "[http] allow_origins to let that page call the API")
             self.cors = origin
         if method == "OPTIONS" and self.cors is not None:
             return self.send_preflight()
@@ -417,7 +417,8 @@ class _Handler(BaseHTTPRequestHandler):
         get = "GET" if method == "HEAD" else method
         if path in STATIC or path == "/metrics":
             if get != "GET":
-                raise ApiError(405, f"{method} is not allowed here", headers={"Allow": "GET, HEAD"})
+                raise ErrorAnswer(405, f"{method} is not allowed here",
+                                  headers={"Allow": "GET, HEAD"})
             return self.send_page(path)
         allowed = []
         for route_method, pattern, name, auth in _ROUTES:
@@ -428,12 +429,12 @@ class _Handler(BaseHTTPRequestHandler):
             if route_method != get:
                 continue
             if auth and not self.app.authorized(self.headers.get("Authorization")):
-                raise ApiError(401, "this needs the API token: send 'Authorization: Bearer "
-                               "<token>' (the token is in the supervisor's token file)",
-                               headers={"WWW-Authenticate": 'Bearer realm="taskvisor"'})
+                raise ErrorAnswer(401, "this needs the API token: send 'Authorization: Bearer "
+                                  "<token>' (the token is in the supervisor's token file)",
+                                  headers={"WWW-Authenticate": 'Bearer realm="taskvisor"'})
             if name == "enqueue" and self.headers.get_content_type() != "application/json":
-                raise ApiError(415, "send the task as JSON with 'Content-Type: "
-                               "application/json'", field="Content-Type")
+                raise ErrorAnswer(415, "send the task as JSON with 'Content-Type: "
+                                  "application/json'", field="Content-Type")
             if name == "events":
                 return self.serve_events(_query(url.query))
             body = self.read_body() if method == "POST" else None
@@ -443,23 +444,23 @@ class _Handler(BaseHTTPRequestHandler):
             return self.send_json(status, payload)
         if allowed:
             allow = ", ".join(sorted(set(allowed) | ({"HEAD"} if "GET" in allowed else set())))
-            raise ApiError(405, f"{method} is not allowed on {path}", headers={"Allow": allow})
-        raise ApiError(404, f"no such endpoint: {path} (see /api/openapi.json)")
+            raise ErrorAnswer(405, f"{method} is not allowed on {path}", headers={"Allow": allow})
+        raise ErrorAnswer(404, f"no such endpoint: {path} (see /api/openapi.json)")
 
     def read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding"):
-            raise ApiError(411, "send the body with a Content-Length, not chunked")
+            raise ErrorAnswer(411, "send the body with a Content-Length, not chunked")
         length = self.headers.get("Content-Length")
         if length is None or length.strip() == "":
             return b""
         if not length.strip().isdigit():
-            raise ApiError(400, f"bad Content-Length {length!r}", field="Content-Length")
+            raise ErrorAnswer(400, f"bad Content-Length {length!r}", field="Content-Length")
         size = int(length)
         limit = self.app.max_body()
         if size > limit:
-            raise ApiError(413, f"the request body is {size} bytes, over the limit of {limit} "
-                           "(supervisor.max_payload_bytes plus 64 KiB for the other fields)",
-                           field="payload")
+            raise ErrorAnswer(413, f"the request body is {size} bytes, over the limit of {limit} "
+                              "(supervisor.max_payload_bytes plus 64 KiB for the other fields)",
+                              field="payload")
         self.body_read = True
         return self._read_exactly(size)
 
@@ -478,15 +479,15 @@ class _Handler(BaseHTTPRequestHandler):
                 chunk = self.rfile.read1(min(size - got, 1 << 16))
                 if not chunk:
                     self.close_connection = True
-                    raise ApiError(400, f"the body ended after {got} of the {size} bytes its "
-                                   "Content-Length announced", field="body")
+                    raise ErrorAnswer(400, f"the body ended after {got} of the {size} bytes its "
+                                      "Content-Length announced", field="body")
                 chunks.append(chunk)
                 got += len(chunk)
         except TimeoutError:
             self.close_connection = True
-            raise ApiError(408, f"the body did not arrive within {BODY_TIMEOUT_S:g}s ({got} of "
-                           f"the {size} bytes its Content-Length announced)",
-                           field="body") from None
+            raise ErrorAnswer(408, f"the body did not arrive within {BODY_TIMEOUT_S:g}s ({got} of "
+                              f"the {size} bytes its Content-Length announced)",
+                              field="body") from None
         finally:
             self.connection.settimeout(self.timeout)
         return b"".join(chunks)
@@ -494,12 +495,12 @@ class _Handler(BaseHTTPRequestHandler):
     def send_page(self, path: str) -> None:
         if path == "/metrics":
             if self.app.metrics is None:
-                raise ApiError(404, "metrics are off")
+                raise ErrorAnswer(404, "metrics are off")
             body = self.app.metrics.exposition()
             return self.send(200, body, "text/plain; version=0.0.4; charset=utf-8")
         page = self.app._static.get(path)
         if page is None:
-            raise ApiError(404, f"the dashboard file for {path} is missing from the install")
+            raise ErrorAnswer(404, f"the dashboard file for {path} is missing from the install")
         self.send(200, page[0], page[1], {"Content-Security-Policy": PAGE_CSP})
 
     def send_json(self, status: int, payload, headers: dict | None = None) -> None:
@@ -561,12 +562,12 @@ class _Handler(BaseHTTPRequestHandler):
         connection); filters ?task=, ?type=, ?workflow=."""
         unknown = sorted(set(query) - {"task", "type", "workflow", "last_event_id"})
         if unknown:
-            raise ApiError(400, f"unknown parameter {unknown[0]!r}; /api/events takes task, "
-                           "type, workflow and last_event_id", field=unknown[0])
+            raise ErrorAnswer(400, f"unknown parameter {unknown[0]!r}; /api/events takes task, "
+                              "type, workflow and last_event_id", field=unknown[0])
         raw = self.headers.get("Last-Event-ID") or query.get("last_event_id") or ""
         if raw.strip() and not raw.strip().isdigit():
-            raise ApiError(400, f"Last-Event-ID must be an event id (an integer), got {raw!r}",
-                           field="Last-Event-ID")
+            raise ErrorAnswer(400, f"Last-Event-ID must be an event id (an integer), got {raw!r}",
+                              field="Last-Event-ID")
         last_id = int(raw) if raw.strip() else None
         flt = Filter(task=query.get("task") or None, type=query.get("type") or None,
                      workflow=query.get("workflow") or None)

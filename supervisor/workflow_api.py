@@ -15,7 +15,7 @@ from supervisor.workflow_client import Workflow
 
 
 class WorkflowEndpoints:
-    """Mixed into `Api`, which provides `database`, `queue`, `sup` and `ApiError`."""
+    """Mixed into `Api`, which provides `database`, `queue`, `sup` and `ErrorAnswer`."""
 
     def get_workflow(self, query: dict, body=None, *, id: str) -> tuple[int, dict]:
         try:
@@ -56,5 +56,5 @@ class WorkflowEndpoints:
 
 
 def _error(status: int, message: str, field: str | None):
-    from supervisor.api import ApiError
-    return ApiError(status, message, field=field)
+    from supervisor.api import ErrorAnswer
+    return ErrorAnswer(status, message, field=field)

@@ -323,8 +323,8 @@ def _lease(lease) -> dict:
 # in any way) and the event it awaits, if any, was sent. The unfinished dependency is
 # looked for newest id first: dependencies finish roughly in id order (FIFO claims), so
 # for a join over N children the search stops at once instead of walking past every
-# finished one. A scalar subquery, not NOT EXISTS, whose ORDER BY SQLite drops: 1,000
-# children cost 26 us per completion instead of 1.7 ms (O(N^2) for the whole fan-in).
+# finished one. A scalar subquery, not NOT EXISTS, whose ORDER BY SQLite drops, which
+# would make a whole fan-in O(N^2) (figures: benchmarks/README.md).
 READY_TO_RUN = (
     "(SELECT d.depends_on FROM task_deps d JOIN tasks t ON t.id = d.depends_on "
     "  WHERE d.task_id = tasks.id AND t.status != 'succeeded' "

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,20 +73,11 @@ class Supervisor(SupervisorProcess):
     """A supervisor whose config and handlers are in `root`; `url`, `port` and `token` are
     known once it is ready (`start()` below)."""
 
-    def __init__(self, root, config=None, log: Path | None = None, port: int = 0,
+    def __init__(self, root: Path, config: Path, log: Path | None = None, port: int = 0,
                  token: str = "", db: Path | None = None):
-        """`Supervisor(root, config_path)`, then `start()`. The form from before the
-        launcher, `Supervisor(proc, root, log_path, db=...)`, adopts a process `spawn()`
-        started (its caller sets `port` and `token`)."""
-        proc = None
-        if isinstance(root, subprocess.Popen):
-            proc, root = root, Path(config)
-            config = root / "taskvisor.toml"
+        """`Supervisor(root, config_path)`, then `start()` (or use it as a context manager)."""
         super().__init__(root, None, pythonpath=[root], config_path=config,
                          log_path=log or root / "supervisor.log")
-        if proc is not None:
-            self.proc = proc
-            self.lives.append(proc)
         self.root = root
         self.db = db or root / "taskvisor.db"
         self.token = token
@@ -165,12 +155,6 @@ def write_config(root: Path, *, listen: str = "127.0.0.1:0", pool_size: int = 2,
         "schedules": {"yearly": {"cron": "0 3 1 1 *", "type": "ok"}},
     }) + render_config({"http": {"listen": listen}}).rstrip("\n") + "\n" + extra)
     return config
-
-
-def spawn(root: Path, config: Path) -> subprocess.Popen:
-    """A supervisor on `config`, not waited for (a test of a start-up that leaves HTTP
-    off); the caller kills its tree."""
-    return Supervisor(root, config).start(wait_ready=False).proc
 
 
 def start(root: Path, token_file: Path | None = None, **config_kw) -> Supervisor:

@@ -1,20 +1,18 @@
 """Harness for the live tests (no tests here): a real supervisor with HTTP on TCP or on a
-Unix socket, handlers that stream and print, and a small SSE reader in Python."""
+Unix socket (the launcher of tests/support/launcher.py: ready, and its address known, from
+its ready file), handlers that stream and print, and a small SSE reader in Python."""
 
 from __future__ import annotations
 
 import http.client
 import json
-import re
 import socket
-import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.e2e.http_support import Supervisor, spawn
-from tests.support import kill_tree, wait_until
-
-LISTENING = re.compile(r"http: listening on (http://127\.0\.0\.1:(\d+)/|unix:(\S+)) ")
+from tests.e2e.http_support import Supervisor
+from tests.support import kill_tree
+from tests.support.launcher import render_config
 
 HANDLERS = '''
 import sys, time
@@ -44,38 +42,25 @@ def print_(payload, ctx):
 def start_live(root: Path, *, listen: str = "127.0.0.1:0", extra: str = "",
                preload: tuple[str, ...] = ("tvlive_handlers",), pool_size: int = 4) -> Supervisor:
     (root / "tvlive_handlers.py").write_text(HANDLERS)
-    mods = ", ".join(json.dumps(m) for m in preload)
     config = root / "taskvisor.toml"
-    config.write_text(textwrap.dedent(f"""
-        [supervisor]
-        database = "taskvisor.db"
-        pool_size = {pool_size}
-        preload = [{mods}]
-        poll_interval_s = 0.5
-        shutdown_grace_s = 2
-        kill_grace_s = 1
-
-        [defaults]
-        max_attempts = 1
-
-        [http]
-        listen = "{listen}"
-    """) + extra)
-    proc = spawn(root, config)
-    sup = Supervisor(proc, root, root / "supervisor.log", db=root / "taskvisor.db")
+    config.write_text(render_config({  # [http] last: `extra` is more of its keys, or sections
+        "supervisor": {"database": "taskvisor.db", "pool_size": pool_size,
+                       "preload": list(preload), "poll_interval_s": 0.5,
+                       "shutdown_grace_s": 2, "kill_grace_s": 1},
+        "defaults": {"max_attempts": 1},
+        "http": {"listen": listen},
+    }).rstrip("\n") + "\n" + extra)
+    sup = Supervisor(root, config)
     try:
-        def bound():
-            assert proc.poll() is None, f"supervisor exited {proc.returncode}: {sup.log_text()}"
-            return LISTENING.search(sup.log_text())
-        m = wait_until(bound, timeout=30, interval=0.05)
-        if m.group(3):
-            sup.unix = m.group(3)
+        sup.start(timeout=30)  # ready when its ready file says so; it names the bound address
+        url = sup.http_url
+        assert url, f"ready without HTTP:\n{sup.log()[-4000:]}"
+        if url.startswith("unix:"):
+            sup.unix = url[len("unix:"):]
         else:
-            sup.port = int(m.group(2))
             sup.token = (root / "taskvisor.token").read_text().strip()
     except BaseException:
-        kill_tree(proc.pid)
-        proc.wait()
+        sup.close(graceful_s=0)
         raise
     return sup
 

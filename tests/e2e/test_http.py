@@ -15,7 +15,7 @@ from supervisor import Queue
 from supervisor.store import Status
 from tests.support import kill_tree
 from tests.e2e.http_support import (  # noqa: F401  (fixtures)
-    shared, spawn, start, supervisor, wait_for, write_config)
+    Supervisor, shared, start, supervisor, wait_for, write_config)
 
 ID = re.compile(r"[0-9A-Z]{26}\Z")
 
@@ -294,34 +294,25 @@ def test_a_taken_port_leaves_http_off_but_tasks_run(supervisor, tmp_path):
     other = tmp_path / "second"
     other.mkdir()
     config = write_config(other, listen=f"127.0.0.1:{supervisor.port}")
-    proc = spawn(other, config)
-    try:
-        log = other / "supervisor.log"
-        wait_for(lambda: "without HTTP" in log.read_text(), timeout=30)
-        assert "cannot listen there" in log.read_text()
+    with Supervisor(other, config) as second:  # ready: its ready file names no HTTP URL
+        assert second.http_url is None
+        assert "without HTTP" in second.log() and "cannot listen there" in second.log()
         with Queue(other / "taskvisor.db") as queue:
             task_id = queue.enqueue("ok")
             assert queue.wait(task_id, timeout=15).status is Status.SUCCEEDED
         assert supervisor.get("/healthz").status == 200  # the first one is untouched
-    finally:
-        kill_tree(proc.pid)
-        proc.wait()
 
 
 def test_an_unusable_token_file_leaves_http_off_with_the_reason(tmp_path):
     token_file = tmp_path / "empty.token"
     token_file.write_text("\n")
     config = write_config(tmp_path, extra=f'token_file = "{token_file}"\n')
-    proc = spawn(tmp_path, config)
-    try:
-        log = tmp_path / "supervisor.log"
-        wait_for(lambda: "without HTTP" in log.read_text(), timeout=30)
-        assert "expected one token on one line" in log.read_text()
-        assert "listening on" not in log.read_text()
-        assert proc.poll() is None
-    finally:
-        kill_tree(proc.pid)
-        proc.wait()
+    with Supervisor(tmp_path, config) as sup:
+        assert sup.http_url is None
+        log = sup.log()
+        assert "without HTTP" in log and "expected one token on one line" in log
+        assert "listening on" not in log
+        assert sup.proc.poll() is None
 
 
 def test_enqueues_from_other_processes_wake_the_supervisor(supervisor):

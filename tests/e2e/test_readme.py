@@ -1,7 +1,9 @@
 """The README's Quick start, run as written: its handler module and config are written to a
 fresh folder, and its shell block runs in bash with `taskvisor` on PATH (the port moved to
 a free one): the supervisor starts, the CLI and curl examples succeed, and the stop
-command ends it cleanly. Plus: every file the "Where things live" table names exists."""
+command ends it cleanly. Plus: every file the "Where things live" table names exists, and
+the README stays for users (one diagram, one dated table of headline figures, no
+engineering notes)."""
 
 from __future__ import annotations
 
@@ -93,3 +95,19 @@ def test_install_says_how_to_live_beside_supervisord():
     install = section("Install")
     assert "supervisord" in install and "venv" in install
     assert "sudo pip install" not in README.replace("refuses `sudo pip install`", "")
+
+
+def test_the_readme_is_for_users():
+    """One "How it works" diagram, the headline figures in one table with the date of each
+    and the machine, and no engineering notes (those are in benchmarks/README.md)."""
+    trees = [b for b in blocks(README, r"\w*") if "└─" in b]
+    assert len(trees) == 1 and "fork server" in trees[0], trees
+    assert trees[0] in section("How it works")
+    figures = section("Figures")
+    rows = [ln for ln in figures.splitlines() if ln.startswith("| ") and "---" not in ln][1:]
+    assert len(rows) >= 5, figures
+    undated = [r for r in rows if not re.search(r"\| 20\d\d-\d\d-\d\d \|$", r)]
+    assert not undated, f"each headline figure says when it was measured: {undated}"
+    assert "2 cores" in figures and "Python 3.11" in figures and "benchmarks/README.md" in figures
+    for note in ("LD_BIND_NOW", "page fault", "py-spy", "perf record", "moved from the README"):
+        assert note not in README, f"{note!r}: an engineering note, for benchmarks/README.md"

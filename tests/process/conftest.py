@@ -52,12 +52,6 @@ class SupervisorProc(SupervisorProcess):
         self._store: Store | None = None
         self._queue = Queue(self.config_path)
 
-    def _ready_count(self) -> int:
-        """Lives whose log says "ready". Kept only for subclasses written before the ready
-        file that start their own process (tests/soak): new code overrides argv() and lets
-        start() wait for the ready file."""
-        return self.log().count("ready: pool_size=")
-
     def write_config(self, settings: dict | None = None, text: str | None = None) -> None:
         if settings is not None:
             self.settings = merge(self.settings, settings)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import stat
 import subprocess
 import sys
@@ -33,9 +32,8 @@ def _registration(sup):
 
 
 def _healthz(sup) -> tuple[int, dict]:
-    port = re.findall(r"http: listening on http://127\.0\.0\.1:(\d+)/", sup.log())[-1]
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as res:
+    try:  # the bound address from this life's ready file
+        with urllib.request.urlopen(f"{sup.http_url}healthz", timeout=5) as res:
             return res.status, json.loads(res.read())
     except urllib.error.HTTPError as err:
         return err.code, json.loads(err.read())

@@ -1,9 +1,10 @@
 """The soak tests' harness: supervisors that carry the test's marker, the flock run log,
 and the checks every soak test ends with.
 
-Owns: `SoakSupervisor` (a `tests.process.conftest.SupervisorProc` started through
-`tests.soak.pausing`, preloading `tvs_soak`, with $TVSOAK_MARK in its environment, which
-its fork server and every task process inherit), `read_runs` (the handler's runs.log),
+Owns: `SoakSupervisor` (a `tests.process.conftest.SupervisorProc` whose argv() runs
+`tests.soak.pausing` instead of `taskvisor run`, ready when its ready file says so,
+preloading `tvs_soak`, with $TVSOAK_MARK in its environment, which its fork server and
+every task process inherit), `read_runs` (the handler's runs.log),
 `Soak.finish` (the end-of-test checks) and the figures table. It never writes task state:
 tasks go in through `Queue.enqueue_many`, and the database is only read.
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -50,23 +50,11 @@ class SoakSupervisor(SupervisorProc):
         env["TVSOAK_ARM"] = str(self.arm_path)
         return env
 
-    def start(self, wait_ready: bool = True) -> "SoakSupervisor":
-        """As SupervisorProc.start, through tests.soak.pausing (the claim observer)."""
-        assert self.proc is None or self.proc.poll() is not None, "already running"
-        with open(self.log_path, "ab") as log:
-            log.write(f"\n==== life {len(self.lives) + 1} ====\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tests.soak.pausing", str(self.config_path)],
-                cwd=self.dir, env=self.env(), stdin=subprocess.DEVNULL, stdout=log,
-                stderr=log, start_new_session=True)
-        self.lives.append(self.proc)
-        if wait_ready:
-            life = len(self.lives)
-            wait_until(lambda: self._ready_count() >= life or self.proc.poll() is not None,
-                       timeout=30, message=f"supervisor {self.name} did not become ready")
-            assert self.proc.poll() is None, f"supervisor exited at start:\n{self.log()[-4000:]}"
-        return self
+    def argv(self) -> list[str]:
+        """`taskvisor run` through tests.soak.pausing (the claim observer); the launcher's
+        start() waits for the ready file it is given."""
+        return [sys.executable, "-m", "tests.soak.pausing", str(self.config_path),
+                "--ready-file", str(self.ready_path)]
 
     def stopped(self) -> bool:
         """Is the supervisor process in the stopped state (SIGSTOP)?"""

@@ -8,11 +8,13 @@ recorded), the observer takes the arm (unlink: one pause per arm), appends "<tas
 the exact point of the window, not a scheduler's tick later. The test sends SIGCONT.
 It never touches the database and never imports handler code.
 
-Usage: python -m tests.soak.pausing CONFIG
+Usage: python -m tests.soak.pausing CONFIG [--ready-file PATH]   (--ready-file as for
+`taskvisor run`: the test harness waits for that file, never for a log line)
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import sys
@@ -39,8 +41,13 @@ def observer(name: str, fields: dict) -> None:
 def main(argv: list[str]) -> int:
     from supervisor import start
     from supervisor.config import load
-    return start.run(load(argv[1]), events=observer)
+    p = argparse.ArgumentParser(prog="python -m tests.soak.pausing")
+    p.add_argument("config", help="the supervisor's TOML config")
+    p.add_argument("--ready-file", metavar="PATH",
+                   help="passed on to the supervisor: written once it is ready")
+    args = p.parse_args(argv)
+    return start.run(load(args.config), events=observer, ready_file=args.ready_file)
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    sys.exit(main(sys.argv[1:]))

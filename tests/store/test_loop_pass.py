@@ -19,6 +19,7 @@ from supervisor import policy
 from supervisor.client import Queue
 from supervisor.config import load
 from supervisor.loop import Supervisor
+from supervisor.store import NewTask, Store
 from tests.support import FakeClock
 
 NO_SUCH_PID = 4_194_304  # above the largest pid_max: signals to it find nobody
@@ -48,7 +49,7 @@ class FakeForkServer:
         ours.setblocking(False)
         out_r, out_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self.tasks[key] = {"report": theirs, "output": out_w, "spec": json.loads(spec),
-                           "start_by": start_by}
+                           "raw": spec, "start_by": start_by}
         self.calls.append(("spawn", key))
         return ours.detach(), out_r
 
@@ -145,6 +146,25 @@ def test_a_pass_claims_up_to_the_pool_fences_first_then_records_results(loop):
     assert [t.status for t in done] == ["succeeded", "succeeded"] and done[0].result == 42
     assert queue.get(ids[2]).status == "running"
     assert [n for n, _ in seen].count("recorded") == 2
+
+
+def test_the_payload_goes_to_the_task_as_stored_text_never_decoded(loop, tmp_path):
+    """The payload is opaque to the supervisor: the stored JSON text reaches the task
+    process byte for byte (spacing, escapes and number spellings that a decode and
+    re-encode would change), and the claimed task's payload is never decoded."""
+    sup, server, clock, queue, seen = loop
+    text = '{"b":  1.50, "a": "caf\\u00e9", "n": [1e2]}'
+    store = Store(tmp_path / "t.db")
+    try:
+        store.enqueue(NewTask(type="t", payload=text), now=time.time())
+    finally:
+        store.close()
+    (key,) = start_all(sup, server, clock)
+    assert b',"payload":' + text.encode() + b"}" in server.tasks[key]["raw"]
+    assert server.tasks[key]["spec"]["task"]["payload"] == {"b": 1.5, "a": "caf\u00e9",
+                                                            "n": [100.0]}
+    (child,) = sup.children.values()
+    assert "payload" not in vars(child.task), "the supervisor decoded the payload"
 
 
 def test_a_time_limit_is_enforced_from_the_timer_heap(loop):

@@ -9,8 +9,9 @@ when its ready file names the pid of this life (written once the database is mig
 HTTP is bound; it also gives the bound HTTP URL). Never read readiness from log lines.
 
 `stop()` / `close()` SIGTERM, then kill every life's process tree, so nothing outlives a
-test. The process tests (tests/process/conftest.py), the HTTP tests
-(tests/e2e/http_support.py) and the built-in handler tests all build on this class.
+test. The process tests (tests/process/conftest.py), the soak tests (tests/soak/harness.py),
+the HTTP tests (tests/e2e/http_support.py) and the built-in handler tests all build on
+this class.
 """
 
 from __future__ import annotations

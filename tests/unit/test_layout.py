@@ -16,9 +16,6 @@ SQL_MODULES = {"supervisor.store.queries", "supervisor.store.connection"}
 # event modules, broadcast.py and output.py, still pass `.conn` to supervisor.store.events:
 # left for their owner.)
 HTTP_SIDE = {"supervisor/api.py", "supervisor/http.py"}
-# Two classes named ApiError (the server's error in api.py, the client's in apiclient.py)
-# came with the live events merge: left for their owner to rename.
-KNOWN_TWICE = {"ApiError"}
 
 
 def modules() -> list[Path]:
@@ -64,8 +61,7 @@ def test_class_names_are_unique():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
                 seen[node.name].append(rel(path))
-    twice = {name: where for name, where in seen.items()
-             if len(where) > 1 and name not in KNOWN_TWICE}
+    twice = {name: where for name, where in seen.items() if len(where) > 1}
     assert not twice, f"one name, one meaning: {twice}"
 
 

@@ -14,7 +14,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 
 from supervisor import config as _config, openapi
-from supervisor.api import ApiError, _enqueue_fields
+from supervisor.api import ErrorAnswer, _enqueue_fields
 from supervisor.client import Queue
 from supervisor.errors import InputError
 
@@ -25,7 +25,7 @@ def _check(cfg, body: dict) -> None:
     try:
         fields = _enqueue_fields(body)
         queue._new_task({"type": None, **fields}, time.time())
-    except (ApiError, InputError) as exc:
+    except (ErrorAnswer, InputError) as exc:
         pytest.fail(f"schema-valid body refused: {exc} (field {exc.field}): {body!r}")
 
 

@@ -53,9 +53,9 @@ CONNECT_TIMEOUT_S = 30.0
 _RESERVED = frozenset({"messages", "stream", "stream_options"})
 # Built at import, so once in the fork server (preload), and shared copy-on-write by every
 # task process, like the transport modules imported above, which httpx would otherwise import
-# at a task's first request. Without them each call cost ~125 ms CPU in a fresh task process
-# (its own TLS context, even for http://, and ~75 imports) against ~16 ms with them: the
-# difference between 16 and 125 model calls a second per core (benchmarks/README.md, "In flight").
+# at a task's first request. Without them every task process would build its own TLS
+# context (even for http://) and import the transports: several times the CPU of the call
+# itself (figures: benchmarks/README.md, "Figures behind code comments").
 _TLS = httpx.create_ssl_context()
 
 
