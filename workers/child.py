@@ -30,14 +30,14 @@ from workers.registry import lookup
 
 SPARE_NAME = b"taskvisor-spare"  # /proc/PID/comm of a spare waiting for its task
 
-# Every page a task process writes to is copied from the fork server first (a fault of
-# about 3 us here), and Python writes to every object it touches. So the path from fork
+# Every page a task process writes to is copied from the fork server first (a page
+# fault each), and Python writes to every object it touches. So the path from fork
 # to exit calls C functions directly where the Python wrappers do extra work: `_signal`'s
-# functions, not `signal`'s (which turn each return value into an enum, about 100 faults
-# a task), and json's C encoder, not json.dumps (which builds an encoder per call). It
+# functions, not `signal`'s (which turn each return value into an enum, a fault per
+# object touched), and json's C encoder, not json.dumps (which builds an encoder per call). It
 # uses names imported into this module rather than `os.x`: an attribute of a module is
 # looked up through its type's attribute cache, whose entries the fork server never
-# filled, so each first lookup in a task process writes one (about 35 faults a task).
+# filled, so each first lookup in a task process writes one (dozens of faults a task).
 _TERM = (SIGTERM,)
 _READY = b'{"kind":"%s","pid":%%d}\n' % wire.READY.encode()
 _RESULT = b'{"kind":"%s","result":%%s}\n' % wire.RESULT.encode()
@@ -127,7 +127,7 @@ _current: list = [None]  # this task process's Reporter, once it runs its handle
 
 def detach_after_fork() -> None:
     """Registered once by the fork server with os.register_at_fork(after_in_child=...),
-    so every task process inherits it (registering per task cost about 15 page faults):
+    so every task process inherits it (registering per task cost page faults):
     in a process forked by a handler it closes that process's copy of the report channel;
     in a task process just forked by the fork server there is no Reporter yet."""
     reporter = _current[0]
@@ -140,7 +140,7 @@ def warm_up() -> None:
     """Called by the fork server once it has preloaded: build, and throw away, the objects
     each task process builds (TaskContext, Reporter, ResourceLimits), so their types' attribute
     cache entries are already filled in the memory every task process starts from. A
-    lookup that misses writes its entry: about 8 page faults a task. The same for the
+    lookup that misses writes its entry: page faults in every task. The same for the
     lookups inside the parent-death call (ctypes) and the flush of stdout and stderr at
     exit; both are harmless here (the fork server has this parent-death signal already)."""
     reporter = Reporter(-1)

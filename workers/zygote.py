@@ -62,11 +62,11 @@ _DONTWAIT = socket.MSG_DONTWAIT
 # _LEAN: every page of this process is shared copy-on-write with each task process, and
 # the after-fork hooks of every module it imported run in each of them. So it imports no
 # more than the spawn protocol needs: not logging (its import of threading alone doubles
-# the CPU a fork and exit cost: 0.41 to 0.81 ms), not inspect, typing, dataclasses,
+# the CPU a fork and exit cost), not inspect, typing, dataclasses,
 # argparse or traceback. A preload module that imports them still gets them. For the
 # same reason the loop between two forks touches as few objects as it can: every page it
-# writes after a fork is copied first (181 faults a task with selectors, socket.recv_fds
-# and JSON messages).
+# writes after a fork is copied first (selectors, socket.recv_fds and JSON messages
+# cost a task many more faults: benchmarks/README.md).
 
 
 class Zygote:
@@ -78,7 +78,7 @@ class Zygote:
         # without a spec, waiting on its socket. A spawn hands it the task (a send, not
         # a fork, on the path from claim to handler). It is forked once no spawn came
         # for SPARE_IDLE_S: an idle supervisor's next task starts at once, while a busy
-        # one forks directly (a hand-over costs a task about 0.3 ms more CPU, and under
+        # one forks directly (a hand-over costs a task more CPU than a fork, and under
         # load a task waits for a free slot anyway). Not a task: never reported, ended
         # by closing its socket.
         self.spare: tuple[int, socket.socket] | None = None
@@ -333,7 +333,7 @@ class Zygote:
             return
         pid = self._hand_to_spare(spec, fds)
         if pid is None:
-            try:  # parsed here: it costs a task process more (45 faults) than this one (6)
+            try:  # parsed here: it costs a task process more page faults than this one
                 parsed = _parse_spec(spec) if spec else fds[2]
             except ValueError as exc:
                 self._fail(key, f"bad spec: {exc}")
