@@ -379,9 +379,9 @@ def _finish_json(reply: Reply, data: bytes) -> None:
     reply.done = True
 
 
-@task("llm.chat")
 async def chat(payload: Mapping[str, Any], ctx: Any = None) -> dict:
-    """The `llm.chat` handler (async). See the module docstring for outcomes."""
+    """One call, for async handlers (`await llm.chat(payload, ctx)`). See the module
+    docstring for outcomes."""
     req = build_request(payload, ctx)
     reply = _start(req, ctx)
     try:
@@ -405,7 +405,8 @@ async def chat(payload: Mapping[str, Any], ctx: Any = None) -> dict:
 
 
 def chat_sync(payload: Mapping[str, Any], ctx: Any = None) -> dict:
-    """The same call, blocking: for plain (non-async) handlers that ask a model."""
+    """The same call, blocking: for plain (non-async) handlers that ask a model, and the
+    `llm.chat` task type itself."""
     req = build_request(payload, ctx)
     reply = _start(req, ctx)
     deadline = time.monotonic() + req.request_timeout_s
@@ -446,3 +447,10 @@ def _spend(ctx: Any, result: dict) -> dict:
 
 def _is_json(resp: httpx.Response) -> bool:
     return resp.headers.get("content-type", "").split(";")[0].strip() == "application/json"
+
+
+@task("llm.chat")
+def chat_task(payload: Mapping[str, Any], ctx: Any = None) -> dict:
+    """The `llm.chat` task type: one blocking call. A task process makes one request, so
+    an event loop buys it nothing and costs it CPU and memory (benchmarks/README.md)."""
+    return chat_sync(payload, ctx)
