@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from supervisor.errors import StoreError
-from supervisor.store import events
+from supervisor.store.events import Event
 
 log = logging.getLogger("taskvisor.http")
 POLL_S = 0.005          # data_version poll while clients are connected
@@ -54,7 +54,7 @@ class Frame:
     data: bytes          # the whole SSE frame
 
 
-def frame(ev: events.Event) -> Frame:
+def frame(ev: Event) -> Frame:
     text = f"id: {ev.id}\nevent: {ev.kind}\ndata: {ev.data}\n\n"
     return Frame(ev.id, ev.kind, ev.task_id, ev.type, ev.workflow, text.encode("utf-8"))
 
@@ -151,10 +151,9 @@ class Broadcast:
         with self._lock:
             if self._store is None:
                 self._store = self._open_store()
-            conn = self._store.conn
-            state = events.subscribe(conn, now)
-            newest = events.newest_id(conn)
-            oldest = events.oldest_id(conn)
+            state = self._store.subscribe_events(now)
+            newest = self._store.newest_event_id()
+            oldest = self._store.oldest_event_id()
         if last_id is None or last_id > newest:
             return Subscription(newest, flt)
         gap = None
@@ -212,7 +211,7 @@ class FanOut:
         self.clients: dict[int, _Client] = {}
         self.ids: list[int] = []
         self.frames: list[Frame] = []
-        self.last_id = events.newest_id(self.store.conn)
+        self.last_id = self.store.newest_event_id()
         self.version = None
         self.subscribed_at = 0.0
         self.watermarks: list[tuple[float, int]] = []
@@ -289,7 +288,7 @@ class FanOut:
             if self.ids and self.ids[0] <= client.cursor + 1:
                 chosen = self.frames[bisect.bisect_right(self.ids, client.cursor):]
             else:
-                chosen = [frame(r) for r in events.read(self.store.conn, client.cursor, READ_BATCH)]
+                chosen = [frame(r) for r in self.store.read_events(client.cursor, READ_BATCH)]
                 if not chosen:  # pruned meanwhile
                     client.cursor = self.ids[0] - 1 if self.ids else self.last_id
                     continue
@@ -299,7 +298,7 @@ class FanOut:
 
     def read_new(self) -> None:
         while True:
-            rows = events.read(self.store.conn, self.last_id, READ_BATCH)
+            rows = self.store.read_events(self.last_id, READ_BATCH)
             if not rows:
                 return
             frames = [frame(r) for r in rows]
@@ -383,17 +382,16 @@ class FanOut:
             if mono - client.written_mono >= KEEPALIVE_S and not client.out:
                 client.out += b": keep-alive\n\n"
                 self.flush(client)
-        conn = self.store.conn
         if self.clients and now - self.subscribed_at >= min(30.0, self.retention_s / 4):
-            events.subscribe(conn, now)
+            self.store.subscribe_events(now)
             self.subscribed_at = now
         self.watermarks.append((now, self.last_id))
         old = [w for w in self.watermarks if w[0] <= now - self.retention_s]
         if old:
-            events.prune(conn, old[-1][1] + 1)
+            self.store.prune_events(old[-1][1] + 1)
             self.watermarks = [w for w in self.watermarks if w[0] > now - self.retention_s]
         if not self.clients:
-            events.disable_if_idle(conn, now, self.retention_s)
+            self.store.disable_events_if_idle(now, self.retention_s)
 
 
 def main(argv: list[str]) -> int:
