@@ -113,12 +113,65 @@ def serve(config_path: str, out_path: str) -> int:
             syncs.append((time.time(), time.thread_time() - t0, outcomes, output))
 
     Supervisor.__init__, Supervisor.sync = init, sync
+    _trace_fanout(str(Path(out_path).with_name("fanout.json")))
     if os.environ.get("EVBENCH_SWITCH"):
         sys.setswitchinterval(float(os.environ["EVBENCH_SWITCH"]))
     try:
         return start.run(load(config_path))
     finally:
         Path(out_path).write_text(json.dumps({"commits": commits, "syncs": syncs}))
+
+
+def _trace_fanout(trace_path: str) -> None:
+    """Start the fan-out process as this file with `--fanout`, which notes its stages."""
+    from supervisor import broadcast
+    real_popen = broadcast.subprocess.Popen
+
+    def popen(argv, **kw):
+        if argv[1:3] == ["-m", "supervisor.broadcast"]:
+            argv = [argv[0], str(Path(__file__).resolve()), "--fanout", trace_path, *argv[3:]]
+        return real_popen(argv, **kw)
+    broadcast.subprocess.Popen = popen
+
+
+def fanout(trace_path: str, argv: list[str]) -> int:
+    """The fan-out process with stamps: for every batch of new events it reads, when its
+    select returned (and whether a poke woke it), when the rows were read, and when they
+    were written to every client's socket (or its buffer, for a client that lags)."""
+    import atexit
+    from supervisor import broadcast
+    batches: list[tuple] = []
+    woke = {"at": 0.0, "poked": False}
+    read_done = {"at": 0.0}
+    real_init, real_read_new = broadcast.FanOut.__init__, broadcast.FanOut.read_new
+
+    def init(self, *a, **kw):
+        real_init(self, *a, **kw)
+        real_select, real_read = self.sel.select, self.store.read_events
+
+        def read(*a, **kw):
+            rows = real_read(*a, **kw)
+            read_done["at"] = time.time()
+            return rows
+        self.store.read_events = read
+
+        def select(timeout=None):
+            got = real_select(timeout)
+            woke["at"] = time.time()
+            woke["poked"] = any(key.data is None for key, _ in got)
+            return got
+        self.sel.select = select
+
+    def read_new(self):
+        first = self.last_id
+        t0, cpu0 = time.time(), time.thread_time()
+        real_read_new(self)
+        if self.last_id != first:
+            batches.append((woke["at"], woke["poked"], t0, read_done["at"], time.time(),
+                            first + 1, self.last_id, time.thread_time() - cpu0))
+    broadcast.FanOut.__init__, broadcast.FanOut.read_new = init, read_new
+    atexit.register(lambda: Path(trace_path).write_text(json.dumps(batches)))
+    return broadcast.main(argv)
 
 
 # -- the client side -----------------------------------------------------------------------
@@ -304,7 +357,10 @@ class Supervisor:
         return total
 
     def count(self, status: str) -> int:
-        return sum(1 for _ in self.queue.list(status=status, limit=10000))
+        # A GROUP BY, not a list of every task: this process shares its CPU share with
+        # the SSE clients' process it started (a list of 1,000 tasks every 0.2 s took
+        # ~10% of a core from them).
+        return self.queue.stats().totals()[status]
 
     def __exit__(self, *exc):
         self.queue.close()
@@ -317,6 +373,8 @@ class Supervisor:
         notes = json.loads(self.notes.read_text()) if self.notes.exists() else {}
         self.commits = notes.get("commits", [])
         self.syncs = notes.get("syncs", [])
+        trace = self.notes.with_name("fanout.json")
+        self.batches = json.loads(trace.read_text()) if trace.exists() else []
 
 
 def pct(values: list[float], p: float) -> float:
@@ -330,6 +388,44 @@ def wait_done(sup: Supervisor, total: int, timeout: float) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"only {sup.count('succeeded')} of {total} tasks finished")
         time.sleep(0.2)
+
+
+def stages(batches: list, got: list, commit_of) -> dict:
+    """Where the time goes, per delivery: commit -> the fan-out's select returned (`wake`)
+    -> its rows read (`read`) -> written to every client (`write`) -> the client's receive
+    (`client`). p50/p99 of each, and their means over the deliveries at or over the p99."""
+    batch_of = {}
+    for woke, poked, t0, read, written, first, last, _cpu in batches:
+        for ev_id in range(first, last + 1):
+            batch_of[ev_id] = (woke, poked, read, written)
+    rows, poked_n = [], 0
+    for per_client in got:
+        for ev_id, at, _kind, _size in per_client:
+            b, c = batch_of.get(ev_id), commit_of(ev_id)
+            if b is None or c is None:
+                continue
+            woke, poked, read, written = b
+            poked_n += poked
+            rows.append(((at - c) * 1000, (woke - c) * 1000, (read - woke) * 1000,
+                         (written - read) * 1000, (at - written) * 1000))
+    if not rows:
+        return {}
+    names = ("total", "wake", "read", "write", "client")
+    cut = pct([r[0] for r in rows], 99)
+    slow = [r for r in rows if r[0] >= cut]
+    res = {n: {"p50": round(pct([r[i] for r in rows], 50), 2),
+               "p99": round(pct([r[i] for r in rows], 99), 2),
+               "mean_of_slowest_1pct": round(statistics.mean(r[i] for r in slow), 2)}
+           for i, n in enumerate(names)}
+    res["batches"] = len(batches)
+    wall = [b[4] - b[2] for b in batches]
+    res["batch_ms"] = {"wall_p50": round(pct(wall, 50) * 1000, 2),
+                       "wall_p99": round(pct(wall, 99) * 1000, 2),
+                       "cpu_p50": round(pct([b[7] for b in batches], 50) * 1000, 2),
+                       "cpu_p99": round(pct([b[7] for b in batches], 99) * 1000, 2)}
+    res["events_per_batch"] = round(sum(b[6] - b[5] + 1 for b in batches) / max(len(batches), 1), 1)
+    res["woken_by_poke"] = round(poked_n / len(rows), 3)
+    return res
 
 
 def delivery(args, clients: int) -> dict:
@@ -391,6 +487,7 @@ def _delivery(args, clients: int, root: Path) -> dict:
                 ms = (at - t) * 1000
                 lat.append(ms)
                 (lat_client if ev_id in client_commit else lat_sup)[-1] = ms
+    out["stages_ms"] = stages(sup.batches, got, lambda i: client_commit.get(i) or committed_at(i))
     split = lambda xs: {"p50": round(pct(xs, 50), 2), "p99": round(pct(xs, 99), 2)} if xs else None
     delivered = sum(len(g) for g in got)
     out.update({"events": len(rows), "delivered": delivered,
@@ -444,9 +541,36 @@ def streaming(args) -> dict:
             if alone and during else None}
 
 
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def delivery_bars(d: dict, alone: dict) -> str:
+    lat = d.get("latency_ms") or {}
+    p99 = lat.get("p99")
+    return "\n".join([
+        f"bar: every event to every client: {d['delivered']:,} of {d['expected']:,} "
+        f"{verdict(d['delivered'] == d['expected'] > 0)}",
+        f"bar: delivery p99 commit -> client {p99} ms (p50 {lat.get('p50')}), under 50 ms "
+        f"{verdict(p99 is not None and p99 < 50)}",
+        f"supervisor CPU per event: {d['supervisor_cpu_us_per_event']} us "
+        f"({d['supervisor_cpu_ms_per_task']} ms per task; with no client connected "
+        f"{alone['supervisor_cpu_ms_per_task']} ms); fan-out process {d['fanout_cpu_s']} s"])
+
+
+def streaming_bars(s: dict) -> str:
+    rate, slow = s.get("tokens_per_s"), s.get("pass_slowdown")
+    return "\n".join([
+        f"bar: ctx.stream tokens/s into a client {rate}, at least 50,000 "
+        f"{verdict(rate is not None and rate >= 50000)}",
+        f"bar: loop pass per outcome while streaming {slow}x, at most 1.2x "
+        f"{verdict(slow is not None and slow <= 1.2)}"])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--serve", nargs=2, metavar=("CONFIG", "NOTES"), help=argparse.SUPPRESS)
+    p.add_argument("--fanout", nargs=4, help=argparse.SUPPRESS)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--clients", type=int, default=200)
     p.add_argument("--tasks", type=int, default=1000)
@@ -463,6 +587,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.serve:
         return serve(*args.serve)
+    if args.fanout:
+        return fanout(args.fanout[0], args.fanout[1:])
     if args.quick:
         args.clients, args.tasks, args.pool = 50, 200, 50
         args.tokens, args.noops = 10000, 100
@@ -472,9 +598,11 @@ def main(argv=None) -> int:
         print("no clients:", json.dumps(res["delivery_no_clients"]), flush=True)
         res["delivery"] = delivery(args, args.clients)
         print(f"{args.clients} clients:", json.dumps(res["delivery"]), flush=True)
+        print(delivery_bars(res["delivery"], res["delivery_no_clients"]), flush=True)
     if "streaming" in args.only:
         res["streaming"] = streaming(args)
         print("streaming:", json.dumps(res["streaming"]), flush=True)
+        print(streaming_bars(res["streaming"]), flush=True)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(res, indent=2))
     return 0
