@@ -179,13 +179,19 @@ def fanout(trace_path: str, argv: list[str]) -> int:
 _ID = __import__("re").compile(rb"(?:^|\n)id: (\d+)\nevent: (\w+)\ndata: (.*)")
 
 
+# Linux: the kernel stamps each read with the time its data reached the socket.
+SO_TIMESTAMPNS = 35
+
+
 def sse_clients(port: int, n: int, query: str, ready, stop, out) -> None:
     """n SSE connections read by one epoll loop; sends [(event id, receive time, kind,
-    text length)] per client through `out` at the end."""
+    text length, time the data reached the socket)] per client through `out` at the end."""
+    import struct
     sel = selectors.DefaultSelector()
     socks, states = [], []
     for _ in range(n):
         s = socket.create_connection(("127.0.0.1", port))
+        s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         s.sendall(f"GET /api/events{query} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
                   "Accept: text/event-stream\r\n\r\n".encode())
         s.setblocking(False)
@@ -207,18 +213,23 @@ def sse_clients(port: int, n: int, query: str, ready, stop, out) -> None:
         for key, _ in sel.select(0.1):
             now = time.time()
             st = key.data
-            data = key.fileobj.recv(1 << 20)
+            data, anc, _flags, _addr = key.fileobj.recvmsg(1 << 20, 64)
             if not data:
                 sel.unregister(key.fileobj)
                 continue
-            # Only the time and the id here (parsing later): the receive time must not
+            arrived = None
+            for level, kind, cdata in anc:
+                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                    sec, nsec = struct.unpack("qq", cdata[:16])
+                    arrived = sec + nsec / 1e9
+            # Only the times and the bytes here (parsing later): the receive time must not
             # wait for this process to parse what other clients got.
-            st["got"].append((now, data))
+            st["got"].append((now, data, arrived))
     res = []
     for st in states:
         buf = st["buf"]
         got = []
-        for now, data in st["got"]:
+        for now, data, arrived in st["got"]:
             buf += data
             *frames, buf = buf.split(b"\n\n")
             for fr in frames:
@@ -226,7 +237,7 @@ def sse_clients(port: int, n: int, query: str, ready, stop, out) -> None:
                 if m:
                     kind = m.group(2).decode()
                     size = len(json.loads(m.group(3))["text"]) if kind == "output" else 0
-                    got.append((int(m.group(1)), now, kind, size))
+                    got.append((int(m.group(1)), now, kind, size, arrived or now))
         res.append(got)
     out.send(res)
     for s in socks:
@@ -391,26 +402,29 @@ def wait_done(sup: Supervisor, total: int, timeout: float) -> None:
 
 
 def stages(batches: list, got: list, commit_of) -> dict:
-    """Where the time goes, per delivery: commit -> the fan-out's select returned (`wake`)
-    -> its rows read (`read`) -> written to every client (`write`) -> the client's receive
-    (`client`). p50/p99 of each, and their means over the deliveries at or over the p99."""
+    """Where the time goes, per delivery: commit -> the fan-out's select returned for the
+    batch (`wait`: for a CPU, for the previous batch, for the batch gap) -> its rows read
+    (`read`) -> written to every client (`write`) -> in the client's socket (`socket`, the
+    kernel's receive stamp) -> read by the client process (`client`: it waits for a CPU).
+    p50/p99 of each, and their means over the deliveries at or over the p99."""
     batch_of = {}
     for woke, poked, t0, read, written, first, last, _cpu in batches:
         for ev_id in range(first, last + 1):
             batch_of[ev_id] = (woke, poked, read, written)
     rows, poked_n = [], 0
     for per_client in got:
-        for ev_id, at, _kind, _size in per_client:
+        for ev_id, at, _kind, _size, arrived in per_client:
             b, c = batch_of.get(ev_id), commit_of(ev_id)
             if b is None or c is None:
                 continue
             woke, poked, read, written = b
             poked_n += poked
             rows.append(((at - c) * 1000, (woke - c) * 1000, (read - woke) * 1000,
-                         (written - read) * 1000, (at - written) * 1000))
+                         (written - read) * 1000, (arrived - written) * 1000,
+                         (at - arrived) * 1000))
     if not rows:
         return {}
-    names = ("total", "wake", "read", "write", "client")
+    names = ("total", "wait", "read", "write", "socket", "client")
     cut = pct([r[0] for r in rows], 99)
     slow = [r for r in rows if r[0] >= cut]
     res = {n: {"p50": round(pct([r[i] for r in rows], 50), 2),
@@ -477,15 +491,16 @@ def _delivery(args, clients: int, root: Path) -> dict:
         "SELECT id, task_id, json_extract(data, '$.status') FROM task_events").fetchall()
     with_store.close()
     client_commit = {i: enqueued[t] for i, t, s in rows if s == "queued" and t in enqueued}
-    lat, lat_client, lat_sup = [], [], []
+    lat, lat_client, lat_sup, lat_socket = [], [], [], []
     for per_client in got:
-        for ev_id, at, _kind, _size in per_client:
+        for ev_id, at, _kind, _size, arrived in per_client:
             t = client_commit.get(ev_id)
             (lat_client if t is not None else lat_sup).append(ev_id)
             t = t or committed_at(ev_id)
             if t is not None:
                 ms = (at - t) * 1000
                 lat.append(ms)
+                lat_socket.append((arrived - t) * 1000)
                 (lat_client if ev_id in client_commit else lat_sup)[-1] = ms
     out["stages_ms"] = stages(sup.batches, got, lambda i: client_commit.get(i) or committed_at(i))
     split = lambda xs: {"p50": round(pct(xs, 50), 2), "p99": round(pct(xs, 99), 2)} if xs else None
@@ -494,6 +509,7 @@ def _delivery(args, clients: int, root: Path) -> dict:
                 "expected": len(rows) * clients,
                 "latency_ms": {"p50": round(pct(lat, 50), 2), "p99": round(pct(lat, 99), 2),
                                "max": round(max(lat), 2)} if lat else None,
+                "latency_ms_to_the_socket": split(lat_socket),
                 "latency_ms_client_commits": split(lat_client),
                 "latency_ms_supervisor_commits": split(lat_sup),
                 "fanout_cpu_s": round(sup.fanout_cpu, 3),
@@ -520,7 +536,7 @@ def streaming(args) -> dict:
         ended = time.time()
         time.sleep(0.5)
         got = collect(stop, readers)[0]
-    outputs = [(at, size) for _id, at, kind, size in got if kind == "output"]
+    outputs = [(at, size) for _id, at, kind, size, _arrived in got if kind == "output"]
     tokens = sum(s for _, s in outputs) / len("tok ")
     span = outputs[-1][0] - outputs[0][0] if len(outputs) > 1 else 0.0
     # The pass that matters for the task flow is the one that records outcomes (and
