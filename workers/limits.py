@@ -2,8 +2,9 @@
 
 Owns turning a task's limits into `resource.setrlimit` calls (RLIMIT_DATA for memory:
 RLIMIT_AS breaks ML libraries that reserve address space; RLIMIT_CPU; RLIMIT_NOFILE;
-RLIMIT_CORE = 0), the task's CPU priority (`nice` steps below the fork server's) and, when the supervisor found a delegated cgroup v2 subtree, moving the
-process into its own cgroup with `memory.max`. Runs in the task process after fork and
+RLIMIT_CORE = 0), the task's CPU priority (`nice` steps below the fork server's) and,
+when the supervisor found a delegated cgroup v2 subtree, moving the process into its own
+cgroup with `memory.max`. Runs in the task process after fork and
 before user code; it must never raise past `apply` without saying which limit failed.
 """
 
