@@ -113,6 +113,7 @@ def serve(config_path: str, out_path: str) -> int:
             syncs.append((time.time(), time.thread_time() - t0, outcomes, output))
 
     Supervisor.__init__, Supervisor.sync = init, sync
+    _trace_fanout(str(Path(out_path).with_name("fanout.json")))
     if os.environ.get("EVBENCH_SWITCH"):
         sys.setswitchinterval(float(os.environ["EVBENCH_SWITCH"]))
     try:
@@ -121,18 +122,76 @@ def serve(config_path: str, out_path: str) -> int:
         Path(out_path).write_text(json.dumps({"commits": commits, "syncs": syncs}))
 
 
+def _trace_fanout(trace_path: str) -> None:
+    """Start the fan-out process as this file with `--fanout`, which notes its stages."""
+    from supervisor import broadcast
+    real_popen = broadcast.subprocess.Popen
+
+    def popen(argv, **kw):
+        if argv[1:3] == ["-m", "supervisor.broadcast"]:
+            argv = [argv[0], str(Path(__file__).resolve()), "--fanout", trace_path, *argv[3:]]
+        return real_popen(argv, **kw)
+    broadcast.subprocess.Popen = popen
+
+
+def fanout(trace_path: str, argv: list[str]) -> int:
+    """The fan-out process with stamps: for every batch of new events it reads, when its
+    select returned (and whether a poke woke it), when the rows were read, and when they
+    were written to every client's socket (or its buffer, for a client that lags)."""
+    import atexit
+    from supervisor import broadcast
+    batches: list[tuple] = []
+    woke = {"at": 0.0, "poked": False}
+    read_done = {"at": 0.0}
+    real_init, real_read_new = broadcast.FanOut.__init__, broadcast.FanOut.read_new
+
+    def init(self, *a, **kw):
+        real_init(self, *a, **kw)
+        real_select, real_read = self.sel.select, self.store.read_events
+
+        def read(*a, **kw):
+            rows = real_read(*a, **kw)
+            read_done["at"] = time.time()
+            return rows
+        self.store.read_events = read
+
+        def select(timeout=None):
+            got = real_select(timeout)
+            woke["at"] = time.time()
+            woke["poked"] = any(key.data is None for key, _ in got)
+            return got
+        self.sel.select = select
+
+    def read_new(self):
+        first = self.last_id
+        t0, cpu0 = time.time(), time.thread_time()
+        real_read_new(self)
+        if self.last_id != first:
+            batches.append((woke["at"], woke["poked"], t0, read_done["at"], time.time(),
+                            first + 1, self.last_id, time.thread_time() - cpu0))
+    broadcast.FanOut.__init__, broadcast.FanOut.read_new = init, read_new
+    atexit.register(lambda: Path(trace_path).write_text(json.dumps(batches)))
+    return broadcast.main(argv)
+
+
 # -- the client side -----------------------------------------------------------------------
 
 _ID = __import__("re").compile(rb"(?:^|\n)id: (\d+)\nevent: (\w+)\ndata: (.*)")
 
 
+# Linux: the kernel stamps each read with the time its data reached the socket.
+SO_TIMESTAMPNS = 35
+
+
 def sse_clients(port: int, n: int, query: str, ready, stop, out) -> None:
     """n SSE connections read by one epoll loop; sends [(event id, receive time, kind,
-    text length)] per client through `out` at the end."""
+    text length, time the data reached the socket)] per client through `out` at the end."""
+    import struct
     sel = selectors.DefaultSelector()
     socks, states = [], []
     for _ in range(n):
         s = socket.create_connection(("127.0.0.1", port))
+        s.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         s.sendall(f"GET /api/events{query} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
                   "Accept: text/event-stream\r\n\r\n".encode())
         s.setblocking(False)
@@ -154,18 +213,23 @@ def sse_clients(port: int, n: int, query: str, ready, stop, out) -> None:
         for key, _ in sel.select(0.1):
             now = time.time()
             st = key.data
-            data = key.fileobj.recv(1 << 20)
+            data, anc, _flags, _addr = key.fileobj.recvmsg(1 << 20, 64)
             if not data:
                 sel.unregister(key.fileobj)
                 continue
-            # Only the time and the id here (parsing later): the receive time must not
+            arrived = None
+            for level, kind, cdata in anc:
+                if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS:
+                    sec, nsec = struct.unpack("qq", cdata[:16])
+                    arrived = sec + nsec / 1e9
+            # Only the times and the bytes here (parsing later): the receive time must not
             # wait for this process to parse what other clients got.
-            st["got"].append((now, data))
+            st["got"].append((now, data, arrived))
     res = []
     for st in states:
         buf = st["buf"]
         got = []
-        for now, data in st["got"]:
+        for now, data, arrived in st["got"]:
             buf += data
             *frames, buf = buf.split(b"\n\n")
             for fr in frames:
@@ -173,7 +237,7 @@ def sse_clients(port: int, n: int, query: str, ready, stop, out) -> None:
                 if m:
                     kind = m.group(2).decode()
                     size = len(json.loads(m.group(3))["text"]) if kind == "output" else 0
-                    got.append((int(m.group(1)), now, kind, size))
+                    got.append((int(m.group(1)), now, kind, size, arrived or now))
         res.append(got)
     out.send(res)
     for s in socks:
@@ -304,7 +368,10 @@ class Supervisor:
         return total
 
     def count(self, status: str) -> int:
-        return sum(1 for _ in self.queue.list(status=status, limit=10000))
+        # A GROUP BY, not a list of every task: this process shares its CPU share with
+        # the SSE clients' process it started (a list of 1,000 tasks every 0.2 s took
+        # ~10% of a core from them).
+        return self.queue.stats().totals()[status]
 
     def __exit__(self, *exc):
         self.queue.close()
@@ -317,6 +384,8 @@ class Supervisor:
         notes = json.loads(self.notes.read_text()) if self.notes.exists() else {}
         self.commits = notes.get("commits", [])
         self.syncs = notes.get("syncs", [])
+        trace = self.notes.with_name("fanout.json")
+        self.batches = json.loads(trace.read_text()) if trace.exists() else []
 
 
 def pct(values: list[float], p: float) -> float:
@@ -330,6 +399,47 @@ def wait_done(sup: Supervisor, total: int, timeout: float) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"only {sup.count('succeeded')} of {total} tasks finished")
         time.sleep(0.2)
+
+
+def stages(batches: list, got: list, commit_of) -> dict:
+    """Where the time goes, per delivery: commit -> the fan-out's select returned for the
+    batch (`wait`: for a CPU, for the previous batch, for the batch gap) -> its rows read
+    (`read`) -> written to every client (`write`) -> in the client's socket (`socket`, the
+    kernel's receive stamp) -> read by the client process (`client`: it waits for a CPU).
+    p50/p99 of each, and their means over the deliveries at or over the p99."""
+    batch_of = {}
+    for woke, poked, t0, read, written, first, last, _cpu in batches:
+        for ev_id in range(first, last + 1):
+            batch_of[ev_id] = (woke, poked, read, written)
+    rows, poked_n = [], 0
+    for per_client in got:
+        for ev_id, at, _kind, _size, arrived in per_client:
+            b, c = batch_of.get(ev_id), commit_of(ev_id)
+            if b is None or c is None:
+                continue
+            woke, poked, read, written = b
+            poked_n += poked
+            rows.append(((at - c) * 1000, (woke - c) * 1000, (read - woke) * 1000,
+                         (written - read) * 1000, (arrived - written) * 1000,
+                         (at - arrived) * 1000))
+    if not rows:
+        return {}
+    names = ("total", "wait", "read", "write", "socket", "client")
+    cut = pct([r[0] for r in rows], 99)
+    slow = [r for r in rows if r[0] >= cut]
+    res = {n: {"p50": round(pct([r[i] for r in rows], 50), 2),
+               "p99": round(pct([r[i] for r in rows], 99), 2),
+               "mean_of_slowest_1pct": round(statistics.mean(r[i] for r in slow), 2)}
+           for i, n in enumerate(names)}
+    res["batches"] = len(batches)
+    wall = [b[4] - b[2] for b in batches]
+    res["batch_ms"] = {"wall_p50": round(pct(wall, 50) * 1000, 2),
+                       "wall_p99": round(pct(wall, 99) * 1000, 2),
+                       "cpu_p50": round(pct([b[7] for b in batches], 50) * 1000, 2),
+                       "cpu_p99": round(pct([b[7] for b in batches], 99) * 1000, 2)}
+    res["events_per_batch"] = round(sum(b[6] - b[5] + 1 for b in batches) / max(len(batches), 1), 1)
+    res["woken_by_poke"] = round(poked_n / len(rows), 3)
+    return res
 
 
 def delivery(args, clients: int) -> dict:
@@ -381,22 +491,25 @@ def _delivery(args, clients: int, root: Path) -> dict:
         "SELECT id, task_id, json_extract(data, '$.status') FROM task_events").fetchall()
     with_store.close()
     client_commit = {i: enqueued[t] for i, t, s in rows if s == "queued" and t in enqueued}
-    lat, lat_client, lat_sup = [], [], []
+    lat, lat_client, lat_sup, lat_socket = [], [], [], []
     for per_client in got:
-        for ev_id, at, _kind, _size in per_client:
+        for ev_id, at, _kind, _size, arrived in per_client:
             t = client_commit.get(ev_id)
             (lat_client if t is not None else lat_sup).append(ev_id)
             t = t or committed_at(ev_id)
             if t is not None:
                 ms = (at - t) * 1000
                 lat.append(ms)
+                lat_socket.append((arrived - t) * 1000)
                 (lat_client if ev_id in client_commit else lat_sup)[-1] = ms
+    out["stages_ms"] = stages(sup.batches, got, lambda i: client_commit.get(i) or committed_at(i))
     split = lambda xs: {"p50": round(pct(xs, 50), 2), "p99": round(pct(xs, 99), 2)} if xs else None
     delivered = sum(len(g) for g in got)
     out.update({"events": len(rows), "delivered": delivered,
                 "expected": len(rows) * clients,
                 "latency_ms": {"p50": round(pct(lat, 50), 2), "p99": round(pct(lat, 99), 2),
                                "max": round(max(lat), 2)} if lat else None,
+                "latency_ms_to_the_socket": split(lat_socket),
                 "latency_ms_client_commits": split(lat_client),
                 "latency_ms_supervisor_commits": split(lat_sup),
                 "fanout_cpu_s": round(sup.fanout_cpu, 3),
@@ -423,7 +536,7 @@ def streaming(args) -> dict:
         ended = time.time()
         time.sleep(0.5)
         got = collect(stop, readers)[0]
-    outputs = [(at, size) for _id, at, kind, size in got if kind == "output"]
+    outputs = [(at, size) for _id, at, kind, size, _arrived in got if kind == "output"]
     tokens = sum(s for _, s in outputs) / len("tok ")
     span = outputs[-1][0] - outputs[0][0] if len(outputs) > 1 else 0.0
     # The pass that matters for the task flow is the one that records outcomes (and
@@ -444,9 +557,36 @@ def streaming(args) -> dict:
             if alone and during else None}
 
 
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def delivery_bars(d: dict, alone: dict) -> str:
+    lat = d.get("latency_ms") or {}
+    p99 = lat.get("p99")
+    return "\n".join([
+        f"bar: every event to every client: {d['delivered']:,} of {d['expected']:,} "
+        f"{verdict(d['delivered'] == d['expected'] > 0)}",
+        f"bar: delivery p99 commit -> client {p99} ms (p50 {lat.get('p50')}), under 50 ms "
+        f"{verdict(p99 is not None and p99 < 50)}",
+        f"supervisor CPU per event: {d['supervisor_cpu_us_per_event']} us "
+        f"({d['supervisor_cpu_ms_per_task']} ms per task; with no client connected "
+        f"{alone['supervisor_cpu_ms_per_task']} ms); fan-out process {d['fanout_cpu_s']} s"])
+
+
+def streaming_bars(s: dict) -> str:
+    rate, slow = s.get("tokens_per_s"), s.get("pass_slowdown")
+    return "\n".join([
+        f"bar: ctx.stream tokens/s into a client {rate}, at least 50,000 "
+        f"{verdict(rate is not None and rate >= 50000)}",
+        f"bar: loop pass per outcome while streaming {slow}x, at most 1.2x "
+        f"{verdict(slow is not None and slow <= 1.2)}"])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--serve", nargs=2, metavar=("CONFIG", "NOTES"), help=argparse.SUPPRESS)
+    p.add_argument("--fanout", nargs=4, help=argparse.SUPPRESS)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--clients", type=int, default=200)
     p.add_argument("--tasks", type=int, default=1000)
@@ -463,6 +603,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.serve:
         return serve(*args.serve)
+    if args.fanout:
+        return fanout(args.fanout[0], args.fanout[1:])
     if args.quick:
         args.clients, args.tasks, args.pool = 50, 200, 50
         args.tokens, args.noops = 10000, 100
@@ -472,9 +614,11 @@ def main(argv=None) -> int:
         print("no clients:", json.dumps(res["delivery_no_clients"]), flush=True)
         res["delivery"] = delivery(args, args.clients)
         print(f"{args.clients} clients:", json.dumps(res["delivery"]), flush=True)
+        print(delivery_bars(res["delivery"], res["delivery_no_clients"]), flush=True)
     if "streaming" in args.only:
         res["streaming"] = streaming(args)
         print("streaming:", json.dumps(res["streaming"]), flush=True)
+        print(streaming_bars(res["streaming"]), flush=True)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(res, indent=2))
     return 0

@@ -9,7 +9,8 @@ connection, formats each once, keeps the recent ones in memory, and writes them 
 client whose filter wants them without blocking (a client that leaves 8 MiB unread is
 dropped and resumes by its id). It wakes when the loop pokes it after a commit and
 polls `PRAGMA data_version` every few ms while it has clients, so commits of other
-processes arrive too. It keeps the log switched on while it has clients, switches it
+processes arrive too; it spaces batches by what the last one cost (`WRITE_SHARE`). It
+runs in a session of its own, for a CPU share apart from the task processes'. It keeps the log switched on while it has clients, switches it
 off once it had none for `events_retention`, and prunes events older than that.
 A process, not a thread: 200 clients written from a thread of the supervisor made the
 loop and the writer take turns on the GIL at every send (p50 175 ms); here the loop's
@@ -32,10 +33,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from supervisor.errors import StoreError
-from supervisor.store import events
+from supervisor.store.events import Event
 
 log = logging.getLogger("taskvisor.http")
 POLL_S = 0.005          # data_version poll while clients are connected
+# Writing a batch costs about 10 us of CPU per client (mostly the kernel's TCP send), and
+# as much again in the clients to read it. After a batch that took C seconds of CPU the
+# next one waits (1 / WRITE_SHARE - 1) * C: with 200 clients ~8 ms, fewer and larger
+# batches that leave the CPU to the supervisor and the clients (p99 under load, see
+# benchmarks/README.md); with a few clients the wait is microseconds.
+WRITE_SHARE = 0.2
 HOUSEKEEP_S = 5.0       # keep-alives, refresh subscribed_at, prune, switch the log off
 RING = 20000            # recent events kept in memory
 READ_BATCH = 5000
@@ -54,7 +61,7 @@ class Frame:
     data: bytes          # the whole SSE frame
 
 
-def frame(ev: events.Event) -> Frame:
+def frame(ev: Event) -> Frame:
     text = f"id: {ev.id}\nevent: {ev.kind}\ndata: {ev.data}\n\n"
     return Frame(ev.id, ev.kind, ev.task_id, ev.type, ev.workflow, text.encode("utf-8"))
 
@@ -108,10 +115,15 @@ class Broadcast:
         """Start the fan-out process; returns its pid."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
+            # A session of its own: where Linux schedules by session (autogroup, most
+            # distributions' default), it gets a CPU share of its own instead of a slice
+            # of the one the supervisor shares with every task process. It still ends
+            # with the supervisor (parent-death signal, and end of file on `ctrl`).
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "supervisor.broadcast", self.database,
                  repr(self.retention_s), str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, close_fds=True)
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, close_fds=True,
+                start_new_session=True)
         finally:
             theirs.close()
         ours.setblocking(False)
@@ -151,10 +163,9 @@ class Broadcast:
         with self._lock:
             if self._store is None:
                 self._store = self._open_store()
-            conn = self._store.conn
-            state = events.subscribe(conn, now)
-            newest = events.newest_id(conn)
-            oldest = events.oldest_id(conn)
+            state = self._store.subscribe_events(now)
+            newest = self._store.newest_event_id()
+            oldest = self._store.oldest_event_id()
         if last_id is None or last_id > newest:
             return Subscription(newest, flt)
         gap = None
@@ -212,7 +223,7 @@ class FanOut:
         self.clients: dict[int, _Client] = {}
         self.ids: list[int] = []
         self.frames: list[Frame] = []
-        self.last_id = events.newest_id(self.store.conn)
+        self.last_id = self.store.newest_event_id()
         self.version = None
         self.subscribed_at = 0.0
         self.watermarks: list[tuple[float, int]] = []
@@ -220,8 +231,12 @@ class FanOut:
 
     def run(self) -> None:
         next_housekeeping = 0.0
+        pending, next_batch = False, 0.0  # new events to send, and not before when
         while self.running:
-            timeout = POLL_S if self.clients else HOUSEKEEP_S
+            if pending:
+                timeout = max(0.0, next_batch - time.monotonic())
+            else:
+                timeout = POLL_S if self.clients else HOUSEKEEP_S
             poked = False
             for key, mask in self.sel.select(timeout):
                 if key.data is None:
@@ -235,8 +250,15 @@ class FanOut:
                     latest = self.store.data_version()
                     if latest != self.version:
                         self.version = latest
-                        self.read_new()
+                        pending = True
                 mono = time.monotonic()
+                if pending and mono >= next_batch:
+                    pending = False
+                    cpu = time.thread_time()
+                    self.read_new()
+                    next_batch = (time.monotonic()
+                                  + (time.thread_time() - cpu) * (1 / WRITE_SHARE - 1))
+                    mono = time.monotonic()
                 if mono >= next_housekeeping:
                     next_housekeeping = mono + HOUSEKEEP_S
                     self.housekeep(self.clock(), mono)
@@ -289,7 +311,7 @@ class FanOut:
             if self.ids and self.ids[0] <= client.cursor + 1:
                 chosen = self.frames[bisect.bisect_right(self.ids, client.cursor):]
             else:
-                chosen = [frame(r) for r in events.read(self.store.conn, client.cursor, READ_BATCH)]
+                chosen = [frame(r) for r in self.store.read_events(client.cursor, READ_BATCH)]
                 if not chosen:  # pruned meanwhile
                     client.cursor = self.ids[0] - 1 if self.ids else self.last_id
                     continue
@@ -299,7 +321,7 @@ class FanOut:
 
     def read_new(self) -> None:
         while True:
-            rows = events.read(self.store.conn, self.last_id, READ_BATCH)
+            rows = self.store.read_events(self.last_id, READ_BATCH)
             if not rows:
                 return
             frames = [frame(r) for r in rows]
@@ -309,6 +331,7 @@ class FanOut:
             if len(self.ids) > 2 * RING:
                 del self.ids[:-RING], self.frames[:-RING]
             joined: dict[Filter, bytes] = {}  # clients with the same filter share one join
+            mono = time.monotonic()
             for client in list(self.clients.values()):
                 if client.cursor < frames[0].id - 1:
                     self.catch_up(client)  # was behind (a large backlog): from its cursor
@@ -319,8 +342,7 @@ class FanOut:
                             f.data for f in frames if client.flt(f))
                     client.cursor = self.last_id
                     if data:
-                        client.out += data
-                        self.flush(client)
+                        self.write(client, data, mono)
                 elif client.cursor < self.last_id:
                     self.send(client, [f for f in frames if f.id > client.cursor])
             if len(rows) < READ_BATCH:
@@ -332,8 +354,28 @@ class FanOut:
         data = b"".join(f.data for f in frames if client.flt(f))
         client.cursor = frames[-1].id
         if data:
+            self.write(client, data, time.monotonic())
+
+    def write(self, client: _Client, data: bytes, mono: float) -> None:
+        """Send `data` after what the client has waiting. With nothing waiting (the common
+        case) it goes straight to the socket, not through the client's buffer: a batch
+        costs one send per client, and the fan-out's CPU is mostly those sends."""
+        if client.out or client.sock is None:
             client.out += data
             self.flush(client)
+            return
+        try:
+            n = client.sock.send(data)
+        except BlockingIOError:
+            n = 0
+        except OSError:
+            self.drop(client)
+            return
+        if n < len(data):
+            client.out += memoryview(data)[n:]
+            self.flush(client)  # the socket is full: wait until it is writable
+        else:
+            client.written_mono = mono
 
     def flush(self, client: _Client) -> None:
         if client.sock is None:
@@ -383,17 +425,16 @@ class FanOut:
             if mono - client.written_mono >= KEEPALIVE_S and not client.out:
                 client.out += b": keep-alive\n\n"
                 self.flush(client)
-        conn = self.store.conn
         if self.clients and now - self.subscribed_at >= min(30.0, self.retention_s / 4):
-            events.subscribe(conn, now)
+            self.store.subscribe_events(now)
             self.subscribed_at = now
         self.watermarks.append((now, self.last_id))
         old = [w for w in self.watermarks if w[0] <= now - self.retention_s]
         if old:
-            events.prune(conn, old[-1][1] + 1)
+            self.store.prune_events(old[-1][1] + 1)
             self.watermarks = [w for w in self.watermarks if w[0] > now - self.retention_s]
         if not self.clients:
-            events.disable_if_idle(conn, now, self.retention_s)
+            self.store.disable_events_if_idle(now, self.retention_s)
 
 
 def main(argv: list[str]) -> int:

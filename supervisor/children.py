@@ -101,7 +101,7 @@ def spec_for(task: Task, config, now: float, limits: tuple, cgroup_dir: str | No
         "deadline_at": now + timeout_s if timeout_s else None,
         "limits": {"memory_mb": memory_mb, "cpu_s": cpu_s,
                    "open_files": config.setting(task.type, "open_files"),
-                   "cgroup_dir": cgroup_dir},
+                   "cgroup_dir": cgroup_dir, "nice": config.setting(task.type, "nice")},
         "max_result_bytes": config.supervisor.max_result_bytes,
         "log_format": config.log.format, "log_level": config.log.level,
         # workflow inputs, event data, checkpoint state (read at claim: Store.claim)

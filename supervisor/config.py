@@ -60,6 +60,7 @@ class Defaults:
     backoff_max_s: float = 300.0
     priority: int = 0
     max_reschedules: int = 25
+    nice: int = 10      # task processes run this much below the supervisor's CPU priority
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class TypeConfig:
     backoff_max_s: float | None = None
     priority: int | None = None
     max_reschedules: int | None = None
+    nice: int | None = None
     limits: tuple[str, ...] | None = None   # [limits] keys every task of the type draws from
     estimated_tokens: int | None = None     # what a claim charges token budgets per task
 
@@ -217,6 +219,9 @@ _SECTIONS: dict[str, dict[str, _Field]] = {
         "backoff_max_s": _Field("seconds", 0, maximum=7 * DAY_S),
         "priority": _Field("int", -1_000_000_000, maximum=1_000_000_000),
         "max_reschedules": _Field("int", 0, maximum=1_000_000),
+        "nice": _Field("int", 0, maximum=19, hint=(
+            " (steps below the supervisor's CPU priority: 0 runs tasks at the supervisor's, "
+            "19 lowest; a task cannot be raised above the supervisor)")),
     },
     "http": {"listen": _Field("listen"), "token_file": _Field("path"),
              "events_retention": _Field("seconds", 0, above=True, maximum=7 * DAY_S),

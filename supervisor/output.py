@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from supervisor.store import events
-
 # Output waits at most this long for the pass that stores it: longer means fewer, larger
 # chunks and passes that cost less while tasks stream (10 ms: passes with outcomes 1.37x
 # slower while 8 tasks streamed 50,000 tokens/s; 50 ms: see benchmarks/README.md).
@@ -109,13 +107,12 @@ class LiveOutput:
     def flush(self, store, mono: float) -> None:
         """Store what is due, inside the caller's transaction. Nothing here changes until
         `committed()`: if the transaction rolls back, the next flush writes it again."""
-        conn = store.conn
         self._staged = []
         for key, att in self._attempts.items():
             if att.out_pending and (att.ended or mono >= att.out_since + OUTPUT_FLUSH_S):
-                self._flush_output(conn, att)
+                self._flush_output(store, att)
             if att.log_pending and (att.ended or mono >= att.log_since + LOG_FLUSH_S):
-                self._flush_log(conn, att)
+                self._flush_log(store, att)
             if att.ended:
                 self._staged.append(lambda key=key: self._attempts.pop(key, None))
 
@@ -125,7 +122,7 @@ class LiveOutput:
         for apply in staged:
             apply()
 
-    def _flush_output(self, conn, att: _Attempt) -> None:
+    def _flush_output(self, store, att: _Attempt) -> None:
         # A lone surrogate (valid in JSON, not in UTF-8) becomes "?": SQLite must take it.
         data = "".join(att.out_pending).encode("utf-8", "replace")
         room = self.max_output_bytes - att.out_bytes
@@ -134,7 +131,7 @@ class LiveOutput:
             data = data[:max(room, 0)]
         text = data.decode("utf-8", "ignore")  # a cut inside a character drops it
         data = text.encode("utf-8")
-        stored = events.append_output(conn, att.lease, att.out_seq, att.out_chars, text, truncated)
+        stored = store.append_output(att.lease, att.out_seq, att.out_chars, text, truncated)
         n = len(att.out_pending)
 
         def apply() -> None:
@@ -149,11 +146,11 @@ class LiveOutput:
             att.out_since = None
         self._staged.append(apply)
 
-    def _flush_log(self, conn, att: _Attempt) -> None:
+    def _flush_log(self, store, att: _Attempt) -> None:
         data = bytes(att.log_pending)
         keep_from = att.log_written - self.max_log_bytes
-        events.append_log(conn, att.lease, att.log_seq, att.log_stored, data,
-                          keep_from_pos=keep_from if keep_from > 0 else None)
+        store.append_log(att.lease, att.log_seq, att.log_stored, data,
+                         keep_from_pos=keep_from if keep_from > 0 else None)
 
         def apply() -> None:
             att.log_seq += 1

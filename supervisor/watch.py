@@ -15,7 +15,6 @@ import time
 from supervisor.cli import EXIT_OK, EXIT_TASK_FAILED, PROG, command
 from supervisor.client import Queue
 from supervisor.store import FINAL, Status
-from supervisor.store import events as live
 
 POLL_S = 0.05      # the database is polled this often (data_version: microseconds)
 REREAD_S = 1.0     # and read at least this often
@@ -80,7 +79,7 @@ def cmd_watch(args, cfg) -> int:
                 attempt, seq = task.attempts, -1
             if attempt is not None:
                 for seq, _pos, text, cut in queue._call(
-                        lambda s: live.read_output_after(s.conn, task.id, attempt, seq)):
+                        lambda s: s.read_output_after(task.id, attempt, seq)):
                     _write(text)
                     if cut:
                         _say(f"[output cut at max_output_bytes]")
@@ -164,11 +163,11 @@ def cmd_logs(args, cfg) -> int:
                            lambda: api.get(args.id), args)
     with Queue(cfg, create=False) as queue:
         def chunks(after, attempt):
-            attempts = queue._call(lambda s: live.log_attempts(s.conn, args.id))
+            attempts = queue._call(lambda s: s.log_attempts(args.id))
             attempt = attempt or (attempts[-1] if attempts else None)
             if attempt is None:
                 return None, []
-            got = queue._call(lambda s: live.read_log(s.conn, args.id, attempt, after))
+            got = queue._call(lambda s: s.read_log(args.id, attempt, after))
             return attempt, [(c.seq, c.data) for c in got]
         return _follow(chunks, lambda: queue.get(args.id).to_dict(), args)
 

@@ -2,14 +2,16 @@
 
 Owns turning a task's limits into `resource.setrlimit` calls (RLIMIT_DATA for memory:
 RLIMIT_AS breaks ML libraries that reserve address space; RLIMIT_CPU; RLIMIT_NOFILE;
-RLIMIT_CORE = 0) and, when the supervisor found a delegated cgroup v2 subtree, moving the
-process into its own cgroup with `memory.max`. Runs in the task process after fork and
+RLIMIT_CORE = 0), the task's CPU priority (`nice` steps below the fork server's) and,
+when the supervisor found a delegated cgroup v2 subtree, moving the process into its own
+cgroup with `memory.max`. Runs in the task process after fork and
 before user code; it must never raise past `apply` without saying which limit failed.
 """
 
 from __future__ import annotations
 
 import os
+from os import nice as _renice
 
 # Names, not resource.x: in a task process each first module-attribute lookup writes a
 # page (see workers.child).
@@ -23,18 +25,21 @@ class ResourceLimits:
     """A task's limits, each None when unset. A plain class, not a dataclass: this module
     is loaded in the fork server, and dataclasses imports inspect and ast into it."""
 
-    __slots__ = ("memory_mb", "cpu_s", "open_files", "cgroup_dir")
+    __slots__ = ("memory_mb", "cpu_s", "open_files", "cgroup_dir", "nice")
 
     def __init__(self, memory_mb: int | None = None, cpu_s: float | None = None,
-                 open_files: int | None = None, cgroup_dir: str | None = None):
+                 open_files: int | None = None, cgroup_dir: str | None = None,
+                 nice: int | None = None):
         self.memory_mb = memory_mb
         self.cpu_s = cpu_s
         self.open_files = open_files
         self.cgroup_dir = cgroup_dir  # a delegated cgroup v2 folder to create our cgroup in
+        self.nice = nice              # steps below the fork server's CPU priority
 
     @classmethod
     def from_dict(cls, d: dict) -> "ResourceLimits":
-        return cls(d.get("memory_mb"), d.get("cpu_s"), d.get("open_files"), d.get("cgroup_dir"))
+        return cls(d.get("memory_mb"), d.get("cpu_s"), d.get("open_files"), d.get("cgroup_dir"),
+                   d.get("nice"))
 
 
 class LimitError(Exception):
@@ -73,6 +78,13 @@ def apply(limits: ResourceLimits) -> None:
         _lower(RLIMIT_NOFILE, "RLIMIT_NOFILE", int(limits.open_files))
     if limits.cgroup_dir and limits.memory_mb:
         join_cgroup(limits.cgroup_dir, limits.memory_mb)
+    if limits.nice:
+        # Below the supervisor, its fan-out and fork server: on a busy machine the task
+        # processes yield the CPU to them (event delivery p99, benchmarks/README.md).
+        try:
+            _renice(int(limits.nice))
+        except OSError as exc:
+            raise LimitError(f"cannot lower the CPU priority by nice {limits.nice}: {exc}") from exc
 
 
 def join_cgroup(parent: str, memory_mb: int) -> str:

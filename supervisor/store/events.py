@@ -1,7 +1,8 @@
 """The live tables: the event log, streamed output and task logs (migration 0010).
 
 Owns every SQL statement on `task_events`, `task_events_state`, `task_output` and `task_logs`, each
-one function taking a `Connection`, and the small transactions around them. Task events
+one function taking a `Connection`, the small transactions around them, and `LiveOps`, the
+Store methods everything outside the store calls them through. Task events
 themselves are written by the triggers of migration 0010, in the transaction of each
 change; this module switches them on and off (`subscribe`, `disable_if_idle`), reads
 and prunes them. Writes called inside an open write transaction (the supervisor's pass)
@@ -184,3 +185,51 @@ def read_log(conn: Connection, task_id: str, attempt: int, after_seq: int = -1) 
         return [LogChunk(attempt, seq, pos, bytes(data)) for seq, pos, data in db.execute(
             "SELECT seq, pos, data FROM task_logs WHERE task_id = ? AND attempt = ? "
             "AND seq > ? ORDER BY seq", (task_id, attempt, after_seq))]
+
+
+# -- the operations Store offers (each one transaction, or joins the caller's) -------------
+
+class LiveOps:
+    """Store methods for the event log, streamed output and task logs; mixed into `Store`,
+    whose `conn` they use. The fan-out process, the loop's output buffers, the HTTP side
+    and `taskvisor watch/logs` go through these, never through a store's connection."""
+
+    conn = None  # set by Store
+
+    def subscribe_events(self, now: float) -> LogState:
+        return subscribe(self.conn, now)
+
+    def disable_events_if_idle(self, now: float, idle_s: float) -> bool:
+        return disable_if_idle(self.conn, now, idle_s)
+
+    def newest_event_id(self) -> int:
+        return newest_id(self.conn)
+
+    def oldest_event_id(self) -> int:
+        return oldest_id(self.conn)
+
+    def read_events(self, after_id: int, limit: int = 1000) -> list[Event]:
+        return read(self.conn, after_id, limit)
+
+    def prune_events(self, below_id: int) -> int:
+        return prune(self.conn, below_id)
+
+    def append_output(self, lease, seq: int, pos: int, text: str, truncated: bool = False) -> bool:
+        return append_output(self.conn, lease, seq, pos, text, truncated)
+
+    def read_output(self, task_id: str, attempt: int | None = None) -> Output:
+        return read_output(self.conn, task_id, attempt)
+
+    def read_output_after(self, task_id: str, attempt: int, after_seq: int
+                          ) -> list[tuple[int, int, str, bool]]:
+        return read_output_after(self.conn, task_id, attempt, after_seq)
+
+    def append_log(self, lease, seq: int, pos: int, data: bytes,
+                   keep_from_pos: int | None = None) -> bool:
+        return append_log(self.conn, lease, seq, pos, data, keep_from_pos)
+
+    def log_attempts(self, task_id: str) -> list[int]:
+        return log_attempts(self.conn, task_id)
+
+    def read_log(self, task_id: str, attempt: int, after_seq: int = -1) -> list[LogChunk]:
+        return read_log(self.conn, task_id, attempt, after_seq)

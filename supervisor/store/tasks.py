@@ -18,6 +18,7 @@ import apsw
 from supervisor import budget, policy
 from supervisor.errors import DependencyError, NotFound
 from supervisor.store import flow
+from supervisor.store.events import LiveOps
 from supervisor.store import queries as q
 from supervisor.store import workflow_queries as wq
 from supervisor.store.checkpoint import Checkpointer
@@ -30,7 +31,7 @@ from supervisor.store.workflows import (
     WorkflowStore, check_workflows as _check_workflows, claim_context, fail_dependents)
 
 
-class Store(WorkflowStore, flow.FlowOps):
+class Store(WorkflowStore, flow.FlowOps, LiveOps):
     """Task state in one SQLite file. One instance per process and thread.
 
     Every method that changes state is one IMMEDIATE transaction; `now` (epoch seconds)
@@ -511,20 +512,6 @@ class Store(WorkflowStore, flow.FlowOps):
         """[text] when it is a task id, else up to `limit` ids ending with `text`."""
         with self.conn.read() as db:
             return q.select_ids_matching(db, text, limit)
-
-    # -- a task's streamed output and log (statements in store.events) --------------------
-
-    def read_output(self, task_id: str, attempt: int | None = None):
-        from supervisor.store import events
-        return events.read_output(self.conn, task_id, attempt)
-
-    def log_attempts(self, task_id: str) -> list[int]:
-        from supervisor.store import events
-        return events.log_attempts(self.conn, task_id)
-
-    def read_log(self, task_id: str, attempt: int, after_seq: int = -1):
-        from supervisor.store import events
-        return events.read_log(self.conn, task_id, attempt, after_seq)
 
     def recent_attempts(self, since: float) -> list[tuple[float, str, str]]:
         """(ended_at, outcome, type) of every attempt that ended at or after `since`."""

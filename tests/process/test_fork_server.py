@@ -235,8 +235,9 @@ def test_task_processes_get_their_limits_whether_forked_or_a_spare(supervisor_pr
     limits, and a report pipe that a subprocess of the handler would not inherit: the
     same in a spare (the first task after a pause) and in a process forked on demand."""
     sup = supervisor_proc(supervisor={"pool_size": 2},
-                          types={"t.limits": {"open_files": 64, "memory_mb": 300}})
+                          types={"t.limits": {"open_files": 64, "memory_mb": 300, "nice": 3}})
     server, spare = _server_and_spare(sup)
+    server_nice = os.getpriority(os.PRIO_PROCESS, server.pid)
     first, second = (sup.enqueue("t.limits") for _ in range(2))
     results = [sup.wait_status(t, "succeeded").result for t in (first, second)]
     assert {r["pid"] for r in results} >= {spare.pid}  # one ran in the spare ...
@@ -245,12 +246,30 @@ def test_task_processes_get_their_limits_whether_forked_or_a_spare(supervisor_pr
         assert r["core"] == [0, 0]
         assert r["nofile"] == 64
         assert r["data"] == 300 * 1024 * 1024
+        assert r["nice"] == min(server_nice + 3, 19)  # the type's nice, below its server's
         assert r["cloexec"] and all(r["cloexec"]), r  # the report pipe (and any other fd)
         # The fork server bound its symbols at load (LD_BIND_NOW at its exec); its
         # task processes, and what they run, do not inherit the setting.
         assert r["env"] == {"LD_BIND_NOW": None, "TASKVISOR_UNSET_LD_BIND_NOW": None}
     with open(f"/proc/{server.pid}/environ", "rb") as f:
         assert b"LD_BIND_NOW=1" in f.read().split(b"\0")
+    assert sup.stop() == 0
+
+
+@pytest.mark.timeout(60)
+def test_task_processes_run_below_the_supervisors_cpu_priority(supervisor_proc):
+    """By default a task process runs 10 nice steps below its fork server (which runs at
+    the supervisor's priority, like the event fan-out): on a busy machine the tasks yield
+    the CPU to the processes that record them and deliver their events. `nice = 0` keeps
+    a type at the supervisor's priority."""
+    sup = supervisor_proc(supervisor={"pool_size": 2},
+                          types={"t.limits": {"nice": 0}})
+    base = os.getpriority(os.PRIO_PROCESS, sup.pid)
+    r = sup.wait_status(sup.enqueue("t.nice"), "succeeded").result
+    assert r["server"] == base
+    assert r["nice"] == min(base + 10, 19)
+    r = sup.wait_status(sup.enqueue("t.limits"), "succeeded").result
+    assert r["nice"] == base
     assert sup.stop() == 0
 
 

@@ -12,10 +12,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("supervisor", "workers")
 SQL_MODULES = {"supervisor.store.queries", "supervisor.store.connection"}
-# The HTTP threads read through Store methods, never a store's connection. (The live
-# event modules, broadcast.py and output.py, still pass `.conn` to supervisor.store.events:
-# left for their owner.)
-HTTP_SIDE = {"supervisor/api.py", "supervisor/http.py"}
+# The HTTP threads, the event fan-out, the loop's output buffers and the live CLI commands
+# read and write through Store methods, never a store's connection.
+HTTP_SIDE = {"supervisor/api.py", "supervisor/http.py", "supervisor/broadcast.py",
+             "supervisor/output.py", "supervisor/watch.py"}
 
 
 def modules() -> list[Path]:

@@ -86,8 +86,14 @@ def limits(payload, ctx):
     return {"core": resource.getrlimit(resource.RLIMIT_CORE),
             "nofile": resource.getrlimit(resource.RLIMIT_NOFILE)[0],
             "data": resource.getrlimit(resource.RLIMIT_DATA)[0],
-            "cloexec": sorted(fds.values()), "pid": os.getpid(),
+            "cloexec": sorted(fds.values()), "pid": os.getpid(), "nice": os.nice(0),
             "env": {k: os.environ.get(k) for k in ("LD_BIND_NOW", "TASKVISOR_UNSET_LD_BIND_NOW")}}
+
+
+@task("t.nice")
+def niceness(payload, ctx):
+    """This process's nice value and its fork server's (its parent)."""
+    return {"nice": os.nice(0), "server": os.getpriority(os.PRIO_PROCESS, os.getppid())}
 
 
 @task("t.log")
