@@ -3,7 +3,7 @@
 Owns running task processes as the supervisor sees them: the `Child` record of each
 attempt, the spawn request and the fork server's events about it, the report channel
 (every line checked by workers.wire; a task that breaks the protocol ends its own attempt
-as `crashed`), its output pipe (the last max_log_bytes kept), reaping, the time, boot and
+as `crashed`), its output pipe (read into supervisor.output), reaping, the time, boot and
 memory limits (deadlines in a heap and a bounded watchdog, so the cost is per event, not
 per task in flight), stopping an attempt, and turning how it ended into an AttemptEnd that
 waits in `pending` until the loop writes it. It never touches the database and never
@@ -65,8 +65,6 @@ class Child:
     status: int | None = None          # wait status, once reaped
     rusage: dict | None = None
     eof: bool = False
-    output: bytearray = field(default_factory=bytearray)  # the tail of stdout/stderr
-    output_bytes: int = 0              # everything it wrote, kept or not
     acks: list = field(default_factory=list)  # (seq, error) to answer after the commit
     checkpoints: list = field(default_factory=list)  # (seq, state JSON) not yet written
     spent_tokens: int | None = None    # what ctx.spend reported, summed
@@ -116,16 +114,14 @@ class Children:
     """The table of running attempts, keyed by "<task id>:<attempt>"."""
 
     def __init__(self, selector: selectors.BaseSelector, config, clock, emit,
-                 max_log_bytes: int = MAX_LOG_BYTES, forward_output=None):
+                 max_log_bytes: int = MAX_LOG_BYTES):
         self.selector = selector
         self.config = config  # replaced by the loop on reload
         self.clock = clock
         self.emit = emit
-        self.max_log_bytes = max_log_bytes
         # Streamed output (ctx.stream) and stdout/stderr of running attempts, stored by
-        # the loop's pass (supervisor.output); forward_output is a copy for debugging.
+        # the loop's pass (supervisor.output), which keeps the last max_log_bytes.
         self.output = LiveOutput(config.supervisor.max_output_bytes, max_log_bytes)
-        self.forward_output = forward_output
         self.table: dict[str, Child] = {}
         self.by_pid: dict[int, Child] = {}
         self.pending: list[tuple[Child, AttemptEnd]] = []  # ended, not yet recorded
@@ -355,7 +351,8 @@ class Children:
         self.acking.clear()
 
     def on_output(self, child: Child) -> None:
-        """Read the task's stdout/stderr; keep the tail (max_log_bytes)."""
+        """Read the task's stdout/stderr into its attempt's log (supervisor.output keeps
+        the tail, max_log_bytes)."""
         while child.output_fd >= 0:
             try:
                 data = os.read(child.output_fd, REPORT_READ)
@@ -368,16 +365,7 @@ class Children:
                 os.close(child.output_fd)
                 child.output_fd = -1
                 return
-            child.output_bytes += len(data)
-            child.output += data
             self.output.on_log(child.key, child.lease, data, self.clock.monotonic())
-            if len(child.output) > 2 * self.max_log_bytes:
-                del child.output[:len(child.output) - self.max_log_bytes]
-            if self.forward_output is not None:
-                try:
-                    self.forward_output(data)
-                except OSError:
-                    pass
 
     # -- limits, timers, stopping ----------------------------------------------------------
 

@@ -298,7 +298,6 @@ class Supervisor:
         self.notifier.reloading()
         old = self.config
         self.config = self.children.config = new
-        self.children.max_log_bytes = new.supervisor.max_log_bytes
         self.children.output.configure(new.supervisor.max_output_bytes, new.supervisor.max_log_bytes)
         self.memory_budget_mb = policy.memory_budget_mb(new.supervisor.memory_budget_mb, machine_memory_mb())
         self.claim_needed = True

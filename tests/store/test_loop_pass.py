@@ -102,7 +102,6 @@ def loop(tmp_path):
     server = FakeForkServer()
     seen: list[tuple[str, dict]] = []
     sup = Supervisor(config, server, clock=clock, events=lambda n, f: seen.append((n, f)))
-    sup.children.forward_output = None
     sup.selector.register(server, selectors.EVENT_READ, ("server", server))
     sup.open_store()
     queue = Queue(config)
@@ -245,15 +244,15 @@ def test_the_output_pipe_keeps_the_tail(loop):
     sup, server, clock, queue, seen = loop
     queue.enqueue("t")
     (key,) = start_all(sup, server, clock)
-    sup.children.max_log_bytes = 1000
+    sup.children.output.max_log_bytes = 1000
     out = server.tasks[key]["output"]
     for i in range(50):
         os.write(out, b"line %04d " % i + b"x" * 90 + b"\n")
         sup.wait(0.05)
-    (child,) = sup.children.values()
-    assert child.output_bytes == 50 * 101
-    assert bytes(child.output).endswith(b"line 0049 " + b"x" * 90 + b"\n")
-    assert len(child.output) <= 2000
+    log = sup.children.output._attempts[key]  # the attempt's log, not yet stored
+    assert log.log_written == 50 * 101
+    assert bytes(log.log_pending).endswith(b"line 0049 " + b"x" * 90 + b"\n")
+    assert len(log.log_pending) <= 2000
 
 
 def test_an_idle_loop_wakes_for_the_next_delayed_task_not_the_next_poll(loop):
