@@ -391,15 +391,7 @@ class Queue(WorkflowCalls):
 
     def _limit_keys(self, type_: str, extra: Any) -> tuple[str, ...]:
         """The type's limits plus the task's own keys, checked; InputError names the key."""
-        if extra is None:
-            extra = ()
-        if isinstance(extra, str):
-            extra = (extra,)
-        try:
-            extra = tuple(extra)
-        except TypeError:
-            raise InputError(f"limit_keys must be a list of strings, got {_kind(extra)}",
-                             field="limit_keys") from None
+        extra = _one_or_many(extra, "limit_keys", "a list of strings")
         table = self.config.limit_table()
         for key in extra:
             if not isinstance(key, str) or not flowconfig.KEY_RE.fullmatch(key):
@@ -466,16 +458,21 @@ def _run_after(delay: Any, run_at: Any, now: float) -> float | None:
     return _seconds(run_at, "run_at", minimum=0.0)
 
 
-def _deps(depends_on: Any) -> tuple[str, ...]:
-    if depends_on is None:
+def _one_or_many(value: Any, field: str, expected: str) -> tuple:
+    """None -> (), one string -> (it,) (not its characters), any other iterable -> a
+    tuple; InputError naming `field` otherwise."""
+    if value is None:
         return ()
-    if isinstance(depends_on, str):  # one id, not its characters
-        depends_on = (depends_on,)
+    if isinstance(value, str):
+        return (value,)
     try:
-        deps = tuple(depends_on)
+        return tuple(value)
     except TypeError:
-        raise InputError(f"depends_on must be a list of task ids, got {_kind(depends_on)}",
-                         field="depends_on") from None
+        raise InputError(f"{field} must be {expected}, got {_kind(value)}", field=field) from None
+
+
+def _deps(depends_on: Any) -> tuple[str, ...]:
+    deps = _one_or_many(depends_on, "depends_on", "a list of task ids")
     for dep in deps:
         _check_id(dep, "depends_on")
     return deps
