@@ -45,11 +45,12 @@ import httpcore._backends.anyio  # noqa: F401
 import httpcore._backends.auto  # noqa: F401
 import httpx
 
-from workers import Retry, task
+from workers import Retry, relay, relaycall, task
 from workers.handlers import Fail
 
 PROGRESS_EVERY_S = 0.5        # progress (which is also a heartbeat) at most this often
-CONNECT_TIMEOUT_S = 30.0
+CONNECT_TIMEOUT_S = relay.CONNECT_TIMEOUT_S
+RELAY_GRACE_S = 5.0           # past stall_timeout_s with no frame, the relay itself is stuck
 _RESERVED = frozenset({"messages", "stream", "stream_options"})
 # Built at import, so once in the fork server (preload), and shared copy-on-write by every
 # task process, like the transport modules imported above, which httpx would otherwise import
@@ -348,15 +349,23 @@ def _count(value: Any) -> int | None:
 
 
 def _transport_error(exc: httpx.HTTPError, req: Request, reply: Reply | None) -> BaseException:
-    if isinstance(exc, httpx.ReadTimeout):
+    return _error_of(relay.error_kind(exc), type(exc).__name__, str(exc), req, reply)
+
+
+def _error_of(kind: str, name: str, message: str, req: Request, reply: Reply | None) -> BaseException:
+    """The exception for a failed exchange, by the relay protocol's kind (workers.relay):
+    the same whether the call was made here or by the relay."""
+    if kind == "stalled":
         return reply.stalled() if reply is not None else LlmStalled(
             f"no response from {req.url} within stall_timeout_s={req.stall_timeout_s:g}s")
-    if isinstance(exc, httpx.UnsupportedProtocol):
-        return LlmRejected(f"cannot use {req.url}: {exc}")
-    if isinstance(exc, httpx.DecodingError):
-        return MalformedReply(f"cannot decode the response of {req.url}: {exc}")
-    what = "connect to" if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)) else "talk to"
-    return LlmUnavailable(f"cannot {what} {req.url}: {type(exc).__name__}: {exc or 'no detail'}")
+    if kind == "overran":
+        return _overran(req)
+    if kind == "unsupported":
+        return LlmRejected(f"cannot use {req.url}: {message}")
+    if kind == "decoding":
+        return MalformedReply(f"cannot decode the response of {req.url}: {message}")
+    what = "connect to" if kind == "connect" else "talk to"
+    return LlmUnavailable(f"cannot {what} {req.url}: {name}: {message or 'no detail'}")
 
 
 def _overran(req: Request) -> LlmStalled:
@@ -384,6 +393,11 @@ async def chat(payload: Mapping[str, Any], ctx: Any = None) -> dict:
     docstring for outcomes."""
     req = build_request(payload, ctx)
     reply = _start(req, ctx)
+    sock = relaycall.connect()
+    if sock is not None:  # the relay makes the HTTP exchange (workers.relay)
+        call = _Relayed(req, reply, ctx)
+        await call.run(relaycall.exchange_async(sock, call.line(), call.on_frame, call.timeout_s))
+        return _spend(ctx, reply.result(req.body.get("model")))
     try:
         async with asyncio.timeout(req.request_timeout_s):
             async with httpx.AsyncClient(timeout=req.timeout(), verify=_TLS) as client:
@@ -409,6 +423,11 @@ def chat_sync(payload: Mapping[str, Any], ctx: Any = None) -> dict:
     `llm.chat` task type itself."""
     req = build_request(payload, ctx)
     reply = _start(req, ctx)
+    sock = relaycall.connect()
+    if sock is not None:  # the relay makes the HTTP exchange (workers.relay)
+        call = _Relayed(req, reply, ctx)
+        call.run_sync(lambda: relaycall.exchange(sock, call.line(), call.on_frame, call.timeout_s))
+        return _spend(ctx, reply.result(req.body.get("model")))
     deadline = time.monotonic() + req.request_timeout_s
     try:
         with httpx.Client(timeout=req.timeout(), verify=_TLS) as client:
@@ -427,6 +446,78 @@ def chat_sync(payload: Mapping[str, Any], ctx: Any = None) -> dict:
     except httpx.HTTPError as exc:
         raise _transport_error(exc, req, reply) from exc
     return _spend(ctx, reply.result(req.body.get("model")))
+
+
+class _Relayed:
+    """One call through the relay, seen from the task: the frames of its answer fed to the
+    same Reply, status_error and exceptions as a call made here (no httpx object touched)."""
+
+    def __init__(self, req: Request, reply: Reply, ctx: Any):
+        self.req, self.reply, self.ctx = req, reply, ctx
+        self.deadline = time.monotonic() + req.request_timeout_s
+        self.answer: relaycall.Answer | None = None
+        self.whole = False  # one JSON object, not a stream
+
+    def line(self) -> bytes:
+        r = self.req
+        return relaycall.request_line(r.url, r.headers, r.body, r.stall_timeout_s, r.request_timeout_s)
+
+    def timeout_s(self) -> float:
+        """How long one read from the relay may wait: the relay reports a stall or an
+        overrun itself; past this margin the relay itself is stuck."""
+        left = self.deadline - time.monotonic()
+        return max(0.05, min(self.req.stall_timeout_s, left) + RELAY_GRACE_S)
+
+    def on_frame(self, kind: bytes, data: bytes) -> bool:
+        """One frame; True at the end. Raises the call's exception."""
+        if kind == b"L":
+            reply = self.reply
+            for line in data.decode().split("\n"):
+                reply.feed(line)
+                if time.monotonic() > self.deadline:
+                    raise _overran(self.req)
+        elif kind == b"H":
+            self.answer = relaycall.Answer(json.loads(data))
+        elif kind == b"B":
+            if self.answer.status_code >= 400:
+                self.answer.content = data
+                raise status_error(self.answer, self.req.url, _pause_keys(self.ctx, spent=0))
+            _finish_json(self.reply, data)
+            self.whole = True
+        elif kind == b"Z":
+            if not self.whole:
+                self.reply.close()
+            return True
+        elif kind == b"E":
+            err = json.loads(data)
+            raise _error_of(str(err.get("kind")), str(err.get("error")), str(err.get("message")),
+                            self.req, self.reply)
+        return False
+
+    def broken(self, exc: relaycall.RelayBroken) -> LlmUnavailable:
+        return LlmUnavailable(f"the model-call relay's connection broke during the call to "
+                              f"{self.req.url}: {exc}")
+
+    def silent(self) -> BaseException:
+        if time.monotonic() >= self.deadline:
+            return _overran(self.req)
+        return self.reply.stalled()
+
+    def run_sync(self, exchange) -> None:
+        try:
+            exchange()
+        except relaycall.RelayBroken as exc:
+            raise self.broken(exc) from None
+        except relaycall.RelaySilent:
+            raise self.silent() from None
+
+    async def run(self, exchange) -> None:
+        try:
+            await exchange
+        except relaycall.RelayBroken as exc:
+            raise self.broken(exc) from None
+        except relaycall.RelaySilent:
+            raise self.silent() from None
 
 
 def _pause_keys(ctx: Any, spent: int | None = None) -> tuple[str, ...]:
