@@ -3,7 +3,7 @@
 Owns starting `python -m workers.relay` (its own process group, the parent-death signal,
 the owner marker in its environment like the fork server's), the private folder its socket
 lives in (mode 0700, made with mkdtemp under $XDG_RUNTIME_DIR or the temporary folder, so
-the AF_UNIX path stays short), the environment variable TASKVISOR_LLM_RELAY that names the
+the AF_UNIX path stays short), the variable TASKVISOR_LLM_RELAY_SOCKET that names the
 socket to the fork server and so to every task process, noticing its exit, restarting it
 with the fork server's backoff, stopping it at shutdown, and logging each. Tasks that find
 no relay (it died and is being restarted) make their calls themselves. It never touches the

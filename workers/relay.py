@@ -12,7 +12,7 @@ attempt, the outcome, progress, retries). It never imports `supervisor/`, never 
 database, and never logs a request's headers or body (the API key travels in them).
 
 Protocol, over one AF_UNIX stream connection per call (the socket's path is in the
-environment variable TASKVISOR_LLM_RELAY, which every task process inherits):
+environment variable TASKVISOR_LLM_RELAY_SOCKET, which every task process inherits):
 - the task sends one line of JSON: {"url", "headers", "body" (the JSON request body),
   "stall_timeout_s", "request_timeout_s"}, and then keeps its side open: end of file from
   the task means it went away, and the relay closes the upstream request at once;
@@ -42,7 +42,8 @@ import socket
 import stat
 import sys
 
-RELAY_ENV = "TASKVISOR_LLM_RELAY"
+RELAY_ENV = "TASKVISOR_LLM_RELAY_SOCKET"  # not TASKVISOR_LLM_RELAY: that reads as a
+# misspelt TASKVISOR_LLM__RELAY ([llm] relay) to supervisor.config
 ERROR_KINDS = ("stalled", "connect", "transport", "decoding", "unsupported", "overran", "protocol")
 CONNECT_TIMEOUT_S = 30.0
 MAX_REQUEST_BYTES = 1 << 28          # one request line (the messages of a long conversation)
@@ -70,7 +71,7 @@ def error_kind(exc: BaseException) -> str:
     return "transport"
 
 
-class Relay:
+class RelayServer:
     """The serving side: one AsyncClient, one coroutine per task connection."""
 
     def __init__(self) -> None:
@@ -179,7 +180,7 @@ def bind(path: str) -> socket.socket:
 
 
 async def run(path: str, ctrl: socket.socket) -> None:
-    relay = Relay()
+    relay = RelayServer()
     listener = bind(path)
     server = await asyncio.start_unix_server(relay.serve_one, sock=listener,
                                              limit=MAX_REQUEST_BYTES)

@@ -1,5 +1,5 @@
 """A task process's side of the model-call relay's protocol (workers.relay documents it):
-connect to the relay named by TASKVISOR_LLM_RELAY, send the request line, read frames.
+connect to the relay that TASKVISOR_LLM_RELAY_SOCKET names, send the request, read frames.
 
 Owns the socket, the framing and the two drivers (blocking, and asyncio for async
 handlers). It touches a socket, `json` and `int.from_bytes` only: no httpx object, so a
