@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable
 
 from workers.relay import RELAY_ENV
@@ -42,9 +43,9 @@ def connect(env=None) -> socket.socket | None:
     if not path:
         return None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(CONNECT_TIMEOUT_S)
+    sock.setblocking(False)
     try:
-        sock.connect(path)
+        _connect(sock, path)
     except OSError as exc:
         sock.close()
         fallbacks += 1
@@ -54,6 +55,22 @@ def connect(env=None) -> socket.socket | None:
                         exc.strerror or type(exc).__name__)
         return None
     return sock
+
+
+def _connect(sock: socket.socket, path: str) -> None:
+    """Connect, waiting up to CONNECT_TIMEOUT_S while the relay's backlog is full (a
+    non-blocking AF_UNIX connect says EAGAIN then; a refused or missing socket raises)."""
+    deadline = None
+    while True:
+        try:
+            sock.connect(path)
+            return
+        except BlockingIOError:
+            now = time.monotonic()
+            deadline = deadline or now + CONNECT_TIMEOUT_S
+            if now > deadline:
+                raise
+            time.sleep(0.005)
 
 
 def request_line(url: str, headers: dict, body: dict, stall_timeout_s: float,

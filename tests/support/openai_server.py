@@ -16,6 +16,7 @@ The real services cannot be reached from here; this is what the tests talk to.
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -88,6 +89,7 @@ class FakeOpenAI:
         self.connections = 0          # TCP connections accepted (keep-alive reuses them)
         self.disconnects: list[float] = []  # monotonic times a client left mid-answer
         self.flooded = 0              # bytes a Flood wrote so far
+        self.active = self.max_active = 0   # requests being answered now / at most at once
         self._queue: list = []
         self._lock = threading.Lock()
         self.stopping = threading.Event()
@@ -110,9 +112,9 @@ class FakeOpenAI:
             self.requests.clear()
             self.default = default if default is not None else Stream()
 
-    def next(self, body: dict, headers: dict, path: str):
+    def next(self, body: dict, headers: dict, path: str, peer=None):
         with self._lock:
-            self.requests.append({"path": path, "body": body, "headers": headers})
+            self.requests.append({"path": path, "body": body, "headers": headers, "peer": peer})
             return self._queue.pop(0) if self._queue else self.default
 
     def start(self) -> FakeOpenAI:
@@ -138,8 +140,17 @@ def _handler_class(server: FakeOpenAI):
         def log_message(self, *args) -> None:  # keep test output clean
             pass
 
+        def handle(self) -> None:
+            try:
+                super().handle()
+            except (ConnectionResetError, BrokenPipeError):
+                pass  # a client closed a kept-alive connection: expected
+
         def setup(self) -> None:
             super().setup()
+            # Each event is its own small write: without this, Nagle's algorithm holds
+            # one back until the client's delayed ACK (40 ms) on a kept-alive connection.
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with server._lock:
                 server.connections += 1
             self.chunked = False
@@ -153,12 +164,18 @@ def _handler_class(server: FakeOpenAI):
                 body = {"_raw": raw.decode("utf-8", "replace")}
             if not self.path.rstrip("/").endswith("/chat/completions"):
                 return self._send(404, {"error": {"message": f"no route {self.path}"}})
-            behaviour = server.next(body, dict(self.headers), self.path)
+            behaviour = server.next(body, dict(self.headers), self.path, self.client_address)
+            with server._lock:
+                server.active += 1
+                server.max_active = max(server.max_active, server.active)
             try:
                 self._serve(behaviour, body)
             except (BrokenPipeError, ConnectionResetError):
                 server.disconnects.append(time.monotonic())  # the client gave up: expected
                 self.close_connection = True
+            finally:
+                with server._lock:
+                    server.active -= 1
 
         def _serve(self, b, body: dict) -> None:
             if isinstance(b, Status):
