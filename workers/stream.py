@@ -32,7 +32,10 @@ class OutputStream:
         self._closed = False
         self._thread: threading.Thread | None = None
 
-    def write(self, text: str) -> None:
+    def write(self, text: str, flush: bool = False) -> None:
+        """Buffer `text`; with `flush`, send it (and what waits) now, and start no thread:
+        for a caller that batches itself (llm.chat through the relay: one piece per read).
+        The flusher thread costs a task process about 1 MiB (its stack and malloc arena)."""
         if not text:
             return
         with self._lock:
@@ -42,7 +45,7 @@ class OutputStream:
                 self._first_mono = time.monotonic()
             self._parts.append(text)
             self._size += len(text)
-            if self._size >= FLUSH_BYTES:
+            if flush or self._size >= FLUSH_BYTES:
                 self._flush_locked()
                 return
         if self._thread is None:

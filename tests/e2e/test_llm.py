@@ -297,6 +297,13 @@ def test_e2e_succeeds_with_usage_and_live_progress(sup, llm_server):
     assert "tok/s" in seen or "done" in seen
     assert llm_server.requests[0]["headers"]["Authorization"] == "Bearer sk-e2e-secret"
     assert "sk-e2e-secret" not in sup.log()
+    # ctx.stream: the tokens reached the attempt's output, in order, on both paths
+    from supervisor.store import Store
+    store = Store(str(sup.dir / "taskvisor.db"))
+    try:
+        assert store.read_output(task_id).text == task.result["text"]
+    finally:
+        store.close()
 
 
 @pytest.mark.timeout(60)

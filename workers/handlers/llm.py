@@ -11,6 +11,12 @@ TASKVISOR_LLM__* variables and the defaults fills that section is decided by
 `supervisor.config` alone: this module applies no environment or default of its own.
 The API key is read from the environment variable *named* by api_key_env, at call time,
 and is never put in a result, an error message or a log line.
+Under a supervisor ([llm] relay = true, the default) the HTTP exchange itself is handed to
+the supervisor's model-call relay (workers.relay, over workers.relaycall): the task keeps
+the attempt, the outcome, progress, streaming, spend and the exceptions, which are the same
+on both paths, and touches no httpx object (a few hundred KiB per call instead of ~4.5 MiB).
+Without a relay (a handler run outside a supervisor, relay = false, or a relay that cannot
+be reached at connect time) the call is made here.
 Runs in task processes; preload it: its import (httpx, its transport stack and one TLS
 context, ~0.1 s) is then paid once by the fork server instead of by every task.
 """
@@ -45,7 +51,9 @@ import httpcore._backends.anyio  # noqa: F401
 import httpcore._backends.auto  # noqa: F401
 import httpx
 
+import workers.stream  # noqa: F401 - what ctx.stream imports at its first call: once, here
 from workers import Retry, relay, relaycall, task
+from workers.context import TaskContext
 from workers.handlers import Fail
 
 PROGRESS_EVERY_S = 0.5        # progress (which is also a heartbeat) at most this often
@@ -242,6 +250,7 @@ class Reply:
     def __init__(self, ctx: Any, stall_timeout_s: float, max_tokens: int | None):
         self.ctx = ctx
         self.stream = getattr(ctx, "stream", None)  # ctx.stream, batched in the task process
+        self.pending: list[str] | None = None  # batch_stream(): held until flush_stream()
         self.stall_timeout_s = stall_timeout_s
         self.max_tokens = max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else None
         self.parts: list[str] = []
@@ -306,7 +315,9 @@ class Reply:
             if isinstance(content, str) and content:
                 self.parts.append(content)
                 self.chunks += 1
-                if self.stream is not None:
+                if self.pending is not None:
+                    self.pending.append(content)
+                elif self.stream is not None:
                     self.stream(content)  # live to clients: output events, /output
             if choice.get("finish_reason"):
                 self.finish_reason = choice["finish_reason"]
@@ -314,6 +325,18 @@ class Reply:
             self.usage = dict(chunk["usage"])
         self.last_data_mono = time.monotonic()
         self._progress(self.last_data_mono)
+
+    def batch_stream(self) -> None:
+        """Hold streamed text until flush_stream(), which sends it at once: one piece per
+        read from the network instead of ctx.stream's 20 ms flusher thread (~1 MiB of a
+        task process). Only for a TaskContext (its stream takes flush=)."""
+        if isinstance(self.ctx, TaskContext):
+            self.pending = []
+
+    def flush_stream(self) -> None:
+        if self.pending:
+            text, self.pending = "".join(self.pending), []
+            self.stream(text, flush=True)
 
     def _progress(self, now: float) -> None:
         if self.ctx is None or now - self.progress_mono < PROGRESS_EVERY_S:
@@ -457,6 +480,7 @@ class _Relayed:
         self.deadline = time.monotonic() + req.request_timeout_s
         self.answer: relaycall.Answer | None = None
         self.whole = False  # one JSON object, not a stream
+        reply.batch_stream()  # streamed text goes out once per frame (one upstream read)
 
     def line(self) -> bytes:
         r = self.req
@@ -472,17 +496,23 @@ class _Relayed:
         """One frame; True at the end. Raises the call's exception."""
         if kind == b"L":
             reply = self.reply
-            for line in data.decode().split("\n"):
-                reply.feed(line)
-                if time.monotonic() > self.deadline:
-                    raise _overran(self.req)
+            try:
+                for line in data.decode().split("\n"):
+                    reply.feed(line)
+                    if time.monotonic() > self.deadline:
+                        raise _overran(self.req)
+            finally:
+                reply.flush_stream()
         elif kind == b"H":
             self.answer = relaycall.Answer(json.loads(data))
         elif kind == b"B":
             if self.answer.status_code >= 400:
                 self.answer.content = data
                 raise status_error(self.answer, self.req.url, _pause_keys(self.ctx, spent=0))
-            _finish_json(self.reply, data)
+            try:
+                _finish_json(self.reply, data)
+            finally:
+                self.reply.flush_stream()
             self.whole = True
         elif kind == b"Z":
             if not self.whole:
