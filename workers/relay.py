@@ -42,8 +42,8 @@ import socket
 import stat
 import sys
 
-RELAY_ENV = "TASKVISOR_LLM_RELAY_SOCKET"  # not TASKVISOR_LLM_RELAY: that reads as a
-# misspelt TASKVISOR_LLM__RELAY ([llm] relay) to supervisor.config
+from workers.relaycall import RELAY_ENV  # noqa: F401 - the variable naming the socket
+
 ERROR_KINDS = ("stalled", "connect", "transport", "decoding", "unsupported", "overran", "protocol")
 CONNECT_TIMEOUT_S = 30.0
 MAX_REQUEST_BYTES = 1 << 28          # one request line (the messages of a long conversation)

@@ -4,24 +4,22 @@ connect to the relay that TASKVISOR_LLM_RELAY_SOCKET names, send the request, re
 Owns the socket, the framing and the two drivers (blocking, and asyncio for async
 handlers). It touches a socket, `json` and `int.from_bytes` only: no httpx object, so a
 task process forked from the fork server copies few pages for a call (the reason the relay
-exists). What the frames mean for the call (the outcome, progress, the exceptions) is
+exists); it imports neither asyncio (but for an async caller) nor workers.relay. What the frames mean for the call (the outcome, progress, the exceptions) is
 `workers.handlers.llm`'s. It never imports `supervisor/`.
 """
 
 from __future__ import annotations
 
+import _socket
 import json
-import logging
 import os
-import socket
 import time
 from collections.abc import Callable
 
-from workers.relay import RELAY_ENV
-
+RELAY_ENV = "TASKVISOR_LLM_RELAY_SOCKET"  # not TASKVISOR_LLM_RELAY: that reads as a
+# misspelt TASKVISOR_LLM__RELAY ([llm] relay) to supervisor.config
 CONNECT_TIMEOUT_S = 5.0   # an AF_UNIX connect blocks only while the relay's backlog is full
 READ_SIZE = 1 << 16
-log = logging.getLogger("taskvisor.llm")
 fallbacks = 0             # calls in this process that found no relay and went direct
 
 
@@ -33,7 +31,7 @@ class RelaySilent(Exception):
     """Nothing from the relay within the time the caller allowed."""
 
 
-def connect(env=None) -> socket.socket | None:
+def connect(env=None) -> _socket.socket | None:
     """A connected socket to the relay, or None when there is none to use: no relay named
     (a handler run outside a supervisor, or `[llm] relay = false`), or it cannot be reached
     (it died and is being restarted): the caller then makes the call itself. The first such
@@ -42,7 +40,8 @@ def connect(env=None) -> socket.socket | None:
     path = (os.environ if env is None else env).get(RELAY_ENV)
     if not path:
         return None
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # _socket's own class: the socket module (and selectors, enum) stays out of the task
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     sock.setblocking(False)
     try:
         _connect(sock, path)
@@ -50,14 +49,15 @@ def connect(env=None) -> socket.socket | None:
         sock.close()
         fallbacks += 1
         if fallbacks == 1:
-            log.warning("the model-call relay at %s cannot be reached (%s); calling the model "
-                        "server directly from this task process", path,
-                        exc.strerror or type(exc).__name__)
+            import logging  # here: a task that reaches its relay never loads it
+            logging.getLogger("taskvisor.llm").warning(
+                "the model-call relay at %s cannot be reached (%s); calling the model "
+                "server directly from this task process", path, exc.strerror or type(exc).__name__)
         return None
     return sock
 
 
-def _connect(sock: socket.socket, path: str) -> None:
+def _connect(sock: _socket.socket, path: str) -> None:
     """Connect, waiting up to CONNECT_TIMEOUT_S while the relay's backlog is full (a
     non-blocking AF_UNIX connect says EAGAIN then; a refused or missing socket raises)."""
     deadline = None
@@ -101,7 +101,7 @@ class Frames:
         return out
 
 
-def exchange(sock: socket.socket, line: bytes, on_frame: Callable[[bytes, bytes], bool],
+def exchange(sock: _socket.socket, line: bytes, on_frame: Callable[[bytes, bytes], bool],
              timeout_s: Callable[[], float]) -> None:
     """Blocking: send the request, hand each frame to `on_frame` until it returns True (the
     end). Raises RelaySilent when a read waits past `timeout_s()`, RelayBroken when the
@@ -127,7 +127,7 @@ def exchange(sock: socket.socket, line: bytes, on_frame: Callable[[bytes, bytes]
         sock.close()
 
 
-async def exchange_async(sock: socket.socket, line: bytes,
+async def exchange_async(sock: _socket.socket, line: bytes,
                          on_frame: Callable[[bytes, bytes], bool],
                          timeout_s: Callable[[], float]) -> None:
     """The same for async handlers, on the running event loop."""
