@@ -1,7 +1,8 @@
 """What one `llm.chat` call costs a task process: private memory and CPU, by path.
 
 Like a task process: a parent imports workers.handlers.llm (as the fork server's preload
-does), calls gc.freeze(), and forks a child per call; the child reads Private_Dirty from
+does: with the relay's socket named in its environment, or not), calls gc.freeze(), and
+forks a child per call (one such parent per path); the child reads Private_Dirty from
 /proc/self/smaps_rollup, makes one call to benchmarks/inflight_llm_server.py (10 chunks),
 reads it again, and reports the difference with its own CPU time. Paths: `direct` (httpx in
 the task process: [llm] relay = false), `relay` (through a relay process, the default; the
@@ -25,8 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from workers.handlers import llm  # noqa: E402  (the preload)
-from workers.relay import RELAY_ENV  # noqa: E402
+RELAY_ENV = "TASKVISOR_LLM_RELAY_SOCKET"
 
 
 def private_dirty_kib() -> int:
@@ -64,7 +64,7 @@ def one(path: str, base_url: str) -> tuple[float, float]:
         if path == "http.client":
             stdlib_call(base_url, payload)
         else:
-            llm.chat_sync(payload)
+            sys.modules["workers.handlers.llm"].chat_sync(payload)
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
         after = private_dirty_kib()
         cpu_ms = (cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime) * 1000
@@ -86,10 +86,32 @@ def proc_cpu_ms(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
 
 
+def parent(path: str, base_url: str, relay_path: str, relay_pid: int, calls: int) -> None:
+    """One preload, then `calls` forked calls; prints one JSON row."""
+    if path == "relay":
+        os.environ[RELAY_ENV] = relay_path  # as the supervisor names it to the fork server
+    else:
+        os.environ.pop(RELAY_ENV, None)
+    import workers.handlers.llm  # noqa: F401 - the preload
+    gc.freeze()
+    one(path, base_url)  # warm the server (and the relay's connection)
+    relay_cpu0 = proc_cpu_ms(relay_pid)
+    results = [one(path, base_url) for _ in range(calls)]
+    relay_cpu = (proc_cpu_ms(relay_pid) - relay_cpu0) / calls
+    print(json.dumps([path, statistics.median(m for m, _ in results),
+                      statistics.median(c for _, c in results),
+                      relay_cpu if path == "relay" else None]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", type=int, default=9, help="forked calls per path (default 9)")
+    ap.add_argument("--parent", nargs=4, help=argparse.SUPPRESS)  # path url relay-path relay-pid
     args = ap.parse_args()
+    if args.parent:
+        path, url, relay_path, relay_pid = args.parent
+        parent(path, url, relay_path, int(relay_pid), args.calls)
+        return
     server = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "inflight_llm_server.py"),
                                "0.2"], stdout=subprocess.PIPE, text=True)
     from supervisor.relay import Relay
@@ -97,20 +119,12 @@ def main() -> None:
     relay.start(wait=True)
     try:
         base_url = server.stdout.readline().strip()
-        gc.freeze()
         rows = []
         for path in ("direct", "relay", "http.client"):
-            if path == "relay":
-                os.environ[RELAY_ENV] = relay.path
-            else:
-                os.environ.pop(RELAY_ENV, None)
-            one(path, base_url)  # warm the server (and the relay's connection)
-            relay_cpu0 = proc_cpu_ms(relay.pid)
-            results = [one(path, base_url) for _ in range(args.calls)]
-            relay_cpu = (proc_cpu_ms(relay.pid) - relay_cpu0) / args.calls
-            mib = statistics.median(m for m, _ in results)
-            cpu = statistics.median(c for _, c in results)
-            rows.append((path, mib, cpu, relay_cpu if path == "relay" else None))
+            out = subprocess.run([sys.executable, __file__, "--calls", str(args.calls), "--parent",
+                                  path, base_url, relay.path, str(relay.pid)],
+                                 capture_output=True, text=True, check=True, timeout=300)
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"one llm.chat call in a forked task process, median of {args.calls} "
               f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}):")
         print(f"{'path':<12} {'Private_Dirty +MiB':>19} {'task CPU ms':>12} {'relay CPU ms/call':>18}")
