@@ -169,6 +169,10 @@ class RelayServer:
             await self._error(writer, error_kind(exc), exc)
         except TimeoutError:
             await self._error(writer, "overran", None)
+        except (ConnectionError, asyncio.CancelledError):
+            raise  # the task went away
+        except Exception as exc:  # noqa: BLE001 - told to the task, never logged here (the
+            await self._error(writer, "transport", exc)  # request's headers could show)
 
     async def _error(self, writer: asyncio.StreamWriter, kind: str, exc: BaseException | None) -> None:
         # The exception's text names the URL at most, never a header or the body.
