@@ -12,7 +12,8 @@ TASKVISOR_LLM__* variables and the defaults fills that section is decided by
 The API key is read from the environment variable *named* by api_key_env, at call time,
 and is never put in a result, an error message or a log line.
 Under a supervisor ([llm] relay = true, the default) the HTTP exchange itself is handed to
-the supervisor's model-call relay (workers.relay, over workers.relaycall): the task keeps
+the supervisor's model-call relay (workers.handlers.llmrelay, over workers.relaycall to
+workers.relay): the task keeps
 the attempt, the outcome, progress, streaming, spend and the exceptions, which are the same
 on both paths, and touches no httpx object (a few hundred KiB per call instead of ~4.5 MiB).
 Without a relay (a handler run outside a supervisor, relay = false, or a relay that cannot
@@ -409,10 +410,9 @@ async def chat(payload: Mapping, ctx: object = None) -> dict:
     reply = _start(req, ctx)
     sock = relaycall.connect()
     if sock is not None:  # the relay makes the HTTP exchange (workers.relay)
-        call = _Relayed(req, reply, ctx)
-        await call.run(relaycall.exchange_async(sock, call.line(), call.on_frame, call.timeout_s))
-        return _spend(ctx, reply.result(req.body.get("model")))
-    await _direct().chat(req, reply, ctx)
+        await llmrelay.chat(sock, req, reply, ctx)
+    else:
+        await _direct().chat(req, reply, ctx)
     return _spend(ctx, reply.result(req.body.get("model")))
 
 
@@ -423,90 +423,10 @@ def chat_sync(payload: Mapping, ctx: object = None) -> dict:
     reply = _start(req, ctx)
     sock = relaycall.connect()
     if sock is not None:  # the relay makes the HTTP exchange (workers.relay)
-        call = _Relayed(req, reply, ctx)
-        call.run_sync(lambda: relaycall.exchange(sock, call.line(), call.on_frame, call.timeout_s))
-        return _spend(ctx, reply.result(req.body.get("model")))
-    _direct().chat_sync(req, reply, ctx)
+        llmrelay.chat_sync(sock, req, reply, ctx)
+    else:
+        _direct().chat_sync(req, reply, ctx)
     return _spend(ctx, reply.result(req.body.get("model")))
-
-
-class _Relayed:
-    """One call through the relay, seen from the task: the frames of its answer fed to the
-    same Reply, status_error and exceptions as a call made here (no httpx object touched)."""
-
-    def __init__(self, req: Request, reply: Reply, ctx: object):
-        self.req, self.reply, self.ctx = req, reply, ctx
-        self.deadline = time.monotonic() + req.request_timeout_s
-        self.answer: relaycall.Answer | None = None
-        self.whole = False  # one JSON object, not a stream
-        reply.batch_stream()  # streamed text goes out once per frame (one upstream read)
-
-    def line(self) -> bytes:
-        r = self.req
-        return relaycall.request_line(r.url, r.headers, r.body, r.stall_timeout_s, r.request_timeout_s)
-
-    def timeout_s(self) -> float:
-        """How long one read from the relay may wait: the relay reports a stall or an
-        overrun itself; past this margin the relay itself is stuck."""
-        left = self.deadline - time.monotonic()
-        return max(0.05, min(self.req.stall_timeout_s, left) + RELAY_GRACE_S)
-
-    def on_frame(self, kind: bytes, data: bytes) -> bool:
-        """One frame; True at the end. Raises the call's exception."""
-        if kind == b"L":
-            reply = self.reply
-            try:
-                for line in data.decode().split("\n"):
-                    reply.feed(line)
-                    if time.monotonic() > self.deadline:
-                        raise _overran(self.req)
-            finally:
-                reply.flush_stream()
-        elif kind == b"H":
-            self.answer = relaycall.Answer(json.loads(data))
-        elif kind == b"B":
-            if self.answer.status_code >= 400:
-                self.answer.content = data
-                raise status_error(self.answer, self.req.url, _pause_keys(self.ctx, spent=0))
-            try:
-                _finish_json(self.reply, data)
-            finally:
-                self.reply.flush_stream()
-            self.whole = True
-        elif kind == b"Z":
-            if not self.whole:
-                self.reply.close()
-            return True
-        elif kind == b"E":
-            err = json.loads(data)
-            raise _error_of(str(err.get("kind")), str(err.get("error")), str(err.get("message")),
-                            self.req, self.reply)
-        return False
-
-    def broken(self, exc: relaycall.RelayBroken) -> LlmUnavailable:
-        return LlmUnavailable(f"the model-call relay's connection broke during the call to "
-                              f"{self.req.url}: {exc}")
-
-    def silent(self) -> BaseException:
-        if time.monotonic() >= self.deadline:
-            return _overran(self.req)
-        return self.reply.stalled()
-
-    def run_sync(self, exchange) -> None:
-        try:
-            exchange()
-        except relaycall.RelayBroken as exc:
-            raise self.broken(exc) from None
-        except relaycall.RelaySilent:
-            raise self.silent() from None
-
-    async def run(self, exchange) -> None:
-        try:
-            await exchange
-        except relaycall.RelayBroken as exc:
-            raise self.broken(exc) from None
-        except relaycall.RelaySilent:
-            raise self.silent() from None
 
 
 def _pause_keys(ctx: object, spent: int | None = None) -> tuple[str, ...]:
@@ -541,6 +461,8 @@ def _direct():
     from workers.handlers import llmhttp
     return llmhttp
 
+
+from workers.handlers import llmrelay  # noqa: E402 - it uses this module's names
 
 if not os.environ.get(relaycall.RELAY_ENV):
     _direct()
