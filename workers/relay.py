@@ -5,9 +5,11 @@
 Why: a task process is forked from the fork server, and under Python 3.11 every object a
 call touches (httpx, httpcore, h11, the client, the TLS context) has its page copied into
 that process: ~5.6 MiB of private memory per chat task in flight. Through the relay a task
-touches a socket and `json` only (benchmarks/README.md, "In flight").
+touches a socket and `json` only: 1.5 MiB at 1,000 in flight, the relay's share included
+(benchmarks/README.md, "In flight: `llm.chat` through the model-call relay").
 
-Owns the relay process and its protocol; `workers.handlers.llm` owns the task's side (the
+Owns the relay process and its protocol; `workers.handlers.llmrelay` (over
+`workers.relaycall`) owns the task's side, `workers.handlers.llm` the call's meaning (the
 attempt, the outcome, progress, retries). It never imports `supervisor/`, never opens the
 database, and never logs a request's headers or body (the API key travels in them).
 
@@ -83,7 +85,8 @@ def _no_missing_sniffio() -> None:
 
 
 class RelayServer:
-    """The serving side: one AsyncClient, one coroutine per task connection."""
+    """The serving side: httpx AsyncClients in lanes (lane()), one coroutine per task
+    connection."""
 
     def __init__(self) -> None:
         _no_missing_sniffio()
@@ -98,12 +101,9 @@ class RelayServer:
         # there, and the calls queued for seconds). Calls go to the first lane with room,
         # so the same lanes, and their kept-alive connections, serve wave after wave.
         self.lanes: list[list] = []  # [client, calls in flight]
-        self.calls = 0
-        self.abandoned = 0   # the task went away mid-call: upstream closed
 
     async def serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One task's call, until its end, its error, or the task going away."""
-        self.calls += 1
         try:
             try:
                 line = await reader.readline()
@@ -119,7 +119,6 @@ class RelayServer:
             gone = asyncio.ensure_future(reader.read(1))  # end of file: the task went away
             await asyncio.wait((call, gone), return_when=asyncio.FIRST_COMPLETED)
             if not call.done():
-                self.abandoned += 1
                 call.cancel()  # closes the upstream response, and so its connection
             else:
                 gone.cancel()
