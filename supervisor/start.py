@@ -86,9 +86,11 @@ def _run(config: Config, owner: str, code, relay, cgroup_dir, events, ready_file
         events = fanout(metrics, events)
     supervisor = Supervisor(config, server, events=events, owner=owner)
     if relay is not None:
-        relay.wait_ready()
         supervisor.relay = relay
         relay.attach(supervisor)
+        # Listening by the first claim: waited for once the database is open (it started
+        # beside the fork server, and imports while the store opens).
+        supervisor.on_ready.insert(0, lambda sup: relay.wait_ready())
     supervisor.cgroup_dir = cgroup_dir
     supervisor.handler_code.remember(server.pid, code)
     supervisor.on_ready.append(_track_database)

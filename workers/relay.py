@@ -138,10 +138,6 @@ class RelayServer:
         self.lanes.append([client, 0])
         return self.lanes[-1]
 
-    async def close(self) -> None:
-        for client, _ in self.lanes:
-            await client.aclose()
-
     async def call(self, writer: asyncio.StreamWriter, url: str, body, headers: dict,
                    stall_s: float, request_s: float) -> None:
         lane = self.lane()
@@ -219,9 +215,9 @@ def bind(path: str) -> socket.socket:
     return sock
 
 
-async def run(path: str, ctrl: socket.socket) -> None:
+async def run(listener: socket.socket, ctrl: socket.socket) -> None:
+    """Serve on `listener` until the control socket ends or SIGTERM."""
     relay = RelayServer()
-    listener = bind(path)
     server = await asyncio.start_unix_server(relay.serve_one, sock=listener, backlog=BACKLOG,
                                              limit=MAX_REQUEST_BYTES)
     loop = asyncio.get_running_loop()
@@ -241,10 +237,8 @@ async def run(path: str, ctrl: socket.socket) -> None:
     loop.add_reader(ctrl.fileno(), on_ctrl)
     loop.add_signal_handler(signal.SIGTERM, lambda: done.done() or done.set_result("SIGTERM"))
     loop.add_signal_handler(signal.SIGINT, lambda: None)  # ^C goes to the supervisor, who stops us
-    ctrl.sendall(b"ready\n")
     await done
     server.close()
-    await relay.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -256,8 +250,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_PARENT_GONE
     set_process_name(b"taskvisor-relay")
     ctrl = socket.socket(fileno=int(args["--ctrl-fd"]))
-    asyncio.run(run(args["--socket"], ctrl))
-    return 0
+    # Listening before the serving side's imports (httpx, ~0.3 s): the supervisor need not
+    # wait for them, and a task that connects meanwhile waits in the backlog.
+    listener = bind(args["--socket"])
+    ctrl.sendall(b"ready\n")
+    asyncio.run(run(listener, ctrl))
+    # Stopped once no task is left: nothing to flush, and no connection worth a goodbye.
+    # The interpreter's teardown of httpx and the rest took longer than the whole stop.
+    os._exit(0)
 
 
 if __name__ == "__main__":
