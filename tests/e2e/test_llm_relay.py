@@ -113,6 +113,9 @@ def test_a_task_killed_mid_stream_closes_its_upstream_connection_at_once(tmp_pat
 @pytest.mark.timeout(60)
 def test_a_caller_that_never_reads_holds_the_relay_to_a_bounded_memory(relay):
     with FakeOpenAI(Flood(event_bytes=1 << 16, total_bytes=1 << 30)) as srv:
+        srv.script(Stream(text="warm"))  # one call first: the relay's imports are done
+        assert llm.chat_sync({"prompt": "hi", "base_url": srv.base_url, "request_timeout_s": 10,
+                              "stall_timeout_s": 5})["text"] == "warm"
         proc = psutil.Process(relay.pid)
         rss_before = proc.memory_info().rss
         sock = relaycall.connect()
