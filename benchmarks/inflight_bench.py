@@ -89,12 +89,15 @@ def line(r: dict, seconds: float) -> str:
         return f"{r.get('status')}: {r.get('error', '')}"[:160]
     cpu = r["cpu_ms_per_task"]
     mem = r.get("memory") or {}
-    pss = (mem["task_pss_kib"] / 1024 / max(1, mem["in_flight"])) if mem else None
+    pss = ((mem["task_pss_kib"] + mem.get("shared_pss_kib", 0)) / 1024
+           / max(1, mem["in_flight"])) if mem else None
     parts = [f"{r['window_s'] / (3 * seconds):.2f}x ideal", f"CPU {cpu['total']:.2f} ms/task"]
     if "supervisor" in cpu:
-        parts.append(f"(supervisor {cpu['supervisor']:.2f}, fork server {cpu['fork_server']:.2f})")
+        parts.append(f"(supervisor {cpu['supervisor']:.2f}, fork server {cpu['fork_server']:.2f}"
+                     + (f", relay {cpu['relay']:.2f})" if "relay" in cpu else ")"))
     if pss is not None:
-        parts.append(f"PSS {pss:.2f} MiB/in flight")
+        parts.append(f"PSS {pss:.2f} MiB/in flight" + (
+            f" (relay {mem['shared_pss_kib'] / 1024:.1f} MiB of it)" if mem.get("shared_pss_kib") else ""))
     return ", ".join(parts)
 
 
@@ -110,6 +113,9 @@ def main(argv=None) -> int:
     ap.add_argument("--probe-in-flight", type=int, default=1000)
     ap.add_argument("--preload-llm", action="store_true",
                     help="taskvisor's sleep variant preloads workers.handlers.llm too, as an agent's config would")
+    ap.add_argument("--llm-relay", choices=("on", "off", "both"), default="on",
+                    help="taskvisor's [llm] relay in the chat variant: on (the default config), "
+                         "off (each task makes its call), or both, one after the other")
     ap.add_argument("--hang-s", type=float, default=30.0, help="no task finished for this long = HANG")
     ap.add_argument("--out", default=str(HERE / "results" / "inflight.json"))
     args = ap.parse_args(argv)
@@ -157,6 +163,14 @@ def main(argv=None) -> int:
     return 130 if interrupted else 0
 
 
+def ours(kind: str, llm_relay: str) -> list[str]:
+    """taskvisor's rows of a size: with its model-call relay ("taskvisor", the default
+    config), without it ("taskvisor no relay"), or both in the chat variant."""
+    if kind != "chat" or llm_relay == "on":
+        return ["taskvisor"]
+    return {"off": ["taskvisor no relay"], "both": ["taskvisor no relay", "taskvisor"]}[llm_relay]
+
+
 def run_all(args, workdir: Path, sessions, res: dict, sizes, chat_sizes, seconds, probes, systems,
             variants) -> None:
     peers = [p for p in systems if p != "taskvisor"]
@@ -180,7 +194,7 @@ def run_all(args, workdir: Path, sessions, res: dict, sizes, chat_sizes, seconds
             print(f"  taskvisor pool 4 ({4 * POOL4_WAVES} tasks): {line(r, POOL4_WAVES * seconds / 3)}",
                   flush=True)
         for size in (chat_sizes if kind == "chat" else sizes):
-            for system in ["taskvisor", *peers] if "taskvisor" in systems else peers:
+            for system in [*ours(kind, args.llm_relay), *peers] if "taskvisor" in systems else peers:
                 t = time.monotonic()
                 if system == "celery-prefork":
                     why = inflight_peers.prefork_fits(size, prefork_pss)
@@ -189,10 +203,12 @@ def run_all(args, workdir: Path, sessions, res: dict, sizes, chat_sizes, seconds
                         res["skipped"].append({"system": system, "kind": kind, "concurrency": size,
                                                "why": why})
                         continue
-                if system == "taskvisor":
-                    r = inflight_taskvisor.run(sessions, workdir, f"{kind}-{size}", kind, seconds,
-                                               size, 3 * size, base_url, args.hang_s,
-                                               preload_llm=args.preload_llm)
+                if system.startswith("taskvisor"):
+                    relay = system == "taskvisor"
+                    r = inflight_taskvisor.run(sessions, workdir, f"{kind}-{size}-{int(relay)}",
+                                               kind, seconds, size, 3 * size, base_url,
+                                               args.hang_s, preload_llm=args.preload_llm,
+                                               llm_relay=relay)
                 else:
                     r = inflight_peers.run(sessions, redis, workdir, system, kind, seconds, size,
                                            3 * size, base_url, args.hang_s, boot_s=180)

@@ -35,8 +35,22 @@ def _per_task(r: dict, key: str) -> float | None:
     m = r.get("memory")
     if not m:
         return None
-    count = m["task_processes"] if r["system"] == "taskvisor" else m["in_flight"]
-    return m[key] / MIB / count if count else None
+    if not r["system"].startswith("taskvisor"):
+        return m[key] / MIB / m["in_flight"] if m["in_flight"] else None
+    # taskvisor's chat variant: the relay serves every call; its memory is shared by them
+    shared = m.get(key.replace("task_", "shared_"), 0)
+    return ((m[key] + shared) / MIB / m["task_processes"]) if m["task_processes"] else None
+
+
+def relay_line(r: dict) -> str | None:
+    """The relay's own share of a taskvisor chat row (already inside its figures)."""
+    m, cpu = r.get("memory") or {}, r.get("cpu_ms_per_task") or {}
+    if not m.get("shared_pss_kib") and "relay" not in cpu:
+        return None
+    pss = m.get("shared_pss_kib", 0) / MIB
+    per = pss / m["task_processes"] if m.get("task_processes") else None
+    return (f"relay PSS {pss:.1f} MiB ({fmt(per, '.3f')} MiB per task in flight), "
+            f"CPU {fmt(cpu.get('relay'))} ms per call (included above)")
 
 
 def pss_per_task_mib(r: dict) -> float | None:
@@ -128,13 +142,19 @@ def print_report(res: dict) -> None:
                 f"{k.replace('_', ' ')} p50 {fmt(v['p50'], '.0f')} p99 {fmt(v['p99'], '.0f')} "
                 f"max {fmt(v['max'], '.0f')} ms" for k, v in lag.items()))
     for r in res["runs"]:
+        relay = relay_line(r) if r["kind"] == "chat" else None
+        if relay:
+            label = "pool 4" if r.get("baseline") else f"{r['concurrency']:,} in flight"
+            print(f"  {r['system']} chat {label}: {relay}")
+    for r in res["runs"]:
         if r["status"] != "ok":
             print(f"  {r['system']} {r['kind']} at {r['concurrency']:,}: {r['status']} {r.get('error', '')[:300]}")
     print("  x ideal: first start to last completion over N/P x S. CPU: /proc/PID/stat over that window;\n"
           "  taskvisor = supervisor (own) + fork server (own) + task processes (the fork server's\n"
-          "  reaped children); peers = every process of the worker's session. PSS/RSS: per task in\n"
-          "  flight at the peak (taskvisor: task processes only, the supervisor and fork server are\n"
-          "  'fixed PSS'; peers: all worker processes). max seen: most tasks in flight at once\n"
+          "  reaped children) + the model-call relay (chat); peers = every process of the worker's\n"
+          "  session. PSS/RSS: per task in flight at the peak (taskvisor: task processes, plus in\n"
+          "  the chat variant the relay's; the supervisor and fork server are 'fixed PSS'; peers:\n"
+          "  all worker processes). max seen: most tasks in flight at once\n"
           "  (polled every 0.1 s; taskvisor counts task processes, its spare included).")
     probe = res.get("probe")
     if probe:

@@ -37,6 +37,7 @@ class System:
     task_pids: Callable[[], list[int]]            # processes whose memory counts per task
     cpu: Callable[[], dict[str, procfs.Cpu]]      # CPU readings by role
     overhead_pids: Callable[[], list[int]] = lambda: []   # fixed-cost processes, shown apart
+    shared_pids: Callable[[], list[int]] = lambda: []     # serve every task: counted per task in flight
     log_tail: Callable[[], str] = lambda: ""
 
 
@@ -93,7 +94,9 @@ def sample_memory(system: System, in_flight: int) -> dict:
     t = time.monotonic()
     tasks = procfs.memory(pids)
     fixed = procfs.memory(system.overhead_pids())
+    shared = procfs.memory(system.shared_pids())
     return {"in_flight": in_flight, "task_processes": tasks.processes,
             "task_pss_kib": tasks.pss_kib, "task_rss_kib": tasks.rss_kib,
             "overhead_pss_kib": fixed.pss_kib, "overhead_rss_kib": fixed.rss_kib,
+            "shared_pss_kib": shared.pss_kib, "shared_rss_kib": shared.rss_kib,
             "sample_s": time.monotonic() - t}

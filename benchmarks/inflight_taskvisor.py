@@ -48,7 +48,11 @@ class Supervisor:
     """One supervisor process on a fresh database in `workdir`."""
 
     def __init__(self, sessions: procfs.Sessions, workdir: Path, name: str, pool: int,
-                 preload: tuple[str, ...] = ("inflight_handlers",)):
+                 preload: tuple[str, ...] = ("inflight_handlers",), llm_relay: bool = True,
+                 relay_shared: bool = False):
+        self.llm_relay = llm_relay
+        self.relay_shared = relay_shared  # the relay's PSS counts per task in flight (chat)
+        self.relay = 0
         self.sessions = sessions
         self.preload = preload
         self.workdir = workdir
@@ -68,7 +72,8 @@ class Supervisor:
                        f"database = {json.dumps(str(self.db))}\n"
                        f"preload = {json.dumps(list(self.preload))}\n"
                        f"pool_size = {self.pool}\nshutdown_grace_s = 2\nkill_grace_s = 1\n\n"
-                       '[http]\nlisten = ""\n\n[log]\nlevel = "WARNING"\n')
+                       '[http]\nlisten = ""\n\n[log]\nlevel = "WARNING"\n\n'
+                       f"[llm]\nrelay = {json.dumps(self.llm_relay)}\n")
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), str(HERE), env.get("PYTHONPATH")) if p)
         env.pop("NOTIFY_SOCKET", None)
@@ -86,12 +91,17 @@ class Supervisor:
             time.sleep(0.005)
         for pid in procfs.children(self.proc.pid):
             try:
-                if b"workers.zygote" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                    self.fork_server = pid
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
             except OSError:
                 continue
+            if b"workers.zygote" in cmdline:
+                self.fork_server = pid
+            elif b"workers.relay" in cmdline:
+                self.relay = pid
         if not self.fork_server:
             raise RuntimeError("no fork server found under the supervisor")
+        if self.llm_relay and not self.relay:
+            raise RuntimeError("no model-call relay found under the supervisor")
 
     def stop(self, hung: bool = False) -> None:
         """SIGTERM and wait; after a hang, SIGKILL at once (a deadlocked supervisor does
@@ -115,29 +125,40 @@ class Supervisor:
         s, z = procfs.cpu(self.proc.pid), procfs.cpu(self.fork_server)
         if s is None or z is None:
             return {}
-        return {"supervisor": s, "fork_server": z}
+        out = {"supervisor": s, "fork_server": z}
+        r = procfs.cpu(self.relay) if self.relay else None
+        if r is not None:
+            out["relay"] = r
+        return out
 
     def system(self) -> System:
         return System(done=self.finished, in_flight=lambda: len(procfs.children(self.fork_server)),
                       alive=lambda: self.proc.poll() is None,
                       task_pids=lambda: procfs.children(self.fork_server),
-                      overhead_pids=lambda: [self.proc.pid, self.fork_server], cpu=self.cpu,
-                      log_tail=self.log_tail)
+                      overhead_pids=lambda: [self.proc.pid, self.fork_server] + (
+                          [self.relay] if self.relay and not self.relay_shared else []),
+                      shared_pids=lambda: [self.relay] if self.relay and self.relay_shared else [],
+                      cpu=self.cpu, log_tail=self.log_tail)
 
 
 def run(sessions, workdir: Path, name: str, kind: str, seconds: float, pool: int, n: int,
-        base_url: str | None, hang_s: float, preload_llm: bool = False) -> dict:
+        base_url: str | None, hang_s: float, preload_llm: bool = False,
+        llm_relay: bool = True) -> dict:
     """N tasks, queue filled first, pool `pool`; the row's figures, or status HANG/ERROR.
-    `preload_llm`: preload workers.handlers.llm whatever the variant."""
+    `preload_llm`: preload workers.handlers.llm whatever the variant. `llm_relay`: [llm]
+    relay (the system is then "taskvisor"; without it "taskvisor no relay"). In the chat
+    variant the relay's PSS is counted per task in flight and its CPU per task; in the
+    sleep variant it is idle, a fixed cost like the supervisor's."""
     # What a user running each workload would preload: the chat variant's handler is
     # llm.chat (httpx and a TLS context, 13 MiB the fork server holds and every fork copies
     # the page tables of); the sleep variant's is inflight_handlers alone.
     preload = PRELOAD["chat" if preload_llm else kind]
-    sv = Supervisor(sessions, workdir, name, pool, preload)
+    sv = Supervisor(sessions, workdir, name, pool, preload, llm_relay=llm_relay,
+                    relay_shared=kind == "chat")
     type_, payload = workload(kind, seconds, base_url)
     sv.store.enqueue_many([NewTask(type=type_, payload=payload) for _ in range(n)], time.time())
-    out: dict = {"system": "taskvisor", "kind": kind, "concurrency": pool, "tasks": n,
-                 "preload": list(preload)}
+    out: dict = {"system": "taskvisor" if llm_relay else "taskvisor no relay", "kind": kind,
+                 "concurrency": pool, "tasks": n, "preload": list(preload), "llm_relay": llm_relay}
     try:
         sv.start()
         base = sv.cpu()
@@ -146,6 +167,8 @@ def run(sessions, workdir: Path, name: str, kind: str, seconds: float, pool: int
         per_task = {"supervisor": cpu["supervisor"].own_s * 1000 / n,
                     "fork_server": cpu["fork_server"].own_s * 1000 / n,
                     "task_processes": cpu["fork_server"].reaped_s * 1000 / n}
+        if kind == "chat" and "relay" in cpu:
+            per_task["relay"] = cpu["relay"].own_s * 1000 / n
         per_task["total"] = sum(per_task.values())
         out.update(status="ok", memory=got["memory"], cpu_ms_per_task=per_task,
                    max_in_flight_seen=got["max_in_flight_seen"])

@@ -104,6 +104,7 @@ class LlmConfig:
     api_key_env: str = "OPENAI_API_KEY"
     request_timeout_s: float = 600.0
     stall_timeout_s: float = 60.0
+    relay: bool = True                  # calls made by one relay process (workers.relay)
 
 
 @dataclass(frozen=True)
@@ -236,6 +237,7 @@ _SECTIONS: dict[str, dict[str, _Field]] = {
         "api_key_env": _Field("envname"),
         "request_timeout_s": _Field("seconds", 0, above=True, maximum=DAY_S),
         "stall_timeout_s": _Field("seconds", 0, above=True, maximum=DAY_S),
+        "relay": _Field("bool"),
     },
 }
 # A type cannot say "none": None in a TypeConfig means "fall back to [defaults]".
@@ -502,6 +504,10 @@ def _convert(spec: _Field, value: Any, base: Path) -> Any:
         return tuple(items)
     elif spec.kind == "origins":
         return _origins(value)
+    elif spec.kind == "bool":
+        if not isinstance(value, bool):
+            raise _Bad(_expected("true or false", value))
+        return value
     elif not isinstance(value, str):
         raise _Bad(_expected("a string", value))
     else:

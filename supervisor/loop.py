@@ -139,6 +139,7 @@ class Supervisor:
         # of ours that are not tasks (the event fan-out process), spared by kill_orphans.
         self.on_commit: list[Callable[[], None]] = []
         self.helper_pids: set[int] = set()
+        self.relay = None  # supervisor.relay.Relay, set by supervisor.start ([llm] relay)
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -168,6 +169,8 @@ class Supervisor:
         """One pass of the loop; False once a stop has drained every task."""
         now, mono = self.clock.now(), self.clock.monotonic()
         self.last_loop_at = now
+        if self.relay is not None:  # first: before reap's wait4(-1) can take its exit status
+            self.guard(self.relay.tend, mono)
         self.guard(self.handle_signals, mono)
         self.guard(self.tend_fork_servers, mono)
         self.guard(self.children.reap, self.servers.all(), mono)
@@ -624,7 +627,7 @@ class Supervisor:
         if output_at is not None:  # not before a failed write may be retried
             times.append(max(output_at, t.store_retry))
         for extra in (kids.next_timer(), self.stop_deadline, self.servers.restart_at,
-                      self.notifier.next_watchdog_mono()):
+                      self.notifier.next_watchdog_mono(), self.relay and self.relay.restart_at):
             if extra is not None:
                 times.append(extra)
         return max(min(times), t.step_error)

@@ -3,8 +3,10 @@ forks safe.
 
 Owns that order: logging; cgroup v2 detection (which moves this process into a leaf
 cgroup, so it must precede the fork server); the child-subreaper flag; the preload search
-path (the config file's folder joins PYTHONPATH); the fork server (started before the
-database is opened or any thread exists, so it inherits neither); then the Supervisor,
+path (the config file's folder joins PYTHONPATH); the model-call relay (supervisor.relay:
+its socket named in the environment the fork server inherits, stopped last); the fork
+server (started before the database is opened or any thread exists, so it inherits
+neither); then the Supervisor,
 which opens the database (then its identity is taken and a registration written beside
 it: supervisor.dbfile), and, when [http] listen is set, the metrics sink and the HTTP
 server, bound from the Supervisor's on_ready hook (an address that cannot be used leaves
@@ -23,6 +25,7 @@ from pathlib import Path
 
 from supervisor import capacity, logs, service
 from supervisor.forkserver import ForkServerError, launch
+from supervisor.relay import launch as start_relay
 from supervisor.config import Config
 from supervisor.errors import StoreError
 from workers.limits import delegated_cgroup
@@ -55,6 +58,16 @@ def run(config: Config, *, events=None, ready_file: str | None = None) -> int:
     add_config_folder_to_path(config)
     from supervisor import handlercode
     code = handlercode.stamp(config)  # before the launch: a later edit is seen by a reload
+    relay = start_relay(config, owner=owner)  # names its socket to the fork server's tasks
+    try:
+        return _run(config, owner, code, relay, cgroup_dir, events, ready_file)
+    finally:
+        if relay is not None:
+            relay.stop()
+
+
+def _run(config: Config, owner: str, code, relay, cgroup_dir, events, ready_file) -> int:
+    """From the fork server's launch to the loop's end (run() stops the relay after it)."""
     try:
         server = launch(config, owner=owner)
     except ForkServerError as exc:
@@ -72,6 +85,12 @@ def run(config: Config, *, events=None, ready_file: str | None = None) -> int:
         http = HttpServer(config, metrics)
         events = fanout(metrics, events)
     supervisor = Supervisor(config, server, events=events, owner=owner)
+    if relay is not None:
+        supervisor.relay = relay
+        relay.attach(supervisor)
+        # Listening by the first claim: waited for once the database is open (it started
+        # beside the fork server, and imports while the store opens).
+        supervisor.on_ready.insert(0, lambda sup: relay.wait_ready())
     supervisor.cgroup_dir = cgroup_dir
     supervisor.handler_code.remember(server.pid, code)
     supervisor.on_ready.append(_track_database)

@@ -202,17 +202,19 @@ class TaskContext:
         """Say the task is alive (long calls that have no progress to report)."""
         (self._output or self._reporter).send("heartbeat")
 
-    def stream(self, text: str) -> None:
+    def stream(self, text: str, *, flush: bool = False) -> None:
         """Append `text` to this attempt's output: stored by the supervisor (up to
         [supervisor] max_output_bytes a task), sent live as `output` events, readable
         at GET /api/tasks/{id}/output. Cheap per call: small pieces (model tokens) are
-        batched, sent at most 20 ms after they were written."""
+        batched, sent at most 20 ms after they were written (by a thread of the task
+        process). `flush=True` sends it at once and starts no thread: for a caller that
+        batches its pieces itself."""
         if not isinstance(text, str):
             raise TypeError(f"ctx.stream() takes a str, got {type(text).__name__}")
         if self._output is None:
             from workers.stream import OutputStream
             self._output = OutputStream(self._reporter)
-        self._output.write(text)
+        self._output.write(text, flush)
 
     def close_output(self) -> None:
         """Send what ctx.stream() still buffers; the task process calls this once the

@@ -10,7 +10,7 @@ thread never interleaves its line with the handler's. It never touches the datab
 
 from __future__ import annotations
 
-import threading
+import _thread
 import time
 
 FLUSH_BYTES = 4096     # send once this much text is waiting
@@ -24,15 +24,21 @@ class OutputStream:
     def __init__(self, reporter, kind: str = "stream"):
         self._reporter = reporter
         self._kind = kind
-        self._lock = threading.Lock()
+        # _thread's lock, and threading imported only with the flusher thread: a fork
+        # server that imports threading makes each task process dirty ~0.25 MiB more (its
+        # after-fork hook), and this module is preloaded with workers.handlers.llm.
+        self._lock = _thread.allocate_lock()
         self._parts: list[str] = []
         self._size = 0
         self._first_mono = 0.0
-        self._wake = threading.Event()
+        self._wake = None      # threading.Event, with the thread
         self._closed = False
-        self._thread: threading.Thread | None = None
+        self._thread = None    # threading.Thread, started by the first write that waits
 
-    def write(self, text: str) -> None:
+    def write(self, text: str, flush: bool = False) -> None:
+        """Buffer `text`; with `flush`, send it (and what waits) now, and start no thread:
+        for a caller that batches itself (llm.chat through the relay: one piece per read).
+        The flusher thread costs a task process about 1 MiB (its stack and malloc arena)."""
         if not text:
             return
         with self._lock:
@@ -42,10 +48,12 @@ class OutputStream:
                 self._first_mono = time.monotonic()
             self._parts.append(text)
             self._size += len(text)
-            if self._size >= FLUSH_BYTES:
+            if flush or self._size >= FLUSH_BYTES:
                 self._flush_locked()
                 return
         if self._thread is None:
+            import threading
+            self._wake = threading.Event()
             self._thread = threading.Thread(target=self._run, name="taskvisor-stream",
                                             daemon=True)
             self._thread.start()
@@ -73,7 +81,8 @@ class OutputStream:
         with self._lock:
             self._flush_locked()
             self._closed = True
-        self._wake.set()
+        if self._wake is not None:
+            self._wake.set()
 
     def _flush_locked(self) -> None:
         if not self._parts:

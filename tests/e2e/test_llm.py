@@ -1,7 +1,10 @@
 """`llm.chat` against the fake OpenAI-compatible server in tests/support: first the handler
 called directly with a fake context, then end to end through a real supervisor process,
 checking each outcome the issue names (succeeded with usage, rescheduled on 429, retried
-on 500, failed for good on 400, timeout on a stall, error on a malformed body)."""
+on 500, failed for good on 400, timeout on a stall, error on a malformed body). Each runs
+on both paths: the call made in the calling process ("direct") and through the model-call
+relay process (workers.relay; the supervisor's default). The relay's own guarantees (kill -9
+of it or of a task, backpressure, keep-alive) are in tests/e2e/test_llm_relay.py."""
 
 from __future__ import annotations
 
@@ -39,10 +42,36 @@ class FakeCtx:
         self.events.append(("heartbeat",))
 
 
+@pytest.fixture(scope="module", params=["direct", "relay"])
+def via(request):
+    """The path a call takes: made in this process, or handed to a relay process (what a
+    supervisor starts) named by TASKVISOR_LLM_RELAY_SOCKET."""
+    from supervisor.relay import Relay
+    patch = pytest.MonkeyPatch()
+    relay = None
+    try:
+        if request.param == "relay":
+            relay = Relay()
+            relay.start(wait=True)
+            patch.setenv("TASKVISOR_LLM_RELAY_SOCKET", relay.path)
+        else:
+            patch.delenv("TASKVISOR_LLM_RELAY_SOCKET", raising=False)
+        yield relay
+    finally:
+        patch.undo()
+        if relay is not None:
+            relay.stop()
+
+
 @pytest.fixture
-def server():
+def server(via):
+    from workers import relaycall
+    before = relaycall.fallbacks
     with FakeOpenAI() as srv:
         yield srv
+    assert relaycall.fallbacks == before, "a call found no relay and went direct"
+    if via is not None:
+        assert via.pid is not None and via.ctrl is not None, "the relay died"
 
 
 def run(payload, ctx=None):
@@ -160,7 +189,7 @@ def test_stall_is_a_timeout_even_with_keepalive_comments(server):
 
 
 @pytest.mark.timeout(20)
-def test_connection_refused_is_retryable_and_bad_payloads_are_not():
+def test_connection_refused_is_retryable_and_bad_payloads_are_not(via):
     with pytest.raises(llm.LlmUnavailable, match="cannot connect"):
         run({"prompt": "hi", "base_url": "http://127.0.0.1:9/v1"})
     for payload, pattern in [({"prompt": "hi"}, "no model server"),
@@ -173,7 +202,7 @@ def test_connection_refused_is_retryable_and_bad_payloads_are_not():
         assert info.value.retryable is False
 
 
-def test_a_call_imports_nothing_the_preloaded_module_could_have(server):
+def test_a_call_imports_nothing_the_preloaded_module_could_have(server, via):
     """What a task process would import at its first call (httpx's transport stack, a TLS
     context's certificates) is imported once by the fork server's preload: each task
     process otherwise paid ~110 ms CPU per call for it (benchmarks/README.md, "In flight")."""
@@ -191,8 +220,10 @@ def test_a_call_imports_nothing_the_preloaded_module_could_have(server):
         "llm.chat_sync(payload)\n"
         "print(json.dumps({'text': text, 'async': sorted(after_async - before),\n"
         "                  'sync': sorted(set(sys.modules) - after_async)}))\n")
+    import os
     out = subprocess.run([sys.executable, "-c", script, server.base_url], capture_output=True,
-                         text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
+                         text=True, timeout=60, cwd=Path(__file__).resolve().parents[2],
+                         env=dict(os.environ))  # TASKVISOR_LLM_RELAY_SOCKET with `via`
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout)
     assert got["text"] == "Hello from the fake model."
@@ -228,14 +259,18 @@ def fake_llm():
         yield srv
 
 
-@pytest.fixture(scope="module")
-def sup(tmp_path_factory, fake_llm):
+@pytest.fixture(scope="module", params=["relay", "direct"])
+def sup(request, tmp_path_factory, fake_llm):
+    """A supervisor whose llm.chat tasks call through its relay ([llm] relay = true, the
+    default), or make their calls themselves (relay = false)."""
     tmp = tmp_path_factory.mktemp("llm-e2e")
     env = {"TASKVISOR_LLM__BASE_URL": fake_llm.base_url, "TASKVISOR_LLM__API_KEY_ENV": "E2E_LLM_KEY",
-           "E2E_LLM_KEY": "sk-e2e-secret"}
+           "E2E_LLM_KEY": "sk-e2e-secret", "TASKVISOR_LLM__RELAY": str(request.param == "relay").lower()}
     with SupervisorProcess(tmp, supervisor_config(["workers.handlers.llm"]), env=env) as proc:
         proc.wait_ready()
+        assert ("model-call relay" in proc.log() and "ready on" in proc.log()) == (request.param == "relay")
         yield proc
+    assert ("cannot be reached" in proc.log()) is False, "a task found no relay"
 
 
 @pytest.fixture
@@ -262,6 +297,13 @@ def test_e2e_succeeds_with_usage_and_live_progress(sup, llm_server):
     assert "tok/s" in seen or "done" in seen
     assert llm_server.requests[0]["headers"]["Authorization"] == "Bearer sk-e2e-secret"
     assert "sk-e2e-secret" not in sup.log()
+    # ctx.stream: the tokens reached the attempt's output, in order, on both paths
+    from supervisor.store import Store
+    store = Store(str(sup.dir / "taskvisor.db"))
+    try:
+        assert store.read_output(task_id).text == task.result["text"]
+    finally:
+        store.close()
 
 
 @pytest.mark.timeout(60)

@@ -6,13 +6,17 @@ events `data: {chunk}\\n\\n` ending in `data: [DONE]`, usage in a last chunk whe
 next queued behaviour, or `default` when the queue is empty. Behaviours: `Stream` (normal
 streaming, optional delays and keep-alive comments), `Status` (429 with Retry-After, 500,
 a 400 with an error JSON), `Stall` (some tokens, then silence), `Malformed` (a body that
-is not the wire format) and `Json` (a non-streaming answer). Every request is recorded.
+is not the wire format), `Json` (a non-streaming answer) and `Flood` (an endless stream as
+fast as the client reads). Every request is recorded, and so are the connections accepted
+(`Stream(keep_alive=True)` keeps one for the next request) and the clients that left
+mid-answer (`disconnects`).
 The real services cannot be reached from here; this is what the tests talk to.
 """
 
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,6 +32,7 @@ class Stream:
     finish_reason: str = "stop"
     ping_every: int = 0           # a `: keep-alive` comment after every N chunks
     model: str = "fake-model"
+    keep_alive: bool = False      # chunked, and the connection kept for the next request
 
 
 @dataclass
@@ -48,6 +53,14 @@ class Stall:
 class Malformed:
     body: str = "data: {\"choices\": [{\"delta\": {\"content\": \"hal\"\n\ndata: nonsense\n\n"
     content_type: str = "text/event-stream"
+
+
+@dataclass
+class Flood:
+    """Content events of `event_bytes` each, as fast as the client takes them, up to
+    `total_bytes` (then [DONE]); `server.flooded` counts what was written."""
+    event_bytes: int = 65536
+    total_bytes: int = 1 << 30
 
 
 @dataclass
@@ -73,6 +86,10 @@ class FakeOpenAI:
     def __init__(self, default=None):
         self.default = default if default is not None else Stream()
         self.requests: list[dict] = []
+        self.connections = 0          # TCP connections accepted (keep-alive reuses them)
+        self.disconnects: list[float] = []  # monotonic times a client left mid-answer
+        self.flooded = 0              # bytes a Flood wrote so far
+        self.active = self.max_active = 0   # requests being answered now / at most at once
         self._queue: list = []
         self._lock = threading.Lock()
         self.stopping = threading.Event()
@@ -95,9 +112,9 @@ class FakeOpenAI:
             self.requests.clear()
             self.default = default if default is not None else Stream()
 
-    def next(self, body: dict, headers: dict, path: str):
+    def next(self, body: dict, headers: dict, path: str, peer=None):
         with self._lock:
-            self.requests.append({"path": path, "body": body, "headers": headers})
+            self.requests.append({"path": path, "body": body, "headers": headers, "peer": peer})
             return self._queue.pop(0) if self._queue else self.default
 
     def start(self) -> FakeOpenAI:
@@ -123,6 +140,21 @@ def _handler_class(server: FakeOpenAI):
         def log_message(self, *args) -> None:  # keep test output clean
             pass
 
+        def handle(self) -> None:
+            try:
+                super().handle()
+            except (ConnectionResetError, BrokenPipeError):
+                pass  # a client closed a kept-alive connection: expected
+
+        def setup(self) -> None:
+            super().setup()
+            # Each event is its own small write: without this, Nagle's algorithm holds
+            # one back until the client's delayed ACK (40 ms) on a kept-alive connection.
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with server._lock:
+                server.connections += 1
+            self.chunked = False
+
         def do_POST(self) -> None:
             length = int(self.headers.get("content-length") or 0)
             raw = self.rfile.read(length)
@@ -132,11 +164,18 @@ def _handler_class(server: FakeOpenAI):
                 body = {"_raw": raw.decode("utf-8", "replace")}
             if not self.path.rstrip("/").endswith("/chat/completions"):
                 return self._send(404, {"error": {"message": f"no route {self.path}"}})
-            behaviour = server.next(body, dict(self.headers), self.path)
+            behaviour = server.next(body, dict(self.headers), self.path, self.client_address)
+            with server._lock:
+                server.active += 1
+                server.max_active = max(server.max_active, server.active)
             try:
                 self._serve(behaviour, body)
             except (BrokenPipeError, ConnectionResetError):
-                pass  # the client gave up (a stall test): expected
+                server.disconnects.append(time.monotonic())  # the client gave up: expected
+                self.close_connection = True
+            finally:
+                with server._lock:
+                    server.active -= 1
 
         def _serve(self, b, body: dict) -> None:
             if isinstance(b, Status):
@@ -154,12 +193,32 @@ def _handler_class(server: FakeOpenAI):
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")
+            if isinstance(b, Stream) and b.keep_alive:
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                self.chunked = True
+                self._stream(b, body)
+                self.wfile.write(b"0\r\n\r\n")
+                self.wfile.flush()
+                self.chunked = False
+                return
             self.send_header("Connection", "close")
             self.end_headers()
             self.close_connection = True
             if isinstance(b, Stall):
                 return self._stall(b)
+            if isinstance(b, Flood):
+                return self._flood(b)
             self._stream(b, body)
+
+        def _flood(self, b: Flood) -> None:
+            event = "data: " + json.dumps(_chunk("fake-model", {"content": "x" * b.event_bytes})) + "\n\n"
+            sent = 0
+            while sent < b.total_bytes and not server.stopping.is_set():
+                self._write(event)
+                sent += len(event)
+                server.flooded = sent
+            self._write("data: [DONE]\n\n")
 
         def _stream(self, b: Stream, body: dict) -> None:
             pieces = tokens(b.text)
@@ -192,7 +251,10 @@ def _handler_class(server: FakeOpenAI):
             self._write("data: " + json.dumps(obj) + "\n\n")
 
         def _write(self, text: str) -> None:
-            self.wfile.write(text.encode())
+            data = text.encode()
+            if self.chunked:
+                data = b"%x\r\n%s\r\n" % (len(data), data)
+            self.wfile.write(data)
             self.wfile.flush()
 
         def _send(self, code: int, body, headers: dict | None = None) -> None:

@@ -369,3 +369,15 @@ def test_setting_falls_back_to_defaults():
     with pytest.raises(TypeError):
         cfg.types["c"] = TypeConfig()  # type: ignore[index]
     assert pickle.loads(pickle.dumps(cfg)) == cfg
+
+
+def test_llm_relay_is_a_boolean_on_by_default(tmp_path):
+    assert config.load(None, env={}).llm.relay is True
+    assert config.load(write(tmp_path, "[llm]\nrelay = false\n"), env={}).llm.relay is False
+    assert config.load(None, env={"TASKVISOR_LLM__RELAY": "false"}).llm.relay is False
+    (bad,) = errors_of(write(tmp_path, '[llm]\nrelay = "no"\n'))
+    assert "[llm] relay" in bad and "true or false" in bad, bad
+    # the variable that names the relay's socket to task processes is not a config key
+    assert config.load(None, env={"TASKVISOR_LLM_RELAY_SOCKET": "/run/x.sock"}).llm.relay is True
+    text = config.dump(config.load(write(tmp_path, "[llm]\nrelay = false\n"), env={}))
+    assert "relay = false" in text

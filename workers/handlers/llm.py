@@ -11,52 +11,34 @@ TASKVISOR_LLM__* variables and the defaults fills that section is decided by
 `supervisor.config` alone: this module applies no environment or default of its own.
 The API key is read from the environment variable *named* by api_key_env, at call time,
 and is never put in a result, an error message or a log line.
-Runs in task processes; preload it: its import (httpx, its transport stack and one TLS
-context, ~0.1 s) is then paid once by the fork server instead of by every task.
+Under a supervisor ([llm] relay = true, the default) the HTTP exchange itself is handed to
+the supervisor's model-call relay (workers.handlers.llmrelay, over workers.relaycall to
+workers.relay): the task keeps
+the attempt, the outcome, progress, streaming, spend and the exceptions, which are the same
+on both paths, and touches no httpx object (a few hundred KiB per call instead of ~4.5 MiB).
+Without a relay (a handler run outside a supervisor, relay = false, or a relay that cannot
+be reached at connect time) the call is made here.
+Runs in task processes; preload it: its import (and, when no relay is named, that of
+workers.handlers.llmhttp: httpx, its transport stack and one TLS context, ~0.1 s) is then
+paid once by the fork server instead of by every task.
 """
 
 from __future__ import annotations
 
-import asyncio
-import email.utils
-import encodings.idna  # noqa: F401 - see _TLS (httpx's sync client encodes host names)
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
-from urllib.parse import urlsplit
 
-# httpx imports its command-line client (click, rich and pygments, 5.4 MiB of objects) when
-# those happen to be installed; no task uses it, and every page the fork server holds is
-# copied into the page tables of each fork. A None entry makes that one import fail, and
-# httpx then goes without its CLI. Only if httpx is not imported yet (a preload module may
-# have imported it, CLI and all).
-if "httpx" not in sys.modules:
-    sys.modules.setdefault("httpx._main", None)
-
-import anyio._backends._asyncio  # noqa: F401 - see _TLS
-import h11  # noqa: F401
-import httpcore._async  # noqa: F401
-import httpcore._backends.anyio  # noqa: F401
-import httpcore._backends.auto  # noqa: F401
-import httpx
-
-from workers import Retry, task
+import workers.stream  # noqa: F401 - what ctx.stream imports at its first call: once, here
+from workers import Retry, relaycall, task
+from workers.context import TaskContext
 from workers.handlers import Fail
 
 PROGRESS_EVERY_S = 0.5        # progress (which is also a heartbeat) at most this often
-CONNECT_TIMEOUT_S = 30.0
+RELAY_GRACE_S = 5.0           # past stall_timeout_s with no frame, the relay itself is stuck
 _RESERVED = frozenset({"messages", "stream", "stream_options"})
-# Built at import, so once in the fork server (preload), and shared copy-on-write by every
-# task process, like the transport modules imported above, which httpx would otherwise import
-# at a task's first request. Without them every task process would build its own TLS
-# context (even for http://) and import the transports: several times the CPU of the call
-# itself (figures: benchmarks/README.md, "Figures behind code comments").
-_TLS = httpx.create_ssl_context()
 
 
 class LlmError(Exception):
@@ -89,26 +71,23 @@ class LlmStalled(Fail):
         super().__init__(message, retryable=True, outcome="timeout")
 
 
-@dataclass(frozen=True)
 class Request:
-    url: str
-    body: dict
-    headers: dict
-    request_timeout_s: float
-    stall_timeout_s: float
+    """One call's HTTP request (a plain class: dataclasses would import inspect and ast
+    into the fork server, and every module it holds costs each task process pages)."""
+    __slots__ = ("url", "body", "headers", "request_timeout_s", "stall_timeout_s")
 
-    def timeout(self) -> httpx.Timeout:
-        # The read timeout is the stall detector: it bounds every wait for bytes,
-        # the response headers (time to first token) included.
-        return httpx.Timeout(self.stall_timeout_s, connect=min(CONNECT_TIMEOUT_S, self.stall_timeout_s))
+    def __init__(self, url: str, body: dict, headers: dict, request_timeout_s: float,
+                 stall_timeout_s: float):
+        self.url, self.body, self.headers = url, body, headers
+        self.request_timeout_s, self.stall_timeout_s = request_timeout_s, stall_timeout_s
 
 
-def build_request(payload: Mapping[str, Any], ctx: Any = None,
+def build_request(payload: Mapping, ctx: object = None,
                   env: Mapping[str, str] | None = None) -> Request:
     """The HTTP request for one payload. Raises LlmRejected for a payload or config that
     no retry can fix (no base_url, no messages, a bad option)."""
     env = os.environ if env is None else env
-    if not isinstance(payload, Mapping):
+    if not _is_map(payload):
         raise LlmRejected("llm.chat payload must be a JSON object")
     section = ((getattr(ctx, "config", None) or {}).get("llm") or {})
 
@@ -123,17 +102,17 @@ def build_request(payload: Mapping[str, Any], ctx: Any = None,
         raise LlmRejected("no model server: set [llm] base_url in the config (or "
                           "TASKVISOR_LLM__BASE_URL in the supervisor's environment), "
                           "or give base_url in the payload, e.g. http://127.0.0.1:8080/v1")
-    if urlsplit(str(base_url)).scheme not in ("http", "https"):
+    if _split(str(base_url))[0] not in ("http", "https"):
         raise LlmRejected(f"base_url must be an http:// or https:// URL, got {base_url!r}")
     messages = _messages(payload)
     options = payload.get("options") or {}
-    if not isinstance(options, Mapping):
+    if not _is_map(options):
         raise LlmRejected("llm.chat payload 'options' must be an object "
                           "(e.g. {\"temperature\": 0.2, \"max_tokens\": 256})")
     clash = sorted(_RESERVED & set(options))
     if clash:
         raise LlmRejected(f"llm.chat 'options' must not set {', '.join(clash)}")
-    body: dict[str, Any] = {**options, "messages": messages, "stream": True,
+    body: dict = {**options, "messages": messages, "stream": True,
                             "stream_options": {"include_usage": True}}
     model = setting("model")
     if model:
@@ -159,22 +138,45 @@ def build_request(payload: Mapping[str, Any], ctx: Any = None,
     return Request(str(base_url).rstrip("/") + "/chat/completions", body, headers, request_s, stall_s)
 
 
-def _messages(payload: Mapping[str, Any]) -> list:
+def _is_map(value: object) -> bool:
+    """isinstance(value, Mapping), without the ABC's machinery for the dicts JSON gives
+    (its caches are written at each check: pages copied in every task process)."""
+    return type(value) is dict or isinstance(value, Mapping)
+
+
+def _messages(payload: Mapping) -> list:
     messages = payload.get("messages")
     if messages is None and isinstance(payload.get("prompt"), str):
         messages = [{"role": "user", "content": payload["prompt"]}]
         if isinstance(payload.get("system"), str):
             messages.insert(0, {"role": "system", "content": payload["system"]})
     if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, Mapping) and "role" in m for m in messages):
+            _is_map(m) and "role" in m for m in messages):
         raise LlmRejected("llm.chat payload needs 'messages': a non-empty list of "
                           "{\"role\": ..., \"content\": ...} (or a 'prompt' string)")
     return messages
 
 
 def _origin(url: str) -> tuple:
-    parts = urlsplit(str(url))
-    return parts.scheme, parts.hostname, parts.port
+    """(scheme, host[:port]) in lower case: the configured key goes only where this is
+    the configured server's, written the same way (stricter than urlsplit's host and port:
+    "h:80" is not "h"; a key is never sent by mistake)."""
+    scheme, netloc = _split(str(url))
+    return scheme, netloc.rpartition("@")[2].lower()
+
+
+def _split(url: str) -> tuple[str, str]:
+    """(scheme, netloc) of a URL, as urllib.parse.urlsplit gives them (scheme in lower
+    case), without importing urllib into every task process."""
+    scheme, colon, rest = url.partition(":")
+    if not colon or not scheme[:1].isalpha() or not all(
+            c.isascii() and (c.isalnum() or c in "+-.") for c in scheme):
+        return "", ""
+    if not rest.startswith("//"):
+        return scheme.lower(), ""
+    rest = rest[2:]
+    ends = [i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0]
+    return scheme.lower(), rest[:min(ends)] if ends else rest
 
 
 def retry_after_s(value: str | None, now: float) -> float | None:
@@ -182,6 +184,8 @@ def retry_after_s(value: str | None, now: float) -> float | None:
     absent or unreadable. `now` is epoch seconds."""
     if not value:
         return None
+    import email.utils  # here: only a refusal reads it (every module the fork server holds
+    # makes each task process dirty more pages: asyncio alone cost each one ~0.45 MiB)
     value = value.strip()
     try:
         seconds = float(value)
@@ -196,8 +200,9 @@ def retry_after_s(value: str | None, now: float) -> float | None:
     return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
-def status_error(response: httpx.Response, url: str, pause: tuple[str, ...] = ()) -> BaseException:
-    """The exception for an HTTP error status (the body must have been read). A 429 or
+def status_error(response: object, url: str, pause: tuple[str, ...] = ()) -> BaseException:
+    """The exception for an HTTP error status (the body must have been read; `response`:
+    an httpx.Response, or the relay's relaycall.Answer, which reads the same). A 429 or
     503 with Retry-After also pauses the limits in `pause` (the task type's: the
     provider's budget) for that long, so no other task of theirs hits the same wall."""
     code = response.status_code
@@ -213,16 +218,16 @@ def status_error(response: httpx.Response, url: str, pause: tuple[str, ...] = ()
     return LlmRejected(where)
 
 
-def server_message(response: httpx.Response) -> str:
+def server_message(response: object) -> str:
     """The server's own words: OpenAI's {"error": {"message"}}, {"error": "..."},
     FastAPI's {"detail"}, else the start of the body."""
     try:
         data = response.json()
     except ValueError:
         data = None
-    if isinstance(data, Mapping):
+    if _is_map(data):
         err = data.get("error")
-        if isinstance(err, Mapping) and err.get("message"):
+        if _is_map(err) and err.get("message"):
             return str(err["message"])[:2000]
         for key in ("error", "detail", "message"):
             if isinstance(data.get(key), str):
@@ -238,9 +243,10 @@ class Reply:
     comments (`: keep-alive`) count as bytes but not as progress, so a server that only
     pings still stalls."""
 
-    def __init__(self, ctx: Any, stall_timeout_s: float, max_tokens: int | None):
+    def __init__(self, ctx: object, stall_timeout_s: float, max_tokens: int | None):
         self.ctx = ctx
         self.stream = getattr(ctx, "stream", None)  # ctx.stream, batched in the task process
+        self.pending: list[str] | None = None  # batch_stream(): held until flush_stream()
         self.stall_timeout_s = stall_timeout_s
         self.max_tokens = max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else None
         self.parts: list[str] = []
@@ -287,32 +293,46 @@ class Reply:
             raise MalformedReply(f"the server sent a stream event that is not JSON: {data[:200]!r}") from None
         self.add(chunk)
 
-    def add(self, chunk: Any) -> None:
+    def add(self, chunk: object) -> None:
         """One chat.completion.chunk object."""
-        if not isinstance(chunk, Mapping):
+        if not _is_map(chunk):
             raise MalformedReply(f"expected a chat.completion.chunk object, got {str(chunk)[:200]!r}")
         if chunk.get("error"):
             err = chunk["error"]
-            text = err.get("message") if isinstance(err, Mapping) else err
+            text = err.get("message") if _is_map(err) else err
             raise LlmServerError(f"the server reported an error mid-stream: {str(text)[:2000]}")
         choices = chunk.get("choices") or []
-        if not isinstance(choices, list) or not all(isinstance(c, Mapping) for c in choices):
+        if not isinstance(choices, list) or not all(_is_map(c) for c in choices):
             raise MalformedReply(f"'choices' is not a list of objects: {str(choices)[:200]!r}")
         self.model = chunk.get("model") or self.model
         for choice in choices:
             delta = choice.get("delta") or choice.get("message") or {}
-            content = delta.get("content") if isinstance(delta, Mapping) else None
+            content = delta.get("content") if _is_map(delta) else None
             if isinstance(content, str) and content:
                 self.parts.append(content)
                 self.chunks += 1
-                if self.stream is not None:
+                if self.pending is not None:
+                    self.pending.append(content)
+                elif self.stream is not None:
                     self.stream(content)  # live to clients: output events, /output
             if choice.get("finish_reason"):
                 self.finish_reason = choice["finish_reason"]
-        if isinstance(chunk.get("usage"), Mapping):
+        if _is_map(chunk.get("usage")):
             self.usage = dict(chunk["usage"])
         self.last_data_mono = time.monotonic()
         self._progress(self.last_data_mono)
+
+    def batch_stream(self) -> None:
+        """Hold streamed text until flush_stream(), which sends it at once: one piece per
+        read from the network instead of ctx.stream's 20 ms flusher thread (~1 MiB of a
+        task process). Only for a TaskContext (its stream takes flush=)."""
+        if isinstance(self.ctx, TaskContext):
+            self.pending = []
+
+    def flush_stream(self) -> None:
+        if self.pending:
+            text, self.pending = "".join(self.pending), []
+            self.stream(text, flush=True)
 
     def _progress(self, now: float) -> None:
         if self.ctx is None or now - self.progress_mono < PROGRESS_EVERY_S:
@@ -343,29 +363,33 @@ class Reply:
                 "usage": out_usage, "model": self.model or requested_model}
 
 
-def _count(value: Any) -> int | None:
+def _count(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
-def _transport_error(exc: httpx.HTTPError, req: Request, reply: Reply | None) -> BaseException:
-    if isinstance(exc, httpx.ReadTimeout):
+def _error_of(kind: str, name: str, message: str, req: Request, reply: Reply | None) -> BaseException:
+    """The exception for a failed exchange, by the relay protocol's kind (workers.relay):
+    the same whether the call was made here or by the relay."""
+    if kind == "stalled":
         return reply.stalled() if reply is not None else LlmStalled(
             f"no response from {req.url} within stall_timeout_s={req.stall_timeout_s:g}s")
-    if isinstance(exc, httpx.UnsupportedProtocol):
-        return LlmRejected(f"cannot use {req.url}: {exc}")
-    if isinstance(exc, httpx.DecodingError):
-        return MalformedReply(f"cannot decode the response of {req.url}: {exc}")
-    what = "connect to" if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)) else "talk to"
-    return LlmUnavailable(f"cannot {what} {req.url}: {type(exc).__name__}: {exc or 'no detail'}")
+    if kind == "overran":
+        return _overran(req)
+    if kind == "unsupported":
+        return LlmRejected(f"cannot use {req.url}: {message}")
+    if kind == "decoding":
+        return MalformedReply(f"cannot decode the response of {req.url}: {message}")
+    what = "connect to" if kind == "connect" else "talk to"
+    return LlmUnavailable(f"cannot {what} {req.url}: {name}: {message or 'no detail'}")
 
 
 def _overran(req: Request) -> LlmStalled:
     return LlmStalled(f"the request ran past request_timeout_s={req.request_timeout_s:g}s")
 
 
-def _start(req: Request, ctx: Any) -> Reply:
+def _start(req: Request, ctx: object) -> Reply:
     if ctx is not None:
-        host = urlsplit(req.url).netloc
+        host = _split(req.url)[1]
         ctx.progress(0.0, f"asking {req.body.get('model') or 'the default model'} at {host}")
     return Reply(ctx, req.stall_timeout_s, req.body.get("max_tokens"))
 
@@ -379,57 +403,33 @@ def _finish_json(reply: Reply, data: bytes) -> None:
     reply.done = True
 
 
-async def chat(payload: Mapping[str, Any], ctx: Any = None) -> dict:
+async def chat(payload: Mapping, ctx: object = None) -> dict:
     """One call, for async handlers (`await llm.chat(payload, ctx)`). See the module
     docstring for outcomes."""
     req = build_request(payload, ctx)
     reply = _start(req, ctx)
-    try:
-        async with asyncio.timeout(req.request_timeout_s):
-            async with httpx.AsyncClient(timeout=req.timeout(), verify=_TLS) as client:
-                async with client.stream("POST", req.url, json=req.body, headers=req.headers) as resp:
-                    if resp.status_code >= 400:
-                        await resp.aread()
-                        raise status_error(resp, req.url, _pause_keys(ctx, spent=0))
-                    if _is_json(resp):
-                        _finish_json(reply, await resp.aread())
-                    else:
-                        async for line in resp.aiter_lines():
-                            reply.feed(line)
-                        reply.close()
-    except httpx.HTTPError as exc:
-        raise _transport_error(exc, req, reply) from exc
-    except TimeoutError:
-        raise _overran(req) from None
+    sock = relaycall.connect()
+    if sock is not None:  # the relay makes the HTTP exchange (workers.relay)
+        await llmrelay.chat(sock, req, reply, ctx)
+    else:
+        await _direct().chat(req, reply, ctx)
     return _spend(ctx, reply.result(req.body.get("model")))
 
 
-def chat_sync(payload: Mapping[str, Any], ctx: Any = None) -> dict:
+def chat_sync(payload: Mapping, ctx: object = None) -> dict:
     """The same call, blocking: for plain (non-async) handlers that ask a model, and the
     `llm.chat` task type itself."""
     req = build_request(payload, ctx)
     reply = _start(req, ctx)
-    deadline = time.monotonic() + req.request_timeout_s
-    try:
-        with httpx.Client(timeout=req.timeout(), verify=_TLS) as client:
-            with client.stream("POST", req.url, json=req.body, headers=req.headers) as resp:
-                if resp.status_code >= 400:
-                    resp.read()
-                    raise status_error(resp, req.url, _pause_keys(ctx, spent=0))
-                if _is_json(resp):
-                    _finish_json(reply, resp.read())
-                else:
-                    for line in resp.iter_lines():
-                        reply.feed(line)
-                        if time.monotonic() > deadline:
-                            raise _overran(req)
-                    reply.close()
-    except httpx.HTTPError as exc:
-        raise _transport_error(exc, req, reply) from exc
+    sock = relaycall.connect()
+    if sock is not None:  # the relay makes the HTTP exchange (workers.relay)
+        llmrelay.chat_sync(sock, req, reply, ctx)
+    else:
+        _direct().chat_sync(req, reply, ctx)
     return _spend(ctx, reply.result(req.body.get("model")))
 
 
-def _pause_keys(ctx: Any, spent: int | None = None) -> tuple[str, ...]:
+def _pause_keys(ctx: object, spent: int | None = None) -> tuple[str, ...]:
     """The limits a refusal pauses (the task type's); a refused call also reports that it
     used no tokens, so the estimate its claim was charged is given back."""
     if spent is not None and ctx is not None and hasattr(ctx, "spend"):
@@ -437,7 +437,7 @@ def _pause_keys(ctx: Any, spent: int | None = None) -> tuple[str, ...]:
     return tuple(getattr(ctx, "type_limits", ()) or ())
 
 
-def _spend(ctx: Any, result: dict) -> dict:
+def _spend(ctx: object, result: dict) -> dict:
     """Report the tokens the call used (the response's usage) to the task's limits."""
     total = (result.get("usage") or {}).get("total_tokens")
     if ctx is not None and hasattr(ctx, "spend") and isinstance(total, int) and total >= 0:
@@ -445,12 +445,24 @@ def _spend(ctx: Any, result: dict) -> dict:
     return result
 
 
-def _is_json(resp: httpx.Response) -> bool:
-    return resp.headers.get("content-type", "").split(";")[0].strip() == "application/json"
-
-
 @task("llm.chat")
-def chat_task(payload: Mapping[str, Any], ctx: Any = None) -> dict:
+def chat_task(payload: Mapping, ctx: object = None) -> dict:
     """The `llm.chat` task type: one blocking call. A task process makes one request, so
     an event loop buys it nothing and costs it CPU and memory (benchmarks/README.md)."""
     return chat_sync(payload, ctx)
+
+
+def _direct():
+    """The call made in this process (workers.handlers.llmhttp: httpx, its transports and a
+    TLS context). Imported with this module, in the fork server, unless a relay is named:
+    then task processes never touch httpx, and the fork server does not hold it (each task
+    process forked from a fork server that held it cost ~0.6 MiB more, call or no call);
+    a task that finds no relay then imports it at its first call."""
+    from workers.handlers import llmhttp
+    return llmhttp
+
+
+from workers.handlers import llmrelay  # noqa: E402 - it uses this module's names
+
+if not os.environ.get(relaycall.RELAY_ENV):
+    _direct()

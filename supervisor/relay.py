@@ -1,0 +1,239 @@
+"""The model-call relay, seen from the supervisor: the process handle and its restarts.
+
+Owns starting `python -m workers.relay` (its own process group, the parent-death signal,
+the owner marker in its environment like the fork server's), the private folder its socket
+lives in (mode 0700, made with mkdtemp under $XDG_RUNTIME_DIR or the temporary folder, so
+the AF_UNIX path stays short), the variable TASKVISOR_LLM_RELAY_SOCKET that names the
+socket to the fork server and so to every task process, noticing its exit, restarting it
+with the fork server's backoff, stopping it at shutdown, and logging each. Tasks that find
+no relay (it died and is being restarted) make their calls themselves. It never touches the
+database and never reads what passes through the relay.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+
+from supervisor.forkserver import RESTART_BACKOFF_S, STABLE_S
+from supervisor.proctree import OWNER_ENV, describe_status
+from workers.relay import RELAY_ENV
+
+log = logging.getLogger("taskvisor.supervisor")
+START_TIMEOUT_S = 10.0   # the first start waits this long for "ready"; restarts do not wait
+STOP_TIMEOUT_S = 5.0
+
+
+class Relay:
+    """The supervisor's handle on its relay process. Runs in the supervisor's main thread."""
+
+    def __init__(self, owner: str | None = None):
+        self.owner = owner
+        base = os.environ.get("XDG_RUNTIME_DIR")
+        if not (base and os.path.isdir(base) and os.access(base, os.W_OK | os.X_OK)):
+            base = None
+        self.folder = tempfile.mkdtemp(prefix="taskvisor-", dir=base)  # 0700
+        self.path = os.path.join(self.folder, "llm-relay.sock")
+        self.pid: int | None = None
+        self.ctrl: socket.socket | None = None
+        self.started_mono = 0.0
+        self.restarts = 0
+        self.restart_at: float | None = None
+        self.stopped = False
+        self.selector: selectors.BaseSelector | None = None
+        self.helper_pids: set[int] | None = None
+
+    def announce(self) -> None:
+        """Name the socket in this process's environment, before the fork server starts:
+        it inherits the variable, and every task process with it."""
+        os.environ[RELAY_ENV] = self.path
+
+    def attach(self, supervisor) -> None:
+        """Let the loop's selector wake on the relay's exit, and keep its pid out of the
+        orphan sweep (supervisor.loop)."""
+        self.selector = supervisor.selector
+        self.helper_pids = supervisor.helper_pids
+        self._watch()
+
+    def start(self, wait: bool = False) -> None:
+        """Start the process; with `wait`, until it listens (wait_ready)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        os.set_inheritable(theirs.fileno(), True)
+        argv = [sys.executable, "-m", "workers.relay", "--socket", self.path,
+                "--parent", str(os.getpid()), "--ctrl-fd", str(theirs.fileno())]
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        try:
+            # Its own group: ^C or ^Z aimed at the supervisor's group leaves it serving the
+            # tasks that are still draining; the supervisor stops it after them.
+            self.pid = os.posix_spawn(sys.executable, argv, _env(self.owner), setpgroup=0,
+                                      file_actions=[(os.POSIX_SPAWN_DUP2, devnull, 0)])
+        finally:
+            os.close(devnull)
+            theirs.close()
+        self.ctrl = ours
+        self.started_mono = time.monotonic()
+        ours.setblocking(False)
+        if wait:
+            self.wait_ready()
+        self._watch()
+
+    def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> bool:
+        """Wait until the relay listens (after the fork server started: the two start side
+        by side). A relay that does not is logged; tasks call directly until it does."""
+        ctrl = self.ctrl
+        if ctrl is None:
+            return False
+        ctrl.settimeout(timeout_s)
+        try:
+            ready = ctrl.recv(64)
+        except OSError:
+            ready = b""
+        finally:
+            ctrl.setblocking(False)
+        if ready.startswith(b"ready"):
+            log.info("model-call relay %d ready on %s", self.pid, self.path)
+            return True
+        log.error("model-call relay %d did not start within %gs; llm.chat calls are made in "
+                  "the task processes until it does", self.pid, timeout_s)
+        return False
+
+    def _watch(self) -> None:
+        if self.helper_pids is not None and self.pid is not None:
+            self.helper_pids.add(self.pid)
+        if self.selector is not None and self.ctrl is not None:
+            try:
+                self.selector.register(self.ctrl, selectors.EVENT_READ, ("relay", self))
+            except KeyError:
+                pass  # already registered
+
+    def tend(self, mono: float) -> None:
+        """Once a pass, first in the pass (before the loop's wait4(-1) can take its exit
+        status): notice an exit, log it, restart when due."""
+        if self.pid is not None:
+            self._drain_ctrl()
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped with the task processes: status unknown
+                pid, status = self.pid, None
+            if pid:
+                self._exited(status, mono)
+        if self.restart_at is not None and mono >= self.restart_at and not self.stopped:
+            self.restart_at = None
+            self.restarts += 1
+            self.start()
+            log.info("model-call relay %d started again on %s (%d restart(s) so far)",
+                     self.pid, self.path, self.restarts)
+
+    def _drain_ctrl(self) -> None:
+        while self.ctrl is not None:
+            try:
+                data = self.ctrl.recv(64)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:  # it exited: waitpid says how
+                self._close_ctrl()
+                return
+            if data.startswith(b"ready"):
+                log.info("model-call relay %d ready on %s", self.pid, self.path)
+
+    def _exited(self, status: int | None, mono: float) -> None:
+        how = describe_status(status) if status is not None else "exited"
+        pid, self.pid = self.pid, None
+        self._close_ctrl()
+        if self.helper_pids is not None:
+            self.helper_pids.discard(pid)
+        if self.stopped:
+            log.info("model-call relay %d %s", pid, how)
+            return
+        if mono - self.started_mono > STABLE_S:
+            self.restarts = 0  # it had been fine for a while: not a crash loop
+        delay = RESTART_BACKOFF_S[min(self.restarts, len(RESTART_BACKOFF_S) - 1)]
+        self.restart_at = mono + delay
+        log.error("model-call relay %d %s; restarting in %.1fs (calls are made in the task "
+                  "processes meanwhile)", pid, how, delay)
+
+    def _close_ctrl(self) -> None:
+        if self.ctrl is None:
+            return
+        if self.selector is not None:
+            try:
+                self.selector.unregister(self.ctrl)
+            except (KeyError, ValueError):
+                pass
+        self.ctrl.close()
+        self.ctrl = None
+
+    def stop(self, _supervisor=None) -> None:
+        """End the relay (the end of its control socket, then KILL after STOP_TIMEOUT_S)
+        and remove its folder. An on_shutdown hook: every task has ended by then."""
+        self.stopped = True
+        self.restart_at = None
+        pid = self.pid
+        self._close_ctrl()
+        if pid is not None:
+            deadline = time.monotonic() + STOP_TIMEOUT_S
+            status = None
+            while status is None:
+                try:
+                    got, st = os.waitpid(pid, os.WNOHANG)
+                except ChildProcessError:
+                    break
+                if got:
+                    status = st
+                elif time.monotonic() > deadline:
+                    _kill(pid)
+                    _, status = os.waitpid(pid, 0)
+                else:
+                    time.sleep(0.01)
+            self.pid = None
+            log.info("model-call relay %d stopped (%s)", pid,
+                     describe_status(status) if status is not None else "exited")
+        if os.environ.get(RELAY_ENV) == self.path:
+            del os.environ[RELAY_ENV]
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def next_due(self) -> float | None:
+        return self.restart_at
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _env(owner: str | None) -> dict:
+    env = dict(os.environ)
+    env.pop(RELAY_ENV, None)
+    env.pop("NOTIFY_SOCKET", None)  # only the supervisor talks to systemd
+    env.pop("WATCHDOG_USEC", None)
+    if owner:  # found by proctree.kill_marked if the supervisor dies with kill -9
+        env[OWNER_ENV] = owner
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def launch(config, owner: str | None = None) -> Relay | None:
+    """Start the relay (not waiting for it: `wait_ready` after the fork server started)
+    and name its socket in the environment the fork server will inherit; None, and no
+    socket named (not even one inherited from an outer environment), with
+    `[llm] relay = false`."""
+    if not config.llm.relay:
+        os.environ.pop(RELAY_ENV, None)
+        log.info("model-call relay off ([llm] relay = false): task processes make their calls")
+        return None
+    relay = Relay(owner)
+    relay.announce()
+    relay.start()
+    return relay

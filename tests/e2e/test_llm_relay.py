@@ -1,0 +1,202 @@
+"""The model-call relay (workers.relay, supervisor.relay) under attack: the relay killed
+mid-stream (the attempt fails retryably, the retry goes through the restarted relay), a
+task killed mid-stream (the model server sees the connection closed at once), a task that
+never reads (the relay's memory stays bounded: backpressure reaches the server), 200 calls
+at once (all succeed; keep-alive: far fewer connections than calls), the relay switched
+off by config, and a relay that cannot be reached (the call is made directly)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import signal
+import stat
+import time
+
+import psutil
+import pytest
+
+from supervisor.relay import Relay
+from supervisor.store import Store
+from tests.support import wait_until
+from tests.support.launcher import SupervisorProcess, supervisor_config
+from tests.support.openai_server import FakeOpenAI, Flood, Stream
+from workers import relaycall
+from workers.handlers import llm
+from workers.relay import RELAY_ENV
+
+
+def relay_pids(sup: SupervisorProcess) -> list[int]:
+    out = []
+    for child in psutil.Process(sup.pid).children():
+        try:
+            if "workers.relay" in child.cmdline():
+                out.append(child.pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def llm_config(base_url: str, extra: str = "", pool_size: int = 2) -> str:
+    return supervisor_config(["workers.handlers.llm", "workers.handlers.shell"], pool_size=pool_size,
+                             extra=f'[llm]\nbase_url = "{base_url}"\n' + extra)
+
+
+@pytest.fixture
+def relay():
+    """A relay process of this test's own (what a supervisor starts), named in the
+    environment for llm calls made in this process."""
+    handle = Relay()
+    handle.start(wait=True)
+    old = os.environ.get(RELAY_ENV)
+    os.environ[RELAY_ENV] = handle.path
+    try:
+        yield handle
+    finally:
+        if old is None:
+            os.environ.pop(RELAY_ENV, None)
+        else:
+            os.environ[RELAY_ENV] = old
+        handle.stop()
+
+
+@pytest.mark.timeout(90)
+def test_relay_killed_mid_stream_the_attempt_fails_retryably_and_the_retry_uses_the_new_relay(tmp_path):
+    with FakeOpenAI(Stream(text="after the restart", keep_alive=True)) as srv:
+        srv.script(Stream(text=" ".join(["word"] * 400), delay_s=0.05))
+        # The retry waits 3 s: the relay is restarted 0.5 s after it died.
+        toml = llm_config(srv.base_url, '[types."llm.chat"]\nbackoff_initial_s = 3\nbackoff_max_s = 3\n')
+        with SupervisorProcess(tmp_path, toml) as sup:
+            (first,) = wait_until(lambda: relay_pids(sup), timeout=10)
+            task_id = sup.queue.enqueue("llm.chat", {"prompt": "a long answer"}, max_attempts=3)
+            wait_until(lambda: "tokens" in (sup.queue.get(task_id).progress_message or ""), timeout=20)
+            os.kill(first, signal.SIGKILL)
+            task = sup.wait(task_id, timeout=40)
+            assert task.status == "succeeded", (task.error, sup.log()[-3000:])
+            assert [a.outcome for a in task.history] == ["error", "succeeded"]
+            assert "LlmUnavailable" in task.history[0].reason and "relay" in task.history[0].reason
+            assert task.result["text"] == "after the restart"
+            (second,) = wait_until(lambda: relay_pids(sup), timeout=10)
+            assert second != first
+            assert f"model-call relay {first} killed by SIGKILL; restarting in" in sup.log()
+            # The retry's request came from the new relay: its kept-alive connection is the
+            # one the server saw.
+            peer_port = srv.requests[-1]["peer"][1]
+            ports = {c.laddr.port for c in psutil.Process(second).net_connections("tcp")}
+            assert peer_port in ports, (peer_port, ports)
+            store = Store(str(tmp_path / "taskvisor.db"))
+            try:
+                assert "cannot be reached" not in store.read_output(task_id, 2).text
+            finally:
+                store.close()
+
+
+@pytest.mark.timeout(90)
+def test_a_task_killed_mid_stream_closes_its_upstream_connection_at_once(tmp_path):
+    with FakeOpenAI(Stream(text=" ".join(["word"] * 400), delay_s=0.05)) as srv:
+        with SupervisorProcess(tmp_path, llm_config(srv.base_url)) as sup:
+            (relay_pid,) = wait_until(lambda: relay_pids(sup), timeout=10)
+            task_id = sup.queue.enqueue("llm.chat", {"prompt": "a long answer"}, max_attempts=1)
+            task = wait_until(lambda: (t := sup.queue.get(task_id)).pid and "tokens" in (
+                t.progress_message or "") and t, timeout=20)
+            killed = time.monotonic()
+            os.kill(task.pid, signal.SIGKILL)
+            gone = wait_until(lambda: srv.disconnects, timeout=5,
+                              message="the model server still streams to a dead task")
+            assert gone[0] - killed < 2.0
+            assert sup.wait(task_id).status == "failed"
+            assert relay_pids(sup) == [relay_pid], "the relay outlives the task"
+            assert len(srv.requests) == 1
+
+
+@pytest.mark.timeout(60)
+def test_a_caller_that_never_reads_holds_the_relay_to_a_bounded_memory(relay):
+    with FakeOpenAI(Flood(event_bytes=1 << 16, total_bytes=1 << 30)) as srv:
+        srv.script(Stream(text="warm"))  # one call first: the relay's imports are done
+        assert llm.chat_sync({"prompt": "hi", "base_url": srv.base_url, "request_timeout_s": 10,
+                              "stall_timeout_s": 5})["text"] == "warm"
+        proc = psutil.Process(relay.pid)
+        rss_before = proc.memory_info().rss
+        sock = relaycall.connect()
+        assert sock is not None
+        sock.sendall(relaycall.request_line(srv.base_url + "/chat/completions", {}, {"messages": []},
+                                            30.0, 60.0))
+        # The flood stops growing once every buffer between the server and this socket is
+        # full: the relay stopped reading upstream.
+        seen = []
+
+        def settled():
+            seen.append(srv.flooded)
+            return len(seen) > 20 and seen[-1] == seen[-20] and seen[-1] > 0
+        wait_until(settled, timeout=30, interval=0.05, message=f"the flood never stopped: {seen[-3:]}")
+        assert srv.flooded < 32 << 20, srv.flooded
+        assert proc.memory_info().rss - rss_before < 16 << 20
+        sock.close()  # the caller goes away: the relay closes the upstream request
+        wait_until(lambda: srv.disconnects, timeout=5, message="upstream still open")
+
+
+@pytest.mark.timeout(120)
+def test_200_concurrent_calls_all_succeed_on_kept_alive_connections(relay):
+    with FakeOpenAI(Stream(text="one two three four five six", delay_s=0.1, keep_alive=True)) as srv:
+        srv.httpd.socket.listen(1024)  # 200 connect at once
+        payload = {"prompt": "hi", "base_url": srv.base_url, "request_timeout_s": 60,
+                   "stall_timeout_s": 30}
+        with concurrent.futures.ThreadPoolExecutor(200) as pool:
+            results = list(pool.map(lambda _: llm.chat_sync(payload), range(600)))
+    assert all(r["text"] == "one two three four five six" for r in results)
+    assert len(srv.requests) == 600 and srv.max_active >= 50, srv.max_active
+    # Three waves of 200: the later waves reuse the connections of the first (about 200
+    # on a quiet machine; the bound leaves room for a loaded one).
+    assert srv.connections <= 300, srv.connections
+    assert relaycall.fallbacks == 0
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("on", [True, False])
+def test_relay_on_by_default_and_off_by_config(tmp_path, on):
+    with FakeOpenAI(Stream(text="hello")) as srv:
+        toml = llm_config(srv.base_url, "" if on else "relay = false\n")
+        with SupervisorProcess(tmp_path, toml) as sup:
+            echo = sup.wait(sup.queue.enqueue("shell", {"cmd": f'echo "[${RELAY_ENV}]"', "shell": True}))
+            path = echo.result["stdout_tail"].strip()[1:-1]
+            task = sup.wait(sup.queue.enqueue("llm.chat", {"prompt": "hi"}))
+            assert task.status == "succeeded" and task.result["text"] == "hello"
+            pids = relay_pids(sup)
+            if not on:
+                assert path == "" and pids == []
+                assert "model-call relay off" in sup.log()
+                return
+            assert len(pids) == 1 and stat.S_ISSOCK(os.stat(path).st_mode)
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+            assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
+            assert sup.stop() == 0
+            assert not os.path.exists(os.path.dirname(path)), "the socket's folder is removed"
+            assert not psutil.pid_exists(pids[0]) or psutil.Process(pids[0]).status() == psutil.STATUS_ZOMBIE
+            assert f"model-call relay {pids[0]} stopped" in sup.log()
+
+
+@pytest.mark.timeout(30)
+def test_a_relay_that_cannot_be_reached_means_a_direct_call_logged_once(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv(RELAY_ENV, str(tmp_path / "no-relay.sock"))
+    before = relaycall.fallbacks
+    with FakeOpenAI(Stream(text="direct")) as srv:
+        payload = {"prompt": "hi", "base_url": srv.base_url, "request_timeout_s": 10,
+                   "stall_timeout_s": 5}
+        with caplog.at_level(logging.WARNING, logger="taskvisor.llm"):
+            assert llm.chat_sync(payload)["text"] == "direct"
+            assert llm.chat_sync(payload)["text"] == "direct"
+    assert relaycall.fallbacks == before + 2
+    said = [r.getMessage() for r in caplog.records if "cannot be reached" in r.getMessage()]
+    assert len(said) == (1 if before == 0 else 0), said
+
+
+@pytest.mark.timeout(60)
+def test_the_relay_dies_with_its_supervisor(tmp_path):
+    with FakeOpenAI(Stream(text="hello")) as srv:
+        with SupervisorProcess(tmp_path, llm_config(srv.base_url)) as sup:
+            (pid,) = wait_until(lambda: relay_pids(sup), timeout=10)
+            relay = psutil.Process(pid)
+            sup.kill9()
+            wait_until(lambda: not relay.is_running() or relay.status() == psutil.STATUS_ZOMBIE,
+                       timeout=10, message="the relay outlived its supervisor")

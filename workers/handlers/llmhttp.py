@@ -1,0 +1,97 @@
+"""`llm.chat`'s HTTP exchange made in the calling process with httpx: the path of a handler
+run outside a supervisor, of `[llm] relay = false`, and of a task that found no relay.
+
+Owns httpx's side of a call: the client, its timeouts, reading the response into the
+caller's Reply, and turning httpx's exceptions into llm's (the same kinds the relay
+reports: workers.relay.error_kind). What the answer means (the outcome, progress, the
+exceptions) is `workers.handlers.llm`'s. Imported by llm at its import unless a relay is
+named in the environment (then only by a call that found no relay).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import encodings.idna  # noqa: F401 - see _TLS (httpx's sync client encodes host names)
+import sys
+import time
+
+# httpx imports its command-line client (click, rich and pygments, 5.4 MiB of objects) when
+# those happen to be installed; no task uses it, and every page the fork server holds is
+# copied into the page tables of each fork. A None entry makes that one import fail, and
+# httpx then goes without its CLI. Only if httpx is not imported yet (a preload module may
+# have imported it, CLI and all).
+if "httpx" not in sys.modules:
+    sys.modules.setdefault("httpx._main", None)
+
+import anyio._backends._asyncio  # noqa: F401,E402 - see _TLS
+import h11  # noqa: F401,E402
+import httpcore._async  # noqa: F401,E402
+import httpcore._backends.anyio  # noqa: F401,E402
+import httpcore._backends.auto  # noqa: F401,E402
+import httpx  # noqa: E402
+
+from workers import relay  # noqa: E402
+from workers.handlers import llm  # noqa: E402
+
+# Built at import, so once in the fork server (preload), and shared copy-on-write by every
+# task process, like the transport modules imported above, which httpx would otherwise import
+# at a task's first request. Without them every task process would build its own TLS
+# context (even for http://) and import the transports: several times the CPU of the call
+# itself (figures: benchmarks/README.md, "Figures behind code comments").
+_TLS = httpx.create_ssl_context()
+
+
+def timeout(req: llm.Request) -> httpx.Timeout:
+    # The read timeout is the stall detector: it bounds every wait for bytes, the response
+    # headers (time to first token) included.
+    return httpx.Timeout(req.stall_timeout_s, connect=min(relay.CONNECT_TIMEOUT_S, req.stall_timeout_s))
+
+
+def transport_error(exc: httpx.HTTPError, req: llm.Request, reply: llm.Reply | None) -> BaseException:
+    return llm._error_of(relay.error_kind(exc), type(exc).__name__, str(exc), req, reply)
+
+
+async def chat(req: llm.Request, reply: llm.Reply, ctx) -> None:
+    """The exchange for `llm.chat`, fed into `reply`; raises llm's exceptions."""
+    try:
+        async with asyncio.timeout(req.request_timeout_s):
+            async with httpx.AsyncClient(timeout=timeout(req), verify=_TLS) as client:
+                async with client.stream("POST", req.url, json=req.body, headers=req.headers) as resp:
+                    if resp.status_code >= 400:
+                        await resp.aread()
+                        raise llm.status_error(resp, req.url, llm._pause_keys(ctx, spent=0))
+                    if _is_json(resp):
+                        llm._finish_json(reply, await resp.aread())
+                    else:
+                        async for line in resp.aiter_lines():
+                            reply.feed(line)
+                        reply.close()
+    except httpx.HTTPError as exc:
+        raise transport_error(exc, req, reply) from exc
+    except TimeoutError:
+        raise llm._overran(req) from None
+
+
+def chat_sync(req: llm.Request, reply: llm.Reply, ctx) -> None:
+    """The same, blocking (`llm.chat_sync`)."""
+    deadline = time.monotonic() + req.request_timeout_s
+    try:
+        with httpx.Client(timeout=timeout(req), verify=_TLS) as client:
+            with client.stream("POST", req.url, json=req.body, headers=req.headers) as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    raise llm.status_error(resp, req.url, llm._pause_keys(ctx, spent=0))
+                if _is_json(resp):
+                    llm._finish_json(reply, resp.read())
+                else:
+                    for line in resp.iter_lines():
+                        reply.feed(line)
+                        if time.monotonic() > deadline:
+                            raise llm._overran(req)
+                    reply.close()
+    except httpx.HTTPError as exc:
+        raise transport_error(exc, req, reply) from exc
+
+
+def _is_json(resp: httpx.Response) -> bool:
+    return resp.headers.get("content-type", "").split(";")[0].strip() == "application/json"

@@ -1,0 +1,112 @@
+"""`llm.chat`'s HTTP exchange handed to the supervisor's model-call relay (workers.relay),
+seen from the task process: the relay's frames (workers.relaycall) fed to the same Reply,
+status_error and exceptions as a call made here (workers.handlers.llmhttp).
+
+Owns that mapping, and the task's side of the timeouts (the relay reports a stall or an
+overrun itself; a relay silent past them by RELAY_GRACE_S is stuck: the attempt times
+out; a connection that breaks is LlmUnavailable, retried like a broken connection to the
+model server). It touches no httpx object and imports nothing the fork server would not
+already hold with workers.handlers.llm.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from workers import relaycall
+from workers.handlers import llm
+
+
+def chat_sync(sock, req: llm.Request, reply: llm.Reply, ctx) -> None:
+    """The exchange for `llm.chat_sync`, over `sock` (connected to the relay), fed into
+    `reply`; raises llm's exceptions."""
+    call = Relayed(req, reply, ctx)
+    call.run_sync(lambda: relaycall.exchange(sock, call.line(), call.on_frame, call.timeout_s))
+
+
+async def chat(sock, req: llm.Request, reply: llm.Reply, ctx) -> None:
+    """The same for `await llm.chat`."""
+    call = Relayed(req, reply, ctx)
+    await call.run(relaycall.exchange_async(sock, call.line(), call.on_frame, call.timeout_s))
+
+
+class Relayed:
+    """One call through the relay, seen from the task: the frames of its answer fed to the
+    same Reply, status_error and exceptions as a call made here (no httpx object touched)."""
+
+    def __init__(self, req: llm.Request, reply: llm.Reply, ctx: object):
+        self.req, self.reply, self.ctx = req, reply, ctx
+        self.deadline = time.monotonic() + req.request_timeout_s
+        self.answer: relaycall.Answer | None = None
+        self.whole = False  # one JSON object, not a stream
+        reply.batch_stream()  # streamed text goes out once per frame (one upstream read)
+
+    def line(self) -> bytes:
+        r = self.req
+        return relaycall.request_line(r.url, r.headers, r.body, r.stall_timeout_s,
+                                      r.request_timeout_s)
+
+    def timeout_s(self) -> float:
+        """How long one read from the relay may wait: the relay reports a stall or an
+        overrun itself; past this margin the relay itself is stuck."""
+        left = self.deadline - time.monotonic()
+        return max(0.05, min(self.req.stall_timeout_s, left) + llm.RELAY_GRACE_S)
+
+    def on_frame(self, kind: bytes, data: bytes) -> bool:
+        """One frame; True at the end. Raises the call's exception."""
+        if kind == b"L":
+            reply = self.reply
+            try:
+                for line in data.decode().split("\n"):
+                    reply.feed(line)
+                    if time.monotonic() > self.deadline:
+                        raise llm._overran(self.req)
+            finally:
+                reply.flush_stream()
+        elif kind == b"H":
+            self.answer = relaycall.Answer(json.loads(data))
+        elif kind == b"B":
+            if self.answer.status_code >= 400:
+                self.answer.content = data
+                raise llm.status_error(self.answer, self.req.url,
+                                       llm._pause_keys(self.ctx, spent=0))
+            try:
+                llm._finish_json(self.reply, data)
+            finally:
+                self.reply.flush_stream()
+            self.whole = True
+        elif kind == b"Z":
+            if not self.whole:
+                self.reply.close()
+            return True
+        elif kind == b"E":
+            err = json.loads(data)
+            raise llm._error_of(str(err.get("kind")), str(err.get("error")),
+                                str(err.get("message")), self.req, self.reply)
+        return False
+
+    def broken(self, exc: relaycall.RelayBroken) -> llm.LlmUnavailable:
+        return llm.LlmUnavailable(f"the model-call relay's connection broke during the call to "
+                              f"{self.req.url}: {exc}")
+
+    def silent(self) -> BaseException:
+        if time.monotonic() >= self.deadline:
+            return llm._overran(self.req)
+        return self.reply.stalled()
+
+    def run_sync(self, exchange) -> None:
+        try:
+            exchange()
+        except relaycall.RelayBroken as exc:
+            raise self.broken(exc) from None
+        except relaycall.RelaySilent:
+            raise self.silent() from None
+
+    async def run(self, exchange) -> None:
+        try:
+            await exchange
+        except relaycall.RelayBroken as exc:
+            raise self.broken(exc) from None
+        except relaycall.RelaySilent:
+            raise self.silent() from None

@@ -1,0 +1,266 @@
+"""The model-call relay: one process per supervisor that makes the HTTP exchanges of
+`llm.chat` for every task process, on one asyncio loop with httpx.AsyncClients
+(connections to the provider pooled and kept alive across tasks: no TLS handshake per task).
+
+Why: a task process is forked from the fork server, and under Python 3.11 every object a
+call touches (httpx, httpcore, h11, the client, the TLS context) has its page copied into
+that process: ~5.6 MiB of private memory per chat task in flight. Through the relay a task
+touches a socket and `json` only: 1.5 MiB at 1,000 in flight, the relay's share included
+(benchmarks/README.md, "In flight: `llm.chat` through the model-call relay").
+
+Owns the relay process and its protocol; `workers.handlers.llmrelay` (over
+`workers.relaycall`) owns the task's side, `workers.handlers.llm` the call's meaning (the
+attempt, the outcome, progress, retries). It never imports `supervisor/`, never opens the
+database, and never logs a request's headers or body (the API key travels in them).
+
+Protocol, over one AF_UNIX stream connection per call (the socket's path is in the
+environment variable TASKVISOR_LLM_RELAY_SOCKET, which every task process inherits):
+- the task sends one line of JSON: {"url", "headers", "body" (the JSON request body),
+  "stall_timeout_s", "request_timeout_s"}, and then keeps its side open: end of file from
+  the task means it went away, and the relay closes the upstream request at once;
+- the relay answers with frames: one kind byte, a 4-byte big-endian length, the payload:
+  `H` {"status", "reason", "headers": [[name, value], ...]} once, then either one `B` (the
+  whole body, bytes: an HTTP error status or an application/json answer) or any number of
+  `L` (body lines, UTF-8, joined by "\\n"; one frame per read from upstream, split as
+  httpx's iter_lines splits), then `Z` (the end) or `E` {"kind", "error", "message"} where
+  kind is one of ERROR_KINDS (stalled: no bytes for stall_timeout_s; connect; transport;
+  decoding; unsupported: a URL httpx cannot use; overran: past request_timeout_s; protocol:
+  a request the relay could not read). After `Z` or `E` the relay closes the connection.
+- Backpressure: the relay writes a frame and waits for the socket to drain before it reads
+  upstream again, so a task that does not read holds at most a socket buffer's worth.
+
+Run as `python -m workers.relay --socket PATH --parent PID --ctrl-fd FD`: it binds PATH
+(mode 0600; the supervisor makes its folder 0700), writes "ready\\n" on the control socket,
+and exits when the control socket ends, on SIGTERM, or when its parent dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import stat
+import sys
+
+from workers.relaycall import RELAY_ENV  # noqa: F401 - the variable naming the socket
+
+ERROR_KINDS = ("stalled", "connect", "transport", "decoding", "unsupported", "overran", "protocol")
+CONNECT_TIMEOUT_S = 30.0
+MAX_REQUEST_BYTES = 1 << 28          # one request line (the messages of a long conversation)
+LANE_CALLS = 16                      # calls at once per httpx client (RelayServer.lane)
+KEEPALIVE_EXPIRY_S = 30.0
+BACKLOG = 4096                       # capped by net.core.somaxconn: a wave of tasks connects at once
+EXIT_PARENT_GONE = 3
+
+
+def frame(kind: bytes, payload: bytes = b"") -> bytes:
+    return kind + len(payload).to_bytes(4, "big") + payload
+
+
+def error_kind(exc: BaseException) -> str:
+    """The protocol's kind for an httpx exception (the task raises the same exception from
+    it as from the exception itself: workers.handlers.llm)."""
+    import httpx
+    if isinstance(exc, httpx.ReadTimeout):
+        return "stalled"
+    if isinstance(exc, httpx.UnsupportedProtocol):
+        return "unsupported"
+    if isinstance(exc, httpx.DecodingError):
+        return "decoding"
+    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+        return "connect"
+    return "transport"
+
+
+def _no_missing_sniffio() -> None:
+    """httpcore imports sniffio at every request and response of an async client, to tell
+    asyncio from trio; where sniffio is not installed (anyio 4 does without it), each of
+    those failed imports searched sys.path again: 16% of the relay's CPU (~1.6 ms a call).
+    A None entry makes the import fail at once; asyncio is then assumed, as it is."""
+    import importlib.util
+    if "sniffio" not in sys.modules and importlib.util.find_spec("sniffio") is None:
+        sys.modules["sniffio"] = None
+
+
+class RelayServer:
+    """The serving side: httpx AsyncClients in lanes (lane()), one coroutine per task
+    connection."""
+
+    def __init__(self) -> None:
+        _no_missing_sniffio()
+        import httpx
+        from httpx._decoders import LineDecoder  # the same splitting as iter_lines
+        self.httpx = httpx
+        self.LineDecoder = LineDecoder
+        self.tls = httpx.create_ssl_context()
+        # Clients ("lanes") of at most LANE_CALLS calls at once each: httpcore's pool does
+        # work in proportion to its connections times its requests at every request and
+        # response (measured: 200 calls at once in one client spent 75% of the relay's CPU
+        # there, and the calls queued for seconds). Calls go to the first lane with room,
+        # so the same lanes, and their kept-alive connections, serve wave after wave.
+        self.lanes: list[list] = []  # [client, calls in flight]
+
+    async def serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One task's call, until its end, its error, or the task going away."""
+        try:
+            try:
+                line = await reader.readline()
+                if not line:
+                    return  # connected and left (a probe)
+                req = json.loads(line)
+                args = (str(req["url"]), req["body"], dict(req.get("headers") or {}),
+                        float(req["stall_timeout_s"]), float(req["request_timeout_s"]))
+            except (ValueError, KeyError, TypeError) as exc:  # a line over the limit: ValueError
+                await self._error(writer, "protocol", exc)
+                return
+            call = asyncio.ensure_future(self.call(writer, *args))
+            gone = asyncio.ensure_future(reader.read(1))  # end of file: the task went away
+            await asyncio.wait((call, gone), return_when=asyncio.FIRST_COMPLETED)
+            if not call.done():
+                call.cancel()  # closes the upstream response, and so its connection
+            else:
+                gone.cancel()
+            await asyncio.gather(call, gone, return_exceptions=True)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    def lane(self) -> list:
+        for lane in self.lanes:
+            if lane[1] < LANE_CALLS:
+                return lane
+        client = self.httpx.AsyncClient(verify=self.tls, limits=self.httpx.Limits(
+            max_connections=None, max_keepalive_connections=LANE_CALLS,
+            keepalive_expiry=KEEPALIVE_EXPIRY_S))
+        self.lanes.append([client, 0])
+        return self.lanes[-1]
+
+    async def call(self, writer: asyncio.StreamWriter, url: str, body, headers: dict,
+                   stall_s: float, request_s: float) -> None:
+        lane = self.lane()
+        lane[1] += 1
+        try:
+            await self._call(lane[0], writer, url, body, headers, stall_s, request_s)
+        finally:
+            lane[1] -= 1
+
+    async def _call(self, client, writer: asyncio.StreamWriter, url: str, body, headers: dict,
+                    stall_s: float, request_s: float) -> None:
+        httpx = self.httpx
+        timeout = httpx.Timeout(stall_s, connect=min(CONNECT_TIMEOUT_S, stall_s))
+        try:
+            async with asyncio.timeout(request_s):
+                async with client.stream("POST", url, json=body, headers=headers,
+                                         timeout=timeout) as resp:
+                    head = {"status": resp.status_code, "reason": resp.reason_phrase,
+                            "headers": [[k, v] for k, v in resp.headers.items()]}
+                    await _send(writer, frame(b"H", json.dumps(head).encode()))
+                    ctype = resp.headers.get("content-type", "").split(";")[0].strip()
+                    if resp.status_code >= 400 or ctype == "application/json":
+                        await _send(writer, frame(b"B", await resp.aread()))
+                    else:
+                        decoder = self.LineDecoder()
+                        async for text in resp.aiter_text():
+                            lines = decoder.decode(text)
+                            if lines:
+                                await _send(writer, frame(b"L", "\n".join(lines).encode()))
+                        lines = decoder.flush()
+                        if lines:
+                            await _send(writer, frame(b"L", "\n".join(lines).encode()))
+                    await _send(writer, frame(b"Z"))
+        except httpx.HTTPError as exc:
+            await self._error(writer, error_kind(exc), exc)
+        except TimeoutError:
+            await self._error(writer, "overran", None)
+        except (ConnectionError, asyncio.CancelledError):
+            raise  # the task went away
+        except Exception as exc:  # noqa: BLE001 - told to the task, never logged here (the
+            await self._error(writer, "transport", exc)  # request's headers could show)
+
+    async def _error(self, writer: asyncio.StreamWriter, kind: str, exc: BaseException | None) -> None:
+        # The exception's text names the URL at most, never a header or the body.
+        msg = {"kind": kind, "error": type(exc).__name__ if exc is not None else "",
+               "message": str(exc)[:2000] if exc is not None else ""}
+        try:
+            await _send(writer, frame(b"E", json.dumps(msg).encode()))
+        except (ConnectionError, OSError):
+            pass
+
+
+async def _send(writer: asyncio.StreamWriter, data: bytes) -> None:
+    writer.write(data)
+    await writer.drain()  # backpressure: no upstream read until the task has taken this
+
+
+def bind(path: str) -> socket.socket:
+    """A listening socket at `path`, mode 0600 from the start; a socket file left there by
+    an earlier relay (which died) is replaced. Refuses a path that is not a socket."""
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise OSError(f"{path} exists and is not a socket")
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.listen(BACKLOG)
+    return sock
+
+
+async def run(listener: socket.socket, ctrl: socket.socket) -> None:
+    """Serve on `listener` until the control socket ends or SIGTERM."""
+    relay = RelayServer()
+    server = await asyncio.start_unix_server(relay.serve_one, sock=listener, backlog=BACKLOG,
+                                             limit=MAX_REQUEST_BYTES)
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+    ctrl.setblocking(False)
+
+    def on_ctrl() -> None:
+        try:
+            data = ctrl.recv(64)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data and not done.done():
+            done.set_result("the supervisor closed the control socket")
+
+    loop.add_reader(ctrl.fileno(), on_ctrl)
+    loop.add_signal_handler(signal.SIGTERM, lambda: done.done() or done.set_result("SIGTERM"))
+    loop.add_signal_handler(signal.SIGINT, lambda: None)  # ^C goes to the supervisor, who stops us
+    await done
+    server.close()
+    # Stopped once no task is left: nothing to flush, and no connection worth a goodbye.
+    # Leaving here skips cancelling what is left (asyncio logs each as an error) and the
+    # interpreter's teardown of httpx and the rest, which took longer than the whole stop.
+    os._exit(0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = dict(zip(argv[::2], argv[1::2]))
+    from workers.pdeathsig import set_parent_death_signal, set_process_name
+    set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != int(args["--parent"]):
+        return EXIT_PARENT_GONE
+    set_process_name(b"taskvisor-relay")
+    ctrl = socket.socket(fileno=int(args["--ctrl-fd"]))
+    # Listening before the serving side's imports (httpx, ~0.3 s): the supervisor need not
+    # wait for them, and a task that connects meanwhile waits in the backlog.
+    listener = bind(args["--socket"])
+    ctrl.sendall(b"ready\n")
+    asyncio.run(run(listener, ctrl))  # leaves the process itself
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
