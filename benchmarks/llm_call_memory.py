@@ -6,8 +6,9 @@ forks a child per call (one such parent per path); the child reads Private_Dirty
 /proc/self/smaps_rollup, makes one call to benchmarks/inflight_llm_server.py (10 chunks),
 reads it again, and reports the difference with its own CPU time. Paths: `direct` (httpx in
 the task process: [llm] relay = false), `relay` (through a relay process, the default; the
-relay's own cost is printed apart, per call), `http.client` (the standard library, for
-scale). Usage: python benchmarks/llm_call_memory.py [--calls N]. Not a test.
+relay's own cost is printed apart, per call; the parent runs the @warm_up functions as the
+fork server does), `relay, cold` (the same without the warm-up), `http.client` (the
+standard library, for scale). Usage: python benchmarks/llm_call_memory.py [--calls N]. Not a test.
 """
 
 from __future__ import annotations
@@ -88,11 +89,15 @@ def proc_cpu_ms(pid: int) -> float:
 
 def parent(path: str, base_url: str, relay_path: str, relay_pid: int, calls: int) -> None:
     """One preload, then `calls` forked calls; prints one JSON row."""
-    if path == "relay":
+    if path.startswith("relay"):
         os.environ[RELAY_ENV] = relay_path  # as the supervisor names it to the fork server
     else:
         os.environ.pop(RELAY_ENV, None)
     import workers.handlers.llm  # noqa: F401 - the preload
+    if path != "relay, cold":  # the fork server runs the @warm_up functions after its preload
+        from workers import registry
+        registry.run_warm_ups()
+    gc.collect()
     gc.freeze()
     one(path, base_url)  # warm the server (and the relay's connection)
     relay_cpu0 = proc_cpu_ms(relay_pid)
@@ -100,7 +105,7 @@ def parent(path: str, base_url: str, relay_path: str, relay_pid: int, calls: int
     relay_cpu = (proc_cpu_ms(relay_pid) - relay_cpu0) / calls
     print(json.dumps([path, statistics.median(m for m, _ in results),
                       statistics.median(c for _, c in results),
-                      relay_cpu if path == "relay" else None]))
+                      relay_cpu if path.startswith("relay") else None]))
 
 
 def main() -> None:
@@ -120,7 +125,7 @@ def main() -> None:
     try:
         base_url = server.stdout.readline().strip()
         rows = []
-        for path in ("direct", "relay", "http.client"):
+        for path in ("direct", "relay", "relay, cold", "http.client"):
             out = subprocess.run([sys.executable, __file__, "--calls", str(args.calls), "--parent",
                                   path, base_url, relay.path, str(relay.pid)],
                                  capture_output=True, text=True, check=True, timeout=300)

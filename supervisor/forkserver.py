@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import os
 import signal
 import socket
@@ -26,6 +27,7 @@ from supervisor.proctree import OWNER_ENV, describe_status
 from workers import wire
 
 MAX_PACKET = wire.MAX_PACKET
+log = logging.getLogger("taskvisor.supervisor")
 INLINE_SPEC_MAX = 60000  # bytes: under MAX_PACKET with room for the header line; bigger: a memfd
 # One encoder for every spec (json.dumps with arguments builds one per call).
 _encode_spec = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
@@ -100,6 +102,8 @@ class ForkServer:
             raise ForkServerError("a preload module or configured handler failed to import",
                                   msg["error"])
         self.types = msg.get("types", [])
+        for warning in msg.get("warnings") or ():  # a preload module's @warm_up failed
+            log.warning("fork server %s: %s", self.pid, warning)
         ours.setblocking(False)
 
     def fileno(self) -> int:

@@ -10,8 +10,8 @@ library only at import time) and must never open the task database.
 """
 
 from workers.context import Fail, Retry, TaskCancelled, TaskContext
-from workers.registry import task
+from workers.registry import task, warm_up
 from workers.workflow import DependencyFailure, SpawnError
 
 __all__ = ["DependencyFailure", "Fail", "Retry", "SpawnError", "TaskCancelled", "TaskContext",
-           "task"]
+           "task", "warm_up"]

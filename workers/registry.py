@@ -1,8 +1,10 @@
-"""Task type -> handler callable: the `@task` decorator and config-named handlers.
+"""Task type -> handler callable: the `@task` decorator and config-named handlers, and the
+`@warm_up` functions the fork server runs once after its preload.
 
 Owns the table the fork server fills by importing preload modules (whose `@task`
-decorators register) and resolving `[types."x"] handler = "module:function"`. Runs only
-in the fork server and task processes; the supervisor never imports user code.
+decorators register) and resolving `[types."x"] handler = "module:function"`, and the
+list of warm-ups. Runs only in the fork server and task processes; the supervisor never
+imports user code. A warm-up never runs in a task process.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Callable
 Handler = Callable[..., object]  # not typing.Any: typing is kept out of the fork server
 
 _handlers: dict[str, Handler] = {}
+_warm_ups: list[Callable[[], object]] = []
 
 
 def task(name: str) -> Callable[[Handler], Handler]:
@@ -51,3 +54,29 @@ def lookup(name: str) -> Handler | None:
 
 def names() -> list[str]:
     return sorted(_handlers)
+
+
+def warm_up(fn: Callable[[], object]) -> Callable[[], object]:
+    """Register `fn()` to run once in the fork server, after every preload module is
+    imported and before the first fork; never in a task process (a module a task imports
+    itself registers it, and that is all). For code that every task runs: what a first
+    run writes (the interpreter's caches, the first objects of each size) is then written
+    once, in the memory each task process starts from, instead of copied into each of
+    them. It must not block, touch the network or leave threads or open files behind. An
+    exception is logged by the supervisor as a warning; the fork server starts anyway."""
+    if not callable(fn):
+        raise TypeError("@warm_up must decorate a function that takes no arguments")
+    _warm_ups.append(fn)
+    return fn
+
+
+def run_warm_ups() -> list[str]:
+    """Run the registered warm-ups (the fork server, once); what went wrong, one line each."""
+    errors = []
+    for fn in _warm_ups:
+        try:
+            fn()
+        except Exception as exc:
+            name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', fn)}"
+            errors.append(f"warm-up {name} failed: {type(exc).__name__}: {exc}"[:2000])
+    return errors

@@ -44,7 +44,7 @@ import socket
 import stat
 import sys
 
-from workers.relaycall import RELAY_ENV  # noqa: F401 - the variable naming the socket
+from workers.relaycall import RELAY_ENV, frame  # noqa: F401 - RELAY_ENV: the variable naming the socket
 
 ERROR_KINDS = ("stalled", "connect", "transport", "decoding", "unsupported", "overran", "protocol")
 CONNECT_TIMEOUT_S = 30.0
@@ -53,10 +53,6 @@ LANE_CALLS = 16                      # calls at once per httpx client (RelayServ
 KEEPALIVE_EXPIRY_S = 30.0
 BACKLOG = 4096                       # capped by net.core.somaxconn: a wave of tasks connects at once
 EXIT_PARENT_GONE = 3
-
-
-def frame(kind: bytes, payload: bytes = b"") -> bytes:
-    return kind + len(payload).to_bytes(4, "big") + payload
 
 
 def error_kind(exc: BaseException) -> str:

@@ -81,6 +81,11 @@ def request_line(url: str, headers: dict, body: dict, stall_timeout_s: float,
                        "request_timeout_s": request_timeout_s}).encode() + b"\n"
 
 
+def frame(kind: bytes, payload: bytes = b"") -> bytes:
+    """One frame: its kind byte, the payload's length (4 bytes, big-endian), the payload."""
+    return kind + len(payload).to_bytes(4, "big") + payload
+
+
 class Frames:
     """Splits what the relay sends into (kind, payload) frames."""
 

@@ -18,7 +18,7 @@ Messages, one per packet. Start-up is JSON; the per-task messages are short text
                         "spawn KEY START_BY\n" spec JSON  + fds [report, output_w]
                         "spawn KEY START_BY"  + fds [report, output_w, spec memfd] (big specs)
                         "stop"
-  zygote -> supervisor  {"op": "ready", "pid", "types": [...], "preload_s"}
+  zygote -> supervisor  {"op": "ready", "pid", "types": [...], "preload_s", "warnings": [...]}
                         {"op": "boot_error", "error": traceback text}
                         "spawned KEY PID"
                         "spawn_failed KEY error text"
@@ -128,6 +128,7 @@ class Zygote:
             from workers import tasklog
             tasklog.setup(msg.get("log_format") == "json", msg.get("log_level", "INFO"),
                           registry.names())
+        warnings = registry.run_warm_ups()  # the preload modules' own (@warm_up)
         child.warm_up()
         os.register_at_fork(after_in_child=child.detach_after_fork)
         # Objects that exist now live as long as the fork server: keep the collector from
@@ -135,7 +136,7 @@ class Zygote:
         gc.collect()
         gc.freeze()
         self.send({"op": "ready", "pid": os.getpid(), "types": registry.names(),
-                   "preload_s": round(time.monotonic() - started, 4)})
+                   "preload_s": round(time.monotonic() - started, 4), "warnings": warnings})
         return True
 
     def serve(self) -> None:

@@ -168,6 +168,7 @@ def test_relay_on_by_default_and_off_by_config(tmp_path, on):
                 assert "model-call relay off" in sup.log()
                 return
             assert len(pids) == 1 and stat.S_ISSOCK(os.stat(path).st_mode)
+            assert "warm-up" not in sup.log()  # llm's warm-up of the relay path ran cleanly
             assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
             assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
             assert sup.stop() == 0

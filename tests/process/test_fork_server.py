@@ -322,3 +322,19 @@ def test_a_spawn_past_its_claims_fence_is_refused_even_under_a_later_shared_fenc
         server.close()
         for fd in fds:
             os.close(fd)
+
+
+@pytest.mark.timeout(60)
+def test_warm_ups_run_once_in_the_fork_server_and_a_failing_one_is_a_warning(supervisor_proc, tmp_path):
+    """@warm_up functions run after the preload, in the fork server only: not in the
+    supervisor, not in any task process. One that raises is logged and changes nothing
+    else."""
+    sup = supervisor_proc(supervisor={"pool_size": 2, "preload": ["tvp_handlers", "tvp_warm"]})
+    (server,) = sup.fork_servers()
+    done = [sup.wait_status(sup.enqueue("t.warm"), "succeeded") for _ in range(3)]
+    assert {t.result["ppid"] for t in done} == {server.pid}
+    pids = (tmp_path / "warm.pids").read_text().split()
+    assert pids == [str(server.pid)]  # once, in the fork server; no task ran it again
+    log = sup.log()
+    assert "warm-up tvp_warm.fails failed: ValueError: tvp_warm fails to warm up on purpose" in log
+    assert sup.stop() == 0

@@ -32,7 +32,7 @@ import time
 from collections.abc import Mapping
 
 import workers.stream  # noqa: F401 - what ctx.stream imports at its first call: once, here
-from workers import Retry, relaycall, task
+from workers import Retry, relaycall, task, warm_up
 from workers.context import TaskContext
 from workers.handlers import Fail
 
@@ -466,3 +466,5 @@ from workers.handlers import llmrelay  # noqa: E402 - it uses this module's name
 
 if not os.environ.get(relaycall.RELAY_ENV):
     _direct()
+else:  # the fork server runs it once after the preload (never a task process)
+    warm_up(llmrelay.warm_up)
