@@ -480,7 +480,7 @@ class Supervisor:
         """Write one outcome under its lease; returns the task's new status (None: lost)."""
         lease = child.lease
         if end.spawn:  # ctx.spawn: checked now, stored with the success (or it fails)
-            end = spawning.prepared(end, child.task, self.config, self.store, child.server.types, now)
+            end = spawning.prepared(end, self.config, self.store, child.server.types, now)
         if end.outcome is Outcome.SUCCEEDED:
             ok = self.store.complete(lease, end, now)
             status = "succeeded" if ok else None

@@ -14,7 +14,7 @@ import re
 from dataclasses import replace
 
 from supervisor.errors import InputError
-from supervisor.store import AttemptEnd, NewTask, Outcome, Task
+from supervisor.store import AttemptEnd, NewTask, Outcome
 from workers.wire import MAX_SPAWNS
 
 _ID = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}")
@@ -25,14 +25,14 @@ _FIELDS = frozenset({"id", "type", "payload", "priority", "delay", "run_at", "ti
 _checkers: list = [None, None]  # [config, a Queue used only for its enqueue checks]
 
 
-def prepared(end: AttemptEnd, task: Task, config, store, known_types, now: float) -> AttemptEnd:
+def prepared(end: AttemptEnd, config, store, known_types, now: float) -> AttemptEnd:
     """`end` (a success carrying raw spawn requests) with its spawns checked and built,
     or an `error` end, not retryable, saying why they cannot be stored. A retry would
     send the same requests, so it would fail the same way."""
     if not end.spawn:
         return end
     try:
-        tasks = build(end.spawn, task, config, known_types, now)
+        tasks = build(end.spawn, config, known_types, now)
         problem = store.check_spawns(tasks)
     except InputError as exc:
         problem = str(exc)
@@ -44,7 +44,7 @@ def prepared(end: AttemptEnd, task: Task, config, store, known_types, now: float
                    error={"type": "SpawnError", "message": message, "traceback": ""})
 
 
-def build(requests, parent: Task, config, known_types, now: float) -> list[NewTask]:
+def build(requests, config, known_types, now: float) -> list[NewTask]:
     """NewTasks from raw requests, each checked as Queue.enqueue checks its arguments.
     Raises InputError naming the request and field."""
     if not isinstance(requests, (list, tuple)) or len(requests) > MAX_SPAWNS:
@@ -70,7 +70,7 @@ def build(requests, parent: Task, config, known_types, now: float) -> list[NewTa
             new = checker._new_task(fields, now, task_id=task_id)
         except InputError as exc:
             raise InputError(f"spawn {n} ({type_}): {exc}", field=exc.field) from None
-        out.append(replace(new, parent_id=parent.id, workflow_id=parent.workflow))
+        out.append(new)  # its parent and workflow: set by Store.complete, which stores it
     return out
 
 

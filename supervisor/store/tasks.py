@@ -104,8 +104,10 @@ class Store(WorkflowStore, flow.FlowOps, LiveOps):
         with self.conn.write() as db:
             return self._insert_many(db, tasks, ids, now)
 
-    def _insert_many(self, db, tasks: Sequence[NewTask], ids: list[str], now: float) -> list[str]:
-        """enqueue_many inside the caller's transaction (also the spawns of `complete`)."""
+    def _insert_many(self, db, tasks: Sequence[NewTask], ids: list[str], now: float,
+                     spawned_by: tuple[str, str] | None = None) -> list[str]:
+        """enqueue_many inside the caller's transaction (also the spawns of `complete`:
+        `spawned_by` is then (parent id, workflow id), stored as every task's own)."""
         batch: dict[str, NewTask] = {}
         alias: dict[str, str] = {}  # batch id -> the unfinished task its key dedupes to
         named: dict[str, str] = {}  # of those, the ids the caller chose: kept as aliases
@@ -129,14 +131,17 @@ class Store(WorkflowStore, flow.FlowOps, LiveOps):
             batch = {i: replace(t, depends_on=tuple(alias.get(d, d) for d in t.depends_on))
                      for i, t in batch.items()}
         _check_dependencies(db, batch)
-        _check_workflows(db, batch)
+        if spawned_by is None:  # spawned tasks join their parent's workflow
+            _check_workflows(db, batch)
         for task_id in _dependency_order(batch):
-            self._insert(db, task_id, batch[task_id], now)
+            self._insert(db, task_id, batch[task_id], now, spawned_by)
         if named:
             q.insert_aliases(db, named)
         return out
 
-    def _insert(self, db, task_id: str, task: NewTask, now: float) -> None:
+    def _insert(self, db, task_id: str, task: NewTask, now: float,
+                spawned_by: tuple[str, str] | None = None) -> None:
+        parent_id, workflow_id = spawned_by or (task.parent_id, task.workflow_id)
         deps = list(dict.fromkeys(task.depends_on))
         statuses = q.select_statuses(db, deps) if deps else {}
         broken = [d for d in deps if statuses.get(d) in (Status.FAILED, Status.CANCELLED)]
@@ -157,8 +162,8 @@ class Store(WorkflowStore, flow.FlowOps, LiveOps):
                       max_attempts=task.max_attempts, timeout_s=task.timeout_s,
                       memory_mb=task.memory_mb, cpu_s=task.cpu_s, dedupe_key=task.dedupe_key,
                       error=error, outcome=outcome and str(outcome), completed_at=completed,
-                      parent_id=task.parent_id,
-                      workflow_id=None if task.workflow_id == task_id else task.workflow_id,
+                      parent_id=parent_id,
+                      workflow_id=None if workflow_id == task_id else workflow_id,
                       await_event=task.await_event, run_on_failure=task.run_on_failure,
                       claim_reads=reads, limit_keys=budget.group_text(task.limit_keys),
                       estimated_tokens=task.estimated_tokens, schedule=task.schedule,
@@ -333,9 +338,8 @@ class Store(WorkflowStore, flow.FlowOps, LiveOps):
             if row[2]:
                 q.unblock_dependents(db, lease.id)
             if end.spawn and not row[3]:  # children join the parent's workflow
-                wid = row[4] or lease.id
-                spawn = [replace(t, parent_id=lease.id, workflow_id=wid) for t in end.spawn]
-                self._insert_many(db, spawn, [t.id for t in spawn], now)
+                self._insert_many(db, end.spawn, [t.id for t in end.spawn], now,
+                                  spawned_by=(lease.id, row[4] or lease.id))
         return True
 
     def fail(self, lease: Lease, end: AttemptEnd, now: float, backoff: policy.Backoff, *,
@@ -599,9 +603,9 @@ def _dependency_order(batch: dict[str, NewTask]) -> list[str]:
     """Ids of the batch, each after the batch tasks it depends on; DependencyError on a cycle."""
     order, state = [], {}
     for root in batch:
-        stack = [(root, iter(batch[root].depends_on))]
         if state.get(root):
             continue
+        stack = [(root, iter(batch[root].depends_on))]
         state[root] = 1
         while stack:
             node, deps = stack[-1]
