@@ -24,7 +24,7 @@ import time
 
 from supervisor.forkserver import RESTART_BACKOFF_S, STABLE_S
 from supervisor.proctree import OWNER_ENV, describe_status
-from workers.relay import RELAY_ENV
+from workers.relaycall import RELAY_ENV
 
 log = logging.getLogger("taskvisor.supervisor")
 START_TIMEOUT_S = 10.0   # the first start waits this long for "ready"; restarts do not wait
