@@ -28,6 +28,7 @@ from workers.relaycall import RELAY_ENV
 
 log = logging.getLogger("taskvisor.supervisor")
 START_TIMEOUT_S = 10.0   # the first start waits this long for "ready"; restarts do not wait
+FOLDER_PREFIX = "taskvisor-relay-"  # then the supervisor's pid, "-" and mkdtemp's letters
 STOP_TIMEOUT_S = 5.0
 
 
@@ -39,7 +40,9 @@ class Relay:
         base = os.environ.get("XDG_RUNTIME_DIR")
         if not (base and os.path.isdir(base) and os.access(base, os.W_OK | os.X_OK)):
             base = None
-        self.folder = tempfile.mkdtemp(prefix="taskvisor-", dir=base)  # 0700
+        remove_stale_folders(base or tempfile.gettempdir())
+        # 0700; named after this process, so that a later supervisor can tell it is stale
+        self.folder = tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-", dir=base)
         self.path = os.path.join(self.folder, "llm-relay.sock")
         self.pid: int | None = None
         self.ctrl: socket.socket | None = None
@@ -203,6 +206,33 @@ class Relay:
 
     def next_due(self) -> float | None:
         return self.restart_at
+
+
+def remove_stale_folders(base: str) -> int:
+    """Remove the socket folders in `base` that supervisors killed with kill -9 left
+    (stop() removes a folder otherwise): ours (same user), named after a pid that no
+    longer runs. A pid in use again by another process keeps its folder; no harm. How many."""
+    removed = 0
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return 0
+    for name in names:
+        pid = name[len(FOLDER_PREFIX):].partition("-")[0]
+        if not (name.startswith(FOLDER_PREFIX) and pid.isdigit()):
+            continue
+        path = os.path.join(base, name)
+        try:
+            if os.lstat(path).st_uid != os.getuid() or not os.path.isdir(path):
+                continue
+            os.kill(int(pid), 0)
+            continue  # it runs
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+            removed += 1
+        except OSError:  # PermissionError: another user's process runs with that pid
+            continue
+    return removed
 
 
 def _kill(pid: int) -> None:

@@ -198,6 +198,12 @@ def test_the_relay_dies_with_its_supervisor(tmp_path):
         with SupervisorProcess(tmp_path, llm_config(srv.base_url)) as sup:
             (pid,) = wait_until(lambda: relay_pids(sup), timeout=10)
             relay = psutil.Process(pid)
+            argv = relay.cmdline()
+            folder = os.path.dirname(argv[argv.index("--socket") + 1])
             sup.kill9()
             wait_until(lambda: not relay.is_running() or relay.status() == psutil.STATUS_ZOMBIE,
                        timeout=10, message="the relay outlived its supervisor")
+            assert os.path.isdir(folder)  # nobody stopped it: its socket folder is left
+            sup.start()  # the next supervisor removes the folder of a dead one
+            assert not os.path.exists(folder)
+            assert sup.stop() == 0
