@@ -23,7 +23,7 @@ import socket
 import sys
 import time
 
-from supervisor.proctree import OWNER_ENV, describe_status
+from supervisor.proctree import describe_status, helper_env, spawn_helper
 from workers import wire
 
 MAX_PACKET = wire.MAX_PACKET
@@ -72,14 +72,11 @@ class ForkServer:
         os.set_inheritable(fence_fd, True)
         argv = [sys.executable, "-m", "workers.zygote", "--fd", str(theirs.fileno()),
                 "--parent", str(os.getpid()), "--fence-fd", str(fence_fd)]
-        devnull = os.open(os.devnull, os.O_RDONLY)
         try:
             # Its own process group: a stop aimed at the supervisor's group (^Z in a
             # terminal) leaves it running, so it can still enforce the fence.
-            self.pid = os.posix_spawn(sys.executable, argv, _child_env(self.owner), setpgroup=0,
-                                      file_actions=[(os.POSIX_SPAWN_DUP2, devnull, 0)])
+            self.pid = spawn_helper(argv, _child_env(self.owner))
         finally:
-            os.close(devnull)
             os.close(fence_fd)
             theirs.close()
         self.sock = ours
@@ -226,16 +223,7 @@ class ForkServer:
 
 
 def _child_env(owner: str | None = None) -> dict:
-    env = dict(os.environ)
-    if owner:
-        env[OWNER_ENV] = owner
-    else:
-        env.pop(OWNER_ENV, None)
-    # The fork server must find the package even when run from a source checkout.
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    env.pop("NOTIFY_SOCKET", None)  # only the supervisor talks to systemd
-    env.pop("WATCHDOG_USEC", None)
+    env = helper_env(owner)
     # Bind every symbol of the interpreter and of the preloaded extension modules when
     # they load, in the fork server: with lazy binding each task process resolved its
     # own first calls (a write to a shared page, and a symbol search, per function).

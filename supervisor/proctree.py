@@ -5,9 +5,11 @@ the pid names a process for good, so a reused pid is never hit), the tree below 
 process (`tree`: its children files, which hold every descendant because a task process is
 a child subreaper), the tree's RSS, TERM to a process group, KILL to a group and to every
 descendant (a grandchild that called setsid() escapes killpg), the sweep of orphans
-re-parented to the supervisor, and the search for the processes a dead supervisor left
-behind (its fork server passes the owner marker down in the environment). It never
-touches the database and never decides anything: callers do.
+re-parented to the supervisor, the search for the processes a dead supervisor left
+behind (its fork server passes the owner marker down in the environment), and starting
+the supervisor's helper interpreters (the fork server, the model-call relay) with that
+marker, in a process group of their own. It never touches the database and never
+decides anything: callers do.
 """
 
 from __future__ import annotations
@@ -22,6 +24,35 @@ OWNER_ENV = "TASKVISOR_OWNER"  # set for the fork server; every task process inh
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 _boot: list[float] = [0.0, -1e9]  # [boot time (epoch s), when it was read (monotonic)]
+
+
+def helper_env(owner: str | None) -> dict[str, str]:
+    """The environment of a helper interpreter the supervisor starts: its own, with the
+    owner marker (found by `kill_marked` if the supervisor dies with kill -9), the package
+    on PYTHONPATH (a source checkout works too), and no systemd variables (only the
+    supervisor talks to systemd)."""
+    env = dict(os.environ)
+    if owner:
+        env[OWNER_ENV] = owner
+    else:
+        env.pop(OWNER_ENV, None)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    env.pop("NOTIFY_SOCKET", None)
+    env.pop("WATCHDOG_USEC", None)
+    return env
+
+
+def spawn_helper(argv: list[str], env: dict[str, str]) -> int:
+    """Start a helper interpreter (argv[0] is the program) in a process group of its own,
+    stdin from /dev/null; its pid. Its own group: a signal aimed at the supervisor's group
+    (^C or ^Z in a terminal) leaves it running, and the supervisor decides its end."""
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    try:
+        return os.posix_spawn(argv[0], argv, env, setpgroup=0,
+                              file_actions=[(os.POSIX_SPAWN_DUP2, devnull, 0)])
+    finally:
+        os.close(devnull)
 
 
 def _read(path: str, size: int = 1 << 16) -> bytes | None:

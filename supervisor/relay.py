@@ -23,7 +23,7 @@ import tempfile
 import time
 
 from supervisor.forkserver import RESTART_BACKOFF_S, STABLE_S
-from supervisor.proctree import OWNER_ENV, describe_status
+from supervisor.proctree import describe_status, helper_env, spawn_helper
 from workers.relaycall import RELAY_ENV
 
 log = logging.getLogger("taskvisor.supervisor")
@@ -71,14 +71,11 @@ class Relay:
         os.set_inheritable(theirs.fileno(), True)
         argv = [sys.executable, "-m", "workers.relay", "--socket", self.path,
                 "--parent", str(os.getpid()), "--ctrl-fd", str(theirs.fileno())]
-        devnull = os.open(os.devnull, os.O_RDONLY)
         try:
             # Its own group: ^C or ^Z aimed at the supervisor's group leaves it serving the
             # tasks that are still draining; the supervisor stops it after them.
-            self.pid = os.posix_spawn(sys.executable, argv, _env(self.owner), setpgroup=0,
-                                      file_actions=[(os.POSIX_SPAWN_DUP2, devnull, 0)])
+            self.pid = spawn_helper(argv, _env(self.owner))
         finally:
-            os.close(devnull)
             theirs.close()
         self.ctrl = ours
         self.started_mono = time.monotonic()
@@ -243,14 +240,8 @@ def _kill(pid: int) -> None:
 
 
 def _env(owner: str | None) -> dict:
-    env = dict(os.environ)
-    env.pop(RELAY_ENV, None)
-    env.pop("NOTIFY_SOCKET", None)  # only the supervisor talks to systemd
-    env.pop("WATCHDOG_USEC", None)
-    if owner:  # found by proctree.kill_marked if the supervisor dies with kill -9
-        env[OWNER_ENV] = owner
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    env = helper_env(owner)
+    env.pop(RELAY_ENV, None)  # the relay is not its own client
     return env
 
 
