@@ -653,6 +653,8 @@ class Supervisor:
             if events & selectors.EVENT_READ:
                 for msg in target.events():
                     self.children.on_server_event(target, msg, mono)
+        elif kind == "relay":
+            target.on_readable()
         elif kind == "wake":
             self.wake.drain()
             self.claim_needed = True

@@ -113,11 +113,16 @@ class Relay:
             except KeyError:
                 pass  # already registered
 
+    def on_readable(self) -> None:
+        """Its control socket is readable (the loop's selector): "ready" after a restart,
+        or the end of file of its exit, which `tend` then turns into its exit status."""
+        self._drain_ctrl()
+
     def tend(self, mono: float) -> None:
         """Once a pass, first in the pass (before the loop's wait4(-1) can take its exit
-        status): notice an exit, log it, restart when due."""
-        if self.pid is not None:
-            self._drain_ctrl()
+        status): once its control socket ended, take its exit status and log it; restart
+        when due. While the relay runs, nothing here makes a system call."""
+        if self.pid is not None and self.ctrl is None:  # it exited, or is exiting
             try:
                 pid, status = os.waitpid(self.pid, os.WNOHANG)
             except ChildProcessError:  # reaped with the task processes: status unknown
