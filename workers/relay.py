@@ -55,6 +55,11 @@ BACKLOG = 4096                       # capped by net.core.somaxconn: a wave of t
 EXIT_PARENT_GONE = 3
 
 
+def is_json(resp) -> bool:
+    """An answer that is one JSON object (a server that ignored stream: true), not a stream."""
+    return resp.headers.get("content-type", "").split(";")[0].strip() == "application/json"
+
+
 def error_kind(exc: BaseException) -> str:
     """The protocol's kind for an httpx exception (the task raises the same exception from
     it as from the exception itself: workers.handlers.llm)."""
@@ -154,8 +159,7 @@ class RelayServer:
                     head = {"status": resp.status_code, "reason": resp.reason_phrase,
                             "headers": [[k, v] for k, v in resp.headers.items()]}
                     await _send(writer, frame(b"H", json.dumps(head).encode()))
-                    ctype = resp.headers.get("content-type", "").split(";")[0].strip()
-                    if resp.status_code >= 400 or ctype == "application/json":
+                    if resp.status_code >= 400 or is_json(resp):
                         await _send(writer, frame(b"B", await resp.aread()))
                     else:
                         decoder = self.LineDecoder()

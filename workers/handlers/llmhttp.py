@@ -60,7 +60,7 @@ async def chat(req: llm.Request, reply: llm.Reply, ctx) -> None:
                     if resp.status_code >= 400:
                         await resp.aread()
                         raise llm.status_error(resp, req.url, llm._pause_keys(ctx, spent=0))
-                    if _is_json(resp):
+                    if relay.is_json(resp):
                         llm._finish_json(reply, await resp.aread())
                     else:
                         async for line in resp.aiter_lines():
@@ -81,7 +81,7 @@ def chat_sync(req: llm.Request, reply: llm.Reply, ctx) -> None:
                 if resp.status_code >= 400:
                     resp.read()
                     raise llm.status_error(resp, req.url, llm._pause_keys(ctx, spent=0))
-                if _is_json(resp):
+                if relay.is_json(resp):
                     llm._finish_json(reply, resp.read())
                 else:
                     for line in resp.iter_lines():
@@ -91,7 +91,3 @@ def chat_sync(req: llm.Request, reply: llm.Reply, ctx) -> None:
                     reply.close()
     except httpx.HTTPError as exc:
         raise transport_error(exc, req, reply) from exc
-
-
-def _is_json(resp: httpx.Response) -> bool:
-    return resp.headers.get("content-type", "").split(";")[0].strip() == "application/json"
