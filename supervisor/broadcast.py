@@ -10,8 +10,9 @@ client whose filter wants them without blocking (a client that leaves 8 MiB unre
 dropped and resumes by its id). It wakes when the loop pokes it after a commit and
 polls `PRAGMA data_version` every few ms while it has clients, so commits of other
 processes arrive too; it spaces batches by what the last one cost (`WRITE_SHARE`). It
-runs in a session of its own, for a CPU share apart from the task processes'. It keeps the log switched on while it has clients, switches it
-off once it had none for `events_retention`, and prunes events older than that.
+runs in a session of its own, for a CPU share apart from the task processes'. It keeps
+the log switched on while it has clients, switches it off once it had none for
+`events_retention`, and prunes events older than that.
 A process, not a thread: 200 clients written from a thread of the supervisor made the
 loop and the writer take turns on the GIL at every send (p50 175 ms); here the loop's
 thread never waits for it. It never writes task state.
