@@ -216,6 +216,15 @@ class TaskContext:
             self._output = OutputStream(self._reporter)
         self._output.write(text, flush)
 
+    def _write_lines(self, data: bytes) -> None:
+        """Report lines made for this attempt by the model-call relay (llm.chat's stream,
+        progress and spend: workers.handlers.llmreports), written as they are, after what
+        ctx.stream() still buffers."""
+        if self._output is not None:
+            self._output.write_lines(data)
+        else:
+            self._reporter.write(data)
+
     def close_output(self) -> None:
         """Send what ctx.stream() still buffers; the task process calls this once the
         handler returned or raised, before the outcome."""

@@ -26,6 +26,14 @@ environment variable TASKVISOR_LLM_RELAY_SOCKET, which every task process inheri
   kind is one of ERROR_KINDS (stalled: no bytes for stall_timeout_s; connect; transport;
   decoding; unsupported: a URL httpx cannot use; overran: past request_timeout_s; protocol:
   a request the relay could not read). After `Z` or `E` the relay closes the connection.
+- With "parse" in the request line ({"reports": bool, "model", "max_tokens"}: the
+  `llm.chat` call of a TaskContext, or of no context), the relay reads a 2xx answer itself
+  (workers.handlers.llmreports: the same Reply a task runs) and sends instead `R` (report
+  lines, workers.wire: the stream text, progress and spend that the task's context would
+  have sent, for the task to write to its report channel as they are; the first one
+  before the request) and `J` (the result object; the end), or `E` with kind "raised"
+  {"error": the llm exception's class name, "message"}. An HTTP error status still comes
+  as `H` and `B`.
 - Backpressure: the relay writes a frame and waits for the socket to drain before it reads
   upstream again, so a task that does not read holds at most a socket buffer's worth.
 
@@ -46,7 +54,8 @@ import sys
 
 from workers.relaycall import RELAY_ENV, frame  # noqa: F401 - RELAY_ENV: the variable naming the socket
 
-ERROR_KINDS = ("stalled", "connect", "transport", "decoding", "unsupported", "overran", "protocol")
+ERROR_KINDS = ("stalled", "connect", "transport", "decoding", "unsupported", "overran", "protocol",
+               "raised")
 CONNECT_TIMEOUT_S = 30.0
 MAX_REQUEST_BYTES = 1 << 28          # one request line (the messages of a long conversation)
 LANE_CALLS = 16                      # calls at once per httpx client (RelayServer.lane)
@@ -93,6 +102,9 @@ class RelayServer:
         _no_missing_sniffio()
         import httpx
         from httpx._decoders import LineDecoder  # the same splitting as iter_lines
+
+        from workers.handlers import llmreports
+        self.llmreports = llmreports
         self.httpx = httpx
         self.LineDecoder = LineDecoder
         self.tls = httpx.create_ssl_context()
@@ -112,7 +124,8 @@ class RelayServer:
                     return  # connected and left (a probe)
                 req = json.loads(line)
                 args = (str(req["url"]), req["body"], dict(req.get("headers") or {}),
-                        float(req["stall_timeout_s"]), float(req["request_timeout_s"]))
+                        float(req["stall_timeout_s"]), float(req["request_timeout_s"]),
+                        dict(req["parse"]) if req.get("parse") is not None else None)
             except (ValueError, KeyError, TypeError) as exc:  # a line over the limit: ValueError
                 await self._error(writer, "protocol", exc)
                 return
@@ -140,50 +153,100 @@ class RelayServer:
         return self.lanes[-1]
 
     async def call(self, writer: asyncio.StreamWriter, url: str, body, headers: dict,
-                   stall_s: float, request_s: float) -> None:
+                   stall_s: float, request_s: float, parse: dict | None) -> None:
         lane = self.lane()
         lane[1] += 1
         try:
-            await self._call(lane[0], writer, url, body, headers, stall_s, request_s)
+            await self._call(lane[0], writer, url, body, headers, stall_s, request_s, parse)
         finally:
             lane[1] -= 1
 
     async def _call(self, client, writer: asyncio.StreamWriter, url: str, body, headers: dict,
-                    stall_s: float, request_s: float) -> None:
+                    stall_s: float, request_s: float, parse: dict | None) -> None:
         httpx = self.httpx
         timeout = httpx.Timeout(stall_s, connect=min(CONNECT_TIMEOUT_S, stall_s))
+        parsed = None
         try:
+            if parse is not None:
+                parsed = self.llmreports.Parse(parse, url, stall_s)
+                first = parsed.start()
+                if first:
+                    await _send(writer, frame(b"R", first))
             async with asyncio.timeout(request_s):
                 async with client.stream("POST", url, json=body, headers=headers,
                                          timeout=timeout) as resp:
-                    head = {"status": resp.status_code, "reason": resp.reason_phrase,
-                            "headers": [[k, v] for k, v in resp.headers.items()]}
-                    await _send(writer, frame(b"H", json.dumps(head).encode()))
-                    if resp.status_code >= 400 or is_json(resp):
+                    if resp.status_code >= 400 or parsed is None:
+                        head = {"status": resp.status_code, "reason": resp.reason_phrase,
+                                "headers": [[k, v] for k, v in resp.headers.items()]}
+                        await _send(writer, frame(b"H", json.dumps(head).encode()))
+                    if resp.status_code >= 400:
                         await _send(writer, frame(b"B", await resp.aread()))
+                        await _send(writer, frame(b"Z"))
+                    elif parsed is not None:
+                        await self._parsed(resp, writer, parsed)
                     else:
-                        decoder = self.LineDecoder()
-                        async for text in resp.aiter_text():
-                            lines = decoder.decode(text)
-                            if lines:
-                                await _send(writer, frame(b"L", "\n".join(lines).encode()))
-                        lines = decoder.flush()
-                        if lines:
-                            await _send(writer, frame(b"L", "\n".join(lines).encode()))
-                    await _send(writer, frame(b"Z"))
+                        await self._lines(resp, writer)
         except httpx.HTTPError as exc:
+            if parsed is not None and error_kind(exc) == "stalled":
+                exc = parsed.stalled()  # the Reply's words: how many tokens came first
+                await self._send_error(writer, self.llmreports.raised(exc))
+                return
             await self._error(writer, error_kind(exc), exc)
         except TimeoutError:
             await self._error(writer, "overran", None)
         except (ConnectionError, asyncio.CancelledError):
             raise  # the task went away
         except Exception as exc:  # noqa: BLE001 - told to the task, never logged here (the
-            await self._error(writer, "transport", exc)  # request's headers could show)
+            told = self.llmreports.raised(exc) if parsed is not None else None  # headers could show)
+            if told is not None:
+                await self._send_error(writer, told)
+            else:
+                await self._error(writer, "transport", exc)
+
+    async def _lines(self, resp, writer: asyncio.StreamWriter) -> None:
+        """The body as it comes: the whole of it (`B`) for one JSON object, else its lines
+        (`L`, one frame per upstream read), then `Z`."""
+        if is_json(resp):
+            await _send(writer, frame(b"B", await resp.aread()))
+        else:
+            decoder = self.LineDecoder()
+            async for text in resp.aiter_text():
+                lines = decoder.decode(text)
+                if lines:
+                    await _send(writer, frame(b"L", "\n".join(lines).encode()))
+            lines = decoder.flush()
+            if lines:
+                await _send(writer, frame(b"L", "\n".join(lines).encode()))
+        await _send(writer, frame(b"Z"))
+
+    async def _parsed(self, resp, writer: asyncio.StreamWriter, parsed) -> None:
+        """The body read here (llmreports.Parse): `R` frames of report lines as they come,
+        then the last ones and `J`, the result. Raises llm's exceptions."""
+        tail = b""
+        if is_json(resp):
+            parsed.whole(await resp.aread())
+        else:
+            decoder = self.LineDecoder()
+            async for text in resp.aiter_text():
+                lines = decoder.decode(text)
+                if lines:
+                    reports = parsed.lines(lines)
+                    if reports:
+                        await _send(writer, frame(b"R", reports))
+            lines = decoder.flush()
+            if lines:
+                tail = parsed.lines(lines)
+        last, result = parsed.end()
+        last = tail + last
+        await _send(writer, (frame(b"R", last) if last else b"") + frame(b"J", result))
 
     async def _error(self, writer: asyncio.StreamWriter, kind: str, exc: BaseException | None) -> None:
         # The exception's text names the URL at most, never a header or the body.
-        msg = {"kind": kind, "error": type(exc).__name__ if exc is not None else "",
-               "message": str(exc)[:2000] if exc is not None else ""}
+        await self._send_error(writer, {
+            "kind": kind, "error": type(exc).__name__ if exc is not None else "",
+            "message": str(exc)[:2000] if exc is not None else ""})
+
+    async def _send_error(self, writer: asyncio.StreamWriter, msg: dict) -> None:
         try:
             await _send(writer, frame(b"E", json.dumps(msg).encode()))
         except (ConnectionError, OSError):

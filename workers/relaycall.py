@@ -2,7 +2,8 @@
 connect to the relay that TASKVISOR_LLM_RELAY_SOCKET names, send the request, read frames.
 
 Owns the socket, the framing and the two drivers (blocking, and asyncio for async
-handlers). It touches a socket, `json` and `int.from_bytes` only: no httpx object, so a
+handlers) for both kinds of call: the relay sends the answer's lines, or (with "parse")
+report lines and the result. It touches a socket, `json` and `int.from_bytes` only: no httpx object, so a
 task process forked from the fork server copies few pages for a call (the reason the relay
 exists); it imports neither asyncio (but for an async caller) nor workers.relay. What the
 frames mean for the call (the outcome, progress, the exceptions) is
@@ -75,10 +76,12 @@ def _connect(sock: _socket.socket, path: str) -> None:
 
 
 def request_line(url: str, headers: dict, body: dict, stall_timeout_s: float,
-                 request_timeout_s: float) -> bytes:
-    return json.dumps({"url": url, "headers": headers, "body": body,
-                       "stall_timeout_s": stall_timeout_s,
-                       "request_timeout_s": request_timeout_s}).encode() + b"\n"
+                 request_timeout_s: float, parse: dict | None = None) -> bytes:
+    req = {"url": url, "headers": headers, "body": body, "stall_timeout_s": stall_timeout_s,
+           "request_timeout_s": request_timeout_s}
+    if parse is not None:
+        req["parse"] = parse
+    return json.dumps(req).encode() + b"\n"
 
 
 def frame(kind: bytes, payload: bytes = b"") -> bytes:

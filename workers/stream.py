@@ -72,6 +72,13 @@ class OutputStream:
             self._flush_locked()
             self._reporter.request(kind, **fields)
 
+    def write_lines(self, data: bytes) -> None:
+        """Whole report lines made elsewhere (the model-call relay's), after what is
+        buffered, in order."""
+        with self._lock:
+            self._flush_locked()
+            self._reporter.write(data)
+
     def flush(self) -> None:
         with self._lock:
             self._flush_locked()

@@ -207,3 +207,76 @@ def test_the_relay_dies_with_its_supervisor(tmp_path):
             sup.start()  # the next supervisor removes the folder of a dead one
             assert not os.path.exists(folder)
             assert sup.stop() == 0
+
+
+# -- the relay reads the answer for a task's context ("parse": workers.handlers.llmreports)
+
+def task_context(reporter_fd: int):
+    """The context a task process hands llm.chat, reporting on `reporter_fd`."""
+    from workers.child import Reporter
+    from workers.context import TaskContext
+    return TaskContext(id="t1", type="llm.chat", attempt=1, max_attempts=3, deadline_at=None,
+                       reporter=Reporter(reporter_fd), config={"llm": {}},
+                       log_settings=(False, "INFO"))
+
+
+def report_lines(sock) -> list[dict]:
+    from workers import wire
+    data = b""
+    while chunk := sock.recv(1 << 16):
+        data += chunk
+    return [wire.parse_report(line) for line in data.splitlines()]
+
+
+@pytest.mark.timeout(30)
+def test_the_relay_writes_a_task_contexts_stream_progress_and_spend_in_order(relay):
+    import socket
+    ours, theirs = socket.socketpair()
+    with FakeOpenAI(Stream(text="alpha beta gamma delta", delay_s=0.3)) as srv:
+        ctx = task_context(ours.fileno())
+        ctx.stream("before the call; ")  # buffered by the handler: goes out first
+        out = llm.chat_sync({"prompt": "hi", "base_url": srv.base_url, "model": "m1",
+                             "request_timeout_s": 20, "stall_timeout_s": 10}, ctx)
+        ctx.close_output()
+        ours.close()
+        lines = report_lines(theirs)
+    theirs.close()
+    assert out == {"text": "alpha beta gamma delta", "finish_reason": "stop", "model": "m1",
+                   "usage": {"prompt_tokens": 12, "completion_tokens": 4, "total_tokens": 16}}
+    kinds = [m["kind"] for m in lines]
+    assert kinds[0] == "stream" and lines[0]["text"] == "before the call; "
+    progress = [m for m in lines if m["kind"] == "progress"]
+    assert progress[0]["fraction"] == 0.0
+    assert progress[0]["message"].startswith("asking m1 at 127.0.0.1:"), progress[0]
+    assert any("tok/s" in (m["message"] or "") for m in progress[1:-1]), progress
+    assert progress[-1]["fraction"] == 1.0 and progress[-1]["message"].startswith("done: 4 tokens")
+    streamed = "".join(m["text"] for m in lines[1:] if m["kind"] == "stream")
+    assert streamed == out["text"]
+    assert kinds.count("stream") >= 3, "one stream line per upstream read, not one at the end"
+    assert lines[-1] == {"kind": "spend", "tokens": 16}
+    assert relaycall.fallbacks == 0
+
+
+@pytest.mark.timeout(30)
+def test_what_the_relay_reads_raises_the_same_exceptions_in_the_task(relay):
+    import socket
+
+    from tests.support.openai_server import Malformed, Stall
+    with FakeOpenAI() as srv:
+        payload = {"prompt": "hi", "base_url": srv.base_url, "request_timeout_s": 20,
+                   "stall_timeout_s": 0.5}
+        srv.script(Malformed())
+        with pytest.raises(llm.MalformedReply, match="not JSON"):
+            llm.chat_sync(payload)
+        srv.script(Stall(tokens=2, hold_s=5))
+        ours, theirs = socket.socketpair()
+        ctx = task_context(ours.fileno())
+        with pytest.raises(llm.LlmStalled, match=r"after 2 token\(s\)") as stalled:
+            llm.chat_sync(payload, ctx)
+        assert stalled.value.outcome == "timeout" and stalled.value.retryable
+        ours.close()
+        lines = report_lines(theirs)
+        theirs.close()
+        # what came before the stall was streamed; a failed call spends nothing
+        assert "".join(m["text"] for m in lines if m["kind"] == "stream")
+        assert not [m for m in lines if m["kind"] == "spend"]

@@ -13,9 +13,11 @@ The API key is read from the environment variable *named* by api_key_env, at cal
 and is never put in a result, an error message or a log line.
 Under a supervisor ([llm] relay = true, the default) the HTTP exchange itself is handed to
 the supervisor's model-call relay (workers.handlers.llmrelay, over workers.relaycall to
-workers.relay): the task keeps
-the attempt, the outcome, progress, streaming, spend and the exceptions, which are the same
-on both paths, and touches no httpx object (a few hundred KiB per call instead of ~4.5 MiB).
+workers.relay): the task keeps the attempt, the outcome and the exceptions, which are the
+same on both paths, and touches no httpx object (a few hundred KiB per call instead of
+~4.5 MiB). For the task's own context (or none) the relay also reads the answer with the
+same Reply and makes the stream, progress and spend lines the context would have sent
+(workers.handlers.llmreports); the task writes them to its report channel unread.
 Without a relay (a handler run outside a supervisor, relay = false, or a relay that cannot
 be reached at connect time) the call is made here.
 Runs in task processes; preload it: its import (and, when no relay is named, that of
@@ -387,11 +389,21 @@ def _overran(req: Request) -> LlmStalled:
     return LlmStalled(f"the request ran past request_timeout_s={req.request_timeout_s:g}s")
 
 
+def asking(model: str | None, url: str) -> str:
+    """The progress message a call starts with."""
+    return f"asking {model or 'the default model'} at {_split(url)[1]}"
+
+
 def _start(req: Request, ctx: object) -> Reply:
     if ctx is not None:
-        host = _split(req.url)[1]
-        ctx.progress(0.0, f"asking {req.body.get('model') or 'the default model'} at {host}")
+        ctx.progress(0.0, asking(req.body.get("model"), req.url))
     return Reply(ctx, req.stall_timeout_s, req.body.get("max_tokens"))
+
+
+# The exceptions the model-call relay may raise for a task when it reads the answer
+# itself (workers.handlers.llmreports), by class name.
+RAISED = {cls.__name__: cls for cls in (MalformedReply, LlmServerError, LlmStalled,
+                                        LlmRejected, LlmUnavailable)}
 
 
 def _finish_json(reply: Reply, data: bytes) -> None:
@@ -407,8 +419,10 @@ async def chat(payload: Mapping, ctx: object = None) -> dict:
     """One call, for async handlers (`await llm.chat(payload, ctx)`). See the module
     docstring for outcomes."""
     req = build_request(payload, ctx)
-    reply = _start(req, ctx)
     sock = relaycall.connect()
+    if sock is not None and llmrelay.parses(ctx):  # the relay reads the answer too
+        return await llmrelay.chat_parsed(sock, req, ctx)
+    reply = _start(req, ctx)
     if sock is not None:  # the relay makes the HTTP exchange (workers.relay)
         await llmrelay.chat(sock, req, reply, ctx)
     else:
@@ -420,8 +434,10 @@ def chat_sync(payload: Mapping, ctx: object = None) -> dict:
     """The same call, blocking: for plain (non-async) handlers that ask a model, and the
     `llm.chat` task type itself."""
     req = build_request(payload, ctx)
-    reply = _start(req, ctx)
     sock = relaycall.connect()
+    if sock is not None and llmrelay.parses(ctx):  # the relay reads the answer too
+        return llmrelay.chat_parsed_sync(sock, req, ctx)
+    reply = _start(req, ctx)
     if sock is not None:  # the relay makes the HTTP exchange (workers.relay)
         llmrelay.chat_sync(sock, req, reply, ctx)
     else:

@@ -16,6 +16,7 @@ import json
 import time
 
 from workers import relaycall
+from workers.context import TaskContext
 from workers.handlers import llm
 
 WARM_UP_ROUNDS = 8  # a few: the interpreter specialises code that has run several times
@@ -32,6 +33,28 @@ async def chat(sock, req: llm.Request, reply: llm.Reply, ctx) -> None:
     """The same for `await llm.chat`."""
     call = Relayed(req, reply, ctx)
     await call.run(relaycall.exchange_async(sock, call.line(), call.on_frame, call.timeout_s))
+
+
+def parses(ctx: object) -> bool:
+    """Whether the relay reads the answer too (request line "parse"): for a TaskContext,
+    whose stream, progress and spend the relay then writes as report lines, or for no
+    context. Any other object given as ctx gets its own calls, made here from `L` frames."""
+    return ctx is None or type(ctx) is TaskContext
+
+
+def chat_parsed_sync(sock, req: llm.Request, ctx: TaskContext | None) -> dict:
+    """The call for `llm.chat_sync` when the relay reads the answer: its report lines go
+    to the task's report channel unread; the result, or llm's exception."""
+    call = Parsed(req, ctx)
+    call.run_sync(lambda: relaycall.exchange(sock, call.line(), call.on_frame, call.timeout_s))
+    return call.outcome()
+
+
+async def chat_parsed(sock, req: llm.Request, ctx: TaskContext | None) -> dict:
+    """The same for `await llm.chat`."""
+    call = Parsed(req, ctx)
+    await call.run(relaycall.exchange_async(sock, call.line(), call.on_frame, call.timeout_s))
+    return call.outcome()
 
 
 class Relayed:
@@ -115,17 +138,75 @@ class Relayed:
             raise self.silent() from None
 
 
+class Parsed(Relayed):
+    """One call whose answer the relay reads (workers.handlers.llmreports): this process
+    writes the `R` frames' report lines, decodes the `J` result, and raises what `E` or
+    an HTTP error status (`H`, `B`) says. It touches no Reply: the fewer objects a task
+    process touches, the fewer pages it copies from the fork server."""
+
+    def __init__(self, req: llm.Request, ctx: TaskContext | None):
+        self.req, self.ctx, self.reply = req, ctx, None
+        self.deadline = time.monotonic() + req.request_timeout_s
+        self.answer: relaycall.Answer | None = None
+        self.result: dict | None = None
+        self.started = time.monotonic()
+
+    def line(self) -> bytes:
+        r = self.req
+        return relaycall.request_line(r.url, r.headers, r.body, r.stall_timeout_s,
+                                      r.request_timeout_s, parse={
+                                          "reports": self.ctx is not None,
+                                          "model": r.body.get("model"),
+                                          "max_tokens": r.body.get("max_tokens")})
+
+    def on_frame(self, kind: bytes, data: bytes) -> bool:
+        if kind == b"R":
+            if self.ctx is not None:
+                self.ctx._write_lines(data)
+        elif kind == b"J":
+            self.result = json.loads(data)
+            return True
+        elif kind == b"H":
+            self.answer = relaycall.Answer(json.loads(data))
+        elif kind == b"B":
+            self.answer.content = data
+            raise llm.status_error(self.answer, self.req.url, llm._pause_keys(self.ctx, spent=0))
+        elif kind == b"E":
+            err = json.loads(data)
+            cls = llm.RAISED.get(str(err.get("error"))) if err.get("kind") == "raised" else None
+            if cls is not None:
+                raise cls(str(err.get("message")))
+            raise llm._error_of(str(err.get("kind")), str(err.get("error")),
+                                str(err.get("message")), self.req, None)
+        elif kind == b"Z":
+            raise llm.MalformedReply(f"the model-call relay ended the call to {self.req.url} "
+                                     f"without a result")
+        return False
+
+    def silent(self) -> BaseException:
+        now = time.monotonic()
+        if now >= self.deadline:
+            return llm._overran(self.req)
+        return llm.LlmStalled(f"the model stream stalled: no word from the model-call relay "
+                              f"for {self.timeout_s():.1f}s (stall_timeout_s="
+                              f"{self.req.stall_timeout_s:g})")
+
+    def outcome(self) -> dict:
+        if self.result is None:  # exchange returned only after J
+            raise llm.MalformedReply(f"no result from the model-call relay for {self.req.url}")
+        return self.result
+
+
 def warm_up(rounds: int = WARM_UP_ROUNDS) -> dict:
-    """The relay path of `llm.chat_sync`, `rounds` times, in this process, against a canned
-    answer waiting on a socket pair: no relay, no network, nothing reported anywhere (the
-    context's reports go into another socket pair, thrown away). llm registers it as a
-    @warm_up when a relay is named, so the fork server runs it once after its preload: what
-    a first call writes (the interpreter's caches, code it specialises, the first objects
-    of each size) is then in the memory every task process starts from, not copied into
-    each (benchmarks/README.md: Private_Dirty of a call 1.0 -> 0.6 MiB). Returns the last
-    call's result."""
+    """The relay path of `llm.chat_sync` (the relay reads the answer: Parsed), `rounds`
+    times, in this process, against a canned answer waiting on a socket pair: no relay,
+    no network, nothing reported anywhere (the context's reports go into another socket
+    pair, thrown away). llm registers it as a @warm_up when a relay is named, so the fork
+    server runs it once after its preload: what a first call writes (the interpreter's
+    caches, code it specialises, the first objects of each size) is then in the memory
+    every task process starts from, not copied into each (benchmarks/README.md). Returns
+    the last call's result."""
     from workers.child import Reporter  # the fork server holds it; a task would too
-    from workers.context import TaskContext
     payload = {"base_url": "http://127.0.0.1:9/v1", "model": "warm-up", "max_tokens": 8,
                "messages": [{"role": "user", "content": "warm up"}],
                "request_timeout_s": 5.0, "stall_timeout_s": 5.0}
@@ -139,14 +220,12 @@ def warm_up(rounds: int = WARM_UP_ROUNDS) -> dict:
                               deadline_at=None, reporter=Reporter(reports.fileno()),
                               config={"llm": {}}, log_settings=(False, "INFO"))
             req = llm.build_request(payload, ctx)
-            reply = llm._start(req, ctx)
             theirs, ours = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
             try:
                 theirs.sendall(answer)
-                chat_sync(ours, req, reply, ctx)  # closes ours
+                result = chat_parsed_sync(ours, req, ctx)  # closes ours
             finally:
                 theirs.close()
-            result = llm._spend(ctx, reply.result(req.body.get("model")))
             ctx.close_output()
             _drain(sink)
     finally:
@@ -156,20 +235,18 @@ def warm_up(rounds: int = WARM_UP_ROUNDS) -> dict:
 
 
 def _canned_answer() -> bytes:
-    """The frames the relay sends for a short streamed answer (workers.relay)."""
-    head = {"status": 200, "reason": "OK",
-            "headers": [["content-type", "text/event-stream; charset=utf-8"]]}
-    events = [{"choices": [{"index": 0, "delta": {"role": "assistant", "content": piece},
-                            "finish_reason": None}], "model": "warm-up"}
-              for piece in ("warm", " up")]
-    events.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
-                   "model": "warm-up",
-                   "usage": {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}})
-    lines = [line for event in events for line in ("data: " + json.dumps(event), "")]
-    return b"".join((relaycall.frame(b"H", json.dumps(head).encode()),
-                     relaycall.frame(b"L", "\n".join(lines[:2]).encode()),
-                     relaycall.frame(b"L", "\n".join(lines[2:] + ["data: [DONE]", ""]).encode()),
-                     relaycall.frame(b"Z")))
+    """The frames the relay sends for a short streamed answer that it read itself
+    (workers.relay, workers.handlers.llmreports)."""
+    from workers import wire
+    lines = [wire.encode_report(wire.PROGRESS, {"fraction": 0.0, "message": "asking warm-up"}),
+             wire.encode_report(wire.STREAM, {"text": "warm up"}),
+             wire.encode_report(wire.PROGRESS, {"fraction": 1.0, "message": "done: 2 tokens"}),
+             wire.encode_report(wire.SPEND, {"tokens": 4})]
+    result = {"text": "warm up", "finish_reason": "stop", "model": "warm-up",
+              "usage": {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}}
+    return b"".join((relaycall.frame(b"R", lines[0]), relaycall.frame(b"R", lines[1]),
+                     relaycall.frame(b"R", b"".join(lines[2:])),
+                     relaycall.frame(b"J", json.dumps(result).encode())))
 
 
 def _drain(sock) -> None:
