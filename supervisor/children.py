@@ -432,9 +432,10 @@ class Children:
 
     # -- the end of an attempt -------------------------------------------------------------
 
-    def reap(self, servers, mono: float) -> None:
-        """waitpid our own children: fork servers, and task processes re-parented to us
-        (we are their subreaper) after their fork server died."""
+    def reap(self, servers, mono: float, relay=None) -> None:
+        """waitpid our own children: fork servers, the model-call relay (its status is
+        handed to it: `relay.reaped_status`), and task processes re-parented to us (we
+        are their subreaper) after their fork server died."""
         while True:
             try:
                 pid, status, ru = os.wait4(-1, os.WNOHANG)
@@ -445,6 +446,8 @@ class Children:
             for server in servers:
                 if server.pid == pid:
                     server.exited = True
+            if relay is not None and relay.pid == pid:
+                relay.reaped_status = status
             child = self.by_pid.get(pid)
             if child is not None and child.status is None:
                 child.status = status

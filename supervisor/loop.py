@@ -173,7 +173,7 @@ class Supervisor:
             self.guard(self.relay.tend, mono)
         self.guard(self.handle_signals, mono)
         self.guard(self.tend_fork_servers, mono)
-        self.guard(self.children.reap, self.servers.all(), mono)
+        self.guard(self.children.reap, self.servers.all(), mono, self.relay)
         self.guard(self.kill_orphans, mono)
         self.guard(self.enforce_limits, mono)
         self.guard(self.check_database, mono)

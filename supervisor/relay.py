@@ -47,6 +47,9 @@ class Relay:
         self.pid: int | None = None
         self.ctrl: socket.socket | None = None
         self.started_mono = 0.0
+        # Its wait status when the loop's wait4(-1) (Children.reap) took its exit before
+        # `tend` could: tend logs it from here.
+        self.reaped_status: int | None = None
         self.restarts = 0
         self.restart_at: float | None = None
         self.stopped = False
@@ -78,6 +81,7 @@ class Relay:
         finally:
             theirs.close()
         self.ctrl = ours
+        self.reaped_status = None
         self.started_mono = time.monotonic()
         ours.setblocking(False)
         if wait:
@@ -125,8 +129,8 @@ class Relay:
         if self.pid is not None and self.ctrl is None:  # it exited, or is exiting
             try:
                 pid, status = os.waitpid(self.pid, os.WNOHANG)
-            except ChildProcessError:  # reaped with the task processes: status unknown
-                pid, status = self.pid, None
+            except ChildProcessError:  # reaped with the task processes (Children.reap)
+                pid, status = self.pid, self.reaped_status
             if pid:
                 self._exited(status, mono)
         if self.restart_at is not None and mono >= self.restart_at and not self.stopped:

@@ -280,3 +280,31 @@ def test_what_the_relay_reads_raises_the_same_exceptions_in_the_task(relay):
         # what came before the stall was streamed; a failed call spends nothing
         assert "".join(m["text"] for m in lines if m["kind"] == "stream")
         assert not [m for m in lines if m["kind"] == "spend"]
+
+
+@pytest.mark.timeout(30)
+def test_the_relays_exit_status_is_logged_when_the_loops_reap_took_it_first(caplog):
+    """The loop's wait4(-1) (Children.reap) may take the relay's exit between two of
+    its `tend`s: the status is handed over, not lost."""
+    import selectors
+
+    from supervisor.children import Children
+    from supervisor.config import load
+    handle = Relay()
+    handle.start(wait=True)
+    try:
+        pid = handle.pid
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, timeout=10,
+                   message="the relay did not die")
+        with selectors.DefaultSelector() as sel:
+            children = Children(sel, load(None, env={}), clock=None, emit=lambda *a, **k: None)
+            children.reap([], time.monotonic(), handle)  # the zombie taken here
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).ppid() != os.getpid()
+        handle.on_readable()  # the end of its control socket
+        with caplog.at_level(logging.INFO, logger="taskvisor"):
+            handle.tend(time.monotonic())
+        assert f"model-call relay {pid} killed by SIGKILL" in caplog.text, caplog.text
+        assert handle.restart_at is not None
+    finally:
+        handle.stop()
