@@ -99,21 +99,27 @@ class RelayServer:
     connection."""
 
     def __init__(self) -> None:
-        _no_missing_sniffio()
-        import httpx
-        from httpx._decoders import LineDecoder  # the same splitting as iter_lines
-
-        from workers.handlers import llmreports
-        self.llmreports = llmreports
-        self.httpx = httpx
-        self.LineDecoder = LineDecoder
-        self.tls = httpx.create_ssl_context()
+        self.httpx = None  # with the rest of the serving side, at the first call (_load)
         # Clients ("lanes") of at most LANE_CALLS calls at once each: httpcore's pool does
         # work in proportion to its connections times its requests at every request and
         # response (measured: 200 calls at once in one client spent 75% of the relay's CPU
         # there, and the calls queued for seconds). Calls go to the first lane with room,
         # so the same lanes, and their kept-alive connections, serve wave after wave.
         self.lanes: list[list] = []  # [client, calls in flight]
+
+    def _load(self) -> None:
+        """Import httpx and llm's answer reader and build the TLS context: ~0.3 s of CPU,
+        paid at the first call rather than at every supervisor's start (where it competed
+        with the first tasks for the cores, in every run, model calls or not)."""
+        _no_missing_sniffio()
+        import httpx
+        from httpx._decoders import LineDecoder  # the same splitting as iter_lines
+
+        from workers.handlers import llmreports
+        self.llmreports = llmreports
+        self.LineDecoder = LineDecoder
+        self.tls = httpx.create_ssl_context()
+        self.httpx = httpx
 
     async def serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One task's call, until its end, its error, or the task going away."""
@@ -154,6 +160,8 @@ class RelayServer:
 
     async def call(self, writer: asyncio.StreamWriter, url: str, body, headers: dict,
                    stall_s: float, request_s: float, parse: dict | None) -> None:
+        if self.httpx is None:
+            self._load()
         lane = self.lane()
         lane[1] += 1
         try:
@@ -317,8 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_PARENT_GONE
     set_process_name(b"taskvisor-relay")
     ctrl = socket.socket(fileno=int(args["--ctrl-fd"]))
-    # Listening before the serving side's imports (httpx, ~0.3 s): the supervisor need not
-    # wait for them, and a task that connects meanwhile waits in the backlog.
+    # Listening before the serving side's imports (httpx, ~0.3 s, at the first call): the
+    # supervisor need not wait for them, and a task that connects meanwhile waits.
     listener = bind(args["--socket"])
     ctrl.sendall(b"ready\n")
     asyncio.run(run(listener, ctrl))  # leaves the process itself
