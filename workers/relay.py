@@ -205,7 +205,8 @@ class RelayServer:
         except (ConnectionError, asyncio.CancelledError):
             raise  # the task went away
         except Exception as exc:  # noqa: BLE001 - told to the task, never logged here (the
-            told = self.llmreports.raised(exc) if parsed is not None else None  # headers could show)
+            # request's headers could show): llm's own exceptions of the parse as themselves
+            told = self.llmreports.raised(exc) if parsed is not None else None
             if told is not None:
                 await self._send_error(writer, told)
             else:

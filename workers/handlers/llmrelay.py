@@ -145,11 +145,10 @@ class Parsed(Relayed):
     process touches, the fewer pages it copies from the fork server."""
 
     def __init__(self, req: llm.Request, ctx: TaskContext | None):
-        self.req, self.ctx, self.reply = req, ctx, None
+        self.req, self.ctx = req, ctx
         self.deadline = time.monotonic() + req.request_timeout_s
         self.answer: relaycall.Answer | None = None
         self.result: dict | None = None
-        self.started = time.monotonic()
 
     def line(self) -> bytes:
         r = self.req
@@ -184,12 +183,11 @@ class Parsed(Relayed):
         return False
 
     def silent(self) -> BaseException:
-        now = time.monotonic()
-        if now >= self.deadline:
+        if time.monotonic() >= self.deadline:
             return llm._overran(self.req)
         return llm.LlmStalled(f"the model stream stalled: no word from the model-call relay "
-                              f"for {self.timeout_s():.1f}s (stall_timeout_s="
-                              f"{self.req.stall_timeout_s:g})")
+                              f"within stall_timeout_s={self.req.stall_timeout_s:g}s and a "
+                              f"grace of {llm.RELAY_GRACE_S:g}s")
 
     def outcome(self) -> dict:
         if self.result is None:  # exchange returned only after J

@@ -21,7 +21,6 @@ from workers.handlers import llm
 from workers.stream import MAX_MESSAGE_CHARS
 
 
-
 class Reports:
     """What a TaskContext would send for the Reply's calls to `stream` and `progress`,
     as report lines, in order; `take` hands over what gathered (one frame per upstream
@@ -61,8 +60,8 @@ class Reports:
 
 class Parse:
     """One answer's parse, as the task asked: `opts` is the request line's "parse"
-    object {"reports": bool, "model", "max_tokens", "stall_timeout_s", "url"}. Its methods
-    raise llm's exceptions (the relay sends them as an `E` frame of kind "raised")."""
+    object {"reports": bool, "model", "max_tokens"}. Its methods raise llm's exceptions
+    (the relay sends them as an `E` frame of kind "raised")."""
 
     def __init__(self, opts: dict, url: str, stall_timeout_s: float):
         self.reports = Reports() if opts.get("reports") else None
