@@ -153,7 +153,7 @@ class Supervisor:
 
     def start(self) -> None:
         self.signals.install()
-        self.selector.register(self.signals, selectors.EVENT_READ, ("signals", None))
+        self.selector.register(self.signals, selectors.EVENT_READ, ("signals", self.signals))
         self.selector.register(self.wake, selectors.EVENT_READ, ("wake", None))
         self.selector.register(self.server, selectors.EVENT_READ, ("server", self.server))
         self.open_store()
@@ -660,7 +660,8 @@ class Supervisor:
             self.claim_needed = True
             self.timers.cancels = 0.0
             self.data_version = -1
-        # "signals": drained at the top of the next pass
+        elif kind == "signals":  # drained at the top of the next pass
+            target.set_readable()
 
     def update_write_interest(self) -> None:
         """Ask to hear when a fork server's socket can take more, while its outbox holds

@@ -22,6 +22,11 @@ class Signals:
         os.set_blocking(self.read_fd, False)
         os.set_blocking(self.write_fd, False)
         self._previous = {}
+        # The loop's selector said the pipe is readable (set_readable): `drain` reads it
+        # only then, so a pass with no signal makes no read (whose EAGAIN raised and
+        # caught an exception in every pass). True at first: one read before the loop's
+        # first wait catches a signal received during start-up.
+        self.readable = True
 
     def install(self) -> None:
         self._previous_wakeup = signal.set_wakeup_fd(self.write_fd, warn_on_full_buffer=False)
@@ -31,8 +36,15 @@ class Signals:
     def fileno(self) -> int:
         return self.read_fd
 
+    def set_readable(self) -> None:
+        self.readable = True
+
     def drain(self) -> list[int]:
-        """Signal numbers received since the last drain, in order (duplicates kept)."""
+        """Signal numbers received since the last drain, in order (duplicates kept); []
+        without a read unless the selector reported the pipe readable since then."""
+        if not self.readable:
+            return []
+        self.readable = False
         out = []
         while True:
             try:
