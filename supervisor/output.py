@@ -12,6 +12,7 @@ lease. It never reads a pipe itself and never decides when a pass runs.
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass, field
 
 # Output waits at most this long for the pass that stores it: longer means fewer, larger
@@ -45,6 +46,12 @@ class LiveOutput:
         self.max_output_bytes = max_output_bytes
         self.max_log_bytes = max_log_bytes
         self._attempts: dict[str, _Attempt] = {}
+        # When a flush is due, without a look at every attempt in every pass: a heap of
+        # (due, key, kind) pushed when an attempt's oldest unsent piece starts waiting
+        # (kind 0: output, 1: log); an entry whose attempt has moved on is dropped when it
+        # comes to the top. Ended attempts are due at once.
+        self._due: list[tuple[float, str, int]] = []
+        self._ended: set[str] = set()
         self._staged: list = []   # state changes applied once the transaction committed
         self.dropped_output = 0   # chunks refused: the lease was lost meanwhile
 
@@ -68,6 +75,7 @@ class LiveOutput:
         att.out_pending.append(text)
         if att.out_since is None:
             att.out_since = mono
+            heapq.heappush(self._due, (mono + OUTPUT_FLUSH_S, key, 0))
 
     def on_log(self, key: str, lease, data: bytes, mono: float) -> None:
         """A chunk the attempt wrote to stdout or stderr; only the tail is kept."""
@@ -82,23 +90,29 @@ class LiveOutput:
             att.log_stored += excess
         if att.log_since is None:
             att.log_since = mono
+            heapq.heappush(self._due, (mono + LOG_FLUSH_S, key, 1))
 
     def end(self, key: str) -> None:
         """The attempt's process is gone: store what is left in the next pass."""
         att = self._attempts.get(key)
         if att is not None:
             att.ended = True
+            self._ended.add(key)
 
     def next_due(self) -> float | None:
         """The monotonic time the next flush is due, or None when nothing waits."""
-        due = None
-        for att in self._attempts.values():
-            if att.ended:
-                return 0.0
-            for since, wait in ((att.out_since, OUTPUT_FLUSH_S), (att.log_since, LOG_FLUSH_S)):
-                if since is not None and (due is None or since + wait < due):
-                    due = since + wait
-        return due
+        if self._ended:
+            return 0.0
+        heap = self._due
+        while heap:
+            due, key, kind = heap[0]
+            att = self._attempts.get(key)
+            if att is not None:
+                since = att.out_since if kind == 0 else att.log_since
+                if since is not None and since + (OUTPUT_FLUSH_S, LOG_FLUSH_S)[kind] == due:
+                    return due
+            heapq.heappop(heap)  # flushed (or its attempt gone) since it was pushed
+        return None
 
     def due(self, mono: float) -> bool:
         t = self.next_due()
@@ -114,7 +128,11 @@ class LiveOutput:
             if att.log_pending and (att.ended or mono >= att.log_since + LOG_FLUSH_S):
                 self._flush_log(store, att)
             if att.ended:
-                self._staged.append(lambda key=key: self._attempts.pop(key, None))
+                self._staged.append(lambda key=key: self._forget(key))
+
+    def _forget(self, key: str) -> None:
+        self._attempts.pop(key, None)
+        self._ended.discard(key)
 
     def committed(self) -> None:
         """The transaction of the last flush committed: apply what it stored."""

@@ -172,3 +172,50 @@ def test_events_carry_the_workflow_of_their_task(store):
     other = store.enqueue(new("c"), T0 + 2)
     got = {e.task_id: e.workflow for e in events.read(store.conn, 0)}
     assert got == {root: root, joined: root, other: other}
+
+
+def test_live_output_knows_when_it_is_due_without_a_look_at_every_attempt(store):
+    """next_due, asked in every pass, costs per event, not per attempt streaming: with
+    1,000 attempts waiting it looks at the earliest only; flushed and ended attempts move
+    the answer as they should."""
+    live = LiveOutput(max_output_bytes=1 << 20, max_log_bytes=1000)
+    leases = [claimed(store) for _ in range(3)]
+    keys = [f"{lease.id}:{lease.attempt}" for lease in leases]
+    live.on_stream(keys[0], leases[0], "a", 5.0)
+    live.on_log(keys[1], leases[1], b"log\n", 1.5)  # a log waits LOG_FLUSH_S (1 s)
+    live.on_stream(keys[2], leases[2], "c", 2.0)
+    assert live.next_due() == 2.0 + OUTPUT_FLUSH_S  # output waits less than a log
+    with store.transaction(all_or_nothing=True):
+        live.flush(store, 2.0 + OUTPUT_FLUSH_S)
+    live.committed()
+    assert live.next_due() == 2.5                    # keys[2] flushed; the log next
+    with store.transaction(all_or_nothing=True):
+        live.flush(store, 2.5)
+    live.committed()
+    assert live.next_due() == 5.0 + OUTPUT_FLUSH_S  # then keys[0]
+    live.on_stream(keys[2], leases[2], "again", 6.0)  # waits anew, after keys[0]
+    assert live.next_due() == 5.0 + OUTPUT_FLUSH_S
+    live.end(keys[1])
+    assert live.next_due() == 0.0                    # an ended attempt: at once
+    with store.transaction(all_or_nothing=True):
+        live.flush(store, 5.0)
+    live.committed()
+    assert live.next_due() == 5.0 + OUTPUT_FLUSH_S  # forgotten once flushed
+
+    class Counting(dict):
+        gets = 0
+
+        def get(self, key, default=None):
+            Counting.gets += 1
+            return super().get(key, default)
+
+        def values(self):
+            raise AssertionError("next_due looked at every attempt")
+    many = LiveOutput(max_output_bytes=1 << 20, max_log_bytes=1000)
+    many._attempts = Counting()
+    for i in range(1000):
+        many.on_stream(f"t{i}:1", leases[0], "x", 10.0 + i / 1000)
+    Counting.gets = 0
+    for _ in range(100):
+        assert many.next_due() == 10.0 + OUTPUT_FLUSH_S
+    assert Counting.gets == 100, "one look per call, at the earliest attempt"
