@@ -432,9 +432,9 @@ class Children:
 
     # -- the end of an attempt -------------------------------------------------------------
 
-    def reap(self, servers, mono: float, relay=None) -> None:
-        """waitpid our own children: fork servers, the model-call relay (its status is
-        handed to it: `relay.reaped_status`), and task processes re-parented to us (we
+    def reap(self, helpers, mono: float) -> None:
+        """waitpid our own children: the helpers (fork servers, the model-call relay: each
+        is handed its wait status by `reaped`), and task processes re-parented to us (we
         are their subreaper) after their fork server died."""
         while True:
             try:
@@ -443,11 +443,9 @@ class Children:
                 return
             if pid == 0:
                 return
-            for server in servers:
-                if server.pid == pid:
-                    server.exited = True
-            if relay is not None and relay.pid == pid:
-                relay.reaped_status = status
+            for helper in helpers:
+                if helper.pid == pid:
+                    helper.reaped(status)
             child = self.by_pid.get(pid)
             if child is not None and child.status is None:
                 child.status = status

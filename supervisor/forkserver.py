@@ -171,6 +171,10 @@ class ForkServer:
             for fd in self.outbox.popleft()[1]:
                 os.close(fd)
 
+    def reaped(self, status: int) -> None:
+        """The supervisor's wait4(-1) took its exit status (Children.reap)."""
+        self.exited = True
+
     def events(self) -> list[dict]:
         """Every message waiting from the fork server; [] when none. Sets `exited` on EOF
         and `broken` (and kills it) on a message that breaks the protocol."""

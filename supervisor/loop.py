@@ -173,7 +173,7 @@ class Supervisor:
             self.guard(self.relay.tend, mono)
         self.guard(self.handle_signals, mono)
         self.guard(self.tend_fork_servers, mono)
-        self.guard(self.children.reap, self.servers.all(), mono, self.relay)
+        self.guard(self.children.reap, self.helpers(), mono)
         self.guard(self.kill_orphans, mono)
         self.guard(self.enforce_limits, mono)
         self.guard(self.check_database, mono)
@@ -187,6 +187,14 @@ class Supervisor:
         self.guard(self.prune_finished, now, mono)
         self.guard(self.publish, now, mono)
         return True
+
+    def helpers(self) -> list:
+        """Our helper processes that the pass's wait4(-1) may reap: the fork servers and
+        the model-call relay."""
+        out = self.servers.all()
+        if self.relay is not None:
+            out.append(self.relay)
+        return out
 
     def guard(self, step: Callable, *args) -> None:
         """Run a step; an exception is logged and counted, never the end of the loop."""

@@ -47,9 +47,7 @@ class Relay:
         self.pid: int | None = None
         self.ctrl: socket.socket | None = None
         self.started_mono = 0.0
-        # Its wait status when the loop's wait4(-1) (Children.reap) took its exit before
-        # `tend` could: tend logs it from here.
-        self.reaped_status: int | None = None
+        self.reaped_status: int | None = None  # see reaped()
         self.restarts = 0
         self.restart_at: float | None = None
         self.stopped = False
@@ -121,6 +119,11 @@ class Relay:
         """Its control socket is readable (the loop's selector): "ready" after a restart,
         or the end of file of its exit, which `tend` then turns into its exit status."""
         self._drain_ctrl()
+
+    def reaped(self, status: int) -> None:
+        """The loop's wait4(-1) took its exit status before `tend` could (Children.reap):
+        `tend` logs it from here."""
+        self.reaped_status = status
 
     def tend(self, mono: float) -> None:
         """Once a pass, first in the pass (before the loop's wait4(-1) can take its exit

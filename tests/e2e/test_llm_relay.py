@@ -300,7 +300,7 @@ def test_the_relays_exit_status_is_logged_when_the_loops_reap_took_it_first(capl
                    message="the relay did not die")
         with selectors.DefaultSelector() as sel:
             children = Children(sel, load(None, env={}), clock=None, emit=lambda *a, **k: None)
-            children.reap([], time.monotonic(), handle)  # the zombie taken here
+            children.reap([handle], time.monotonic())  # the zombie taken here
         assert not psutil.pid_exists(pid) or psutil.Process(pid).ppid() != os.getpid()
         handle.on_readable()  # the end of its control socket
         with caplog.at_level(logging.INFO, logger="taskvisor"):
