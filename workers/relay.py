@@ -212,41 +212,41 @@ class RelayServer:
             else:
                 await self._error(writer, "transport", exc)
 
+    async def _batches(self, resp):
+        """The body's lines, one list per upstream read (split as httpx's iter_lines
+        splits), the decoder's last ones at the end."""
+        decoder = self.LineDecoder()
+        async for text in resp.aiter_text():
+            lines = decoder.decode(text)
+            if lines:
+                yield lines
+        lines = decoder.flush()
+        if lines:
+            yield lines
+
     async def _lines(self, resp, writer: asyncio.StreamWriter) -> None:
         """The body as it comes: the whole of it (`B`) for one JSON object, else its lines
         (`L`, one frame per upstream read), then `Z`."""
         if is_json(resp):
             await _send(writer, frame(b"B", await resp.aread()))
         else:
-            decoder = self.LineDecoder()
-            async for text in resp.aiter_text():
-                lines = decoder.decode(text)
-                if lines:
-                    await _send(writer, frame(b"L", "\n".join(lines).encode()))
-            lines = decoder.flush()
-            if lines:
+            async for lines in self._batches(resp):
                 await _send(writer, frame(b"L", "\n".join(lines).encode()))
         await _send(writer, frame(b"Z"))
 
     async def _parsed(self, resp, writer: asyncio.StreamWriter, parsed) -> None:
         """The body read here (llmreports.Parse): `R` frames of report lines as they come,
         then the last ones and `J`, the result. Raises llm's exceptions."""
-        tail = b""
         if is_json(resp):
-            parsed.whole(await resp.aread())
+            reports = parsed.whole(await resp.aread())
+            if reports:
+                await _send(writer, frame(b"R", reports))
         else:
-            decoder = self.LineDecoder()
-            async for text in resp.aiter_text():
-                lines = decoder.decode(text)
-                if lines:
-                    reports = parsed.lines(lines)
-                    if reports:
-                        await _send(writer, frame(b"R", reports))
-            lines = decoder.flush()
-            if lines:
-                tail = parsed.lines(lines)
+            async for lines in self._batches(resp):
+                reports = parsed.lines(lines)
+                if reports:
+                    await _send(writer, frame(b"R", reports))
         last, result = parsed.end()
-        last = tail + last
         await _send(writer, (frame(b"R", last) if last else b"") + frame(b"J", result))
 
     async def _error(self, writer: asyncio.StreamWriter, kind: str, exc: BaseException | None) -> None:

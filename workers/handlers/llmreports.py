@@ -1,8 +1,8 @@
 """`llm.chat`'s answer read in the model-call relay, for a task process that asked it to
 ("parse" in the request line, workers.relay): the same Reply that a task would run, fed in
-the relay, and what the task's context would have sent for it (stream text, progress,
-spend) turned into ready report lines (workers.wire) that the task writes to its report
-channel unread.
+the relay with a TaskContext whose reports are kept as lines (stream text, progress,
+spend: exactly what the task's context would have sent) for the task to write to its
+report channel unread.
 
 Why: in a task process forked from the fork server every object the parse touches has
 its page copied (Python 3.11 writes a reference count at every touch, and the interpreter
@@ -16,89 +16,74 @@ from __future__ import annotations
 
 import json
 
-from workers import wire
+from workers.child import Reporter
+from workers.context import TaskContext
 from workers.handlers import llm
-from workers.stream import MAX_MESSAGE_CHARS
 
 
-class Reports:
-    """What a TaskContext would send for the Reply's calls to `stream` and `progress`,
-    as report lines, in order; `take` hands over what gathered (one frame per upstream
-    read). Mirrors TaskContext.progress (clamped fraction, message cut at 500) and
-    workers.stream (text split at MAX_MESSAGE_CHARS, sent before the next message)."""
+class _Lines(Reporter):
+    """A Reporter that keeps the report lines it is given, for `take`."""
 
     def __init__(self) -> None:
-        self.parts: list[str] = []
+        super().__init__(-1)
         self.lines: list[bytes] = []
 
-    def stream(self, text: str) -> None:
-        self.parts.append(text)
-
-    def progress(self, fraction: float | None = None, message: str | None = None) -> None:
-        if fraction is not None:
-            fraction = min(1.0, max(0.0, float(fraction)))
-        self._text()
-        self.lines.append(wire.encode_report(wire.PROGRESS, {
-            "fraction": fraction, "message": None if message is None else str(message)[:500]}))
-
-    def spend(self, tokens: int) -> None:
-        self._text()
-        self.lines.append(wire.encode_report(wire.SPEND, {"tokens": tokens}))
+    def write(self, data: bytes) -> None:
+        self.lines.append(data)
 
     def take(self) -> bytes:
-        self._text()
         data, self.lines = b"".join(self.lines), []
         return data
-
-    def _text(self) -> None:
-        if self.parts:
-            text, self.parts = "".join(self.parts), []
-            for i in range(0, len(text), MAX_MESSAGE_CHARS):
-                self.lines.append(wire.encode_report(wire.STREAM,
-                                                     {"text": text[i:i + MAX_MESSAGE_CHARS]}))
 
 
 class Parse:
     """One answer's parse, as the task asked: `opts` is the request line's "parse"
-    object {"reports": bool, "model", "max_tokens"}. Its methods raise llm's exceptions
-    (the relay sends them as an `E` frame of kind "raised")."""
+    object {"reports": bool, "model", "max_tokens"}. Each method returns the report lines
+    it made (b"" when the task asked for none) and raises llm's exceptions (the relay
+    sends them as an `E` frame of kind "raised")."""
 
     def __init__(self, opts: dict, url: str, stall_timeout_s: float):
-        self.reports = Reports() if opts.get("reports") else None
         self.model = opts.get("model")
         self.url = url
-        self.reply = llm.Reply(self.reports, stall_timeout_s, opts.get("max_tokens"))
+        self.out = _Lines()
+        self.ctx = TaskContext(id="", type="llm.chat", attempt=1, max_attempts=1,
+                               deadline_at=None, reporter=self.out) if opts.get("reports") else None
+        self.reply = llm.Reply(self.ctx, stall_timeout_s, opts.get("max_tokens"))
+        self.reply.batch_stream()  # one stream line per upstream read
 
     def start(self) -> bytes:
-        """The report lines a call sends before its request: the "asking" progress."""
-        if self.reports is None:
-            return b""
-        self.reports.progress(0.0, llm.asking(self.model, self.url))
-        return self.reports.take()
+        """Before the request: the "asking" progress."""
+        if self.ctx is not None:
+            self.ctx.progress(0.0, llm.asking(self.model, self.url))
+        return self.out.take()
 
     def lines(self, lines: list[str]) -> bytes:
-        """Body lines of one upstream read; the report lines they made."""
+        """Body lines of one upstream read."""
         reply = self.reply
-        for line in lines:
-            reply.feed(line)
-        return self.reports.take() if self.reports is not None else b""
+        try:
+            for line in lines:
+                reply.feed(line)
+        finally:
+            reply.flush_stream()
+        return self.out.take()
 
-    def whole(self, body: bytes) -> None:
+    def whole(self, body: bytes) -> bytes:
         """A server that ignored stream: true and answered with one JSON object."""
-        llm._finish_json(self.reply, body)
+        try:
+            llm._finish_json(self.reply, body)
+        finally:
+            self.reply.flush_stream()
+        return self.out.take()
 
     def end(self) -> tuple[bytes, bytes]:
         """The body ended: (the last report lines, the result as JSON)."""
         reply = self.reply
         if not reply.done:
             reply.close()
-        result = reply.result(self.model)
-        if self.reports is not None:
-            total = result["usage"]["total_tokens"]
-            if isinstance(total, int) and total >= 0:
-                self.reports.spend(total)
-        last = self.reports.take() if self.reports is not None else b""
-        return last, json.dumps(result, separators=(",", ":"), ensure_ascii=False).encode()
+            reply.flush_stream()
+        result = llm._spend(self.ctx, reply.result(self.model))
+        return self.out.take(), json.dumps(result, separators=(",", ":"),
+                                           ensure_ascii=False).encode()
 
     def stalled(self) -> BaseException:
         return self.reply.stalled()
