@@ -371,7 +371,10 @@ def _count(value: object) -> int | None:
 
 def _error_of(kind: str, name: str, message: str, req: Request, reply: Reply | None) -> BaseException:
     """The exception for a failed exchange, by the relay protocol's kind (workers.relay):
-    the same whether the call was made here or by the relay."""
+    the same whether the call was made here or by the relay ("raised": one of RAISED, by
+    name, that the relay's parse of the answer raised)."""
+    if kind == "raised" and name in RAISED:
+        return RAISED[name](message)
     if kind == "stalled":
         return reply.stalled() if reply is not None else LlmStalled(
             f"no response from {req.url} within stall_timeout_s={req.stall_timeout_s:g}s")

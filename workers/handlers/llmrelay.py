@@ -47,31 +47,33 @@ def chat_parsed_sync(sock, req: llm.Request, ctx: TaskContext | None) -> dict:
     to the task's report channel unread; the result, or llm's exception."""
     call = Parsed(req, ctx)
     call.run_sync(lambda: relaycall.exchange(sock, call.line(), call.on_frame, call.timeout_s))
-    return call.outcome()
+    return call.result
 
 
 async def chat_parsed(sock, req: llm.Request, ctx: TaskContext | None) -> dict:
     """The same for `await llm.chat`."""
     call = Parsed(req, ctx)
     await call.run(relaycall.exchange_async(sock, call.line(), call.on_frame, call.timeout_s))
-    return call.outcome()
+    return call.result
 
 
-class Relayed:
-    """One call through the relay, seen from the task: the frames of its answer fed to the
-    same Reply, status_error and exceptions as a call made here (no httpx object touched)."""
+class _Call:
+    """What both kinds of call through the relay share: the request line, the deadline,
+    the task's side of the timeouts, an HTTP error status (`H`, `B`) and an `E` frame
+    turned into llm's exceptions."""
 
-    def __init__(self, req: llm.Request, reply: llm.Reply, ctx: object):
-        self.req, self.reply, self.ctx = req, reply, ctx
+    parse: dict | None = None  # the request line's "parse", for a call the relay reads
+    reply: llm.Reply | None = None
+
+    def __init__(self, req: llm.Request, ctx: object):
+        self.req, self.ctx = req, ctx
         self.deadline = time.monotonic() + req.request_timeout_s
         self.answer: relaycall.Answer | None = None
-        self.whole = False  # one JSON object, not a stream
-        reply.batch_stream()  # streamed text goes out once per frame (one upstream read)
 
     def line(self) -> bytes:
         r = self.req
         return relaycall.request_line(r.url, r.headers, r.body, r.stall_timeout_s,
-                                      r.request_timeout_s)
+                                      r.request_timeout_s, self.parse)
 
     def timeout_s(self) -> float:
         """How long one read from the relay may wait: the relay reports a stall or an
@@ -79,47 +81,27 @@ class Relayed:
         left = self.deadline - time.monotonic()
         return max(0.05, min(self.req.stall_timeout_s, left) + llm.RELAY_GRACE_S)
 
-    def on_frame(self, kind: bytes, data: bytes) -> bool:
-        """One frame; True at the end. Raises the call's exception."""
-        if kind == b"L":
-            reply = self.reply
-            try:
-                for line in data.decode().split("\n"):
-                    reply.feed(line)
-                    if time.monotonic() > self.deadline:
-                        raise llm._overran(self.req)
-            finally:
-                reply.flush_stream()
-        elif kind == b"H":
-            self.answer = relaycall.Answer(json.loads(data))
-        elif kind == b"B":
-            if self.answer.status_code >= 400:
-                self.answer.content = data
-                raise llm.status_error(self.answer, self.req.url,
-                                       llm._pause_keys(self.ctx, spent=0))
-            try:
-                llm._finish_json(self.reply, data)
-            finally:
-                self.reply.flush_stream()
-            self.whole = True
-        elif kind == b"Z":
-            if not self.whole:
-                self.reply.close()
-            return True
-        elif kind == b"E":
-            err = json.loads(data)
-            raise llm._error_of(str(err.get("kind")), str(err.get("error")),
-                                str(err.get("message")), self.req, self.reply)
-        return False
+    def status_error(self, body: bytes) -> BaseException:
+        self.answer.content = body
+        return llm.status_error(self.answer, self.req.url, llm._pause_keys(self.ctx, spent=0))
+
+    def error(self, data: bytes) -> BaseException:
+        err = json.loads(data)
+        return llm._error_of(str(err.get("kind")), str(err.get("error")),
+                             str(err.get("message")), self.req, self.reply)
 
     def broken(self, exc: relaycall.RelayBroken) -> llm.LlmUnavailable:
         return llm.LlmUnavailable(f"the model-call relay's connection broke during the call to "
-                              f"{self.req.url}: {exc}")
+                                  f"{self.req.url}: {exc}")
 
     def silent(self) -> BaseException:
         if time.monotonic() >= self.deadline:
             return llm._overran(self.req)
-        return self.reply.stalled()
+        if self.reply is not None:
+            return self.reply.stalled()
+        return llm.LlmStalled(f"the model stream stalled: no word from the model-call relay "
+                              f"within stall_timeout_s={self.req.stall_timeout_s:g}s and a "
+                              f"grace of {llm.RELAY_GRACE_S:g}s")
 
     def run_sync(self, exchange) -> None:
         try:
@@ -138,25 +120,57 @@ class Relayed:
             raise self.silent() from None
 
 
-class Parsed(Relayed):
+class Relayed(_Call):
+    """One call through the relay, seen from the task: the frames of its answer fed to the
+    same Reply, status_error and exceptions as a call made here (no httpx object touched)."""
+
+    def __init__(self, req: llm.Request, reply: llm.Reply, ctx: object):
+        super().__init__(req, ctx)
+        self.reply = reply
+        self.whole = False  # one JSON object, not a stream
+        reply.batch_stream()  # streamed text goes out once per frame (one upstream read)
+
+    def on_frame(self, kind: bytes, data: bytes) -> bool:
+        """One frame; True at the end. Raises the call's exception."""
+        if kind == b"L":
+            reply = self.reply
+            try:
+                for line in data.decode().split("\n"):
+                    reply.feed(line)
+                    if time.monotonic() > self.deadline:
+                        raise llm._overran(self.req)
+            finally:
+                reply.flush_stream()
+        elif kind == b"H":
+            self.answer = relaycall.Answer(json.loads(data))
+        elif kind == b"B":
+            if self.answer.status_code >= 400:
+                raise self.status_error(data)
+            try:
+                llm._finish_json(self.reply, data)
+            finally:
+                self.reply.flush_stream()
+            self.whole = True
+        elif kind == b"Z":
+            if not self.whole:
+                self.reply.close()
+            return True
+        elif kind == b"E":
+            raise self.error(data)
+        return False
+
+
+class Parsed(_Call):
     """One call whose answer the relay reads (workers.handlers.llmreports): this process
     writes the `R` frames' report lines, decodes the `J` result, and raises what `E` or
     an HTTP error status (`H`, `B`) says. It touches no Reply: the fewer objects a task
     process touches, the fewer pages it copies from the fork server."""
 
     def __init__(self, req: llm.Request, ctx: TaskContext | None):
-        self.req, self.ctx = req, ctx
-        self.deadline = time.monotonic() + req.request_timeout_s
-        self.answer: relaycall.Answer | None = None
+        super().__init__(req, ctx)
+        self.parse = {"reports": ctx is not None, "model": req.body.get("model"),
+                      "max_tokens": req.body.get("max_tokens")}
         self.result: dict | None = None
-
-    def line(self) -> bytes:
-        r = self.req
-        return relaycall.request_line(r.url, r.headers, r.body, r.stall_timeout_s,
-                                      r.request_timeout_s, parse={
-                                          "reports": self.ctx is not None,
-                                          "model": r.body.get("model"),
-                                          "max_tokens": r.body.get("max_tokens")})
 
     def on_frame(self, kind: bytes, data: bytes) -> bool:
         if kind == b"R":
@@ -168,31 +182,13 @@ class Parsed(Relayed):
         elif kind == b"H":
             self.answer = relaycall.Answer(json.loads(data))
         elif kind == b"B":
-            self.answer.content = data
-            raise llm.status_error(self.answer, self.req.url, llm._pause_keys(self.ctx, spent=0))
+            raise self.status_error(data)
         elif kind == b"E":
-            err = json.loads(data)
-            cls = llm.RAISED.get(str(err.get("error"))) if err.get("kind") == "raised" else None
-            if cls is not None:
-                raise cls(str(err.get("message")))
-            raise llm._error_of(str(err.get("kind")), str(err.get("error")),
-                                str(err.get("message")), self.req, None)
+            raise self.error(data)
         elif kind == b"Z":
             raise llm.MalformedReply(f"the model-call relay ended the call to {self.req.url} "
                                      f"without a result")
         return False
-
-    def silent(self) -> BaseException:
-        if time.monotonic() >= self.deadline:
-            return llm._overran(self.req)
-        return llm.LlmStalled(f"the model stream stalled: no word from the model-call relay "
-                              f"within stall_timeout_s={self.req.stall_timeout_s:g}s and a "
-                              f"grace of {llm.RELAY_GRACE_S:g}s")
-
-    def outcome(self) -> dict:
-        if self.result is None:  # exchange returned only after J
-            raise llm.MalformedReply(f"no result from the model-call relay for {self.req.url}")
-        return self.result
 
 
 def warm_up(rounds: int = WARM_UP_ROUNDS) -> dict:
