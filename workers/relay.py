@@ -5,7 +5,7 @@
 Why: a task process is forked from the fork server, and under Python 3.11 every object a
 call touches (httpx, httpcore, h11, the client, the TLS context) has its page copied into
 that process: ~5.6 MiB of private memory per chat task in flight. Through the relay a task
-touches a socket and `json` only: 1.5 MiB at 1,000 in flight, the relay's share included
+touches a socket and `json` only: 1.2 MiB at 1,000 in flight, the relay's share included
 (benchmarks/README.md, "In flight: `llm.chat` through the model-call relay").
 
 Owns the relay process and its protocol; `workers.handlers.llmrelay` (over

@@ -3,11 +3,11 @@ connect to the relay that TASKVISOR_LLM_RELAY_SOCKET names, send the request, re
 
 Owns the socket, the framing and the two drivers (blocking, and asyncio for async
 handlers) for both kinds of call: the relay sends the answer's lines, or (with "parse")
-report lines and the result. It touches a socket, `json` and `int.from_bytes` only: no httpx object, so a
-task process forked from the fork server copies few pages for a call (the reason the relay
-exists); it imports neither asyncio (but for an async caller) nor workers.relay. What the
-frames mean for the call (the outcome, progress, the exceptions) is
-`workers.handlers.llmrelay`'s. It never imports `supervisor/`.
+report lines and the result. It touches a socket, `json` and `int.from_bytes` only: no
+httpx object, so a task process forked from the fork server copies few pages for a call
+(the reason the relay exists); it imports neither asyncio (but for an async caller) nor
+workers.relay. What the frames mean for the call (the outcome, progress, the exceptions)
+is `workers.handlers.llmrelay`'s. It never imports `supervisor/`.
 """
 
 from __future__ import annotations
