@@ -122,13 +122,37 @@ class LiveOutput:
         """Store what is due, inside the caller's transaction. Nothing here changes until
         `committed()`: if the transaction rolls back, the next flush writes it again."""
         self._staged = []
-        for key, att in self._attempts.items():
+        for key in self._due_keys(mono):
+            att = self._attempts.get(key)
+            if att is None:
+                continue
             if att.out_pending and (att.ended or mono >= att.out_since + OUTPUT_FLUSH_S):
                 self._flush_output(store, att)
             if att.log_pending and (att.ended or mono >= att.log_since + LOG_FLUSH_S):
                 self._flush_log(store, att)
             if att.ended:
                 self._staged.append(lambda key=key: self._forget(key))
+
+    def _due_keys(self, mono: float) -> list[str]:
+        """The attempts that may have something due at `mono`, earliest first: the ended
+        ones and those of heap entries due by then (a walk of the heap's top that stops
+        at entries not yet due, so it costs per attempt due, not per attempt streaming).
+        Stale entries may name an attempt with nothing due: flush looks and moves on.
+        The heap is left as it is: a flush that rolls back must find the same entries."""
+        heap = self._due
+        found: list[tuple[float, str]] = []
+        stack = [0] if heap else []
+        while stack:
+            i = stack.pop()
+            due, key, _kind = heap[i]
+            if due > mono:  # a heap: nothing below this entry is due either
+                continue
+            found.append((due, key))
+            stack.extend(j for j in (2 * i + 1, 2 * i + 2) if j < len(heap))
+        found.sort()
+        keys = dict.fromkeys(key for _due, key in found)
+        keys.update(dict.fromkeys(sorted(self._ended)))
+        return list(keys)
 
     def _forget(self, key: str) -> None:
         self._attempts.pop(key, None)

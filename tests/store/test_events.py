@@ -219,3 +219,58 @@ def test_live_output_knows_when_it_is_due_without_a_look_at_every_attempt(store)
     for _ in range(100):
         assert many.next_due() == 10.0 + OUTPUT_FLUSH_S
     assert Counting.gets == 100, "one look per call, at the earliest attempt"
+
+
+def test_live_output_flush_looks_only_at_attempts_due(store):
+    """flush, like next_due, costs per attempt due: with 1,000 attempts streaming and 10
+    of them due it stores those 10 and looks up no more than them (and the ended one)."""
+    lease = claimed(store)
+
+    class Counting(dict):
+        gets = 0
+
+        def get(self, key, default=None):
+            Counting.gets += 1
+            return super().get(key, default)
+
+        def items(self):
+            raise AssertionError("flush looked at every attempt")
+
+        values = items
+
+    class Recording:
+        """Stands in for the store's two writes: flush's walk is what is measured."""
+        def __init__(self):
+            self.outputs = []
+
+        def append_output(self, lease, seq, pos, text, truncated):
+            self.outputs.append(text)
+            return True
+
+        def append_log(self, *args, **kwargs):
+            raise AssertionError("no log was written")
+
+    live = LiveOutput(max_output_bytes=1 << 20, max_log_bytes=1000)
+    live._attempts = Counting()
+    for i in range(1000):
+        live.on_stream(f"t{i}:1", lease, f"x{i}", 10.0 + i / 1000)
+    live.on_stream("ended:1", lease, "last", 20.0)
+    live.end("ended:1")
+    recording = Recording()
+    Counting.gets = 0
+    live.flush(recording, 10.0 + OUTPUT_FLUSH_S + 0.0095)  # t0 .. t9 are due
+    live.committed()
+    assert recording.outputs == [f"x{i}" for i in range(10)] + ["last"]
+    assert Counting.gets <= 11, f"looked up {Counting.gets} attempts for 11 due"
+    assert live.next_due() == 10.010 + OUTPUT_FLUSH_S  # t10 is next
+    # rolled back: the same ones are found again
+    again = Recording()
+    live.on_stream("t0:1", lease, "y", 10.1)
+    at = 10.1 + OUTPUT_FLUSH_S
+    live.flush(again, at)
+    due = [f"x{i}" for i in range(10, 1000) if 10.0 + i / 1000 + OUTPUT_FLUSH_S <= at]
+    assert sorted(again.outputs) == sorted(due + ["y"])  # earliest first: y is last
+    live._staged = []  # the transaction rolled back: nothing applied
+    third = Recording()
+    live.flush(third, at)
+    assert third.outputs == again.outputs
