@@ -62,3 +62,28 @@ def test_a_pool_size_the_descriptors_cannot_serve_is_refused_with_what_to_raise(
     assert "its limit is 4096 (hard limit 4096)" in res.stderr  # raised from 1024 first
     assert "LimitNOFILE=" in res.stderr
     assert not (tmp_path / "t.db").exists()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("hard, pool, advice", [
+    (256, 1, "raise the limit to at least 258 ("),   # no pool_size fits: none is suggested
+    (256, 4, "raise the limit to at least 264 ("),
+    (300, 40, "lower pool_size to at most 22, or raise the limit to at least 336 ("),
+])
+def test_the_open_files_advice_names_a_pool_size_that_fits_or_none(tmp_path, hard, pool,
+                                                                    advice):
+    """Under `ulimit -n 256` the advice was "lower pool_size to at most 1", also for
+    pool_size = 1, which was then refused with the same advice."""
+    (tmp_path / "taskvisor.toml").write_text(
+        f'[supervisor]\ndatabase = "t.db"\npool_size = {pool}\n[http]\nlisten = ""\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKVISOR_")}
+    env["PYTHONPATH"] = str(ROOT)
+    script = ("import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_NOFILE, "
+              f"({hard}, {hard})); sys.argv = ['taskvisor', 'run']; "
+              "runpy.run_module('supervisor', run_name='__main__')")
+    res = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 2, res.stderr
+    (line,) = [l for l in res.stderr.splitlines() if "open files" in l]
+    assert f"pool_size = {pool} needs about" in line and advice in line, line
+    assert not (tmp_path / "t.db").exists()
