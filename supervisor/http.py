@@ -31,7 +31,7 @@ from socketserver import TCPServer
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from supervisor import __version__
-from supervisor.api import Api, ErrorAnswer
+from supervisor.api import Api, ErrorAnswer, is_digits
 from supervisor.broadcast import Broadcast, Filter
 from supervisor.config import Config
 from supervisor.errors import ConfigError, StoreError
@@ -453,7 +453,7 @@ class _Handler(BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length")
         if length is None or length.strip() == "":
             return b""
-        if not length.strip().isdigit():
+        if not is_digits(length.strip()):
             raise ErrorAnswer(400, f"bad Content-Length {length!r}", field="Content-Length")
         size = int(length)
         limit = self.app.max_body()
@@ -565,7 +565,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise ErrorAnswer(400, f"unknown parameter {unknown[0]!r}; /api/events takes task, "
                               "type, workflow and last_event_id", field=unknown[0])
         raw = self.headers.get("Last-Event-ID") or query.get("last_event_id") or ""
-        if raw.strip() and not raw.strip().isdigit():
+        if raw.strip() and not is_digits(raw.strip()):
             raise ErrorAnswer(400, f"Last-Event-ID must be an event id (an integer), got {raw!r}",
                               field="Last-Event-ID")
         last_id = int(raw) if raw.strip() else None
@@ -599,7 +599,7 @@ class _Handler(BaseHTTPRequestHandler):
     def handle_expect_100(self) -> bool:
         # Refuse an oversized body before the client sends it, not after "100 Continue".
         length = (self.headers.get("Content-Length") or "").strip()
-        if self.app.api is not None and length.isdigit() and int(length) > self.app.max_body():
+        if self.app.api is not None and is_digits(length) and int(length) > self.app.max_body():
             self.send_json(413, {"error": f"the request body is {length} bytes, over the "
                                  f"limit of {self.app.max_body()}", "field": "payload"})
             return False
