@@ -432,8 +432,12 @@ class _Handler(BaseHTTPRequestHandler):
                 raise ErrorAnswer(401, "this needs the API token: send 'Authorization: Bearer "
                                   "<token>' (the token is in the supervisor's token file)",
                                   headers={"WWW-Authenticate": 'Bearer realm="taskvisor"'})
-            if name == "enqueue" and self.headers.get_content_type() != "application/json":
-                raise ErrorAnswer(415, "send the task as JSON with 'Content-Type: "
+            # Every body is JSON: a send_event with `text/plain` used to be accepted.
+            sends = (self.headers.get("Content-Length") or "0").strip() not in ("", "0")
+            if (name == "enqueue" or (method == "POST" and sends)) \
+                    and self.headers.get_content_type() != "application/json":
+                what = "the task" if name == "enqueue" else "the body"
+                raise ErrorAnswer(415, f"send {what} as JSON with 'Content-Type: "
                                   "application/json'", field="Content-Type")
             if name == "events":
                 return self.serve_events(_query(url.query))
