@@ -307,6 +307,18 @@ def load(path: str | os.PathLike | None, env: Mapping[str, str] | None = None) -
     return Config(path=file, types=type_configs, limits=limits, schedules=schedules, **sections)
 
 
+# Read once by `run` (the database connections, the HTTP server, the relay): a reload
+# that changes them keeps the running value, and says so.
+START_ONLY = (("supervisor", "synchronous"), ("supervisor", "busy_timeout_s"),
+              *(("http", f.name) for f in dataclasses.fields(HttpConfig)), ("llm", "relay"))
+
+
+def start_only_changes(old: Config, new: Config) -> list[str]:
+    """"[section] key" of each START_ONLY setting that differs between the two configs."""
+    return [f"[{section}] {key}" for section, key in START_ONLY
+            if getattr(getattr(old, section), key) != getattr(getattr(new, section), key)]
+
+
 def dump(config: Config) -> str:
     """The effective config as TOML that ``load`` reads back to an equal Config."""
     origin = f"from {config.path}" if config.path else "built-in defaults"
