@@ -87,3 +87,34 @@ def test_the_open_files_advice_names_a_pool_size_that_fits_or_none(tmp_path, har
     (line,) = [l for l in res.stderr.splitlines() if "open files" in l]
     assert f"pool_size = {pool} needs about" in line and advice in line, line
     assert not (tmp_path / "t.db").exists()
+
+
+@pytest.mark.timeout(60)
+def test_run_on_a_database_it_cannot_open_prints_one_error_and_no_traceback(tmp_path):
+    """The relay, started before the database is opened, found its control socket closed
+    and printed a BrokenPipeError traceback under the supervisor's one-line error."""
+    (tmp_path / "taskvisor.toml").write_text(
+        '[supervisor]\ndatabase = "no-such-folder/t.db"\n[http]\nlisten = ""\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKVISOR_")}
+    env["PYTHONPATH"] = str(ROOT)
+    res = subprocess.run([sys.executable, "-m", "supervisor", "run"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 2, res.stderr
+    assert "taskvisor: error: " in res.stderr and "no-such-folder does not exist" in res.stderr
+    assert "Traceback" not in res.stderr, res.stderr
+    assert not (tmp_path / "no-such-folder").exists()
+
+
+@pytest.mark.timeout(30)
+def test_the_relay_whose_supervisor_left_before_it_was_ready_exits_quietly(tmp_path):
+    import socket
+    mine, theirs = socket.socketpair()
+    mine.close()  # the supervisor is gone before "ready"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    res = subprocess.run(
+        [sys.executable, "-m", "workers.relay", "--socket", str(tmp_path / "r.sock"),
+         "--parent", str(os.getpid()), "--ctrl-fd", str(theirs.fileno())],
+        pass_fds=[theirs.fileno()], env=env, capture_output=True, text=True, timeout=20)
+    theirs.close()
+    from workers.relay import EXIT_PARENT_GONE
+    assert (res.returncode, res.stderr) == (EXIT_PARENT_GONE, "")
