@@ -121,7 +121,7 @@ class Api(WorkflowEndpoints):
         that has a log), as text; `after_seq` returns only newer chunks (for --follow)."""
         attempt = _attempt(query)
         after = _opt(query, "after_seq")
-        if after is not None and not (after.lstrip("-").isdigit()
+        if after is not None and not (is_digits(after.removeprefix("-"))
                                       and -1 <= int(after) <= MAX_INDEX):
             raise ErrorAnswer(400, f"after_seq must be an integer from -1 to {MAX_INDEX}, got "
                               f"{after!r}", field="after_seq")
@@ -333,6 +333,12 @@ def health(sup, database, now: float) -> tuple[int, dict]:
 
 # -- input checks --------------------------------------------------------------------------
 
+def is_digits(text: str) -> bool:
+    """ASCII digits only: str.isdigit() is also true of "²" and other digits int() refuses
+    (a 500 and a traceback in the log for `?limit=%C2%B2`)."""
+    return text.isascii() and text.isdigit()
+
+
 def _opt(query: dict, key: str) -> str | None:
     value = query.get(key)
     return value if value else None
@@ -342,7 +348,7 @@ def _limit(query: dict, default: int) -> int:
     raw = _opt(query, "limit")
     if raw is None:
         return default
-    if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+    if not is_digits(raw) or not 1 <= int(raw) <= 1000:
         raise ErrorAnswer(400, f"limit must be an integer from 1 to 1000, got {raw!r}",
                           field="limit")
     return int(raw)
@@ -352,7 +358,7 @@ def _attempt(query: dict) -> int | None:
     raw = _opt(query, "attempt")
     if raw is None:
         return None
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_INDEX:
+    if not is_digits(raw) or not 1 <= int(raw) <= MAX_INDEX:
         raise ErrorAnswer(400, f"attempt must be an integer from 1 to {MAX_INDEX}, got {raw!r}",
                           field="attempt")
     return int(raw)

@@ -124,5 +124,5 @@ def _parse(lines: Iterator[str]) -> Iterator[tuple[int | None, str, dict]]:
                 data.append(value)
             elif field == "event":
                 event = value
-            elif field == "id" and value.isdigit():
+            elif field == "id" and value.isascii() and value.isdigit():
                 ev_id = int(value)

@@ -36,10 +36,13 @@ def problems(pool_size: int) -> list[str]:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     need = pool_size * FDS_PER_TASK + FDS_SPARE
     if soft != resource.RLIM_INFINITY and need > soft:
+        most = (soft - FDS_SPARE) // FDS_PER_TASK
+        # Below FDS_SPARE + 2 no pool_size fits: "at most 1" sent people to a value
+        # refused with the same advice.
+        lower = f"lower pool_size to at most {most}, or " if most >= 1 else ""
         out.append(f"pool_size = {pool_size} needs about {need} open files in the supervisor, "
-                   f"but its limit is {soft} (hard limit {hard}): lower pool_size to at most "
-                   f"{max(1, (soft - FDS_SPARE) // FDS_PER_TASK)}, or raise the limit "
-                   "(LimitNOFILE= in the systemd unit, `ulimit -n` in a shell)")
+                   f"but its limit is {soft} (hard limit {hard}): {lower}raise the limit to "
+                   f"at least {need} (LimitNOFILE= in the systemd unit, `ulimit -n` in a shell)")
     procs = pool_size + PROCS_SPARE
     nproc = resource.getrlimit(resource.RLIMIT_NPROC)[0]
     if os.geteuid() != 0 and nproc != resource.RLIM_INFINITY and procs > nproc:

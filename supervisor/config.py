@@ -297,12 +297,26 @@ def load(path: str | os.PathLike | None, env: Mapping[str, str] | None = None) -
     sections = {name: cls(**values[name]) for name, cls in _SECTION_CLASSES.items()}
     type_configs = {name: TypeConfig(**v) for name, v in types.items()}
     errors += flowconfig.unmatched_type_limits(type_configs, limits, label)
+    errors += flowconfig.oversized_payloads(schedules, sections["supervisor"].max_payload_bytes,
+                                            label)
     _check_backoff(label, "[defaults]", sections["defaults"], Defaults(), errors)
     for name, tc in type_configs.items():
         _check_backoff(label, f"[types.{_quote(name)}]", tc, sections["defaults"], errors)
     if errors:
         raise ConfigError(errors)
     return Config(path=file, types=type_configs, limits=limits, schedules=schedules, **sections)
+
+
+# Read once by `run` (the database connections, the HTTP server, the relay): a reload
+# that changes them keeps the running value, and says so.
+START_ONLY = (("supervisor", "synchronous"), ("supervisor", "busy_timeout_s"),
+              *(("http", f.name) for f in dataclasses.fields(HttpConfig)), ("llm", "relay"))
+
+
+def start_only_changes(old: Config, new: Config) -> list[str]:
+    """"[section] key" of each START_ONLY setting that differs between the two configs."""
+    return [f"[{section}] {key}" for section, key in START_ONLY
+            if getattr(getattr(old, section), key) != getattr(getattr(new, section), key)]
 
 
 def dump(config: Config) -> str:

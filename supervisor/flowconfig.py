@@ -24,6 +24,8 @@ _LIMIT_KEYS = ("requests_per_minute", "tokens_per_minute", "concurrency", "burst
 _SCHEDULE_KEYS = ("cron", "every", "timezone", "type", "payload", "catch_up", "priority")
 KEY_RE = re.compile(r"[!-)+-~]{1,200}")  # printable ASCII: no space, no control, no "*"
 MAX_KEYS = 16  # limit keys per task
+MAX_PRIORITY = 1_000_000_000  # as [defaults] priority
+MAX_EVERY_S = 100 * 365 * 86400.0  # a fire time past this could not be shown (year 10000)
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,9 @@ def check_schedules(data: Any, label: str, errors: list[str]) -> dict[str, Sched
         kind = table.get("type")
         if not isinstance(kind, str) or not kind.strip():
             errors.append(f"{where} type: required, the task type to enqueue (a string)")
+        elif len(kind) > 200 or not kind.isprintable():
+            # what enqueue refuses would fail every fire, and hold up the other schedules
+            errors.append(f"{where} type: must be at most 200 printable characters")
         tz = table.get("timezone", "UTC")
         if not _valid_zone(tz):
             errors.append(f"{where} timezone: unknown time zone {_quote(str(tz))} "
@@ -133,17 +138,22 @@ def check_schedules(data: Any, label: str, errors: list[str]) -> dict[str, Sched
         else:
             every_s = _every(every)
             if every_s is None:
-                errors.append(f"{where} every: expected a duration of at least 1s such as "
-                              f'"30s", "5m", "1h", got {_quote(str(every))}')
+                errors.append(f"{where} every: expected a duration from 1s to "
+                              f'{MAX_EVERY_S / 86400:g}d such as "30s", "5m", "1h", '
+                              f"got {_quote(str(every))}")
         payload = table.get("payload", {})
         if not isinstance(payload, dict):
             errors.append(f"{where} payload: expected a table (e.g. payload = {{ kind = \"daily\" }})")
+        elif why := _not_json(payload):
+            errors.append(f"{where} payload: {why}")
         catch_up = table.get("catch_up", "skip")
         if catch_up not in CATCH_UP:
             errors.append(f"{where} catch_up: expected \"skip\" or \"one\", got {_quote(str(catch_up))}")
         priority = table.get("priority")
-        if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)):
-            errors.append(f"{where} priority: expected an integer")
+        if priority is not None and (isinstance(priority, bool) or not isinstance(priority, int)
+                                     or not -MAX_PRIORITY <= priority <= MAX_PRIORITY):
+            errors.append(f"{where} priority: expected an integer from {-MAX_PRIORITY} "
+                          f"to {MAX_PRIORITY}, got {priority!r}")
         if len(errors) == before:
             out[name] = ScheduleSpec(name=name, type=kind, cron=cron, every_s=every_s,
                                      timezone=tz, payload=payload, catch_up=catch_up,
@@ -169,6 +179,19 @@ def unmatched_type_limits(types: dict, limits: dict[str, LimitSpec], label: str)
     return [f"{label}: [types.{_quote(name)}] limits: {_quote(key)} matches no "
             f"[limits] entry (define [limits.{_quote(key)}])"
             for name, tc in types.items() for key in (tc.limits or ()) if table.spec(key) is None]
+
+
+def oversized_payloads(schedules: dict[str, ScheduleSpec], max_bytes: int,
+                       label: str) -> list[str]:
+    """A schedule payload enqueue would refuse as over [supervisor] max_payload_bytes."""
+    out = []
+    for name, spec in schedules.items():
+        size = len(json.dumps(spec.payload, ensure_ascii=False,
+                              separators=(",", ":")).encode("utf-8", "surrogatepass"))
+        if size > max_bytes:
+            out.append(f"{label}: [schedules.{_quote(name)}] payload: {size} bytes, over "
+                       f"[supervisor] max_payload_bytes ({max_bytes})")
+    return out
 
 
 def dump(limits: dict[str, LimitSpec], schedules: dict[str, ScheduleSpec]) -> list[str]:
@@ -239,7 +262,17 @@ def _every(value: Any) -> float | None:
             seconds = parse_duration(value)
         except ValueError:
             return None
-    return seconds if math.isfinite(seconds) and seconds >= 1 else None
+    return seconds if math.isfinite(seconds) and 1 <= seconds <= MAX_EVERY_S else None
+
+
+def _not_json(payload: dict) -> str | None:
+    """Why a schedule's payload cannot be a task's JSON payload (a TOML date or time,
+    nan or inf), or None: checked here, not at the first fire."""
+    try:
+        json.dumps(payload, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        return (f"not JSON ({exc}); use strings for dates and times, and finite numbers")
+    return None
 
 
 def _quote(text: str) -> str:

@@ -31,7 +31,7 @@ from socketserver import TCPServer
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from supervisor import __version__
-from supervisor.api import Api, ErrorAnswer
+from supervisor.api import Api, ErrorAnswer, is_digits
 from supervisor.broadcast import Broadcast, Filter
 from supervisor.config import Config
 from supervisor.errors import ConfigError, StoreError
@@ -432,8 +432,12 @@ class _Handler(BaseHTTPRequestHandler):
                 raise ErrorAnswer(401, "this needs the API token: send 'Authorization: Bearer "
                                   "<token>' (the token is in the supervisor's token file)",
                                   headers={"WWW-Authenticate": 'Bearer realm="taskvisor"'})
-            if name == "enqueue" and self.headers.get_content_type() != "application/json":
-                raise ErrorAnswer(415, "send the task as JSON with 'Content-Type: "
+            # Every body is JSON: a send_event with `text/plain` used to be accepted.
+            sends = (self.headers.get("Content-Length") or "0").strip() not in ("", "0")
+            if (name == "enqueue" or (method == "POST" and sends)) \
+                    and self.headers.get_content_type() != "application/json":
+                what = "the task" if name == "enqueue" else "the body"
+                raise ErrorAnswer(415, f"send {what} as JSON with 'Content-Type: "
                                   "application/json'", field="Content-Type")
             if name == "events":
                 return self.serve_events(_query(url.query))
@@ -453,7 +457,7 @@ class _Handler(BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length")
         if length is None or length.strip() == "":
             return b""
-        if not length.strip().isdigit():
+        if not is_digits(length.strip()):
             raise ErrorAnswer(400, f"bad Content-Length {length!r}", field="Content-Length")
         size = int(length)
         limit = self.app.max_body()
@@ -565,7 +569,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise ErrorAnswer(400, f"unknown parameter {unknown[0]!r}; /api/events takes task, "
                               "type, workflow and last_event_id", field=unknown[0])
         raw = self.headers.get("Last-Event-ID") or query.get("last_event_id") or ""
-        if raw.strip() and not raw.strip().isdigit():
+        if raw.strip() and not is_digits(raw.strip()):
             raise ErrorAnswer(400, f"Last-Event-ID must be an event id (an integer), got {raw!r}",
                               field="Last-Event-ID")
         last_id = int(raw) if raw.strip() else None
@@ -599,7 +603,7 @@ class _Handler(BaseHTTPRequestHandler):
     def handle_expect_100(self) -> bool:
         # Refuse an oversized body before the client sends it, not after "100 Continue".
         length = (self.headers.get("Content-Length") or "").strip()
-        if self.app.api is not None and length.isdigit() and int(length) > self.app.max_body():
+        if self.app.api is not None and is_digits(length) and int(length) > self.app.max_body():
             self.send_json(413, {"error": f"the request body is {length} bytes, over the "
                                  f"limit of {self.app.max_body()}", "field": "payload"})
             return False

@@ -25,10 +25,11 @@ import time
 import uuid
 from collections.abc import Callable
 
-from supervisor import __version__, checkpointing, handlercode, policy, proctree, spawning
+from supervisor import (__version__, capacity, checkpointing, handlercode, policy, proctree,
+                        spawning)
 from supervisor.children import Child, Children
 from supervisor.client import Queue
-from supervisor.config import Config, load
+from supervisor.config import Config, load, start_only_changes
 from supervisor.errors import ConfigError, InputError, StoreError
 from supervisor.forkserver import ForkServer, ForkServerError, ForkServers, handlers_of
 from supervisor.lease import Leases
@@ -301,6 +302,10 @@ class Supervisor:
         try:
             new = load(self.config.path) if self.config.path else self.config
             new = new.with_database(self.config.supervisor.database)
+            # `run` refuses such a pool_size at start; a reload took it, and ran out of
+            # descriptors or processes once that many tasks were due.
+            if limits := capacity.problems(new.supervisor.pool_size):
+                raise ConfigError(limits)
         except ConfigError as exc:
             for line in exc.errors:
                 log.error("reload rejected: %s", line)
@@ -308,6 +313,9 @@ class Supervisor:
             return
         self.notifier.reloading()
         old = self.config
+        for key in start_only_changes(old, new):
+            log.warning("reload: %s changed; it applies at the next start (restart the "
+                        "supervisor), the running value stays", key)
         self.config = self.children.config = new
         self.children.output.configure(new.supervisor.max_output_bytes, new.supervisor.max_log_bytes)
         self.memory_budget_mb = policy.memory_budget_mb(new.supervisor.memory_budget_mb, machine_memory_mb())

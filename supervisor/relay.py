@@ -228,7 +228,7 @@ def remove_stale_folders(base: str) -> int:
         return 0
     for name in names:
         pid = name[len(FOLDER_PREFIX):].partition("-")[0]
-        if not (name.startswith(FOLDER_PREFIX) and pid.isdigit()):
+        if not (name.startswith(FOLDER_PREFIX) and pid.isascii() and pid.isdigit()):
             continue
         path = os.path.join(base, name)
         try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 import time
 
+from supervisor.api import MAX_INDEX
 from supervisor.cli import EXIT_OK, EXIT_TASK_FAILED, PROG, command
 from supervisor.client import Queue
 from supervisor.store import FINAL, Status
@@ -154,9 +155,10 @@ def _watch_api(args, cfg) -> int:
 @command("logs", "print the tail of a task's stdout and stderr (--follow: as it runs)",
          _logs_arguments)
 def cmd_logs(args, cfg) -> int:
-    if args.attempt is not None and args.attempt < 1:
+    if args.attempt is not None and not 1 <= args.attempt <= MAX_INDEX:
+        # past 64 bits SQLite's binding raised OverflowError: a traceback
         from supervisor.errors import InputError
-        raise InputError("--attempt must be 1 or more", field="attempt")
+        raise InputError(f"--attempt must be from 1 to {MAX_INDEX}", field="attempt")
     if args.api:
         with _client(args, cfg) as api:
             return _follow(lambda after, attempt: _api_log(api, args.id, attempt, after),

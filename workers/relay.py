@@ -329,7 +329,12 @@ def main(argv: list[str] | None = None) -> int:
     # Listening before the serving side's imports (httpx, ~0.3 s, at the first call): the
     # supervisor need not wait for them, and a task that connects meanwhile waits.
     listener = bind(args["--socket"])
-    ctrl.sendall(b"ready\n")
+    try:
+        ctrl.sendall(b"ready\n")
+    except OSError:
+        # The supervisor stopped before it needed us (a database it cannot open): it
+        # already said why; a BrokenPipeError traceback under its one-line error only hid it.
+        return EXIT_PARENT_GONE
     asyncio.run(run(listener, ctrl))  # leaves the process itself
     return 0
 

@@ -293,6 +293,14 @@ def test_bad_input(db, tmp_path, args, stdin, pattern):
     assert count(db) == 1
 
 
+@pytest.mark.parametrize("attempt", ["0", "99999999999999999999", "1000000001"])
+def test_logs_with_an_attempt_out_of_range_is_bad_input(db, tmp_path, attempt):
+    """Past 64 bits it was an OverflowError traceback from SQLite's binding."""
+    task_id = Store(db).list()[0].id
+    assert_one_error(tv(tmp_path, "logs", task_id, "--attempt", attempt),
+                     r"--attempt must be from 1 to 1000000000")
+
+
 def test_retrying_a_queued_task_is_bad_input(db, tmp_path):
     task_id = Store(db).list()[0].id
     assert_one_error(tv(tmp_path, "retry", task_id), "only failed or cancelled")

@@ -62,3 +62,59 @@ def test_a_pool_size_the_descriptors_cannot_serve_is_refused_with_what_to_raise(
     assert "its limit is 4096 (hard limit 4096)" in res.stderr  # raised from 1024 first
     assert "LimitNOFILE=" in res.stderr
     assert not (tmp_path / "t.db").exists()
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("hard, pool, advice", [
+    (256, 1, "raise the limit to at least 258 ("),   # no pool_size fits: none is suggested
+    (256, 4, "raise the limit to at least 264 ("),
+    (300, 40, "lower pool_size to at most 22, or raise the limit to at least 336 ("),
+])
+def test_the_open_files_advice_names_a_pool_size_that_fits_or_none(tmp_path, hard, pool,
+                                                                    advice):
+    """Under `ulimit -n 256` the advice was "lower pool_size to at most 1", also for
+    pool_size = 1, which was then refused with the same advice."""
+    (tmp_path / "taskvisor.toml").write_text(
+        f'[supervisor]\ndatabase = "t.db"\npool_size = {pool}\n[http]\nlisten = ""\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKVISOR_")}
+    env["PYTHONPATH"] = str(ROOT)
+    script = ("import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_NOFILE, "
+              f"({hard}, {hard})); sys.argv = ['taskvisor', 'run']; "
+              "runpy.run_module('supervisor', run_name='__main__')")
+    res = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 2, res.stderr
+    (line,) = [l for l in res.stderr.splitlines() if "open files" in l]
+    assert f"pool_size = {pool} needs about" in line and advice in line, line
+    assert not (tmp_path / "t.db").exists()
+
+
+@pytest.mark.timeout(60)
+def test_run_on_a_database_it_cannot_open_prints_one_error_and_no_traceback(tmp_path):
+    """The relay, started before the database is opened, found its control socket closed
+    and printed a BrokenPipeError traceback under the supervisor's one-line error."""
+    (tmp_path / "taskvisor.toml").write_text(
+        '[supervisor]\ndatabase = "no-such-folder/t.db"\n[http]\nlisten = ""\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKVISOR_")}
+    env["PYTHONPATH"] = str(ROOT)
+    res = subprocess.run([sys.executable, "-m", "supervisor", "run"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 2, res.stderr
+    assert "taskvisor: error: " in res.stderr and "no-such-folder does not exist" in res.stderr
+    assert "Traceback" not in res.stderr, res.stderr
+    assert not (tmp_path / "no-such-folder").exists()
+
+
+@pytest.mark.timeout(30)
+def test_the_relay_whose_supervisor_left_before_it_was_ready_exits_quietly(tmp_path):
+    import socket
+    mine, theirs = socket.socketpair()
+    mine.close()  # the supervisor is gone before "ready"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    res = subprocess.run(
+        [sys.executable, "-m", "workers.relay", "--socket", str(tmp_path / "r.sock"),
+         "--parent", str(os.getpid()), "--ctrl-fd", str(theirs.fileno())],
+        pass_fds=[theirs.fileno()], env=env, capture_output=True, text=True, timeout=20)
+    theirs.close()
+    from workers.relay import EXIT_PARENT_GONE
+    assert (res.returncode, res.stderr) == (EXIT_PARENT_GONE, "")

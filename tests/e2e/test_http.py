@@ -128,6 +128,20 @@ def test_a_body_that_is_not_json_gets_415(shared):
     assert res.status == 415 and res.json["field"] == "Content-Type"
 
 
+def test_every_write_with_a_body_that_is_not_json_gets_415_and_changes_nothing(shared):
+    """POST /api/events/{name} took a text/plain body and sent the event."""
+    form = {"Content-Type": "text/plain"}
+    res = shared.post("/api/events/not-json-415", b'{"data": 1}', headers=form)
+    assert res.status == 415 and res.json["field"] == "Content-Type", res.body
+    task_id = shared.enqueue(type="ok", delay=3600)["id"]
+    res = shared.post(f"/api/tasks/{task_id}/cancel", b"x=1", headers=form)
+    assert res.status == 415, res.body
+    assert shared.task(task_id)["status"] == "queued"
+    # Nothing was sent: the first JSON send is the one that sends it.
+    assert shared.post("/api/events/not-json-415", {"data": 1}).json["sent"] is True
+    assert shared.post(f"/api/tasks/{task_id}/cancel").json["status"] == "cancelled"
+
+
 @pytest.mark.parametrize("query, field", [("limit=0", "limit"), ("limit=1001", "limit"),
                                           ("limit=ten", "limit"), ("status=done", "status")])
 def test_bad_query_gets_400(shared, query, field):

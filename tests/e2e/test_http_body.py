@@ -57,3 +57,43 @@ def test_client_that_stalls_gets_408_after_the_short_body_timeout(shared):
     assert BODY_TIMEOUT_S - 0.5 <= took < BODY_TIMEOUT_S + 3, took
     assert b"9 of the 100 bytes" in body
     assert "ERROR taskvisor.http" not in shared.log_text()
+
+
+@pytest.mark.parametrize("path, field", [
+    ("/api/tasks?limit=%C2%B2", "limit"),            # "²": str.isdigit() yet not int()
+    ("/api/queued?limit=%C2%B2", "limit"),
+    ("/api/tasks/{id}/output?attempt=%C2%B2", "attempt"),
+    ("/api/tasks/{id}/logs?after_seq=%C2%B2", "after_seq"),
+    ("/api/tasks/{id}/logs?after_seq=--5", "after_seq"),
+    ("/api/events?last_event_id=%C2%B2", "Last-Event-ID"),
+    ("/api/tasks?limit=%D9%A1", "limit"),            # an Arabic-Indic 1
+])
+def test_a_number_that_is_not_ascii_digits_is_a_400_naming_the_parameter(shared, path, field):
+    """These were 500s, with a traceback in the log, from int() of a Unicode digit."""
+    task_id = shared.enqueue(type="ok", delay=3600)["id"]
+    res = shared.get(path.format(id=task_id))
+    assert res.status == 400, res.body
+    assert res.json["field"] == field, res.json
+    shared.post(f"/api/tasks/{task_id}/cancel")
+    assert "Traceback" not in shared.log_text()
+
+
+@pytest.mark.parametrize("expect", [False, True])
+def test_a_content_length_that_is_not_ascii_digits_is_a_400(shared, expect):
+    sock = socket.create_connection(("127.0.0.1", shared.port), timeout=20)
+    head = ("POST /api/tasks HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            + ("Expect: 100-continue\r\n" if expect else "")
+            + f"Authorization: Bearer {shared.token}\r\nContent-Type: application/json\r\n"
+            "Content-Length: 1\xb2\r\n\r\n")
+    sock.sendall(head.encode("latin-1"))
+    sock.shutdown(socket.SHUT_WR)
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    sock.close()
+    if expect:  # told to go on, then refused
+        continue_, _, data = data.partition(b"\r\n\r\n")
+        assert continue_.startswith(b"HTTP/1.1 100 "), continue_
+    assert data.startswith(b"HTTP/1.1 400 "), data
+    assert b'"field":"Content-Length"' in data
+    assert "Traceback" not in shared.log_text()

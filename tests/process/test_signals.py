@@ -177,3 +177,46 @@ def test_sighup_with_a_new_preload_starts_a_new_fork_server(supervisor_proc):
     # Once idle, the old fork server goes away.
     assert_dead(old_server.pid, timeout=10, what="old fork server")
     assert sup.stop() == 0
+
+
+class _LowFileLimit:
+    """`taskvisor run` under RLIMIT_NOFILE 1024:1024 (its soft limit cannot be raised)."""
+
+    def argv(self) -> list[str]:
+        import sys
+        script = ("import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_NOFILE, "
+                  "(1024, 1024)); sys.argv[0] = 'taskvisor'; "
+                  "runpy.run_module('supervisor', run_name='__main__')")
+        return [sys.executable, "-c", script, *super().argv()[3:]]
+
+
+@pytest.mark.timeout(60)
+def test_sighup_refuses_a_pool_size_the_descriptors_cannot_serve(supervisor_proc):
+    """`run` refuses pool_size = 1000 under 1024 open files; a reload took it."""
+    sup = supervisor_proc(start=False, supervisor={"pool_size": 1})
+    sup.__class__ = type("LowFileLimitProc", (_LowFileLimit, type(sup)), {})
+    sup.start()
+    sup.write_config({"supervisor": {"pool_size": 1000}})
+    sup.signal(signal.SIGHUP)
+    sup.wait_log("reload rejected: keeping the running config")
+    assert "reload rejected: pool_size = 1000 needs about 2256 open files" in sup.log()
+    assert "config reloaded from" not in sup.log()
+    ids = [sup.enqueue("t.log", {"s": 0.3}) for _ in range(2)]
+    sup.wait_all(ids, "succeeded", timeout=15)
+    assert max_concurrent(sup.runs()) == 1
+    assert sup.stop() == 0
+
+
+@pytest.mark.timeout(60)
+def test_sighup_says_which_changed_settings_wait_for_a_restart(supervisor_proc):
+    """A changed [http] listen was taken silently ("config reloaded") and never applied."""
+    sup = supervisor_proc(supervisor={"pool_size": 1})
+    sup.write_config({"supervisor": {"pool_size": 2, "busy_timeout_s": 9},
+                      "http": {"listen": "127.0.0.1:0"}})
+    sup.signal(signal.SIGHUP)
+    sup.wait_log("config reloaded from")
+    log = sup.log()
+    assert "reload: [http] listen changed; it applies at the next start" in log
+    assert "reload: [supervisor] busy_timeout_s changed" in log
+    assert "pool_size changed" not in log and "pool_size=2" in log
+    assert sup.stop() == 0

@@ -147,6 +147,20 @@ catch_up = "one"
     ('[limits."a"]\nconcurrency = 1\nspeed = 2', '[limits."a"] speed: unknown key'),
     ('[types."x"]\nlimits = ["nope"]', '[types."x"] limits: "nope" matches no [limits] entry'),
     ('[supervisor]\nretain_finished = "soon"', "[supervisor] retain_finished"),
+    # Each of these passed check-config, then failed every fire of the schedule step (so
+    # no schedule fired at all) or crashed `taskvisor schedules` with a traceback.
+    ('[schedules."n"]\nevery = "1s"\ntype = "t"\npayload = { at = 1979-05-27T07:32:00Z }',
+     '[schedules."n"] payload: not JSON'),
+    ('[schedules."n"]\nevery = "1s"\ntype = "t"\npayload = { x = nan }',
+     '[schedules."n"] payload: not JSON'),
+    ('[supervisor]\nmax_payload_bytes = 10\n[schedules."n"]\nevery = "1s"\ntype = "t"\n'
+     'payload = { a = "0123456789" }', '[schedules."n"] payload: 18 bytes, over [supervisor] '
+     'max_payload_bytes (10)'),
+    ('[schedules."n"]\nevery = "1s"\ntype = "t"\npriority = 100000000000000000000',
+     '[schedules."n"] priority: expected an integer from'),
+    ('[schedules."n"]\nevery = "1000000000000w"\ntype = "t"', '[schedules."n"] every:'),
+    ('[schedules."n"]\nevery = "1s"\ntype = "a\\nb"', '[schedules."n"] type: must be at most'),
+    ('[schedules."n"]\nevery = "1s"\ntype = "' + "t" * 201 + '"', '[schedules."n"] type:'),
 ])
 def test_bad_flow_config_names_the_key(tmp_path, text, fragment):
     with pytest.raises(ConfigError) as err:
@@ -173,3 +187,24 @@ def test_the_openapi_limit_keys_pattern_follows_the_configured_limits(tmp_path):
         except InputError:
             accepted = False
         assert bool(re.fullmatch(pattern, key)) == accepted, key
+
+
+def test_a_schedule_the_config_accepts_is_one_enqueue_accepts(tmp_path):
+    """At the edges of every range: the schedule step can enqueue it and `describe` can
+    show its next fire time (a config error otherwise, never a failure at each fire)."""
+    from supervisor.client import Queue
+    from supervisor.flowconfig import MAX_EVERY_S, MAX_PRIORITY
+    from supervisor.store import iso
+    cfg = config.load(write(tmp_path, f"""
+[supervisor]
+max_payload_bytes = 27
+[schedules."n"]
+every = {MAX_EVERY_S!r}
+type = "{'t' * 200}"
+priority = {-MAX_PRIORITY}
+payload = {{ a = "0123456789", b = 1.5 }}
+"""), env={})
+    queue = Queue(cfg.with_database(tmp_path / "never.db"))
+    for spec in cfg.schedules.values():
+        queue.prepare(spec.type, spec.payload, spec.priority)
+        assert iso(schedule.next_fire(spec, 2e9))
