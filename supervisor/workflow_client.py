@@ -145,6 +145,9 @@ def _json_text(data: Any, limit: int) -> str:
         size = len(text.encode("utf-8"))
     except (TypeError, ValueError, UnicodeEncodeError) as exc:
         raise InputError(f"event data is not JSON-serialisable: {exc}", field="data") from None
+    except RecursionError:
+        raise InputError("event data is not JSON-serialisable: nested too deeply",
+                         field="data") from None
     if size > limit:
         raise InputError(f"event data is {size} bytes, over the limit of {limit} bytes "
                          "(supervisor.max_payload_bytes)", field="data")
