@@ -135,3 +135,9 @@ def big_checkpoint(payload, ctx):
     except ValueError as exc:
         return {"refused": str(exc)}
     return {"stored": True}
+
+
+@task("wf.spawn_with")
+def spawn_with(payload, ctx):
+    """Spawn one wf.square with the options in payload["options"] (any of Queue.enqueue's)."""
+    return {"child": ctx.spawn("wf.square", {"x": 2}, **payload["options"])}
