@@ -73,6 +73,9 @@ def spawn_request(type_: str, payload, options: dict, earlier: list[dict], known
         json.dumps(req, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise SpawnError(f"spawn payload or options are not JSON-serialisable: {exc}") from None
+    except RecursionError:
+        raise SpawnError("spawn payload or options are not JSON-serialisable: nested too "
+                         "deeply") from None
     from workers.ids import new_id  # here: the fork server does not need it
     req["id"] = new_id(time.time())
     return req

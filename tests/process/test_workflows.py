@@ -200,3 +200,15 @@ def test_spawn_takes_the_named_limit_options_of_enqueue(supervisor_proc):
     bad = sup.wait_status(sup.enqueue("wf.spawn_with", {"options": {"limit_keys": ["nope"]}}),
                           "failed")
     assert "spawned tasks cannot be stored" in bad.error and "'nope'" in bad.error
+
+
+@pytest.mark.timeout(60)
+def test_state_or_a_spawn_payload_nested_too_deeply_is_refused_as_not_json(sup):
+    # Both used to raise RecursionError: ctx.checkpoint documents ValueError, and a spawn
+    # was retried (a retry spawns the same) instead of failing for good with SpawnError.
+    task = sup.wait_status(sup.enqueue("wf.deep_checkpoint"), "succeeded")
+    assert "not JSON-serialisable: nested too deeply" in task.result["refused"]
+    task = sup.wait_status(sup.enqueue("wf.deep_spawn", max_attempts=3), "failed")
+    assert task.attempts == 1 and task.history[0].error["type"] == "SpawnError"
+    assert "not JSON-serialisable: nested too deeply" in task.error
+    assert children_of(sup, task.id) == []
