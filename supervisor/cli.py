@@ -165,17 +165,24 @@ def cmd_enqueue(args, cfg) -> int:
 
 
 def _read_payload(arg: str | None):
-    if arg is None:
-        return None
+    return None if arg is None else _read_json(arg, "payload", "payload")
+
+
+def _read_json(arg: str, what: str, field: str):
+    """The JSON value of a command-line argument, or of stdin for "-"; InputError naming
+    `what` for text that is not UTF-8 or not JSON (a RecursionError of the parser, for
+    input nested too deeply, included: it used to end in a traceback)."""
     if arg == "-":
         try:
             arg = sys.stdin.buffer.read().decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise InputError(f"payload on stdin is not UTF-8 text ({exc.reason})", "payload") from None
+            raise InputError(f"{what} on stdin is not UTF-8 text ({exc.reason})", field) from None
     try:
         return json.loads(arg)
     except json.JSONDecodeError as exc:
-        raise InputError(f"payload is not valid JSON: {exc}", field="payload") from None
+        raise InputError(f"{what} is not valid JSON: {exc}", field=field) from None
+    except RecursionError:
+        raise InputError(f"{what} is not valid JSON: nested too deeply", field=field) from None
 
 
 def _list_arguments(p: argparse.ArgumentParser) -> None:
@@ -378,13 +385,7 @@ def _send_event_arguments(p: argparse.ArgumentParser) -> None:
 @command("send-event", "send a named event: release the tasks that await it (once)",
          _send_event_arguments)
 def cmd_send_event(args, cfg) -> int:
-    data = None
-    if args.data is not None:
-        text = sys.stdin.read() if args.data == "-" else args.data
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"event data is not valid JSON: {exc}", field="data") from None
+    data = None if args.data is None else _read_json(args.data, "event data", "data")
     with Queue(cfg, create=False) as queue:
         sent = queue.send_event(args.name, data)
     if not sent["sent"]:

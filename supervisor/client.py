@@ -417,6 +417,9 @@ class Queue(WorkflowCalls):
                               separators=(",", ":"))
         except (TypeError, ValueError) as exc:
             raise InputError(f"payload is not JSON-serialisable: {exc}", field="payload") from None
+        except RecursionError:
+            raise InputError("payload is not JSON-serialisable: nested too deeply",
+                             field="payload") from None
         try:
             size = len(text.encode("utf-8"))
         except UnicodeEncodeError:

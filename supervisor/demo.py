@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -164,9 +165,10 @@ class Demo:
 
     def afterwards(self) -> str:
         """The last lines: what still exists once the supervisor has stopped."""
+        db = shlex.quote(str(self.db))  # commands to paste: a path with a space stays one word
         lines = [f"\nThe tasks stay in {self.db}; look at them with",
-                 f"  taskvisor list --db {self.db}",
-                 f"  taskvisor show --db {self.db} ID      (an id from the list, or its last 8 characters)"]
+                 f"  taskvisor list --db {db}",
+                 f"  taskvisor show --db {db} ID      (an id from the list, or its last 8 characters)"]
         if not self.keep_running:
             lines.append("The dashboard stopped with the supervisor: run `taskvisor demo "
                          "--keep-running` to browse it until Ctrl-C.")
@@ -319,7 +321,7 @@ class Demo:
             if self.approve_manually:
                 self.say(f"\n{self.names[ready[0].id]} waits for approval; send it with:\n"
                          f"  taskvisor send-event {APPROVAL_EVENT} '{{\"by\": \"you\"}}' "
-                         f"--db {self.db}\n(or the button on the dashboard)\n")
+                         f"--db {shlex.quote(str(self.db))}\n(or the button on the dashboard)\n")
                 self.drawn = 0
         if not self.approve_manually and time.monotonic() - self.waiting_since >= APPROVE_AFTER_S:
             self.queue.send_event(APPROVAL_EVENT, {"by": "taskvisor demo", "after_s": APPROVE_AFTER_S})

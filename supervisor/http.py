@@ -81,6 +81,16 @@ ROUTES = [  # (method, compiled path, Api method name, needs the token)
 _ROUTES = [(m, re.compile(p + r"\Z"), name, auth) for m, p, name, auth in ROUTES]
 
 
+def _path_param(name: str, text: str) -> str:
+    """A percent-decoded path segment; 400 when it is not UTF-8 (decoded with replacement
+    characters it named another event or task, e.g. an event nobody awaits)."""
+    try:
+        return unquote(text, errors="strict")
+    except UnicodeDecodeError:
+        raise ErrorAnswer(400, f"the {name} in the path is not UTF-8 text once percent-decoded: "
+                          f"{text!r}; percent-encode its UTF-8 bytes", field=name) from None
+
+
 def token_path(config: Config) -> Path:
     """[http] token_file, else taskvisor.token beside the database."""
     if config.http.token_file is not None:
@@ -442,7 +452,7 @@ class _Handler(BaseHTTPRequestHandler):
             if name == "events":
                 return self.serve_events(_query(url.query))
             body = self.read_body() if method == "POST" else None
-            params = {k: unquote(v) for k, v in match.groupdict().items()}
+            params = {k: _path_param(k, v) for k, v in match.groupdict().items()}
             status, payload = getattr(self.app.api, name)(
                 query=_query(url.query), body=body, **params)
             return self.send_json(status, payload)

@@ -20,7 +20,7 @@ from workers.wire import MAX_SPAWNS
 _ID = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}")
 _FIELDS = frozenset({"id", "type", "payload", "priority", "delay", "run_at", "timeout_s",
                      "memory_mb", "max_attempts", "depends_on", "dedupe_key", "await_event",
-                     "run_on_failure"})
+                     "run_on_failure", "limit_keys", "estimated_tokens"})
 
 _checkers: list = [None, None]  # [config, a Queue used only for its enqueue checks]
 

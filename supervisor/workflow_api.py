@@ -23,7 +23,7 @@ class WorkflowEndpoints:
                 tasks, edges = store.workflow(id)
         except NotFound as exc:
             raise _error(404, str(exc), "id") from None
-        return 200, Workflow(id, tuple(tasks), tuple(edges)).to_dict()
+        return 200, Workflow(tasks[0].workflow, tuple(tasks), tuple(edges)).to_dict()
 
     def cancel_workflow(self, query: dict, body=None, *, id: str) -> tuple[int, dict]:
         try:

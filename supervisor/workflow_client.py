@@ -55,17 +55,18 @@ class WorkflowCalls:
     """Mixed into `Queue`, which provides `_call`, `config` and `get`."""
 
     def cancel_workflow(self, workflow_id: str) -> dict[str, int]:
-        """Cancel every unfinished task of the workflow in one transaction: blocked and
-        queued ones at once, running ones stopped by their supervisor within a second.
-        Returns {"cancelled": n, "stopping": m}. Raises NotFound."""
+        """Cancel every unfinished task of the workflow (any of its tasks names it) in one
+        transaction: blocked and queued ones at once, running ones stopped by their
+        supervisor within a second. Returns {"cancelled": n, "stopping": m}. Raises NotFound."""
         workflow_id = _check_id(workflow_id, "workflow_id")
         return self._call(lambda s: s.cancel_workflow(workflow_id, time.time()), notify=True)
 
     def workflow(self, workflow_id: str) -> Workflow:
-        """The workflow's tasks and edges (dependencies and spawns). Raises NotFound."""
+        """The workflow's tasks and edges (dependencies and spawns); any task of the
+        workflow names it. Raises NotFound."""
         workflow_id = _check_id(workflow_id, "workflow_id")
         tasks, edges = self._call(lambda s: s.workflow(workflow_id))
-        return Workflow(workflow_id, tuple(tasks), tuple(edges))
+        return Workflow(tasks[0].workflow, tuple(tasks), tuple(edges))
 
     def send_event(self, name: str, data: Any = None) -> dict[str, Any]:
         """Send event `name` with JSON `data`: every task waiting for it (`await_event`)
@@ -144,6 +145,9 @@ def _json_text(data: Any, limit: int) -> str:
         size = len(text.encode("utf-8"))
     except (TypeError, ValueError, UnicodeEncodeError) as exc:
         raise InputError(f"event data is not JSON-serialisable: {exc}", field="data") from None
+    except RecursionError:
+        raise InputError("event data is not JSON-serialisable: nested too deeply",
+                         field="data") from None
     if size > limit:
         raise InputError(f"event data is {size} bytes, over the limit of {limit} bytes "
                          "(supervisor.max_payload_bytes)", field="data")

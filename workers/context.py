@@ -158,6 +158,8 @@ class TaskContext:
             text = json.dumps(state, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
         except (TypeError, ValueError) as exc:
             raise ValueError(f"checkpoint state is not JSON-serialisable: {exc}") from None
+        except RecursionError:
+            raise ValueError("checkpoint state is not JSON-serialisable: nested too deeply") from None
         size = len(text.encode())
         if size > self._max_state_bytes:
             raise ValueError(f"checkpoint state is {size} bytes, over the "

@@ -17,7 +17,8 @@ import time
 from workers.context import Fail
 from workers.wire import MAX_SPAWNS
 OPTIONS = frozenset({"priority", "delay", "run_at", "timeout_s", "memory_mb", "max_attempts",
-                     "depends_on", "dedupe_key", "await_event", "run_on_failure"})
+                     "depends_on", "dedupe_key", "await_event", "run_on_failure",
+                     "limit_keys", "estimated_tokens"})
 
 
 class SpawnError(Fail):
@@ -65,11 +66,16 @@ def spawn_request(type_: str, payload, options: dict, earlier: list[dict], known
             value = [value] if isinstance(value, str) else list(value)
             if not all(isinstance(d, str) and d for d in value):
                 raise SpawnError("spawn depends_on must be a list of task ids (strings)")
+        elif key == "limit_keys" and isinstance(value, (tuple, set, frozenset)):
+            value = list(value)  # checked by the supervisor, as Queue.enqueue checks it
         req[key] = value
     try:
         json.dumps(req, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise SpawnError(f"spawn payload or options are not JSON-serialisable: {exc}") from None
+    except RecursionError:
+        raise SpawnError("spawn payload or options are not JSON-serialisable: nested too "
+                         "deeply") from None
     from workers.ids import new_id  # here: the fork server does not need it
     req["id"] = new_id(time.time())
     return req

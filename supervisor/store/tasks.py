@@ -28,7 +28,8 @@ from supervisor.store.migrate import migrate as _migrate
 from supervisor.store.rows import (
     Attempt, AttemptEnd, Lease, NewTask, Outcome, Stats, Status, Task)
 from supervisor.store.workflows import (
-    WorkflowStore, check_workflows as _check_workflows, claim_context, fail_dependents)
+    WorkflowStore, check_workflows as _check_workflows, claim_context, fail_dependents,
+    workflow_of)
 
 
 class Store(WorkflowStore, flow.FlowOps, LiveOps):
@@ -505,8 +506,11 @@ class Store(WorkflowStore, flow.FlowOps, LiveOps):
     def list(self, *, status: str | None = None, type: str | None = None,
              before: str | None = None, limit: int = 100,
              workflow_id: str | None = None) -> list[Task]:
-        """Newest first, at most `limit`; `before` is the id where the previous page ended."""
+        """Newest first, at most `limit`; `before` is the id where the previous page ended;
+        `workflow_id` (any task of the workflow names it) keeps that workflow's tasks."""
         with self.conn.read() as db:
+            if workflow_id:
+                workflow_id = workflow_of(db, workflow_id) or workflow_id
             rows = q.select_tasks(db, status=status, type=type, before=before, limit=limit,
                                   workflow_id=workflow_id)
             deps = q.select_deps(db, [r[0] for r in rows]) if rows else {}

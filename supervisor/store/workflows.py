@@ -48,10 +48,12 @@ class WorkflowStore:
     def cancel_workflow(self, workflow_id: str, now: float) -> dict[str, int]:
         """Cancel every unfinished task of the workflow in one transaction: blocked and
         queued ones at once, running ones by a cancel request their supervisor acts on.
-        Returns {"cancelled": n, "stopping": m}. Raises NotFound for an unknown workflow."""
+        Any task of the workflow names it. Returns {"cancelled": n, "stopping": m}. Raises
+        NotFound for an unknown workflow."""
         with self.conn.write() as db:
-            if not wq.workflow_exists(db, workflow_id):
-                raise NotFound(f"no workflow with id {workflow_id}", field="workflow_id")
+            named, workflow_id = workflow_id, workflow_of(db, workflow_id)
+            if workflow_id is None:
+                raise NotFound(f"no workflow with id {named}", field="workflow_id")
             cancelled = wq.cancel_workflow_waiting(db, workflow_id, now)
             stopping = wq.request_cancel_workflow(db, workflow_id)
             with_dependents = [i for i, has in cancelled if has]
@@ -63,9 +65,10 @@ class WorkflowStore:
     def workflow(self, workflow_id: str, limit: int = 10000) -> tuple[list[Task], list[dict]]:
         """The workflow's tasks (oldest first, at most `limit`) and its edges:
         {"from", "to", "kind"}, kind "depends_on" (to waits for from) or "spawned" (from
-        spawned to). Raises NotFound."""
+        spawned to); any task of the workflow names it. Raises NotFound."""
         with self.conn.read() as db:
-            rows = wq.select_workflow_tasks(db, workflow_id, limit)
+            rows = wq.select_workflow_tasks(db, workflow_of(db, workflow_id) or workflow_id,
+                                            limit)
             if not rows:
                 raise NotFound(f"no workflow with id {workflow_id}", field="workflow_id")
             deps = wq.select_workflow_deps(db, [r[0] for r in rows])
@@ -123,13 +126,20 @@ def check_workflows(db, batch: dict[str, NewTask]) -> None:
         wid = task.workflow_id
         if not wid or wid in batch or task.parent_id:  # spawned: the parent's, checked
             continue
-        found = wq.select_workflow_of(db, wid)
-        if found is None and wq.workflow_exists(db, wid):  # its first task was pruned
-            found = wid
+        found = workflow_of(db, wid)
         if found is None:
             raise DependencyError(f"workflow_id names unknown workflow {wid}", field="workflow_id")
         if found != wid:
             batch[task_id] = replace(task, workflow_id=found)
+
+
+def workflow_of(db, workflow_id: str) -> str | None:
+    """The workflow `workflow_id` names: itself, or the workflow of the task with that id
+    (any task of a workflow names it, as in enqueue's workflow_id), or None for neither."""
+    found = wq.select_workflow_of(db, workflow_id)
+    if found is None and wq.workflow_exists(db, workflow_id):  # its first task was pruned
+        found = workflow_id
+    return found
 
 
 def fail_dependents(db, task_id: str, now: float, why: Status) -> None:

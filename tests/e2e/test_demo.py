@@ -7,6 +7,7 @@ and leaves no supervisor behind (also with --keep-running, stopped by Ctrl-C).""
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -192,7 +193,10 @@ def test_refuses_an_existing_database(tmp_path):
 
 @pytest.mark.timeout(120)
 def test_approve_manually_prints_the_command_and_waits_for_it(tmp_path):
-    db = tmp_path / "manual.db"
+    # In a folder with a space: the printed command used to carry the path unquoted
+    # ("unrecognized arguments" when pasted).
+    (tmp_path / "my demo").mkdir()
+    db = tmp_path / "my demo" / "manual.db"
     proc = subprocess.Popen([sys.executable, "-c", CODE, "--db", str(db), "--listen", "",
                              "--approve-manually"], cwd=tmp_path, env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -207,9 +211,10 @@ def test_approve_manually_prints_the_command_and_waits_for_it(tmp_path):
         with Queue(db, create=False) as queue:
             (waiting,) = queue.awaiting()
             assert waiting.payload["demo"] == "publish (needs approval)"
-        res = subprocess.run([sys.executable, "-m", "supervisor", "--db", str(db), "send-event",
-                              "approve-publish", '{"by": "a person"}'], cwd=tmp_path, env=env(),
-                             capture_output=True, text=True, timeout=30)
+        argv = shlex.split(command.replace('"you"', '"a person"'))  # as a shell reads it
+        assert argv[0] == "taskvisor" and argv[argv.index("--db") + 1] == str(db)
+        res = subprocess.run([sys.executable, "-m", "supervisor", *argv[1:]], cwd=tmp_path,
+                             env=env(), capture_output=True, text=True, timeout=30)
         assert res.returncode == 0 and waiting.id in res.stdout, res.stderr
         rest, _ = proc.communicate(timeout=60)
     finally:

@@ -110,3 +110,22 @@ def test_show_names_the_workflow_and_the_event(tmp_path):
     assert f"workflow    {root}" in res.stdout and "awaits      event 'go'" in res.stdout
     shown = json.loads(tv(tmp_path, "show", task_id, "--json").stdout)
     assert (shown["workflow_id"], shown["await_event"], shown["run_on_failure"]) == (root, "go", True)
+
+
+@pytest.mark.timeout(60)
+def test_an_event_name_in_the_path_is_percent_decoded_as_utf8_or_refused(supervisor):  # noqa: F811
+    # %FF%FE used to be decoded with replacement characters: 200, and an event named
+    # "\ufffd\ufffd" was sent, which no task awaiting the name the client meant could get.
+    waiting = supervisor.enqueue(type="ok", await_event="été/1")["id"]
+    res = supervisor.post("/api/events/%FF%FE")
+    assert res.status == 400 and res.json["field"] == "name", res.body
+    assert "UTF-8" in res.json["error"]
+    assert supervisor.post("/api/tasks/%FF/cancel").status == 400
+    res = supervisor.post("/api/events/%C3%A9t%C3%A9%2F1", {"data": 1})
+    assert res.status == 200 and res.json["released"] == [waiting]
+    store = Store(supervisor.db)
+    try:
+        assert store.awaiting() == []
+        assert store.send_event("\ufffd\ufffd", None, time.time())[0], "never sent"
+    finally:
+        store.close()

@@ -184,3 +184,31 @@ def test_a_checkpoint_over_max_result_bytes_is_refused(supervisor_proc):
     assert sup.store.checkpoint_of(task.id) is None
     ok = sup.wait_status(sup.enqueue("wf.big_checkpoint", {"size": 100}), "succeeded")
     assert ok.result == {"stored": True} and sup.store.checkpoint_of(ok.id) is not None
+
+
+@pytest.mark.timeout(60)
+def test_spawn_takes_the_named_limit_options_of_enqueue(supervisor_proc):
+    # ctx.spawn takes Queue.enqueue's options; limit_keys and estimated_tokens used to fail
+    # the attempt for good with "spawn: unknown option 'limit_keys'".
+    sup = supervisor_proc(supervisor={"preload": ["tvp_handlers", "tvp_workflow"]},
+                          limits={"tenant:*": {"concurrency": 1}})
+    parent = sup.enqueue("wf.spawn_with", {"options": {"limit_keys": ["tenant:7"],
+                                                       "estimated_tokens": 30}})
+    task = sup.wait_status(parent, "succeeded")
+    child = sup.wait_status(task.result["child"], "succeeded")
+    assert child.limit_keys == ("tenant:7",) and child.estimated_tokens == 30
+    bad = sup.wait_status(sup.enqueue("wf.spawn_with", {"options": {"limit_keys": ["nope"]}}),
+                          "failed")
+    assert "spawned tasks cannot be stored" in bad.error and "'nope'" in bad.error
+
+
+@pytest.mark.timeout(60)
+def test_state_or_a_spawn_payload_nested_too_deeply_is_refused_as_not_json(sup):
+    # Both used to raise RecursionError: ctx.checkpoint documents ValueError, and a spawn
+    # was retried (a retry spawns the same) instead of failing for good with SpawnError.
+    task = sup.wait_status(sup.enqueue("wf.deep_checkpoint"), "succeeded")
+    assert "not JSON-serialisable: nested too deeply" in task.result["refused"]
+    task = sup.wait_status(sup.enqueue("wf.deep_spawn", max_attempts=3), "failed")
+    assert task.attempts == 1 and task.history[0].error["type"] == "SpawnError"
+    assert "not JSON-serialisable: nested too deeply" in task.error
+    assert children_of(sup, task.id) == []

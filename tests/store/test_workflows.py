@@ -279,3 +279,19 @@ def test_the_id_of_a_spawn_deduped_to_another_task_names_that_task(store, db_pat
         assert store.cancel(dup.id, T0) == Status.RUNNING  # the holder runs: asked to stop
     store.conn.db.execute("DELETE FROM tasks WHERE id = ?", (holder,))
     assert store.conn.db.execute("SELECT count(*) FROM task_aliases").fetchall() == [(0,)]
+
+
+def test_cancelling_listing_or_reading_through_any_task_of_a_workflow_acts_on_that_workflow(store):
+    # `enqueue --workflow MEMBER` joins MEMBER's workflow; `cancel --workflow MEMBER` used to
+    # cancel MEMBER alone ("cancelled with its workflow MEMBER") and leave the task just
+    # enqueued with that same --workflow waiting, and `list`/`GET` showed MEMBER alone.
+    root = store.enqueue(new("root", await_event="never"), T0)
+    member = store.enqueue(new("t", workflow_id=root, await_event="never"), T0)
+    via_member = store.enqueue(new("t", workflow_id=member, await_event="never"), T0)
+    everyone = {root, member, via_member}
+    assert {t.id for t in store.list(workflow_id=member)} == everyone
+    tasks, edges = store.workflow(member)
+    assert {t.id for t in tasks} == everyone and {t.workflow for t in tasks} == {root}
+    assert store.cancel_workflow(member, T0 + 1) == {"cancelled": 3, "stopping": 0}
+    assert {store.get(i).status for i in everyone} == {Status.CANCELLED}
+    assert store.get(via_member).error == f"cancelled with its workflow {root}"

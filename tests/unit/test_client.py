@@ -72,3 +72,15 @@ def test_queue_checks_input_before_opening_the_database(cfg):
     with pytest.raises(InputError):
         q.list(status="bogus")
     assert not cfg.supervisor.database.exists()
+
+
+def test_data_nested_too_deeply_for_json_is_an_input_error(cfg):
+    deep: list = []
+    for _ in range(5000):
+        deep = [deep]
+    q = Queue(cfg)
+    with pytest.raises(InputError, match="payload is not JSON-serialisable: nested too deeply"):
+        q.enqueue("t", {"x": deep})
+    with pytest.raises(InputError, match="event data is not JSON-serialisable: nested too deeply"):
+        q.send_event("e", deep)
+    assert not cfg.supervisor.database.exists()

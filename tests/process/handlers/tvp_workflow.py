@@ -135,3 +135,32 @@ def big_checkpoint(payload, ctx):
     except ValueError as exc:
         return {"refused": str(exc)}
     return {"stored": True}
+
+
+@task("wf.spawn_with")
+def spawn_with(payload, ctx):
+    """Spawn one wf.square with the options in payload["options"] (any of Queue.enqueue's)."""
+    return {"child": ctx.spawn("wf.square", {"x": 2}, **payload["options"])}
+
+
+def nested(depth: int) -> list:
+    value: list = []
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+@task("wf.deep_checkpoint")
+def deep_checkpoint(payload, ctx):
+    """A state nested deeper than json.dumps can go: ctx.checkpoint raises ValueError."""
+    try:
+        ctx.checkpoint(nested(5000))
+    except ValueError as exc:
+        return {"refused": str(exc)}
+    return {"stored": True}
+
+
+@task("wf.deep_spawn")
+def deep_spawn(payload, ctx):
+    ctx.spawn("wf.square", {"x": 1, "deep": nested(5000)})
+    return "not reached"
