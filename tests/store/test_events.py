@@ -202,15 +202,6 @@ def test_live_output_knows_when_it_is_due_without_a_look_at_every_attempt(store)
     live.committed()
     assert live.next_due() == 5.0 + OUTPUT_FLUSH_S  # forgotten once flushed
 
-    class Counting(dict):
-        gets = 0
-
-        def get(self, key, default=None):
-            Counting.gets += 1
-            return super().get(key, default)
-
-        def values(self):
-            raise AssertionError("next_due looked at every attempt")
     many = LiveOutput(max_output_bytes=1 << 20, max_log_bytes=1000)
     many._attempts = Counting()
     for i in range(1000):
@@ -221,22 +212,24 @@ def test_live_output_knows_when_it_is_due_without_a_look_at_every_attempt(store)
     assert Counting.gets == 100, "one look per call, at the earliest attempt"
 
 
+class Counting(dict):
+    """LiveOutput's table of attempts that counts lookups and refuses a walk of all."""
+    gets = 0
+
+    def get(self, key, default=None):
+        Counting.gets += 1
+        return super().get(key, default)
+
+    def items(self):
+        raise AssertionError("LiveOutput looked at every attempt")
+
+    values = items
+
+
 def test_live_output_flush_looks_only_at_attempts_due(store):
     """flush, like next_due, costs per attempt due: with 1,000 attempts streaming and 10
     of them due it stores those 10 and looks up no more than them (and the ended one)."""
     lease = claimed(store)
-
-    class Counting(dict):
-        gets = 0
-
-        def get(self, key, default=None):
-            Counting.gets += 1
-            return super().get(key, default)
-
-        def items(self):
-            raise AssertionError("flush looked at every attempt")
-
-        values = items
 
     class Recording:
         """Stands in for the store's two writes: flush's walk is what is measured."""
