@@ -93,15 +93,12 @@ def test_the_open_files_advice_names_a_pool_size_that_fits_or_none(tmp_path, har
 def test_run_on_a_database_it_cannot_open_prints_one_error_and_no_traceback(tmp_path):
     """The relay, started before the database is opened, found its control socket closed
     and printed a BrokenPipeError traceback under the supervisor's one-line error."""
-    (tmp_path / "taskvisor.toml").write_text(
-        '[supervisor]\ndatabase = "no-such-folder/t.db"\n[http]\nlisten = ""\n')
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKVISOR_")}
-    env["PYTHONPATH"] = str(ROOT)
-    res = subprocess.run([sys.executable, "-m", "supervisor", "run"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=30)
-    assert res.returncode == 2, res.stderr
-    assert "taskvisor: error: " in res.stderr and "no-such-folder does not exist" in res.stderr
-    assert "Traceback" not in res.stderr, res.stderr
+    config = '[supervisor]\ndatabase = "no-such-folder/t.db"\n[http]\nlisten = ""\n'
+    with SupervisorProcess(tmp_path, config).start(wait_ready=False) as sup:
+        assert sup.wait_exit(30) == 2
+        text = sup.log()
+    assert "taskvisor: error: " in text and "no-such-folder does not exist" in text
+    assert "Traceback" not in text, text
     assert not (tmp_path / "no-such-folder").exists()
 
 
