@@ -243,10 +243,10 @@ _SECTIONS: dict[str, dict[str, _Field]] = {
 # A type cannot say "none": None in a TypeConfig means "fall back to [defaults]".
 _TYPE_FIELDS: dict[str, _Field] = {
     "handler": _Field("handler"),
-    "concurrency": _Field("int", 1, maximum=1_000_000),
+    "concurrency": _Field("int", 1, maximum=flowconfig.MAX_CONCURRENCY),
     **{k: dataclasses.replace(f, null=None) for k, f in _SECTIONS["defaults"].items()},
     "limits": _Field("limitkeys"),
-    "estimated_tokens": _Field("int", 0, maximum=10 ** 12),
+    "estimated_tokens": _Field("int", 0, maximum=flowconfig.MAX_TOKENS),
 }
 _SECTION_CLASSES = {"supervisor": SupervisorConfig, "defaults": Defaults,
                     "http": HttpConfig, "log": LogConfig, "llm": LlmConfig}
