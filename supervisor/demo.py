@@ -52,7 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"the dashboard address (default: [http] listen, else {DEFAULT_LISTEN}; "
                         '"" for none)')
     if not any("--db" in a.option_strings for a in p._actions):  # the CLI's common --db
-        p.add_argument("--db", metavar="PATH",
+        from supervisor.cli import db_path
+        p.add_argument("--db", metavar="PATH", type=db_path,
                        help="a new database file for the demo (default: a temporary folder)")
 
 
