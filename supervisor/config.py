@@ -647,9 +647,15 @@ def _describe(value: Any) -> str:
     return f"{kind} {text if len(text) <= 60 else text[:57] + '...'}"
 
 
-def _quote(text: str) -> str:
-    """A TOML basic string (JSON's escapes are valid TOML; DEL must be escaped too)."""
+def toml_string(text: str) -> str:
+    """`text` as a TOML basic string: JSON's escapes (\\" \\\\ \\n \\t \\uXXXX for the other
+    controls) are TOML's too; DEL, which JSON leaves bare and TOML forbids, is escaped.
+    A str holding a lone surrogate (a file name that is not UTF-8) has no TOML form:
+    writing the result as UTF-8 raises UnicodeEncodeError."""
     return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+_quote = toml_string
 
 
 def _toml(value: Any) -> str:
