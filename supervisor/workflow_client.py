@@ -124,11 +124,22 @@ class WorkflowCalls:
             sleep_s = min(sleep_s * 2, _POLL_MAX_S)
 
 
+MAX_EVENT_NAME = 200
+
+
 def check_event_name(name: Any, field: str) -> str:
+    """`name` if it is an event name; InputError saying what is wrong: the length, or
+    the first character that is not printable, by its repr and index (the message used
+    to be the same for both, so a tab in a name was hard to see)."""
     if not isinstance(name, str) or not name.strip():
         raise InputError(f"{field} must be a non-empty event name, got {name!r}", field=field)
-    if len(name) > 200 or not name.isprintable():
-        raise InputError(f"{field} must be at most 200 printable characters", field=field)
+    if len(name) > MAX_EVENT_NAME:
+        raise InputError(f"{field} must be at most {MAX_EVENT_NAME} printable characters, "
+                         f"got {len(name)} characters", field=field)
+    if not name.isprintable():
+        index, char = next((i, c) for i, c in enumerate(name) if not c.isprintable())
+        raise InputError(f"{field} must be at most {MAX_EVENT_NAME} printable characters: "
+                         f"{char!r} at index {index} is not printable", field=field)
     return name
 
 
