@@ -95,7 +95,7 @@ def build_parser() -> Parser:
     # SUPPRESS: an option given before the command is not reset by the subparser.
     common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
                         help="config file (default: $TASKVISOR_CONFIG, else ./taskvisor.toml)")
-    common.add_argument("--db", metavar="PATH", default=argparse.SUPPRESS,
+    common.add_argument("--db", metavar="PATH", default=argparse.SUPPRESS, type=db_path,
                         help="database file (overrides [supervisor] database)")
     parser = Parser(prog=PROG, parents=[common],
                     description="A durable local task queue and process supervisor.")
@@ -106,10 +106,18 @@ def build_parser() -> Parser:
     return parser
 
 
+def db_path(text: str) -> str:
+    """--db's value. An empty path used to mean "no --db", so `--db ""` (an unset shell
+    variable) quietly opened the config's database, ./taskvisor.db by default."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a database file path, got an empty string")
+    return text
+
+
 def load_config(args: argparse.Namespace) -> _config.Config:
     cfg = _config.load(_config.find(getattr(args, "config", None)))
     db = getattr(args, "db", None)
-    return cfg.with_database(db) if db else cfg
+    return cfg if db is None else cfg.with_database(db)
 
 
 def _error(message: str) -> int:

@@ -263,23 +263,30 @@ class Queue(WorkflowCalls):
         generated ids. Raises NotFound, or InputError naming the candidates when the end
         is shared by several tasks (give more characters)."""
         text = _check_id(text).strip()
+        return self._resolve_end(text, "id", f"no task with id {text} (nor one whose id "
+                                             "ends with it)")
+
+    def _resolve_end(self, text: str, field: str, unknown: str) -> str:
+        """The task id equal to `text`, else the one id ending with it; NotFound saying
+        `unknown`, or InputError naming two candidates, both for `field`."""
         found = self._call(lambda s: s.ids_matching(text, limit=3))
         if not found and text != text.upper():
             found = self._call(lambda s: s.ids_matching(text.upper(), limit=3))
         if len(found) == 1:
             return found[0]
         if not found:
-            raise NotFound(f"no task with id {text} (nor one whose id ends with it)", field="id")
+            raise NotFound(unknown, field=field)
         more = ", …" if len(found) > 2 else ""
         raise InputError(f"{text!r} is the end of more than one task id ({', '.join(found[:2])}"
-                         f"{more}): give more characters", field="id")
+                         f"{more}): give more characters", field=field)
 
     def list(self, status: str | Status | None = None, type: str | None = None,
              limit: int = 100, before: str | None = None,
              workflow_id: str | None = None) -> list[Task]:
         """Newest first, at most `limit` (1..10000); `before` is the last id of the
-        previous page; `workflow_id` keeps the tasks of that workflow. Raises InputError
-        for an unknown status."""
+        previous page; `workflow_id` keeps the tasks of that workflow (named as
+        `resolve_workflow_id` takes it). Raises InputError for an unknown status, NotFound
+        for an unknown workflow."""
         if status is not None:
             try:
                 status = Status(status)
@@ -292,7 +299,8 @@ class Queue(WorkflowCalls):
         if type is not None and not isinstance(type, str):
             raise InputError(f"type must be a string, got {_kind(type)}", field="type")
         before = None if before is None else _check_id(before, "before")
-        workflow_id = None if workflow_id is None else _check_id(workflow_id, "workflow_id")
+        if workflow_id is not None:
+            workflow_id = self.resolve_workflow_id(workflow_id)
         return self._call(lambda s: s.list(status=status and str(status), type=type,
                                            before=before, limit=limit, workflow_id=workflow_id))
 

@@ -118,6 +118,9 @@ class Config:
     llm: LlmConfig
     limits: Mapping[str, LimitSpec] = dataclasses.field(default_factory=dict)
     schedules: Mapping[str, ScheduleSpec] = dataclasses.field(default_factory=dict)
+    # The database was named by the caller (--db, Queue(path)), not by the config file:
+    # a reload then has no reason to look at the file's [supervisor] database.
+    database_pinned: bool = dataclasses.field(default=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "types", MappingProxyType(dict(self.types)))
@@ -127,7 +130,8 @@ class Config:
     def __reduce__(self):
         # A mappingproxy cannot be pickled; rebuild from a plain dict.
         return (Config, (self.path, self.supervisor, self.defaults, dict(self.types),
-                         self.http, self.log, self.llm, dict(self.limits), dict(self.schedules)))
+                         self.http, self.log, self.llm, dict(self.limits), dict(self.schedules),
+                         self.database_pinned))
 
     def limit_table(self) -> Limits:
         """The [limits] entries, matching keys by name or `prefix:*` (built once per
@@ -158,11 +162,13 @@ class Config:
     def concurrency_caps(self) -> dict[str, int]:
         return {n: t.concurrency for n, t in self.types.items() if t.concurrency is not None}
 
-    def with_database(self, path: str | os.PathLike) -> Config:
-        """A copy using another database file; a relative path is taken from the cwd."""
+    def with_database(self, path: str | os.PathLike, *, pinned: bool = True) -> Config:
+        """A copy using another database file; a relative path is taken from the cwd.
+        `pinned`: the caller named it (--db), so the file's database no longer counts."""
         database = _absolute(path, Path.cwd())
         return dataclasses.replace(
-            self, supervisor=dataclasses.replace(self.supervisor, database=database))
+            self, supervisor=dataclasses.replace(self.supervisor, database=database),
+            database_pinned=pinned)
 
 
 _NO_TYPE = TypeConfig()
@@ -243,10 +249,10 @@ _SECTIONS: dict[str, dict[str, _Field]] = {
 # A type cannot say "none": None in a TypeConfig means "fall back to [defaults]".
 _TYPE_FIELDS: dict[str, _Field] = {
     "handler": _Field("handler"),
-    "concurrency": _Field("int", 1, maximum=1_000_000),
+    "concurrency": _Field("int", 1, maximum=flowconfig.MAX_CONCURRENCY),
     **{k: dataclasses.replace(f, null=None) for k, f in _SECTIONS["defaults"].items()},
     "limits": _Field("limitkeys"),
-    "estimated_tokens": _Field("int", 0, maximum=10 ** 12),
+    "estimated_tokens": _Field("int", 0, maximum=flowconfig.MAX_TOKENS),
 }
 _SECTION_CLASSES = {"supervisor": SupervisorConfig, "defaults": Defaults,
                     "http": HttpConfig, "log": LogConfig, "llm": LlmConfig}
@@ -307,16 +313,20 @@ def load(path: str | os.PathLike | None, env: Mapping[str, str] | None = None) -
     return Config(path=file, types=type_configs, limits=limits, schedules=schedules, **sections)
 
 
-# Read once by `run` (the database connections, the HTTP server, the relay): a reload
-# that changes them keeps the running value, and says so.
-START_ONLY = (("supervisor", "synchronous"), ("supervisor", "busy_timeout_s"),
+# Read once by `run` (the database file and its connections, the HTTP server, the
+# relay): a reload that changes them keeps the running value, and says so.
+START_ONLY = (("supervisor", "database"), ("supervisor", "synchronous"),
+              ("supervisor", "busy_timeout_s"),
               *(("http", f.name) for f in dataclasses.fields(HttpConfig)), ("llm", "relay"))
 
 
 def start_only_changes(old: Config, new: Config) -> list[str]:
-    """"[section] key" of each START_ONLY setting that differs between the two configs."""
+    """"[section] key" of each START_ONLY setting that differs between the running config
+    `old` and `new` as read from the file. The database only counts when the running one
+    came from the file too: under --db the file's [supervisor] database is not used."""
     return [f"[{section}] {key}" for section, key in START_ONLY
-            if getattr(getattr(old, section), key) != getattr(getattr(new, section), key)]
+            if getattr(getattr(old, section), key) != getattr(getattr(new, section), key)
+            and not (key == "database" and old.database_pinned)]
 
 
 def dump(config: Config) -> str:
@@ -637,9 +647,15 @@ def _describe(value: Any) -> str:
     return f"{kind} {text if len(text) <= 60 else text[:57] + '...'}"
 
 
-def _quote(text: str) -> str:
-    """A TOML basic string (JSON's escapes are valid TOML; DEL must be escaped too)."""
+def toml_string(text: str) -> str:
+    """`text` as a TOML basic string: JSON's escapes (\\" \\\\ \\n \\t \\uXXXX for the other
+    controls) are TOML's too; DEL, which JSON leaves bare and TOML forbids, is escaped.
+    A str holding a lone surrogate (a file name that is not UTF-8) has no TOML form:
+    writing the result as UTF-8 raises UnicodeEncodeError."""
     return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+_quote = toml_string
 
 
 def _toml(value: Any) -> str:

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 from supervisor.client import Queue
+from supervisor.config import toml_string
 from supervisor.store import FINAL, Task
 
 DEFAULT_LISTEN = "127.0.0.1:9464"
@@ -52,7 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"the dashboard address (default: [http] listen, else {DEFAULT_LISTEN}; "
                         '"" for none)')
     if not any("--db" in a.option_strings for a in p._actions):  # the CLI's common --db
-        p.add_argument("--db", metavar="PATH",
+        from supervisor.cli import db_path
+        p.add_argument("--db", metavar="PATH", type=db_path,
                        help="a new database file for the demo (default: a temporary folder)")
 
 
@@ -126,6 +128,9 @@ class Demo:
         if self.db_option is not None and self.db_option.exists():
             return self.fail(f"{self.db_option} already exists: the demo needs a new database "
                              "file (give another --db, or leave it out for a temporary folder)")
+        if self.db_option is not None and not _utf8(str(self.db_option)):
+            return self.fail(f"{self.db_option}: the path is not UTF-8, so the demo's TOML "
+                             "config cannot name it; choose another --db")
         self.folder = Path(tempfile.mkdtemp(prefix="taskvisor-demo-"))
         self.db = self.db_option or self.folder / "demo.db"
         model = (f"llm.chat at {self.llm['base_url']}" if self.llm else "the offline stand-in "
@@ -177,15 +182,19 @@ class Demo:
     # -- the supervisor -------------------------------------------------------------------
 
     def start(self) -> None:
+        q = toml_string
         cfg = self.folder / "taskvisor.toml"
-        llm = "".join(f'{k} = "{v}"\n' for k, v in (self.llm or {}).items() if v)
+        # Every string through toml_string: a --db path holding " or \ was written
+        # between bare quotes, and `run` refused the file (or read another path).
+        llm = "".join(f"{k} = {q(v)}\n" for k, v in (self.llm or {}).items() if v)
         preload = '"workers.handlers.demo"' + (', "workers.handlers.llm"' if self.llm else "")
         cfg.write_text(
-            f'[supervisor]\ndatabase = "{self.db}"\npool_size = 4\npreload = [{preload}]\n'
+            f"[supervisor]\ndatabase = {q(str(self.db))}\npool_size = 4\npreload = [{preload}]\n"
             "poll_interval_s = 0.25\nlease_s = 15\nshutdown_grace_s = 3\nkill_grace_s = 1\n\n"
             "[defaults]\ntimeout_s = 120\nmax_attempts = 3\nbackoff_initial_s = 0.5\n"
             "backoff_max_s = 2\n\n"
-            f'[http]\nlisten = "{self.listen}"\n\n' + (f"[llm]\n{llm}" if llm else ""))
+            f"[http]\nlisten = {q(self.listen)}\n\n" + (f"[llm]\n{llm}" if llm else ""),
+            encoding="utf-8")
         env = {k: v for k, v in os.environ.items() if not k.startswith("TASKVISOR_")}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
         self.ready_path = self.folder / "ready.json"
@@ -393,6 +402,14 @@ class Demo:
     def fail(self, message: str) -> int:
         print(f"taskvisor: error: {message}", file=sys.stderr, flush=True)
         return 1
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: bytes of a name that is not UTF-8
+        return False
+    return True
 
 
 def _llm_settings(config) -> dict | None:

@@ -26,6 +26,18 @@ KEY_RE = re.compile(r"[!-)+-~]{1,200}")  # printable ASCII: no space, no control
 MAX_KEYS = 16  # limit keys per task
 MAX_PRIORITY = 1_000_000_000  # as [defaults] priority
 MAX_EVERY_S = 100 * 365 * 86400.0  # a fire time past this could not be shown (year 10000)
+MAX_CONCURRENCY = 1_000_000  # as [types] concurrency and [supervisor] pool_size
+MAX_TOKENS = 10 ** 12        # as [types] estimated_tokens
+# (minimum, maximum) of each [limits] number. Without a maximum, concurrency = 10^20 or
+# requests_per_minute = 1e300 passed and `taskvisor limits` printed 300-digit budgets;
+# these are far above any provider's limits (a billion requests a minute).
+LIMIT_RANGES: dict[str, tuple[int, int]] = {
+    "requests_per_minute": (1, 10 ** 9),
+    "tokens_per_minute": (1, MAX_TOKENS),
+    "concurrency": (1, MAX_CONCURRENCY),
+    "burst": (1, 10 ** 9),
+    "estimated_tokens": (0, MAX_TOKENS),
+}
 
 
 @dataclass(frozen=True)
@@ -81,8 +93,7 @@ def check_limits(data: Any, label: str, errors: list[str]) -> dict[str, LimitSpe
                 errors.append(f"{where} {key}: unknown key (expected some of {', '.join(_LIMIT_KEYS)})")
                 continue
             integer = key in ("concurrency", "estimated_tokens")
-            minimum = 0 if key == "estimated_tokens" else 1
-            bad = _number(value, integer=integer, minimum=minimum)
+            bad = _number(value, integer=integer, bounds=LIMIT_RANGES[key])
             if bad:
                 errors.append(f"{where} {key}: {bad}")
             else:
@@ -216,11 +227,12 @@ def dump(limits: dict[str, LimitSpec], schedules: dict[str, ScheduleSpec]) -> li
     return lines
 
 
-def _number(value: Any, *, integer: bool, minimum: float) -> str | None:
+def _number(value: Any, *, integer: bool, bounds: tuple[int, int]) -> str | None:
     if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
         return f"expected {'an integer' if integer else 'a number'}, got {value!r}"
-    if not math.isfinite(value) or value < minimum:
-        return f"must be >= {minimum:g}, got {value!r}"
+    low, high = bounds
+    if not (math.isfinite(value) and low <= value <= high):
+        return f"must be from {low} to {high}, got {value!r}"
     return None
 
 

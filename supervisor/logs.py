@@ -1,6 +1,7 @@
 """Logging set-up for the supervisor: text or JSON lines on stderr.
 
-Owns the formatters. A log line about a task carries its id (pass
+Owns the formatters and the one handler on stderr (set up at start, changed in place
+by a reload's [log]). A log line about a task carries its id (pass
 `extra={"task_id": ..., "task_type": ...}`); both formats print it. JSON lines use the
 same field names as task processes' lines (workers/tasklog.py): ts, level, logger, msg,
 task_id, task_type, then attempt, outcome, pid, exc when known. Never log from a signal
@@ -49,11 +50,37 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False, default=str)
 
 
+HANDLER = "taskvisor"  # the name of the handler `setup` puts on the root logger
+
+
 def setup(level: str = "INFO", fmt: str = "text") -> None:
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.setFormatter(_formatter(fmt))
     root.addHandler(handler)
     root.setLevel(level.upper())
+    handler.set_name(HANDLER)
+
+
+def reconfigure(level: str, fmt: str) -> bool:
+    """Apply a reloaded [log] to the handler `setup` installed (a reload used to leave the
+    supervisor's own lines in the old level and format while task processes took the new
+    ones). False, changing nothing, when `setup` did not run in this process or its
+    handler was since removed: then the embedding program owns logging."""
+    root = logging.getLogger()
+    handler = next((h for h in root.handlers if h.get_name() == HANDLER), None)
+    if handler is None:
+        return False
+    handler.acquire()  # a line being written by another thread keeps one format
+    try:
+        handler.setFormatter(_formatter(fmt))
+    finally:
+        handler.release()
+    root.setLevel(level.upper())
+    return True
+
+
+def _formatter(fmt: str) -> logging.Formatter:
+    return JsonFormatter() if fmt == "json" else TextFormatter()

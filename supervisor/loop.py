@@ -25,8 +25,8 @@ import time
 import uuid
 from collections.abc import Callable
 
-from supervisor import (__version__, capacity, checkpointing, handlercode, policy, proctree,
-                        spawning)
+from supervisor import (__version__, capacity, checkpointing, handlercode, logs, policy,
+                        proctree, spawning)
 from supervisor.children import Child, Children
 from supervisor.client import Queue
 from supervisor.config import Config, load, start_only_changes
@@ -300,8 +300,10 @@ class Supervisor:
 
     def reload(self) -> None:
         try:
-            new = load(self.config.path) if self.config.path else self.config
-            new = new.with_database(self.config.supervisor.database)
+            loaded = load(self.config.path) if self.config.path else self.config
+            # The open database stays (a changed one is named below, as start-only).
+            new = loaded.with_database(self.config.supervisor.database,
+                                       pinned=self.config.database_pinned)
             # `run` refuses such a pool_size at start; a reload took it, and ran out of
             # descriptors or processes once that many tasks were due.
             if limits := capacity.problems(new.supervisor.pool_size):
@@ -313,9 +315,7 @@ class Supervisor:
             return
         self.notifier.reloading()
         old = self.config
-        for key in start_only_changes(old, new):
-            log.warning("reload: %s changed; it applies at the next start (restart the "
-                        "supervisor), the running value stays", key)
+        self.reload_logging(old, loaded)
         self.config = self.children.config = new
         self.children.output.configure(new.supervisor.max_output_bytes, new.supervisor.max_log_bytes)
         self.memory_budget_mb = policy.memory_budget_mb(new.supervisor.memory_budget_mb, machine_memory_mb())
@@ -334,6 +334,20 @@ class Supervisor:
         log.info("config reloaded from %s: pool_size=%d", new.path, new.supervisor.pool_size)
         self.emit("reloaded", pool_size=new.supervisor.pool_size)
         self.notifier.ready(self.status_line())
+
+    def reload_logging(self, old: Config, loaded: Config) -> None:
+        """Apply a changed [log] to this process's own log, and name each setting that
+        waits for a restart (`loaded`: the file as read, its database included)."""
+        if loaded.log != old.log:
+            if logs.reconfigure(loaded.log.level, loaded.log.format):
+                log.info("reload: the supervisor's log is now level=%s format=%s",
+                         loaded.log.level, loaded.log.format)
+            else:
+                log.warning("reload: [log] changed; new tasks take it, but this process's "
+                            "logging was not set up by taskvisor and stays as it is")
+        for key in start_only_changes(old, loaded):
+            log.warning("reload: %s changed; it applies at the next start (restart the "
+                        "supervisor), the running value stays", key)
 
     def replace_fork_server(self, why: str) -> bool:
         """Start a new fork server for new tasks; the old one stays until its tasks end."""

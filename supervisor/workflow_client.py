@@ -52,19 +52,35 @@ class WaitTimeout(TimeoutError):
 
 
 class WorkflowCalls:
-    """Mixed into `Queue`, which provides `_call`, `config` and `get`."""
+    """Mixed into `Queue`, which provides `_call`, `_resolve_end`, `config` and `get`."""
+
+    def resolve_workflow_id(self, text: str) -> str:
+        """The id of the workflow `text` names: a workflow id or the id of any of its
+        tasks, else a unique end of a task id, as `resolve_id` takes one (the dashboard
+        shows the last 8 characters; they used to be refused here). Raises NotFound, or
+        InputError naming the candidates when the end is shared by several tasks."""
+        text = _check_id(text, "workflow_id")
+        found = self._call(lambda s: s.workflow_named(text))
+        if found is None:
+            end = text.strip()
+            task_id = self._resolve_end(end, "workflow_id", f"no workflow with id {end} "
+                                                            "(nor a task whose id ends with it)")
+            found = self._call(lambda s: s.workflow_named(task_id)) or task_id
+        return found
 
     def cancel_workflow(self, workflow_id: str) -> dict[str, int]:
-        """Cancel every unfinished task of the workflow (any of its tasks names it) in one
-        transaction: blocked and queued ones at once, running ones stopped by their
-        supervisor within a second. Returns {"cancelled": n, "stopping": m}. Raises NotFound."""
-        workflow_id = _check_id(workflow_id, "workflow_id")
+        """Cancel every unfinished task of the workflow (any of its tasks, or a unique end
+        of one's id, names it) in one transaction: blocked and queued ones at once,
+        running ones stopped by their supervisor within a second. Returns {"cancelled":
+        n, "stopping": m}. Raises NotFound, or InputError for an ambiguous end."""
+        workflow_id = self.resolve_workflow_id(workflow_id)
         return self._call(lambda s: s.cancel_workflow(workflow_id, time.time()), notify=True)
 
     def workflow(self, workflow_id: str) -> Workflow:
         """The workflow's tasks and edges (dependencies and spawns); any task of the
-        workflow names it. Raises NotFound."""
-        workflow_id = _check_id(workflow_id, "workflow_id")
+        workflow, or a unique end of one's id, names it. Raises NotFound, or InputError
+        for an ambiguous end."""
+        workflow_id = self.resolve_workflow_id(workflow_id)
         tasks, edges = self._call(lambda s: s.workflow(workflow_id))
         return Workflow(tasks[0].workflow, tuple(tasks), tuple(edges))
 
@@ -124,11 +140,22 @@ class WorkflowCalls:
             sleep_s = min(sleep_s * 2, _POLL_MAX_S)
 
 
+MAX_EVENT_NAME = 200
+
+
 def check_event_name(name: Any, field: str) -> str:
+    """`name` if it is an event name; InputError saying what is wrong: the length, or
+    the first character that is not printable, by its repr and index (the message used
+    to be the same for both, so a tab in a name was hard to see)."""
     if not isinstance(name, str) or not name.strip():
         raise InputError(f"{field} must be a non-empty event name, got {name!r}", field=field)
-    if len(name) > 200 or not name.isprintable():
-        raise InputError(f"{field} must be at most 200 printable characters", field=field)
+    if len(name) > MAX_EVENT_NAME:
+        raise InputError(f"{field} must be at most {MAX_EVENT_NAME} printable characters, "
+                         f"got {len(name)} characters", field=field)
+    if not name.isprintable():
+        index, char = next((i, c) for i, c in enumerate(name) if not c.isprintable())
+        raise InputError(f"{field} must be at most {MAX_EVENT_NAME} printable characters: "
+                         f"{char!r} at index {index} is not printable", field=field)
     return name
 
 

@@ -31,6 +31,12 @@ class WorkflowStore:
                 return False, []
             return True, wq.release_awaiting(db, name)
 
+    def workflow_named(self, workflow_id: str) -> str | None:
+        """The workflow `workflow_id` names (itself, or the workflow of the task with
+        that id), or None for neither."""
+        with self.conn.read() as db:
+            return workflow_of(db, workflow_id)
+
     def checkpoint(self, lease: Lease, state: str, now: float) -> bool:
         """Store `state` (JSON text) as the task's checkpoint, fenced by the attempt's
         lease; False (and nothing written) when the attempt no longer holds it."""

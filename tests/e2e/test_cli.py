@@ -268,6 +268,10 @@ def test_a_newer_rollback_journal_file_is_untouched(tmp_path):
     (["enqueue", "t", "-"], "[" * 100_000, "payload is not valid JSON: nested too deeply"),
     (["send-event", "e", "-"], "[" * 100_000, "event data is not valid JSON: nested too deeply"),
     (["send-event", "e", "{bad"], None, "event data is not valid JSON"),
+    (["send-event", "ap\tprove"], None,
+     r"name must be at most 200 printable characters: '\\t' at index 2 is not printable$"),
+    (["enqueue", "t", "--await-event", "x\x1b"], None,
+     r"await_event must .*: '\\x1b' at index 1 is not printable$"),
     (["enqueue", "t", "-"], '{"s": "' + "x" * 1048576 + '"}',
      r"over the limit of 1048576 bytes"),
     (["enqueue", "t", "--depends-on", "01NOSUCHTASK0000000000000X"], None,
@@ -322,6 +326,20 @@ def test_payload_limit_from_the_config(db, tmp_path):
 def test_reading_a_missing_database_is_an_error(tmp_path, command):
     assert_one_error(tv(tmp_path, *command, "--db", "missing.db"), "no such database")
     assert_one_error(tv(tmp_path, *command), "no such database")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_an_empty_db_path_is_an_error_for_every_command(tmp_path):
+    """`--db ""` (say, an unset shell variable) used to mean "no --db": the command went
+    on with the config's database, ./taskvisor.db by default, and wrote to it."""
+    from supervisor import cli
+    for name in cli.COMMANDS:
+        for argv in (["--db", "", name], [name, "--db", ""], [name, "--db="]):
+            with pytest.raises(cli.UsageError, match=r"^argument --db: expected a database "
+                                                     r"file path, got an empty string$"):
+                cli.build_parser().parse_args(argv)
+    for args in (["enqueue", "t"], ["list"], ["migrate"]):
+        assert_one_error(tv(tmp_path, *args, "--db", ""), r"argument --db: .*empty string")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import psutil
@@ -46,9 +47,10 @@ def supervisors_of(db: Path) -> list[psutil.Process]:
             argv = p.info["cmdline"] or []
             cmd = " ".join(argv)
             if "taskvisor-demo-" in cmd and "--config" in argv and p.status() != psutil.STATUS_ZOMBIE:
-                if str(db) in Path(argv[argv.index("--config") + 1]).read_text():
+                config = tomllib.loads(Path(argv[argv.index("--config") + 1]).read_text())
+                if config["supervisor"]["database"] == str(db):
                     found.append(p)
-        except (psutil.Error, OSError):
+        except (psutil.Error, OSError, tomllib.TOMLDecodeError, KeyError):
             pass
     return found
 
@@ -189,6 +191,34 @@ def test_refuses_an_existing_database(tmp_path):
                          capture_output=True, text=True, timeout=25)
     assert res.returncode == 1
     assert "already exists" in res.stderr and db.read_bytes() == b"not yours"
+
+
+@pytest.mark.timeout(120)
+def test_a_db_path_with_quotes_and_backslashes_is_written_as_toml(tmp_path):
+    """The config said `database = "{path}"` unescaped: with a " in the path `run` refused
+    the file, and a \\b in it was read as a backspace (another path); a tab must be
+    escaped in TOML too."""
+    folder = tmp_path / 'say "hi"\\back\tslash'
+    folder.mkdir()
+    db = folder / "demo.db"
+    res = subprocess.run([sys.executable, "-c", CODE, "--db", str(db), "--listen", ""],
+                         cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=110)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    assert f"The tasks stay in {db};" in res.stdout
+    with Queue(db, create=False) as queue:
+        assert queue.list(limit=1)
+    assert not supervisors_of(db)
+
+
+@pytest.mark.timeout(30)
+def test_a_db_path_that_is_not_utf8_is_refused(tmp_path):
+    db = os.fsencode(tmp_path) + b"/not-\xff-utf8.db"
+    res = subprocess.run([sys.executable, "-c", CODE, "--db", db, "--listen", ""],
+                         cwd=tmp_path, env=env(), capture_output=True, timeout=25)
+    assert res.returncode == 1, res.stderr
+    [line] = res.stderr.decode("utf-8", "backslashreplace").splitlines()
+    assert line.startswith("taskvisor: error: ") and "the path is not UTF-8" in line, line
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.timeout(120)

@@ -304,6 +304,24 @@ def test_a_configured_token_file_is_used(tmp_path):
         _kill(sup)
 
 
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604], ids=["644", "640", "604"])
+def test_a_token_file_others_can_read_is_made_private_as_the_database(tmp_path, mode):
+    """A token file readable by group or others was only warned about and used as it
+    was, while a loose database file is set to 0600: the token file is now too."""
+    token_file = tmp_path / "secret.token"
+    token_file.write_text("my-own-token\n")
+    os.chmod(token_file, mode)
+    sup = start(tmp_path, token_file=token_file)
+    try:
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        assert f"the token file {token_file} had mode {mode:o} (readable by other users); " \
+               "set it to 600" in sup.log()
+        assert "run chmod 600" not in sup.log()
+        assert sup.post("/api/tasks", {"type": "ok"}, token="my-own-token").status == 201
+    finally:
+        _kill(sup)
+
+
 def test_a_taken_port_leaves_http_off_but_tasks_run(supervisor, tmp_path):
     other = tmp_path / "second"
     other.mkdir()

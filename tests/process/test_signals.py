@@ -4,6 +4,7 @@ timeout, an invalid file, a changed preload)."""
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 
@@ -219,4 +220,39 @@ def test_sighup_says_which_changed_settings_wait_for_a_restart(supervisor_proc):
     assert "reload: [http] listen changed; it applies at the next start" in log
     assert "reload: [supervisor] busy_timeout_s changed" in log
     assert "pool_size changed" not in log and "pool_size=2" in log
+    assert sup.stop() == 0
+
+
+@pytest.mark.timeout(60)
+def test_sighup_names_a_changed_database_and_applies_log_to_the_supervisor(supervisor_proc):
+    """A changed [supervisor] database was ignored without a word, and a changed [log]
+    reached task processes but left the supervisor's own lines in the old format."""
+    sup = supervisor_proc(supervisor={"pool_size": 1})
+    sup.write_config({"supervisor": {"database": "moved.db"}, "log": {"format": "json"}})
+    sup.signal(signal.SIGHUP)
+    sup.wait_log("config reloaded from")
+    log = sup.log()
+    assert "reload: [supervisor] database changed; it applies at the next start" in log
+    reloaded = [ln for ln in log.splitlines() if "config reloaded from" in ln]
+    assert json.loads(reloaded[-1])["msg"].startswith("config reloaded from"), reloaded
+    # Still on the database it opened: a task enqueued there runs; no new file appears.
+    task_id = sup.enqueue("t.log", {"s": 0})
+    sup.wait_status(task_id, "succeeded", timeout=15)
+    assert not (sup.dir / "moved.db").exists()
+    assert sup.stop() == 0
+
+
+@pytest.mark.timeout(60)
+def test_sighup_under_db_option_ignores_the_files_database(supervisor_proc):
+    """--db names the database: the file's [supervisor] database is not used, so a reload
+    that changes it has nothing to report."""
+    sup = supervisor_proc(start=False, supervisor={"pool_size": 1})
+    sup.args += ["--db", str(sup.db_path)]
+    sup.start()
+    sup.write_config({"supervisor": {"database": "moved.db", "busy_timeout_s": 9}})
+    sup.signal(signal.SIGHUP)
+    sup.wait_log("config reloaded from")
+    log = sup.log()
+    assert "reload: [supervisor] busy_timeout_s changed" in log
+    assert "database changed" not in log
     assert sup.stop() == 0

@@ -295,3 +295,25 @@ def test_cancelling_listing_or_reading_through_any_task_of_a_workflow_acts_on_th
     assert store.cancel_workflow(member, T0 + 1) == {"cancelled": 3, "stopping": 0}
     assert {store.get(i).status for i in everyone} == {Status.CANCELLED}
     assert store.get(via_member).error == f"cancelled with its workflow {root}"
+
+
+def test_an_event_name_error_names_the_character_and_its_index(db_path):
+    """"name must be at most 200 printable characters" was all a tab in a name got."""
+    import pytest
+    from supervisor import InputError, Queue
+    with Queue(db_path) as queue:
+        cases = [(lambda n: queue.send_event(n), "name"),
+                 (lambda n: queue.enqueue("t", await_event=n), "await_event")]
+        for call, field in cases:
+            for name, what in [("ap\tprove", r"'\t' at index 2 is not printable"),
+                               ("x\x1b[31m", r"'\x1b' at index 1 is not printable"),
+                               ("go\u2028", r"'\u2028' at index 2 is not printable"),
+                               ("e" * 201, "got 201 characters")]:
+                with pytest.raises(InputError) as info:
+                    call(name)
+                assert info.value.field == field
+                assert str(info.value) == (f"{field} must be at most 200 printable "
+                                           f"characters{': ' if 'index' in what else ', '}"
+                                           f"{what}"), str(info.value)
+        assert queue.list() == []
+        assert queue.send_event("e" * 200)["sent"] is True

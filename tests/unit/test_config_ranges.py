@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor import config
+from supervisor import config, flowconfig
 from supervisor.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -96,3 +96,30 @@ def test_check_config_and_run_refuse_values_that_used_to_overflow(tmp_path, line
         [error] = res.stderr.splitlines()
         assert re.match(rf"taskvisor: error: .*\] {key}: must be (from|more than) ", error), error
     assert not (tmp_path / "taskvisor.db").exists()
+
+
+@pytest.mark.parametrize("key", sorted(flowconfig.LIMIT_RANGES))
+def test_every_limits_number_has_a_range_with_a_one_line_error(tmp_path, key):
+    """[limits] numbers had a minimum only: concurrency = 10^20 or requests_per_minute =
+    1e300 passed, and `taskvisor limits` printed 300-digit budgets."""
+    low, high = flowconfig.LIMIT_RANGES[key]
+    integer = key in ("concurrency", "estimated_tokens")
+    base = "" if key in ("requests_per_minute", "tokens_per_minute", "concurrency") else (
+        "requests_per_minute = 60\n")
+
+    def errors(value) -> list[str]:
+        path = tmp_path / "taskvisor.toml"
+        path.write_text(f'[limits."openai"]\n{base}{key} = {value!r}\n')
+        try:
+            config.load(path, env={})
+        except ConfigError as exc:
+            return exc.errors
+        return []
+
+    bads = [high + 1, 10 ** 20, low - 1] + ([] if integer else [1e300, high * 1.5])
+    for bad in bads:
+        (error,) = errors(bad)
+        assert "\n" not in error
+        assert error.endswith(f'[limits."openai"] {key}: must be from {low} to {high}, '
+                              f"got {bad!r}"), error
+    assert errors(high) == [] and errors(low) == []

@@ -141,7 +141,7 @@ catch_up = "one"
     ('[schedules."n"]\nevery = "1m"\ncron = "* * * * *"\ntype = "t"', "exactly one of cron"),
     ('[schedules."n"]\nevery = "1m"', '[schedules."n"] type: required'),
     ('[schedules."n"]\nevery = "1m"\ntype = "t"\ncatch_up = "all"', "catch_up"),
-    ('[limits."a"]\nrequests_per_minute = 0', '[limits."a"] requests_per_minute: must be >= 1'),
+    ('[limits."a"]\nrequests_per_minute = 0', '[limits."a"] requests_per_minute: must be from 1 to 1000000000'),
     ('[limits."a"]\nburst = 3', '[limits."a"]: sets no limit'),
     ('[limits."a*b"]\nconcurrency = 1', '[limits."a*b"]: a limit name'),
     ('[limits."a"]\nconcurrency = 1\nspeed = 2', '[limits."a"] speed: unknown key'),
