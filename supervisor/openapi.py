@@ -245,6 +245,8 @@ def _errors(*codes: int) -> dict:
     return {str(c): _json("Error", text[c]) for c in codes}
 
 
+TASK_ID = {"type": "string", "pattern": "^[0-9A-HJKMNP-TV-Z]{26}$",
+           "description": "a task id: 26 Crockford base32 digits, upper case"}
 ID_PARAM = {"name": "id", "in": "path", "required": True, "schema": STR}
 NAME_PARAM = {"name": "name", "in": "path", "required": True, "schema": STR}
 LIMIT = {"name": "limit", "in": "query", "required": False,
@@ -271,8 +273,10 @@ PATHS = {
                  "schema": {"type": "string", "enum": [*STATUSES, ""]}},
                 {"name": "type", "in": "query", "required": False, "schema": STR},
                 LIMIT,
-                {"name": "before", "in": "query", "required": False, "schema": STR,
-                 "description": "next_before of the previous page"},
+                {"name": "before", "in": "query", "required": False,
+                 "description": "next_before of the previous page: a task id (26 "
+                                "characters); empty means from the newest",
+                 "schema": {"anyOf": [TASK_ID, {"type": "string", "maxLength": 0}]}},
                 {"name": "workflow_id", "in": "query", "required": False, "schema": STR,
                  "description": "only the tasks of this workflow"}]),
         "post": _op("Enqueue a task (the fields of Queue.enqueue)", {
@@ -425,7 +429,8 @@ def document(config=None) -> dict:
                  "description": "The JSON API of a taskvisor supervisor. Reads are open on "
                  "loopback; writes need `Authorization: Bearer <token>` (the token file "
                  "beside the database, or [http] token_file). Errors are JSON "
-                 "{error, field}. Times are ISO 8601 UTC."},
+                 "{error, field}. A query parameter an operation does not list is refused "
+                 "with 400 naming it. Times are ISO 8601 UTC."},
         "paths": paths,
         "components": {"schemas": schemas, "securitySchemes": {
             "bearer": {"type": "http", "scheme": "bearer"}}},
