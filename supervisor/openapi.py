@@ -152,7 +152,9 @@ SCHEMAS: dict[str, Any] = {
         },
     },
     "Workflow": _obj({
-        "id": STR, "finished": BOOL,
+        "id": {"type": "string", "description": "the workflow's id (its root task's), also "
+               "when the path named another task of it"},
+        "finished": BOOL,
         "counts": {"type": "object", "additionalProperties": INT, "description": "by status"},
         "tasks": {"type": "array", "items": {"$ref": REF + "TaskSummary"}},
         "edges": {"type": "array", "items": _obj({
@@ -160,7 +162,9 @@ SCHEMAS: dict[str, Any] = {
             "kind": {"type": "string", "enum": ["depends_on", "spawned"],
                      "description": "depends_on: to waits for from; spawned: from spawned to"}})}}),
     "WorkflowCancelled": _obj({
-        "id": STR, "cancelled": {"type": "integer", "description": "blocked or queued tasks "
+        "id": {"type": "string", "description": "the workflow's id (its root task's), also "
+               "when the path named another task of it, as GET /api/workflows/{id} answers"},
+        "cancelled": {"type": "integer", "description": "blocked or queued tasks "
                                  "cancelled at once"},
         "stopping": {"type": "integer", "description": "running tasks asked to stop"}}),
     "EventSent": _obj({

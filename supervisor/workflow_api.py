@@ -30,7 +30,7 @@ class WorkflowEndpoints:
             done = self.queue.cancel_workflow(id)
         except NotFound as exc:
             raise _error(404, str(exc), "id") from None
-        return 200, {"id": id, **done}
+        return 200, done  # its "id" is the workflow's, as get_workflow answers
 
     def send_event(self, query: dict, body: bytes | None, *, name: str) -> tuple[int, dict]:
         data = None

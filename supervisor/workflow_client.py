@@ -57,7 +57,8 @@ class WorkflowCalls:
     def cancel_workflow(self, workflow_id: str) -> dict[str, int]:
         """Cancel every unfinished task of the workflow (any of its tasks names it) in one
         transaction: blocked and queued ones at once, running ones stopped by their
-        supervisor within a second. Returns {"cancelled": n, "stopping": m}. Raises NotFound."""
+        supervisor within a second. Returns {"id": the workflow's id (its root task's, also
+        when a member named it), "cancelled": n, "stopping": m}. Raises NotFound."""
         workflow_id = _check_id(workflow_id, "workflow_id")
         return self._call(lambda s: s.cancel_workflow(workflow_id, time.time()), notify=True)
 

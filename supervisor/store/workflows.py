@@ -48,8 +48,8 @@ class WorkflowStore:
     def cancel_workflow(self, workflow_id: str, now: float) -> dict[str, int]:
         """Cancel every unfinished task of the workflow in one transaction: blocked and
         queued ones at once, running ones by a cancel request their supervisor acts on.
-        Any task of the workflow names it. Returns {"cancelled": n, "stopping": m}. Raises
-        NotFound for an unknown workflow."""
+        Any task of the workflow names it. Returns {"id": the workflow's id, "cancelled": n,
+        "stopping": m}. Raises NotFound for an unknown workflow."""
         with self.conn.write() as db:
             named, workflow_id = workflow_id, workflow_of(db, workflow_id)
             if workflow_id is None:
@@ -60,7 +60,7 @@ class WorkflowStore:
             if with_dependents:  # dependents outside the workflow
                 for task_id in wq.select_with_waiting_dependents(db, with_dependents):
                     fail_dependents(db, task_id, now, Status.CANCELLED)
-            return {"cancelled": len(cancelled), "stopping": stopping}
+            return {"id": workflow_id, "cancelled": len(cancelled), "stopping": stopping}
 
     def workflow(self, workflow_id: str, limit: int = 10000) -> tuple[list[Task], list[dict]]:
         """The workflow's tasks (oldest first, at most `limit`) and its edges:

@@ -102,6 +102,19 @@ def test_http_workflow_events_and_cancel(supervisor):  # noqa: F811
                            headers={"Content-Type": "application/json"}).status == 400
 
 
+@pytest.mark.timeout(60)
+def test_cancelling_a_workflow_through_a_member_answers_with_the_workflow_id(supervisor):  # noqa: F811
+    # GET /api/workflows/MEMBER answered with the root's id, POST .../MEMBER/cancel with
+    # MEMBER: a client keeping the answer's id kept a task's id, not the workflow's.
+    root = supervisor.enqueue(type="ok", await_event="never")["id"]
+    member = supervisor.enqueue(type="ok", workflow_id=root, await_event="never")["id"]
+    assert supervisor.get(f"/api/workflows/{member}").json["id"] == root
+    res = supervisor.post(f"/api/workflows/{member}/cancel")
+    assert res.status == 200 and res.json == {"id": root, "cancelled": 2, "stopping": 0}, res.body
+    res = supervisor.post(f"/api/workflows/{member}/cancel")  # nothing left to cancel
+    assert res.status == 200 and res.json == {"id": root, "cancelled": 0, "stopping": 0}
+
+
 def test_show_names_the_workflow_and_the_event(tmp_path):
     root = enqueue(tmp_path, "t")
     task_id = enqueue(tmp_path, "t", "--workflow", root, "--await-event", "go", "--run-on-failure")

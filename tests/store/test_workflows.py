@@ -78,7 +78,7 @@ def test_an_attempt_that_does_not_succeed_spawns_nothing(store):
 def test_spawns_of_a_workflow_cancelled_meanwhile_are_dropped(store):
     parent = store.enqueue(new("plan"), T0)
     task = claim(store)
-    assert store.cancel_workflow(parent, T0) == {"cancelled": 0, "stopping": 1}
+    assert store.cancel_workflow(parent, T0) == {"id": parent, "cancelled": 0, "stopping": 1}
     assert store.complete(task.lease, dataclasses.replace(ok(), spawn=(spawned(parent),)), T0)
     assert [t.id for t in store.list()] == [parent]
 
@@ -189,7 +189,7 @@ def test_cancelling_a_workflow_of_10000_tasks_takes_one_transaction_under_a_seco
     store.conn.db.setcommithook(None)
     assert len(commits) == 1, "one transaction"
     assert elapsed < 1.0, f"cancel took {elapsed:.3f}s"
-    assert result == {"cancelled": 10_000, "stopping": 1}
+    assert result == {"id": root, "cancelled": 10_000, "stopping": 1}
     assert store.cancel_requests("owner") == [running.id]
     assert store.get(outside).outcome == "dependency_failed"
     assert store.stats(T0).totals()["cancelled"] == 10_000
@@ -292,6 +292,6 @@ def test_cancelling_listing_or_reading_through_any_task_of_a_workflow_acts_on_th
     assert {t.id for t in store.list(workflow_id=member)} == everyone
     tasks, edges = store.workflow(member)
     assert {t.id for t in tasks} == everyone and {t.workflow for t in tasks} == {root}
-    assert store.cancel_workflow(member, T0 + 1) == {"cancelled": 3, "stopping": 0}
+    assert store.cancel_workflow(member, T0 + 1) == {"id": root, "cancelled": 3, "stopping": 0}
     assert {store.get(i).status for i in everyone} == {Status.CANCELLED}
     assert store.get(via_member).error == f"cancelled with its workflow {root}"
