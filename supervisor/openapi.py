@@ -14,6 +14,7 @@ import re
 from typing import Any
 
 from supervisor import __version__
+from supervisor.store.workflows import WORKFLOW_TASKS_MAX
 
 INT64 = {"minimum": -(1 << 63), "maximum": (1 << 63) - 1}
 STATUSES = ["blocked", "queued", "running", "succeeded", "failed", "cancelled"]
@@ -154,10 +155,20 @@ SCHEMAS: dict[str, Any] = {
     "Workflow": _obj({
         "id": {"type": "string", "description": "the workflow's id (its root task's), also "
                "when the path named another task of it"},
-        "finished": BOOL,
-        "counts": {"type": "object", "additionalProperties": INT, "description": "by status"},
-        "tasks": {"type": "array", "items": {"$ref": REF + "TaskSummary"}},
-        "edges": {"type": "array", "items": _obj({
+        "finished": {"type": "boolean", "description": "every task of the workflow is "
+                     "finished (those left out of `tasks` too)"},
+        "counts": {"type": "object", "additionalProperties": INT,
+                   "description": "every task of the workflow by status"},
+        "total": {"type": "integer", "minimum": 1,
+                  "description": "how many tasks the workflow has"},
+        "truncated": {"type": "boolean", "description": "true when `tasks` holds only the "
+                      f"oldest {WORKFLOW_TASKS_MAX:,} of `total`: page through all of them "
+                      "with GET /api/tasks?workflow_id="},
+        "tasks": {"type": "array", "maxItems": WORKFLOW_TASKS_MAX,
+                  "items": {"$ref": REF + "TaskSummary"},
+                  "description": f"oldest first, at most {WORKFLOW_TASKS_MAX:,}"},
+        "edges": {"type": "array", "description": "dependencies and spawns of the tasks "
+                  "in `tasks`", "items": _obj({
             "from": STR, "to": STR,
             "kind": {"type": "string", "enum": ["depends_on", "spawned"],
                      "description": "depends_on: to waits for from; spawned: from spawned to"}})}}),
@@ -336,7 +347,9 @@ PATHS = {
             security=WRITE),
     },
     "/api/workflows/{id}": {
-        "get": _op("A workflow: its tasks and edges (dependencies and spawns)", {
+        "get": _op(f"A workflow: its tasks (the oldest {WORKFLOW_TASKS_MAX:,}; `truncated` says "
+                   "when there are more) and their edges (dependencies and spawns), counts of "
+                   "all", {
             "200": _json("Workflow", "the workflow"), **_errors(404, 503)},
             operationId="getWorkflow", parameters=[ID_PARAM]),
     },
