@@ -19,6 +19,7 @@ from typing import Any
 from supervisor import __version__, openapi, proctree
 from supervisor.errors import InputError, NotFound
 from supervisor.store import Status
+from supervisor.store.ids import is_task_id
 from supervisor.workflow_api import WorkflowEndpoints
 
 MIB = 1024 * 1024
@@ -68,9 +69,13 @@ class Api(WorkflowEndpoints):
             raise ErrorAnswer(400, f"unknown status {status!r}: expected one of "
                               f"{', '.join(str(s) for s in Status)}", field="status")
         limit = _limit(query, default=50)
+        before = _opt(query, "before")
+        if before is not None and not is_task_id(before):
+            raise ErrorAnswer(400, f"before must be a task id (26 characters, as next_before "
+                              f"gives), got {before!r}", field="before")
         with self.database as store:
             tasks = store.list(status=status, type=_opt(query, "type"),
-                               before=_opt(query, "before"), limit=limit,
+                               before=before, limit=limit,
                                workflow_id=_opt(query, "workflow_id"))
         return 200, {"tasks": [t.to_dict(with_history=False) for t in tasks],
                      "next_before": tasks[-1].id if len(tasks) == limit else None}

@@ -27,6 +27,7 @@ from supervisor import flowconfig
 from supervisor.errors import InputError, NotFound
 from supervisor.store import FINAL, NewTask, Stats, Status, Store, Task, new_id
 from supervisor.store.tasks import check_dependencies_without_database
+from supervisor.store.ids import is_task_id
 from supervisor.wake import WakeSender
 from supervisor.workflow_client import WorkflowCalls, check_event_name
 
@@ -284,9 +285,9 @@ class Queue(WorkflowCalls):
              limit: int = 100, before: str | None = None,
              workflow_id: str | None = None) -> list[Task]:
         """Newest first, at most `limit` (1..10000); `before` is the last id of the
-        previous page; `workflow_id` keeps the tasks of that workflow (named as
-        `resolve_workflow_id` takes it). Raises InputError for an unknown status, NotFound
-        for an unknown workflow."""
+        previous page (a whole task id); `workflow_id` keeps the tasks of that workflow
+        (named as `resolve_workflow_id` takes it). Raises InputError for an unknown
+        status or a `before` that is not a task id, NotFound for an unknown workflow."""
         if status is not None:
             try:
                 status = Status(status)
@@ -298,7 +299,9 @@ class Queue(WorkflowCalls):
                              field="limit")
         if type is not None and not isinstance(type, str):
             raise InputError(f"type must be a string, got {_kind(type)}", field="type")
-        before = None if before is None else _check_id(before, "before")
+        if before is not None and not is_task_id(before):
+            raise InputError(f"before must be a task id (26 characters: the last id of the "
+                             f"previous page), got {before!r}", field="before")
         if workflow_id is not None:
             workflow_id = self.resolve_workflow_id(workflow_id)
         return self._call(lambda s: s.list(status=status and str(status), type=type,

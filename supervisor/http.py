@@ -1,11 +1,12 @@
 """The HTTP server of the supervisor: /metrics, /healthz, /api/… and the dashboard at /.
 
-Owns the listening socket, the serving thread, request framing (routing, the size limit,
-content types, security headers), the bearer token for writes and its file, and the
-Host check that keeps a web page from reaching the API through DNS rebinding, CORS for
-the configured origins, the Unix-socket listener (`listen = "unix:/path"`, mode 0600,
-no token: the file's permissions are the authentication), and the framing of the event
-stream (`GET /api/events`, fed by `supervisor.broadcast`). What each endpoint does is
+Owns the serving thread, request framing (routing, the size limit, content types,
+security headers), the bearer token for writes and its file, and the Host check that
+keeps a web page from reaching the API through DNS rebinding, CORS for the configured
+origins, no token on the Unix socket (the file's permissions are the authentication),
+and the framing of the event stream (`GET /api/events`, fed by `supervisor.broadcast`).
+The sockets it listens on are `supervisor.listener`'s, the query string and path
+segments are read by `supervisor.request`, and what each endpoint does is
 `supervisor.api`. It runs on daemon threads of the supervisor process and never blocks
 or calls into the loop: it reads the Supervisor's attributes and the database through
 its own connections, and wakes the loop with a datagram after a write.
@@ -14,28 +15,26 @@ its own connections, and wakes the loop with a datagram after a write.
 from __future__ import annotations
 
 import hmac
-import ipaddress
 import json
 import logging
 import os
 import re
 import secrets
-import socket
-import socketserver
 import stat
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from socketserver import TCPServer
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import urlsplit
 
 from supervisor import __version__
 from supervisor.api import Api, ErrorAnswer, is_digits
 from supervisor.broadcast import Broadcast, Filter
 from supervisor.config import Config
 from supervisor.errors import ConfigError, StoreError
+from supervisor.listener import UnixListener, bind, is_loopback
 from supervisor.metrics import LockedStore, Metrics
+from supervisor.request import parse_query, path_param
 
 log = logging.getLogger("taskvisor.http")
 DASHBOARD_DIR = Path(__file__).resolve().parent / "dashboard"
@@ -52,7 +51,6 @@ PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 's
             "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; "
             "frame-ancestors 'none'")
 DATA_CSP = "default-src 'none'; frame-ancestors 'none'"
-LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"}
 _ID = r"(?P<id>[^/]+)"
 ROUTES = [  # (method, compiled path, Api method name, needs the token)
     ("GET", "/api/tasks", "list_tasks", False),
@@ -81,16 +79,6 @@ ROUTES = [  # (method, compiled path, Api method name, needs the token)
 _ROUTES = [(m, re.compile(p + r"\Z"), name, auth) for m, p, name, auth in ROUTES]
 
 
-def _path_param(name: str, text: str) -> str:
-    """A percent-decoded path segment; 400 when it is not UTF-8 (decoded with replacement
-    characters it named another event or task, e.g. an event nobody awaits)."""
-    try:
-        return unquote(text, errors="strict")
-    except UnicodeDecodeError:
-        raise ErrorAnswer(400, f"the {name} in the path is not UTF-8 text once percent-decoded: "
-                          f"{text!r}; percent-encode its UTF-8 bytes", field=name) from None
-
-
 def token_path(config: Config) -> Path:
     """[http] token_file, else taskvisor.token beside the database."""
     if config.http.token_file is not None:
@@ -99,7 +87,9 @@ def token_path(config: Config) -> Path:
 
 
 def load_token(path: Path) -> str:
-    """Read the token, or create the file (mode 0600) with a new one; ConfigError if unusable."""
+    """Read the token, or create the file (mode 0600) with a new one; ConfigError if
+    unusable. An existing file that group or others can read is set to 0600: anyone who
+    could read it could enqueue and cancel tasks."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
@@ -121,107 +111,16 @@ def load_token(path: Path) -> str:
     if not text or any(c.isspace() for c in text):
         raise ConfigError(f"[http] token_file {path}: expected one token on one line; "
                           "delete the file to have a new one generated")
-    if mode & 0o077:
-        log.warning("http: the token file %s is readable by other users (mode %o); "
-                    "run chmod 600 on it", path, mode)
-    return text
-
-
-def parse_listen(listen: str) -> tuple[str, int]:
-    host, _, port = listen.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
-def is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host.split("%")[0]).is_loopback
-    except ValueError:
-        return host.lower() in LOOPBACK_NAMES
-
-
-class _HandOver:
-    """Sockets of event streams given to the fan-out process: closed here, never shut
-    down (shutdown() would end the connection in that process too)."""
-
-    def handed_over(self, sock) -> None:
-        self._handed.add(sock.fileno())
-
-    def shutdown_request(self, request) -> None:
-        if request.fileno() in self._handed:
-            self._handed.discard(request.fileno())
-            self.close_request(request)
+    if mode & 0o077:  # made private, as a loose database file is (store.connection)
+        try:
+            os.chmod(path, 0o600)
+        except OSError:  # not ours to change: say what to do
+            log.warning("http: the token file %s is readable by other users (mode %o); "
+                        "run chmod 600 on it", path, mode)
         else:
-            super().shutdown_request(request)
-
-
-class _Server(_HandOver, ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 256
-
-    def __init__(self, family: int, address: tuple, app: "HttpServer"):
-        self._handed: set[int] = set()
-        self.address_family = family
-        self.app = app
-        super().__init__(address, _Handler)
-
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind calls getfqdn(), a DNS lookup that can stall start-up.
-        if self.address_family == socket.AF_INET6:
-            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        TCPServer.server_bind(self)
-        self.server_name, self.server_port = self.server_address[:2]
-
-
-class _UnixServer(_HandOver, socketserver.ThreadingUnixStreamServer):
-    """The same API on a Unix socket, created with mode 0600."""
-    daemon_threads = True
-    request_queue_size = 256
-
-    def __init__(self, path: str, app: "HttpServer"):
-        self._handed: set[int] = set()
-        self.app = app
-        self.path = path
-        super().__init__(path, _Handler)
-
-    def server_bind(self) -> None:
-        _remove_stale_socket(self.path)
-        old = os.umask(0o177)  # no moment where the socket is open to others
-        try:
-            self.socket.bind(self.path)
-        finally:
-            os.umask(old)
-        os.chmod(self.path, 0o600)
-        self.server_address = self.path
-        self.server_name, self.server_port = "localhost", 0
-
-    def server_close(self) -> None:
-        super().server_close()
-        try:
-            if stat.S_ISSOCK(os.stat(self.path).st_mode):
-                os.unlink(self.path)
-        except OSError:
-            pass
-
-
-def _remove_stale_socket(path: str) -> None:
-    """Remove a socket file left by a supervisor that died; refuse a live one or a file
-    that is not a socket."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise OSError(f"{path} exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except OSError:
-        os.unlink(path)  # nobody listens: left behind
-        return
-    finally:
-        probe.close()
-    raise OSError(f"another process is serving on {path}")
+            log.warning("http: the token file %s had mode %o (readable by other users); "
+                        "set it to 600", path, mode)
+    return text
 
 
 class HttpServer:
@@ -239,7 +138,7 @@ class HttpServer:
         self.url = ""
         self.broadcast: Broadcast | None = None
         self.allow_origins = frozenset(config.http.allow_origins)
-        self._server: _Server | None = None
+        self._server = None  # a TcpListener or UnixListener once started
         self._thread: threading.Thread | None = None
         self._static: dict[str, tuple[bytes, str]] = {}
 
@@ -252,7 +151,7 @@ class HttpServer:
         default config must not stop each other (the other one serves the same data)."""
         from supervisor.client import Queue
         try:
-            self._server = _bind(self.config.http.listen, self)
+            self._server = bind(self.config.http.listen, self, _Handler)
             self.token = load_token(token_path(self.config))
         except ConfigError as exc:
             log.error("http: %s. The supervisor runs without HTTP: no metrics, API or "
@@ -260,7 +159,7 @@ class HttpServer:
             self.stop()
             return
         bound = self._server.server_address
-        if isinstance(self._server, _UnixServer):
+        if isinstance(self._server, UnixListener):
             self.unix, self.loopback = True, True
             self.url = f"unix:{bound}"
         else:
@@ -328,25 +227,6 @@ class HttpServer:
         return self.api.sup.snapshot.config.supervisor.max_payload_bytes + BODY_SLACK
 
 
-def _bind(listen: str, app: HttpServer) -> _Server:
-    if listen.startswith("unix:"):
-        try:
-            return _UnixServer(listen[5:], app)
-        except OSError as exc:
-            raise ConfigError(f"[http] listen {listen}: cannot listen there "
-                              f"({exc.strerror or exc}); check the folder exists, or remove "
-                              "the file if no supervisor uses it") from exc
-    host, port = parse_listen(listen)
-    try:
-        family, _, _, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-        return _Server(family, address, app)
-    except OSError as exc:
-        raise ConfigError(f"[http] listen {listen}: cannot listen there "
-                          f"({exc.strerror or exc}); choose another address, or set "
-                          'listen = "" to turn the HTTP server off') from exc
-
-
 def _open_reader(sup_cfg):
     from supervisor.store import Store
     return Store(sup_cfg.database, synchronous=sup_cfg.synchronous,
@@ -360,19 +240,6 @@ def _read_static() -> dict[str, tuple[bytes, str]]:
             out[path] = ((DASHBOARD_DIR / name).read_bytes(), ctype)
         except OSError as exc:
             log.warning("http: dashboard file %s is missing: %s", name, exc)
-    return out
-
-
-def _query(text: str) -> dict[str, str]:
-    try:
-        pairs = parse_qsl(text, keep_blank_values=True, max_num_fields=50)
-    except ValueError:
-        raise ErrorAnswer(400, "too many query parameters", field="query") from None
-    out: dict[str, str] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ErrorAnswer(400, f"{key} is given more than once", field=key)
-        out[key] = value
     return out
 
 
@@ -449,12 +316,12 @@ class _Handler(BaseHTTPRequestHandler):
                 what = "the task" if name == "enqueue" else "the body"
                 raise ErrorAnswer(415, f"send {what} as JSON with 'Content-Type: "
                                   "application/json'", field="Content-Type")
+            query = parse_query(url.query, name, path)
             if name == "events":
-                return self.serve_events(_query(url.query))
+                return self.serve_events(query)
             body = self.read_body() if method == "POST" else None
-            params = {k: _path_param(k, v) for k, v in match.groupdict().items()}
-            status, payload = getattr(self.app.api, name)(
-                query=_query(url.query), body=body, **params)
+            params = {k: path_param(k, v) for k, v in match.groupdict().items()}
+            status, payload = getattr(self.app.api, name)(query=query, body=body, **params)
             return self.send_json(status, payload)
         if allowed:
             allow = ", ".join(sorted(set(allowed) | ({"HEAD"} if "GET" in allowed else set())))
@@ -573,11 +440,7 @@ class _Handler(BaseHTTPRequestHandler):
     def serve_events(self, query: dict) -> None:
         """GET /api/events: Server-Sent Events until the client leaves or the server stops.
         Resumes after `Last-Event-ID` (or ?last_event_id=, for an EventSource's first
-        connection); filters ?task=, ?type=, ?workflow=."""
-        unknown = sorted(set(query) - {"task", "type", "workflow", "last_event_id"})
-        if unknown:
-            raise ErrorAnswer(400, f"unknown parameter {unknown[0]!r}; /api/events takes task, "
-                              "type, workflow and last_event_id", field=unknown[0])
+        connection); filters ?task=, ?type=, ?workflow= (route() refused any other name)."""
         raw = self.headers.get("Last-Event-ID") or query.get("last_event_id") or ""
         if raw.strip() and not is_digits(raw.strip()):
             raise ErrorAnswer(400, f"Last-Event-ID must be an event id (an integer), got {raw!r}",

@@ -14,6 +14,7 @@ import re
 from typing import Any
 
 from supervisor import __version__
+from supervisor.store.workflows import WORKFLOW_TASKS_MAX
 
 INT64 = {"minimum": -(1 << 63), "maximum": (1 << 63) - 1}
 STATUSES = ["blocked", "queued", "running", "succeeded", "failed", "cancelled"]
@@ -152,15 +153,29 @@ SCHEMAS: dict[str, Any] = {
         },
     },
     "Workflow": _obj({
-        "id": STR, "finished": BOOL,
-        "counts": {"type": "object", "additionalProperties": INT, "description": "by status"},
-        "tasks": {"type": "array", "items": {"$ref": REF + "TaskSummary"}},
-        "edges": {"type": "array", "items": _obj({
+        "id": {"type": "string", "description": "the workflow's id (its root task's), also "
+               "when the path named another task of it"},
+        "finished": {"type": "boolean", "description": "every task of the workflow is "
+                     "finished (those left out of `tasks` too)"},
+        "counts": {"type": "object", "additionalProperties": INT,
+                   "description": "every task of the workflow by status"},
+        "total": {"type": "integer", "minimum": 1,
+                  "description": "how many tasks the workflow has"},
+        "truncated": {"type": "boolean", "description": "true when `tasks` holds only the "
+                      f"oldest {WORKFLOW_TASKS_MAX:,} of `total`: page through all of them "
+                      "with GET /api/tasks?workflow_id="},
+        "tasks": {"type": "array", "maxItems": WORKFLOW_TASKS_MAX,
+                  "items": {"$ref": REF + "TaskSummary"},
+                  "description": f"oldest first, at most {WORKFLOW_TASKS_MAX:,}"},
+        "edges": {"type": "array", "description": "dependencies and spawns of the tasks "
+                  "in `tasks`", "items": _obj({
             "from": STR, "to": STR,
             "kind": {"type": "string", "enum": ["depends_on", "spawned"],
                      "description": "depends_on: to waits for from; spawned: from spawned to"}})}}),
     "WorkflowCancelled": _obj({
-        "id": STR, "cancelled": {"type": "integer", "description": "blocked or queued tasks "
+        "id": {"type": "string", "description": "the workflow's id (its root task's), also "
+               "when the path named another task of it, as GET /api/workflows/{id} answers"},
+        "cancelled": {"type": "integer", "description": "blocked or queued tasks "
                                  "cancelled at once"},
         "stopping": {"type": "integer", "description": "running tasks asked to stop"}}),
     "EventSent": _obj({
@@ -245,6 +260,8 @@ def _errors(*codes: int) -> dict:
     return {str(c): _json("Error", text[c]) for c in codes}
 
 
+TASK_ID = {"type": "string", "pattern": "^[0-9A-HJKMNP-TV-Z]{26}$",
+           "description": "a task id: 26 Crockford base32 digits, upper case"}
 ID_PARAM = {"name": "id", "in": "path", "required": True, "schema": STR}
 NAME_PARAM = {"name": "name", "in": "path", "required": True, "schema": STR}
 LIMIT = {"name": "limit", "in": "query", "required": False,
@@ -271,8 +288,10 @@ PATHS = {
                  "schema": {"type": "string", "enum": [*STATUSES, ""]}},
                 {"name": "type", "in": "query", "required": False, "schema": STR},
                 LIMIT,
-                {"name": "before", "in": "query", "required": False, "schema": STR,
-                 "description": "next_before of the previous page"},
+                {"name": "before", "in": "query", "required": False,
+                 "description": "next_before of the previous page: a task id (26 "
+                                "characters); empty means from the newest",
+                 "schema": {"anyOf": [TASK_ID, {"type": "string", "maxLength": 0}]}},
                 {"name": "workflow_id", "in": "query", "required": False, "schema": STR,
                  "description": "only the tasks of this workflow"}]),
         "post": _op("Enqueue a task (the fields of Queue.enqueue)", {
@@ -328,7 +347,9 @@ PATHS = {
             security=WRITE),
     },
     "/api/workflows/{id}": {
-        "get": _op("A workflow: its tasks and edges (dependencies and spawns)", {
+        "get": _op(f"A workflow: its tasks (the oldest {WORKFLOW_TASKS_MAX:,}; `truncated` says "
+                   "when there are more) and their edges (dependencies and spawns), counts of "
+                   "all", {
             "200": _json("Workflow", "the workflow"), **_errors(404, 503)},
             operationId="getWorkflow", parameters=[ID_PARAM]),
     },
@@ -425,7 +446,8 @@ def document(config=None) -> dict:
                  "description": "The JSON API of a taskvisor supervisor. Reads are open on "
                  "loopback; writes need `Authorization: Bearer <token>` (the token file "
                  "beside the database, or [http] token_file). Errors are JSON "
-                 "{error, field}. Times are ISO 8601 UTC."},
+                 "{error, field}. A query parameter an operation does not list is refused "
+                 "with 400 naming it. Times are ISO 8601 UTC."},
         "paths": paths,
         "components": {"schemas": schemas, "securitySchemes": {
             "bearer": {"type": "http", "scheme": "bearer"}}},

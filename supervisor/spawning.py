@@ -10,14 +10,13 @@ itself (`Store.check_spawns` reads) and never imports user code.
 
 from __future__ import annotations
 
-import re
 from dataclasses import replace
 
 from supervisor.errors import InputError
 from supervisor.store import AttemptEnd, NewTask, Outcome
+from supervisor.store.ids import is_task_id
 from workers.wire import MAX_SPAWNS
 
-_ID = re.compile(r"[0-9A-HJKMNP-TV-Z]{26}")
 _FIELDS = frozenset({"id", "type", "payload", "priority", "delay", "run_at", "timeout_s",
                      "memory_mb", "max_attempts", "depends_on", "dedupe_key", "await_event",
                      "run_on_failure", "limit_keys", "estimated_tokens"})
@@ -59,7 +58,7 @@ def build(requests, config, known_types, now: float) -> list[NewTask]:
         if unknown:
             raise InputError(f"spawn {n}: unknown option {unknown[0]!r}", field=unknown[0])
         task_id = req.get("id")
-        if not isinstance(task_id, str) or not _ID.fullmatch(task_id):
+        if not is_task_id(task_id):
             raise InputError(f"spawn {n}: id must be a task id made by ctx.spawn", field="id")
         type_ = req.get("type")
         if known and type_ not in known:

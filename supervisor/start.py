@@ -8,8 +8,8 @@ its socket named in the environment the fork server inherits, stopped last); the
 server (started before the database is opened or any thread exists, so it inherits
 neither); then the Supervisor,
 which opens the database (then its identity is taken and a registration written beside
-it: supervisor.dbfile), and, when [http] listen is set, the token file made private
-(mode 0600, as the database), the metrics sink and the HTTP server, bound from the
+it: supervisor.dbfile), and, when [http] listen is set, the metrics sink and the HTTP
+server (which makes its token file private, mode 0600, as the database), bound from the
 Supervisor's on_ready hook (an address that cannot be used leaves HTTP off with an error
 in the log; tasks still run), then the ready file. A preload that
 fails to import ends here with its traceback, a hint when the module was not found, and
@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import stat
 import sys
 from pathlib import Path
 
@@ -81,9 +80,8 @@ def _run(config: Config, owner: str, code, relay, cgroup_dir, events, ready_file
     from supervisor.loop import Supervisor  # imported after the fork server started
     http = None
     if config.http.listen:
-        from supervisor.http import HttpServer, token_path
+        from supervisor.http import HttpServer
         from supervisor.metrics import Metrics, fanout
-        tighten_token_file(token_path(config))
         metrics = Metrics()
         http = HttpServer(config, metrics)
         events = fanout(metrics, events)
@@ -117,23 +115,6 @@ def _run(config: Config, owner: str, code, relay, cgroup_dir, events, ready_file
         sys.stderr.write(f"taskvisor: error: {supervisor.database_problem}\n")
         return EXIT_DATABASE_GONE
     return code
-
-
-def tighten_token_file(path: Path) -> None:
-    """Set mode 0600 on an existing token file that group or others may read, and log
-    that it did, as the database file gets (store.connection). It was only warned about
-    and used as it was: anyone who could read it could enqueue and cancel tasks. A file
-    this process cannot chmod (another user's) is left for HTTP's own check, which
-    warns with `chmod 600` when it reads the token."""
-    try:
-        mode = stat.S_IMODE(os.stat(path).st_mode)
-        if mode & 0o077:
-            os.chmod(path, 0o600)
-    except OSError:
-        return  # missing (created 0600 by HTTP), or not ours to change
-    if mode & 0o077:
-        log.warning("http: the token file %s had mode %o (readable by other users); set "
-                    "it to 600", path, mode)
 
 
 def _track_database(supervisor) -> None:

@@ -20,17 +20,17 @@ class WorkflowEndpoints:
     def get_workflow(self, query: dict, body=None, *, id: str) -> tuple[int, dict]:
         try:
             with self.database as store:
-                tasks, edges = store.workflow(id)
+                tasks, edges, counts = store.workflow(id)
         except NotFound as exc:
             raise _error(404, str(exc), "id") from None
-        return 200, Workflow(tasks[0].workflow, tuple(tasks), tuple(edges)).to_dict()
+        return 200, Workflow(tasks[0].workflow, tuple(tasks), tuple(edges), counts).to_dict()
 
     def cancel_workflow(self, query: dict, body=None, *, id: str) -> tuple[int, dict]:
         try:
             done = self.queue.cancel_workflow(id)
         except NotFound as exc:
             raise _error(404, str(exc), "id") from None
-        return 200, {"id": id, **done}
+        return 200, done  # its "id" is the workflow's, as get_workflow answers
 
     def send_event(self, query: dict, body: bytes | None, *, name: str) -> tuple[int, dict]:
         data = None

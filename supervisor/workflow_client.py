@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from supervisor.errors import InputError
-from supervisor.store import FINAL, Task
+from supervisor.store import FINAL, Status, Task
 
 _POLL_FIRST_S = 0.005
 _POLL_MAX_S = 0.1
@@ -24,21 +24,32 @@ _REREAD_S = 1.0
 
 @dataclass(frozen=True)
 class Workflow:
-    """A workflow's tasks (oldest first) and edges ({"from", "to", "kind"}: kind
-    "depends_on", to waits for from, or "spawned", from spawned to)."""
+    """A workflow's tasks (oldest first, at most 10,000: `truncated` says when some are
+    left out; Queue.list(workflow_id=...) pages through all of them), the edges of those
+    ({"from", "to", "kind"}: kind "depends_on", to waits for from, or "spawned", from
+    spawned to), and `counts`, {status: how many} of every task of the workflow."""
     id: str
     tasks: tuple[Task, ...]
     edges: tuple[dict, ...]
+    counts: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        """How many tasks the workflow has, those left out of `tasks` too."""
+        return sum(self.counts.values())
+
+    @property
+    def truncated(self) -> bool:
+        return len(self.tasks) < self.total
 
     @property
     def finished(self) -> bool:
-        return all(t.finished for t in self.tasks)
+        """Every task of the workflow is finished, those left out of `tasks` too."""
+        return all(Status(s) in FINAL for s in self.counts)
 
     def to_dict(self) -> dict:
-        counts: dict[str, int] = {}
-        for t in self.tasks:
-            counts[str(t.status)] = counts.get(str(t.status), 0) + 1
-        return {"id": self.id, "finished": self.finished, "counts": counts,
+        return {"id": self.id, "finished": self.finished, "counts": dict(self.counts),
+                "total": self.total, "truncated": self.truncated,
                 "tasks": [t.to_dict(with_history=False) for t in self.tasks],
                 "edges": list(self.edges)}
 
@@ -71,18 +82,20 @@ class WorkflowCalls:
     def cancel_workflow(self, workflow_id: str) -> dict[str, int]:
         """Cancel every unfinished task of the workflow (any of its tasks, or a unique end
         of one's id, names it) in one transaction: blocked and queued ones at once,
-        running ones stopped by their supervisor within a second. Returns {"cancelled":
-        n, "stopping": m}. Raises NotFound, or InputError for an ambiguous end."""
+        running ones stopped by their supervisor within a second. Returns {"id": the
+        workflow's id (its root task's, also when a member named it), "cancelled": n,
+        "stopping": m}. Raises NotFound, or InputError for an ambiguous end."""
         workflow_id = self.resolve_workflow_id(workflow_id)
         return self._call(lambda s: s.cancel_workflow(workflow_id, time.time()), notify=True)
 
     def workflow(self, workflow_id: str) -> Workflow:
-        """The workflow's tasks and edges (dependencies and spawns); any task of the
-        workflow, or a unique end of one's id, names it. Raises NotFound, or InputError
-        for an ambiguous end."""
+        """The workflow's tasks (the oldest 10,000; `truncated` says when there are more,
+        `counts` and `total` count them all) and their edges (dependencies and spawns);
+        any task of the workflow, or a unique end of one's id, names it. Raises NotFound,
+        or InputError for an ambiguous end."""
         workflow_id = self.resolve_workflow_id(workflow_id)
-        tasks, edges = self._call(lambda s: s.workflow(workflow_id))
-        return Workflow(tasks[0].workflow, tuple(tasks), tuple(edges))
+        tasks, edges, counts = self._call(lambda s: s.workflow(workflow_id))
+        return Workflow(tasks[0].workflow, tuple(tasks), tuple(edges), counts)
 
     def send_event(self, name: str, data: Any = None) -> dict[str, Any]:
         """Send event `name` with JSON `data`: every task waiting for it (`await_event`)

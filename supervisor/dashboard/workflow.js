@@ -126,7 +126,8 @@
       chart.append(node);
     }
     const counts = Object.entries(wf.counts).map(([s, n]) => n + " " + s).join(" · ");
-    $("workflow-summary").textContent = wf.tasks.length + " tasks: " + counts + (wf.finished ? " (finished)" : "");
+    const drawn = wf.truncated ? " (the oldest " + wf.tasks.length + " drawn)" : "";
+    $("workflow-summary").textContent = wf.total + " tasks" + drawn + ": " + counts + (wf.finished ? " (finished)" : "");
     $("workflow-graph").replaceChildren(chart);
   }
 

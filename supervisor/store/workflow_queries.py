@@ -116,6 +116,12 @@ def select_workflow_tasks(db: apsw.Connection, workflow_id: str, limit: int) -> 
                       {"w": workflow_id, "limit": limit}).fetchall()
 
 
+def select_workflow_counts(db: apsw.Connection, workflow_id: str) -> dict[str, int]:
+    """{status: how many} of every task of the workflow."""
+    return dict(db.execute(f"SELECT status, count(*) FROM tasks WHERE {_IN_WORKFLOW} "
+                           "GROUP BY status", {"w": workflow_id}).fetchall())
+
+
 def select_workflow_deps(db: apsw.Connection, task_ids: list[str]) -> list[tuple[str, str]]:
     """(task, dependency) pairs of these tasks."""
     return db.execute(

@@ -19,6 +19,8 @@ from supervisor.store import queries as q
 from supervisor.store import workflow_queries as wq
 from supervisor.store.rows import Lease, NewTask, Status, Task
 
+WORKFLOW_TASKS_MAX = 10_000  # tasks a read of a workflow returns; the rest are counted
+
 
 class WorkflowStore:
     """Methods of `Store` (which provides `self.conn`)."""
@@ -54,8 +56,8 @@ class WorkflowStore:
     def cancel_workflow(self, workflow_id: str, now: float) -> dict[str, int]:
         """Cancel every unfinished task of the workflow in one transaction: blocked and
         queued ones at once, running ones by a cancel request their supervisor acts on.
-        Any task of the workflow names it. Returns {"cancelled": n, "stopping": m}. Raises
-        NotFound for an unknown workflow."""
+        Any task of the workflow names it. Returns {"id": the workflow's id, "cancelled": n,
+        "stopping": m}. Raises NotFound for an unknown workflow."""
         with self.conn.write() as db:
             named, workflow_id = workflow_id, workflow_of(db, workflow_id)
             if workflow_id is None:
@@ -66,18 +68,21 @@ class WorkflowStore:
             if with_dependents:  # dependents outside the workflow
                 for task_id in wq.select_with_waiting_dependents(db, with_dependents):
                     fail_dependents(db, task_id, now, Status.CANCELLED)
-            return {"cancelled": len(cancelled), "stopping": stopping}
+            return {"id": workflow_id, "cancelled": len(cancelled), "stopping": stopping}
 
-    def workflow(self, workflow_id: str, limit: int = 10000) -> tuple[list[Task], list[dict]]:
-        """The workflow's tasks (oldest first, at most `limit`) and its edges:
+    def workflow(self, workflow_id: str, limit: int = WORKFLOW_TASKS_MAX
+                 ) -> tuple[list[Task], list[dict], dict[str, int]]:
+        """The workflow's tasks (oldest first, at most `limit`), the edges of those:
         {"from", "to", "kind"}, kind "depends_on" (to waits for from) or "spawned" (from
-        spawned to); any task of the workflow names it. Raises NotFound."""
+        spawned to), and {status: how many} of all its tasks, past `limit` too, from the
+        same read; any task of the workflow names it. Raises NotFound."""
         with self.conn.read() as db:
-            rows = wq.select_workflow_tasks(db, workflow_of(db, workflow_id) or workflow_id,
-                                            limit)
+            found = workflow_of(db, workflow_id) or workflow_id
+            rows = wq.select_workflow_tasks(db, found, limit)
             if not rows:
                 raise NotFound(f"no workflow with id {workflow_id}", field="workflow_id")
             deps = wq.select_workflow_deps(db, [r[0] for r in rows])
+            counts = wq.select_workflow_counts(db, found)
         by_task: dict[str, list[str]] = {}
         for task_id, dep in deps:
             by_task.setdefault(task_id, []).append(dep)
@@ -85,7 +90,7 @@ class WorkflowStore:
         edges = [{"from": dep, "to": task_id, "kind": "depends_on"} for task_id, dep in deps]
         edges += [{"from": t.parent_id, "to": t.id, "kind": "spawned"}
                   for t in tasks if t.parent_id]
-        return tasks, edges
+        return tasks, edges, counts
 
     def awaiting(self, limit: int = 100) -> list[Task]:
         """Blocked tasks waiting for an event, oldest first."""

@@ -151,6 +151,41 @@ def test_bad_query_gets_400(shared, query, field):
         assert shared.get(f"/api/queued?{query}").status == 400
 
 
+NO_TASK = "01MNPQRSTVWXYZ000000000000"  # a task id by its form; no such task
+
+
+@pytest.mark.parametrize("method, path, param", [
+    ("GET", "/api/tasks?befor=01ABC", "befor"),          # a typo: every task came back
+    ("GET", "/api/tasks?limit=5&colour=red", "colour"),
+    ("GET", "/api/queued?status=queued", "status"),
+    ("GET", f"/api/tasks/{NO_TASK}/output?atempt=1", "atempt"),
+    ("GET", f"/api/tasks/{NO_TASK}/logs?after=3", "after"),
+    ("GET", f"/api/workflows/{NO_TASK}?limit=1", "limit"),
+    ("GET", "/api/stats?x=1", "x"),
+    ("GET", "/healthz?verbose=1", "verbose"),
+    ("POST", "/api/tasks?dry_run=1", "dry_run"),
+])
+def test_an_unknown_query_parameter_gets_400_naming_it(shared, method, path, param):
+    """Unknown parameters were ignored: `?befor=` listed everything, `?dry_run=1` enqueued."""
+    body = {"type": "dry.run", "delay": 3600} if method == "POST" else None
+    res = shared.request(method, path, body)
+    assert res.status == 400, res.body
+    assert res.json["field"] == param and repr(param) in res.json["error"], res.json
+    assert shared.get("/api/tasks?type=dry.run").json["tasks"] == []
+    assert shared.get("/api/events?nope=1").json["field"] == "nope"  # as it was
+
+
+@pytest.mark.parametrize("before", ["zzz", "01abcdefghjkmnpqrstvwxyz01", "0" * 25, "0" * 27,
+                                    "0" * 25 + "U", "0" * 25 + "%20", "%E2%82%AC" * 26])
+def test_before_that_is_not_a_task_id_gets_400(shared, before):
+    """`before=zzz` sorted after every id: 200 and the first page, as if no cursor."""
+    res = shared.get(f"/api/tasks?before={before}")
+    assert res.status == 400 and res.json["field"] == "before", res.body
+    assert "task id" in res.json["error"]
+    # A cursor of the right form need not name a task (it may have been pruned since).
+    assert shared.get(f"/api/tasks?before={NO_TASK}").status == 200
+
+
 def test_unknown_ids_and_paths(shared):
     for method, path in [("GET", "/api/tasks/01NOSUCHTASK000000000000000"),
                          ("POST", "/api/tasks/01NOSUCHTASK000000000000000/cancel"),

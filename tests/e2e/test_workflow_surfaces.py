@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from supervisor import Queue
 from supervisor.store import Status, Store
 from tests.e2e.http_support import supervisor  # noqa: F401  (fixture)
 from tests.e2e.test_cli import enqueue, finish, tv
@@ -100,6 +101,40 @@ def test_http_workflow_events_and_cancel(supervisor):  # noqa: F811
     assert supervisor.post("/api/workflows/NOPE/cancel").status == 404
     assert supervisor.post("/api/events/go", b"[1]",
                            headers={"Content-Type": "application/json"}).status == 400
+
+
+@pytest.mark.timeout(60)
+def test_cancelling_a_workflow_through_a_member_answers_with_the_workflow_id(supervisor):  # noqa: F811
+    # GET /api/workflows/MEMBER answered with the root's id, POST .../MEMBER/cancel with
+    # MEMBER: a client keeping the answer's id kept a task's id, not the workflow's.
+    root = supervisor.enqueue(type="ok", await_event="never")["id"]
+    member = supervisor.enqueue(type="ok", workflow_id=root, await_event="never")["id"]
+    assert supervisor.get(f"/api/workflows/{member}").json["id"] == root
+    res = supervisor.post(f"/api/workflows/{member}/cancel")
+    assert res.status == 200 and res.json == {"id": root, "cancelled": 2, "stopping": 0}, res.body
+    res = supervisor.post(f"/api/workflows/{member}/cancel")  # nothing left to cancel
+    assert res.status == 200 and res.json == {"id": root, "cancelled": 0, "stopping": 0}
+
+
+@pytest.mark.timeout(120)
+def test_a_workflow_past_10000_tasks_says_it_was_cut(supervisor):  # noqa: F811
+    # GET /api/workflows/{id} answered the first 10,000 tasks, with counts and finished of
+    # those alone, and nothing said that more existed.
+    root = supervisor.enqueue(type="ok", await_event="never")["id"]
+    with Queue(supervisor.db) as queue:
+        queue.enqueue_many([{"type": "ok", "workflow_id": root, "await_event": "never"}
+                            for _ in range(10_000)])
+    res = supervisor.get(f"/api/workflows/{root}", timeout=60)
+    assert res.status == 200, res.body
+    wf = res.json
+    assert (wf["id"], wf["total"], wf["truncated"], wf["finished"]) == (root, 10_001, True, False)
+    assert wf["counts"] == {"blocked": 10_001} and len(wf["tasks"]) == 10_000
+    assert wf["tasks"][0]["id"] == root  # oldest first: the rest page through /api/tasks
+    page = supervisor.get(f"/api/tasks?workflow_id={root}&limit=1").json
+    assert page["tasks"][0]["id"] not in {t["id"] for t in wf["tasks"]}
+    alone = supervisor.enqueue(type="ok", await_event="never")["id"]
+    wf = supervisor.get(f"/api/workflows/{alone}").json
+    assert (wf["total"], wf["truncated"], len(wf["tasks"])) == (1, False, 1)
 
 
 def test_show_names_the_workflow_and_the_event(tmp_path):

@@ -157,7 +157,7 @@ def test_cancelling_a_workflow_stops_its_running_tasks_within_a_second(sup):
     outside = sup.enqueue("wf.square", {"x": 2})
     wait_until(lambda: sum(ln.startswith("sleep started") for ln in lines(sup)) == 2, timeout=15)
     started = time.monotonic()
-    assert sup.queue.cancel_workflow(root) == {"cancelled": 1, "stopping": 2}
+    assert sup.queue.cancel_workflow(root) == {"id": root, "cancelled": 1, "stopping": 2}
     for task_id in [root, *running]:
         sup.wait_status(task_id, "cancelled", timeout=5)
     assert time.monotonic() - started < 1.5  # stopped within a second (plus polling)

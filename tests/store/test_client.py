@@ -179,6 +179,17 @@ def test_list_filters_and_validates(queue):
         queue.list(limit=0)
 
 
+@pytest.mark.parametrize("before", ["zzz", "", "0" * 25, "0" * 26 + " ", "o" * 26, 5])
+def test_list_before_must_be_a_task_id(queue, before):
+    """list(before="zzz") returned every task ("zzz" sorts after every id), as if there
+    were no cursor; `taskvisor list --before` passed it on the same way."""
+    ids = [queue.enqueue("a"), queue.enqueue("a")]
+    with pytest.raises(InputError, match="before must be a task id") as info:
+        queue.list(before=before)
+    assert info.value.field == "before"
+    assert [t.id for t in queue.list(before=ids[1])] == [ids[0]]
+
+
 def test_cancel_retry_prune_stats(queue, db_path):
     with pytest.raises(NotFound):
         queue.cancel("nope")

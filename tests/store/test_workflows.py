@@ -8,7 +8,7 @@ import dataclasses
 import json
 import time
 
-from supervisor import policy
+from supervisor import Queue, policy
 from supervisor.store import AttemptEnd, Outcome, Status, Store, new_id
 from tests.store.factory import LEASE_S, T0, error, new, ok
 
@@ -57,9 +57,29 @@ def test_spawned_tasks_are_stored_with_the_success_in_the_parents_workflow(store
         assert stored[k.id].status is Status.QUEUED and stored[k.id].parent_id == parent
         assert stored[k.id].workflow == parent
     assert stored[join.id].status is Status.BLOCKED
-    tasks, edges = store.workflow(parent)
+    tasks, edges, _ = store.workflow(parent)
     assert {(e["from"], e["to"], e["kind"]) for e in edges} >= {
         (parent, join.id, "spawned"), *((k.id, join.id, "depends_on") for k in kids)}
+
+
+def test_a_workflow_past_10000_tasks_says_it_was_cut_and_counts_every_task(store, db_path):
+    # Queue.workflow and GET /api/workflows/{id} held the first 10,000 tasks, and counts
+    # and finished described only those, with no sign that any were left out.
+    root = store.enqueue(new("root"), T0)
+    store.enqueue_many([new("step", id=new_id(T0), workflow_id=root, await_event="go")
+                        for _ in range(10_000)], T0)
+    with Queue(db_path) as queue:
+        wf = queue.workflow(root)
+        assert len(wf.tasks) == 10_000 and wf.tasks[0].id == root
+        assert (wf.total, wf.truncated, wf.finished) == (10_001, True, False)
+        assert wf.counts == {"queued": 1, "blocked": 10_000}
+        shown = wf.to_dict()
+        assert (shown["total"], shown["truncated"]) == (10_001, True)
+        assert shown["counts"] == {"queued": 1, "blocked": 10_000} and len(shown["tasks"]) == 10_000
+        small = queue.workflow(queue.enqueue("alone")).to_dict()
+        assert (small["total"], small["truncated"], small["counts"]) == (1, False, {"queued": 1})
+    tasks, edges, counts = store.workflow(root, limit=2)
+    assert len(tasks) == 2 and counts == {"queued": 1, "blocked": 10_000}
 
 
 def test_an_attempt_that_does_not_succeed_spawns_nothing(store):
@@ -78,7 +98,7 @@ def test_an_attempt_that_does_not_succeed_spawns_nothing(store):
 def test_spawns_of_a_workflow_cancelled_meanwhile_are_dropped(store):
     parent = store.enqueue(new("plan"), T0)
     task = claim(store)
-    assert store.cancel_workflow(parent, T0) == {"cancelled": 0, "stopping": 1}
+    assert store.cancel_workflow(parent, T0) == {"id": parent, "cancelled": 0, "stopping": 1}
     assert store.complete(task.lease, dataclasses.replace(ok(), spawn=(spawned(parent),)), T0)
     assert [t.id for t in store.list()] == [parent]
 
@@ -189,7 +209,7 @@ def test_cancelling_a_workflow_of_10000_tasks_takes_one_transaction_under_a_seco
     store.conn.db.setcommithook(None)
     assert len(commits) == 1, "one transaction"
     assert elapsed < 1.0, f"cancel took {elapsed:.3f}s"
-    assert result == {"cancelled": 10_000, "stopping": 1}
+    assert result == {"id": root, "cancelled": 10_000, "stopping": 1}
     assert store.cancel_requests("owner") == [running.id]
     assert store.get(outside).outcome == "dependency_failed"
     assert store.stats(T0).totals()["cancelled"] == 10_000
@@ -290,9 +310,9 @@ def test_cancelling_listing_or_reading_through_any_task_of_a_workflow_acts_on_th
     via_member = store.enqueue(new("t", workflow_id=member, await_event="never"), T0)
     everyone = {root, member, via_member}
     assert {t.id for t in store.list(workflow_id=member)} == everyone
-    tasks, edges = store.workflow(member)
+    tasks, edges, _ = store.workflow(member)
     assert {t.id for t in tasks} == everyone and {t.workflow for t in tasks} == {root}
-    assert store.cancel_workflow(member, T0 + 1) == {"cancelled": 3, "stopping": 0}
+    assert store.cancel_workflow(member, T0 + 1) == {"id": root, "cancelled": 3, "stopping": 0}
     assert {store.get(i).status for i in everyone} == {Status.CANCELLED}
     assert store.get(via_member).error == f"cancelled with its workflow {root}"
 

@@ -64,3 +64,11 @@ def test_a_forked_child_starts_its_own_random_sequence():
     # Same millisecond: the child did not continue the parent's counter (parent + 1).
     assert child[:10] == parent[:10]
     assert decode(child) != decode(parent) + 1
+
+
+def test_is_task_id_accepts_what_new_id_makes_and_nothing_else():
+    made = [ids.new_id(1.7e9 + i / 7) for i in range(200)]
+    assert all(ids.is_task_id(i) for i in made)
+    for text in ("", "zzz", made[0].lower(), made[0][:-1], made[0] + "0", made[0][:-1] + "U",
+                 made[0][:-1] + "I", made[0][:-1] + "\n", " " + made[0][1:], None, 5):
+        assert not ids.is_task_id(text), text

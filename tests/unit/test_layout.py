@@ -14,7 +14,8 @@ PACKAGES = ("supervisor", "workers")
 SQL_MODULES = {"supervisor.store.queries", "supervisor.store.connection"}
 # The HTTP threads, the event fan-out, the loop's output buffers and the live CLI commands
 # read and write through Store methods, never a store's connection.
-HTTP_SIDE = {"supervisor/api.py", "supervisor/http.py", "supervisor/broadcast.py",
+HTTP_SIDE = {"supervisor/api.py", "supervisor/http.py", "supervisor/listener.py",
+             "supervisor/request.py", "supervisor/broadcast.py",
              "supervisor/output.py", "supervisor/watch.py"}
 
 
