@@ -17,6 +17,7 @@ import apsw
 
 from supervisor import budget
 from supervisor.budget import KeyState
+from supervisor.store import queries as q
 from supervisor.store import workflow_queries as wq
 
 _STATE_COLUMNS = "key, running, requests, tokens, updated_at, paused_until, pause_reason"
@@ -176,15 +177,20 @@ def select_last_fires(db: apsw.Connection) -> dict[str, tuple[float, str]]:
 
 def prune_finished_batch(db: apsw.Connection, before: float, limit: int) -> int:
     """Delete at most `limit` finished tasks completed before `before` (each with its
-    attempts and dependency rows, by cascade), oldest first; returns how many."""
+    attempts and dependency rows, by cascade), oldest first, but none an unfinished task
+    still needs (`queries.still_needed`); returns how many."""
+    # What an unfinished task still needs is passed over inside the LIMIT, so old kept
+    # tasks never fill the batch and hold back the ones behind them.
     db.execute("DELETE FROM tasks WHERE id IN (SELECT task_id FROM attempts "
-               "WHERE ended_at < :before AND outcome = 'succeeded' ORDER BY ended_at LIMIT :n) "
+               "WHERE ended_at < :before AND outcome = 'succeeded' "
+               f"AND NOT {q.still_needed('attempts.task_id')} ORDER BY ended_at LIMIT :n) "
                "AND status = 'succeeded' AND completed_at < :before",
                {"before": before, "n": limit})
     n = db.changes()
     if n < limit:
         db.execute("DELETE FROM tasks WHERE id IN (SELECT id FROM tasks INDEXED BY tasks_finished "
                    "WHERE status IN ('failed','cancelled') AND completed_at < :before "
+                   f"AND NOT {q.still_needed('tasks.id')} "
                    "ORDER BY completed_at LIMIT :n)", {"before": before, "n": limit - n})
         n += db.changes()
     return n
@@ -304,7 +310,6 @@ class FlowOps:
         with self.conn.write() as db:
             n = prune_finished_batch(db, before, limit)
             if n:
-                from supervisor.store import queries as q
                 q.delete_empty_counts(db)
             prune_fires_batch(db, before, limit)
             wq.prune_events_batch(db, before, limit)

@@ -403,16 +403,29 @@ def retry_task(db: apsw.Connection, task_id: str, now: float, status: str) -> bo
     return db.changes() > 0
 
 
+def still_needed(task_id: str) -> str:
+    """SQL true while the finished task `task_id` (a column) is still read by an
+    unfinished task: a dependent (its ctx.inputs hold this task's result, or its error
+    for run_on_failure), or a member of the workflow it started (the workflow's id names
+    it). Retention keeps such a task however old; each test is one index seek."""
+    return (f"(EXISTS (SELECT 1 FROM task_deps AS nd JOIN tasks AS nt ON nt.id = nd.task_id "
+            f"WHERE nd.depends_on = {task_id} AND nt.status IN ('blocked','queued','running')) "
+            f"OR EXISTS (SELECT 1 FROM tasks AS nw INDEXED BY tasks_workflow "
+            f"WHERE nw.workflow_id = {task_id} AND nw.status IN ('blocked','queued','running')))")
+
+
 def prune_finished(db: apsw.Connection, before: float) -> int:
     """Delete finished tasks completed before `before`: succeeded ones found through their
     succeeded attempt (attempts_ended: complete() ends it at the task's completed_at),
-    failed and cancelled ones through the partial index tasks_finished (migration 0004)."""
+    failed and cancelled ones through the partial index tasks_finished (migration 0004);
+    but not one an unfinished task still needs (`still_needed`)."""
     db.execute("DELETE FROM tasks WHERE id IN (SELECT task_id FROM attempts "
                "WHERE ended_at < :before AND outcome = 'succeeded') "
-               "AND status = 'succeeded' AND completed_at < :before", {"before": before})
+               "AND status = 'succeeded' AND completed_at < :before "
+               f"AND NOT {still_needed('tasks.id')}", {"before": before})
     n = db.changes()
-    db.execute("DELETE FROM tasks WHERE status IN ('failed','cancelled') AND completed_at < ?",
-               (before,))
+    db.execute("DELETE FROM tasks WHERE status IN ('failed','cancelled') AND completed_at < ? "
+               f"AND NOT {still_needed('tasks.id')}", (before,))
     return n + db.changes()
 
 

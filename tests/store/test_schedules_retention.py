@@ -131,3 +131,44 @@ def test_prune_on_demand_deletes_old_events_too(store):
     store.send_event("recent", None, T0 + 50)
     store.prune(T0 + 10)
     assert {r[0] for r in store.conn.db.execute("SELECT name FROM events")} == {"recent"}
+
+
+def test_retention_keeps_what_a_waiting_dependent_or_an_unfinished_workflow_needs(store):
+    """A succeeded dependency whose dependent still waits (for an event, for another
+    dependency), a failed one a run_on_failure dependent will read, and the root of a
+    workflow with members still to run are kept however old; pruned once nothing needs
+    them. Deleted, the dependent ran with its input missing from ctx.inputs, and the
+    workflow's id named no workflow any more."""
+    backoff = Backoff(0, 0)
+    done = store.enqueue(new(), T0)
+    t = store.claim("sup", T0, lease_s=LEASE_S)
+    store.complete(t.lease, ok({"x": 1}), T0 + 1)
+    broken = store.enqueue(new(max_attempts=1), T0)
+    t = store.claim("sup", T0, lease_s=LEASE_S)
+    store.fail(t.lease, error(), T0 + 1, backoff)
+    root = store.enqueue(new(), T0)
+    t = store.claim("sup", T0, lease_s=LEASE_S)
+    store.complete(t.lease, ok(), T0 + 1)
+    waiting = store.enqueue(new(depends_on=[done], await_event="approve"), T0 + 2)
+    cleanup = store.enqueue(new(depends_on=[broken], run_on_failure=True,
+                                await_event="approve"), T0 + 2)
+    member = store.enqueue(new(workflow_id=root, await_event="approve"), T0 + 2)
+    unneeded = store.enqueue(new(), T0)
+    t = store.claim("sup", T0, lease_s=LEASE_S)
+    store.complete(t.lease, ok(), T0 + 1)
+    while store.prune_batch(T0 + 100, 100):
+        pass
+    kept = {t.id for t in store.list(limit=100)}
+    assert {done, broken, root} <= kept and unneeded not in kept
+    assert store.prune(T0 + 100) == 0  # on demand too
+    store.send_event("approve", None, T0 + 200)
+    claimed = {}
+    while (t := store.claim("sup", T0 + 201, lease_s=LEASE_S)) is not None:
+        claimed[t.id] = t
+    assert claimed[waiting].context["inputs"] == {done: '{"x": 1}'}
+    assert list(claimed[cleanup].context["inputs"]) == [broken]
+    for t in claimed.values():
+        store.complete(t.lease, ok(), T0 + 202)
+    store.prune_batch(T0 + 100, 100)
+    assert not {done, broken, root} & {t.id for t in store.list(limit=100)}
+    assert {waiting, cleanup, member} <= {t.id for t in store.list(limit=100)}
