@@ -445,13 +445,16 @@ class Queue(WorkflowCalls):
 
 def _estimate(type_config, payload: Any) -> int | None:
     """The token estimate of a task with no estimate of its own: its type's, else the
-    payload's max_tokens (what a model call may produce at most)."""
+    payload's max_tokens (what a model call may produce at most), at its top level or in
+    its `options` (where llm.chat takes it: the options are the request's body)."""
     if type_config is not None and type_config.estimated_tokens is not None:
         return type_config.estimated_tokens
     if isinstance(payload, Mapping):
-        max_tokens = payload.get("max_tokens")
-        if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens >= 0:
-            return max_tokens
+        options = payload.get("options")
+        for where in (payload, options if isinstance(options, Mapping) else {}):
+            max_tokens = where.get("max_tokens")
+            if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens >= 0:
+                return max_tokens
     return None
 
 

@@ -208,3 +208,22 @@ payload = {{ a = "0123456789", b = 1.5 }}
     for spec in cfg.schedules.values():
         queue.prepare(spec.type, spec.payload, spec.priority)
         assert iso(schedule.next_fire(spec, 2e9))
+
+
+def test_an_llm_chat_payload_estimates_its_tokens_from_options_max_tokens(tmp_path):
+    """llm.chat takes max_tokens in its payload's `options` (a top-level one is not sent
+    to the model server): the claim's estimate must read it there, not fall back to the
+    limit's default while the call may produce far more."""
+    from supervisor.client import Queue
+    cfg = config.load(write(tmp_path, """
+[limits."openai"]
+tokens_per_minute = 60000
+estimated_tokens = 100
+[types."llm.chat"]
+limits = ["openai"]
+"""), env={})
+    queue = Queue(cfg.with_database(tmp_path / "never.db"))
+    chat = {"messages": [{"role": "user", "content": "hi"}], "options": {"max_tokens": 4000}}
+    assert queue.prepare("llm.chat", chat).estimated_tokens == 4000
+    assert queue.prepare("llm.chat", {"max_tokens": 300}).estimated_tokens == 300
+    assert queue.prepare("llm.chat", {"options": {"max_tokens": True}}).estimated_tokens is None
