@@ -103,5 +103,6 @@ def test_frames_and_filters():
     assert Filter()(f) and Filter(task="T1")(f) and Filter(type="llm.chat", workflow="T1")(f)
     assert not Filter(task="T2")(f) and not Filter(type="other")(f)
     sub = Subscription(3, Filter(), {"after": 3, "resumed_at": 9})
-    assert sub.first() == b'retry: 1000\n\nevent: gap\ndata: {"after": 3, "resumed_at": 9}\n\n'
+    assert sub.first() == (b'retry: 1000\nid: 3\n\n'
+                           b'event: gap\ndata: {"after": 3, "resumed_at": 9}\n\n')
     assert isinstance(f, Frame)
