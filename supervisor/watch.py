@@ -83,7 +83,7 @@ def cmd_watch(args, cfg) -> int:
                         lambda s: s.read_output_after(task.id, attempt, seq)):
                     _write(text)
                     if cut:
-                        _say(f"[output cut at max_output_bytes]")
+                        _say("[output cut at max_output_bytes]")
             if task.status in FINAL:
                 return EXIT_OK if task.status is Status.SUCCEEDED else EXIT_TASK_FAILED
             while True:
@@ -109,47 +109,60 @@ def _client(args, cfg):
 
 def _watch_api(args, cfg) -> int:
     with _client(args, cfg) as api:
-        task = api.get(args.id)
+        task, received = api.get(args.id), None  # an unknown id ends here, before a thread
+        if task["status"] not in FINAL:
+            task, received = _open_stream(api, args.id)
         _say(_status_line(task["status"], task["attempts"], task["progress"],
                           task["progress_message"], task["error"]))
-        if task["status"] in FINAL:
-            _write(api.output(args.id)["text"])
-            return EXIT_OK if task["status"] == "succeeded" else EXIT_TASK_FAILED
-        # The stream is opened first (on a thread), then the output so far is read: an
-        # output event at or before what was read is skipped, so nothing falls between.
-        import queue as _queue
-        import threading
-        received: _queue.Queue = _queue.Queue()
-        opened = threading.Event()
-
-        def pump() -> None:
-            try:
-                for item in api.events(task=args.id, on_open=opened.set):
-                    received.put(item)
-            except Exception as exc:  # the CLI's main thread reports it
-                received.put(exc)
-                opened.set()
-        threading.Thread(target=pump, daemon=True).start()
-        opened.wait()
         out = api.output(args.id)
-        attempt, pos = out["attempt"], len(out["text"])
         _write(out["text"])
-        while True:
-            item = received.get()
-            if isinstance(item, Exception):
-                raise item
-            _ev_id, kind, data = item
-            if kind == "output":
-                if data["attempt"] != attempt:
-                    attempt, pos = data["attempt"], 0
-                if data["pos"] + len(data["text"]) > pos:
-                    _write(data["text"][max(0, pos - data["pos"]):])
-                    pos = data["pos"] + len(data["text"])
-            elif kind == "task":
-                _say(_status_line(data["status"], data["attempt"], data["progress"],
-                                  data["message"], data["error"]))
-                if data["status"] in FINAL:
-                    return EXIT_OK if data["status"] == "succeeded" else EXIT_TASK_FAILED
+        if task["status"] in FINAL:  # the output is stored before the outcome: all of it
+            return EXIT_OK if task["status"] == "succeeded" else EXIT_TASK_FAILED
+        return _follow_stream(received, out)
+
+
+def _open_stream(api, task_id: str):
+    """Open the task's event stream (on a thread), then read the task: whatever changes
+    after that read arrives as an event. (Read before the stream opened, a task that
+    ended in between left `watch` waiting for ever for an end it had missed.)
+    Returns (task, queue of the stream's events, or of the exception that ended it)."""
+    import queue as _queue
+    import threading
+    received: _queue.Queue = _queue.Queue()
+    opened = threading.Event()
+
+    def pump() -> None:
+        try:
+            for item in api.events(task=task_id, on_open=opened.set):
+                received.put(item)
+        except Exception as exc:  # the CLI's main thread reports it
+            received.put(exc)
+            opened.set()
+    threading.Thread(target=pump, daemon=True).start()
+    opened.wait()
+    return api.get(task_id), received
+
+
+def _follow_stream(received, out: dict) -> int:
+    """Print the stream's output after what `out` held, and status lines, until the end.
+    An output event at or before what was read is skipped, so nothing falls between."""
+    attempt, pos = out["attempt"], len(out["text"])
+    while True:
+        item = received.get()
+        if isinstance(item, Exception):
+            raise item
+        _ev_id, kind, data = item
+        if kind == "output":
+            if data["attempt"] != attempt:
+                attempt, pos = data["attempt"], 0
+            if data["pos"] + len(data["text"]) > pos:
+                _write(data["text"][max(0, pos - data["pos"]):])
+                pos = data["pos"] + len(data["text"])
+        elif kind == "task":
+            _say(_status_line(data["status"], data["attempt"], data["progress"],
+                              data["message"], data["error"]))
+            if data["status"] in FINAL:
+                return EXIT_OK if data["status"] == "succeeded" else EXIT_TASK_FAILED
 
 
 @command("logs", "print the tail of a task's stdout and stderr (--follow: as it runs)",
