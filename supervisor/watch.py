@@ -37,7 +37,8 @@ def _logs_arguments(p) -> None:
     p.add_argument("--attempt", type=int, metavar="N", default=None,
                    help="which attempt (default: the latest that has a log)")
     p.add_argument("--follow", "-f", action="store_true",
-                   help="keep printing what the attempt writes until it ends")
+                   help="keep printing the log as the task runs, through its retries, "
+                   "until it finishes (with --attempt: until that attempt ends)")
     _api_argument(p)
 
 
@@ -194,7 +195,12 @@ def _api_log(api, task_id: str, attempt, after):
 
 
 def _follow(chunks, task, args) -> int:
-    """Print the log; with --follow, poll for new chunks until the attempt ended."""
+    """Print the log; with --follow, poll for new chunks until the task has finished
+    (a retry's attempt follows the one before it, after an "[attempt N]" line on
+    stderr), or, with --attempt N, until attempt N has ended. (It followed only the first
+    attempt it saw, waited through the retry's backoff, and left when the next attempt
+    started, without a line of it.) The task is read before the chunks: when it says an
+    attempt has ended, the chunks read after it hold all that attempt stored."""
     task_now = task()
     attempt, after = args.attempt, -1
     out = sys.stdout.buffer
@@ -208,13 +214,15 @@ def _follow(chunks, task, args) -> int:
             if attempt is None:
                 _say(f"{PROG}: task {args.id} has no log yet")
             return EXIT_OK
-        running = task_now["status"] == "running" and (attempt is None or
-                                                      task_now["attempts"] == attempt)
-        if not running and task_now["status"] not in ("queued", "blocked"):
-            attempt, got = chunks(after, attempt)  # what the end stored
-            for seq, data in got:
-                out.write(data)
-            out.flush()
+        status, current = task_now["status"], task_now["attempts"] or 0
+        if status not in ("running", "queued", "blocked"):
             return EXIT_OK
+        if args.attempt is not None:
+            if current > args.attempt or (current == args.attempt and status != "running"):
+                return EXIT_OK
+        elif attempt is not None and current > attempt:
+            attempt, after = current, -1
+            _say(f"[attempt {current}]")
+            continue
         time.sleep(0.5)
         task_now = task()
