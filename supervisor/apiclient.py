@@ -104,18 +104,23 @@ class ApiClient:
                     for ev_id, event, data in _parse(res.iter_lines()):
                         if ev_id is not None:
                             last_id = ev_id
-                        yield ev_id, event, data
+                        if data is not None:
+                            yield ev_id, event, data
             except (httpx.TransportError, httpx.StreamError):
                 pass
             time.sleep(reconnect_s)
 
 
-def _parse(lines: Iterator[str]) -> Iterator[tuple[int | None, str, dict]]:
+def _parse(lines: Iterator[str]) -> Iterator[tuple[int | None, str, dict | None]]:
+    """(id, event, data) of each frame; data None for a frame that only sets the id (the
+    stream's first: where a client that has seen no event yet resumes)."""
     ev_id, event, data = None, "message", []
     for line in lines:
         if line == "":
             if data:
                 yield ev_id, event, json.loads("\n".join(data))
+            elif ev_id is not None:
+                yield ev_id, event, None
             ev_id, event, data = None, "message", []
         elif not line.startswith(":"):
             field, _, value = line.partition(":")

@@ -87,9 +87,14 @@ class Subscription:
     gap: dict | None = None
 
     def first(self) -> bytes:
-        """The retry hint, and a `gap` event when some of what the client asked for is
-        gone (pruned, or the log was off)."""
-        out = b"retry: 1000\n\n"
+        """The retry hint with the id the client resumes after, and a `gap` event when
+        some of what the client asked for is gone (pruned, or the log was off).
+
+        The id comes at once, with no data (an EventSource sets its last event id and
+        dispatches nothing): a client that connected without one and lost the connection
+        before its first event reconnected without Last-Event-ID, from "now", and missed
+        whatever happened in between."""
+        out = f"retry: 1000\nid: {self.cursor}\n\n".encode()
         if self.gap is not None:
             out += f"event: gap\ndata: {json.dumps(self.gap)}\n\n".encode()
         return out

@@ -37,7 +37,8 @@ def _logs_arguments(p) -> None:
     p.add_argument("--attempt", type=int, metavar="N", default=None,
                    help="which attempt (default: the latest that has a log)")
     p.add_argument("--follow", "-f", action="store_true",
-                   help="keep printing what the attempt writes until it ends")
+                   help="keep printing the log as the task runs, through its retries, "
+                   "until it finishes (with --attempt: until that attempt ends)")
     _api_argument(p)
 
 
@@ -83,7 +84,7 @@ def cmd_watch(args, cfg) -> int:
                         lambda s: s.read_output_after(task.id, attempt, seq)):
                     _write(text)
                     if cut:
-                        _say(f"[output cut at max_output_bytes]")
+                        _say("[output cut at max_output_bytes]")
             if task.status in FINAL:
                 return EXIT_OK if task.status is Status.SUCCEEDED else EXIT_TASK_FAILED
             while True:
@@ -109,47 +110,60 @@ def _client(args, cfg):
 
 def _watch_api(args, cfg) -> int:
     with _client(args, cfg) as api:
-        task = api.get(args.id)
+        task, received = api.get(args.id), None  # an unknown id ends here, before a thread
+        if task["status"] not in FINAL:
+            task, received = _open_stream(api, args.id)
         _say(_status_line(task["status"], task["attempts"], task["progress"],
                           task["progress_message"], task["error"]))
-        if task["status"] in FINAL:
-            _write(api.output(args.id)["text"])
-            return EXIT_OK if task["status"] == "succeeded" else EXIT_TASK_FAILED
-        # The stream is opened first (on a thread), then the output so far is read: an
-        # output event at or before what was read is skipped, so nothing falls between.
-        import queue as _queue
-        import threading
-        received: _queue.Queue = _queue.Queue()
-        opened = threading.Event()
-
-        def pump() -> None:
-            try:
-                for item in api.events(task=args.id, on_open=opened.set):
-                    received.put(item)
-            except Exception as exc:  # the CLI's main thread reports it
-                received.put(exc)
-                opened.set()
-        threading.Thread(target=pump, daemon=True).start()
-        opened.wait()
         out = api.output(args.id)
-        attempt, pos = out["attempt"], len(out["text"])
         _write(out["text"])
-        while True:
-            item = received.get()
-            if isinstance(item, Exception):
-                raise item
-            _ev_id, kind, data = item
-            if kind == "output":
-                if data["attempt"] != attempt:
-                    attempt, pos = data["attempt"], 0
-                if data["pos"] + len(data["text"]) > pos:
-                    _write(data["text"][max(0, pos - data["pos"]):])
-                    pos = data["pos"] + len(data["text"])
-            elif kind == "task":
-                _say(_status_line(data["status"], data["attempt"], data["progress"],
-                                  data["message"], data["error"]))
-                if data["status"] in FINAL:
-                    return EXIT_OK if data["status"] == "succeeded" else EXIT_TASK_FAILED
+        if task["status"] in FINAL:  # the output is stored before the outcome: all of it
+            return EXIT_OK if task["status"] == "succeeded" else EXIT_TASK_FAILED
+        return _follow_stream(received, out)
+
+
+def _open_stream(api, task_id: str):
+    """Open the task's event stream (on a thread), then read the task: whatever changes
+    after that read arrives as an event. (Read before the stream opened, a task that
+    ended in between left `watch` waiting for ever for an end it had missed.)
+    Returns (task, queue of the stream's events, or of the exception that ended it)."""
+    import queue as _queue
+    import threading
+    received: _queue.Queue = _queue.Queue()
+    opened = threading.Event()
+
+    def pump() -> None:
+        try:
+            for item in api.events(task=task_id, on_open=opened.set):
+                received.put(item)
+        except Exception as exc:  # the CLI's main thread reports it
+            received.put(exc)
+            opened.set()
+    threading.Thread(target=pump, daemon=True).start()
+    opened.wait()
+    return api.get(task_id), received
+
+
+def _follow_stream(received, out: dict) -> int:
+    """Print the stream's output after what `out` held, and status lines, until the end.
+    An output event at or before what was read is skipped, so nothing falls between."""
+    attempt, pos = out["attempt"], len(out["text"])
+    while True:
+        item = received.get()
+        if isinstance(item, Exception):
+            raise item
+        _ev_id, kind, data = item
+        if kind == "output":
+            if data["attempt"] != attempt:
+                attempt, pos = data["attempt"], 0
+            if data["pos"] + len(data["text"]) > pos:
+                _write(data["text"][max(0, pos - data["pos"]):])
+                pos = data["pos"] + len(data["text"])
+        elif kind == "task":
+            _say(_status_line(data["status"], data["attempt"], data["progress"],
+                              data["message"], data["error"]))
+            if data["status"] in FINAL:
+                return EXIT_OK if data["status"] == "succeeded" else EXIT_TASK_FAILED
 
 
 @command("logs", "print the tail of a task's stdout and stderr (--follow: as it runs)",
@@ -181,7 +195,12 @@ def _api_log(api, task_id: str, attempt, after):
 
 
 def _follow(chunks, task, args) -> int:
-    """Print the log; with --follow, poll for new chunks until the attempt ended."""
+    """Print the log; with --follow, poll for new chunks until the task has finished
+    (a retry's attempt follows the one before it, after an "[attempt N]" line on
+    stderr), or, with --attempt N, until attempt N has ended. (It followed only the first
+    attempt it saw, waited through the retry's backoff, and left when the next attempt
+    started, without a line of it.) The task is read before the chunks: when it says an
+    attempt has ended, the chunks read after it hold all that attempt stored."""
     task_now = task()
     attempt, after = args.attempt, -1
     out = sys.stdout.buffer
@@ -195,13 +214,15 @@ def _follow(chunks, task, args) -> int:
             if attempt is None:
                 _say(f"{PROG}: task {args.id} has no log yet")
             return EXIT_OK
-        running = task_now["status"] == "running" and (attempt is None or
-                                                      task_now["attempts"] == attempt)
-        if not running and task_now["status"] not in ("queued", "blocked"):
-            attempt, got = chunks(after, attempt)  # what the end stored
-            for seq, data in got:
-                out.write(data)
-            out.flush()
+        status, current = task_now["status"], task_now["attempts"] or 0
+        if status not in ("running", "queued", "blocked"):
             return EXIT_OK
+        if args.attempt is not None:
+            if current > args.attempt or (current == args.attempt and status != "running"):
+                return EXIT_OK
+        elif attempt is not None and current > attempt:
+            attempt, after = current, -1
+            _say(f"[attempt {current}]")
+            continue
         time.sleep(0.5)
         task_now = task()

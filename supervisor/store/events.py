@@ -39,14 +39,26 @@ class LogState:
 
 # -- the event log -------------------------------------------------------------------------
 
+MARK = "mark"  # a row that only takes an id (see subscribe); never read or sent
+
+
 def subscribe(conn: Connection, now: float) -> LogState:
     """Switch the event triggers on (if off) and note a subscriber at `now`. When it was
-    off, events after the current newest id are complete from here on (`since_id`)."""
+    off, events after `since_id` are complete from here on.
+
+    Switching on after the log was off writes a `mark` row and `since_id` is its id: a
+    client that saw the newest event before the log went off holds an id below it and is
+    told of the gap (changes made while it was off were never logged). With since_id at
+    the newest id itself that client resumed with no gap and missed them silently."""
     with conn.write(savepoint=False) as db:
         enabled, since_id = db.execute(
             "SELECT enabled, since_id FROM task_events_state WHERE id = 1").fetchall()[0]
         if not enabled:
             since_id = db.execute("SELECT coalesce(max(id), 0) FROM task_events").fetchall()[0][0]
+            if since_id:  # ids were handed out before: what follows them is incomplete
+                db.execute("INSERT INTO task_events (kind, task_id, type, workflow, data) "
+                           "VALUES (?, '', '', NULL, '{}')", (MARK,))
+                since_id = db.last_insert_rowid()
         db.execute("UPDATE task_events_state SET enabled = 1, subscribed_at = ?, since_id = ? "
                    "WHERE id = 1", (now, since_id))
     return LogState(True, now, since_id)
@@ -79,11 +91,11 @@ def oldest_id(conn: Connection) -> int:
 
 
 def read(conn: Connection, after_id: int, limit: int = 1000) -> list[Event]:
-    """Events with id > after_id, oldest first, at most `limit`."""
+    """Events with id > after_id, oldest first, at most `limit` (`mark` rows left out)."""
     with conn.read() as db:
         return [Event(*row) for row in db.execute(
-            f"SELECT {EVENT_COLUMNS} FROM task_events WHERE id > ? ORDER BY id LIMIT ?",
-            (after_id, limit))]
+            f"SELECT {EVENT_COLUMNS} FROM task_events WHERE id > ? AND kind != '{MARK}' "
+            "ORDER BY id LIMIT ?", (after_id, limit))]
 
 
 def prune(conn: Connection, below_id: int) -> int:

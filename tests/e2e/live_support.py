@@ -26,6 +26,14 @@ def stream(payload, ctx):
             time.sleep(payload["gap_s"])
     return {"n": payload.get("n", 10)}
 
+@task("flaky")
+def flaky(payload, ctx):
+    print("attempt %d" % ctx.attempt, flush=True)
+    time.sleep(float(payload.get("s", 1.5)))
+    if ctx.attempt < int(payload.get("fail", 1)) + 1:
+        raise RuntimeError("attempt %d fails" % ctx.attempt)
+    return None
+
 @task("print")
 def print_(payload, ctx):
     line = b"x" * 1023 + b"\\n"

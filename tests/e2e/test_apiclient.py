@@ -5,7 +5,9 @@ and the events of a task over the Unix socket."""
 
 from __future__ import annotations
 
+import queue
 import socket
+import threading
 
 import pytest
 
@@ -61,4 +63,34 @@ def test_over_the_unix_socket_with_events(tmp_path):
                     break
         assert final == "succeeded" and text == "tok0 tok1 tok2 ", text
     finally:
+        sup.close(graceful_s=0)
+
+
+@pytest.mark.timeout(90)
+def test_events_resume_across_a_supervisor_restart_before_the_first_event(tmp_path):
+    """The stream gave no id until its first event: a client whose connection dropped
+    before one (here: the supervisor killed) reconnected without Last-Event-ID, from
+    "now", and never heard of the cancel made while it was away."""
+    sup = start_live(tmp_path, listen=f"unix:{tmp_path / 'api.sock'}")
+    api = ApiClient(f"unix:{sup.unix}")
+    try:
+        tid = api.enqueue("stream", {"n": 1}, delay=3600)["id"]
+        got: queue.Queue = queue.Queue()
+        opened = threading.Event()
+
+        def pump() -> None:
+            try:
+                for item in api.events(task=tid, on_open=opened.set, reconnect_s=0.1):
+                    got.put(item)
+            except Exception as exc:  # the client closed at the end of the test
+                got.put(exc)
+        threading.Thread(target=pump, daemon=True).start()
+        assert opened.wait(20)
+        sup.kill9()
+        sup.queue.cancel(tid)           # while no supervisor serves the stream
+        sup.restart()
+        _id, kind, data = got.get(timeout=30)
+        assert (kind, data["id"], data["status"]) == ("task", tid, "cancelled")
+    finally:
+        api.close()
         sup.close(graceful_s=0)

@@ -14,7 +14,6 @@ import pytest
 
 from tests.e2e.live_support import start_live, stop
 from tests.e2e.http_support import ROOT
-from tests.support import wait_until
 
 MIB = 1024 * 1024
 
@@ -71,5 +70,23 @@ def test_logs_follow_prints_a_running_task_until_it_ends(tmp_path):
         assert res.stdout.count(b"x" * 1023 + b"\n") >= 200  # the 256 KiB tail of 1 MiB
         watched = cli(sup, "watch", task["id"])
         assert watched.returncode == 0 and b"[succeeded]" in watched.stderr
+    finally:
+        stop(sup)
+
+
+@pytest.mark.timeout(60)
+def test_logs_follow_follows_the_retry_until_the_task_finishes(tmp_path):
+    """It followed the first attempt it saw, waited through the retry's backoff and
+    left when attempt 2 started, without a line of it."""
+    sup = start_live(tmp_path)
+    try:
+        task = sup.enqueue(type="flaky", payload={"s": 1.5}, max_attempts=2)
+        res = cli(sup, "logs", task["id"], "--follow")
+        assert res.returncode == 0, res.stderr
+        assert res.stdout == b"attempt 1\nattempt 2\n", (res.stdout, res.stderr)
+        assert b"[attempt 2]" in res.stderr
+        assert sup.get(f"/api/tasks/{task['id']}").json["status"] == "succeeded"
+        only = cli(sup, "logs", task["id"], "--attempt", "1", "--follow")
+        assert only.returncode == 0 and only.stdout == b"attempt 1\n", only
     finally:
         stop(sup)

@@ -87,6 +87,31 @@ def test_switching_off_needs_retention_without_subscribers(store):
     assert state.since_id == events.newest_id(store.conn)
 
 
+def test_a_client_that_saw_the_newest_event_before_the_log_went_off_is_told_of_the_gap(
+        store, db_path):
+    """Its id was the newest when the log was switched on again: with since_id at that id
+    it resumed with no gap event and never heard of the changes made while it was off."""
+    from supervisor.broadcast import Broadcast, Filter
+    fan = Broadcast(lambda: Store(db_path, migrate=False, create=False), str(db_path), 600,
+                    clock=lambda: T0)
+    try:
+        assert fan.subscribe(None, Filter()).gap is None
+        store.enqueue(new(), T0)
+        seen = events.newest_id(store.conn)            # the client's Last-Event-ID
+        assert events.disable_if_idle(store.conn, T0 + 1000, 600)
+        missed = store.enqueue(new(), T0 + 1001)       # not logged: the log is off
+        fan.clock = lambda: T0 + 1002
+        sub = fan.subscribe(seen, Filter())
+        assert sub.gap is not None and sub.gap["after"] == seen, sub
+        assert missed not in {json.loads(e.data)["id"] for e in events.read(store.conn, 0)}
+        # The row that marks the switch is never read (never sent to a client).
+        assert [e.kind for e in events.read(store.conn, 0)] == ["task"]
+        after = fan.subscribe(sub.gap["resumed_at"], Filter())   # complete from there
+        assert after.gap is None
+    finally:
+        fan.stop()
+
+
 def claimed(store: Store, now: float = T0) -> Lease:
     store.enqueue(new(), now)
     return store.claim("me", now, lease_s=LEASE_S).lease

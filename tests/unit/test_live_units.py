@@ -103,5 +103,48 @@ def test_frames_and_filters():
     assert Filter()(f) and Filter(task="T1")(f) and Filter(type="llm.chat", workflow="T1")(f)
     assert not Filter(task="T2")(f) and not Filter(type="other")(f)
     sub = Subscription(3, Filter(), {"after": 3, "resumed_at": 9})
-    assert sub.first() == b'retry: 1000\n\nevent: gap\ndata: {"after": 3, "resumed_at": 9}\n\n'
+    assert sub.first() == (b'retry: 1000\nid: 3\n\n'
+                           b'event: gap\ndata: {"after": 3, "resumed_at": 9}\n\n')
     assert isinstance(f, Frame)
+
+
+class _EndedMeanwhile:
+    """An API whose task ends between `watch`'s first read and the opening of its event
+    stream: the stream (from "now") never carries the end."""
+
+    def __init__(self):
+        self.reads = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def get(self, task_id):
+        self.reads += 1
+        status = "running" if self.reads == 1 else "succeeded"
+        return {"id": task_id, "status": status, "attempts": 1, "progress": None,
+                "progress_message": None, "error": None}
+
+    def output(self, task_id, attempt=None):
+        return {"id": task_id, "attempt": 1, "text": "all of it", "truncated": False}
+
+    def events(self, task=None, on_open=None, **_kw):
+        on_open()
+        threading.Event().wait()  # nothing more ever comes
+        yield from ()
+
+
+def test_watch_api_sees_an_end_that_came_before_its_stream_opened(monkeypatch, capsys):
+    from argparse import Namespace
+    from supervisor import watch
+    monkeypatch.setattr(watch, "_client", lambda args, cfg: _EndedMeanwhile())
+    result = []
+    t = threading.Thread(target=lambda: result.append(
+        watch._watch_api(Namespace(id="T1", api="unix:/nowhere"), None)), daemon=True)
+    t.start()
+    t.join(10)
+    assert result == [watch.EXIT_OK], "watch --api waited for an end it had missed"
+    out = capsys.readouterr()
+    assert out.out == "all of it" and "[succeeded]" in out.err
