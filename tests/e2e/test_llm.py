@@ -202,6 +202,20 @@ def test_connection_refused_is_retryable_and_bad_payloads_are_not(via):
         assert info.value.retryable is False
 
 
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("base_url", ["http://127.0.0.1:99999/v1", "http://127.0.0.1:0/v1",
+                                      "http://127.0.0.1:80x/v1", "http://:8080/v1",
+                                      "http://exa mple/v1"])
+def test_a_base_url_that_cannot_be_a_server_fails_for_good_on_both_paths(via, base_url):
+    """A port out of range escaped the async direct call as a bare ExceptionGroup (a
+    traceback, retried) and came back from the relay as a retryable LlmUnavailable: no
+    retry can fix the URL."""
+    for call in (run, lambda p: llm.chat_sync(p, FakeCtx())):
+        with pytest.raises(llm.LlmRejected, match="base_url") as info:
+            call({"prompt": "hi", "base_url": base_url})
+        assert info.value.retryable is False
+
+
 def test_a_call_imports_nothing_the_preloaded_module_could_have(server, via):
     """What a task process would import at its first call (httpx's transport stack, a TLS
     context's certificates) is imported once by the fork server's preload: each task

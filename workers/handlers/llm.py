@@ -104,8 +104,12 @@ def build_request(payload: Mapping, ctx: object = None,
         raise LlmRejected("no model server: set [llm] base_url in the config (or "
                           "TASKVISOR_LLM__BASE_URL in the supervisor's environment), "
                           "or give base_url in the payload, e.g. http://127.0.0.1:8080/v1")
-    if _split(str(base_url))[0] not in ("http", "https"):
+    scheme, netloc = _split(str(base_url))
+    if scheme not in ("http", "https"):
         raise LlmRejected(f"base_url must be an http:// or https:// URL, got {base_url!r}")
+    if not _host_port_ok(netloc):
+        raise LlmRejected(f"base_url {base_url!r} names no usable host and port "
+                          f"(a port is 1-65535)")
     messages = _messages(payload)
     options = payload.get("options") or {}
     if not _is_map(options):
@@ -165,6 +169,23 @@ def _origin(url: str) -> tuple:
     "h:80" is not "h"; a key is never sent by mistake)."""
     scheme, netloc = _split(str(url))
     return scheme, netloc.rpartition("@")[2].lower()
+
+
+def _host_port_ok(netloc: str) -> bool:
+    """Whether a URL's netloc names a host and, if any, a port 1-65535, with no white
+    space: a URL that fails this reached httpx, which raised a bare exception group (an
+    async call) or a connection error (retried), though no retry can fix the URL."""
+    hostport = netloc.rpartition("@")[2]
+    if hostport.startswith("["):
+        host, bracket, port = hostport[1:].partition("]")
+        if not bracket or (port and not port.startswith(":")):
+            return False
+        port = port[1:]
+    else:
+        host, _, port = hostport.partition(":")
+    if not host or any(c.isspace() or not c.isprintable() for c in hostport):
+        return False
+    return not port or (port.isascii() and port.isdigit() and 0 < int(port) < 65536)
 
 
 def _split(url: str) -> tuple[str, str]:
