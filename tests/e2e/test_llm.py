@@ -178,6 +178,20 @@ def test_error_statuses_become_the_right_exceptions(server):
 
 
 @pytest.mark.timeout(20)
+def test_a_json_answer_that_is_not_a_chat_completion_is_malformed(server):
+    """A 200 application/json body without choices (a proxy's {"detail": ...}, a status
+    object) was a success with empty text: the task succeeded with no answer."""
+    payload = {"prompt": "hi", "base_url": server.base_url, "request_timeout_s": 10,
+               "stall_timeout_s": 5}
+    for body in ({"detail": "Not authenticated"}, {"id": "x", "choices": []}):
+        # no context: through a relay, the relay reads the answer (llmreports)
+        for call in (run, lambda p: llm.chat_sync(p, FakeCtx()), llm.chat_sync):
+            server.script(Status(200, body))
+            with pytest.raises(llm.MalformedReply, match="not a chat completion"):
+                call(payload)
+
+
+@pytest.mark.timeout(20)
 def test_stall_is_a_timeout_even_with_keepalive_comments(server):
     for stall in (Stall(tokens=2, hold_s=10), Stall(tokens=2, hold_s=10, ping_every_s=0.1)):
         server.script(stall)

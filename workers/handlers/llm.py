@@ -431,11 +431,17 @@ RAISED = {cls.__name__: cls for cls in (MalformedReply, LlmServerError, LlmStall
 
 
 def _finish_json(reply: Reply, data: bytes) -> None:
-    """A server that ignored stream: true and answered with one JSON object."""
+    """A server that ignored stream: true and answered with one JSON object: a
+    chat.completion, with its choices (a 200 without them, a proxy's {"detail": ...} say,
+    is no answer: it was a success with empty text)."""
     try:
-        reply.add(json.loads(data))
+        whole = json.loads(data)
     except ValueError:
         raise MalformedReply(f"the response is not JSON: {data[:200]!r}") from None
+    reply.add(whole)  # raises the server's own {"error": ...} first
+    if not whole.get("choices"):
+        raise MalformedReply(f"the response is JSON but not a chat completion (no choices): "
+                             f"{data[:200]!r}")
     reply.done = True
 
 
