@@ -246,6 +246,8 @@ class RelayServer:
                 reports = parsed.lines(lines)
                 if reports:
                     await _send(writer, frame(b"R", reports))
+                if parsed.done:
+                    break  # whole; a server may hold the connection open after [DONE]
         last, result = parsed.end()
         await _send(writer, (frame(b"R", last) if last else b"") + frame(b"J", result))
 

@@ -192,6 +192,21 @@ def test_a_json_answer_that_is_not_a_chat_completion_is_malformed(server):
 
 
 @pytest.mark.timeout(20)
+def test_an_answer_ends_at_done_even_if_the_server_keeps_the_connection_open(server):
+    """A server (or a proxy) that sends data: [DONE] and then holds the connection: the
+    complete answer became a stall timeout, retried (the call made twice)."""
+    body = ('data: {"choices": [{"delta": {"content": "all here"}, "finish_reason": "stop"}]}\n\n'
+            'data: [DONE]\n\n')
+    for call in (run, lambda p: llm.chat_sync(p, FakeCtx()), llm.chat_sync):
+        server.script(Malformed(body=body, hold_s=10))
+        started = time.monotonic()
+        out = call({"prompt": "hi", "base_url": server.base_url, "stall_timeout_s": 2,
+                    "request_timeout_s": 10})
+        assert out["text"] == "all here" and out["finish_reason"] == "stop"
+        assert time.monotonic() - started < 1.5
+
+
+@pytest.mark.timeout(20)
 def test_stall_is_a_timeout_even_with_keepalive_comments(server):
     for stall in (Stall(tokens=2, hold_s=10), Stall(tokens=2, hold_s=10, ping_every_s=0.1)):
         server.script(stall)

@@ -283,7 +283,10 @@ class Reply:
         self._data: list[str] = []
 
     def feed(self, line: str) -> None:
-        """One line of the body (without its newline). Raises MalformedReply, LlmStalled."""
+        """One line of the body (without its newline). Raises MalformedReply, LlmStalled.
+        Once `done` ([DONE] came) the answer is whole: the caller stops reading, since a
+        server or proxy may hold the connection open after it (waiting for its end turned
+        a complete answer into a stall, retried)."""
         now = time.monotonic()
         if now - self.last_data_mono > self.stall_timeout_s:
             raise self.stalled(now)

@@ -65,6 +65,8 @@ async def chat(req: llm.Request, reply: llm.Reply, ctx) -> None:
                     else:
                         async for line in resp.aiter_lines():
                             reply.feed(line)
+                            if reply.done:
+                                break
                         reply.close()
     except httpx.HTTPError as exc:
         raise transport_error(exc, req, reply) from exc
@@ -86,6 +88,8 @@ def chat_sync(req: llm.Request, reply: llm.Reply, ctx) -> None:
                 else:
                     for line in resp.iter_lines():
                         reply.feed(line)
+                        if reply.done:
+                            break
                         if time.monotonic() > deadline:
                             raise llm._overran(req)
                     reply.close()
