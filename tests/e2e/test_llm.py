@@ -20,7 +20,7 @@ import pytest
 from supervisor.config import load as load_config
 from tests.support import wait_until
 from tests.support.launcher import SupervisorProcess, supervisor_config
-from tests.support.openai_server import FakeOpenAI, Json, Malformed, Stall, Status, Stream
+from tests.support.openai_server import FakeOpenAI, Json, Malformed, Silent, Stall, Status, Stream
 from workers import Retry
 from workers.handlers import Fail, llm
 
@@ -215,6 +215,23 @@ def test_stall_is_a_timeout_even_with_keepalive_comments(server):
             run({"prompt": "hi", "base_url": server.base_url, "stall_timeout_s": 0.6})
         assert info.value.outcome == "timeout" and info.value.retryable is True
         assert time.monotonic() - started < 3
+
+
+@pytest.mark.timeout(30)
+def test_request_timeout_shorter_than_the_stall_timeout_is_kept_on_every_path(server):
+    """The blocking direct call bounded each read by stall_timeout_s alone: a server that
+    never answered (or answered its headers and then nothing) held it for stall_timeout_s
+    (8 s here) past request_timeout_s (1 s), where the async call and the relay end at 1 s."""
+    payload = {"prompt": "hi", "base_url": server.base_url, "request_timeout_s": 1,
+               "stall_timeout_s": 8}
+    for behaviour in (Silent(hold_s=10), Stall(tokens=0, hold_s=10)):
+        for call in (run, lambda p: llm.chat_sync(p, FakeCtx()), llm.chat_sync):
+            server.script(behaviour)
+            started = time.monotonic()
+            with pytest.raises(llm.LlmStalled, match=r"request_timeout_s=1s") as info:
+                call(payload)
+            assert time.monotonic() - started < 2.5, behaviour
+            assert info.value.outcome == "timeout" and info.value.retryable
 
 
 @pytest.mark.timeout(20)

@@ -5,7 +5,7 @@ events `data: {chunk}\\n\\n` ending in `data: [DONE]`, usage in a last chunk whe
 `stream_options.include_usage` is set) and is scripted per test: each request takes the
 next queued behaviour, or `default` when the queue is empty. Behaviours: `Stream` (normal
 streaming, optional delays and keep-alive comments), `Status` (429 with Retry-After, 500,
-a 400 with an error JSON), `Stall` (some tokens, then silence), `Malformed` (a body that
+a 400 with an error JSON), `Stall` (some tokens, then silence), `Silent` (no answer at all), `Malformed` (a body that
 is not the wire format, optionally held open), `Json` (a non-streaming answer) and `Flood` (an endless stream as
 fast as the client reads). Every request is recorded, and so are the connections accepted
 (`Stream(keep_alive=True)` keeps one for the next request) and the clients that left
@@ -54,6 +54,12 @@ class Malformed:
     body: str = "data: {\"choices\": [{\"delta\": {\"content\": \"hal\"\n\ndata: nonsense\n\n"
     content_type: str = "text/event-stream"
     hold_s: float = 0.0           # then the connection stays open this long (no end of body)
+
+
+@dataclass
+class Silent:
+    """The request is read and never answered (no status line) for `hold_s`."""
+    hold_s: float = 30.0
 
 
 @dataclass
@@ -181,6 +187,10 @@ def _handler_class(server: FakeOpenAI):
         def _serve(self, b, body: dict) -> None:
             if isinstance(b, Status):
                 return self._send(b.code, b.body, b.headers)
+            if isinstance(b, Silent):
+                server.stopping.wait(b.hold_s)
+                self.close_connection = True
+                return
             if isinstance(b, Malformed):
                 self._send(200, b.body, {"Content-Type": b.content_type}, hold=b.hold_s > 0)
                 server.stopping.wait(b.hold_s)
