@@ -62,6 +62,7 @@ LANE_CALLS = 16                      # calls at once per httpx client (RelayServ
 KEEPALIVE_EXPIRY_S = 30.0
 BACKLOG = 4096                       # capped by net.core.somaxconn: a wave of tasks connects at once
 EXIT_PARENT_GONE = 3
+DONE_DRAIN_S = 0.5                   # after [DONE], how long the body's end is waited for
 SOCKET_CHECK_S = 2.0                 # how often the relay looks that its socket is still there
 
 
@@ -231,8 +232,12 @@ class RelayServer:
         if is_json(resp):
             await _send(writer, frame(b"B", await resp.aread()))
         else:
-            async for lines in self._batches(resp):
+            batches = self._batches(resp)
+            async for lines in batches:
                 await _send(writer, frame(b"L", "\n".join(lines).encode()))
+                if any(line.startswith("data:") and line[5:].strip() == "[DONE]" for line in lines):
+                    await _rest(batches)
+                    break
         await _send(writer, frame(b"Z"))
 
     async def _parsed(self, resp, writer: asyncio.StreamWriter, parsed) -> None:
@@ -243,12 +248,14 @@ class RelayServer:
             if reports:
                 await _send(writer, frame(b"R", reports))
         else:
-            async for lines in self._batches(resp):
+            batches = self._batches(resp)
+            async for lines in batches:
                 reports = parsed.lines(lines)
                 if reports:
                     await _send(writer, frame(b"R", reports))
                 if parsed.done:
-                    break  # whole; a server may hold the connection open after [DONE]
+                    await _rest(batches)
+                    break
         last, result = parsed.end()
         await _send(writer, (frame(b"R", last) if last else b"") + frame(b"J", result))
 
@@ -263,6 +270,20 @@ class RelayServer:
             await _send(writer, frame(b"E", json.dumps(msg).encode()))
         except (ConnectionError, OSError):
             pass
+
+
+async def _rest(batches) -> None:
+    """After data: [DONE] the answer is whole: what is left of the body (its end, at once
+    from a well-behaved server) is read for at most DONE_DRAIN_S, so that the connection
+    goes back to the pool kept alive; a server or proxy that holds the connection open
+    after [DONE] is then left (waiting for its end turned a whole answer into a stall,
+    retried: the call made twice)."""
+    try:
+        async with asyncio.timeout(DONE_DRAIN_S):
+            async for _ in batches:
+                pass
+    except TimeoutError:
+        pass
 
 
 async def _send(writer: asyncio.StreamWriter, data: bytes) -> None:

@@ -137,9 +137,6 @@ class Relayed(_Call):
             try:
                 for line in data.decode().split("\n"):
                     reply.feed(line)
-                    if reply.done:  # whole: the relay's upstream closes when we leave
-                        reply.close()
-                        return True
                     if time.monotonic() > self.deadline:
                         raise llm._overran(self.req)
             finally:
