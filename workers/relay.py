@@ -62,6 +62,8 @@ LANE_CALLS = 16                      # calls at once per httpx client (RelayServ
 KEEPALIVE_EXPIRY_S = 30.0
 BACKLOG = 4096                       # capped by net.core.somaxconn: a wave of tasks connects at once
 EXIT_PARENT_GONE = 3
+DONE_DRAIN_S = 0.5                   # after [DONE], how long the body's end is waited for
+SOCKET_CHECK_S = 2.0                 # how often the relay looks that its socket is still there
 
 
 def is_json(resp) -> bool:
@@ -230,8 +232,12 @@ class RelayServer:
         if is_json(resp):
             await _send(writer, frame(b"B", await resp.aread()))
         else:
-            async for lines in self._batches(resp):
+            batches = self._batches(resp)
+            async for lines in batches:
                 await _send(writer, frame(b"L", "\n".join(lines).encode()))
+                if any(line.startswith("data:") and line[5:].strip() == "[DONE]" for line in lines):
+                    await _rest(batches)
+                    break
         await _send(writer, frame(b"Z"))
 
     async def _parsed(self, resp, writer: asyncio.StreamWriter, parsed) -> None:
@@ -242,10 +248,14 @@ class RelayServer:
             if reports:
                 await _send(writer, frame(b"R", reports))
         else:
-            async for lines in self._batches(resp):
+            batches = self._batches(resp)
+            async for lines in batches:
                 reports = parsed.lines(lines)
                 if reports:
                     await _send(writer, frame(b"R", reports))
+                if parsed.done:
+                    await _rest(batches)
+                    break
         last, result = parsed.end()
         await _send(writer, (frame(b"R", last) if last else b"") + frame(b"J", result))
 
@@ -260,6 +270,20 @@ class RelayServer:
             await _send(writer, frame(b"E", json.dumps(msg).encode()))
         except (ConnectionError, OSError):
             pass
+
+
+async def _rest(batches) -> None:
+    """After data: [DONE] the answer is whole: what is left of the body (its end, at once
+    from a well-behaved server) is read for at most DONE_DRAIN_S, so that the connection
+    goes back to the pool kept alive; a server or proxy that holds the connection open
+    after [DONE] is then left (waiting for its end turned a whole answer into a stall,
+    retried: the call made twice)."""
+    try:
+        async with asyncio.timeout(DONE_DRAIN_S):
+            async for _ in batches:
+                pass
+    except TimeoutError:
+        pass
 
 
 async def _send(writer: asyncio.StreamWriter, data: bytes) -> None:
@@ -287,13 +311,65 @@ def bind(path: str) -> socket.socket:
     return sock
 
 
+def bound_here(path: str, listener: socket.socket) -> bool:
+    """Whether `path` is still the socket `listener` was bound to (same inode)."""
+    try:
+        there = os.lstat(path)
+    except OSError:
+        return False
+    mine = os.fstat(listener.fileno())
+    return stat.S_ISSOCK(there.st_mode) and there.st_ino == mine.st_ino \
+        and there.st_dev == mine.st_dev
+
+
+def rebind(path: str) -> socket.socket:
+    """A listening socket at `path` again, its folder made again (0700) when it is gone:
+    something cleaned the temporary folder. Raises OSError (tried again later)."""
+    folder = os.path.dirname(path)
+    try:
+        os.mkdir(folder, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(folder)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise OSError(f"{folder} is not a folder of ours")
+    os.chmod(folder, 0o700)
+    return bind(path)
+
+
 async def run(listener: socket.socket, ctrl: socket.socket) -> None:
-    """Serve on `listener` until the control socket ends or SIGTERM."""
+    """Serve on `listener` until the control socket ends or SIGTERM. Every SOCKET_CHECK_S,
+    if its path no longer names the listening socket (the folder was removed: a tmp
+    cleaner), bind it again: else every task found no relay and called directly, for the
+    rest of the supervisor's life (the relay itself never died, so was never restarted).
+    Calls in flight go on on their own connections."""
     relay = RelayServer()
-    server = await asyncio.start_unix_server(relay.serve_one, sock=listener, backlog=BACKLOG,
-                                             limit=MAX_REQUEST_BYTES)
+    path = listener.getsockname()
+
+    async def serve(sock: socket.socket):
+        return await asyncio.start_unix_server(relay.serve_one, sock=sock, backlog=BACKLOG,
+                                               limit=MAX_REQUEST_BYTES)
+    server = await serve(listener)
     loop = asyncio.get_running_loop()
     done = loop.create_future()
+
+    async def watch() -> None:
+        nonlocal server, listener
+        while True:
+            await asyncio.sleep(SOCKET_CHECK_S)
+            if bound_here(path, listener):
+                continue
+            try:
+                fresh = rebind(path)
+            except OSError as exc:
+                print(f"taskvisor-relay: its socket {path} is gone and cannot be made again "
+                      f"({exc}); tasks call directly meanwhile", file=sys.stderr, flush=True)
+                continue
+            old, server, listener = server, await serve(fresh), fresh
+            old.close()  # stops accepting there; its calls in flight go on
+            print(f"taskvisor-relay: its socket {path} was removed; listening there again",
+                  file=sys.stderr, flush=True)
+    watching = asyncio.ensure_future(watch())
     ctrl.setblocking(False)
 
     def on_ctrl() -> None:
@@ -310,6 +386,7 @@ async def run(listener: socket.socket, ctrl: socket.socket) -> None:
     loop.add_signal_handler(signal.SIGTERM, lambda: done.done() or done.set_result("SIGTERM"))
     loop.add_signal_handler(signal.SIGINT, lambda: None)  # ^C goes to the supervisor, who stops us
     await done
+    watching.cancel()
     server.close()
     # Stopped once no task is left: nothing to flush, and no connection worth a goodbye.
     # Leaving here skips cancelling what is left (asyncio logs each as an error) and the

@@ -20,7 +20,7 @@ import pytest
 from supervisor.config import load as load_config
 from tests.support import wait_until
 from tests.support.launcher import SupervisorProcess, supervisor_config
-from tests.support.openai_server import FakeOpenAI, Json, Malformed, Stall, Status, Stream
+from tests.support.openai_server import FakeOpenAI, Json, Malformed, Silent, Stall, Status, Stream
 from workers import Retry
 from workers.handlers import Fail, llm
 
@@ -178,6 +178,35 @@ def test_error_statuses_become_the_right_exceptions(server):
 
 
 @pytest.mark.timeout(20)
+def test_a_json_answer_that_is_not_a_chat_completion_is_malformed(server):
+    """A 200 application/json body without choices (a proxy's {"detail": ...}, a status
+    object) was a success with empty text: the task succeeded with no answer."""
+    payload = {"prompt": "hi", "base_url": server.base_url, "request_timeout_s": 10,
+               "stall_timeout_s": 5}
+    for body in ({"detail": "Not authenticated"}, {"id": "x", "choices": []}):
+        # no context: through a relay, the relay reads the answer (llmreports)
+        for call in (run, lambda p: llm.chat_sync(p, FakeCtx()), llm.chat_sync):
+            server.script(Status(200, body))
+            with pytest.raises(llm.MalformedReply, match="not a chat completion"):
+                call(payload)
+
+
+@pytest.mark.timeout(20)
+def test_an_answer_ends_at_done_even_if_the_server_keeps_the_connection_open(server):
+    """A server (or a proxy) that sends data: [DONE] and then holds the connection: the
+    complete answer became a stall timeout, retried (the call made twice)."""
+    body = ('data: {"choices": [{"delta": {"content": "all here"}, "finish_reason": "stop"}]}\n\n'
+            'data: [DONE]\n\n')
+    for call in (run, lambda p: llm.chat_sync(p, FakeCtx()), llm.chat_sync):
+        server.script(Malformed(body=body, hold_s=10))
+        started = time.monotonic()
+        out = call({"prompt": "hi", "base_url": server.base_url, "stall_timeout_s": 2,
+                    "request_timeout_s": 10})
+        assert out["text"] == "all here" and out["finish_reason"] == "stop"
+        assert time.monotonic() - started < 1.5
+
+
+@pytest.mark.timeout(20)
 def test_stall_is_a_timeout_even_with_keepalive_comments(server):
     for stall in (Stall(tokens=2, hold_s=10), Stall(tokens=2, hold_s=10, ping_every_s=0.1)):
         server.script(stall)
@@ -186,6 +215,23 @@ def test_stall_is_a_timeout_even_with_keepalive_comments(server):
             run({"prompt": "hi", "base_url": server.base_url, "stall_timeout_s": 0.6})
         assert info.value.outcome == "timeout" and info.value.retryable is True
         assert time.monotonic() - started < 3
+
+
+@pytest.mark.timeout(30)
+def test_request_timeout_shorter_than_the_stall_timeout_is_kept_on_every_path(server):
+    """The blocking direct call bounded each read by stall_timeout_s alone: a server that
+    never answered (or answered its headers and then nothing) held it for stall_timeout_s
+    (8 s here) past request_timeout_s (1 s), where the async call and the relay end at 1 s."""
+    payload = {"prompt": "hi", "base_url": server.base_url, "request_timeout_s": 1,
+               "stall_timeout_s": 8}
+    for behaviour in (Silent(hold_s=10), Stall(tokens=0, hold_s=10)):
+        for call in (run, lambda p: llm.chat_sync(p, FakeCtx()), llm.chat_sync):
+            server.script(behaviour)
+            started = time.monotonic()
+            with pytest.raises(llm.LlmStalled, match=r"request_timeout_s=1s") as info:
+                call(payload)
+            assert time.monotonic() - started < 2.5, behaviour
+            assert info.value.outcome == "timeout" and info.value.retryable
 
 
 @pytest.mark.timeout(20)
@@ -199,6 +245,20 @@ def test_connection_refused_is_retryable_and_bad_payloads_are_not(via):
                               "must not set stream")]:
         with pytest.raises(Fail, match=pattern) as info:
             run(payload, FakeCtx())
+        assert info.value.retryable is False
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("base_url", ["http://127.0.0.1:99999/v1", "http://127.0.0.1:0/v1",
+                                      "http://127.0.0.1:80x/v1", "http://:8080/v1",
+                                      "http://exa mple/v1"])
+def test_a_base_url_that_cannot_be_a_server_fails_for_good_on_both_paths(via, base_url):
+    """A port out of range escaped the async direct call as a bare ExceptionGroup (a
+    traceback, retried) and came back from the relay as a retryable LlmUnavailable: no
+    retry can fix the URL."""
+    for call in (run, lambda p: llm.chat_sync(p, FakeCtx())):
+        with pytest.raises(llm.LlmRejected, match="base_url") as info:
+            call({"prompt": "hi", "base_url": base_url})
         assert info.value.retryable is False
 
 

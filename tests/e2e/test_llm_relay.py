@@ -209,6 +209,39 @@ def test_the_relay_dies_with_its_supervisor(tmp_path):
             assert sup.stop() == 0
 
 
+@pytest.mark.timeout(60)
+def test_a_removed_socket_folder_is_made_again_and_calls_use_the_relay(tmp_path):
+    """Something that cleans the temporary folder removed the relay's socket: the relay
+    went on running, unreachable, and was never restarted, so every task from then on
+    called directly (httpx in each task process) and logged that it could not reach it."""
+    import shutil
+    with FakeOpenAI(Stream(text="through the relay")) as srv:
+        with SupervisorProcess(tmp_path, llm_config(srv.base_url)) as sup:
+            (pid,) = wait_until(lambda: relay_pids(sup), timeout=10)
+            argv = psutil.Process(pid).cmdline()
+            path = argv[argv.index("--socket") + 1]
+            wait_until(lambda: os.path.exists(path), timeout=10)
+            shutil.rmtree(os.path.dirname(path))
+            wait_until(lambda: os.path.exists(path), timeout=10,
+                       message="the relay's socket was not made again")
+            assert stat.S_ISSOCK(os.stat(path).st_mode)
+            assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+            assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
+            task_id = sup.queue.enqueue("llm.chat", {"prompt": "hi"})
+            task = sup.wait(task_id, timeout=30)
+            assert task.status == "succeeded", task.error
+            assert task.result["text"] == "through the relay"
+            assert relay_pids(sup) == [pid], "the relay kept running, calls in flight with it"
+            store = Store(str(tmp_path / "taskvisor.db"))
+            try:
+                assert "cannot be reached" not in store.read_output(task_id).text
+            finally:
+                store.close()
+            assert "cannot be reached" not in sup.log()
+            assert sup.stop() == 0
+            assert not os.path.exists(os.path.dirname(path))
+
+
 # -- the relay reads the answer for a task's context ("parse": workers.handlers.llmreports)
 
 def task_context(reporter_fd: int):

@@ -5,8 +5,8 @@ events `data: {chunk}\\n\\n` ending in `data: [DONE]`, usage in a last chunk whe
 `stream_options.include_usage` is set) and is scripted per test: each request takes the
 next queued behaviour, or `default` when the queue is empty. Behaviours: `Stream` (normal
 streaming, optional delays and keep-alive comments), `Status` (429 with Retry-After, 500,
-a 400 with an error JSON), `Stall` (some tokens, then silence), `Malformed` (a body that
-is not the wire format), `Json` (a non-streaming answer) and `Flood` (an endless stream as
+a 400 with an error JSON), `Stall` (some tokens, then silence), `Silent` (no answer at all), `Malformed` (a body that
+is not the wire format, optionally held open), `Json` (a non-streaming answer) and `Flood` (an endless stream as
 fast as the client reads). Every request is recorded, and so are the connections accepted
 (`Stream(keep_alive=True)` keeps one for the next request) and the clients that left
 mid-answer (`disconnects`).
@@ -53,6 +53,13 @@ class Stall:
 class Malformed:
     body: str = "data: {\"choices\": [{\"delta\": {\"content\": \"hal\"\n\ndata: nonsense\n\n"
     content_type: str = "text/event-stream"
+    hold_s: float = 0.0           # then the connection stays open this long (no end of body)
+
+
+@dataclass
+class Silent:
+    """The request is read and never answered (no status line) for `hold_s`."""
+    hold_s: float = 30.0
 
 
 @dataclass
@@ -180,8 +187,14 @@ def _handler_class(server: FakeOpenAI):
         def _serve(self, b, body: dict) -> None:
             if isinstance(b, Status):
                 return self._send(b.code, b.body, b.headers)
+            if isinstance(b, Silent):
+                server.stopping.wait(b.hold_s)
+                self.close_connection = True
+                return
             if isinstance(b, Malformed):
-                return self._send(200, b.body, {"Content-Type": b.content_type})
+                self._send(200, b.body, {"Content-Type": b.content_type}, hold=b.hold_s > 0)
+                server.stopping.wait(b.hold_s)
+                return
             if isinstance(b, Json):
                 pieces = tokens(b.text)
                 return self._send(200, {
@@ -257,7 +270,8 @@ def _handler_class(server: FakeOpenAI):
             self.wfile.write(data)
             self.wfile.flush()
 
-        def _send(self, code: int, body, headers: dict | None = None) -> None:
+        def _send(self, code: int, body, headers: dict | None = None, hold: bool = False) -> None:
+            """`hold`: no Content-Length, so the body ends only when the connection closes."""
             data = (json.dumps(body) if isinstance(body, dict) else body).encode()
             self.send_response(code)
             headers = dict(headers or {})
@@ -265,9 +279,14 @@ def _handler_class(server: FakeOpenAI):
                                else "text/plain")
             for k, v in headers.items():
                 self.send_header(k, str(v))
-            self.send_header("Content-Length", str(len(data)))
+            if hold:
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            else:
+                self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             self.wfile.write(data)
+            self.wfile.flush()
 
     return Handler
 

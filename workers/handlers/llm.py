@@ -104,8 +104,12 @@ def build_request(payload: Mapping, ctx: object = None,
         raise LlmRejected("no model server: set [llm] base_url in the config (or "
                           "TASKVISOR_LLM__BASE_URL in the supervisor's environment), "
                           "or give base_url in the payload, e.g. http://127.0.0.1:8080/v1")
-    if _split(str(base_url))[0] not in ("http", "https"):
+    scheme, netloc = _split(str(base_url))
+    if scheme not in ("http", "https"):
         raise LlmRejected(f"base_url must be an http:// or https:// URL, got {base_url!r}")
+    if not _host_port_ok(netloc):
+        raise LlmRejected(f"base_url {base_url!r} names no usable host and port "
+                          f"(a port is 1-65535)")
     messages = _messages(payload)
     options = payload.get("options") or {}
     if not _is_map(options):
@@ -165,6 +169,23 @@ def _origin(url: str) -> tuple:
     "h:80" is not "h"; a key is never sent by mistake)."""
     scheme, netloc = _split(str(url))
     return scheme, netloc.rpartition("@")[2].lower()
+
+
+def _host_port_ok(netloc: str) -> bool:
+    """Whether a URL's netloc names a host and, if any, a port 1-65535, with no white
+    space: a URL that fails this reached httpx, which raised a bare exception group (an
+    async call) or a connection error (retried), though no retry can fix the URL."""
+    hostport = netloc.rpartition("@")[2]
+    if hostport.startswith("["):
+        host, bracket, port = hostport[1:].partition("]")
+        if not bracket or (port and not port.startswith(":")):
+            return False
+        port = port[1:]
+    else:
+        host, _, port = hostport.partition(":")
+    if not host or any(c.isspace() or not c.isprintable() for c in hostport):
+        return False
+    return not port or (port.isascii() and port.isdigit() and 0 < int(port) < 65536)
 
 
 def _split(url: str) -> tuple[str, str]:
@@ -262,7 +283,10 @@ class Reply:
         self._data: list[str] = []
 
     def feed(self, line: str) -> None:
-        """One line of the body (without its newline). Raises MalformedReply, LlmStalled."""
+        """One line of the body (without its newline). Raises MalformedReply, LlmStalled.
+        Once `done` ([DONE] came) the answer is whole: the caller stops reading, since a
+        server or proxy may hold the connection open after it (waiting for its end turned
+        a complete answer into a stall, retried)."""
         now = time.monotonic()
         if now - self.last_data_mono > self.stall_timeout_s:
             raise self.stalled(now)
@@ -410,11 +434,17 @@ RAISED = {cls.__name__: cls for cls in (MalformedReply, LlmServerError, LlmStall
 
 
 def _finish_json(reply: Reply, data: bytes) -> None:
-    """A server that ignored stream: true and answered with one JSON object."""
+    """A server that ignored stream: true and answered with one JSON object: a
+    chat.completion, with its choices (a 200 without them, a proxy's {"detail": ...} say,
+    is no answer: it was a success with empty text)."""
     try:
-        reply.add(json.loads(data))
+        whole = json.loads(data)
     except ValueError:
         raise MalformedReply(f"the response is not JSON: {data[:200]!r}") from None
+    reply.add(whole)  # raises the server's own {"error": ...} first
+    if not whole.get("choices"):
+        raise MalformedReply(f"the response is JSON but not a chat completion (no choices): "
+                             f"{data[:200]!r}")
     reply.done = True
 
 

@@ -65,6 +65,8 @@ async def chat(req: llm.Request, reply: llm.Reply, ctx) -> None:
                     else:
                         async for line in resp.aiter_lines():
                             reply.feed(line)
+                            if reply.done:
+                                break
                         reply.close()
     except httpx.HTTPError as exc:
         raise transport_error(exc, req, reply) from exc
@@ -73,11 +75,19 @@ async def chat(req: llm.Request, reply: llm.Reply, ctx) -> None:
 
 
 def chat_sync(req: llm.Request, reply: llm.Reply, ctx) -> None:
-    """The same, blocking (`llm.chat_sync`)."""
+    """The same, blocking (`llm.chat_sync`). A blocking client has no deadline of its own:
+    each read waits at most what is left of request_timeout_s (else a server silent
+    before its headers, or after them, held the call for stall_timeout_s past it)."""
     deadline = time.monotonic() + req.request_timeout_s
+    limit = httpx.Timeout(min(req.stall_timeout_s, req.request_timeout_s), connect=min(
+        relay.CONNECT_TIMEOUT_S, req.stall_timeout_s, req.request_timeout_s))
     try:
-        with httpx.Client(timeout=timeout(req), verify=_TLS) as client:
+        with httpx.Client(timeout=limit, verify=_TLS) as client:
             with client.stream("POST", req.url, json=req.body, headers=req.headers) as resp:
+                # httpcore reads this dict when the body's first read starts: the reads of
+                # the body wait at most what is left then
+                resp.request.extensions["timeout"]["read"] = max(0.01, min(
+                    req.stall_timeout_s, deadline - time.monotonic()))
                 if resp.status_code >= 400:
                     resp.read()
                     raise llm.status_error(resp, req.url, llm._pause_keys(ctx, spent=0))
@@ -86,8 +96,14 @@ def chat_sync(req: llm.Request, reply: llm.Reply, ctx) -> None:
                 else:
                     for line in resp.iter_lines():
                         reply.feed(line)
+                        if reply.done:
+                            break
                         if time.monotonic() > deadline:
                             raise llm._overran(req)
                     reply.close()
+    except httpx.TimeoutException as exc:
+        if time.monotonic() >= deadline - 0.05:
+            raise llm._overran(req) from None
+        raise transport_error(exc, req, reply) from exc
     except httpx.HTTPError as exc:
         raise transport_error(exc, req, reply) from exc

@@ -58,11 +58,13 @@ class Parse:
         return self.out.take()
 
     def lines(self, lines: list[str]) -> bytes:
-        """Body lines of one upstream read."""
+        """Body lines of one upstream read (none after [DONE]: see `done`)."""
         reply = self.reply
         try:
             for line in lines:
                 reply.feed(line)
+                if reply.done:
+                    break
         finally:
             reply.flush_stream()
         return self.out.take()
@@ -74,6 +76,12 @@ class Parse:
         finally:
             self.reply.flush_stream()
         return self.out.take()
+
+    @property
+    def done(self) -> bool:
+        """[DONE] came: the answer is whole, read no further (a server may hold the
+        connection open after it)."""
+        return self.reply.done
 
     def end(self) -> tuple[bytes, bytes]:
         """The body ended: (the last report lines, the result as JSON)."""
