@@ -461,7 +461,7 @@ def _schedules_arguments(p: argparse.ArgumentParser) -> None:
          _schedules_arguments)
 def cmd_schedules(args, cfg) -> int:
     from supervisor.api import schedule_json
-    with Queue(cfg) as queue:
+    with Queue(cfg, create=False) as queue:  # a typo in --db must not leave a new file
         if args.action:
             if not args.name:
                 raise InputError(f"schedules {args.action} needs the schedule's NAME", field="name")

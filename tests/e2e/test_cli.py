@@ -395,3 +395,13 @@ def test_discovery_order(tmp_path):
     assert (etc / "explicit.db").exists()  # relative to the config file
     assert count(etc / "explicit.db") == 1
     assert tv(tmp_path, "list", "--json", "--db", "etc/explicit.db").returncode == 0
+
+
+def test_limits_and_schedules_on_a_missing_database_say_so_and_create_nothing(tmp_path):
+    """`schedules` created ./taskvisor.db where `limits` refused: a typo in --db left a
+    new empty database behind."""
+    for args, error in ((("limits",), "no such database"), (("schedules",), "no such database"),
+                        (("schedules", "--json"), "no such database"),
+                        (("schedules", "pause", "nightly"), "no schedule named 'nightly'")):
+        assert_one_error(tv(tmp_path, *args), error)
+        assert not (tmp_path / "taskvisor.db").exists(), args
