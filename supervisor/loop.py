@@ -159,6 +159,7 @@ class Supervisor:
         self.selector.register(self.server, selectors.EVENT_READ, ("server", self.server))
         self.open_store()
         self.leases.rescue(self.clock.now())
+        self.warn_unhandled_schedules()
         for hook in self.on_ready:
             hook(self)
         self.emit("started", owner=self.owner)
@@ -331,6 +332,7 @@ class Supervisor:
                      "stays", self.server.pid)
         if why is not None and self.replace_fork_server(why):
             self.handler_code.remember(self.server.pid, code)
+        self.warn_unhandled_schedules()
         log.info("config reloaded from %s: pool_size=%d", new.path, new.supervisor.pool_size)
         self.emit("reloaded", pool_size=new.supervisor.pool_size)
         self.notifier.ready(self.status_line())
@@ -348,6 +350,16 @@ class Supervisor:
         for key in start_only_changes(old, loaded):
             log.warning("reload: %s changed; it applies at the next start (restart the "
                         "supervisor), the running value stays", key)
+
+    def warn_unhandled_schedules(self) -> None:
+        """Name each schedule whose type the fork server has no handler for, at start and
+        at a reload: every fire of it fails, and a nightly one said so first at 02:30."""
+        known = set(self.server.types)
+        for name, spec in self.config.schedules.items():
+            if spec.type not in known:
+                log.warning("schedule %r enqueues type %r, which no handler here takes (not "
+                            "in a [supervisor] preload module nor a [types] handler): each "
+                            "fire will fail until one registers it", name, spec.type)
 
     def replace_fork_server(self, why: str) -> bool:
         """Start a new fork server for new tasks; the old one stays until its tasks end."""

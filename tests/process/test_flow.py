@@ -164,3 +164,14 @@ def test_retention_deletes_old_finished_tasks_in_the_background(supervisor_proc)
     wait_until(gone, timeout=15)
     assert sup.get(waiting).status == "queued"
     assert sup.store.conn.db.execute("SELECT count(*) FROM attempts").fetchall()[0][0] == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_schedule_of_a_type_with_no_handler_is_named_at_start(supervisor_proc, tmp_path):
+    """Each fire of it fails: the log says so at start, not first at the fire (02:30 for
+    a nightly schedule); a schedule of a known type is not named."""
+    sup = supervisor_proc(**flow(schedules={
+        "nightly": {"cron": "30 2 * * *", "type": "f.nope"},
+        "tick": {"every": "1h", "type": "f.other", "payload": {"dir": str(tmp_path)}}}))
+    sup.wait_log("schedule 'nightly' enqueues type 'f.nope', which no handler here takes")
+    assert "schedule 'tick'" not in sup.log()
