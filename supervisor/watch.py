@@ -53,6 +53,9 @@ def _status_line(status: str, attempt, progress, message, error=None) -> str:
     return " ".join(p for p in parts if p)
 
 
+CUT = "[output cut at max_output_bytes]"
+
+
 def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
@@ -84,7 +87,7 @@ def cmd_watch(args, cfg) -> int:
                         lambda s: s.read_output_after(task.id, attempt, seq)):
                     _write(text)
                     if cut:
-                        _say("[output cut at max_output_bytes]")
+                        _say(CUT)
             if task.status in FINAL:
                 return EXIT_OK if task.status is Status.SUCCEEDED else EXIT_TASK_FAILED
             while True:
@@ -117,6 +120,8 @@ def _watch_api(args, cfg) -> int:
                           task["progress_message"], task["error"]))
         out = api.output(args.id)
         _write(out["text"])
+        if out.get("truncated"):
+            _say(CUT)
         if task["status"] in FINAL:  # the output is stored before the outcome: all of it
             return EXIT_OK if task["status"] == "succeeded" else EXIT_TASK_FAILED
         return _follow_stream(received, out)
@@ -146,7 +151,9 @@ def _open_stream(api, task_id: str):
 
 def _follow_stream(received, out: dict) -> int:
     """Print the stream's output after what `out` held, and status lines, until the end.
-    An output event at or before what was read is skipped, so nothing falls between."""
+    An output event at or before what was read is skipped, so nothing falls between, and
+    so is one of an earlier attempt than the one shown (arriving late, it started the
+    shown text over: printed twice). A cut is said, as `watch` without --api says it."""
     attempt, pos = out["attempt"], len(out["text"])
     while True:
         item = received.get()
@@ -154,11 +161,15 @@ def _follow_stream(received, out: dict) -> int:
             raise item
         _ev_id, kind, data = item
         if kind == "output":
+            if attempt is not None and data["attempt"] < attempt:
+                continue
             if data["attempt"] != attempt:
                 attempt, pos = data["attempt"], 0
             if data["pos"] + len(data["text"]) > pos:
                 _write(data["text"][max(0, pos - data["pos"]):])
                 pos = data["pos"] + len(data["text"])
+                if data.get("truncated"):
+                    _say(CUT)
         elif kind == "task":
             _say(_status_line(data["status"], data["attempt"], data["progress"],
                               data["message"], data["error"]))

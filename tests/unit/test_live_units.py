@@ -148,3 +148,51 @@ def test_watch_api_sees_an_end_that_came_before_its_stream_opened(monkeypatch, c
     assert result == [watch.EXIT_OK], "watch --api waited for an end it had missed"
     out = capsys.readouterr()
     assert out.out == "all of it" and "[succeeded]" in out.err
+
+
+class _Scripted(_EndedMeanwhile):
+    """A running task's API whose stream carries `events` and then the task's end."""
+
+    def __init__(self, output: dict, events: list):
+        super().__init__()
+        self._output, self._events = output, events
+
+    def get(self, task_id):
+        return {"id": task_id, "status": "running", "attempts": 2, "progress": None,
+                "progress_message": None, "error": None}
+
+    def output(self, task_id, attempt=None):
+        return self._output
+
+    def events(self, task=None, on_open=None, **_kw):
+        on_open()
+        yield from self._events
+        yield (99, "task", {"status": "succeeded", "attempt": 2, "progress": None,
+                            "message": None, "error": None})
+
+
+def _watch_api_with(monkeypatch, api):
+    from argparse import Namespace
+    from supervisor import watch
+    monkeypatch.setattr(watch, "_client", lambda args, cfg: api)
+    assert watch._watch_api(Namespace(id="T1", api="unix:/nowhere"), None) == watch.EXIT_OK
+
+
+def test_watch_api_skips_a_late_chunk_of_an_earlier_attempt_and_says_when_output_is_cut(
+        monkeypatch, capsys):
+    """A chunk of attempt 1 arriving after attempt 2's text made it start over (attempt
+    2's text printed twice); a cut chunk was printed without saying it was cut."""
+    def chunk(attempt, pos, text, truncated=False):
+        return (1, "output", {"attempt": attempt, "pos": pos, "text": text,
+                              "truncated": truncated})
+    _watch_api_with(monkeypatch, _Scripted(
+        {"id": "T1", "attempt": 2, "text": "two ", "truncated": False},
+        [chunk(1, 0, "one, late "), chunk(2, 4, "more"), chunk(2, 8, " and the cut", True)]))
+    out = capsys.readouterr()
+    assert out.out == "two more and the cut"
+    assert out.err.count("[output cut at max_output_bytes]") == 1
+    # Already cut when watch starts: said at once.
+    _watch_api_with(monkeypatch, _Scripted(
+        {"id": "T1", "attempt": 2, "text": "all there is", "truncated": True}, []))
+    out = capsys.readouterr()
+    assert out.out == "all there is" and "[output cut at max_output_bytes]" in out.err
