@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 def build_parser() -> Parser:
     common = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: an option given before the command is not reset by the subparser.
-    common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS,
+    common.add_argument("--config", metavar="PATH", default=argparse.SUPPRESS, type=config_path,
                         help="config file (default: $TASKVISOR_CONFIG, else ./taskvisor.toml)")
     common.add_argument("--db", metavar="PATH", default=argparse.SUPPRESS, type=db_path,
                         help="database file (overrides [supervisor] database)")
@@ -111,6 +111,14 @@ def db_path(text: str) -> str:
     variable) quietly opened the config's database, ./taskvisor.db by default."""
     if not text:
         raise argparse.ArgumentTypeError("expected a database file path, got an empty string")
+    return text
+
+
+def config_path(text: str) -> str:
+    """--config's value: empty, it meant "no --config", and the command quietly read
+    $TASKVISOR_CONFIG or ./taskvisor.toml instead of the file the caller meant."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a config file path, got an empty string")
     return text
 
 

@@ -329,17 +329,19 @@ def test_reading_a_missing_database_is_an_error(tmp_path, command):
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
-def test_an_empty_db_path_is_an_error_for_every_command(tmp_path):
-    """`--db ""` (say, an unset shell variable) used to mean "no --db": the command went
-    on with the config's database, ./taskvisor.db by default, and wrote to it."""
+@pytest.mark.parametrize("option, what", [("--db", "database"), ("--config", "config")])
+def test_an_empty_path_is_an_error_for_every_command(tmp_path, option, what):
+    """`--db ""` or `--config ""` (say, an unset shell variable) used to mean no option:
+    the command went on with the default database (./taskvisor.db) or config, and wrote
+    to it."""
     from supervisor import cli
     for name in cli.COMMANDS:
-        for argv in (["--db", "", name], [name, "--db", ""], [name, "--db="]):
-            with pytest.raises(cli.UsageError, match=r"^argument --db: expected a database "
+        for argv in ([option, "", name], [name, option, ""], [name, f"{option}="]):
+            with pytest.raises(cli.UsageError, match=rf"^argument {option}: expected a {what} "
                                                      r"file path, got an empty string$"):
                 cli.build_parser().parse_args(argv)
     for args in (["enqueue", "t"], ["list"], ["migrate"]):
-        assert_one_error(tv(tmp_path, *args, "--db", ""), r"argument --db: .*empty string")
+        assert_one_error(tv(tmp_path, *args, option, ""), rf"argument {option}: .*empty string")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
