@@ -169,10 +169,12 @@ def _enqueue_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_enqueue(args, cfg) -> int:
     payload = _read_payload(args.payload)
     with Queue(cfg) as queue:
+        # --workflow takes what `show` takes, a unique end of an id included
+        workflow = None if args.workflow is None else queue.resolve_workflow_id(args.workflow)
         task_id = queue.enqueue(args.type, payload, priority=args.priority, delay=args.delay,
                                 timeout_s=args.timeout, memory_mb=args.memory_mb,
                                 max_attempts=args.max_attempts, depends_on=args.depends_on,
-                                dedupe_key=args.key, workflow_id=args.workflow,
+                                dedupe_key=args.key, workflow_id=workflow,
                                 await_event=args.await_event,
                                 run_on_failure=args.run_on_failure, limit_keys=args.limit_key,
                                 estimated_tokens=args.estimated_tokens)

@@ -64,8 +64,8 @@ def test_queue_resolve_id_prefers_an_exact_id(tmp_path):
 
 
 def test_workflow_commands_and_calls_accept_a_short_id(tmp_path):
-    """`cancel --workflow`, `list --workflow`, Queue.workflow and cancel_workflow
-    refused the short id `show` takes ("no workflow with id …")."""
+    """`cancel --workflow`, `list --workflow`, `enqueue --workflow`, Queue.workflow and
+    cancel_workflow refused the short id `show` takes ("no workflow with id …")."""
     with Queue(tmp_path / "taskvisor.db") as q:
         root = q.enqueue("t")
         member = q.enqueue("t", workflow_id=root, depends_on=[root])
@@ -83,7 +83,11 @@ def test_workflow_commands_and_calls_accept_a_short_id(tmp_path):
         res.stderr)
     with Queue(tmp_path / "taskvisor.db") as q:
         assert q.get(other).status == "queued"
-        assert q.cancel_workflow(member[-8:]) == {"cancelled": 0, "stopping": 0}
+        assert q.cancel_workflow(member[-8:]) == {"id": root, "cancelled": 0, "stopping": 0}
+    # enqueue --workflow takes the short id too
+    joined = tv(tmp_path, "enqueue", "t", "--workflow", member[-8:]).stdout.strip()
+    with Queue(tmp_path / "taskvisor.db") as q:
+        assert q.get(joined).workflow == root
 
 
 def test_a_workflow_short_id_that_is_ambiguous_or_unknown_is_a_clear_error(tmp_path):

@@ -66,7 +66,7 @@ def test_cancel_and_list_a_workflow(tmp_path):
     res = tv(tmp_path, "cancel", "--workflow", "NOPE")
     assert res.returncode == 2 and "no workflow with id NOPE" in res.stderr
     res = tv(tmp_path, "enqueue", "t", "--workflow", "NOPE")
-    assert res.returncode == 2 and "unknown workflow NOPE" in res.stderr
+    assert res.returncode == 2 and "no workflow with id NOPE" in res.stderr
 
 
 @pytest.mark.timeout(60)
