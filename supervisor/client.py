@@ -23,7 +23,7 @@ from typing import Any
 
 from supervisor import config as _config
 from supervisor.dbfile import refuse_if_served
-from supervisor import flowconfig
+from supervisor import flowconfig, names
 from supervisor.errors import InputError, NotFound
 from supervisor.store import FINAL, NewTask, Stats, Status, Store, Task, new_id
 from supervisor.store.tasks import check_dependencies_without_database
@@ -352,8 +352,8 @@ class Queue(WorkflowCalls):
         type_ = f["type"]
         if not isinstance(type_, str) or not type_.strip():
             raise InputError(f"type must be a non-empty string, got {type_!r}", field="type")
-        if len(type_) > 200 or not type_.isprintable():
-            raise InputError("type must be at most 200 printable characters", field="type")
+        if why := names.problem(type_):
+            raise InputError(f"type {why}", field="type")
         payload = self._payload(f.get("payload"))
         priority = f.get("priority")
         priority = self.config.setting(type_, "priority") if priority is None else priority

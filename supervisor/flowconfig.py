@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from supervisor import names
 from supervisor.budget import LimitSpec
 
 CATCH_UP = ("skip", "one")
@@ -130,9 +131,9 @@ def check_schedules(data: Any, label: str, errors: list[str]) -> dict[str, Sched
         kind = table.get("type")
         if not isinstance(kind, str) or not kind.strip():
             errors.append(f"{where} type: required, the task type to enqueue (a string)")
-        elif len(kind) > 200 or not kind.isprintable():
+        elif why := names.problem(kind):
             # what enqueue refuses would fail every fire, and hold up the other schedules
-            errors.append(f"{where} type: must be at most 200 printable characters")
+            errors.append(f"{where} type: {why}")
         tz = table.get("timezone", "UTC")
         if not _valid_zone(tz):
             errors.append(f"{where} timezone: unknown time zone {_quote(str(tz))} "

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from supervisor import names
 from supervisor.errors import InputError
 from supervisor.store import FINAL, Status, Task
 
@@ -153,22 +154,16 @@ class WorkflowCalls:
             sleep_s = min(sleep_s * 2, _POLL_MAX_S)
 
 
-MAX_EVENT_NAME = 200
+MAX_EVENT_NAME = names.MAX_NAME
 
 
 def check_event_name(name: Any, field: str) -> str:
-    """`name` if it is an event name; InputError saying what is wrong: the length, or
-    the first character that is not printable, by its repr and index (the message used
-    to be the same for both, so a tab in a name was hard to see)."""
+    """`name` if it is an event name; InputError saying what is wrong (names.problem)."""
     if not isinstance(name, str) or not name.strip():
         raise InputError(f"{field} must be a non-empty event name, got {name!r}", field=field)
-    if len(name) > MAX_EVENT_NAME:
-        raise InputError(f"{field} must be at most {MAX_EVENT_NAME} printable characters, "
-                         f"got {len(name)} characters", field=field)
-    if not name.isprintable():
-        index, char = next((i, c) for i, c in enumerate(name) if not c.isprintable())
-        raise InputError(f"{field} must be at most {MAX_EVENT_NAME} printable characters: "
-                         f"{char!r} at index {index} is not printable", field=field)
+    why = names.problem(name, MAX_EVENT_NAME)
+    if why:
+        raise InputError(f"{field} {why}", field=field)
     return name
 
 

@@ -159,7 +159,8 @@ catch_up = "one"
     ('[schedules."n"]\nevery = "1s"\ntype = "t"\npriority = 100000000000000000000',
      '[schedules."n"] priority: expected an integer from'),
     ('[schedules."n"]\nevery = "1000000000000w"\ntype = "t"', '[schedules."n"] every:'),
-    ('[schedules."n"]\nevery = "1s"\ntype = "a\\nb"', '[schedules."n"] type: must be at most'),
+    ('[schedules."n"]\nevery = "1s"\ntype = "a\\nb"',
+     "[schedules.\"n\"] type: must be at most 200 printable characters: '\\n' at index 1"),
     ('[schedules."n"]\nevery = "1s"\ntype = "' + "t" * 201 + '"', '[schedules."n"] type:'),
 ])
 def test_bad_flow_config_names_the_key(tmp_path, text, fragment):
