@@ -311,15 +311,17 @@ def bind(path: str) -> socket.socket:
     return sock
 
 
-def bound_here(path: str, listener: socket.socket) -> bool:
-    """Whether `path` is still the socket `listener` was bound to (same inode)."""
+def file_id(path: str) -> tuple[int, int] | None:
+    """(device, inode) of the socket file at `path`, or None when there is none. Taken
+    right after bind and compared later: fstat of the listening socket gives the socket's
+    own inode, never the file's, so comparing with it found the socket "removed" at
+    every check and bound it again every SOCKET_CHECK_S, resetting connections that
+    waited in the old listener's backlog."""
     try:
-        there = os.lstat(path)
+        st = os.lstat(path)
     except OSError:
-        return False
-    mine = os.fstat(listener.fileno())
-    return stat.S_ISSOCK(there.st_mode) and there.st_ino == mine.st_ino \
-        and there.st_dev == mine.st_dev
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISSOCK(st.st_mode) else None
 
 
 def rebind(path: str) -> socket.socket:
@@ -353,11 +355,13 @@ async def run(listener: socket.socket, ctrl: socket.socket) -> None:
     loop = asyncio.get_running_loop()
     done = loop.create_future()
 
+    bound = file_id(path)
+
     async def watch() -> None:
-        nonlocal server, listener
+        nonlocal server, listener, bound
         while True:
             await asyncio.sleep(SOCKET_CHECK_S)
-            if bound_here(path, listener):
+            if bound is not None and file_id(path) == bound:
                 continue
             try:
                 fresh = rebind(path)
@@ -366,6 +370,7 @@ async def run(listener: socket.socket, ctrl: socket.socket) -> None:
                       f"({exc}); tasks call directly meanwhile", file=sys.stderr, flush=True)
                 continue
             old, server, listener = server, await serve(fresh), fresh
+            bound = file_id(path)
             old.close()  # stops accepting there; its calls in flight go on
             print(f"taskvisor-relay: its socket {path} was removed; listening there again",
                   file=sys.stderr, flush=True)
