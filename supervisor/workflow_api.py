@@ -26,8 +26,14 @@ class WorkflowEndpoints:
         return 200, Workflow(tasks[0].workflow, tuple(tasks), tuple(edges), counts).to_dict()
 
     def cancel_workflow(self, query: dict, body=None, *, id: str) -> tuple[int, dict]:
+        # Whole ids only, as get_workflow: the Queue would also take a unique end of one
+        # (the CLI's short ids), and an ambiguous end ("0") was a 500.
+        with self.database as store:
+            found = store.workflow_named(id)
+        if found is None:
+            raise _error(404, f"no workflow with id {id}", "id")
         try:
-            done = self.queue.cancel_workflow(id)
+            done = self.queue.cancel_workflow(found)
         except NotFound as exc:
             raise _error(404, str(exc), "id") from None
         return 200, done  # its "id" is the workflow's, as get_workflow answers

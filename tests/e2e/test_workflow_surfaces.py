@@ -114,6 +114,12 @@ def test_cancelling_a_workflow_through_a_member_answers_with_the_workflow_id(sup
     assert res.status == 200 and res.json == {"id": root, "cancelled": 2, "stopping": 0}, res.body
     res = supervisor.post(f"/api/workflows/{member}/cancel")  # nothing left to cancel
     assert res.status == 200 and res.json == {"id": root, "cancelled": 0, "stopping": 0}
+    # Whole ids only, as GET: an end of one ("0" ends many ids) was a 500 from the
+    # Queue's short-id lookup, an unknown one is a 404.
+    for short in ("0", root[-8:]):
+        res = supervisor.post(f"/api/workflows/{short}/cancel")
+        assert res.status == 404 and res.json["field"] == "id", (short, res.body)
+        assert supervisor.get(f"/api/workflows/{short}").status == 404
 
 
 @pytest.mark.timeout(120)
