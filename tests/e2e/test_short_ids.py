@@ -16,6 +16,15 @@ from supervisor.store import NewTask, Store
 from tests.e2e.test_cli import tv
 
 
+def stored(path, *ids: str) -> None:
+    """Tasks with these ids (ids chosen to share an end) in the database at `path`."""
+    store = Store(path)
+    try:
+        store.enqueue_many([NewTask(id=i, type="t", payload="{}") for i in ids], time.time())
+    finally:
+        store.close()
+
+
 def test_cli_commands_accept_the_short_id_the_dashboard_shows(tmp_path):
     with Queue(tmp_path / "taskvisor.db") as q:
         task_id = q.enqueue("noop", {"n": 1})
@@ -29,14 +38,7 @@ def test_cli_commands_accept_the_short_id_the_dashboard_shows(tmp_path):
 
 
 def test_an_ambiguous_or_unknown_end_is_a_clear_error(tmp_path):
-    store = Store(tmp_path / "taskvisor.db")
-    now = time.time()
-    try:
-        store.enqueue_many([NewTask(id="job-alpha-7", type="t", payload="{}"),
-                            NewTask(id="job-beta-7", type="t", payload="{}")],
-                           now)
-    finally:
-        store.close()
+    stored(tmp_path / "taskvisor.db", "job-alpha-7", "job-beta-7")
     res = tv(tmp_path, "show", "ha-7")
     assert res.returncode == 0 and "job-alpha-7" in res.stdout, res.stderr
     res = tv(tmp_path, "cancel", "-7")
@@ -48,12 +50,7 @@ def test_an_ambiguous_or_unknown_end_is_a_clear_error(tmp_path):
 
 
 def test_queue_resolve_id_prefers_an_exact_id(tmp_path):
-    store = Store(tmp_path / "t.db")
-    try:
-        store.enqueue_many([NewTask(id="7", type="t", payload="{}"),
-                            NewTask(id="job-7", type="t", payload="{}")], time.time())
-    finally:
-        store.close()
+    stored(tmp_path / "t.db", "7", "job-7")
     with Queue(tmp_path / "t.db") as q:
         assert q.resolve_id("7") == "7"  # an id itself, though another id ends with it
         assert q.resolve_id("b-7") == "job-7"
@@ -91,12 +88,7 @@ def test_workflow_commands_and_calls_accept_a_short_id(tmp_path):
 
 
 def test_a_workflow_short_id_that_is_ambiguous_or_unknown_is_a_clear_error(tmp_path):
-    store = Store(tmp_path / "taskvisor.db")
-    try:
-        store.enqueue_many([NewTask(id="job-alpha-7", type="t", payload="{}"),
-                            NewTask(id="job-beta-7", type="t", payload="{}")], time.time())
-    finally:
-        store.close()
+    stored(tmp_path / "taskvisor.db", "job-alpha-7", "job-beta-7")
     for args in (["cancel", "--workflow", "-7"], ["list", "--workflow", "-7"]):
         res = tv(tmp_path, *args)
         assert res.returncode == 2 and res.stdout == "", (args, res.stderr)
