@@ -324,6 +324,12 @@ def file_id(path: str) -> tuple[int, int] | None:
     return (st.st_dev, st.st_ino) if stat.S_ISSOCK(st.st_mode) else None
 
 
+def gone(path: str, bound: tuple[int, int] | None) -> bool:
+    """Whether the socket file we bound (`bound`, file_id right after bind) is no longer
+    at `path`: removed, or another file in its place."""
+    return bound is None or file_id(path) != bound
+
+
 def rebind(path: str) -> socket.socket:
     """A listening socket at `path` again, its folder made again (0700) when it is gone:
     something cleaned the temporary folder. Raises OSError (tried again later)."""
@@ -361,7 +367,7 @@ async def run(listener: socket.socket, ctrl: socket.socket) -> None:
         nonlocal server, listener, bound
         while True:
             await asyncio.sleep(SOCKET_CHECK_S)
-            if bound is not None and file_id(path) == bound:
+            if not gone(path, bound):
                 continue
             try:
                 fresh = rebind(path)
