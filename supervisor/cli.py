@@ -106,20 +106,19 @@ def build_parser() -> Parser:
     return parser
 
 
-def db_path(text: str) -> str:
-    """--db's value. An empty path used to mean "no --db", so `--db ""` (an unset shell
-    variable) quietly opened the config's database, ./taskvisor.db by default."""
-    if not text:
-        raise argparse.ArgumentTypeError("expected a database file path, got an empty string")
-    return text
+def _path_of(what: str):
+    """The argparse type of a --db or --config value. An empty path used to mean no
+    option, so `--db ""` (an unset shell variable) quietly opened ./taskvisor.db and
+    `--config ""` read $TASKVISOR_CONFIG or ./taskvisor.toml."""
+    def path(text: str) -> str:
+        if not text:
+            raise argparse.ArgumentTypeError(f"expected a {what} file path, got an empty string")
+        return text
+    return path
 
 
-def config_path(text: str) -> str:
-    """--config's value: empty, it meant "no --config", and the command quietly read
-    $TASKVISOR_CONFIG or ./taskvisor.toml instead of the file the caller meant."""
-    if not text:
-        raise argparse.ArgumentTypeError("expected a config file path, got an empty string")
-    return text
+db_path = _path_of("database")
+config_path = _path_of("config")
 
 
 def load_config(args: argparse.Namespace) -> _config.Config:

@@ -156,7 +156,7 @@ class Config:
     def origin(self, type_name: str, key: str) -> str:
         """Where `setting(type_name, key)` comes from: '[types."NAME"]' or '[defaults]'."""
         if getattr(self.types.get(type_name, _NO_TYPE), key) is not None:
-            return f"[types.{_quote(type_name)}]"
+            return f"[types.{toml_string(type_name)}]"
         return "[defaults]"
 
     def concurrency_caps(self) -> dict[str, int]:
@@ -307,7 +307,7 @@ def load(path: str | os.PathLike | None, env: Mapping[str, str] | None = None) -
                                             label)
     _check_backoff(label, "[defaults]", sections["defaults"], Defaults(), errors)
     for name, tc in type_configs.items():
-        _check_backoff(label, f"[types.{_quote(name)}]", tc, sections["defaults"], errors)
+        _check_backoff(label, f"[types.{toml_string(name)}]", tc, sections["defaults"], errors)
     if errors:
         raise ConfigError(errors)
     return Config(path=file, types=type_configs, limits=limits, schedules=schedules, **sections)
@@ -340,12 +340,12 @@ def dump(config: Config) -> str:
             if value is not None:
                 lines.append(f"{key} = {_toml(value)}")
             elif spec.null:
-                lines.append(f"{key} = {_quote(spec.null)}")
+                lines.append(f"{key} = {toml_string(spec.null)}")
             else:
                 lines.append(f"# {key} is not set")
         lines.append("")
     for name, tc in config.types.items():
-        lines.append(f"[types.{_quote(name)}]")
+        lines.append(f"[types.{toml_string(name)}]")
         for key in _TYPE_FIELDS:
             if (value := getattr(tc, key)) is not None:
                 lines.append(f"{key} = {_toml(value)}")
@@ -385,7 +385,7 @@ def _check_document(data: dict, label: str, base: Path, errors: list[str]):
                          lambda key, s=section: f"{label}: [{s}] {key}", errors)
     raw_types = data.get("types", {})
     for name, table in raw_types.items() if isinstance(raw_types, dict) else ():
-        where = f"{label}: [types.{_quote(name)}]"
+        where = f"{label}: [types.{toml_string(name)}]"
         if not name.strip():
             errors.append(f"{where}: a type name must not be empty")
         elif not isinstance(table, dict):
@@ -407,7 +407,7 @@ def _check_table(table: dict, section: str, specs: dict[str, _Field], base: Path
         elif type_name and isinstance(value, dict):
             # [types.llm.chat] parses as type "llm" holding a table "chat".
             errors.append(f"{where(key)}: unknown key (a type name containing dots must be "
-                          f"quoted: [types.{_quote(type_name + '.' + key)}])")
+                          f"quoted: [types.{toml_string(type_name + '.' + key)}])")
         else:
             errors.append(f"{where(key)}: unknown key{_suggest(key, section)}")
 
@@ -524,7 +524,7 @@ def _convert(spec: _Field, value: Any, base: Path) -> Any:
             raise _Bad(_expected("a list of module names", value))
         for item in items:
             if not re.fullmatch(_NAME, item):
-                raise _Bad(f"{_quote(item)} is not a module name like \"package.module\"")
+                raise _Bad(f"{toml_string(item)} is not a module name like \"package.module\"")
         return tuple(items)
     elif spec.kind == "origins":
         return _origins(value)
@@ -567,13 +567,13 @@ def _convert_text(spec: _Field, value: str, base: Path) -> Any:
     if spec.choices:
         if choice := next((c for c in spec.choices if c.lower() == value.lower()), None):
             return choice
-        raise _Bad(f"expected one of {', '.join(spec.choices)}, got {_quote(value)}")
+        raise _Bad(f"expected one of {', '.join(spec.choices)}, got {toml_string(value)}")
     if kind == "path":
         if not value:
             raise _Bad("expected a file path, got an empty string")
         return _absolute(value, base)
     if kind == "handler" and not re.fullmatch(f"{_NAME}:{_NAME}", value):
-        raise _Bad(f'expected "package.module:function", got {_quote(value)}')
+        raise _Bad(f'expected "package.module:function", got {toml_string(value)}')
     if kind == "listen" and value.startswith("unix:"):
         if not value[5:].strip():
             raise _Bad('expected "unix:/path/to/api.sock" with a socket path after "unix:"')
@@ -581,9 +581,9 @@ def _convert_text(spec: _Field, value: str, base: Path) -> Any:
     if kind == "listen" and value and not ((m := _LISTEN.fullmatch(value))
                                            and int(m.group(2)) <= 65535):
         raise _Bad('expected "host:port" with a port from 0 to 65535, "unix:/path" for a '
-                   f'Unix socket (or "" to disable), got {_quote(value)}')
+                   f'Unix socket (or "" to disable), got {toml_string(value)}')
     if kind == "url" and not re.match(r"https?://.", value):
-        raise _Bad(f"expected an http:// or https:// URL, got {_quote(value)}")
+        raise _Bad(f"expected an http:// or https:// URL, got {toml_string(value)}")
     if kind == "envname" and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
         # Never echo the value: it may be the secret itself, pasted by mistake.
         raise _Bad("expected the NAME of an environment variable holding the API key "
@@ -604,7 +604,7 @@ def _origins(value: Any) -> tuple[str, ...]:
         if item == "*":
             raise _Bad('"*" is not allowed: list each origin that may call the API')
         if not _ORIGIN.fullmatch(item):
-            raise _Bad(f"{_quote(item)} is not an origin: expected scheme://host[:port] with "
+            raise _Bad(f"{toml_string(item)} is not an origin: expected scheme://host[:port] with "
                        "no path or trailing slash (e.g. http://localhost:5173)")
         out.append(item.lower())
     return tuple(out)
@@ -643,7 +643,7 @@ def _describe(value: Any) -> str:
     if isinstance(value, dict):
         return "a table"
     kind = {str: "string", list: "array"}.get(type(value), type(value).__name__)
-    text = _quote(value) if isinstance(value, str) else str(value)
+    text = toml_string(value) if isinstance(value, str) else str(value)
     return f"{kind} {text if len(text) <= 60 else text[:57] + '...'}"
 
 
@@ -655,8 +655,6 @@ def toml_string(text: str) -> str:
     return json.dumps(text, ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
-_quote = toml_string
-
 
 def _toml(value: Any) -> str:
     if isinstance(value, bool):
@@ -665,4 +663,4 @@ def _toml(value: Any) -> str:
         return repr(value)
     if isinstance(value, (tuple, list)):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
-    return _quote(str(value))
+    return toml_string(str(value))
