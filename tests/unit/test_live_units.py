@@ -114,11 +114,13 @@ class _EndedMeanwhile:
 
     def __init__(self):
         self.reads = 0
+        self.closed = threading.Event()
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
+        self.closed.set()  # the stream's thread ends with the client, as a real one's
         return None
 
     def get(self, task_id):
@@ -132,7 +134,7 @@ class _EndedMeanwhile:
 
     def events(self, task=None, on_open=None, **_kw):
         on_open()
-        threading.Event().wait()  # nothing more ever comes
+        self.closed.wait()  # nothing more comes before the client is closed
         yield from ()
 
 
