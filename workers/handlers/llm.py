@@ -264,7 +264,19 @@ class Reply:
 
     Server-sent events: `data:` lines are joined until a blank line ends the event;
     comments (`: keep-alive`) count as bytes but not as progress, so a server that only
-    pings still stalls."""
+    pings still stalls.
+
+    Tool calls (function calling) are assembled as OpenAI streams them: each
+    `delta.tool_calls` item names its call by `index`; `id`, `type` and `function.name`
+    come with its first piece (a later copy of them, which some servers send, is ignored),
+    and the `function.arguments` pieces are joined in order (never parsed). A non-streamed
+    `message.tool_calls` holds whole calls. Each argument piece counts as a token, like a
+    content piece (progress, the stall message, usage estimated without the server's);
+    only content goes to ctx.stream. With n > 1 choices the text joins every choice's
+    content in arrival order (as it always has), but the tool calls are the first
+    choice's only: one answer's calls to run, never calls of alternative answers mixed.
+    An index that comes again with another id starts another call (Ollama sends every
+    call as index 0): its arguments are never glued onto the first call's."""
 
     def __init__(self, ctx: object, stall_timeout_s: float, max_tokens: int | None):
         self.ctx = ctx
@@ -273,7 +285,8 @@ class Reply:
         self.stall_timeout_s = stall_timeout_s
         self.max_tokens = max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else None
         self.parts: list[str] = []
-        self.chunks = 0                     # content deltas, about one token each
+        self.chunks = 0                     # content and tool-call argument deltas, ~a token each
+        self.calls: list | None = None      # tool calls: [index, id, type, name, [argument pieces]]
         self.finish_reason: str | None = None
         self.usage: dict | None = None
         self.model: str | None = None
@@ -333,7 +346,11 @@ class Reply:
         self.model = chunk.get("model") or self.model
         for choice in choices:
             delta = choice.get("delta") or choice.get("message") or {}
-            content = delta.get("content") if _is_map(delta) else None
+            if not _is_map(delta):
+                delta = {}
+            content = delta.get("content")
+            if delta.get("tool_calls") is not None and _first(choice):
+                self._add_calls(delta["tool_calls"], whole="delta" not in choice)
             if isinstance(content, str) and content:
                 self.parts.append(content)
                 self.chunks += 1
@@ -347,6 +364,47 @@ class Reply:
             self.usage = dict(chunk["usage"])
         self.last_data_mono = time.monotonic()
         self._progress(self.last_data_mono)
+
+    def _add_calls(self, items: object, whole: bool) -> None:
+        """The first choice's `tool_calls`: a delta's pieces, or a message's whole calls
+        (`whole`: numbered by position). Raises MalformedReply naming the bad field."""
+        if not isinstance(items, list):
+            raise MalformedReply(f"'tool_calls' is not a list: {str(items)[:200]!r}")
+        if self.calls is None:
+            self.calls = []
+        for position, item in enumerate(items):
+            if not _is_map(item):
+                raise MalformedReply(f"a 'tool_calls' item is not an object: {str(item)[:200]!r}")
+            index = position if whole else item.get("index")
+            if type(index) is not int or index < 0:
+                raise MalformedReply(f"'tool_calls[].index' is missing or not an integer >= 0: "
+                                     f"{str(item)[:200]!r}")
+            function = item.get("function")
+            if function is not None and not _is_map(function):
+                raise MalformedReply(f"'tool_calls[].function' is not an object: {str(item)[:200]!r}")
+            function = function or {}
+            ident, kind = item.get("id"), item.get("type")
+            name, arguments = function.get("name"), function.get("arguments")
+            for field, value in (("id", ident), ("type", kind), ("function.name", name),
+                                 ("function.arguments", arguments)):
+                if value is not None and not isinstance(value, str):
+                    raise MalformedReply(f"'tool_calls[].{field}' is not a string: {str(item)[:200]!r}")
+            call = next((c for c in reversed(self.calls) if c[0] == index), None)
+            if call is None or (ident and call[1] and ident != call[1]):
+                call = [index, ident or "", kind or "", name or "", []]
+                self.calls.append(call)
+            else:  # a later piece: the first id, type and name stand
+                call[1], call[2], call[3] = call[1] or ident or "", call[2] or kind or "", call[3] or name or ""
+            if arguments:
+                call[4].append(arguments)
+                self.chunks += 1
+
+    def tool_calls(self) -> list[dict]:
+        """The assembled calls in index order (stable: a reused index keeps arrival
+        order), in OpenAI's message shape; `arguments` as the model wrote it."""
+        return [{"id": c[1], "type": c[2] or "function",
+                 "function": {"name": c[3], "arguments": "".join(c[4])}}
+                for c in sorted(self.calls or (), key=lambda c: c[0])]
 
     def batch_stream(self) -> None:
         """Hold streamed text until flush_stream(), which sends it at once: one piece per
@@ -381,16 +439,25 @@ class Reply:
             total = prompt + completion
         out_usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total}
         if estimated:
-            out_usage["estimated"] = True  # the server sent no usage: content chunks counted
+            out_usage["estimated"] = True  # the server sent no usage: content (and argument) chunks counted
         elapsed = time.monotonic() - self.started_mono
         if self.ctx is not None:
             self.ctx.progress(1.0, f"done: {completion} tokens in {elapsed:.1f}s")
-        return {"text": "".join(self.parts), "finish_reason": self.finish_reason,
-                "usage": out_usage, "model": self.model or requested_model}
+        out = {"text": "".join(self.parts), "finish_reason": self.finish_reason,
+               "usage": out_usage, "model": self.model or requested_model}
+        if self.calls:
+            out["tool_calls"] = self.tool_calls()  # only when the model made any
+        return out
 
 
 def _count(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _first(choice: Mapping) -> bool:
+    """Whether a choice is the first (index 0, or no index: a server of one choice)."""
+    index = choice.get("index")
+    return index is None or (type(index) is int and index == 0)
 
 
 def _error_of(kind: str, name: str, message: str, req: Request, reply: Reply | None) -> BaseException:
