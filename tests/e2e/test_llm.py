@@ -289,6 +289,30 @@ def test_a_call_imports_nothing_the_preloaded_module_could_have(server, via):
     assert got["async"] == [] and got["sync"] == [], got
 
 
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}},
+         {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+
+
+def test_tools_from_the_payload_or_its_options_go_into_the_body_as_given_once():
+    """tools, tool_choice and parallel_tool_calls at the payload's top level (where
+    messages are) were dropped: the model was asked without them."""
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    req = llm.build_request({"prompt": "x", "base_url": "http://h/v1", "tools": TOOLS,
+                             "tool_choice": choice, "parallel_tool_calls": False}, FakeCtx())
+    assert req.body["tools"] == TOOLS and req.body["tool_choice"] == choice
+    assert req.body["parallel_tool_calls"] is False
+    req = llm.build_request({"prompt": "x", "base_url": "http://h/v1", "tools": None,
+                             "options": {"tools": TOOLS, "tool_choice": "none"}}, FakeCtx())
+    assert req.body["tools"] == TOOLS and req.body["tool_choice"] == "none"
+    with pytest.raises(llm.LlmRejected, match="'tools' twice") as info:
+        llm.build_request({"prompt": "x", "base_url": "http://h/v1", "tools": TOOLS,
+                           "options": {"tools": TOOLS}}, FakeCtx())
+    assert info.value.retryable is False
+
+
 def test_retry_after_parsing():
     now = 1_800_000_000.0
     assert llm.retry_after_s("120", now) == 120

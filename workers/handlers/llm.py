@@ -2,11 +2,13 @@
 
 Owns the wire format of `POST {base_url}/chat/completions` with `stream: true` (llama.cpp's
 server, Ollama, vLLM, hosted APIs), turning what the server does into a task outcome:
-a result {text, finish_reason, usage, model}; `Retry` for 429/503 with Retry-After (no
-attempt spent); a retryable error for other 5xx, a lost connection or a malformed body;
-`Fail` (no retry) for any other 4xx, with the server's message; `Fail(outcome="timeout")`
-when the stream stalls longer than `stall_timeout_s`. Settings come from the payload, else
-the task's `[llm]` section (`ctx.config["llm"]`). Which of the config file, the
+a result {text, finish_reason, usage, model, and tool_calls when the model called tools};
+`Retry` for 429/503 with Retry-After (no attempt spent); a retryable error for other 5xx,
+a lost connection or a malformed body; `Fail` (no retry) for any other 4xx, with the
+server's message; `Fail(outcome="timeout")` when the stream stalls longer than
+`stall_timeout_s`. Settings come from the payload, else the task's `[llm]` section
+(`ctx.config["llm"]`); `tools`, `tool_choice` and `parallel_tool_calls` at the payload's
+top level (or in its `options`) go into the request as given. Which of the config file, the
 TASKVISOR_LLM__* variables and the defaults fills that section is decided by
 `supervisor.config` alone: this module applies no environment or default of its own.
 The API key is read from the environment variable *named* by api_key_env, at call time,
@@ -41,6 +43,7 @@ from workers.handlers import Fail
 PROGRESS_EVERY_S = 0.5        # progress (which is also a heartbeat) at most this often
 RELAY_GRACE_S = 5.0           # past stall_timeout_s with no frame, the relay itself is stuck
 _RESERVED = frozenset({"messages", "stream", "stream_options"})
+_PASSED = ("tools", "tool_choice", "parallel_tool_calls")  # from the payload's top level, as given
 
 
 class LlmError(Exception):
@@ -120,6 +123,12 @@ def build_request(payload: Mapping, ctx: object = None,
         raise LlmRejected(f"llm.chat 'options' must not set {', '.join(clash)}")
     body: dict = {**options, "messages": messages, "stream": True,
                             "stream_options": {"include_usage": True}}
+    for key in _PASSED:  # function calling: at the top, like messages, or in options
+        if payload.get(key) is not None:
+            if key in options:
+                raise LlmRejected(f"llm.chat payload gives '{key}' twice: at its top level "
+                                  f"and in 'options'; give it once")
+            body[key] = payload[key]
     model = setting("model")
     if model:
         body["model"] = str(model)
