@@ -294,6 +294,45 @@ TOOLS = [{"type": "function", "function": {
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
                    "required": ["city"]}}},
          {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]
+CALLS = [{"id": "call_w", "name": "get_weather", "arguments": '{"city": "Lisbon", "unit": "celsius"}'},
+         {"id": "call_t", "name": "get_time", "arguments": '{"tz": "Europe/Lisbon"}'}]
+
+
+def assembled(calls: list[dict]) -> list[dict]:
+    """What the result's tool_calls hold for FakeOpenAI's `calls`: OpenAI's message shape."""
+    return [{"id": c["id"], "type": "function",
+             "function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls]
+
+
+@pytest.mark.timeout(30)
+def test_tool_calls_are_assembled_by_every_reader(server):
+    """Streamed tool calls (arguments in 4-character pieces, the two calls interleaved) and
+    a whole message's, read in this process (a plain context, through a relay or not) and
+    by the relay for no context (llmreports); tools and tool_choice reach the server as
+    given, from the payload's top level or from its options."""
+    timeouts = {"request_timeout_s": 10, "stall_timeout_s": 5}  # for no context
+    payload = {"prompt": "weather and time in Lisbon?", "base_url": server.base_url,
+               "tools": TOOLS, "tool_choice": "auto", **timeouts}
+    for call in (run, lambda p: llm.chat_sync(p, FakeCtx()), llm.chat_sync):
+        server.script(Stream(text="Checking. ", tool_calls=CALLS, argument_chars=4,
+                             finish_reason="tool_calls"))
+        out = call(payload)
+        assert out["tool_calls"] == assembled(CALLS)
+        assert out["text"] == "Checking. " and out["finish_reason"] == "tool_calls"
+        pieces = sum(-(-len(c["arguments"]) // 4) for c in CALLS)
+        assert out["usage"]["completion_tokens"] == 1 + pieces
+        body = server.requests[-1]["body"]
+        assert body["tools"] == TOOLS and body["tool_choice"] == "auto"
+        server.script(Json(text="", tool_calls=CALLS[:1]))
+        options = {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+                   "parallel_tool_calls": False}
+        out = call({"prompt": "weather?", "base_url": server.base_url, "options": options,
+                    **timeouts})
+        assert out["tool_calls"] == assembled(CALLS[:1]) and out["finish_reason"] == "tool_calls"
+        body = server.requests[-1]["body"]
+        assert {k: body[k] for k in options} == options
+    server.script(Stream())
+    assert "tool_calls" not in run({"prompt": "hi", "base_url": server.base_url})
 
 
 def test_tools_from_the_payload_or_its_options_go_into_the_body_as_given_once():
@@ -434,6 +473,33 @@ def test_e2e_malformed_body_is_an_error(sup, llm_server):
     task = sup.wait(sup.queue.enqueue("llm.chat", {"prompt": "hi"}, max_attempts=1))
     assert task.status == "failed" and task.outcome == "error"
     assert "MalformedReply" in task.error and "not JSON" in task.error
+
+
+@pytest.mark.timeout(60)
+def test_e2e_tool_calls_reach_the_result(sup, llm_server):
+    """A model answering with tool calls (streamed: the arguments in pieces, two calls
+    interleaved by index) through a real supervisor, on both paths: the result holds them
+    whole, in OpenAI's message shape; the attempt's output holds only the text."""
+    llm_server.script(Stream(text="Let me check. ", tool_calls=CALLS, argument_chars=5,
+                             finish_reason="tool_calls"))
+    task_id = sup.queue.enqueue("llm.chat", {
+        "messages": [{"role": "user", "content": "weather and time in Lisbon?"}],
+        "tools": TOOLS, "tool_choice": "required"})
+    task = sup.wait(task_id)
+    assert task.status == "succeeded", task.error
+    assert task.result["tool_calls"] == assembled(CALLS)
+    assert task.result["text"] == "Let me check. " and task.result["finish_reason"] == "tool_calls"
+    body = llm_server.requests[0]["body"]
+    assert body["tools"] == TOOLS and body["tool_choice"] == "required"
+    from supervisor.store import Store
+    store = Store(str(sup.dir / "taskvisor.db"))
+    try:
+        assert store.read_output(task_id).text == "Let me check. "
+    finally:
+        store.close()
+    # a plain answer's result is as it always was: no tool_calls key
+    task = sup.wait(sup.queue.enqueue("llm.chat", {"prompt": "hi", "tools": TOOLS}))
+    assert task.status == "succeeded" and "tool_calls" not in task.result, task.result
 
 
 @pytest.mark.timeout(60)

@@ -7,7 +7,8 @@ next queued behaviour, or `default` when the queue is empty. Behaviours: `Stream
 streaming, optional delays and keep-alive comments), `Status` (429 with Retry-After, 500,
 a 400 with an error JSON), `Stall` (some tokens, then silence), `Silent` (no answer at all), `Malformed` (a body that
 is not the wire format, optionally held open), `Json` (a non-streaming answer) and `Flood` (an endless stream as
-fast as the client reads). Every request is recorded, and so are the connections accepted
+fast as the client reads). `Stream` and `Json` may also answer with tool calls (function
+calling): streamed as OpenAI streams them, the arguments in pieces, the calls interleaved. Every request is recorded, and so are the connections accepted
 (`Stream(keep_alive=True)` keeps one for the next request) and the clients that left
 mid-answer (`disconnects`).
 The real services cannot be reached from here; this is what the tests talk to.
@@ -33,6 +34,8 @@ class Stream:
     ping_every: int = 0           # a `: keep-alive` comment after every N chunks
     model: str = "fake-model"
     keep_alive: bool = False      # chunked, and the connection kept for the next request
+    tool_calls: list = field(default_factory=list)  # [{"id", "name", "arguments"}], after the text
+    argument_chars: int = 6       # each call's arguments in pieces this long, the calls interleaved
 
 
 @dataclass
@@ -74,6 +77,7 @@ class Flood:
 class Json:
     text: str = "Hello, not streamed."
     prompt_tokens: int = 5
+    tool_calls: list = field(default_factory=list)  # [{"id", "name", "arguments"}]: message.tool_calls
 
 
 def tokens(text: str) -> list[str]:
@@ -197,10 +201,13 @@ def _handler_class(server: FakeOpenAI):
                 return
             if isinstance(b, Json):
                 pieces = tokens(b.text)
+                message = {"role": "assistant", "content": b.text}
+                if b.tool_calls:
+                    message["tool_calls"] = [_tool_call(c) for c in b.tool_calls]
                 return self._send(200, {
                     "id": "chatcmpl-fake", "object": "chat.completion", "model": "fake-model",
-                    "choices": [{"index": 0, "finish_reason": "stop",
-                                 "message": {"role": "assistant", "content": b.text}}],
+                    "choices": [{"index": 0, "finish_reason": "tool_calls" if b.tool_calls else "stop",
+                                 "message": message}],
                     "usage": {"prompt_tokens": b.prompt_tokens, "completion_tokens": len(pieces),
                               "total_tokens": b.prompt_tokens + len(pieces)}})
             self.send_response(200)
@@ -243,12 +250,33 @@ def _handler_class(server: FakeOpenAI):
                 self._event(_chunk(model, {"content": piece}))
                 if b.ping_every and n % b.ping_every == 0:
                     self._write(": keep-alive\n\n")
+            arguments = self._tool_calls(b, model)
             self._event(_chunk(model, {}, finish_reason=b.finish_reason))
             if b.usage and (body.get("stream_options") or {}).get("include_usage"):
-                usage = {"prompt_tokens": b.prompt_tokens, "completion_tokens": len(pieces),
-                         "total_tokens": b.prompt_tokens + len(pieces)}
+                completion = len(pieces) + arguments
+                usage = {"prompt_tokens": b.prompt_tokens, "completion_tokens": completion,
+                         "total_tokens": b.prompt_tokens + completion}
                 self._event({**_chunk(model, None), "choices": [], "usage": usage})
             self._write("data: [DONE]\n\n")
+
+        def _tool_calls(self, b: Stream, model: str) -> int:
+            """Tool-call deltas as OpenAI streams them: each call's first piece (index, id,
+            type, name, empty arguments), then the arguments in pieces, the calls' pieces
+            interleaved by index. Returns how many argument pieces were sent."""
+            n = max(1, b.argument_chars)
+            split = []
+            for index, call in enumerate(b.tool_calls):
+                first = {**_tool_call(call), "index": index}
+                first["function"]["arguments"] = ""
+                self._event(_chunk(model, {"tool_calls": [first]}))
+                args = call["arguments"]
+                split.append([args[k:k + n] for k in range(0, len(args), n)])
+            for step in range(max((len(p) for p in split), default=0)):
+                for index, pieces in enumerate(split):
+                    if step < len(pieces):
+                        self._event(_chunk(model, {"tool_calls": [
+                            {"index": index, "function": {"arguments": pieces[step]}}]}))
+            return sum(len(p) for p in split)
 
         def _stall(self, b: Stall) -> None:
             self._event(_chunk("fake-model", {"role": "assistant", "content": ""}))
@@ -289,6 +317,12 @@ def _handler_class(server: FakeOpenAI):
             self.wfile.flush()
 
     return Handler
+
+
+def _tool_call(call: dict) -> dict:
+    """A whole tool call in OpenAI's message shape, from {"id", "name", "arguments"}."""
+    return {"id": call["id"], "type": "function",
+            "function": {"name": call["name"], "arguments": call["arguments"]}}
 
 
 def _chunk(model: str, delta: dict | None, finish_reason: str | None = None) -> dict:
