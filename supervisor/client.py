@@ -445,16 +445,17 @@ class Queue(WorkflowCalls):
 
 def _estimate(type_config, payload: Any) -> int | None:
     """The token estimate of a task with no estimate of its own: its type's, else the
-    payload's max_tokens (what a model call may produce at most), at its top level or in
-    its `options` (where llm.chat takes it: the options are the request's body)."""
+    payload's max_tokens or max_completion_tokens (what a model call may produce at most),
+    at its top level or in its `options` (llm.chat sends either as its request's)."""
     if type_config is not None and type_config.estimated_tokens is not None:
         return type_config.estimated_tokens
     if isinstance(payload, Mapping):
         options = payload.get("options")
         for where in (payload, options if isinstance(options, Mapping) else {}):
-            max_tokens = where.get("max_tokens")
-            if isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens >= 0:
-                return max_tokens
+            for key in ("max_tokens", "max_completion_tokens"):
+                cap = where.get(key)
+                if isinstance(cap, int) and not isinstance(cap, bool) and cap >= 0:
+                    return cap
     return None
 
 

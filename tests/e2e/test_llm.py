@@ -352,6 +352,19 @@ def test_tools_from_the_payload_or_its_options_go_into_the_body_as_given_once():
     assert info.value.retryable is False
 
 
+def test_a_top_level_output_cap_is_sent_as_the_estimate_reads_it():
+    """The client's token estimate reads max_tokens at the payload's top level too; the
+    call dropped it there, so the model could produce more than the limit reserved."""
+    req = llm.build_request({"prompt": "x", "base_url": "http://h/v1", "max_tokens": 300}, FakeCtx())
+    assert req.body["max_tokens"] == 300
+    req = llm.build_request({"prompt": "x", "base_url": "http://h/v1",
+                             "max_completion_tokens": 50}, FakeCtx())
+    assert req.body["max_completion_tokens"] == 50 and llm._cap(req.body) == 50
+    with pytest.raises(llm.LlmRejected, match="'max_tokens' twice"):
+        llm.build_request({"prompt": "x", "base_url": "http://h/v1", "max_tokens": 3,
+                           "options": {"max_tokens": 3}}, FakeCtx())
+
+
 def test_retry_after_parsing():
     now = 1_800_000_000.0
     assert llm.retry_after_s("120", now) == 120

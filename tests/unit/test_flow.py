@@ -212,9 +212,9 @@ payload = {{ a = "0123456789", b = 1.5 }}
 
 
 def test_an_llm_chat_payload_estimates_its_tokens_from_options_max_tokens(tmp_path):
-    """llm.chat takes max_tokens in its payload's `options` (a top-level one is not sent
-    to the model server): the claim's estimate must read it there, not fall back to the
-    limit's default while the call may produce far more."""
+    """llm.chat takes max_tokens in its payload's `options` (or at its top level): the
+    claim's estimate must read it there, not fall back to the limit's default while the
+    call may produce far more."""
     from supervisor.client import Queue
     cfg = config.load(write(tmp_path, """
 [limits."openai"]
@@ -227,4 +227,5 @@ limits = ["openai"]
     chat = {"messages": [{"role": "user", "content": "hi"}], "options": {"max_tokens": 4000}}
     assert queue.prepare("llm.chat", chat).estimated_tokens == 4000
     assert queue.prepare("llm.chat", {"max_tokens": 300}).estimated_tokens == 300
+    assert queue.prepare("llm.chat", {"options": {"max_completion_tokens": 70}}).estimated_tokens == 70
     assert queue.prepare("llm.chat", {"options": {"max_tokens": True}}).estimated_tokens is None

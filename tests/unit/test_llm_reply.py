@@ -144,11 +144,26 @@ def test_only_the_first_choices_calls_are_kept():
     assert out["text"] == "ab"  # content: every choice's, in arrival order, as before
 
 
+def test_pieces_without_an_index_start_a_call_with_an_id_and_continue_it_without():
+    """Ollama before 0.4.7 and some proxies leave `index` out: refusing them turned every
+    tool-call answer of theirs into a malformed reply, retried until it failed."""
+    def bare(arguments=None, **first):
+        item = piece(0, arguments, **first)
+        del item["index"]
+        return item
+    out = reply_of(
+        delta(tool_calls=[bare('{"city"', id="a", name="get_weather")]),
+        delta(tool_calls=[bare(': "Lisbon"}')]),
+        delta(tool_calls=[bare("{}", id="b", name="get_time")]),
+        delta(finish_reason="tool_calls")).result("m")
+    assert out["tool_calls"] == [call("a", "get_weather", '{"city": "Lisbon"}'),
+                                 call("b", "get_time", "{}")]
+
+
 @pytest.mark.parametrize("tool_calls, field", [
     ({"index": 0}, "'tool_calls' is not a list"),
     ("nope", "'tool_calls' is not a list"),
     (["nope"], "'tool_calls' item is not an object"),
-    ([{"id": "c1", "function": {"name": "f", "arguments": ""}}], r"'tool_calls\[\].index' is missing"),
     ([{"index": "0", "function": {"arguments": "{}"}}], r"'tool_calls\[\].index'"),
     ([{"index": True, "function": {"arguments": "{}"}}], r"'tool_calls\[\].index'"),
     ([{"index": -1, "function": {"arguments": "{}"}}], r"'tool_calls\[\].index'"),

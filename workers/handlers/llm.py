@@ -43,7 +43,9 @@ from workers.handlers import Fail
 PROGRESS_EVERY_S = 0.5        # progress (which is also a heartbeat) at most this often
 RELAY_GRACE_S = 5.0           # past stall_timeout_s with no frame, the relay itself is stuck
 _RESERVED = frozenset({"messages", "stream", "stream_options"})
-_PASSED = ("tools", "tool_choice", "parallel_tool_calls")  # from the payload's top level, as given
+# From the payload's top level, as given (or from its options, not both): function calling,
+# and the output caps the client's token estimate reads at either place.
+_PASSED = ("tools", "tool_choice", "parallel_tool_calls", "max_tokens", "max_completion_tokens")
 
 
 class LlmError(Exception):
@@ -123,7 +125,7 @@ def build_request(payload: Mapping, ctx: object = None,
         raise LlmRejected(f"llm.chat 'options' must not set {', '.join(clash)}")
     body: dict = {**options, "messages": messages, "stream": True,
                             "stream_options": {"include_usage": True}}
-    for key in _PASSED:  # function calling: at the top, like messages, or in options
+    for key in _PASSED:  # at the top, like messages, or in options
         if payload.get(key) is not None:
             if key in options:
                 raise LlmRejected(f"llm.chat payload gives '{key}' twice: at its top level "
@@ -385,8 +387,13 @@ class Reply:
             if not _is_map(item):
                 raise MalformedReply(f"a 'tool_calls' item is not an object: {str(item)[:200]!r}")
             index = position if whole else item.get("index")
+            if index is None and not whole:
+                # No index (Ollama before 0.4.7, some proxies): a piece with an id starts
+                # a call after the last one, one without continues the last call.
+                last = self.calls[-1][0] if self.calls else -1
+                index = last + 1 if item.get("id") or last < 0 else last
             if type(index) is not int or index < 0:
-                raise MalformedReply(f"'tool_calls[].index' is missing or not an integer >= 0: "
+                raise MalformedReply(f"'tool_calls[].index' is not an integer >= 0: "
                                      f"{str(item)[:200]!r}")
             function = item.get("function")
             if function is not None and not _is_map(function):
@@ -463,6 +470,13 @@ def _count(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
+def _cap(body: Mapping) -> object:
+    """The request's output cap in tokens (max_tokens, or the newer max_completion_tokens):
+    the progress fraction's denominator."""
+    cap = body.get("max_tokens")
+    return cap if cap is not None else body.get("max_completion_tokens")
+
+
 def _first(choice: Mapping) -> bool:
     """Whether a choice is the first (index 0, or no index: a server of one choice)."""
     index = choice.get("index")
@@ -500,7 +514,7 @@ def asking(model: str | None, url: str) -> str:
 def _start(req: Request, ctx: object) -> Reply:
     if ctx is not None:
         ctx.progress(0.0, asking(req.body.get("model"), req.url))
-    return Reply(ctx, req.stall_timeout_s, req.body.get("max_tokens"))
+    return Reply(ctx, req.stall_timeout_s, _cap(req.body))
 
 
 # The exceptions the model-call relay may raise for a task when it reads the answer

@@ -169,7 +169,7 @@ class Parsed(_Call):
     def __init__(self, req: llm.Request, ctx: TaskContext | None):
         super().__init__(req, ctx)
         self.parse = {"reports": ctx is not None, "model": req.body.get("model"),
-                      "max_tokens": req.body.get("max_tokens")}
+                      "max_tokens": llm._cap(req.body)}
         self.result: dict | None = None
 
     def on_frame(self, kind: bytes, data: bytes) -> bool:
