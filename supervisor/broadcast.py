@@ -67,6 +67,14 @@ def frame(ev: Event) -> Frame:
     return Frame(ev.id, ev.kind, ev.task_id, ev.type, ev.workflow, text.encode("utf-8"))
 
 
+def gap_frame(after: int, resumed_at: int) -> bytes:
+    """The `gap` event: events after `after` up to `resumed_at` are gone (pruned, or the
+    log was off); the client refetches what it shows. It has no id: the client's own
+    stays where it was."""
+    data = json.dumps({"after": after, "resumed_at": resumed_at})
+    return f"event: gap\ndata: {data}\n\n".encode()
+
+
 @dataclass(frozen=True)
 class Filter:
     task: str | None = None
@@ -96,8 +104,13 @@ class Subscription:
         whatever happened in between."""
         out = f"retry: 1000\nid: {self.cursor}\n\n".encode()
         if self.gap is not None:
-            out += f"event: gap\ndata: {json.dumps(self.gap)}\n\n".encode()
+            out += gap_frame(self.gap["after"], self.gap["resumed_at"])
         return out
+
+    @property
+    def told(self) -> int:
+        """The id the client was told events are complete after (0: told nothing)."""
+        return self.gap["resumed_at"] if self.gap is not None else 0
 
 
 # -- the supervisor's side ---------------------------------------------------------------------
@@ -164,7 +177,11 @@ class Broadcast:
 
     def subscribe(self, last_id: int | None, flt: Filter) -> Subscription:
         """Switch the log on and work out where the client starts: after `last_id`, or
-        from now. Raises StoreError."""
+        from now. Raises StoreError.
+
+        The gap found here is a first answer: the fan-out process prunes too (so does any
+        supervisor on the file), and rows pruned after this read are found where the rows
+        are read (`FanOut.catch_up`)."""
         now = self.clock()
         with self._lock:
             if self._store is None:
@@ -182,8 +199,8 @@ class Broadcast:
     def hand_over(self, sub: Subscription, sock: socket.socket) -> None:
         """Give the client's socket to the fan-out process (the caller then closes its
         own descriptor without shutting the connection down). Raises OSError."""
-        msg = json.dumps({"cursor": sub.cursor, "task": sub.flt.task, "type": sub.flt.type,
-                          "workflow": sub.flt.workflow}).encode()
+        msg = json.dumps({"cursor": sub.cursor, "told": sub.told, "task": sub.flt.task,
+                          "type": sub.flt.type, "workflow": sub.flt.workflow}).encode()
         if len(msg) > MAX_MESSAGE:
             raise OSError("the event filter is too long")
         # The control socket stays non-blocking (the loop pokes it and must never wait):
@@ -205,10 +222,11 @@ class Broadcast:
 # -- the fan-out process ------------------------------------------------------------------------
 
 class _Client:
-    __slots__ = ("sock", "flt", "cursor", "out", "written_mono", "writing")
+    __slots__ = ("sock", "flt", "cursor", "told", "out", "written_mono", "writing")
 
-    def __init__(self, sock: socket.socket, flt: Filter, cursor: int):
+    def __init__(self, sock: socket.socket, flt: Filter, cursor: int, told: int = 0):
         self.sock, self.flt, self.cursor = sock, flt, cursor
+        self.told = told  # the latest gap's resumed_at (0: none): a gap is said once
         self.out = bytearray()
         self.written_mono = time.monotonic()
         self.writing = False  # registered for EVENT_WRITE
@@ -295,29 +313,39 @@ class FanOut:
                     spec = json.loads(msg)
                     self.attach(socket.socket(fileno=fd), Filter(
                         spec.get("task"), spec.get("type"), spec.get("workflow")),
-                        int(spec["cursor"]))
+                        int(spec["cursor"]), int(spec.get("told") or 0))
                 except (ValueError, KeyError, TypeError, OSError) as exc:
                     log.warning("events: bad hand-over: %s", exc)
                     os.close(fd)
 
-    def attach(self, sock: socket.socket, flt: Filter, cursor: int) -> None:
+    def attach(self, sock: socket.socket, flt: Filter, cursor: int, told: int = 0) -> None:
         sock.setblocking(False)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             # Small frames go out at once: with Nagle's algorithm a frame waits for the
             # ACK of the previous one, which the client delays up to 40 ms.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        client = _Client(sock, flt, cursor)
+        client = _Client(sock, flt, cursor, told)
         self.clients[sock.fileno()] = client
         self.sel.register(sock, selectors.EVENT_READ, client)
         self.catch_up(client)
 
     def catch_up(self, client: _Client) -> None:
-        """What the client missed: from memory, or from the log when it is older."""
+        """What the client missed: from memory, or from the log when it is older. Rows
+        pruned after the client's cursor (by this process, or another supervisor, since
+        `subscribe` looked) are a `gap` event: the oldest id kept is read with the rows,
+        in one snapshot. (Read apart, in `subscribe` before the hand-over, a prune in
+        between let the client skip those events in silence.)"""
         while client.cursor < self.last_id and client.sock is not None:
             if self.ids and self.ids[0] <= client.cursor + 1:
                 chosen = self.frames[bisect.bisect_right(self.ids, client.cursor):]
             else:
-                chosen = [frame(r) for r in self.store.read_events(client.cursor, READ_BATCH)]
+                oldest, rows = self.store.read_kept_events(client.cursor, READ_BATCH)
+                if oldest - 1 > max(client.cursor, client.told):
+                    client.told = oldest - 1
+                    self.write(client, gap_frame(client.cursor, oldest - 1), time.monotonic())
+                    if client.sock is None:
+                        return
+                chosen = [frame(r) for r in rows]
                 if not chosen:  # pruned meanwhile
                     client.cursor = self.ids[0] - 1 if self.ids else self.last_id
                     continue

@@ -292,3 +292,62 @@ def test_live_output_flush_looks_only_at_attempts_due(store):
     third = Recording()
     live.flush(third, at)
     assert third.outputs == again.outputs
+
+
+def _received(sock) -> list[tuple[int | None, str, dict | None]]:
+    """The SSE frames waiting on our end of a client socket the fan-out wrote to."""
+    from supervisor.apiclient import _parse
+    sock.setblocking(False)
+    data = b""
+    while True:
+        try:
+            piece = sock.recv(1 << 16)
+        except BlockingIOError:
+            break
+        if not piece:
+            break
+        data += piece
+    return list(_parse(iter(data.decode("utf-8").split("\n"))))
+
+
+def test_a_prune_between_subscribe_and_catch_up_gives_a_gap_not_a_silent_skip(store, db_path):
+    """The HTTP thread checks the resume id against the oldest event kept (no gap), then
+    the fan-out process prunes, then it reads the rows after the id for that client: the
+    events in between were skipped with no `gap` event. Driven in that order in-process,
+    against one file, with a fan-out that has nothing in memory (it just started, as after
+    a restart of the supervisor): the client gets every event after its id or a gap."""
+    import socket
+
+    from supervisor.broadcast import Broadcast, FanOut, Filter
+    fan = Broadcast(lambda: Store(db_path, migrate=False, create=False), str(db_path), 600,
+                    clock=lambda: T0)
+    ctrl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    client, handed = socket.socketpair()
+    out = None
+    try:
+        fan.subscribe(None, Filter())                 # switches the log on
+        for i in range(5):
+            store.enqueue(new(), T0 + i)
+        ids = [e.id for e in events.read(store.conn, 0)]
+        seen = ids[0]                                 # the client's Last-Event-ID
+        out = FanOut(str(db_path), 600, theirs, clock=lambda: T0)
+        out.housekeep(T0, 0.0)                        # its watermark: the newest id now
+        fan.clock = lambda: T0 + 601
+        sub = fan.subscribe(seen, Filter())           # 1. the HTTP thread: nothing pruned yet
+        assert sub.gap is None and sub.cursor == seen
+        out.housekeep(T0 + 601, 1.0)                  # 2. retention prunes all but the newest
+        assert [e.id for e in events.read(store.conn, 0)] == ids[-1:]
+        handed.sendall(sub.first())                   # (what the HTTP thread writes)
+        out.attach(handed, sub.flt, sub.cursor)       # 3. the hand-over: catch-up from `seen`
+        got = _received(client)
+        sent = [ev_id for ev_id, kind, data in got if data is not None and kind != "gap"]
+        gaps = [data for _id, kind, data in got if kind == "gap"]
+        if sent != ids[1:]:
+            assert gaps == [{"after": seen, "resumed_at": ids[-1] - 1}], got
+            assert sent == ids[-1:], got
+    finally:
+        if out is not None:
+            out.store.close()
+        for s in (client, handed, ctrl, theirs):
+            s.close()
+        fan.stop()
