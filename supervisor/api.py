@@ -18,6 +18,7 @@ from typing import Any
 
 from supervisor import __version__, openapi, proctree
 from supervisor.errors import InputError, NotFound
+from supervisor.output import log_text
 from supervisor.store import Status
 from supervisor.store.ids import is_task_id
 from supervisor.workflow_api import WorkflowEndpoints
@@ -130,18 +131,23 @@ class Api(WorkflowEndpoints):
                                       and -1 <= int(after) <= MAX_INDEX):
             raise ErrorAnswer(400, f"after_seq must be an integer from -1 to {MAX_INDEX}, got "
                               f"{after!r}", field="after_seq")
+        after_seq = int(after) if after is not None else -1
         with self.database as store:
+            # The task before the chunks: when it says the attempt ended, they are all in.
             task = self._exists(store, id)
             attempts = store.log_attempts(id)
             if attempt is None:
                 attempt = attempts[-1] if attempts else None
-            chunks = [] if attempt is None else store.read_log(
-                id, attempt, int(after) if after is not None else -1)
-        data = b"".join(c.data for c in chunks)
+            # With the reader's last three chunks: a character they cut starts this answer.
+            got = [] if attempt is None else store.read_log(id, attempt, max(-1, after_seq - 3))
+        before = [c for c in got if c.seq <= after_seq]
+        chunks = got[len(before):]
+        if before and before[-1].seq != after_seq:
+            before = []  # the reader's last chunk is gone (the log keeps its tail)
+        ended = not (task.status is Status.RUNNING and task.attempts == attempt)
+        text, start, end = log_text(before, chunks, ended)
         return 200, {"id": id, "status": str(task.status), "attempt": attempt,
-                     "attempts": attempts, "text": data.decode("utf-8", "replace"),
-                     "start": chunks[0].pos if chunks else None,
-                     "end": chunks[-1].pos + len(chunks[-1].data) if chunks else None,
+                     "attempts": attempts, "text": text, "start": start, "end": end,
                      "seq": chunks[-1].seq if chunks else (int(after) if after else None)}
 
     @staticmethod

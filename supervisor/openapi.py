@@ -237,7 +237,9 @@ SCHEMAS: dict[str, Any] = {
     "Logs": _obj({
         "id": STR, "status": {"type": "string", "enum": STATUSES},
         "attempt": _null(INT), "attempts": {"type": "array", "items": INT},
-        "text": {"type": "string", "description": "stdout and stderr, decoded as UTF-8"},
+        "text": {"type": "string", "description": "stdout and stderr, decoded as UTF-8; while "
+                 "the attempt runs, a character its last bytes only begin is left for the "
+                 "answer after this one (`after_seq`), which starts with it whole"},
         "start": _null(INT), "end": _null(INT), "seq": _null(INT)}),
     "Health": _obj({
         "status": {"type": "string", "enum": ["ok", "unhealthy"]},

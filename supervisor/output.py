@@ -12,6 +12,7 @@ lease. It never reads a pipe itself and never decides when a pass runs.
 
 from __future__ import annotations
 
+import codecs
 import heapq
 from dataclasses import dataclass, field
 
@@ -200,3 +201,44 @@ class LiveOutput:
             del att.log_pending[:len(data)]
             att.log_since = None
         self._staged.append(apply)
+
+
+def log_text(before: list, chunks: list, ended: bool) -> tuple[str, int | None, int | None]:
+    """The text of the log `chunks` (an attempt's, in order) read after the chunks
+    `before` (the latest the reader had, in order: any three, or all if fewer; empty when
+    it had none or they are gone), as (text, start, end), the byte positions the text
+    covers. Cut so that the answers to a reader that asks for what follows its last
+    chunk, again and again, join at character boundaries: a character the last chunk
+    cuts is left for the next answer, which starts with the part of it read before. When
+    the attempt has `ended` (it writes no more) nothing is left over, and a broken
+    character is U+FFFD. (Each answer decoded on its own turned a character cut between
+    two chunks into two U+FFFD: `taskvisor logs --follow --api`.)"""
+    head = b""
+    if before and (not chunks or _end(before[-1]) == chunks[0].pos):
+        context, at = b"", _end(before[-1])
+        for c in reversed(before):  # the last 3 bytes, over chunks as short as one byte
+            if _end(c) != at or len(context) >= 3:
+                break  # (bytes dropped in between: the log keeps its tail)
+            context = c.data[-3:] + context
+            at = c.pos + len(c.data) - len(c.data[-3:])
+        head = _incomplete_end(context)
+    if not chunks and not (head and ended):
+        return "", None, None
+    data = head + b"".join(c.data for c in chunks)
+    end = _end(chunks[-1]) if chunks else _end(before[-1])
+    if not ended:
+        left = len(_incomplete_end(data))
+        data, end = data[:len(data) - left], end - left
+    return data.decode("utf-8", "replace"), end - len(data), end
+
+
+def _end(chunk) -> int:
+    return chunk.pos + len(chunk.data)
+
+
+def _incomplete_end(data: bytes) -> bytes:
+    """The bytes at the end of `data` that begin a UTF-8 character and do not finish it
+    (at most 3; empty when `data` ends at a character boundary or with invalid bytes)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    decoder.decode(data[-3:])
+    return decoder.getstate()[0]

@@ -34,6 +34,22 @@ def flaky(payload, ctx):
         raise RuntimeError("attempt %d fails" % ctx.attempt)
     return None
 
+@task("pieces")
+def pieces(payload, ctx):
+    """Writes each piece (latin-1 text: its code points are the bytes) to stdout raw,
+    with a flush; piece i > 0 once the file `go`/i exists, so a test decides when."""
+    import os
+    for i, piece in enumerate(payload["pieces"]):
+        gate = os.path.join(payload["go"], str(i))
+        deadline = time.monotonic() + 30
+        while i and not os.path.exists(gate):
+            if time.monotonic() > deadline:
+                raise TimeoutError("no " + gate)
+            time.sleep(0.005)
+        sys.stdout.buffer.write(piece.encode("latin-1"))
+        sys.stdout.flush()
+    return None
+
 @task("print")
 def print_(payload, ctx):
     line = b"x" * 1023 + b"\\n"

@@ -8,12 +8,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 
 import psutil
 import pytest
 
 from tests.e2e.live_support import start_live, stop
 from tests.e2e.http_support import ROOT
+from tests.support import kill_tree, wait_until
 
 MIB = 1024 * 1024
 
@@ -90,3 +92,51 @@ def test_logs_follow_follows_the_retry_until_the_task_finishes(tmp_path):
         assert only.returncode == 0 and only.stdout == b"attempt 1\n", only
     finally:
         stop(sup)
+
+
+# "<é|€/😀>" in pieces that cut each character, each ending after an ASCII marker: the
+# test lets the next piece go once the CLI printed the marker, so every cut falls
+# between two answers the CLI read.
+CUT_PIECES = [b"<\xc3", b"\xa9|\xe2", b"\x82\xac/\xf0\x9f", b"\x98\x80>\n"]
+CUT_MARKERS = [b"<", b"|", b"/"]
+
+
+@pytest.mark.timeout(60)
+def test_logs_follow_api_prints_characters_cut_between_pieces_whole(tmp_path):
+    """`logs --follow --api` asked for the chunks after the last it had and each answer
+    was decoded on its own: a character cut between two chunks came out as U+FFFD."""
+    sup = start_live(tmp_path)
+    go = tmp_path / "go"
+    go.mkdir()
+    proc = None
+    try:
+        task = sup.enqueue(type="pieces", payload={
+            "pieces": [p.decode("latin-1") for p in CUT_PIECES], "go": str(go)})
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TASKVISOR_")}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "supervisor", "--config", str(sup.root / "taskvisor.toml"),
+             "logs", task["id"], "--follow", "--api", sup.url],
+            env={**env, "PYTHONPATH": str(ROOT)}, cwd=sup.root,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        out = bytearray()
+        reader = threading.Thread(target=read_into, args=(proc.stdout, out), daemon=True)
+        reader.start()
+        for i, marker in enumerate(CUT_MARKERS, start=1):
+            wait_until(lambda: marker in out, timeout=20,
+                       message=f"the CLI never printed {marker!r}: {bytes(out)!r}")
+            (go / str(i)).touch()
+        assert proc.wait(timeout=30) == 0, proc.stderr.read()
+        reader.join(timeout=10)
+        assert bytes(out).decode("utf-8") == "<é|€/😀>\n"
+        assert sup.get(f"/api/tasks/{task['id']}").json["status"] == "succeeded"
+    finally:
+        if proc is not None and proc.poll() is None:
+            kill_tree(proc.pid)
+            proc.wait(timeout=10)
+        stop(sup)
+
+
+def read_into(pipe, out: bytearray) -> None:
+    """Append what `pipe` gives to `out` as it comes (a test reads it while it runs)."""
+    while piece := os.read(pipe.fileno(), 65536):
+        out += piece

@@ -198,3 +198,38 @@ def test_watch_api_skips_a_late_chunk_of_an_earlier_attempt_and_says_when_output
         {"id": "T1", "attempt": 2, "text": "all there is", "truncated": True}, []))
     out = capsys.readouterr()
     assert out.out == "all there is" and "[output cut at max_output_bytes]" in out.err
+
+
+def test_log_answers_join_at_character_boundaries_wherever_the_chunks_cut():
+    """What `GET /api/tasks/{id}/logs?after_seq=` answers, answer after answer (log_text
+    over the chunks stored so far): the texts joined are the log decoded whole, wherever
+    the chunks cut its characters, while the attempt runs and once it ended."""
+    from supervisor.output import log_text
+    from supervisor.store.events import LogChunk
+    data = "<é|€/😀>".encode()
+    for cuts in ([1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [2, 5, 9], [10], [11, 12]):
+        bounds = [0, *cuts, len(data)]
+        chunks = [LogChunk(1, i, a, data[a:b]) for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+        texts, had = [], []
+        for n in range(1, len(chunks) + 1):  # a reader that asks after each chunk stored
+            text, start, end = log_text(had[-3:], chunks[len(had):n], ended=False)
+            assert "\ufffd" not in text, (cuts, n, text)
+            if text:
+                assert end - start == len(text.encode())
+            texts.append(text)
+            had = chunks[:n]
+        texts.append(log_text(had[-3:], [], ended=True)[0])
+        assert "".join(texts) == "<é|€/😀>", cuts
+    # The attempt ended with a broken character: said, once, as U+FFFD.
+    whole = [LogChunk(1, 0, 0, b"ok \xe2\x82")]
+    assert log_text([], whole, ended=False)[0] == "ok "
+    assert log_text(whole, [], ended=False) == ("", None, None)
+    assert log_text(whole, [], ended=True) == ("\ufffd", 3, 5)
+    # Bytes dropped between two chunks (the log keeps its tail): no part carried over.
+    assert log_text([LogChunk(1, 0, 0, b"a\xc3")], [LogChunk(1, 1, 100, b"b")], ended=True) == (
+        "b", 100, 101)
+    tail = [LogChunk(1, 2, 51, b"\x98\x80")]
+    assert log_text([LogChunk(1, 0, 49, b"\xf0"), LogChunk(1, 1, 50, b"\x9f")], tail,
+                    ended=True) == ("😀", 49, 53)
+    assert log_text([LogChunk(1, 0, 0, b"\xf0"), LogChunk(1, 1, 50, b"\x9f")], tail,
+                    ended=True) == ("\ufffd\ufffd", 51, 53)
