@@ -11,6 +11,7 @@ It never writes SQL and never starts a supervisor.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -101,7 +102,7 @@ class ApiClient:
                     if on_open is not None:
                         on_open()
                         on_open = None
-                    for ev_id, event, data in _parse(res.iter_lines()):
+                    for ev_id, event, data in _parse(_lines(res.iter_bytes())):
                         if ev_id is not None:
                             last_id = ev_id
                         if data is not None:
@@ -109,6 +110,27 @@ class ApiClient:
             except (httpx.TransportError, httpx.StreamError):
                 pass
             time.sleep(reconnect_s)
+
+
+_BREAK = re.compile(rb"\r\n|\r|\n")
+
+
+def _lines(pieces: Iterator[bytes]) -> Iterator[str]:
+    """The stream's lines as SSE splits them (at CRLF, LF or CR only), each decoded once
+    it is whole, so a character cut between two reads comes out whole too. (httpx's
+    iter_lines also breaks at U+2028, U+2029, U+0085 and other separators, which SQLite's
+    JSON leaves raw in a data line: an output event holding one came in two halves.)"""
+    rest = b""
+    for piece in pieces:
+        rest += piece
+        # A CR at the end may be the first half of a CRLF: split before it.
+        end = len(rest) - 1 if rest.endswith(b"\r") else len(rest)
+        *lines, last = _BREAK.split(rest[:end])
+        for line in lines:
+            yield line.decode("utf-8", "replace")
+        rest = last + rest[end:]
+    if rest.endswith(b"\r"):  # it was a line end after all (a line left open is dropped)
+        yield rest[:-1].decode("utf-8", "replace")
 
 
 def _parse(lines: Iterator[str]) -> Iterator[tuple[int | None, str, dict | None]]:

@@ -37,7 +37,8 @@ def flaky(payload, ctx):
 @task("pieces")
 def pieces(payload, ctx):
     """Writes each piece (latin-1 text: its code points are the bytes) to stdout raw,
-    with a flush; piece i > 0 once the file `go`/i exists, so a test decides when."""
+    with a flush, or with "stream" streams it (ctx.stream, sent at once); piece i > 0
+    once the file `go`/i exists, so a test decides when."""
     import os
     for i, piece in enumerate(payload["pieces"]):
         gate = os.path.join(payload["go"], str(i))
@@ -46,8 +47,11 @@ def pieces(payload, ctx):
             if time.monotonic() > deadline:
                 raise TimeoutError("no " + gate)
             time.sleep(0.005)
-        sys.stdout.buffer.write(piece.encode("latin-1"))
-        sys.stdout.flush()
+        if payload.get("stream"):
+            ctx.stream(piece, flush=True)
+        else:
+            sys.stdout.buffer.write(piece.encode("latin-1"))
+            sys.stdout.flush()
     return None
 
 @task("print")

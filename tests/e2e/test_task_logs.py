@@ -1,7 +1,7 @@
 """Task logs against a real supervisor: a task's stdout and stderr (and ctx.logger lines)
 go to that task's log, not to the supervisor's; a task that prints 100 MB leaves the
 supervisor's log small and its own log with the last max_log_bytes; the CLI prints and
-follows it."""
+follows it, and `watch --api` its streamed output, every character whole."""
 
 from __future__ import annotations
 
@@ -112,15 +112,7 @@ def test_logs_follow_api_prints_characters_cut_between_pieces_whole(tmp_path):
     try:
         task = sup.enqueue(type="pieces", payload={
             "pieces": [p.decode("latin-1") for p in CUT_PIECES], "go": str(go)})
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TASKVISOR_")}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "supervisor", "--config", str(sup.root / "taskvisor.toml"),
-             "logs", task["id"], "--follow", "--api", sup.url],
-            env={**env, "PYTHONPATH": str(ROOT)}, cwd=sup.root,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-        out = bytearray()
-        reader = threading.Thread(target=read_into, args=(proc.stdout, out), daemon=True)
-        reader.start()
+        proc, out, reader = cli_running(sup, "logs", task["id"], "--follow", "--api", sup.url)
         for i, marker in enumerate(CUT_MARKERS, start=1):
             wait_until(lambda: marker in out, timeout=20,
                        message=f"the CLI never printed {marker!r}: {bytes(out)!r}")
@@ -134,6 +126,45 @@ def test_logs_follow_api_prints_characters_cut_between_pieces_whole(tmp_path):
             kill_tree(proc.pid)
             proc.wait(timeout=10)
         stop(sup)
+
+
+@pytest.mark.timeout(60)
+def test_watch_api_prints_streamed_text_with_unicode_line_separators(tmp_path):
+    """The SSE client split the stream with httpx's iter_lines, which also breaks lines
+    at U+2028, U+2029 and U+0085 (SQLite's JSON leaves them raw in the data line): an
+    output event holding one was two halves of JSON and `watch --api` died."""
+    sup = start_live(tmp_path)
+    go = tmp_path / "go"
+    go.mkdir()
+    proc = None
+    text = "é\u2028€\x85😀\u2029\r\n>"
+    try:
+        task = sup.enqueue(type="pieces", payload={"pieces": ["<", text], "go": str(go),
+                                                   "stream": True})
+        proc, out, reader = cli_running(sup, "watch", task["id"], "--api", sup.url)
+        wait_until(lambda: b"<" in out, timeout=20, message=f"no '<' printed: {bytes(out)!r}")
+        (go / "1").touch()  # the stream is open (before the output was read): it brings this
+        assert proc.wait(timeout=30) == 0, proc.stderr.read()
+        reader.join(timeout=10)
+        assert bytes(out).decode("utf-8") == "<" + text
+    finally:
+        if proc is not None and proc.poll() is None:
+            kill_tree(proc.pid)
+            proc.wait(timeout=10)
+        stop(sup)
+
+
+def cli_running(sup, *args):
+    """The CLI as a running process, its stdout read into a bytearray by a thread."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKVISOR_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "supervisor", "--config", str(sup.root / "taskvisor.toml"), *args],
+        env={**env, "PYTHONPATH": str(ROOT)}, cwd=sup.root,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    out = bytearray()
+    reader = threading.Thread(target=read_into, args=(proc.stdout, out), daemon=True)
+    reader.start()
+    return proc, out, reader
 
 
 def read_into(pipe, out: bytearray) -> None:

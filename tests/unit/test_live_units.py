@@ -233,3 +233,23 @@ def test_log_answers_join_at_character_boundaries_wherever_the_chunks_cut():
                     ended=True) == ("😀", 49, 53)
     assert log_text([LogChunk(1, 0, 0, b"\xf0"), LogChunk(1, 1, 50, b"\x9f")], tail,
                     ended=True) == ("\ufffd\ufffd", 51, 53)
+
+
+def test_the_sse_client_splits_lines_at_cr_and_lf_only_wherever_the_reads_cut():
+    """The event stream read in pieces cut at every byte (inside a character, between
+    the CR and LF of a CRLF) gives the lines of the whole, split where SSE splits them:
+    not at U+2028, U+2029 or U+0085, which a data line's JSON may hold raw."""
+    from supervisor.apiclient import _lines, _parse
+    text = ('id: 7\r\nevent: output\rdata: {"text": "é\u2028€\x85😀\u2029"}\n\n'
+            'id: 8\r\ndata: {"n": 1}\r\n\r\n')
+    data = text.encode()
+    expected = ["id: 7", "event: output", 'data: {"text": "é\u2028€\x85😀\u2029"}', "",
+                "id: 8", 'data: {"n": 1}', ""]
+    for size in range(1, 8):
+        pieces = [data[i:i + size] for i in range(0, len(data), size)]
+        assert list(_lines(iter(pieces))) == expected, size
+    for cut in range(len(data) + 1):
+        assert list(_lines(iter([data[:cut], data[cut:]]))) == expected, cut
+    assert list(_parse(_lines(iter([data])))) == [
+        (7, "output", {"text": "é\u2028€\x85😀\u2029"}), (8, "message", {"n": 1})]
+    assert list(_lines(iter([b"a\r"]))) == ["a"] and list(_lines(iter([b"open"]))) == []
