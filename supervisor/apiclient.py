@@ -10,8 +10,8 @@ It never writes SQL and never starts a supervisor.
 
 from __future__ import annotations
 
+import codecs
 import json
-import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 
 from supervisor.errors import ApiError, InputError, NotFound, StoreUnavailable
+from workers import sse
 
 __all__ = ["ApiClient", "ApiError"]
 
@@ -112,25 +113,14 @@ class ApiClient:
             time.sleep(reconnect_s)
 
 
-_BREAK = re.compile(rb"\r\n|\r|\n")
-
-
 def _lines(pieces: Iterator[bytes]) -> Iterator[str]:
-    """The stream's lines as SSE splits them (at CRLF, LF or CR only), each decoded once
-    it is whole, so a character cut between two reads comes out whole too. (httpx's
-    iter_lines also breaks at U+2028, U+2029, U+0085 and other separators, which SQLite's
-    JSON leaves raw in a data line: an output event holding one came in two halves.)"""
-    rest = b""
+    """The stream's lines as SSE splits them (at CRLF, LF or CR only: workers.sse), a
+    character cut between two reads decoded whole; a line the end leaves open is dropped."""
+    split, text = sse.Lines(), codecs.getincrementaldecoder("utf-8")("replace")
     for piece in pieces:
-        rest += piece
-        # A CR at the end may be the first half of a CRLF: split before it.
-        end = len(rest) - 1 if rest.endswith(b"\r") else len(rest)
-        *lines, last = _BREAK.split(rest[:end])
-        for line in lines:
-            yield line.decode("utf-8", "replace")
-        rest = last + rest[end:]
-    if rest.endswith(b"\r"):  # it was a line end after all (a line left open is dropped)
-        yield rest[:-1].decode("utf-8", "replace")
+        yield from split.decode(text.decode(piece))
+    yield from split.decode(text.decode(b"", True))
+    yield from split.flush(open_line=False)
 
 
 def _parse(lines: Iterator[str]) -> Iterator[tuple[int | None, str, dict | None]]:

@@ -21,9 +21,9 @@ environment variable TASKVISOR_LLM_RELAY_SOCKET, which every task process inheri
 - the relay answers with frames: one kind byte, a 4-byte big-endian length, the payload:
   `H` {"status", "reason", "headers": [[name, value], ...]} once, then either one `B` (the
   whole body, bytes: an HTTP error status or an application/json answer) or any number of
-  `L` (body lines, UTF-8, joined by "\\n"; one frame per read from upstream, split as
-  httpx's iter_lines splits), then `Z` (the end) or `E` {"kind", "error", "message"} where
-  kind is one of ERROR_KINDS (stalled: no bytes for stall_timeout_s; connect; transport;
+  `L` (body lines, UTF-8, joined by "\\n"; one frame per read from upstream, split at
+  CRLF, LF and CR only: workers.sse), then `Z` (the end) or `E` {"kind", "error",
+  "message"} where kind is one of ERROR_KINDS (stalled: no bytes for stall_timeout_s; connect; transport;
   decoding; unsupported: a URL httpx cannot use; overran: past request_timeout_s; protocol:
   a request the relay could not read). After `Z` or `E` the relay closes the connection.
 - With "parse" in the request line ({"reports": bool, "model", "max_tokens"}: the
@@ -52,6 +52,7 @@ import socket
 import stat
 import sys
 
+from workers import sse
 from workers.relaycall import RELAY_ENV, frame  # noqa: F401 - RELAY_ENV: the variable naming the socket
 
 ERROR_KINDS = ("stalled", "connect", "transport", "decoding", "unsupported", "overran", "protocol",
@@ -115,11 +116,9 @@ class RelayServer:
         with the first tasks for the cores, in every run, model calls or not)."""
         _no_missing_sniffio()
         import httpx
-        from httpx._decoders import LineDecoder  # the same splitting as iter_lines
 
         from workers.handlers import llmreports
         self.llmreports = llmreports
-        self.LineDecoder = LineDecoder
         self.tls = httpx.create_ssl_context()
         self.httpx = httpx
 
@@ -215,9 +214,9 @@ class RelayServer:
                 await self._error(writer, "transport", exc)
 
     async def _batches(self, resp):
-        """The body's lines, one list per upstream read (split as httpx's iter_lines
-        splits), the decoder's last ones at the end."""
-        decoder = self.LineDecoder()
+        """The body's lines, one list per upstream read (split where SSE splits: not at
+        U+2028 and the like, as httpx's iter_lines does), the last one at the end."""
+        decoder = sse.Lines()
         async for text in resp.aiter_text():
             lines = decoder.decode(text)
             if lines:

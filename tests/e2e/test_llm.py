@@ -335,6 +335,19 @@ def test_tool_calls_are_assembled_by_every_reader(server):
     assert "tool_calls" not in run({"prompt": "hi", "base_url": server.base_url})
 
 
+@pytest.mark.timeout(30)
+def test_text_holding_unicode_line_separators_comes_whole_to_every_reader(server):
+    """A model's text with U+2028, U+2029 and U+0085 raw in the data line's JSON (as
+    llama.cpp writes it): httpx's iter_lines cut the line there, the event was no longer
+    JSON, and the answer failed as malformed on every attempt."""
+    text = "one\u2028two\u2029three\x85four\r\nfive é€😀"
+    timeouts = {"request_timeout_s": 10, "stall_timeout_s": 5}  # for no context
+    payload = {"prompt": "x", "base_url": server.base_url, **timeouts}
+    for call in (run, lambda p: llm.chat_sync(p, FakeCtx()), llm.chat_sync):
+        server.script(Stream(text=text))
+        assert call(payload)["text"] == text
+
+
 def test_tools_from_the_payload_or_its_options_go_into_the_body_as_given_once():
     """tools, tool_choice and parallel_tool_calls at the payload's top level (where
     messages are) were dropped: the model was asked without them."""

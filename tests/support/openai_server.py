@@ -289,7 +289,8 @@ def _handler_class(server: FakeOpenAI):
                     self._write(": keep-alive\n\n")
 
         def _event(self, obj: dict) -> None:
-            self._write("data: " + json.dumps(obj) + "\n\n")
+            # Raw UTF-8, as llama.cpp's server writes it: U+2028 and the like unescaped.
+            self._write("data: " + json.dumps(obj, ensure_ascii=False) + "\n\n")
 
         def _write(self, text: str) -> None:
             data = text.encode()

@@ -30,7 +30,7 @@ import httpcore._backends.anyio  # noqa: F401,E402
 import httpcore._backends.auto  # noqa: F401,E402
 import httpx  # noqa: E402
 
-from workers import relay  # noqa: E402
+from workers import relay, sse  # noqa: E402
 from workers.handlers import llm  # noqa: E402
 
 # Built at import, so once in the fork server (preload), and shared copy-on-write by every
@@ -63,11 +63,7 @@ async def chat(req: llm.Request, reply: llm.Reply, ctx) -> None:
                     if relay.is_json(resp):
                         llm._finish_json(reply, await resp.aread())
                     else:
-                        async for line in resp.aiter_lines():
-                            reply.feed(line)
-                            if reply.done:
-                                break
-                        reply.close()
+                        await _feed_async(resp, reply)
     except httpx.HTTPError as exc:
         raise transport_error(exc, req, reply) from exc
     except TimeoutError:
@@ -94,16 +90,39 @@ def chat_sync(req: llm.Request, reply: llm.Reply, ctx) -> None:
                 if relay.is_json(resp):
                     llm._finish_json(reply, resp.read())
                 else:
-                    for line in resp.iter_lines():
-                        reply.feed(line)
-                        if reply.done:
-                            break
-                        if time.monotonic() > deadline:
-                            raise llm._overran(req)
-                    reply.close()
+                    _feed(resp, reply, deadline, req)
     except httpx.TimeoutException as exc:
         if time.monotonic() >= deadline - 0.05:
             raise llm._overran(req) from None
         raise transport_error(exc, req, reply) from exc
     except httpx.HTTPError as exc:
         raise transport_error(exc, req, reply) from exc
+
+
+# The body's lines split where SSE splits them (workers.sse): httpx's iter_lines also cuts
+# at U+2028 and the like, which a model's text in a data line's JSON may hold raw.
+
+async def _feed_async(resp: httpx.Response, reply: llm.Reply) -> None:
+    split = sse.Lines()
+    async for text in resp.aiter_text():
+        for line in split.decode(text):
+            reply.feed(line)
+            if reply.done:
+                return
+    for line in split.flush():
+        reply.feed(line)
+    reply.close()
+
+
+def _feed(resp: httpx.Response, reply: llm.Reply, deadline: float, req: llm.Request) -> None:
+    split = sse.Lines()
+    for text in resp.iter_text():
+        for line in split.decode(text):
+            reply.feed(line)
+            if reply.done:
+                return
+        if time.monotonic() > deadline:
+            raise llm._overran(req)
+    for line in split.flush():
+        reply.feed(line)
+    reply.close()
