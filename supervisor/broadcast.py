@@ -358,6 +358,12 @@ class FanOut:
             rows = self.store.read_events(self.last_id, READ_BATCH)
             if not rows:
                 return
+            if rows[0].id > self.last_id + 1:  # a hole: marks, or rows pruned unread
+                oldest, rows = self.store.read_kept_events(self.last_id, READ_BATCH)
+                if oldest - 1 > self.last_id:
+                    self.lost(oldest - 1)
+                if not rows:
+                    return
             frames = [frame(r) for r in rows]
             self.ids.extend(f.id for f in frames)
             self.frames.extend(frames)
@@ -381,6 +387,21 @@ class FanOut:
                     self.send(client, [f for f in frames if f.id > client.cursor])
             if len(rows) < READ_BATCH:
                 return
+
+    def lost(self, upto: int) -> None:
+        """Rows up to `upto` were pruned before this process read them (by another
+        supervisor on the file, while this one was behind by more than the retention):
+        the clients that were live get a `gap` event, and the ring (now with a hole in
+        it) is dropped, so a client behind catches up from the log, whose reads find the
+        gap too."""
+        mono = time.monotonic()
+        for client in list(self.clients.values()):
+            if client.cursor == self.last_id and client.told < upto:
+                client.told = upto
+                self.write(client, gap_frame(client.cursor, upto), mono)
+                client.cursor = upto
+        self.ids, self.frames = [], []
+        self.last_id = upto
 
     def send(self, client: _Client, frames: list[Frame]) -> None:
         if not frames:

@@ -351,3 +351,48 @@ def test_a_prune_between_subscribe_and_catch_up_gives_a_gap_not_a_silent_skip(st
         for s in (client, handed, ctrl, theirs):
             s.close()
         fan.stop()
+
+
+def test_rows_pruned_before_the_fan_out_read_them_are_a_gap_for_its_live_clients(store, db_path):
+    """Another supervisor on the file prunes rows this fan-out has not read yet (it was
+    behind by more than the retention): its live clients got the rows after the hole as
+    if nothing was missing. They get a `gap`, then the rows that are left, each once."""
+    import socket
+
+    from supervisor.broadcast import Broadcast, FanOut, Filter
+    fan = Broadcast(lambda: Store(db_path, migrate=False, create=False), str(db_path), 600,
+                    clock=lambda: T0)
+    ctrl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    client, handed = socket.socketpair()
+    out = None
+    try:
+        fan.subscribe(None, Filter())                 # switches the log on
+        store.enqueue(new(), T0)
+        out = FanOut(str(db_path), 600, theirs, clock=lambda: T0)
+        sub = fan.subscribe(None, Filter())           # a live client, at the newest id
+        handed.sendall(sub.first())
+        out.attach(handed, sub.flt, sub.cursor)
+        store.enqueue(new(), T0 + 1)                  # read live: the ring holds it
+        out.read_new()
+        cursor = out.last_id
+        assert [ev_id for ev_id, _kind, data in _received(client) if data] == [cursor]
+        for i in range(4):                            # written by the other supervisor...
+            store.enqueue(new(), T0 + 2 + i)
+        ids = [e.id for e in events.read(store.conn, cursor)]
+        events.prune(store.conn, ids[2])              # ...which prunes two of them unread
+        out.read_new()
+        got = _received(client)
+        gaps = [data for _id, kind, data in got if kind == "gap"]
+        sent = [ev_id for ev_id, kind, data in got if data is not None and kind != "gap"]
+        assert gaps == [{"after": cursor, "resumed_at": ids[2] - 1}], got
+        assert sent == ids[2:], got
+        store.enqueue(new(), T0 + 9)                  # and on from there, with no gap
+        out.read_new()
+        got = _received(client)
+        assert [kind for _id, kind, data in got if data is not None] == ["task"], got
+    finally:
+        if out is not None:
+            out.store.close()
+        for s in (client, handed, ctrl, theirs):
+            s.close()
+        fan.stop()
