@@ -56,15 +56,28 @@ from workers import sse
 from workers.relaycall import RELAY_ENV, frame  # noqa: F401 - RELAY_ENV: the variable naming the socket
 
 ERROR_KINDS = ("stalled", "connect", "transport", "decoding", "unsupported", "overran", "protocol",
-               "raised")
+               "oversized", "raised")
 CONNECT_TIMEOUT_S = 30.0
 MAX_REQUEST_BYTES = 1 << 28          # one request line (the messages of a long conversation)
+# One answer, as decoded (gzip undone): a chat completion is a few MiB at most. Past it the
+# call fails (oversized): a server gone wrong (a line that never ends, a compressed bomb)
+# must not fill the relay, which every call in flight shares.
+MAX_ANSWER_BYTES = 1 << 26
+MAX_ERROR_BODY_BYTES = 1 << 20       # of an HTTP error's body, what is read (the rest is not)
 LANE_CALLS = 16                      # calls at once per httpx client (RelayServer.lane)
 KEEPALIVE_EXPIRY_S = 30.0
 BACKLOG = 4096                       # capped by net.core.somaxconn: a wave of tasks connects at once
 EXIT_PARENT_GONE = 3
 DONE_DRAIN_S = 0.5                   # after [DONE], how long the body's end is waited for
 SOCKET_CHECK_S = 2.0                 # how often the relay looks that its socket is still there
+
+
+class Oversized(Exception):
+    """An answer over MAX_ANSWER_BYTES."""
+
+    def __init__(self):
+        super().__init__(f"over {MAX_ANSWER_BYTES >> 20} MiB, which no chat completion is; "
+                         f"stopped reading it")
 
 
 def is_json(resp) -> bool:
@@ -189,7 +202,7 @@ class RelayServer:
                                 "headers": [[k, v] for k, v in resp.headers.items()]}
                         await _send(writer, frame(b"H", json.dumps(head).encode()))
                     if resp.status_code >= 400:
-                        await _send(writer, frame(b"B", await resp.aread()))
+                        await _send(writer, frame(b"B", await _body(resp, MAX_ERROR_BODY_BYTES)))
                         await _send(writer, frame(b"Z"))
                     elif parsed is not None:
                         await self._parsed(resp, writer, parsed)
@@ -203,6 +216,8 @@ class RelayServer:
             await self._error(writer, error_kind(exc), exc)
         except TimeoutError:
             await self._error(writer, "overran", None)
+        except Oversized as exc:
+            await self._error(writer, "oversized", exc)
         except (ConnectionError, asyncio.CancelledError):
             raise  # the task went away
         except Exception as exc:  # noqa: BLE001 - told to the task, never logged here (the
@@ -217,7 +232,11 @@ class RelayServer:
         """The body's lines, one list per upstream read (split where SSE splits: not at
         U+2028 and the like, as httpx's iter_lines does), the last one at the end."""
         decoder = sse.Lines()
+        size = 0
         async for text in resp.aiter_text():
+            size += len(text)
+            if size > MAX_ANSWER_BYTES:
+                raise Oversized()
             lines = decoder.decode(text)
             if lines:
                 yield lines
@@ -229,7 +248,7 @@ class RelayServer:
         """The body as it comes: the whole of it (`B`) for one JSON object, else its lines
         (`L`, one frame per upstream read), then `Z`."""
         if is_json(resp):
-            await _send(writer, frame(b"B", await resp.aread()))
+            await _send(writer, frame(b"B", await _body(resp)))
         else:
             batches = self._batches(resp)
             async for lines in batches:
@@ -243,7 +262,7 @@ class RelayServer:
         """The body read here (llmreports.Parse): `R` frames of report lines as they come,
         then the last ones and `J`, the result. Raises llm's exceptions."""
         if is_json(resp):
-            reports = parsed.whole(await resp.aread())
+            reports = parsed.whole(await _body(resp))
             if reports:
                 await _send(writer, frame(b"R", reports))
         else:
@@ -269,6 +288,20 @@ class RelayServer:
             await _send(writer, frame(b"E", json.dumps(msg).encode()))
         except (ConnectionError, OSError):
             pass
+
+
+async def _body(resp, cap: int | None = None) -> bytes:
+    """The whole body, decoded; over MAX_ANSWER_BYTES, Oversized. With `cap`, its first
+    `cap` bytes, the rest left unread (an error's body: only its start is shown)."""
+    parts, size = [], 0
+    async for piece in resp.aiter_bytes():
+        size += len(piece)
+        parts.append(piece)
+        if cap is not None and size >= cap:
+            return b"".join(parts)[:cap]
+        if size > MAX_ANSWER_BYTES:
+            raise Oversized()
+    return b"".join(parts)
 
 
 async def _rest(batches) -> None:

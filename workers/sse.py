@@ -14,29 +14,40 @@ from __future__ import annotations
 
 class Lines:
     """Text in, whole lines out: `decode` returns the lines that a piece completes (a
-    line cut between pieces comes out once whole); `flush` what is left at the end."""
+    line cut between pieces comes out once whole); `flush` what is left at the end. A
+    long line costs one join, not one per piece (the pieces of an open line are kept
+    apart until a line end comes)."""
 
-    __slots__ = ("rest",)
+    __slots__ = ("parts", "cr")
 
     def __init__(self) -> None:
-        self.rest = ""
+        self.parts: list[str] = []  # the open line, in pieces
+        self.cr = False             # the open line ends with a CR that may be half a CRLF
 
     def decode(self, text: str) -> list[str]:
-        text = self.rest + text
+        if not self.cr and "\n" not in text and "\r" not in text:
+            if text:
+                self.parts.append(text)
+            return []
+        self.parts.append(text)
+        text, self.parts = "".join(self.parts), []
         held = ""
         if text.endswith("\r"):  # maybe the first half of a CRLF: wait for the next piece
             text, held = text[:-1], "\r"
         if "\r" in text:
             text = text.replace("\r\n", "\n").replace("\r", "\n")
         lines = text.split("\n")
-        self.rest = lines.pop() + held
+        last = lines.pop() + held
+        if last:
+            self.parts.append(last)
+        self.cr = bool(held)
         return lines
 
     def flush(self, open_line: bool = True) -> list[str]:
         """The last line: one ended by a lone CR, or one left open by the end of the
         stream (kept when `open_line`, as a reader that dispatches a last event without
         its blank line wants; an SSE client drops it)."""
-        rest, self.rest = self.rest, ""
+        rest, self.parts, self.cr = "".join(self.parts), [], False
         if rest.endswith("\r"):
             return [rest[:-1]]
         return [rest] if rest and open_line else []

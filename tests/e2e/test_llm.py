@@ -20,7 +20,7 @@ import pytest
 from supervisor.config import load as load_config
 from tests.support import wait_until
 from tests.support.launcher import SupervisorProcess, supervisor_config
-from tests.support.openai_server import FakeOpenAI, Json, Malformed, Silent, Stall, Status, Stream
+from tests.support.openai_server import FakeOpenAI, Flood, Json, Malformed, Silent, Stall, Status, Stream
 from workers import Retry
 from workers.handlers import Fail, llm
 
@@ -346,6 +346,27 @@ def test_text_holding_unicode_line_separators_comes_whole_to_every_reader(server
     for call in (run, lambda p: llm.chat_sync(p, FakeCtx()), llm.chat_sync):
         server.script(Stream(text=text))
         assert call(payload)["text"] == text
+
+
+@pytest.mark.timeout(120)
+def test_an_answer_past_the_cap_fails_the_call_and_the_relay_goes_on(server):
+    """A server gone wrong: a data line that never ends, or a JSON body without end. The
+    call stops reading at relay.MAX_ANSWER_BYTES and fails as a malformed answer
+    (retried), on both paths; the relay, which every call shares, keeps its memory and
+    answers the next call. (It read on until the process ran out of memory.)"""
+    from workers import relay as relay_mod
+    timeouts = {"request_timeout_s": 60, "stall_timeout_s": 30}
+    payload = {"prompt": "x", "base_url": server.base_url, **timeouts}
+    over = relay_mod.MAX_ANSWER_BYTES + (8 << 20)
+    for flood, call in ((Flood(event_bytes=1 << 20, total_bytes=over, line_ends=False), run),
+                        (Flood(event_bytes=1 << 20, total_bytes=over, line_ends=False), llm.chat_sync),
+                        (Flood(event_bytes=1 << 20, total_bytes=over, as_json=True),
+                         lambda p: llm.chat_sync(p, FakeCtx()))):
+        server.script(flood)
+        with pytest.raises(llm.MalformedReply, match="over 64 MiB") as info:
+            call(payload)
+        server.script(Stream(text="still here"))
+        assert call(payload)["text"] == "still here"
 
 
 def test_tools_from_the_payload_or_its_options_go_into_the_body_as_given_once():

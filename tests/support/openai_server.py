@@ -71,6 +71,8 @@ class Flood:
     `total_bytes` (then [DONE]); `server.flooded` counts what was written."""
     event_bytes: int = 65536
     total_bytes: int = 1 << 30
+    line_ends: bool = True        # False: one data line that never ends
+    as_json: bool = False         # one application/json body of total_bytes instead
 
 
 @dataclass
@@ -211,6 +213,12 @@ def _handler_class(server: FakeOpenAI):
                     "usage": {"prompt_tokens": b.prompt_tokens, "completion_tokens": len(pieces),
                               "total_tokens": b.prompt_tokens + len(pieces)}})
             self.send_response(200)
+            if isinstance(b, Flood) and b.as_json:
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Connection", "close")
+                self.end_headers()
+                self.close_connection = True
+                return self._flood(b)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")
             if isinstance(b, Stream) and b.keep_alive:
@@ -233,11 +241,17 @@ def _handler_class(server: FakeOpenAI):
 
         def _flood(self, b: Flood) -> None:
             event = "data: " + json.dumps(_chunk("fake-model", {"content": "x" * b.event_bytes})) + "\n\n"
+            if not b.line_ends or b.as_json:
+                self._write('{"choices": [{"message": {"content": "' if b.as_json else
+                            'data: {"choices": [{"delta": {"content": "')
+                event = "x" * b.event_bytes
             sent = 0
             while sent < b.total_bytes and not server.stopping.is_set():
                 self._write(event)
                 sent += len(event)
                 server.flooded = sent
+            if not b.line_ends or b.as_json:
+                return  # (never reached past a client's cap: it stops reading first)
             self._write("data: [DONE]\n\n")
 
         def _stream(self, b: Stream, body: dict) -> None:

@@ -494,6 +494,8 @@ def _error_of(kind: str, name: str, message: str, req: Request, reply: Reply | N
             f"no response from {req.url} within stall_timeout_s={req.stall_timeout_s:g}s")
     if kind == "overran":
         return _overran(req)
+    if kind == "oversized":
+        return MalformedReply(f"the answer of {req.url} is {message}")
     if kind == "unsupported":
         return LlmRejected(f"cannot use {req.url}: {message}")
     if kind == "decoding":

@@ -61,13 +61,15 @@ async def chat(req: llm.Request, reply: llm.Reply, ctx) -> None:
                         await resp.aread()
                         raise llm.status_error(resp, req.url, llm._pause_keys(ctx, spent=0))
                     if relay.is_json(resp):
-                        llm._finish_json(reply, await resp.aread())
+                        llm._finish_json(reply, await relay._body(resp))
                     else:
                         await _feed_async(resp, reply)
     except httpx.HTTPError as exc:
         raise transport_error(exc, req, reply) from exc
     except TimeoutError:
         raise llm._overran(req) from None
+    except relay.Oversized as exc:
+        raise llm._error_of("oversized", "", str(exc), req, reply) from None
 
 
 def chat_sync(req: llm.Request, reply: llm.Reply, ctx) -> None:
@@ -88,9 +90,11 @@ def chat_sync(req: llm.Request, reply: llm.Reply, ctx) -> None:
                     resp.read()
                     raise llm.status_error(resp, req.url, llm._pause_keys(ctx, spent=0))
                 if relay.is_json(resp):
-                    llm._finish_json(reply, resp.read())
+                    llm._finish_json(reply, _body(resp))
                 else:
                     _feed(resp, reply, deadline, req)
+    except relay.Oversized as exc:
+        raise llm._error_of("oversized", "", str(exc), req, reply) from None
     except httpx.TimeoutException as exc:
         if time.monotonic() >= deadline - 0.05:
             raise llm._overran(req) from None
@@ -103,8 +107,11 @@ def chat_sync(req: llm.Request, reply: llm.Reply, ctx) -> None:
 # at U+2028 and the like, which a model's text in a data line's JSON may hold raw.
 
 async def _feed_async(resp: httpx.Response, reply: llm.Reply) -> None:
-    split = sse.Lines()
+    split, size = sse.Lines(), 0
     async for text in resp.aiter_text():
+        size += len(text)
+        if size > relay.MAX_ANSWER_BYTES:
+            raise relay.Oversized()
         for line in split.decode(text):
             reply.feed(line)
             if reply.done:
@@ -115,8 +122,11 @@ async def _feed_async(resp: httpx.Response, reply: llm.Reply) -> None:
 
 
 def _feed(resp: httpx.Response, reply: llm.Reply, deadline: float, req: llm.Request) -> None:
-    split = sse.Lines()
+    split, size = sse.Lines(), 0
     for text in resp.iter_text():
+        size += len(text)
+        if size > relay.MAX_ANSWER_BYTES:
+            raise relay.Oversized()
         for line in split.decode(text):
             reply.feed(line)
             if reply.done:
@@ -126,3 +136,14 @@ def _feed(resp: httpx.Response, reply: llm.Reply, deadline: float, req: llm.Requ
     for line in split.flush():
         reply.feed(line)
     reply.close()
+
+
+def _body(resp: httpx.Response) -> bytes:
+    """The whole body, decoded (relay._body, blocking): over MAX_ANSWER_BYTES, Oversized."""
+    parts, size = [], 0
+    for piece in resp.iter_bytes():
+        size += len(piece)
+        if size > relay.MAX_ANSWER_BYTES:
+            raise relay.Oversized()
+        parts.append(piece)
+    return b"".join(parts)
