@@ -39,6 +39,7 @@ import workers.stream  # noqa: F401 - what ctx.stream imports at its first call:
 from workers import Retry, relaycall, task, warm_up
 from workers.context import TaskContext
 from workers.handlers import Fail
+from workers.handlers.llmtools import ToolCalls
 
 PROGRESS_EVERY_S = 0.5        # progress (which is also a heartbeat) at most this often
 RELAY_GRACE_S = 5.0           # past stall_timeout_s with no frame, the relay itself is stuck
@@ -277,17 +278,12 @@ class Reply:
     comments (`: keep-alive`) count as bytes but not as progress, so a server that only
     pings still stalls.
 
-    Tool calls (function calling) are assembled as OpenAI streams them: each
-    `delta.tool_calls` item names its call by `index`; `id`, `type` and `function.name`
-    come with its first piece (a later copy of them, which some servers send, is ignored),
-    and the `function.arguments` pieces are joined in order (never parsed). A non-streamed
-    `message.tool_calls` holds whole calls. Each argument piece counts as a token, like a
-    content piece (progress, the stall message, usage estimated without the server's);
-    only content goes to ctx.stream. With n > 1 choices the text joins every choice's
-    content in arrival order (as it always has), but the tool calls are the first
-    choice's only: one answer's calls to run, never calls of alternative answers mixed.
-    An index that comes again with another id starts another call (Ollama sends every
-    call as index 0): its arguments are never glued onto the first call's."""
+    Tool calls (function calling) are the first choice's, assembled by
+    workers.handlers.llmtools; each argument piece counts as a token, like a content piece
+    (progress, the stall message, usage estimated without the server's); only content goes
+    to ctx.stream. With n > 1 choices the text joins every choice's content in arrival
+    order (as it always has), but the tool calls are the first choice's only: one
+    answer's calls to run, never calls of alternative answers mixed."""
 
     def __init__(self, ctx: object, stall_timeout_s: float, max_tokens: int | None):
         self.ctx = ctx
@@ -297,7 +293,7 @@ class Reply:
         self.max_tokens = max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else None
         self.parts: list[str] = []
         self.chunks = 0                     # content and tool-call argument deltas, ~a token each
-        self.calls: list | None = None      # tool calls: [index, id, type, name, [argument pieces]]
+        self.calls: ToolCalls | None = None  # the first choice's tool calls, once any came
         self.finish_reason: str | None = None
         self.usage: dict | None = None
         self.model: str | None = None
@@ -361,7 +357,12 @@ class Reply:
                 delta = {}
             content = delta.get("content")
             if delta.get("tool_calls") is not None and _first(choice):
-                self._add_calls(delta["tool_calls"], whole="delta" not in choice)
+                if self.calls is None:
+                    self.calls = ToolCalls()
+                try:
+                    self.chunks += self.calls.add(delta["tool_calls"], whole="delta" not in choice)
+                except ValueError as exc:
+                    raise MalformedReply(str(exc)) from None
             if isinstance(content, str) and content:
                 self.parts.append(content)
                 self.chunks += 1
@@ -375,52 +376,6 @@ class Reply:
             self.usage = dict(chunk["usage"])
         self.last_data_mono = time.monotonic()
         self._progress(self.last_data_mono)
-
-    def _add_calls(self, items: object, whole: bool) -> None:
-        """The first choice's `tool_calls`: a delta's pieces, or a message's whole calls
-        (`whole`: numbered by position). Raises MalformedReply naming the bad field."""
-        if not isinstance(items, list):
-            raise MalformedReply(f"'tool_calls' is not a list: {str(items)[:200]!r}")
-        if self.calls is None:
-            self.calls = []
-        for position, item in enumerate(items):
-            if not _is_map(item):
-                raise MalformedReply(f"a 'tool_calls' item is not an object: {str(item)[:200]!r}")
-            index = position if whole else item.get("index")
-            if index is None and not whole:
-                # No index (Ollama before 0.4.7, some proxies): a piece with an id starts
-                # a call after the last one, one without continues the last call.
-                last = self.calls[-1][0] if self.calls else -1
-                index = last + 1 if item.get("id") or last < 0 else last
-            if type(index) is not int or index < 0:
-                raise MalformedReply(f"'tool_calls[].index' is not an integer >= 0: "
-                                     f"{str(item)[:200]!r}")
-            function = item.get("function")
-            if function is not None and not _is_map(function):
-                raise MalformedReply(f"'tool_calls[].function' is not an object: {str(item)[:200]!r}")
-            function = function or {}
-            ident, kind = item.get("id"), item.get("type")
-            name, arguments = function.get("name"), function.get("arguments")
-            for field, value in (("id", ident), ("type", kind), ("function.name", name),
-                                 ("function.arguments", arguments)):
-                if value is not None and not isinstance(value, str):
-                    raise MalformedReply(f"'tool_calls[].{field}' is not a string: {str(item)[:200]!r}")
-            call = next((c for c in reversed(self.calls) if c[0] == index), None)
-            if call is None or (ident and call[1] and ident != call[1]):
-                call = [index, ident or "", kind or "", name or "", []]
-                self.calls.append(call)
-            else:  # a later piece: the first id, type and name stand
-                call[1], call[2], call[3] = call[1] or ident or "", call[2] or kind or "", call[3] or name or ""
-            if arguments:
-                call[4].append(arguments)
-                self.chunks += 1
-
-    def tool_calls(self) -> list[dict]:
-        """The assembled calls in index order (stable: a reused index keeps arrival
-        order), in OpenAI's message shape; `arguments` as the model wrote it."""
-        return [{"id": c[1], "type": c[2] or "function",
-                 "function": {"name": c[3], "arguments": "".join(c[4])}}
-                for c in sorted(self.calls or (), key=lambda c: c[0])]
 
     def batch_stream(self) -> None:
         """Hold streamed text until flush_stream(), which sends it at once: one piece per
@@ -462,7 +417,7 @@ class Reply:
         out = {"text": "".join(self.parts), "finish_reason": self.finish_reason,
                "usage": out_usage, "model": self.model or requested_model}
         if self.calls:
-            out["tool_calls"] = self.tool_calls()  # only when the model made any
+            out["tool_calls"] = self.calls.result()  # only when the model made any
         return out
 
 
