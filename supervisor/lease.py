@@ -14,6 +14,8 @@ a report.
 from __future__ import annotations
 
 import logging
+import os
+import uuid
 from typing import TYPE_CHECKING
 
 from supervisor import policy
@@ -90,3 +92,8 @@ class Leases:
             for server in sup.servers.all():
                 if not server.exited:
                     server.fence(fence)
+
+
+def new_owner(host: str) -> str:
+    """A lease owner token: host, pid and a random part (unique across restarts)."""
+    return f"{host}:{os.getpid()}:{uuid.uuid4().hex[:8]}"

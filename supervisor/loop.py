@@ -6,11 +6,12 @@ clock and a fake fork server. It is the only writer of task state after a claim,
 keeps execution fenced: the fork server is told how far the leases reach (minus a margin)
 and kills every task past that, and nothing is spawned past it, so a supervisor that is
 stopped or stuck cannot run a task that another may have rescued (`supervisor.lease`).
-A step that raises is
-logged and counted and the loop goes on. Reaping works with the database down: outcomes
-wait in memory until SQLite answers. It never imports user code and never sleeps: it
-waits on a selector until the next deadline. Running children belong to
-`supervisor.children`.
+A step that raises is logged and counted and the loop goes on. Reaping works with the
+database down: outcomes wait in memory until SQLite answers. It never imports user code
+and never sleeps: it waits on a selector until the next deadline. Running children
+belong to `supervisor.children`, a fork server's death and replacement to
+`supervisor.respawn`, SIGHUP's reload to `supervisor.reloading`, and what other threads
+read to `supervisor.snapshot`.
 """
 
 from __future__ import annotations
@@ -22,21 +23,22 @@ import selectors
 import signal
 import socket
 import time
-import uuid
 from collections.abc import Callable
 
-from supervisor import (__version__, capacity, checkpointing, handlercode, logs, policy,
-                        proctree, spawning)
+from supervisor import (__version__, checkpointing, handlercode, policy, proctree, reloading,
+                        spawning)
 from supervisor.children import Child, Children
 from supervisor.client import Queue
-from supervisor.config import Config, load, start_only_changes
-from supervisor.errors import ConfigError, InputError, StoreError
-from supervisor.forkserver import ForkServer, ForkServerError, ForkServers, handlers_of
-from supervisor.lease import Leases
+from supervisor.config import Config
+from supervisor.errors import InputError, StoreError
+from supervisor.forkserver import ForkServer, ForkServers
+from supervisor.lease import Leases, new_owner
+from supervisor.respawn import Respawn
 from supervisor.retention import Retention
 from supervisor.schedule import Scheduler
 from supervisor.service import Notifier
 from supervisor.signals import Signals
+from supervisor.snapshot import Snapshot
 from supervisor.store import AttemptEnd, Outcome, Store, Task
 from supervisor.wake import WakeSocket
 from supervisor.watchdog import SAMPLE_S, machine_memory_mb
@@ -78,23 +80,6 @@ class Timers:
     dbfile: float = 0.0             # the database file's identity check
 
 
-@dataclasses.dataclass(frozen=True)
-class Snapshot:
-    """What the HTTP and metrics threads read: published by the loop every pass, never
-    live loop objects. `running` is {task id: (peak RSS bytes, timeout_s)}, refreshed at
-    most every SNAPSHOT_RUNNING_S."""
-    owner: str
-    host: str
-    pool_size: int
-    busy: int
-    memory_budget_mb: float
-    last_loop_at: float
-    stopping: bool
-    store_ok: bool
-    running: dict
-    config: Config
-
-
 class Supervisor:
     """One supervisor process. Construct in the main thread after the fork server started."""
 
@@ -112,6 +97,7 @@ class Supervisor:
                                  max_log_bytes=config.supervisor.max_log_bytes)
         self.timers = Timers()
         self.leases = Leases(self)
+        self.respawn = Respawn(self)
         self.scheduler = Scheduler()
         self.retention = Retention()
         self.started_at = proctree.start_time(os.getpid())  # with the pid, names this process
@@ -127,7 +113,7 @@ class Supervisor:
         self.memory_budget_mb = policy.memory_budget_mb(config.supervisor.memory_budget_mb,
                                                         machine_memory_mb())
         self._status = ""
-        self.snapshot = self._snapshot(running={})
+        self.snapshot = Snapshot.of(self, running={})
         self.cgroup_dir: str | None = None  # set by supervisor.start when delegated
         self.dbfile = None  # supervisor.dbfile.DatabaseFile, set by supervisor.start when ready
         self.handler_code = handlercode.HandlerCode()  # what the fork server loaded
@@ -159,7 +145,7 @@ class Supervisor:
         self.selector.register(self.server, selectors.EVENT_READ, ("server", self.server))
         self.open_store()
         self.leases.rescue(self.clock.now())
-        self.warn_unhandled_schedules()
+        reloading.warn_unhandled_schedules(self.config, self.server.types)
         for hook in self.on_ready:
             hook(self)
         self.emit("started", owner=self.owner)
@@ -174,7 +160,7 @@ class Supervisor:
         if self.relay is not None:  # first: before reap's wait4(-1) can take its exit status
             self.guard(self.relay.tend, mono)
         self.guard(self.handle_signals, mono)
-        self.guard(self.tend_fork_servers, mono)
+        self.guard(self.respawn.tend_fork_servers, mono)
         self.guard(self.children.reap, self.helpers(), mono)
         self.guard(self.kill_orphans, mono)
         self.guard(self.enforce_limits, mono)
@@ -254,7 +240,7 @@ class Supervisor:
             if sig in (signal.SIGTERM, signal.SIGINT):
                 self.begin_stop(mono, fast=self.stopping)
             elif sig == signal.SIGHUP:
-                self.reload()
+                reloading.reload(self)
             elif sig == signal.SIGUSR1:
                 log.info("status: %s", self.status_line())
 
@@ -299,113 +285,11 @@ class Supervisor:
         self.timers.extend = mono  # unregister the wake port promptly
         self.emit("stopping", fast=fast)
 
-    def reload(self) -> None:
-        try:
-            loaded = load(self.config.path) if self.config.path else self.config
-            # The open database stays (a changed one is named below, as start-only).
-            new = loaded.with_database(self.config.supervisor.database,
-                                       pinned=self.config.database_pinned)
-            # `run` refuses such a pool_size at start; a reload took it, and ran out of
-            # descriptors or processes once that many tasks were due.
-            if limits := capacity.problems(new.supervisor.pool_size):
-                raise ConfigError(limits)
-        except ConfigError as exc:
-            for line in exc.errors:
-                log.error("reload rejected: %s", line)
-            log.error("reload rejected: keeping the running config (%d error(s))", len(exc.errors))
-            return
-        self.notifier.reloading()
-        old = self.config
-        self.reload_logging(old, loaded)
-        self.config = self.children.config = new
-        self.children.output.configure(new.supervisor.max_output_bytes, new.supervisor.max_log_bytes)
-        self.memory_budget_mb = policy.memory_budget_mb(new.supervisor.memory_budget_mb, machine_memory_mb())
-        self.claim_needed = True
-        code = handlercode.stamp(new)  # before a launch: a later edit shows next time
-        if (new.supervisor.preload, handlers_of(new)) != (old.supervisor.preload, handlers_of(old)):
-            why = "preload or handlers changed"
-        elif changed := self.handler_code.changed(code, self.server.pid):
-            why = f"handler code changed: {', '.join(changed)}"
-        else:
-            why = None
-            log.info("reload: no handler module changed since fork server %s started; it "
-                     "stays", self.server.pid)
-        if why is not None and self.replace_fork_server(why):
-            self.handler_code.remember(self.server.pid, code)
-        self.warn_unhandled_schedules()
-        log.info("config reloaded from %s: pool_size=%d", new.path, new.supervisor.pool_size)
-        self.emit("reloaded", pool_size=new.supervisor.pool_size)
-        self.notifier.ready(self.status_line())
-
-    def reload_logging(self, old: Config, loaded: Config) -> None:
-        """Apply a changed [log] to this process's own log, and name each setting that
-        waits for a restart (`loaded`: the file as read, its database included)."""
-        if loaded.log != old.log:
-            if logs.reconfigure(loaded.log.level, loaded.log.format):
-                log.info("reload: the supervisor's log is now level=%s format=%s",
-                         loaded.log.level, loaded.log.format)
-            else:
-                log.warning("reload: [log] changed; new tasks take it, but this process's "
-                            "logging was not set up by taskvisor and stays as it is")
-        for key in start_only_changes(old, loaded):
-            log.warning("reload: %s changed; it applies at the next start (restart the "
-                        "supervisor), the running value stays", key)
-
-    def warn_unhandled_schedules(self) -> None:
-        """Name each schedule whose type the fork server has no handler for, at start and
-        at a reload: every fire of it fails, and a nightly one said so first at 02:30."""
-        known = set(self.server.types)
-        for name, spec in self.config.schedules.items():
-            if spec.type not in known:
-                log.warning("schedule %r enqueues type %r, which no handler here takes (not "
-                            "in a [supervisor] preload module nor a [types] handler): each "
-                            "fire will fail until one registers it", name, spec.type)
-
-    def replace_fork_server(self, why: str) -> bool:
-        """Start a new fork server for new tasks; the old one stays until its tasks end."""
-        try:
-            new = self.servers.launch(self.config)
-        except ForkServerError as exc:
-            log.error("new fork server failed (%s), keeping the old one: %s\n%s", why, exc, exc.detail)
-            return False
-        self.servers.replace(new)
-        self.selector.register(new, selectors.EVENT_READ, ("server", new))
-        if self.children.fence_mono is not None:
-            new.fence(self.children.fence_mono)
-        log.info("fork server %d started (%s); %d retiring", new.pid, why, len(self.servers.retiring))
-        return True
-
     # -- fork servers --------------------------------------------------------------------
 
     @property
     def server(self) -> ForkServer:
         return self.servers.current
-
-    def tend_fork_servers(self, mono: float) -> None:
-        """Notice a dead or broken fork server; restart the current one with backoff."""
-        servers = self.servers
-        for server in servers.all():
-            if server.broken and not server.exited:
-                log.error("fork server %s broke the protocol (%s); killed", server.pid, server.broken)
-                server.exited = True
-            if not server.exited:
-                continue
-            if server.sock is not None:
-                self.selector.unregister(server)
-                server.close()
-            orphans = self.children.server_died(server, mono)
-            if server is not servers.current:
-                if not orphans:
-                    servers.retiring.remove(server)
-            elif servers.restart_at is None:
-                delay = servers.schedule_restart(mono, died=True)
-                log.error("fork server %s died; restarting in %.1fs", server.pid, delay)
-        if not self.stopping and servers.take_due_restart(mono):
-            if self.replace_fork_server("the previous one died"):
-                self.claim_needed = True
-                self.emit("forkserver_restarted", pid=servers.current.pid)
-            else:
-                servers.schedule_restart(mono, died=False)
 
     # -- children ------------------------------------------------------------------------
 
@@ -626,19 +510,12 @@ class Supervisor:
         if mono >= self.timers.running_snapshot:
             self.timers.running_snapshot = mono + SNAPSHOT_RUNNING_S
             running = {c.task.id: (c.peak_rss, c.timeout_s) for c in self.children.values()}
-        self.snapshot = self._snapshot(running)
+        self.snapshot = Snapshot.of(self, running)
         status = self.status_line()
         if status != self._status:
             self._status = status
             self.notifier.status(status)
         self.notifier.watchdog(mono)
-
-    def _snapshot(self, running: dict) -> Snapshot:
-        return Snapshot(owner=self.owner, host=self.host,
-                        pool_size=self.config.supervisor.pool_size, busy=len(self.children),
-                        memory_budget_mb=self.memory_budget_mb, last_loop_at=self.last_loop_at,
-                        stopping=self.stopping, store_ok=self.store_ok, running=running,
-                        config=self.config)
 
     def can_claim(self, mono: float) -> bool:
         """A free slot, maybe a task for it, and a fork server and a database to use."""
@@ -714,8 +591,3 @@ class Supervisor:
             want = selectors.EVENT_READ | (selectors.EVENT_WRITE if server.outbox else 0)
             if self.selector.get_key(server).events != want:
                 self.selector.modify(server, want, ("server", server))
-
-
-def new_owner(host: str) -> str:
-    """A lease owner token: host, pid and a random part (unique across restarts)."""
-    return f"{host}:{os.getpid()}:{uuid.uuid4().hex[:8]}"

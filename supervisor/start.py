@@ -54,7 +54,7 @@ def run(config: Config, *, events=None, ready_file: str | None = None) -> int:
         sys.stderr.flush()
         return EXIT_MACHINE_LIMITS
     log.info("open files: up to %d", soft)
-    from supervisor.loop import new_owner
+    from supervisor.lease import new_owner
     owner = new_owner(socket.gethostname())
     add_config_folder_to_path(config)
     from supervisor import handlercode
