@@ -310,89 +310,88 @@ def _received(sock) -> list[tuple[int | None, str, dict | None]]:
     return list(_parse(iter(data.decode("utf-8").split("\n"))))
 
 
-def test_a_prune_between_subscribe_and_catch_up_gives_a_gap_not_a_silent_skip(store, db_path):
+@pytest.fixture
+def wire(db_path):
+    """The event stream's two sides in-process on one file: `fan`, the HTTP thread's
+    Broadcast; `fan_out()`, the fan-out process's FanOut; `client` and `handed`, the two
+    ends of a client's connection. Everything is closed at the end."""
+    import socket
+    import types
+
+    from supervisor.broadcast import Broadcast, FanOut, Filter
+    fan = Broadcast(lambda: Store(db_path, migrate=False, create=False), str(db_path), 600,
+                    clock=lambda: T0)
+    ctrl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    client, handed = socket.socketpair()
+    outs = []
+
+    def fan_out():
+        outs.append(FanOut(str(db_path), 600, theirs, clock=lambda: T0))
+        return outs[-1]
+    try:
+        yield types.SimpleNamespace(fan=fan, fan_out=fan_out, client=client, handed=handed,
+                                    Filter=Filter)
+    finally:
+        for out in outs:
+            out.store.close()
+        for s in (client, handed, ctrl, theirs):
+            s.close()
+        fan.stop()
+
+
+def test_a_prune_between_subscribe_and_catch_up_gives_a_gap_not_a_silent_skip(store, wire):
     """The HTTP thread checks the resume id against the oldest event kept (no gap), then
     the fan-out process prunes, then it reads the rows after the id for that client: the
     events in between were skipped with no `gap` event. Driven in that order in-process,
     against one file, with a fan-out that has nothing in memory (it just started, as after
     a restart of the supervisor): the client gets every event after its id or a gap."""
-    import socket
-
-    from supervisor.broadcast import Broadcast, FanOut, Filter
-    fan = Broadcast(lambda: Store(db_path, migrate=False, create=False), str(db_path), 600,
-                    clock=lambda: T0)
-    ctrl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    client, handed = socket.socketpair()
-    out = None
-    try:
-        fan.subscribe(None, Filter())                 # switches the log on
-        for i in range(5):
-            store.enqueue(new(), T0 + i)
-        ids = [e.id for e in events.read(store.conn, 0)]
-        seen = ids[0]                                 # the client's Last-Event-ID
-        out = FanOut(str(db_path), 600, theirs, clock=lambda: T0)
-        out.housekeep(T0, 0.0)                        # its watermark: the newest id now
-        fan.clock = lambda: T0 + 601
-        sub = fan.subscribe(seen, Filter())           # 1. the HTTP thread: nothing pruned yet
-        assert sub.gap is None and sub.cursor == seen
-        out.housekeep(T0 + 601, 1.0)                  # 2. retention prunes all but the newest
-        assert [e.id for e in events.read(store.conn, 0)] == ids[-1:]
-        handed.sendall(sub.first())                   # (what the HTTP thread writes)
-        out.attach(handed, sub.flt, sub.cursor)       # 3. the hand-over: catch-up from `seen`
-        got = _received(client)
-        sent = [ev_id for ev_id, kind, data in got if data is not None and kind != "gap"]
-        gaps = [data for _id, kind, data in got if kind == "gap"]
-        if sent != ids[1:]:
-            assert gaps == [{"after": seen, "resumed_at": ids[-1] - 1}], got
-            assert sent == ids[-1:], got
-    finally:
-        if out is not None:
-            out.store.close()
-        for s in (client, handed, ctrl, theirs):
-            s.close()
-        fan.stop()
+    wire.fan.subscribe(None, wire.Filter())  # switches the log on
+    for i in range(5):
+        store.enqueue(new(), T0 + i)
+    ids = [e.id for e in events.read(store.conn, 0)]
+    seen = ids[0]  # the client's Last-Event-ID
+    out = wire.fan_out()
+    out.housekeep(T0, 0.0)  # its watermark: the newest id now
+    wire.fan.clock = lambda: T0 + 601
+    sub = wire.fan.subscribe(seen, wire.Filter())  # 1. the HTTP thread: nothing pruned yet
+    assert sub.gap is None and sub.cursor == seen
+    out.housekeep(T0 + 601, 1.0)  # 2. retention prunes all but the newest
+    assert [e.id for e in events.read(store.conn, 0)] == ids[-1:]
+    wire.handed.sendall(sub.first())  # (what the HTTP thread writes)
+    out.attach(wire.handed, sub.flt, sub.cursor)  # 3. the hand-over: catch-up from `seen`
+    got = _received(wire.client)
+    sent = [ev_id for ev_id, kind, data in got if data is not None and kind != "gap"]
+    gaps = [data for _id, kind, data in got if kind == "gap"]
+    if sent != ids[1:]:
+        assert gaps == [{"after": seen, "resumed_at": ids[-1] - 1}], got
+        assert sent == ids[-1:], got
 
 
-def test_rows_pruned_before_the_fan_out_read_them_are_a_gap_for_its_live_clients(store, db_path):
+def test_rows_pruned_before_the_fan_out_read_them_are_a_gap_for_its_live_clients(store, wire):
     """Another supervisor on the file prunes rows this fan-out has not read yet (it was
     behind by more than the retention): its live clients got the rows after the hole as
     if nothing was missing. They get a `gap`, then the rows that are left, each once."""
-    import socket
-
-    from supervisor.broadcast import Broadcast, FanOut, Filter
-    fan = Broadcast(lambda: Store(db_path, migrate=False, create=False), str(db_path), 600,
-                    clock=lambda: T0)
-    ctrl, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    client, handed = socket.socketpair()
-    out = None
-    try:
-        fan.subscribe(None, Filter())                 # switches the log on
-        store.enqueue(new(), T0)
-        out = FanOut(str(db_path), 600, theirs, clock=lambda: T0)
-        sub = fan.subscribe(None, Filter())           # a live client, at the newest id
-        handed.sendall(sub.first())
-        out.attach(handed, sub.flt, sub.cursor)
-        store.enqueue(new(), T0 + 1)                  # read live: the ring holds it
-        out.read_new()
-        cursor = out.last_id
-        assert [ev_id for ev_id, _kind, data in _received(client) if data] == [cursor]
-        for i in range(4):                            # written by the other supervisor...
-            store.enqueue(new(), T0 + 2 + i)
-        ids = [e.id for e in events.read(store.conn, cursor)]
-        events.prune(store.conn, ids[2])              # ...which prunes two of them unread
-        out.read_new()
-        got = _received(client)
-        gaps = [data for _id, kind, data in got if kind == "gap"]
-        sent = [ev_id for ev_id, kind, data in got if data is not None and kind != "gap"]
-        assert gaps == [{"after": cursor, "resumed_at": ids[2] - 1}], got
-        assert sent == ids[2:], got
-        store.enqueue(new(), T0 + 9)                  # and on from there, with no gap
-        out.read_new()
-        got = _received(client)
-        assert [kind for _id, kind, data in got if data is not None] == ["task"], got
-    finally:
-        if out is not None:
-            out.store.close()
-        for s in (client, handed, ctrl, theirs):
-            s.close()
-        fan.stop()
+    wire.fan.subscribe(None, wire.Filter())  # switches the log on
+    store.enqueue(new(), T0)
+    out = wire.fan_out()
+    sub = wire.fan.subscribe(None, wire.Filter())  # a live client, at the newest id
+    wire.handed.sendall(sub.first())
+    out.attach(wire.handed, sub.flt, sub.cursor)
+    store.enqueue(new(), T0 + 1)  # read live: the ring holds it
+    out.read_new()
+    cursor = out.last_id
+    assert [ev_id for ev_id, _kind, data in _received(wire.client) if data] == [cursor]
+    for i in range(4):  # written by the other supervisor...
+        store.enqueue(new(), T0 + 2 + i)
+    ids = [e.id for e in events.read(store.conn, cursor)]
+    events.prune(store.conn, ids[2])  # ...which prunes two of them unread
+    out.read_new()
+    got = _received(wire.client)
+    gaps = [data for _id, kind, data in got if kind == "gap"]
+    sent = [ev_id for ev_id, kind, data in got if data is not None and kind != "gap"]
+    assert gaps == [{"after": cursor, "resumed_at": ids[2] - 1}], got
+    assert sent == ids[2:], got
+    store.enqueue(new(), T0 + 9)  # and on from there, with no gap
+    out.read_new()
+    got = _received(wire.client)
+    assert [kind for _id, kind, data in got if data is not None] == ["task"], got

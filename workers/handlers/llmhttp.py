@@ -107,35 +107,44 @@ def chat_sync(req: llm.Request, reply: llm.Reply, ctx) -> None:
 # at U+2028 and the like, which a model's text in a data line's JSON may hold raw.
 
 async def _feed_async(resp: httpx.Response, reply: llm.Reply) -> None:
-    split, size = sse.Lines(), 0
+    body = _Body(reply)
     async for text in resp.aiter_text():
-        size += len(text)
-        if size > relay.MAX_ANSWER_BYTES:
-            raise relay.Oversized()
-        for line in split.decode(text):
-            reply.feed(line)
-            if reply.done:
-                return
-    for line in split.flush():
-        reply.feed(line)
-    reply.close()
+        if body.take(text):
+            return
+    body.end()
 
 
 def _feed(resp: httpx.Response, reply: llm.Reply, deadline: float, req: llm.Request) -> None:
-    split, size = sse.Lines(), 0
+    body = _Body(reply)
     for text in resp.iter_text():
-        size += len(text)
-        if size > relay.MAX_ANSWER_BYTES:
-            raise relay.Oversized()
-        for line in split.decode(text):
-            reply.feed(line)
-            if reply.done:
-                return
+        if body.take(text):
+            return
         if time.monotonic() > deadline:
             raise llm._overran(req)
-    for line in split.flush():
-        reply.feed(line)
-    reply.close()
+    body.end()
+
+
+class _Body:
+    """A streamed body fed into a Reply, piece by piece, up to relay.MAX_ANSWER_BYTES."""
+
+    def __init__(self, reply: llm.Reply):
+        self.reply, self.split, self.size = reply, sse.Lines(), 0
+
+    def take(self, text: str) -> bool:
+        """Feed one piece; True once the answer is whole ([DONE] came). Raises Oversized."""
+        self.size += len(text)
+        if self.size > relay.MAX_ANSWER_BYTES:
+            raise relay.Oversized()
+        for line in self.split.decode(text):
+            self.reply.feed(line)
+            if self.reply.done:
+                return True
+        return False
+
+    def end(self) -> None:
+        for line in self.split.flush():
+            self.reply.feed(line)
+        self.reply.close()
 
 
 def _body(resp: httpx.Response) -> bytes:
