@@ -128,30 +128,28 @@ def _claim_where(capped: bool, budget: bool, declared: str) -> str:
     return " AND ".join(where)
 
 
-def _claim_grouped_sql(capped: bool, budget: bool, typed: bool) -> str:
-    """The claim when a limit group has room: the better of the head of the tasks of no
-    group and the head of the group :grp, each one seek into its index (migration 0009),
-    so the tasks of full groups are never walked. `(:grp || '')`, not `:grp`: compared
-    bare, the parameter's value takes part in the partial-index check, so SQLite
-    re-prepared the statement (and its triggers) on every bind, ~20x the claim's cost."""
+def _best_sql(grouped: bool, capped: bool, budget: bool, typed: bool) -> str:
+    """(priority, id) of the best due queued task that fits: of no group, or of the limit
+    group :grp (one seek into its index, migration 0009). `(:grp || '')`, not `:grp`:
+    compared bare, the parameter's value takes part in the partial-index check, so SQLite
+    re-prepared the statement on every bind, ~20x its cost."""
+    where = _claim_where(capped, budget, _DECLARED_MB if typed else _DEFAULT_MB)
+    if grouped:
+        return (f"SELECT priority, id FROM tasks INDEXED BY tasks_claim_limited "
+                f"WHERE limit_keys IS NOT NULL AND limit_keys = (:grp || '') AND {where} "
+                "ORDER BY priority DESC, id LIMIT 1")
+    return (f"SELECT priority, id FROM tasks INDEXED BY tasks_claim WHERE limit_keys IS NULL "
+            f"AND {where} ORDER BY priority DESC, id LIMIT 1")
+
+
+def _claim_id_sql(typed: bool) -> str:
+    """Lease the queued task :id (chosen by `_best_sql` reads in the same transaction)."""
     declared = _DECLARED_MB if typed else _DEFAULT_MB
-    where = _claim_where(capped, budget, declared)
     return f"""
 UPDATE tasks SET status = 'running', attempts = attempts + 1, lease_owner = :owner,
        lease_expires_at = :now + :lease_s, started_at = :now, reserved_mb = {declared},
        pid = NULL, pid_started_at = NULL, progress = NULL, progress_message = NULL
-WHERE id = (
-    SELECT id FROM (
-        SELECT * FROM (
-            SELECT id, priority FROM tasks INDEXED BY tasks_claim
-            WHERE limit_keys IS NULL AND {where}
-            ORDER BY priority DESC, id LIMIT 1)
-        UNION ALL
-        SELECT * FROM (
-            SELECT id, priority FROM tasks INDEXED BY tasks_claim_limited
-            WHERE limit_keys IS NOT NULL AND limit_keys = (:grp || '') AND {where}
-            ORDER BY priority DESC, id LIMIT 1))
-    ORDER BY priority DESC, id LIMIT 1)
+WHERE id = :id AND status = 'queued'
 RETURNING {T}
 """
 
@@ -170,44 +168,69 @@ _NO_GROUPS = ("\n  AND NOT EXISTS (SELECT 1 FROM limit_groups INDEXED BY limit_g
               "WHERE queued > 0)\nRETURNING")
 _GUARDED_PLAIN = _CLAIM_PLAIN.replace("\nRETURNING", _NO_GROUPS)
 _GUARDED_VARIANTS = {k: v.replace("\nRETURNING", _NO_GROUPS) for k, v in _CLAIM_VARIANTS.items()}
-_GROUPED_VARIANTS = {(c, b, t): _claim_grouped_sql(c, b, t)
-                     for c in (False, True) for b in (False, True) for t in (False, True)}
+_BEST_VARIANTS = {(g, c, b, t): _best_sql(g, c, b, t) for g in (False, True)
+                  for c in (False, True) for b in (False, True) for t in (False, True)}
+_CLAIM_ID_VARIANTS = {t: _claim_id_sql(t) for t in (False, True)}
 
 
 def claim_task(db: apsw.Connection, *, owner: str, now: float, lease_s: float,
                full_types: list[str], free_mb: float | None, type_mb: str,
-               default_mb: int, group: str | None = None, guard: bool = False) -> Task | None:
-    """Lease the next due queued task whose type is not at its cap and whose memory fits.
+               default_mb: int, guard: bool = False) -> Task | None:
+    """Lease the next due queued task of no limit group whose type is not at its cap and
+    whose memory fits.
 
     `free_mb` None: no memory budget. `type_mb`: {type: MB} as JSON text (the store
-    caches it: the same few types on every claim). `group`: a limit group (limit_keys
-    text) with room whose head competes too (None: only tasks of no group). `guard`:
-    claim only if no limit group has queued tasks (None also when one has)."""
+    caches it: the same few types on every claim). `guard`: claim only if no limit group
+    has queued tasks (None also when one has)."""
     typed = type_mb != "{}"
-    if group is not None:
-        args = {"owner": owner, "now": now, "lease_s": lease_s, "default_mb": default_mb,
-                "grp": group}
-        if full_types:
-            args["full_types"] = json.dumps(full_types)
-        if free_mb is not None:
-            args["free_mb"] = free_mb
-        if typed:
-            args["type_mb"] = type_mb
-        cursor = db.execute(_GROUPED_VARIANTS[bool(full_types), free_mb is not None, typed], args)
-    elif full_types or free_mb is not None or typed:
-        args = {"owner": owner, "now": now, "lease_s": lease_s, "default_mb": default_mb}
-        if full_types:
-            args["full_types"] = json.dumps(full_types)
-        if free_mb is not None:
-            args["free_mb"] = free_mb
-        if typed:
-            args["type_mb"] = type_mb
+    if full_types or free_mb is not None or typed:
+        args = _claim_args(now, full_types, free_mb, type_mb, default_mb)
+        args.update(owner=owner, lease_s=lease_s)
         variants = _GUARDED_VARIANTS if guard else _CLAIM_VARIANTS
         cursor = db.execute(variants[bool(full_types), free_mb is not None, typed], args)
     else:  # the common case, bound by position (cheaper than a dict)
         cursor = db.execute(_GUARDED_PLAIN if guard else _CLAIM_PLAIN,
                             (owner, now, lease_s, default_mb))
     for row in cursor:
+        return Task.from_row(row)
+    return None
+
+
+def _claim_args(now: float, full_types: list[str], free_mb: float | None, type_mb: str,
+                default_mb: int) -> dict:
+    args = {"now": now, "default_mb": default_mb}
+    if full_types:
+        args["full_types"] = json.dumps(full_types)
+    if free_mb is not None:
+        args["free_mb"] = free_mb
+    if type_mb != "{}":
+        args["type_mb"] = type_mb
+    return args
+
+
+def select_best_task(db: apsw.Connection, *, now: float, full_types: list[str],
+                     free_mb: float | None, type_mb: str, default_mb: int,
+                     group: str | None = None) -> tuple[int, str] | None:
+    """(priority, id) of the task `claim_task` would lease, of no group (`group` None)
+    or of the limit group `group` (its limit_keys text); None when none is due and fits."""
+    args = _claim_args(now, full_types, free_mb, type_mb, default_mb)
+    if group is not None:
+        args["grp"] = group
+    sql = _BEST_VARIANTS[group is not None, bool(full_types), free_mb is not None, type_mb != "{}"]
+    for row in db.execute(sql, args):
+        return row[0], row[1]
+    return None
+
+
+def claim_task_id(db: apsw.Connection, task_id: str, *, owner: str, now: float,
+                  lease_s: float, type_mb: str, default_mb: int) -> Task | None:
+    """Lease the queued task `task_id` (picked by `select_best_task` in this transaction)."""
+    args = {"id": task_id, "owner": owner, "now": now, "lease_s": lease_s,
+            "default_mb": default_mb}
+    typed = type_mb != "{}"
+    if typed:
+        args["type_mb"] = type_mb
+    for row in db.execute(_CLAIM_ID_VARIANTS[typed], args):
         return Task.from_row(row)
     return None
 

@@ -189,8 +189,9 @@ class Store(WorkflowStore, flow.FlowOps, LiveOps):
         paused); a claimed task of a group is charged one request and its token estimate
         in the same transaction.
         """
-        # One statement writes (plus the charge for a task of a limit group): no savepoint
-        # inside a grouped transaction; the supervisor's pass rolls back as a whole.
+        # One statement writes (plus the charge for a task of a limit group), after reads
+        # that pick the task in the same IMMEDIATE transaction: no savepoint inside a
+        # grouped transaction; the supervisor's pass rolls back as a whole.
         with self.conn.write(savepoint=False) as db:
             if caps:
                 running = q.count_running_by_type(db, list(caps))
@@ -204,41 +205,60 @@ class Store(WorkflowStore, flow.FlowOps, LiveOps):
             type_mb = self._type_mb_json(type_memory_mb)
             states: dict[str, budget.KeyState] = {}
             self.limit_room_s = None
+            pick = dict(now=now, full_types=full, free_mb=free, type_mb=type_mb,
+                        default_mb=default_memory_mb or 0)
             guarded = not self._groups_seen
             if guarded:
                 # No limit group had queued tasks at the last claim: the claim that succeeds
                 # only if that is still so (no statement more than a file without limits).
-                task = q.claim_task(db, owner=owner, now=now, lease_s=lease_s, full_types=full,
-                                    free_mb=free, type_mb=type_mb,
-                                    default_mb=default_memory_mb or 0, guard=True)
+                task = q.claim_task(db, owner=owner, lease_s=lease_s, guard=True, **pick)
                 if task is not None:
                     return self._with_context(db, task)
-            task, tried, after = None, False, None
-            self._groups_seen = False  # _next_free_group sets it when it sees a group
-            while True:
-                # The next group with room, in head order; the cursor is closed before the
-                # claim writes (an open read cursor on limit_groups, which the claim's
-                # triggers update, made each claim several times slower).
-                group = self._next_free_group(db, after, states, limits or _NO_LIMITS, now)
-                if group is None:
-                    break
-                tried = True
-                task = q.claim_task(db, owner=owner, now=now, lease_s=lease_s, full_types=full,
-                                    free_mb=free, type_mb=type_mb,
-                                    default_mb=default_memory_mb or 0, group=group[0])
-                if task is not None:
-                    break
-                after = group[1:3]  # nothing of that group is due or fits: the next one
-            # Every group full (tasks of no group may still go), or none left since the last
-            # claim; but with no group at all, the guarded claim above already looked.
-            if not tried and (self._groups_seen or not guarded):
-                task = q.claim_task(db, owner=owner, now=now, lease_s=lease_s, full_types=full,
-                                    free_mb=free, type_mb=type_mb,
-                                    default_mb=default_memory_mb or 0)
+            best = self._best_candidate(db, pick, states, limits or _NO_LIMITS, now,
+                                        looked=guarded)
+            if best is None:
+                return None
+            task = q.claim_task_id(db, best[1], owner=owner, now=now, lease_s=lease_s,
+                                   type_mb=type_mb, default_mb=default_memory_mb or 0)
             if task is not None and task.limit_keys and limits:
                 flow.charge_claim(db, task.limit_keys, task.estimated_tokens, states,
                                   limits, now)
             return self._with_context(db, task)
+
+    def _best_candidate(self, db, pick: dict, states: dict, limits: budget.Limits, now: float,
+                        looked: bool) -> tuple[int, str] | None:
+        """(priority, id) of the best task to claim: the best of the tasks of no group and
+        of the due tasks of each group whose keys all have room. Groups are walked in head
+        order (the best queued task of each, due or not) and the walk stops at the first
+        head the best found so far ranks ahead of: no task behind it can win. Taking the
+        first group with room instead let a group whose head waits for its run_after (a
+        retry's backoff) hand the slot to a lower-priority task of no group or of that
+        group, past a better due task of the next group. `looked`: the guarded claim
+        already found no task of no group, if no group has queued tasks either."""
+        best = None
+        self._groups_seen = False
+        cursor = flow.select_open_groups(db)
+        try:
+            for row in cursor:
+                if not self._groups_seen:
+                    self._groups_seen = True
+                    best = q.select_best_task(db, **pick)
+                if best is not None and row[1] is not None and _ahead(best, (row[1], row[2])):
+                    break
+                keys = self._keys_of(row[0])
+                if keys[0] not in states:
+                    states[keys[0]] = (budget.KeyState(keys[0]) if row[3] is None
+                                       else budget.KeyState(keys[0], *row[3:]))
+                if not self._has_room(db, keys, states, limits, now):
+                    continue
+                found = q.select_best_task(db, group=row[0], **pick)
+                if found is not None and (best is None or _ahead(found, best)):
+                    best = found
+        finally:
+            cursor.close()  # before the claim writes: the triggers update limit_groups
+        if not self._groups_seen and not looked:
+            best = q.select_best_task(db, **pick)
+        return best
 
     @staticmethod
     def _with_context(db, task: Task | None) -> Task | None:
@@ -247,23 +267,6 @@ class Store(WorkflowStore, flow.FlowOps, LiveOps):
         if task is not None and task.claim_reads:
             task.__dict__["context"] = claim_context(db, task)  # a fresh row object
         return task
-
-    def _next_free_group(self, db, after, states, limits, now) -> tuple | None:
-        """(keys, head priority, head id) of the first group after `after` in head order
-        whose keys all have room, or None."""
-        cursor = flow.select_open_groups(db, after)
-        try:
-            for row in cursor:
-                self._groups_seen = True
-                keys = self._keys_of(row[0])
-                if keys[0] not in states:
-                    states[keys[0]] = (budget.KeyState(keys[0]) if row[3] is None
-                                       else budget.KeyState(keys[0], *row[3:]))
-                if self._has_room(db, keys, states, limits, now):
-                    return row
-        finally:
-            cursor.close()
-        return None
 
     def _keys_of(self, group: str) -> tuple[str, ...]:
         keys = self._group_keys.get(group)
@@ -567,6 +570,11 @@ class Store(WorkflowStore, flow.FlowOps, LiveOps):
 
 
 _NO_LIMITS = budget.Limits({})
+
+
+def _ahead(a: tuple[int, str], b: tuple[int, str]) -> bool:
+    """Task (priority, id) `a` is claimed before `b`: higher priority, then older id."""
+    return a[0] > b[0] or (a[0] == b[0] and a[1] < b[1])
 _fail_dependents = fail_dependents
 
 

@@ -81,7 +81,7 @@ def test_requests_per_minute_token_bucket(store):
     got = []
     now = T0
     while now < T0 + 5.01:  # 2 at once (the burst), then one a second
-        while (t := store.claim("sup", now, lease_s=LEASE_S, limits=limits)) is not None:
+        while store.claim("sup", now, lease_s=LEASE_S, limits=limits) is not None:
             got.append(now - T0)
         now += 0.25
     assert got[:2] == [0.0, 0.0]
@@ -199,23 +199,37 @@ def test_a_group_whose_head_is_not_due_lets_the_next_group_through(store):
     assert claim(store, T0 + 100).id == later
 
 
+def test_a_group_waiting_on_its_backoff_does_not_hand_its_turn_to_a_lower_priority_task(store):
+    """The head of a group (its best task) is not due (a retry's backoff): the better due
+    task of the next group is claimed first, not the lower-priority task of no group, nor
+    that group's own lower-priority due task."""
+    store.enqueue(new(limit_keys=("two",), priority=10, run_after=T0 + 100), T0)
+    own_low = store.enqueue(new(limit_keys=("two",), priority=0), T0)
+    high = store.enqueue(new(limit_keys=("tenant:1",), priority=5), T0 + 1)
+    plain = store.enqueue(new(priority=1), T0 + 2)
+    assert [claim(store, T0 + 3).id for _ in range(3)] == [high, plain, own_low]
+
+
 def test_claims_follow_priority_then_fifo_across_many_groups(store):
     """A model check of the group heads the triggers keep: with every limit roomy, the
     claims come out in exactly the order of one global queue, through cancels and
-    retries that move tasks in and out of their groups."""
+    retries that move tasks in and out of their groups, and past tasks not due yet."""
     import random
     rng = random.Random(7)
     roomy = Limits({"g:*": LimitSpec("g:*", concurrency=10_000)})
     ids = []
     for i in range(300):
         keys = () if rng.random() < 0.2 else (f"g:{rng.randrange(6)}",)
-        ids.append(store.enqueue(new(limit_keys=keys, priority=rng.randrange(3)), T0 + i * 0.001))
+        later = T0 + 50 if rng.random() < 0.15 else None  # backing off: heads not due
+        ids.append(store.enqueue(new(limit_keys=keys, priority=rng.randrange(3),
+                                     run_after=later), T0 + i * 0.001))
     for victim in rng.sample(ids, 30):
         store.cancel(victim, T0 + 1)
     for back in rng.sample(ids, 10):
         if store.get(back).status == "cancelled":
             store.retry(back, T0 + 1)
-    queued = [t for t in (store.get(i) for i in ids) if t.status == "queued"]
+    queued = [t for t in (store.get(i) for i in ids)
+              if t.status == "queued" and t.run_after <= T0 + 2]
     expected = [t.id for t in sorted(queued, key=lambda t: (-t.priority, t.id))]
     got = []
     while (t := store.claim("sup", T0 + 2, lease_s=LEASE_S, limits=roomy)) is not None:
@@ -225,16 +239,20 @@ def test_claims_follow_priority_then_fifo_across_many_groups(store):
 
 def test_claim_plans_seek_by_index(store):
     """The guarded claim (no group in use) scans only the claim index and checks the
-    groups through their index; the grouped claim seeks into the group's own index."""
+    groups through their index; a group's candidate is one seek into its own index, and
+    the claim of the task picked is by its id."""
     from supervisor.store import queries as q
     plan = lambda sql, args: [r[3] for r in store.conn.db.execute("EXPLAIN QUERY PLAN " + sql, args)]
     guarded = plan(q._GUARDED_PLAIN, ("o", T0, LEASE_S, 0))
     assert any("COVERING INDEX tasks_claim" in line for line in guarded), guarded
     assert any("limit_groups_head" in line for line in guarded), guarded
-    grouped = plan(q._GROUPED_VARIANTS[False, False, False],
-                   {"owner": "o", "now": T0, "lease_s": LEASE_S, "default_mb": 0, "grp": '["a"]'})
+    grouped = plan(q._BEST_VARIANTS[True, False, False, False],
+                   {"now": T0, "default_mb": 0, "grp": '["a"]'})
     assert any("tasks_claim_limited (limit_keys=?)" in line for line in grouped), grouped
     assert not any(line.startswith("SCAN tasks") and "INDEX" not in line for line in grouped)
+    by_id = plan(q._CLAIM_ID_VARIANTS[False], {"id": "x", "owner": "o", "now": T0,
+                                                "lease_s": LEASE_S, "default_mb": 0})
+    assert not any(line.startswith("SCAN") for line in by_id), by_id
 
 
 def test_a_file_that_starts_using_limits_is_seen_by_a_store_that_saw_none(db_path):
