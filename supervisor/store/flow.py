@@ -64,9 +64,14 @@ def select_key_states(db: apsw.Connection, keys: Iterable[str] | None = None) ->
 
 def write_levels(db: apsw.Connection, key: str, requests: float | None, tokens: float | None,
                  now: float) -> None:
+    """Store bucket levels computed at `now` from the row's state. A `now` older than the
+    row's (a supervisor's pass reads the clock once, then may wait for the write lock)
+    refilled nothing, so the levels are still as of the row's time: keep it, or the next
+    claim refills the span between the two times a second time."""
     db.execute("INSERT INTO limit_state (key, requests, tokens, updated_at) VALUES (?,?,?,?) "
                "ON CONFLICT (key) DO UPDATE SET requests = excluded.requests, "
-               "tokens = excluded.tokens, updated_at = excluded.updated_at",
+               "tokens = excluded.tokens, "
+               "updated_at = max(coalesce(updated_at, excluded.updated_at), excluded.updated_at)",
                (key, requests, tokens, now))
 
 

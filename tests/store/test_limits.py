@@ -146,6 +146,26 @@ def test_limits_hold_across_two_connections(db_path):
         b.close()
 
 
+def test_a_claim_made_with_an_older_now_does_not_rewind_the_bucket_clock(db_path):
+    """Each supervisor reads `now` once a pass, then may wait for the write lock: B's
+    claim commits with a `now` older than the one A's claim stored. The bucket as of A's
+    time, less B's request, is still as of A's time; stored as of B's older time, the
+    next claim refilled the span between the two a second time (here: a third request
+    at the instant two emptied a bucket of burst 2)."""
+    limits = Limits({"api": LimitSpec("api", requests_per_minute=60, burst=2)})
+    a, b = Store(db_path), Store(db_path)
+    try:
+        for _ in range(3):
+            a.enqueue(new(limit_keys=("api",)), T0)
+        assert claim(a, T0 + 10, limits, owner="A") is not None
+        assert claim(b, T0 + 9, limits, owner="B") is not None   # its pass began 1 s earlier
+        assert claim(a, T0 + 10, limits, owner="A") is None      # the bucket is empty
+        assert claim(a, T0 + 11, limits, owner="A") is not None  # refilled one a second
+    finally:
+        a.close()
+        b.close()
+
+
 def test_stats_and_queued_listing_count_tasks_of_limit_groups(store):
     store.enqueue(new("x", limit_keys=("one",)), T0)
     store.enqueue(new("x"), T0 + 1)
