@@ -388,10 +388,17 @@ class Queue(WorkflowCalls):
                              field="run_on_failure")
         keys = self._limit_keys(type_, f.get("limit_keys"))
         estimated = f.get("estimated_tokens")
+        source = "estimated_tokens"
         if estimated is not None:
             _integer(estimated, "estimated_tokens", minimum=0)
         elif keys:
-            estimated = _estimate(self.config.types.get(type_), f.get("payload"))
+            type_config = self.config.types.get(type_)
+            estimated = flowconfig.task_estimate(type_config, f.get("payload"))
+            source = (f"[types.{flowconfig._quote(type_)}] estimated_tokens"
+                      if type_config is not None and type_config.estimated_tokens is not None
+                      else "the payload's max_tokens")  # (or max_completion_tokens)
+        if keys:
+            self._check_estimate(keys, estimated, source)
         return NewTask(type=type_, payload=payload, priority=priority,
                        run_after=_run_after(f.get("delay"), f.get("run_at"), now),
                        timeout_s=timeout_s, memory_mb=memory_mb, max_attempts=max_attempts,
@@ -417,6 +424,19 @@ class Queue(WorkflowCalls):
                              field="limit_keys")
         return keys
 
+    def _check_estimate(self, keys: tuple[str, ...], estimated: int | None, source: str) -> None:
+        """Refuse a task that would charge one of its limits more tokens than that limit
+        allows in a minute (flowconfig.over_budget); InputError names the key."""
+        over = flowconfig.over_budget(keys, estimated, self.config.limit_table())
+        if over is not None:
+            key, spec, tokens = over
+            if estimated is None:
+                source = f"[limits.{flowconfig._quote(spec.name)}] estimated_tokens"
+            raise InputError(f"estimated_tokens: {source} is {tokens}, more than limit {key!r} "
+                             f"allows in a minute (tokens_per_minute = "
+                             f"{spec.tokens_per_minute:g}): it could never run within it",
+                             field="estimated_tokens")
+
     def _payload(self, payload: Any) -> str:
         if payload is None:
             payload = {}
@@ -441,22 +461,6 @@ class Queue(WorkflowCalls):
             raise InputError(f"payload is {size} bytes, over the limit of {limit} bytes "
                              "(supervisor.max_payload_bytes)", field="payload")
         return text
-
-
-def _estimate(type_config, payload: Any) -> int | None:
-    """The token estimate of a task with no estimate of its own: its type's, else the
-    payload's max_tokens or max_completion_tokens (what a model call may produce at most),
-    at its top level or in its `options` (llm.chat sends either as its request's)."""
-    if type_config is not None and type_config.estimated_tokens is not None:
-        return type_config.estimated_tokens
-    if isinstance(payload, Mapping):
-        options = payload.get("options")
-        for where in (payload, options if isinstance(options, Mapping) else {}):
-            for key in ("max_tokens", "max_completion_tokens"):
-                cap = where.get(key)
-                if isinstance(cap, int) and not isinstance(cap, bool) and cap >= 0:
-                    return cap
-    return None
 
 
 def _run_after(delay: Any, run_at: Any, now: float) -> float | None:

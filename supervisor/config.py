@@ -303,6 +303,7 @@ def load(path: str | os.PathLike | None, env: Mapping[str, str] | None = None) -
     sections = {name: cls(**values[name]) for name, cls in _SECTION_CLASSES.items()}
     type_configs = {name: TypeConfig(**v) for name, v in types.items()}
     errors += flowconfig.unmatched_type_limits(type_configs, limits, label)
+    errors += flowconfig.oversized_estimates(type_configs, limits, schedules, label)
     errors += flowconfig.oversized_payloads(schedules, sections["supervisor"].max_payload_bytes,
                                             label)
     _check_backoff(label, "[defaults]", sections["defaults"], Defaults(), errors)

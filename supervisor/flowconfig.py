@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,6 +108,10 @@ def check_limits(data: Any, label: str, errors: list[str]) -> dict[str, LimitSpe
             continue
         if "burst" in values and "requests_per_minute" not in values:
             errors.append(f"{where} burst: only applies with requests_per_minute")
+        if values.get("estimated_tokens", 0) > values.get("tokens_per_minute", math.inf):
+            errors.append(f"{where} estimated_tokens: {values['estimated_tokens']} is more than "
+                          f"tokens_per_minute ({values['tokens_per_minute']:g}): a task charged "
+                          "it could never run within the limit")
         out[name] = LimitSpec(name=name, **values)
     return out
 
@@ -191,6 +196,68 @@ def unmatched_type_limits(types: dict, limits: dict[str, LimitSpec], label: str)
     return [f"{label}: [types.{_quote(name)}] limits: {_quote(key)} matches no "
             f"[limits] entry (define [limits.{_quote(key)}])"
             for name, tc in types.items() for key in (tc.limits or ()) if table.spec(key) is None]
+
+
+def oversized_estimates(types: dict, limits: dict[str, LimitSpec],
+                        schedules: dict[str, ScheduleSpec], label: str) -> list[str]:
+    """A [types] estimated_tokens, or the max_tokens of a schedule's payload, over the
+    tokens_per_minute of one of the type's limits (over_budget): enqueue would refuse
+    every task of the type, or every fire of the schedule."""
+    from supervisor.budget import Limits
+    table = Limits(limits)
+    out = []
+    for name, tc in types.items():
+        over = over_budget(tuple(tc.limits or ()), tc.estimated_tokens, table)
+        if over is not None and tc.estimated_tokens is not None:
+            key, spec, tokens = over
+            out.append(f"{label}: [types.{_quote(name)}] estimated_tokens: {tokens} is more "
+                       f"than limit {_quote(key)} allows in a minute (tokens_per_minute = "
+                       f"{spec.tokens_per_minute:g})")
+    for name, spec in schedules.items():
+        tc = types.get(spec.type)
+        if tc is None or tc.estimated_tokens is not None:
+            continue  # no limits, or the type's own estimate (named above)
+        estimated = task_estimate(tc, spec.payload)
+        over = over_budget(tuple(tc.limits or ()), estimated, table)
+        if over is not None and estimated is not None:
+            key, limit, tokens = over
+            out.append(f"{label}: [schedules.{_quote(name)}] payload: max_tokens {tokens} is "
+                       f"more than limit {_quote(key)} of type {_quote(spec.type)} allows in a "
+                       f"minute (tokens_per_minute = {limit.tokens_per_minute:g})")
+    return out
+
+
+def task_estimate(type_config, payload: Any) -> int | None:
+    """The token estimate of a task with no estimate of its own: its type's, else the
+    payload's max_tokens or max_completion_tokens (what a model call may produce at most),
+    at its top level or in its `options` (llm.chat sends either as its request's)."""
+    if type_config is not None and type_config.estimated_tokens is not None:
+        return type_config.estimated_tokens
+    if isinstance(payload, Mapping):
+        options = payload.get("options")
+        for where in (payload, options if isinstance(options, Mapping) else {}):
+            for key in ("max_tokens", "max_completion_tokens"):
+                cap = where.get(key)
+                if isinstance(cap, int) and not isinstance(cap, bool) and cap >= 0:
+                    return cap
+    return None
+
+
+def over_budget(keys: tuple[str, ...], estimated: int | None, table) -> tuple | None:
+    """(key, its LimitSpec, tokens) of the first key whose limit a task estimating
+    `estimated` tokens (None: each limit's own estimate) would charge more than its
+    tokens_per_minute, else None. Such a task could never run within the limit (a
+    provider refuses the request too), and its charge would close the limit to every
+    other task for as many minutes as it overshoots, or for good if it reports no spend."""
+    from supervisor.budget import estimate
+    for key in keys:
+        spec = table.spec(key)
+        if spec is None or spec.tokens_per_minute is None:
+            continue
+        tokens = estimate(estimated, spec)
+        if tokens > spec.tokens_per_minute:
+            return key, spec, tokens
+    return None
 
 
 def oversized_payloads(schedules: dict[str, ScheduleSpec], max_bytes: int,

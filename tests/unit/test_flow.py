@@ -147,6 +147,15 @@ catch_up = "one"
     ('[limits."a"]\nconcurrency = 1\nspeed = 2', '[limits."a"] speed: unknown key'),
     ('[types."x"]\nlimits = ["nope"]', '[types."x"] limits: "nope" matches no [limits] entry'),
     ('[supervisor]\nretain_finished = "soon"', "[supervisor] retain_finished"),
+    # Each task of these would charge more than the limit's whole minute (refused at
+    # enqueue): the limit's own estimate, the type's, a schedule payload's max_tokens.
+    ('[limits."a"]\ntokens_per_minute = 600\nestimated_tokens = 601',
+     '[limits."a"] estimated_tokens: 601 is more than tokens_per_minute (600)'),
+    ('[limits."a"]\ntokens_per_minute = 600\n[types."x"]\nlimits = ["a"]\nestimated_tokens = 700',
+     '[types."x"] estimated_tokens: 700 is more than limit "a" allows in a minute'),
+    ('[limits."a"]\ntokens_per_minute = 600\n[types."x"]\nlimits = ["a"]\n[schedules."n"]\n'
+     'every = "1m"\ntype = "x"\npayload = { options = { max_tokens = 9000 } }',
+     '[schedules."n"] payload: max_tokens 9000 is more than limit "a" of type "x"'),
     # Each of these passed check-config, then failed every fire of the schedule step (so
     # no schedule fired at all) or crashed `taskvisor schedules` with a traceback.
     ('[schedules."n"]\nevery = "1s"\ntype = "t"\npayload = { at = 1979-05-27T07:32:00Z }',
@@ -229,3 +238,32 @@ limits = ["openai"]
     assert queue.prepare("llm.chat", {"max_tokens": 300}).estimated_tokens == 300
     assert queue.prepare("llm.chat", {"options": {"max_completion_tokens": 70}}).estimated_tokens == 70
     assert queue.prepare("llm.chat", {"options": {"max_tokens": True}}).estimated_tokens is None
+
+
+def test_a_task_estimating_more_than_a_minute_of_its_limit_is_refused_at_enqueue(tmp_path):
+    """Charged at claim, such an estimate closed the limit to every other task for as many
+    minutes as it overshot (for good, with no spend reported: 10^9 tokens on a 600 a
+    minute limit is three years): the enqueue says so and names the key; nothing is
+    stored."""
+    from supervisor.client import Queue
+    from supervisor.errors import InputError
+    cfg = config.load(write(tmp_path, """
+[limits."llm"]
+tokens_per_minute = 600
+estimated_tokens = 50
+[limits."tenant:*"]
+tokens_per_minute = 60
+[types."x"]
+limits = ["llm"]
+"""), env={})
+    queue = Queue(cfg.with_database(tmp_path / "t.db"))
+    assert queue.enqueue("x", {}, estimated_tokens=600)  # a whole minute still fits
+    for payload, fields, fragment in [
+            ({}, {"estimated_tokens": 10 ** 9}, "estimated_tokens is 1000000000, more than limit 'llm'"),
+            ({"options": {"max_tokens": 9000}}, {}, "the payload's max_tokens is 9000"),
+            ({}, {"estimated_tokens": 100, "limit_keys": ["tenant:7"]},
+             "more than limit 'tenant:7' allows in a minute (tokens_per_minute = 60)")]:
+        with pytest.raises(InputError) as err:
+            queue.enqueue("x", payload, **fields)
+        assert fragment in str(err.value) and err.value.field == "estimated_tokens"
+    assert len(queue.list()) == 1
