@@ -532,9 +532,16 @@ def classify(child: Child, mono: float | None = None) -> AttemptEnd:
     if kind == wire.RETRY:
         pause = final.get("pause_limit") or ()
         pause = (pause,) if isinstance(pause, str) else tuple(k for k in pause if isinstance(k, str))
+        own = child.task.limit_keys
+        if foreign := [k for k in pause if k not in own]:
+            # Only limits the task draws from: a typo, or a task that should not, would
+            # shut a provider that other tasks use.
+            log.warning("task %s (%s): Retry(pause_limit=%s) not applied: the task draws from "
+                        "no such limit (its limits: %s)", child.task.id, child.task.type,
+                        ", ".join(map(repr, foreign))[:500], ", ".join(own) or "none")
         return AttemptEnd(Outcome.RESCHEDULED, reason=final.get("reason"),
                           delay_s=float(final["delay_s"]),
-                          pause_limits=tuple(k for k in pause if 0 < len(k) <= 200)[:16], **figures)
+                          pause_limits=tuple(k for k in pause if k in own)[:16], **figures)
     if kind == wire.CANCELLED:
         return AttemptEnd(Outcome.CANCELLED, reason="cancelled", **figures)
     if st is not None and os.WIFSIGNALED(st) and os.WTERMSIG(st) == signal.SIGXCPU:

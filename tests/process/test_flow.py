@@ -102,6 +102,20 @@ def test_retry_with_pause_limit_pauses_the_whole_limit(supervisor_proc):
 
 
 @pytest.mark.timeout(60)
+def test_a_task_cannot_pause_a_limit_it_does_not_draw_from(supervisor_proc):
+    """Retry(pause_limit=) of a limit the task does not draw from (a typo, or a task that
+    should not) shut that limit for every task of every supervisor."""
+    sup = supervisor_proc(**flow(limits={"api": {"concurrency": 5}}))
+    stray = sup.enqueue("f.other", {"pause": "api", "retry_s": 30.0})
+    wait_until(lambda: sup.get(stray).outcome == "rescheduled", timeout=10)
+    row = next((r for r in sup.queue.limits() if r["key"] == "api"), None)
+    assert row is None or row["blocked_by"] != "paused", row
+    held = sup.enqueue("f.work", {"s": 0}, limit_keys=["api"])
+    sup.wait_status(held, "succeeded", timeout=10)
+    assert "Retry(pause_limit='api') not applied" in sup.log()
+
+
+@pytest.mark.timeout(60)
 def test_spend_corrects_the_token_budget(supervisor_proc):
     """A 1,000-token bucket refilling 1,000 a second; the claim charges 10, the task says
     it used 3,000: the next task waits about two seconds for the debt to be repaid."""
