@@ -203,11 +203,15 @@ def prune_finished_batch(db: apsw.Connection, before: float, limit: int) -> int:
 
 def prune_idle_keys(db: apsw.Connection, now: float, limit: int) -> int:
     """Forget the state of keys (a tenant's, say) nothing ran under for a day: none running,
-    no pause in force, buckets untouched since (a bucket refills long before that, so
-    the row says nothing a missing row would not)."""
+    no pause in force, buckets untouched since and not in debt (such a bucket refills long
+    before that, so the row says nothing a missing row would not; a debt, from a task
+    that spent far more than its estimate, may take longer to repay, and a missing row
+    would forgive it)."""
     db.execute("DELETE FROM limit_state WHERE key IN (SELECT key FROM limit_state "
                "WHERE running = 0 AND coalesce(paused_until, 0) < :now "
-               "AND coalesce(updated_at, 0) < :now - 86400 LIMIT :n)", {"now": now, "n": limit})
+               "AND coalesce(updated_at, 0) < :now - 86400 "
+               "AND coalesce(tokens, 0) >= 0 AND coalesce(requests, 0) >= 0 LIMIT :n)",
+               {"now": now, "n": limit})
     return db.changes()
 
 

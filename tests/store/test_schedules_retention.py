@@ -108,9 +108,13 @@ def test_retention_forgets_limit_keys_idle_for_a_day(store):
     store.enqueue(new(limit_keys=("tenant:busy",)), T0)
     assert store.claim("sup", T0, lease_s=LEASE_S, limits=limits) is not None  # still running
     store.pause_limit("tenant:paused", T0 + 10 * 86400, "maintenance")
+    # A debt longer than a day to repay (a task spent far more than its estimate): a
+    # missing row would be a full bucket, so forgetting the key forgave the debt.
+    store.conn.db.execute("INSERT INTO limit_state (key, tokens, updated_at) VALUES (?, ?, ?)",
+                          ("tenant:owes", -5e6, T0))
     store.prune_batch(T0 - 1, 100, T0 + 2 * 86400)
     keys = {r[0] for r in store.conn.db.execute("SELECT key FROM limit_state")}
-    assert keys == {"tenant:busy", "tenant:paused"}
+    assert keys == {"tenant:busy", "tenant:paused", "tenant:owes"}
 
 
 def test_retention_deletes_sent_events_older_than_it_and_a_later_await_waits_again(store):
