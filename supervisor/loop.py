@@ -40,7 +40,7 @@ from supervisor.service import Notifier
 from supervisor.signals import Signals
 from supervisor.snapshot import Snapshot
 from supervisor.store import AttemptEnd, Outcome, Store, Task
-from supervisor.wake import WakeSocket
+from supervisor.wake import WakeSender, WakeSocket
 from supervisor.watchdog import SAMPLE_S, machine_memory_mb
 
 log = logging.getLogger("taskvisor.supervisor")
@@ -51,6 +51,7 @@ ORPHAN_SWEEP_S = 0.1      # at most this often, a sweep for what ended tasks lef
 SNAPSHOT_RUNNING_S = 0.5  # the per-task part of the published snapshot, at most this often
 STEP_ERROR_PAUSE_S = 0.1  # after a step raised: no faster than this, so errors cannot spin
 DBFILE_CHECK_S = 1.0      # how often the database path is checked against the open file
+WAKE_OTHERS_S = 0.05      # at most this often, a full supervisor wakes the others of its file
 
 
 class SystemClock:
@@ -78,6 +79,7 @@ class Timers:
     step_error: float = 0.0
     next_due: float = float("inf")  # when the next delayed task becomes due
     dbfile: float = 0.0             # the database file's identity check
+    wake_others: float = 0.0        # the next wake-up of the other supervisors may go
 
 
 class Supervisor:
@@ -104,6 +106,7 @@ class Supervisor:
         self.signals = Signals()
         self.notifier = Notifier()
         self.wake = WakeSocket()
+        self.others: WakeSender | None = None  # to wake the other supervisors of the file
         self.stopping = False
         self.stop_deadline: float | None = None
         self.claim_needed = True
@@ -197,6 +200,7 @@ class Supervisor:
         sup = self.config.supervisor
         self.store = Store(sup.database, synchronous=sup.synchronous,
                            busy_timeout_s=sup.busy_timeout_s, background_checkpoints=True)
+        self.others = WakeSender(self.store, self.host, skip=self.wake.port)
         self.register()
         self.store_ok = True
 
@@ -223,6 +227,8 @@ class Supervisor:
         self.emit("stopped")
         log.info("supervisor %s stopped", self.owner)
         self.signals.restore()
+        if self.others is not None:
+            self.others.close()
         self.wake.close()
         self.store.close()
 
@@ -357,6 +363,8 @@ class Supervisor:
         kids.output.committed()
         for hook in self.on_commit:
             hook()
+        if statuses and len(kids) + len(claimed) >= sup.pool_size:
+            self.wake_others(recorded_ends=kids.pending, mono=mono)
         kids.pending_pids.clear()
         checkpointing.committed(kids, answers)
         kids.send_acks()
@@ -367,6 +375,18 @@ class Supervisor:
             if was_empty:  # these are the only leases held: the fence may move up to them
                 self.leases.advance_fence(mono)
             self.start_attempts(claimed, now, mono)
+
+    def wake_others(self, recorded_ends: list, mono: float) -> None:
+        """This supervisor is full, and its commit may have made tasks ready (a success
+        releases dependents and spawns) or freed a place of a limit: wake the other
+        supervisors of the file, which would otherwise see them only at their next poll.
+        At most every WAKE_OTHERS_S; a hint only (supervisor.wake)."""
+        if mono < self.timers.wake_others:
+            return
+        if any(end.outcome is Outcome.SUCCEEDED or child.task.limit_keys
+               for child, end in recorded_ends):
+            self.timers.wake_others = mono + WAKE_OTHERS_S
+            self.others.notify()
 
     def write_pids(self) -> None:
         for child in self.children.pending_pids:  # only if still running: most no-ops are not

@@ -44,14 +44,16 @@ class WakeSocket:
 
 
 class WakeSender:
-    """The client's end: sends one byte to every live supervisor of a database file.
+    """The client's end: sends one byte to every live supervisor of a database file (a
+    supervisor uses one too, to wake the others when it cannot take what it made ready).
 
     The list of ports is read from the store at most once a second.
     """
 
-    def __init__(self, store, host: str, refresh_s: float = 1.0):
+    def __init__(self, store, host: str, refresh_s: float = 1.0, skip: int | None = None):
         self._store = store
         self._host = host
+        self._skip = skip  # a supervisor's own port, when it wakes the others
         self._refresh_s = refresh_s
         self._ports: list[int] = []
         self._read_mono = float("-inf")
@@ -61,7 +63,7 @@ class WakeSender:
         now_mono = time.monotonic()
         if now_mono - self._read_mono > self._refresh_s:
             try:
-                self._ports = self._store.wake_ports(self._host)
+                self._ports = [p for p in self._store.wake_ports(self._host) if p != self._skip]
             except Exception:  # a hint only: never fail an enqueue for it
                 self._ports = []
             self._read_mono = now_mono

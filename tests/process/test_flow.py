@@ -255,3 +255,19 @@ def test_a_reload_lowers_and_raises_a_concurrency_limit(supervisor_proc):
     sup.wait_all(more, "succeeded", timeout=30)
     runs = sup.runs()
     assert max_concurrent({i: runs[i] for i in more}) == 4
+
+
+@pytest.mark.timeout(60)
+def test_tasks_made_ready_by_a_full_supervisor_wake_the_others(supervisor_proc):
+    """a and b, one slot each, polling every 30 s. The one that runs x makes y and z
+    ready when x succeeds (its own commit: no client wakes anyone) and takes one of
+    them; the other, idle, started the second only at its next poll, 30 s later."""
+    settings = flow(supervisor={"pool_size": 1, "poll_interval_s": 30})
+    a = supervisor_proc(name="a", **settings)
+    b = supervisor_proc(name="b", **settings)
+    x = a.enqueue("f.other", {"s": 0.3})
+    y, z = (a.enqueue("f.other", {"s": 5}, depends_on=[x]) for _ in range(2))
+    wait_until(lambda: a.runs().get(y) and a.runs().get(z), timeout=10,
+               message="y and z did not both start soon after x")
+    x_end = a.runs()[x][0][1]
+    assert max(starts(a, [y, z])) - x_end < 2.0  # (pool 1 each: on both supervisors)
