@@ -160,6 +160,29 @@ def test_pieces_without_an_index_start_a_call_with_an_id_and_continue_it_without
                                  call("b", "get_time", "{}")]
 
 
+def test_custom_tool_calls_keep_their_shape_streamed_or_whole():
+    """OpenAI's custom tools (type "custom"): free-form `custom.input`, not
+    `function.arguments`; they came out as a function call with no name and no text."""
+    out = reply_of(
+        delta(tool_calls=[{"index": 0, "id": "c1", "type": "custom",
+                           "custom": {"name": "run_sql", "input": "SELECT "}}]),
+        delta(tool_calls=[{"index": 1, "id": "f1", "type": "function",
+                           "function": {"name": "get_time", "arguments": "{}"}}]),
+        delta(tool_calls=[{"index": 0, "custom": {"input": "1;"}}]),
+        delta(finish_reason="tool_calls")).result("m")
+    assert out["tool_calls"] == [
+        {"id": "c1", "type": "custom", "custom": {"name": "run_sql", "input": "SELECT 1;"}},
+        call("f1", "get_time", "{}")]
+    whole = llm.Reply(None, stall_timeout_s=30, max_tokens=None)
+    whole.add({"choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+        "role": "assistant", "content": None, "tool_calls": [
+            {"id": "c2", "type": "custom", "custom": {"name": "grammar", "input": "x := 1"}}]}}]})
+    assert whole.result("m")["tool_calls"] == [
+        {"id": "c2", "type": "custom", "custom": {"name": "grammar", "input": "x := 1"}}]
+    with pytest.raises(llm.MalformedReply, match=r"'tool_calls\[\].custom.input' is not a string"):
+        reply_of(delta(tool_calls=[{"index": 0, "type": "custom", "custom": {"input": 5}}]))
+
+
 @pytest.mark.parametrize("tool_calls, field", [
     ({"index": 0}, "'tool_calls' is not a list"),
     ("nope", "'tool_calls' is not a list"),

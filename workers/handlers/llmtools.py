@@ -6,8 +6,10 @@ Owns how pieces make calls: each piece names its call by `index`; `id`, `type` a
 servers send, is ignored), and the `function.arguments` pieces are joined in order, never
 parsed. An index that comes again with another id starts another call (Ollama sends every
 call as index 0); a piece without an index (older Ollama, some proxies) starts a call when
-it has an id and continues the last one when not. It never reads anything but the parsed
-JSON it is given (workers.handlers.llm's Reply owns the answer and its errors).
+it has an id and continues the last one when not. A custom tool's call (type "custom")
+keeps its shape: `custom.name` and `custom.input` (free-form text, in pieces the same
+way). It never reads anything but the parsed JSON it is given (workers.handlers.llm's
+Reply owns the answer and its errors).
 """
 
 from __future__ import annotations
@@ -40,14 +42,19 @@ class ToolCalls:
                 index = last + 1 if item.get("id") or last < 0 else last
             if type(index) is not int or index < 0:
                 raise ValueError(f"'tool_calls[].index' is not an integer >= 0: {str(item)[:200]!r}")
-            function = item.get("function")
-            if function is not None and type(function) is not dict:
-                raise ValueError(f"'tool_calls[].function' is not an object: {str(item)[:200]!r}")
-            function = function or {}
             ident, kind = item.get("id"), item.get("type")
-            name, arguments = function.get("name"), function.get("arguments")
-            for field, value in (("id", ident), ("type", kind), ("function.name", name),
-                                 ("function.arguments", arguments)):
+            # A custom tool's call (OpenAI's type "custom") names its free-form text
+            # `custom.input`; a function's, its JSON text `function.arguments`.
+            part, text = ("custom", "input") if "custom" in item else ("function", "arguments")
+            function = item.get(part)
+            if function is not None and type(function) is not dict:
+                raise ValueError(f"'tool_calls[].{part}' is not an object: {str(item)[:200]!r}")
+            function = function or {}
+            name, arguments = function.get("name"), function.get(text)
+            if part == "custom" and not kind:
+                kind = "custom"
+            for field, value in (("id", ident), ("type", kind), (f"{part}.name", name),
+                                 (f"{part}.{text}", arguments)):
                 if value is not None and not isinstance(value, str):
                     raise ValueError(f"'tool_calls[].{field}' is not a string: {str(item)[:200]!r}")
             call = next((c for c in reversed(self.calls) if c[0] == index), None)
@@ -64,6 +71,8 @@ class ToolCalls:
     def result(self) -> list[dict]:
         """The calls in index order (stable: a reused index keeps arrival order), in
         OpenAI's message shape; `arguments` as the model wrote them."""
-        return [{"id": c[1], "type": c[2] or "function",
+        return [{"id": c[1], "type": "custom", "custom": {"name": c[3], "input": "".join(c[4])}}
+                if c[2] == "custom" else
+                {"id": c[1], "type": c[2] or "function",
                  "function": {"name": c[3], "arguments": "".join(c[4])}}
                 for c in sorted(self.calls, key=lambda c: c[0])]
