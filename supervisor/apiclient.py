@@ -88,7 +88,9 @@ class ApiClient:
                reconnect_s: float = 1.0, on_open=None) -> Iterator[tuple[int | None, str, dict]]:
         """(id, event, data) of every event, for ever; a dropped connection is opened again
         with Last-Event-ID after `reconnect_s`, so nothing is lost or repeated. `on_open()`
-        is called once the first connection is established."""
+        is called once, when the first connection has given the id to resume from (the
+        stream's first frame): from then on no event can be missed. (Called when the
+        headers came, a connection lost before that frame reconnected from "now".)"""
         params = {k: v for k, v in (("task", task), ("type", type), ("workflow", workflow)) if v}
         while True:
             headers = {"Accept": "text/event-stream"}
@@ -100,12 +102,12 @@ class ApiClient:
                     if res.status_code != 200:
                         res.read()
                         raise ApiError(res.status_code, res.text[:500])
-                    if on_open is not None:
-                        on_open()
-                        on_open = None
                     for ev_id, event, data in _parse(_lines(res.iter_bytes())):
                         if ev_id is not None:
                             last_id = ev_id
+                        if on_open is not None and last_id is not None:
+                            on_open()
+                            on_open = None
                         if data is not None:
                             yield ev_id, event, data
             except (httpx.TransportError, httpx.StreamError):
