@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import time
 
@@ -322,6 +323,52 @@ def test_a_spawn_past_its_claims_fence_is_refused_even_under_a_later_shared_fenc
         server.close()
         for fd in fds:
             os.close(fd)
+
+
+@pytest.mark.timeout(60)
+def test_requests_sent_at_once_are_each_answered_and_each_task_holds_only_its_own_channel():
+    """The fork server reads every waiting request, then forks back to back: a bad spec
+    or a late request among them fails alone, every other one starts, and each task
+    process ends up holding only its own report socket (a sibling's copy would keep the
+    supervisor from seeing that channel close)."""
+    from supervisor.forkserver import ForkServer
+    server = ForkServer((), {})
+    server.start()
+    ends = {}
+    try:
+        server.fence(time.monotonic() + 60)
+        spec = (b'{"task":{"id":"x","type":"none","payload":{},"attempt":1,'
+                b'"max_attempts":1}}')
+        for i in range(12):
+            ends[f"01OK{i}:1"] = server.spawn(f"01OK{i}:1", spec, time.monotonic() + 30)
+        ends["01BAD:1"] = server.spawn("01BAD:1", b'{"task": nope', time.monotonic() + 30)
+        ends["01LATE:1"] = server.spawn("01LATE:1", spec, time.monotonic() - 0.01)
+        got = {}
+
+        def answered():
+            for msg in server.events():
+                if msg.get("key"):
+                    got[msg["key"]] = msg
+            return len(got) >= len(ends)
+        wait_until(answered, timeout=20)
+        assert got["01BAD:1"]["op"] == "spawn_failed" and "bad spec" in got["01BAD:1"]["error"]
+        assert got["01LATE:1"]["op"] == "spawn_failed" and "fenced" in got["01LATE:1"]["error"]
+        assert all(got[k]["op"] == "spawned" for k in ends if k.startswith("01OK")), got
+        for key in (k for k in ends if k.startswith("01OK")):
+            report = ends[key][0]
+            deadline = time.monotonic() + 10
+            while True:  # the task's words, then end of file once no process holds it
+                ready, _, _ = select.select([report], [], [], max(0.0, deadline - time.monotonic()))
+                assert ready, f"{key}: its report channel is still held open"
+                if not os.read(report, 65536):
+                    break
+    finally:
+        server.kill()
+        server.wait()
+        server.close()
+        for fds in ends.values():
+            for fd in fds:
+                os.close(fd)
 
 
 @pytest.mark.timeout(60)
