@@ -153,7 +153,8 @@ def test_pieces_without_an_index_start_a_call_with_an_id_and_continue_it_without
         return item
     out = reply_of(
         delta(tool_calls=[bare('{"city"', id="a", name="get_weather")]),
-        delta(tool_calls=[bare(': "Lisbon"}')]),
+        delta(tool_calls=[bare(': "Lis')]),
+        delta(tool_calls=[bare('bon"}', id="a")]),  # the same id again: the same call
         delta(tool_calls=[bare("{}", id="b", name="get_time")]),
         delta(finish_reason="tool_calls")).result("m")
     assert out["tool_calls"] == [call("a", "get_weather", '{"city": "Lisbon"}'),

@@ -6,10 +6,10 @@ Owns how pieces make calls: each piece names its call by `index`; `id`, `type` a
 servers send, is ignored), and the `function.arguments` pieces are joined in order, never
 parsed. An index that comes again with another id starts another call (Ollama sends every
 call as index 0); a piece without an index (older Ollama, some proxies) starts a call when
-it has an id and continues the last one when not. A custom tool's call (type "custom")
-keeps its shape: `custom.name` and `custom.input` (free-form text, in pieces the same
-way). It never reads anything but the parsed JSON it is given (workers.handlers.llm's
-Reply owns the answer and its errors).
+it has another id than the last call's, and continues the last call when not. A custom
+tool's call (type "custom") keeps its shape: `custom.name` and `custom.input` (free-form
+text, in pieces the same way). It never reads anything but the parsed JSON it is given
+(workers.handlers.llm's Reply owns the answer and its errors).
 """
 
 from __future__ import annotations
@@ -37,9 +37,11 @@ class ToolCalls:
             if type(item) is not dict:
                 raise ValueError(f"a 'tool_calls' item is not an object: {str(item)[:200]!r}")
             index = position if whole else item.get("index")
-            if index is None:
-                last = self.calls[-1][0] if self.calls else -1
-                index = last + 1 if item.get("id") or last < 0 else last
+            if index is None:  # the last call's, unless the piece names another id
+                last = self.calls[-1] if self.calls else None
+                ident = item.get("id")
+                index = (0 if last is None else
+                         last[0] + 1 if ident and ident != last[1] else last[0])
             if type(index) is not int or index < 0:
                 raise ValueError(f"'tool_calls[].index' is not an integer >= 0: {str(item)[:200]!r}")
             ident, kind = item.get("id"), item.get("type")
