@@ -363,8 +363,6 @@ class Supervisor:
         kids.output.committed()
         for hook in self.on_commit:
             hook()
-        if statuses and len(kids) + len(claimed) >= sup.pool_size:
-            self.wake_others(recorded_ends=kids.pending, mono=mono)
         kids.pending_pids.clear()
         checkpointing.committed(kids, answers)
         kids.send_acks()
@@ -375,18 +373,22 @@ class Supervisor:
             if was_empty:  # these are the only leases held: the fence may move up to them
                 self.leases.advance_fence(mono)
             self.start_attempts(claimed, now, mono)
+        if recorded and (self.stopping or len(kids) >= sup.pool_size):
+            self.wake_others(mono)
 
-    def wake_others(self, recorded_ends: list, mono: float) -> None:
-        """This supervisor is full, and its commit may have made tasks ready (a success
-        releases dependents and spawns) or freed a place of a limit: wake the other
+    def wake_others(self, mono: float) -> None:
+        """This supervisor cannot take more (full, or stopping), and its commit recorded
+        ends, which may have made tasks ready (a success releases dependents and spawns, a
+        failure those that run on failure) or freed a place of a limit: wake the other
         supervisors of the file, which would otherwise see them only at their next poll.
-        At most every WAKE_OTHERS_S; a hint only (supervisor.wake)."""
+        At most every WAKE_OTHERS_S; a hint only (supervisor.wake), never an error."""
         if mono < self.timers.wake_others:
             return
-        if any(end.outcome is Outcome.SUCCEEDED or child.task.limit_keys
-               for child, end in recorded_ends):
-            self.timers.wake_others = mono + WAKE_OTHERS_S
+        self.timers.wake_others = mono + WAKE_OTHERS_S
+        try:
             self.others.notify()
+        except OSError as exc:
+            log.debug("could not wake the other supervisors: %s", exc)
 
     def write_pids(self) -> None:
         for child in self.children.pending_pids:  # only if still running: most no-ops are not

@@ -71,10 +71,14 @@ class WakeSender:
             return
         if self._sock is None:
             sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            # Bound before the first sendto, which would otherwise bind it to 0.0.0.0:
-            # a port open on every interface for the life of the client.
-            sock.bind((HOST, 0))
-            sock.setblocking(False)
+            try:
+                # Bound before the first sendto, which would otherwise bind it to
+                # 0.0.0.0: a port open on every interface for the life of the client.
+                sock.bind((HOST, 0))
+                sock.setblocking(False)
+            except OSError:
+                sock.close()
+                return  # a hint only: the poll finds the work
             self._sock = sock
         for port in self._ports:
             try:
