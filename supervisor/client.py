@@ -396,7 +396,7 @@ class Queue(WorkflowCalls):
             estimated = flowconfig.task_estimate(type_config, f.get("payload"))
             source = (f"[types.{flowconfig._quote(type_)}] estimated_tokens"
                       if type_config is not None and type_config.estimated_tokens is not None
-                      else "the payload's max_tokens")  # (or max_completion_tokens)
+                      else "the payload's output cap (max_tokens, max_completion_tokens)")
         if keys:
             self._check_estimate(keys, estimated, source)
         return NewTask(type=type_, payload=payload, priority=priority,

@@ -229,17 +229,18 @@ def oversized_estimates(types: dict, limits: dict[str, LimitSpec],
 
 def task_estimate(type_config, payload: Any) -> int | None:
     """The token estimate of a task with no estimate of its own: its type's, else the
-    payload's max_tokens or max_completion_tokens (what a model call may produce at most),
-    at its top level or in its `options` (llm.chat sends either as its request's)."""
+    payload's output cap (what a model call may produce at most): the largest of
+    max_tokens and max_completion_tokens, at its top level or in its `options` (llm.chat
+    sends each as given, and a server may honour either)."""
     if type_config is not None and type_config.estimated_tokens is not None:
         return type_config.estimated_tokens
     if isinstance(payload, Mapping):
         options = payload.get("options")
-        for where in (payload, options if isinstance(options, Mapping) else {}):
-            for key in ("max_tokens", "max_completion_tokens"):
-                cap = where.get(key)
-                if isinstance(cap, int) and not isinstance(cap, bool) and cap >= 0:
-                    return cap
+        caps = [cap for where in (payload, options if isinstance(options, Mapping) else {})
+                for key in ("max_tokens", "max_completion_tokens")
+                if isinstance(cap := where.get(key), int) and not isinstance(cap, bool) and cap >= 0]
+        if caps:
+            return max(caps)
     return None
 
 

@@ -237,6 +237,8 @@ limits = ["openai"]
     assert queue.prepare("llm.chat", chat).estimated_tokens == 4000
     assert queue.prepare("llm.chat", {"max_tokens": 300}).estimated_tokens == 300
     assert queue.prepare("llm.chat", {"options": {"max_completion_tokens": 70}}).estimated_tokens == 70
+    both = {"max_completion_tokens": 100, "options": {"max_tokens": 4000}}  # both are sent
+    assert queue.prepare("llm.chat", both).estimated_tokens == 4000
     assert queue.prepare("llm.chat", {"options": {"max_tokens": True}}).estimated_tokens is None
 
 
@@ -260,7 +262,7 @@ limits = ["llm"]
     assert queue.enqueue("x", {}, estimated_tokens=600)  # a whole minute still fits
     for payload, fields, fragment in [
             ({}, {"estimated_tokens": 10 ** 9}, "estimated_tokens is 1000000000, more than limit 'llm'"),
-            ({"options": {"max_tokens": 9000}}, {}, "the payload's max_tokens is 9000"),
+            ({"options": {"max_tokens": 9000}}, {}, "the payload's output cap (max_tokens, max_completion_tokens) is 9000"),
             ({}, {"estimated_tokens": 100, "limit_keys": ["tenant:7"]},
              "more than limit 'tenant:7' allows in a minute (tokens_per_minute = 60)")]:
         with pytest.raises(InputError) as err:
