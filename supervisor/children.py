@@ -68,6 +68,7 @@ class Child:
     acks: list = field(default_factory=list)  # (seq, error) to answer after the commit
     checkpoints: list = field(default_factory=list)  # (seq, state JSON) not yet written
     spent_tokens: int | None = None    # what ctx.spend reported, summed
+    type_limits: tuple = ()            # its type's limits when it started (its ctx.type_limits)
 
     @property
     def deadline_mono(self) -> float | None:
@@ -151,7 +152,8 @@ class Children:
         limits = limits_of(task, config)
         child = Child(key=f"{task.id}:{task.attempts}", task=task, lease=task.lease,
                       server=server, spawned_mono=mono, timeout_s=limits[0],
-                      memory_mb=limits[1], cpu_s=limits[2])
+                      memory_mb=limits[1], cpu_s=limits[2],
+                      type_limits=tuple(config.type_limits(task.type)))
         self.table[child.key] = child
         try:
             child.report_fd, child.output_fd = server.spawn(
@@ -532,7 +534,9 @@ def classify(child: Child, mono: float | None = None) -> AttemptEnd:
     if kind == wire.RETRY:
         pause = final.get("pause_limit") or ()
         pause = (pause,) if isinstance(pause, str) else tuple(k for k in pause if isinstance(k, str))
-        own = child.task.limit_keys
+        # Its own keys (fixed at enqueue) and its type's when it started (ctx.type_limits,
+        # what llm.chat pauses after a 429; a reload may have added one since the enqueue).
+        own = (*child.task.limit_keys, *child.type_limits)
         if foreign := [k for k in pause if k not in own]:
             # Only limits the task draws from: a typo, or a task that should not, would
             # shut a provider that other tasks use.

@@ -426,10 +426,12 @@ def _count(value: object) -> int | None:
 
 
 def _cap(body: Mapping) -> object:
-    """The request's output cap in tokens (max_tokens, or the newer max_completion_tokens):
-    the progress fraction's denominator."""
-    cap = body.get("max_tokens")
-    return cap if cap is not None else body.get("max_completion_tokens")
+    """The request's output cap in tokens, the larger of max_tokens and the newer
+    max_completion_tokens (as the token estimate takes it): the progress fraction's
+    denominator."""
+    caps = [cap for cap in (body.get("max_tokens"), body.get("max_completion_tokens"))
+            if type(cap) is int and cap > 0]
+    return max(caps) if caps else None
 
 
 def _first(choice: Mapping) -> bool:
