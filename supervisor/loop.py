@@ -515,7 +515,8 @@ class Supervisor:
     def prune_finished(self, now: float, mono: float) -> None:
         """One small batch of retention when due (supervisor.retention)."""
         try:
-            self.retention.step(self.store, self.config.supervisor.retain_finished, now, mono)
+            self.retention.step(self.store, self.config.supervisor.retain_finished, now, mono,
+                                self.config.limit_table())
         except StoreError as exc:
             log.error("retention batch failed: %s", exc)
             self.retention.due_mono = mono + 5.0

@@ -28,7 +28,7 @@ class Retention:
         self.last_batch_s = 0.0   # the duration of the latest batch (for tests and status)
         self.longest_batch_s = 0.0
 
-    def step(self, store, retain_s: float | None, now: float, mono: float) -> int:
+    def step(self, store, retain_s: float | None, now: float, mono: float, limits=None) -> int:
         """Delete one batch if due; returns how many tasks went. Raises StoreError."""
         if mono < self.due_mono:
             return 0
@@ -36,7 +36,7 @@ class Retention:
             self.due_mono = mono + IDLE_PAUSE_S
             return 0
         started = time.perf_counter()
-        n = store.prune_batch(now - retain_s, self.batch, now)
+        n = store.prune_batch(now - retain_s, self.batch, now, limits)
         took = time.perf_counter() - started
         self.last_batch_s = took
         self.longest_batch_s = max(self.longest_batch_s, took)

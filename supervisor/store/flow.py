@@ -201,18 +201,34 @@ def prune_finished_batch(db: apsw.Connection, before: float, limit: int) -> int:
     return n
 
 
-def prune_idle_keys(db: apsw.Connection, now: float, limit: int) -> int:
+def prune_idle_keys(db: apsw.Connection, now: float, limit: int,
+                    limits: budget.Limits | None = None) -> int:
     """Forget the state of keys (a tenant's, say) nothing ran under for a day: none running,
-    no pause in force, buckets untouched since and not in debt (such a bucket refills long
-    before that, so the row says nothing a missing row would not; a debt, from a task
-    that spent far more than its estimate, may take longer to repay, and a missing row
-    would forgive it)."""
-    db.execute("DELETE FROM limit_state WHERE key IN (SELECT key FROM limit_state "
-               "WHERE running = 0 AND coalesce(paused_until, 0) < :now "
-               "AND coalesce(updated_at, 0) < :now - 86400 "
-               "AND coalesce(tokens, 0) >= 0 AND coalesce(requests, 0) >= 0 LIMIT :n)",
-               {"now": now, "n": limit})
-    return db.changes()
+    no pause in force, buckets untouched since and full again by now (the row then says
+    nothing a missing row would not). A bucket still in debt (a task spent far more than
+    its estimate) keeps its row until it is repaid: a missing row would forgive the debt.
+    `limits` tells how fast each refills; a key no limit names any more goes at once;
+    without `limits`, a row with a level below zero stays."""
+    rows = db.execute(f"SELECT {_STATE_COLUMNS} FROM limit_state WHERE running = 0 "
+                      "AND coalesce(paused_until, 0) < :now AND coalesce(updated_at, 0) < "
+                      ":now - 86400 ORDER BY updated_at LIMIT :n", {"now": now, "n": limit}).fetchall()
+    gone = []
+    for row in rows:
+        state = KeyState(*row)
+        spec = limits.spec(state.key) if limits is not None else None
+        if limits is not None and spec is not None:
+            req, tok = budget.levels(spec, state, now)
+            repaid = all(level is None or level >= -budget.EPSILON for level in (req, tok))
+        elif limits is not None:
+            repaid = True
+        else:
+            repaid = (state.requests or 0) >= 0 and (state.tokens or 0) >= 0
+        if repaid:
+            gone.append(state.key)
+    if gone:
+        db.execute("DELETE FROM limit_state WHERE key IN (SELECT value FROM json_each(?))",
+                   (json.dumps(gone),))
+    return len(gone)
 
 
 def prune_fires_batch(db: apsw.Connection, before: float, limit: int) -> int:
@@ -312,10 +328,11 @@ class FlowOps:
 
     # -- retention ---------------------------------------------------------------------
 
-    def prune_batch(self, before: float, limit: int, now: float | None = None) -> int:
+    def prune_batch(self, before: float, limit: int, now: float | None = None,
+                    limits: budget.Limits | None = None) -> int:
         """One small batch of retention: finished tasks, schedule fires and sent events
-        older than `before`, and (given `now`) the state of limit keys idle for a day;
-        returns the tasks."""
+        older than `before`, and (given `now`) the state of limit keys idle for a day
+        whose buckets `limits` says are full again; returns the tasks."""
         with self.conn.write() as db:
             n = prune_finished_batch(db, before, limit)
             if n:
@@ -324,5 +341,5 @@ class FlowOps:
             wq.prune_events_batch(db, before, limit)
             delete_empty_groups(db)
             if now is not None:
-                prune_idle_keys(db, now, limit)
+                prune_idle_keys(db, now, limit, limits)
             return n

@@ -117,6 +117,26 @@ def test_retention_forgets_limit_keys_idle_for_a_day(store):
     assert keys == {"tenant:busy", "tenant:paused", "tenant:owes"}
 
 
+def test_retention_keeps_a_limit_key_until_its_debt_is_repaid_and_never_longer(store):
+    """A small debt (routine: a call over a second's share of tokens_per_minute, or a
+    request bucket at -1e-10) is repaid within seconds: the row must go after a day idle
+    like any other, or limit_state grows with every tenant ever seen. A debt that takes
+    longer than a day stays until it is repaid; a key no limit names any more goes."""
+    from supervisor.budget import LimitSpec, Limits
+    limits = Limits({"tenant:*": LimitSpec("tenant:*", requests_per_minute=60,
+                                           tokens_per_minute=600)})
+    rows = {"tenant:small": (-1e-10, -10.0), "tenant:owes": (0.0, -5e6),
+            "gone": (0.0, -5e6)}  # 5e6 tokens at 10 a second: about six days
+    for key, (requests, tokens) in rows.items():
+        store.conn.db.execute("INSERT INTO limit_state (key, requests, tokens, updated_at) "
+                              "VALUES (?, ?, ?, ?)", (key, requests, tokens, T0))
+    store.prune_batch(T0 - 1, 100, T0 + 2 * 86400, limits)
+    keys = {r[0] for r in store.conn.db.execute("SELECT key FROM limit_state")}
+    assert keys == {"tenant:owes"}
+    store.prune_batch(T0 - 1, 100, T0 + 7 * 86400, limits)  # repaid by then
+    assert not list(store.conn.db.execute("SELECT key FROM limit_state"))
+
+
 def test_retention_deletes_sent_events_older_than_it_and_a_later_await_waits_again(store):
     store.send_event("old", '{"ok":true}', T0)
     store.send_event("recent", None, T0 + 50)
