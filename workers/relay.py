@@ -25,7 +25,7 @@ environment variable TASKVISOR_LLM_RELAY_SOCKET, which every task process inheri
   CRLF, LF and CR only: workers.sse), then `Z` (the end) or `E` {"kind", "error",
   "message"} where kind is one of ERROR_KINDS (stalled: no bytes for stall_timeout_s; connect; transport;
   decoding; unsupported: a URL httpx cannot use; overran: past request_timeout_s; protocol:
-  a request the relay could not read). After `Z` or `E` the relay closes the connection.
+  a request the relay could not read; oversized: an answer over MAX_ANSWER_BYTES). After `Z` or `E` the relay closes the connection.
 - With "parse" in the request line ({"reports": bool, "model", "max_tokens"}: the
   `llm.chat` call of a TaskContext, or of no context), the relay reads a 2xx answer itself
   (workers.handlers.llmreports: the same Reply a task runs) and sends instead `R` (report
@@ -61,7 +61,8 @@ CONNECT_TIMEOUT_S = 30.0
 MAX_REQUEST_BYTES = 1 << 28          # one request line (the messages of a long conversation)
 # One answer, as decoded (gzip undone): a chat completion is a few MiB at most. Past it the
 # call fails (oversized): a server gone wrong (a line that never ends, a compressed bomb)
-# must not fill the relay, which every call in flight shares.
+# must not fill the relay, which every call in flight shares. Counted in bytes of a whole
+# body and in characters of a stream's decoded text (1 to 4 bytes each).
 MAX_ANSWER_BYTES = 1 << 26
 MAX_ERROR_BODY_BYTES = 1 << 20       # of an HTTP error's body, what is read (the rest is not)
 LANE_CALLS = 16                      # calls at once per httpx client (RelayServer.lane)
@@ -78,6 +79,14 @@ class Oversized(Exception):
     def __init__(self):
         super().__init__(f"over {MAX_ANSWER_BYTES >> 20} MiB, which no chat completion is; "
                          f"stopped reading it")
+
+
+def grown(size: int, more: int) -> int:
+    """What has been read of an answer, `more` later; Oversized past MAX_ANSWER_BYTES."""
+    size += more
+    if size > MAX_ANSWER_BYTES:
+        raise Oversized()
+    return size
 
 
 def is_json(resp) -> bool:
@@ -234,9 +243,7 @@ class RelayServer:
         decoder = sse.Lines()
         size = 0
         async for text in resp.aiter_text():
-            size += len(text)
-            if size > MAX_ANSWER_BYTES:
-                raise Oversized()
+            size = grown(size, len(text))
             lines = decoder.decode(text)
             if lines:
                 yield lines
@@ -295,12 +302,10 @@ async def _body(resp, cap: int | None = None) -> bytes:
     `cap` bytes, the rest left unread (an error's body: only its start is shown)."""
     parts, size = [], 0
     async for piece in resp.aiter_bytes():
-        size += len(piece)
         parts.append(piece)
-        if cap is not None and size >= cap:
+        if cap is not None and size + len(piece) >= cap:
             return b"".join(parts)[:cap]
-        if size > MAX_ANSWER_BYTES:
-            raise Oversized()
+        size = grown(size, len(piece))
     return b"".join(parts)
 
 

@@ -30,7 +30,7 @@ import httpcore._backends.anyio  # noqa: F401,E402
 import httpcore._backends.auto  # noqa: F401,E402
 import httpx  # noqa: E402
 
-from workers import relay, sse  # noqa: E402
+from workers import relay, relaycall, sse  # noqa: E402
 from workers.handlers import llm  # noqa: E402
 
 # Built at import, so once in the fork server (preload), and shared copy-on-write by every
@@ -58,8 +58,8 @@ async def chat(req: llm.Request, reply: llm.Reply, ctx) -> None:
             async with httpx.AsyncClient(timeout=timeout(req), verify=_TLS) as client:
                 async with client.stream("POST", req.url, json=req.body, headers=req.headers) as resp:
                     if resp.status_code >= 400:
-                        await resp.aread()
-                        raise llm.status_error(resp, req.url, llm._pause_keys(ctx, spent=0))
+                        error = _head(resp, await relay._body(resp, relay.MAX_ERROR_BODY_BYTES))
+                        raise llm.status_error(error, req.url, llm._pause_keys(ctx, spent=0))
                     if relay.is_json(resp):
                         llm._finish_json(reply, await relay._body(resp))
                     else:
@@ -87,8 +87,8 @@ def chat_sync(req: llm.Request, reply: llm.Reply, ctx) -> None:
                 resp.request.extensions["timeout"]["read"] = max(0.01, min(
                     req.stall_timeout_s, deadline - time.monotonic()))
                 if resp.status_code >= 400:
-                    resp.read()
-                    raise llm.status_error(resp, req.url, llm._pause_keys(ctx, spent=0))
+                    error = _head(resp, _body(resp, relay.MAX_ERROR_BODY_BYTES))
+                    raise llm.status_error(error, req.url, llm._pause_keys(ctx, spent=0))
                 if relay.is_json(resp):
                     llm._finish_json(reply, _body(resp))
                 else:
@@ -132,9 +132,7 @@ class _Body:
 
     def take(self, text: str) -> bool:
         """Feed one piece; True once the answer is whole ([DONE] came). Raises Oversized."""
-        self.size += len(text)
-        if self.size > relay.MAX_ANSWER_BYTES:
-            raise relay.Oversized()
+        self.size = relay.grown(self.size, len(text))
         for line in self.split.decode(text):
             self.reply.feed(line)
             if self.reply.done:
@@ -147,12 +145,22 @@ class _Body:
         self.reply.close()
 
 
-def _body(resp: httpx.Response) -> bytes:
-    """The whole body, decoded (relay._body, blocking): over MAX_ANSWER_BYTES, Oversized."""
+def _body(resp: httpx.Response, cap: int | None = None) -> bytes:
+    """relay._body, blocking: the whole body, decoded (Oversized past MAX_ANSWER_BYTES), or
+    with `cap` its first `cap` bytes."""
     parts, size = [], 0
     for piece in resp.iter_bytes():
-        size += len(piece)
-        if size > relay.MAX_ANSWER_BYTES:
-            raise relay.Oversized()
         parts.append(piece)
+        if cap is not None and size + len(piece) >= cap:
+            return b"".join(parts)[:cap]
+        size = relay.grown(size, len(piece))
     return b"".join(parts)
+
+
+def _head(resp: httpx.Response, body: bytes) -> relaycall.Answer:
+    """An error answer as the relay forwards it (what llm.status_error reads), with the
+    start of its body: a body without end is never read whole."""
+    answer = relaycall.Answer({"status": resp.status_code, "reason": resp.reason_phrase,
+                               "headers": list(resp.headers.items())})
+    answer.content = body
+    return answer
