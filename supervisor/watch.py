@@ -188,7 +188,8 @@ def cmd_logs(args, cfg) -> int:
         raise InputError(f"--attempt must be from 1 to {MAX_INDEX}", field="attempt")
     if args.api:
         with _client(args, cfg) as api:
-            return _follow(lambda after, attempt: _api_log(api, args.id, attempt, after),
+            printed: dict = {}  # attempt -> the byte position printed up to
+            return _follow(lambda after, attempt: _api_log(api, args.id, attempt, after, printed),
                            lambda: api.get(args.id), args)
     with Queue(cfg, create=False) as queue:
         def chunks(after, attempt):
@@ -201,9 +202,19 @@ def cmd_logs(args, cfg) -> int:
         return _follow(chunks, lambda: queue.get(args.id).to_dict(), args)
 
 
-def _api_log(api, task_id: str, attempt, after):
+def _api_log(api, task_id: str, attempt, after, printed: dict):
+    """The answer's text, unless it ends where what was printed ends: an answer may start
+    with a character the one before held back (cut between two chunks), and asked again
+    with the same `after_seq` it comes again (an attempt whose log ends in half a
+    character: its U+FFFD was printed twice)."""
     body = api.logs(task_id, attempt=attempt, after_seq=after)
     data = body["text"].encode()
+    end = body.get("end")
+    if end is not None:
+        if end <= printed.get(body["attempt"], -1):
+            data = b""
+        else:
+            printed[body["attempt"]] = end
     return body["attempt"], ([(body["seq"], data)] if data else [])
 
 

@@ -253,3 +253,28 @@ def test_the_sse_client_splits_lines_at_cr_and_lf_only_wherever_the_reads_cut():
     assert list(_parse(_lines(iter([data])))) == [
         (7, "output", {"text": "é\u2028€\x85😀\u2029"}), (8, "message", {"n": 1})]
     assert list(_lines(iter([b"a\r"]))) == ["a"] and list(_lines(iter([b"open"]))) == []
+
+
+def test_logs_api_prints_a_held_back_character_once_when_asked_twice():
+    """An attempt whose log ends in half a character: once it has ended, the answer after
+    the last chunk is that half as U+FFFD, and `logs --follow --api` (whose view of the
+    status lags) may ask for it twice: it was printed twice."""
+    from supervisor.output import log_text
+    from supervisor.store.events import LogChunk
+    from supervisor.watch import _api_log
+    chunks = [LogChunk(attempt=1, seq=0, pos=0, data="ok ".encode() + "€".encode()[:2])]
+
+    class Api:
+        ended = False
+
+        def logs(self, task_id, attempt=None, after_seq=None):
+            before = [c for c in chunks if c.seq <= after_seq]
+            after = [c for c in chunks if c.seq > after_seq]
+            text, start, end = log_text(before, after, self.ended)
+            return {"attempt": 1, "text": text, "start": start, "end": end,
+                    "seq": after[-1].seq if after else after_seq}
+    api, printed = Api(), {}
+    assert _api_log(api, "t", 1, -1, printed) == (1, [(0, b"ok ")])  # running: held back
+    api.ended = True
+    assert _api_log(api, "t", 1, 0, printed) == (1, [(0, "\ufffd".encode())])
+    assert _api_log(api, "t", 1, 0, printed) == (1, [])  # asked again: nothing new
