@@ -11,12 +11,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 
 import pytest
 
 from supervisor.errors import ForkedConnection, NotFound
 from supervisor.policy import Backoff
 from supervisor.store import Status, Store, Task
+from supervisor.store import flow
 from supervisor.store import queries as q
 from tests.store.forking import reap
 from tests.store.factory import LEASE_S, T0, error, new, ok
@@ -63,6 +65,92 @@ def test_the_positional_plain_claim_uses_the_partial_index_and_never_sorts(store
 
 def test_the_full_variant_is_claim_sql():
     assert q._CLAIM_VARIANTS[True, True, True] == q.CLAIM_SQL
+
+
+# -- plans of the statements the claim runs -------------------------------------------------
+
+# Whole plan lines: a table read any other way (a bare SCAN, another index) fails the test.
+SCAN_CLAIM = re.compile(r"SCAN tasks USING (COVERING )?INDEX tasks_claim")
+SEEK_GROUP = re.compile(r"SEARCH tasks USING (COVERING )?INDEX tasks_claim_limited \(limit_keys=\?\)")
+SEEK_ID = re.compile(r"SEARCH tasks USING (INDEX sqlite_autoindex_tasks_1|PRIMARY KEY) \(id=\?\)")
+SCAN_HEADS = re.compile(r"SCAN (limit_groups|g) USING (COVERING )?INDEX limit_groups_head")
+
+
+@pytest.fixture(scope="module")
+def queued(tmp_path_factory):
+    """A file with 5,000 queued tasks (a third of them in four limit groups, two thirds not
+    due yet, seven types, five priorities) and 1,000 finished, analysed: its statistics must
+    not tempt the planner away from the claim's indexes."""
+    store = Store(tmp_path_factory.mktemp("plans") / "taskvisor.db")
+    try:
+        store.enqueue_many([new(type=f"t{i % 7}", priority=i % 5, run_after=T0 + i % 3,
+                                limit_keys=(f"g:{i % 4}",) if i % 3 == 0 else ())
+                            for i in range(6000)], T0)
+        for _ in range(1000):
+            task = store.claim("o", T0 + 5, lease_s=LEASE_S)
+            store.complete(task.lease, ok(), T0 + 5)
+        store.conn.db.execute("ANALYZE")
+        db = store.conn.db
+        assert db.execute("SELECT count(*) FROM tasks WHERE status = 'queued'").fetchall() == [(5000,)]
+        (group,), = db.execute("SELECT keys FROM limit_groups WHERE queued > 0 LIMIT 1")
+        yield store, {"owner": "o", "now": T0, "lease_s": LEASE_S, "default_mb": 0,
+                      "full_types": json.dumps(["t1"]), "free_mb": 1000,
+                      "type_mb": json.dumps({"t2": 10}), "grp": group, "id": task.id}
+    finally:
+        store.close()
+
+
+def reads(lines: list[str], *tables: str) -> list[str]:
+    """The plan lines that read one of `tables` (names or aliases): SCAN or SEARCH."""
+    return [line for line in lines if line.split(" ")[0] in ("SCAN", "SEARCH")
+            and line.split(" ")[1] in tables]
+
+
+def assert_reads(lines: list[str], tables: tuple[str, ...], *expected: re.Pattern) -> None:
+    """`tables` are read exactly as `expected` (one pattern per read, in plan order), and
+    no ORDER BY needs a temp b-tree."""
+    got = reads(lines, *tables)
+    assert len(got) == len(expected) and all(
+        p.fullmatch(line) for p, line in zip(expected, got)), lines
+    assert not any("TEMP B-TREE" in line for line in lines), lines
+
+
+@pytest.mark.parametrize("key", ["plain"] + sorted(q._GUARDED_VARIANTS))
+def test_the_guarded_claim_walks_the_claim_index_and_checks_groups_by_theirs(queued, key):
+    """What `Store.claim` runs first while no limit group had queued tasks: the outer
+    UPDATE finds its row by id, the candidate is the first match of tasks_claim in
+    order (LIMIT 1 over the index: no sort), the guard reads limit_groups_head."""
+    store, params = queued
+    if key == "plain":  # the common case, bound by position
+        sql, params = q._GUARDED_PLAIN, ("o", T0, LEASE_S, 0)
+        assert ":" not in sql.split("RETURNING")[0], "a named parameter left behind"
+    else:
+        sql = q._GUARDED_VARIANTS[key]
+    lines = plan(store, sql, params)
+    assert_reads(lines, ("tasks",), SEEK_ID, SCAN_CLAIM)
+    assert_reads(lines, ("limit_groups",), SCAN_HEADS)
+
+
+@pytest.mark.parametrize("key", sorted(q._BEST_VARIANTS))
+def test_every_best_task_variant_reads_only_its_own_index(queued, key):
+    """The candidates `Store._best_candidate` reads: of no group, the first match of
+    tasks_claim in order; of a group, one seek to the group in tasks_claim_limited."""
+    store, params = queued
+    grouped = key[0]
+    lines = plan(store, q._BEST_VARIANTS[key], params)
+    assert_reads(lines, ("tasks",), SEEK_GROUP if grouped else SCAN_CLAIM)
+
+
+@pytest.mark.parametrize("typed", sorted(q._CLAIM_ID_VARIANTS))
+def test_the_claim_by_id_seeks_its_row(queued, typed):
+    store, params = queued
+    assert_reads(plan(store, q._CLAIM_ID_VARIANTS[typed], params), ("tasks",), SEEK_ID)
+
+
+def test_the_open_groups_are_read_in_head_order_from_their_index(queued):
+    store, _ = queued
+    lines = plan(store, flow._OPEN_FIRST, ())
+    assert_reads(lines, ("g", "limit_groups"), SCAN_HEADS)
 
 
 def test_without_budget_or_caps_memory_is_still_reserved(store):
