@@ -101,9 +101,11 @@ _DEFAULT_MB = "coalesce(memory_mb, :default_mb)"  # the same when no type declar
 
 
 def _claim_sql(capped: bool, budget: bool, typed: bool) -> str:
-    """The claim statement, without the clauses that cannot exclude anything: no type at
-    its cap, no memory budget, no per-type memory. Each variant is one prepared statement
-    in apsw's cache; the full one is CLAIM_SQL."""
+    """The claim of the best task of no limit group, made only while no limit group has
+    queued tasks, checked in the same statement: the claim of a file without limited work
+    costs no statement more than it did before limits existed (migration 0009). Without
+    the clauses that cannot exclude anything: no type at its cap, no memory budget, no
+    per-type memory. Each variant is one prepared statement in apsw's cache."""
     declared = _DECLARED_MB if typed else _DEFAULT_MB
     where = _claim_where(capped, budget, declared)
     return f"""
@@ -115,6 +117,7 @@ WHERE id = (
     WHERE limit_keys IS NULL AND {where}
     ORDER BY priority DESC, id
     LIMIT 1)
+  AND NOT EXISTS (SELECT 1 FROM limit_groups INDEXED BY limit_groups_head WHERE queued > 0)
 RETURNING {T}
 """
 
@@ -154,20 +157,12 @@ RETURNING {T}
 """
 
 
-CLAIM_SQL = _claim_sql(True, True, True)
 # No cap reached, no budget, no per-type memory, with numbered parameters:
 # ?1 owner, ?2 now, ?3 lease_s, ?4 default_mb.
-_CLAIM_PLAIN = (_claim_sql(False, False, False).replace(":owner", "?1").replace(":now", "?2")
-                .replace(":lease_s", "?3").replace(":default_mb", "?4"))
-_CLAIM_VARIANTS = {(c, b, t): _claim_sql(c, b, t)
-                   for c in (False, True) for b in (False, True) for t in (False, True)}
-# The same claims, made only while no limit group has queued tasks, checked in the same
-# statement: the claim of a file without limited work costs no statement more than it
-# did before limits existed (migration 0009).
-_NO_GROUPS = ("\n  AND NOT EXISTS (SELECT 1 FROM limit_groups INDEXED BY limit_groups_head "
-              "WHERE queued > 0)\nRETURNING")
-_GUARDED_PLAIN = _CLAIM_PLAIN.replace("\nRETURNING", _NO_GROUPS)
-_GUARDED_VARIANTS = {k: v.replace("\nRETURNING", _NO_GROUPS) for k, v in _CLAIM_VARIANTS.items()}
+_GUARDED_PLAIN = (_claim_sql(False, False, False).replace(":owner", "?1").replace(":now", "?2")
+                  .replace(":lease_s", "?3").replace(":default_mb", "?4"))
+_GUARDED_VARIANTS = {(c, b, t): _claim_sql(c, b, t)
+                     for c in (False, True) for b in (False, True) for t in (False, True)}
 _BEST_VARIANTS = {(g, c, b, t): _best_sql(g, c, b, t) for g in (False, True)
                   for c in (False, True) for b in (False, True) for t in (False, True)}
 _CLAIM_ID_VARIANTS = {t: _claim_id_sql(t) for t in (False, True)}
@@ -175,22 +170,20 @@ _CLAIM_ID_VARIANTS = {t: _claim_id_sql(t) for t in (False, True)}
 
 def claim_task(db: apsw.Connection, *, owner: str, now: float, lease_s: float,
                full_types: list[str], free_mb: float | None, type_mb: str,
-               default_mb: int, guard: bool = False) -> Task | None:
+               default_mb: int) -> Task | None:
     """Lease the next due queued task of no limit group whose type is not at its cap and
-    whose memory fits.
+    whose memory fits, only if no limit group has queued tasks: None also when one has
+    (the caller then picks with `select_best_task` and leases with `claim_task_id`).
 
     `free_mb` None: no memory budget. `type_mb`: {type: MB} as JSON text (the store
-    caches it: the same few types on every claim). `guard`: claim only if no limit group
-    has queued tasks (None also when one has)."""
+    caches it: the same few types on every claim)."""
     typed = type_mb != "{}"
     if full_types or free_mb is not None or typed:
         args = _claim_args(now, full_types, free_mb, type_mb, default_mb)
         args.update(owner=owner, lease_s=lease_s)
-        variants = _GUARDED_VARIANTS if guard else _CLAIM_VARIANTS
-        cursor = db.execute(variants[bool(full_types), free_mb is not None, typed], args)
+        cursor = db.execute(_GUARDED_VARIANTS[bool(full_types), free_mb is not None, typed], args)
     else:  # the common case, bound by position (cheaper than a dict)
-        cursor = db.execute(_GUARDED_PLAIN if guard else _CLAIM_PLAIN,
-                            (owner, now, lease_s, default_mb))
+        cursor = db.execute(_GUARDED_PLAIN, (owner, now, lease_s, default_mb))
     for row in cursor:
         return Task.from_row(row)
     return None

@@ -211,7 +211,7 @@ class Store(WorkflowStore, flow.FlowOps, LiveOps):
             if guarded:
                 # No limit group had queued tasks at the last claim: the claim that succeeds
                 # only if that is still so (no statement more than a file without limits).
-                task = q.claim_task(db, owner=owner, lease_s=lease_s, guard=True, **pick)
+                task = q.claim_task(db, owner=owner, lease_s=lease_s, **pick)
                 if task is not None:
                     return self._with_context(db, task)
             best = self._best_candidate(db, pick, states, limits or _NO_LIMITS, now,

@@ -1,7 +1,8 @@
 """The claim: its query plan, its order, and what it admits (due time, type caps, memory).
 
-One `UPDATE … WHERE id = (SELECT … ORDER BY priority DESC, id LIMIT 1) RETURNING` in a
-BEGIN IMMEDIATE; its cost must not grow with the queue, so the plan is checked too.
+While no limit group has queued tasks, one `UPDATE … WHERE id = (SELECT … ORDER BY
+priority DESC, id LIMIT 1) … RETURNING` in a BEGIN IMMEDIATE; its cost must not grow
+with the queue, so the plan is checked too (test_hot_path checks every variant).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ PLAN_PARAMS = {"owner": "o", "now": T0, "lease_s": LEASE_S, "full_types": json.d
 
 
 def claim_plan(store: Store) -> list[str]:
-    return [row[3] for row in store.conn.db.execute("EXPLAIN QUERY PLAN " + q.CLAIM_SQL, PLAN_PARAMS)]
+    """The plan of the claim with every clause: caps, budget, per-type memory."""
+    sql = q._GUARDED_VARIANTS[True, True, True]
+    return [row[3] for row in store.conn.db.execute("EXPLAIN QUERY PLAN " + sql, PLAN_PARAMS)]
 
 
 def claim_all(store: Store, now: float = T0, **kw) -> list:
@@ -206,7 +209,7 @@ def test_type_names_with_dots_and_spaces_find_their_declared_memory(store):
 
 @pytest.mark.parametrize("weird", ["$", "$x", "$.a", ""])
 def test_a_type_name_that_looks_like_a_json_path_does_not_break_the_claim(store, weird):
-    """BUG (reported): CLAIM_SQL looks the type up with `:type_mb ->> type`; SQLite reads a
+    """BUG (reported): the claim looked the type up with `:type_mb ->> type`; SQLite reads a
     right operand starting with '$' (or empty) as a JSON path, so the claim raises
     'bad JSON path' (every claim fails while such a task is queued: the queue is wedged)
     or, for '$', gets the whole object back as text and never admits the task."""

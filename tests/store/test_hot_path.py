@@ -41,32 +41,6 @@ def fill_and_analyse(store: Store, n: int = 2000) -> None:
     store.conn.db.execute("ANALYZE")
 
 
-# -- claim variants -------------------------------------------------------------------------
-
-@pytest.mark.parametrize("key", sorted(q._CLAIM_VARIANTS))
-def test_every_claim_variant_uses_the_partial_index_and_never_sorts(store, key):
-    fill_and_analyse(store)
-    capped, budget, typed = key
-    params = {"owner": "o", "now": T0, "lease_s": LEASE_S, "default_mb": 0,
-              "full_types": json.dumps(["t1"]), "free_mb": 1000, "type_mb": json.dumps({"t2": 10})}
-    lines = plan(store, q._CLAIM_VARIANTS[key], params)
-    assert any("INDEX tasks_claim" in line for line in lines), lines
-    assert not any("TEMP B-TREE" in line for line in lines), lines
-    assert not any(line.startswith("SCAN tasks") and "tasks_claim" not in line for line in lines), lines
-
-
-def test_the_positional_plain_claim_uses_the_partial_index_and_never_sorts(store):
-    fill_and_analyse(store)
-    lines = plan(store, q._CLAIM_PLAIN, ("o", T0, LEASE_S, 0))
-    assert any("INDEX tasks_claim" in line for line in lines), lines
-    assert not any("TEMP B-TREE" in line for line in lines), lines
-    assert ":" not in q._CLAIM_PLAIN.split("RETURNING")[0], "a named parameter left behind"
-
-
-def test_the_full_variant_is_claim_sql():
-    assert q._CLAIM_VARIANTS[True, True, True] == q.CLAIM_SQL
-
-
 # -- plans of the statements the claim runs -------------------------------------------------
 
 # Whole plan lines: a table read any other way (a bare SCAN, another index) fails the test.
