@@ -31,19 +31,15 @@ _OPEN_GROUPS = (
     "FROM limit_groups AS g INDEXED BY limit_groups_head "
     # The state of the group's first key comes along: most groups have one key, so the
     # claim reads no other statement to decide whether the group has room.
-    "LEFT JOIN limit_state AS s ON s.key = json_extract(g.keys, '$[0]') WHERE g.queued > 0 {after}"
+    "LEFT JOIN limit_state AS s ON s.key = json_extract(g.keys, '$[0]') WHERE g.queued > 0 "
     "ORDER BY g.head_priority DESC, g.head_id")
-_OPEN_FIRST = _OPEN_GROUPS.format(after="")
-_OPEN_AFTER = _OPEN_GROUPS.format(
-    after="AND (g.head_priority < ?1 OR (g.head_priority = ?1 AND g.head_id > ?2)) ")
 
 
-def select_open_groups(db: apsw.Connection, after: tuple | None = None):
+def select_open_groups(db: apsw.Connection):
     """Rows (keys, head_priority, head_id, *state of the first key or NULLs) of the limit
-    groups that have queued tasks, best head first (priority, then id), after the head
-    `after` (priority, id): a lazy cursor over limit_groups_head, so a caller that stops
-    early reads only what it used."""
-    return db.execute(_OPEN_FIRST) if after is None else db.execute(_OPEN_AFTER, after)
+    groups that have queued tasks, best head first (priority, then id): a lazy cursor
+    over limit_groups_head, so a caller that stops early reads only what it used."""
+    return db.execute(_OPEN_GROUPS)
 
 
 def select_key_state(db: apsw.Connection, key: str) -> KeyState:

@@ -123,7 +123,7 @@ def test_the_claim_by_id_seeks_its_row(queued, typed):
 
 def test_the_open_groups_are_read_in_head_order_from_their_index(queued):
     store, _ = queued
-    lines = plan(store, flow._OPEN_FIRST, ())
+    lines = plan(store, flow._OPEN_GROUPS, ())
     assert_reads(lines, ("g", "limit_groups"), SCAN_HEADS)
 
 
