@@ -19,6 +19,7 @@ from supervisor import budget, policy
 from supervisor.errors import DependencyError, NotFound
 from supervisor.store import flow
 from supervisor.store.events import LiveOps
+from supervisor.store import claim_queries as cq
 from supervisor.store import queries as q
 from supervisor.store import workflow_queries as wq
 from supervisor.store.checkpoint import Checkpointer
@@ -194,14 +195,14 @@ class Store(WorkflowStore, flow.FlowOps, LiveOps):
         # grouped transaction; the supervisor's pass rolls back as a whole.
         with self.conn.write(savepoint=False) as db:
             if caps:
-                running = q.count_running_by_type(db, list(caps))
+                running = cq.count_running_by_type(db, list(caps))
                 full = [t for t, cap in caps.items() if running.get(t, 0) >= cap]
             else:
                 full = []
             if memory_budget_mb is None:
                 free = None
             else:
-                free = memory_budget_mb - (q.sum_reserved_mb(db) if reserved_mb is None else reserved_mb)
+                free = memory_budget_mb - (cq.sum_reserved_mb(db) if reserved_mb is None else reserved_mb)
             type_mb = self._type_mb_json(type_memory_mb)
             states: dict[str, budget.KeyState] = {}
             self.limit_room_s = None
@@ -211,14 +212,14 @@ class Store(WorkflowStore, flow.FlowOps, LiveOps):
             if guarded:
                 # No limit group had queued tasks at the last claim: the claim that succeeds
                 # only if that is still so (no statement more than a file without limits).
-                task = q.claim_task(db, owner=owner, lease_s=lease_s, **pick)
+                task = cq.claim_task(db, owner=owner, lease_s=lease_s, **pick)
                 if task is not None:
                     return self._with_context(db, task)
             best = self._best_candidate(db, pick, states, limits or _NO_LIMITS, now,
                                         looked=guarded)
             if best is None:
                 return None
-            task = q.claim_task_id(db, best[1], owner=owner, now=now, lease_s=lease_s,
+            task = cq.claim_task_id(db, best[1], owner=owner, now=now, lease_s=lease_s,
                                    type_mb=type_mb, default_mb=default_memory_mb or 0)
             if task is not None and task.limit_keys and limits:
                 flow.charge_claim(db, task.limit_keys, task.estimated_tokens, states,
@@ -242,7 +243,7 @@ class Store(WorkflowStore, flow.FlowOps, LiveOps):
             for row in cursor:
                 if not self._groups_seen:
                     self._groups_seen = True
-                    best = q.select_best_task(db, **pick)
+                    best = cq.select_best_task(db, **pick)
                 if best is not None and row[1] is not None and _ahead(best, (row[1], row[2])):
                     break
                 keys = self._keys_of(row[0])
@@ -251,13 +252,13 @@ class Store(WorkflowStore, flow.FlowOps, LiveOps):
                                        else budget.KeyState(keys[0], *row[3:]))
                 if not self._has_room(db, keys, states, limits, now):
                     continue
-                found = q.select_best_task(db, group=row[0], **pick)
+                found = cq.select_best_task(db, group=row[0], **pick)
                 if found is not None and (best is None or _ahead(found, best)):
                     best = found
         finally:
             cursor.close()  # before the claim writes: the triggers update limit_groups
         if not self._groups_seen and not looked:
-            best = q.select_best_task(db, **pick)
+            best = cq.select_best_task(db, **pick)
         return best
 
     @staticmethod
@@ -305,7 +306,7 @@ class Store(WorkflowStore, flow.FlowOps, LiveOps):
     def reserved_mb(self) -> float:
         """Memory reserved by running tasks, across every supervisor on the file."""
         with self.conn.read() as db:
-            return q.sum_reserved_mb(db)
+            return cq.sum_reserved_mb(db)
 
     def next_run_after(self, now: float) -> float | None:
         """Epoch time at which the next delayed queued task becomes due, or None."""
@@ -543,7 +544,7 @@ class Store(WorkflowStore, flow.FlowOps, LiveOps):
                 counts.setdefault(str(Status.QUEUED), {})[type_] = n
                 if oldest_at is not None:
                     oldest[type_] = oldest_at
-            reserved = q.sum_reserved_mb(db)
+            reserved = cq.sum_reserved_mb(db)
         return Stats(counts, min(oldest.values()) if oldest else None, oldest, int(reserved))
 
     def data_version(self) -> int:

@@ -12,7 +12,7 @@ import json
 import pytest
 
 from supervisor.store import Status, Store
-from supervisor.store import queries as q
+from supervisor.store import claim_queries as cq
 from tests.store.factory import LEASE_S, T0, new, ok
 
 PLAN_PARAMS = {"owner": "o", "now": T0, "lease_s": LEASE_S, "full_types": json.dumps(["x"]),
@@ -21,7 +21,7 @@ PLAN_PARAMS = {"owner": "o", "now": T0, "lease_s": LEASE_S, "full_types": json.d
 
 def claim_plan(store: Store) -> list[str]:
     """The plan of the claim with every clause: caps, budget, per-type memory."""
-    sql = q._GUARDED_VARIANTS[True, True, True]
+    sql = cq._GUARDED_VARIANTS[True, True, True]
     return [row[3] for row in store.conn.db.execute("EXPLAIN QUERY PLAN " + sql, PLAN_PARAMS)]
 
 

@@ -19,6 +19,7 @@ from supervisor.errors import ForkedConnection, NotFound
 from supervisor.policy import Backoff
 from supervisor.store import Status, Store, Task
 from supervisor.store import flow
+from supervisor.store import claim_queries as cq
 from supervisor.store import queries as q
 from tests.store.forking import reap
 from tests.store.factory import LEASE_S, T0, error, new, ok
@@ -89,36 +90,36 @@ def assert_reads(lines: list[str], tables: tuple[str, ...], *expected: re.Patter
     assert not any("TEMP B-TREE" in line for line in lines), lines
 
 
-@pytest.mark.parametrize("key", ["plain"] + sorted(q._GUARDED_VARIANTS))
+@pytest.mark.parametrize("key", ["plain"] + sorted(cq._GUARDED_VARIANTS))
 def test_the_guarded_claim_walks_the_claim_index_and_checks_groups_by_theirs(queued, key):
     """What `Store.claim` runs first while no limit group had queued tasks: the outer
     UPDATE finds its row by id, the candidate is the first match of tasks_claim in
     order (LIMIT 1 over the index: no sort), the guard reads limit_groups_head."""
     store, params = queued
     if key == "plain":  # the common case, bound by position
-        sql, params = q._GUARDED_PLAIN, ("o", T0, LEASE_S, 0)
+        sql, params = cq._GUARDED_PLAIN, ("o", T0, LEASE_S, 0)
         assert ":" not in sql.split("RETURNING")[0], "a named parameter left behind"
     else:
-        sql = q._GUARDED_VARIANTS[key]
+        sql = cq._GUARDED_VARIANTS[key]
     lines = plan(store, sql, params)
     assert_reads(lines, ("tasks",), SEEK_ID, SCAN_CLAIM)
     assert_reads(lines, ("limit_groups",), SCAN_HEADS)
 
 
-@pytest.mark.parametrize("key", sorted(q._BEST_VARIANTS))
+@pytest.mark.parametrize("key", sorted(cq._BEST_VARIANTS))
 def test_every_best_task_variant_reads_only_its_own_index(queued, key):
     """The candidates `Store._best_candidate` reads: of no group, the first match of
     tasks_claim in order; of a group, one seek to the group in tasks_claim_limited."""
     store, params = queued
     grouped = key[0]
-    lines = plan(store, q._BEST_VARIANTS[key], params)
+    lines = plan(store, cq._BEST_VARIANTS[key], params)
     assert_reads(lines, ("tasks",), SEEK_GROUP if grouped else SCAN_CLAIM)
 
 
-@pytest.mark.parametrize("typed", sorted(q._CLAIM_ID_VARIANTS))
+@pytest.mark.parametrize("typed", sorted(cq._CLAIM_ID_VARIANTS))
 def test_the_claim_by_id_seeks_its_row(queued, typed):
     store, params = queued
-    assert_reads(plan(store, q._CLAIM_ID_VARIANTS[typed], params), ("tasks",), SEEK_ID)
+    assert_reads(plan(store, cq._CLAIM_ID_VARIANTS[typed], params), ("tasks",), SEEK_ID)
 
 
 def test_the_open_groups_are_read_in_head_order_from_their_index(queued):

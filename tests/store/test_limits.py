@@ -261,16 +261,16 @@ def test_claim_plans_seek_by_index(store):
     """The guarded claim (no group in use) scans only the claim index and checks the
     groups through their index; a group's candidate is one seek into its own index, and
     the claim of the task picked is by its id."""
-    from supervisor.store import queries as q
+    from supervisor.store import claim_queries as cq
     plan = lambda sql, args: [r[3] for r in store.conn.db.execute("EXPLAIN QUERY PLAN " + sql, args)]
-    guarded = plan(q._GUARDED_PLAIN, ("o", T0, LEASE_S, 0))
+    guarded = plan(cq._GUARDED_PLAIN, ("o", T0, LEASE_S, 0))
     assert any("COVERING INDEX tasks_claim" in line for line in guarded), guarded
     assert any("limit_groups_head" in line for line in guarded), guarded
-    grouped = plan(q._BEST_VARIANTS[True, False, False, False],
+    grouped = plan(cq._BEST_VARIANTS[True, False, False, False],
                    {"now": T0, "default_mb": 0, "grp": '["a"]'})
     assert any("tasks_claim_limited (limit_keys=?)" in line for line in grouped), grouped
     assert not any(line.startswith("SCAN tasks") and "INDEX" not in line for line in grouped)
-    by_id = plan(q._CLAIM_ID_VARIANTS[False], {"id": "x", "owner": "o", "now": T0,
+    by_id = plan(cq._CLAIM_ID_VARIANTS[False], {"id": "x", "owner": "o", "now": T0,
                                                 "lease_s": LEASE_S, "default_mb": 0})
     assert not any(line.startswith("SCAN") for line in by_id), by_id
 
