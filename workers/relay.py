@@ -23,9 +23,10 @@ environment variable TASKVISOR_LLM_RELAY_SOCKET, which every task process inheri
   whole body, bytes: an HTTP error status or an application/json answer) or any number of
   `L` (body lines, UTF-8, joined by "\\n"; one frame per read from upstream, split at
   CRLF, LF and CR only: workers.sse), then `Z` (the end) or `E` {"kind", "error",
-  "message"} where kind is one of ERROR_KINDS (stalled: no bytes for stall_timeout_s; connect; transport;
-  decoding; unsupported: a URL httpx cannot use; overran: past request_timeout_s; protocol:
-  a request the relay could not read; oversized: an answer over MAX_ANSWER_BYTES). After `Z` or `E` the relay closes the connection.
+  "message"} where kind is one of ERROR_KINDS (stalled: no bytes for stall_timeout_s;
+  connect; transport; decoding; unsupported: a URL httpx cannot use; overran: past
+  request_timeout_s; protocol: a request the relay could not read; oversized: an answer
+  over MAX_ANSWER_BYTES). After `Z` or `E` the relay closes the connection.
 - With "parse" in the request line ({"reports": bool, "model", "max_tokens"}: the
   `llm.chat` call of a TaskContext, or of no context), the relay reads a 2xx answer itself
   (workers.handlers.llmreports: the same Reply a task runs) and sends instead `R` (report
