@@ -513,7 +513,9 @@ def classify(child: Child, mono: float | None = None) -> AttemptEnd:
     st = child.status
     mono = time.monotonic() if mono is None else mono
     figures = dict(
-        spent_tokens=child.spent_tokens,
+        # An attempt that never had a process (given back between claim and start, or
+        # refused by its fork server) spent nothing: its claim's estimate is refunded.
+        spent_tokens=child.spent_tokens if child.pid is not None else 0,
         pid=child.pid, peak_rss_bytes=max(child.peak_rss, (child.rusage or {}).get("maxrss_kb", 0) * 1024) or None,
         cpu_s=None if not child.rusage else round(child.rusage["utime"] + child.rusage["stime"], 4),
         wall_s=mono - child.spawned_mono,

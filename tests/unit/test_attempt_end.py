@@ -32,3 +32,14 @@ def test_a_retry_pauses_its_own_limits_and_its_types_not_anothers(caplog):
     with caplog.at_level(logging.WARNING, logger="taskvisor.supervisor"):
         assert retry(child_of(limit_keys=["tenant:7"]), ["openai", "tenant:7"]) == ("tenant:7",)
     assert "Retry(pause_limit='openai') not applied" in caplog.text
+
+
+def test_an_attempt_that_never_had_a_process_spent_no_tokens():
+    """Given back between claim and start (its supervisor paused past the fence, say), an
+    attempt kept the token estimate its claim charged: the limit lost them for nothing."""
+    child = child_of(limit_keys=["openai"])
+    child.status = None
+    child.stop = (Outcome.INTERRUPTED, "fenced before it started")
+    assert classify(child).spent_tokens == 0
+    child.pid = 4242
+    assert classify(child).spent_tokens is None  # it ran: what it used is unknown
