@@ -121,16 +121,21 @@ def charge_claim(db: apsw.Connection, keys: tuple[str, ...], task_tokens: int | 
 
 
 def settle_spend(db: apsw.Connection, keys: tuple[str, ...], task_tokens: int | None,
-                 spent: int, limits: budget.Limits, now: float) -> None:
-    """Correct the token buckets of `keys` by estimate minus what the attempt spent."""
+                 spent: int, limits: budget.Limits, now: float, unsent: bool = False) -> None:
+    """Correct the token buckets of `keys` by estimate minus what the attempt spent; an
+    `unsent` attempt (it never had a process) also gives back the request its claim took."""
     states = select_key_states(db, keys)
     for key in keys:
         spec = limits.spec(key)
-        if spec is None or spec.tokens_per_minute is None:
+        if spec is None or (spec.tokens_per_minute is None and not
+                            (unsent and spec.requests_per_minute is not None)):
             continue
         state = states.get(key) or KeyState(key)
-        req, _ = budget.levels(spec, state, now)
-        tok = budget.correct(spec, state, now, budget.estimate(task_tokens, spec) - spent)
+        req, tok = budget.levels(spec, state, now)
+        if spec.tokens_per_minute is not None:
+            tok = budget.correct(spec, state, now, budget.estimate(task_tokens, spec) - spent)
+        if unsent and req is not None:
+            req = min(spec.request_capacity, req + 1.0)
         write_levels(db, key, req, tok, now)
 
 
@@ -249,7 +254,7 @@ class FlowOps:
         with self.conn.write() as db:
             if end.spent_tokens is not None and task.limit_keys and limits:
                 settle_spend(db, task.limit_keys, task.estimated_tokens, end.spent_tokens,
-                             limits, now)
+                             limits, now, unsent=end.pid is None)
             for key in end.pause_limits:
                 pause_key(db, key, now + (end.delay_s or 0.0),
                           f"task {task.id} ({task.type}): {end.reason or 'Retry'}")

@@ -116,6 +116,34 @@ def test_payload_free_estimate_falls_back_to_the_limit_default(store):
     assert state.tokens == 10 - 30  # a 10-token bucket, 30 charged
 
 
+def test_an_attempt_given_back_before_it_started_gives_back_its_request_and_tokens(store):
+    """Claimed, then given back without a process (its supervisor paused past the fence):
+    no request went out, yet its claim's request and token estimate stayed charged."""
+    limits = Limits({"llm": LimitSpec("llm", requests_per_minute=60, tokens_per_minute=6000,
+                                      estimated_tokens=50)})
+    store.enqueue(new(limit_keys=("llm",)), T0)
+
+    def levels():
+        rows = store.conn.db.execute(
+            "SELECT key, running, requests, tokens, updated_at, paused_until, pause_reason "
+            "FROM limit_state WHERE key = 'llm'").fetchall()
+        state = budget.KeyState(*rows[0]) if rows else budget.KeyState("llm")  # none: full
+        return budget.levels(limits.spec("llm"), state, T0)
+    full = levels()
+    t = store.claim("sup", T0, lease_s=LEASE_S, limits=limits)
+    assert levels() == (full[0] - 1, full[1] - 50)
+    end = AttemptEnd(Outcome.INTERRUPTED, reason="fenced before it started", spent_tokens=0)
+    store.fail(t.lease, end, T0, Backoff())
+    store.settle_limits(t, end, limits, T0)
+    assert levels() == full
+    # one that ran and said it used nothing gives its tokens back, not its request
+    t = store.claim("sup", T0, lease_s=LEASE_S, limits=limits)
+    end = AttemptEnd(Outcome.ERROR, reason="x", spent_tokens=0, pid=4242)
+    store.fail(t.lease, end, T0, Backoff())
+    store.settle_limits(t, end, limits, T0)
+    assert levels() == (full[0] - 1, full[1])
+
+
 def test_a_pause_holds_every_task_of_the_key_until_it_ends(store):
     limits = Limits({"api": LimitSpec("api", concurrency=10)})
     ids = [store.enqueue(new(limit_keys=("api",)), T0) for _ in range(3)]
