@@ -45,16 +45,21 @@ def _claim_sql(capped: bool, budget: bool, typed: bool) -> str:
     per-type memory. Each variant is one prepared statement in apsw's cache."""
     declared = _DECLARED_MB if typed else _DEFAULT_MB
     where = _claim_where(capped, budget, declared)
-    return f"""
-UPDATE tasks SET status = 'running', attempts = attempts + 1, lease_owner = :owner,
-       lease_expires_at = :now + :lease_s, started_at = :now, reserved_mb = {declared},
-       pid = NULL, pid_started_at = NULL, progress = NULL, progress_message = NULL
-WHERE id = (
+    return _lease(declared, f"""id = (
     SELECT id FROM tasks INDEXED BY tasks_claim
     WHERE limit_keys IS NULL AND {where}
     ORDER BY priority DESC, id
     LIMIT 1)
-  AND NOT EXISTS (SELECT 1 FROM limit_groups INDEXED BY limit_groups_head WHERE queued > 0)
+  AND NOT EXISTS (SELECT 1 FROM limit_groups INDEXED BY limit_groups_head WHERE queued > 0)""")
+
+
+def _lease(declared: str, where: str) -> str:
+    """The UPDATE that leases the queued row `where` picks, returning it."""
+    return f"""
+UPDATE tasks SET status = 'running', attempts = attempts + 1, lease_owner = :owner,
+       lease_expires_at = :now + :lease_s, started_at = :now, reserved_mb = {declared},
+       pid = NULL, pid_started_at = NULL, progress = NULL, progress_message = NULL
+WHERE {where}
 RETURNING {T}
 """
 
@@ -84,14 +89,7 @@ def _best_sql(grouped: bool, capped: bool, budget: bool, typed: bool) -> str:
 
 def _claim_id_sql(typed: bool) -> str:
     """Lease the queued task :id (chosen by `_best_sql` reads in the same transaction)."""
-    declared = _DECLARED_MB if typed else _DEFAULT_MB
-    return f"""
-UPDATE tasks SET status = 'running', attempts = attempts + 1, lease_owner = :owner,
-       lease_expires_at = :now + :lease_s, started_at = :now, reserved_mb = {declared},
-       pid = NULL, pid_started_at = NULL, progress = NULL, progress_message = NULL
-WHERE id = :id AND status = 'queued'
-RETURNING {T}
-"""
+    return _lease(_DECLARED_MB if typed else _DEFAULT_MB, "id = :id AND status = 'queued'")
 
 
 # No cap reached, no budget, no per-type memory, with numbered parameters:
@@ -121,9 +119,8 @@ def claim_task(db: apsw.Connection, *, owner: str, now: float, lease_s: float,
         cursor = db.execute(_GUARDED_VARIANTS[bool(full_types), free_mb is not None, typed], args)
     else:  # the common case, bound by position (cheaper than a dict)
         cursor = db.execute(_GUARDED_PLAIN, (owner, now, lease_s, default_mb))
-    for row in cursor:
-        return Task.from_row(row)
-    return None
+    row = _one(cursor)
+    return Task.from_row(row) if row else None
 
 
 def _claim_args(now: float, full_types: list[str], free_mb: float | None, type_mb: str,
@@ -147,9 +144,8 @@ def select_best_task(db: apsw.Connection, *, now: float, full_types: list[str],
     if group is not None:
         args["grp"] = group
     sql = _BEST_VARIANTS[group is not None, bool(full_types), free_mb is not None, type_mb != "{}"]
-    for row in db.execute(sql, args):
-        return row[0], row[1]
-    return None
+    row = _one(db.execute(sql, args))
+    return (row[0], row[1]) if row else None
 
 
 def claim_task_id(db: apsw.Connection, task_id: str, *, owner: str, now: float,
@@ -160,6 +156,5 @@ def claim_task_id(db: apsw.Connection, task_id: str, *, owner: str, now: float,
     typed = type_mb != "{}"
     if typed:
         args["type_mb"] = type_mb
-    for row in db.execute(_CLAIM_ID_VARIANTS[typed], args):
-        return Task.from_row(row)
-    return None
+    row = _one(db.execute(_CLAIM_ID_VARIANTS[typed], args))
+    return Task.from_row(row) if row else None

@@ -17,9 +17,9 @@ import apsw
 
 from supervisor import budget, policy
 from supervisor.errors import DependencyError, NotFound
+from supervisor.store import claim_queries as cq
 from supervisor.store import flow
 from supervisor.store.events import LiveOps
-from supervisor.store import claim_queries as cq
 from supervisor.store import queries as q
 from supervisor.store import workflow_queries as wq
 from supervisor.store.checkpoint import Checkpointer
@@ -576,6 +576,8 @@ _NO_LIMITS = budget.Limits({})
 def _ahead(a: tuple[int, str], b: tuple[int, str]) -> bool:
     """Task (priority, id) `a` is claimed before `b`: higher priority, then older id."""
     return a[0] > b[0] or (a[0] == b[0] and a[1] < b[1])
+
+
 _fail_dependents = fail_dependents
 
 
