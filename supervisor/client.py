@@ -394,7 +394,7 @@ class Queue(WorkflowCalls):
         elif keys:
             type_config = self.config.types.get(type_)
             estimated = flowconfig.task_estimate(type_config, f.get("payload"))
-            source = (f"[types.{flowconfig._quote(type_)}] estimated_tokens"
+            source = (f"[types.{_config.toml_string(type_)}] estimated_tokens"
                       if type_config is not None and type_config.estimated_tokens is not None
                       else "the payload's output cap (max_tokens, max_completion_tokens)")
         if keys:
@@ -431,7 +431,7 @@ class Queue(WorkflowCalls):
         if over is not None:
             key, spec, tokens = over
             if estimated is None:
-                source = f"[limits.{flowconfig._quote(spec.name)}] estimated_tokens"
+                source = f"[limits.{_config.toml_string(spec.name)}] estimated_tokens"
             raise InputError(f"estimated_tokens: {source} is {tokens}, more than limit {key!r} "
                              f"allows in a minute (tokens_per_minute = "
                              f"{spec.tokens_per_minute:g}): it could never run within it",

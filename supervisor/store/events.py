@@ -87,7 +87,11 @@ def newest_id(conn: Connection) -> int:
 
 def oldest_id(conn: Connection) -> int:
     with conn.read() as db:
-        return db.execute("SELECT coalesce(min(id), 0) FROM task_events").fetchall()[0][0]
+        return _oldest(db)
+
+
+def _oldest(db) -> int:
+    return db.execute("SELECT coalesce(min(id), 0) FROM task_events").fetchall()[0][0]
 
 
 def read(conn: Connection, after_id: int, limit: int = 1000) -> list[Event]:
@@ -108,8 +112,7 @@ def read_kept(conn: Connection, after_id: int, limit: int = 1000) -> tuple[int, 
     were pruned before these were read. (Read apart, a prune between the two reads let
     a resuming client skip events with no gap event.)"""
     with conn.read() as db:
-        oldest = db.execute("SELECT coalesce(min(id), 0) FROM task_events").fetchall()[0][0]
-        return oldest, _after(db, after_id, limit)
+        return _oldest(db), _after(db, after_id, limit)
 
 
 def prune(conn: Connection, below_id: int) -> int:

@@ -127,14 +127,16 @@ def settle_spend(db: apsw.Connection, keys: tuple[str, ...], task_tokens: int | 
     states = select_key_states(db, keys)
     for key in keys:
         spec = limits.spec(key)
-        if spec is None or (spec.tokens_per_minute is None and not
-                            (unsent and spec.requests_per_minute is not None)):
+        if spec is None:
             continue
         state = states.get(key) or KeyState(key)
         req, tok = budget.levels(spec, state, now)
-        if spec.tokens_per_minute is not None:
+        refund = unsent and req is not None
+        if tok is None and not refund:
+            continue  # nothing of this key's to correct
+        if tok is not None:
             tok = budget.correct(spec, state, now, budget.estimate(task_tokens, spec) - spent)
-        if unsent and req is not None:
+        if refund:
             req = min(spec.request_capacity, req + 1.0)
         write_levels(db, key, req, tok, now)
 

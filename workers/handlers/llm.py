@@ -7,8 +7,9 @@ a result {text, finish_reason, usage, model, and tool_calls when the model calle
 a lost connection or a malformed body; `Fail` (no retry) for any other 4xx, with the
 server's message; `Fail(outcome="timeout")` when the stream stalls longer than
 `stall_timeout_s`. Settings come from the payload, else the task's `[llm]` section
-(`ctx.config["llm"]`); `tools`, `tool_choice` and `parallel_tool_calls` at the payload's
-top level (or in its `options`) go into the request as given. Which of the config file, the
+(`ctx.config["llm"]`); `tools`, `tool_choice`, `parallel_tool_calls`, `max_tokens` and
+`max_completion_tokens` at the payload's top level (or in its `options`) go into the
+request as given. Which of the config file, the
 TASKVISOR_LLM__* variables and the defaults fills that section is decided by
 `supervisor.config` alone: this module applies no environment or default of its own.
 The API key is read from the environment variable *named* by api_key_env, at call time,
