@@ -30,16 +30,14 @@ def _find(res: dict, kind: str, system: str, concurrency: int, baseline: bool = 
 
 
 def _per_task(r: dict, key: str) -> float | None:
-    """taskvisor: over the task processes read (one per task; the fork server's spare
-    included); a peer: over its tasks in flight at the sample (its processes are shared)."""
+    """Over the tasks in flight at the sample (taskvisor: attempts running in the store,
+    whether in a task process or hosted by the relay; a peer: its own count)."""
     m = r.get("memory")
-    if not m:
+    if not m or not m["in_flight"]:
         return None
-    if not r["system"].startswith("taskvisor"):
-        return m[key] / MIB / m["in_flight"] if m["in_flight"] else None
     # taskvisor's chat variant: the relay serves every call; its memory is shared by them
-    shared = m.get(key.replace("task_", "shared_"), 0)
-    return ((m[key] + shared) / MIB / m["task_processes"]) if m["task_processes"] else None
+    shared = m.get(key.replace("task_", "shared_"), 0) if r["system"].startswith("taskvisor") else 0
+    return (m[key] + shared) / MIB / m["in_flight"]
 
 
 def relay_line(r: dict) -> str | None:
@@ -48,7 +46,7 @@ def relay_line(r: dict) -> str | None:
     if not m.get("shared_pss_kib") and "relay" not in cpu:
         return None
     pss = m.get("shared_pss_kib", 0) / MIB
-    per = pss / m["task_processes"] if m.get("task_processes") else None
+    per = pss / m["in_flight"] if m.get("in_flight") else None
     return (f"relay PSS {pss:.1f} MiB ({fmt(per, '.3f')} MiB per task in flight), "
             f"CPU {fmt(cpu.get('relay'))} ms per call (included above)")
 
@@ -155,7 +153,7 @@ def print_report(res: dict) -> None:
           "  session. PSS/RSS: per task in flight at the peak (taskvisor: task processes, plus in\n"
           "  the chat variant the relay's; the supervisor and fork server are 'fixed PSS'; peers:\n"
           "  all worker processes). max seen: most tasks in flight at once\n"
-          "  (polled every 0.1 s; taskvisor counts task processes, its spare included).")
+          "  (polled every 0.1 s; taskvisor: attempts running in the store, hosted ones included).")
     probe = res.get("probe")
     if probe:
         print(f"\nEnqueue-to-start with {probe['in_flight']:,} in flight ({probe['probes']} probes, one at a time)")

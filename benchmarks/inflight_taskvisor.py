@@ -121,6 +121,12 @@ class Supervisor:
             return db.execute("SELECT count(*) FROM tasks WHERE status IN "
                               "('succeeded', 'failed', 'cancelled')").fetchall()[0][0]
 
+    def running(self) -> int:
+        """Attempts in flight, as the store has them: task processes and the llm.chat
+        attempts the relay hosts (which have none)."""
+        with self.store.conn.read() as db:
+            return db.execute("SELECT count(*) FROM tasks WHERE status = 'running'").fetchall()[0][0]
+
     def cpu(self) -> dict:
         s, z = procfs.cpu(self.proc.pid), procfs.cpu(self.fork_server)
         if s is None or z is None:
@@ -132,7 +138,7 @@ class Supervisor:
         return out
 
     def system(self) -> System:
-        return System(done=self.finished, in_flight=lambda: len(procfs.children(self.fork_server)),
+        return System(done=self.finished, in_flight=self.running,
                       alive=lambda: self.proc.poll() is None,
                       task_pids=lambda: procfs.children(self.fork_server),
                       overhead_pids=lambda: [self.proc.pid, self.fork_server] + (

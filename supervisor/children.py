@@ -69,10 +69,22 @@ class Child:
     checkpoints: list = field(default_factory=list)  # (seq, state JSON) not yet written
     spent_tokens: int | None = None    # what ctx.spend reported, summed
     type_limits: tuple = ()            # its type's limits when it started (its ctx.type_limits)
+    ending: bool = False               # finish() runs for it
 
     @property
     def deadline_mono(self) -> float | None:
         return None if self.timeout_s is None else self.spawned_mono + self.timeout_s
+
+    @property
+    def hosted(self) -> bool:
+        """Run by the model-call relay as a coroutine (workers.hosting), not a process:
+        no pid; it ends when the relay closes its report socket."""
+        return self.server.hosts_attempts
+
+    @property
+    def started(self) -> bool:
+        """It began: forked, or (hosted) the relay said it is ready."""
+        return self.pid is not None or self.hosted and self.ready
 
 
 def limits_of(task: Task, config) -> tuple[float | None, int | None, float | None]:
@@ -165,7 +177,8 @@ class Children:
             self.finish(child, mono)
             return child
         self.selector.register(child.report_fd, selectors.EVENT_READ, ("report", child))
-        self.selector.register(child.output_fd, selectors.EVENT_READ, ("output", child))
+        if child.output_fd >= 0:  # a hosted attempt has none
+            self.selector.register(child.output_fd, selectors.EVENT_READ, ("output", child))
         if child.deadline_mono is not None:
             self.at(child.deadline_mono, child)
         return child
@@ -244,6 +257,11 @@ class Children:
             if not data:
                 child.eof = True
                 self.close_report(child)
+                if child.hosted:  # the relay closes it once the attempt has ended
+                    # What it said first (a refusal, the fence) comes before this end.
+                    for msg in child.server.events():
+                        self.on_server_event(child.server, msg, mono)
+                    self.finish(child, mono)
                 break
             child.buf += data
             if len(child.buf) > limit and child.buf.find(b"\n") < 0:
@@ -393,6 +411,13 @@ class Children:
             if child.kill_at_mono is not None and mono >= child.kill_at_mono:
                 if child.pid:
                     proctree.kill_tree(child.pid)
+                elif child.hosted and child.server.pid:
+                    # It did not end when asked: its coroutine is stuck, and only the
+                    # relay's death ends it for sure (its other attempts are given back).
+                    log.error("the model-call relay did not end attempt %s within %.1fs of "
+                              "being asked; killing the relay", child.key,
+                              mono - child.kill_at_mono + 1.0)
+                    child.server.kill()
                 child.kill_at_mono = mono + 1.0  # keep at it until the process is reaped
                 self.at(child.kill_at_mono, child)
             if child.stop is not None:
@@ -417,7 +442,9 @@ class Children:
     def stop(self, child: Child, outcome: Outcome, reason: str, mono: float, grace: float) -> None:
         """End an attempt on the supervisor's decision: TERM now, KILL after `grace`."""
         child.stop = (outcome, reason)
-        if child.pid and child.status is None:  # once reaped, its pid may name another process
+        if child.hosted:
+            child.server.cancel(child.key)
+        elif child.pid and child.status is None:  # once reaped, its pid may name another process
             if grace <= 0:
                 proctree.kill_tree(child.pid)
             else:
@@ -456,8 +483,9 @@ class Children:
 
     def finish(self, child: Child, mono: float) -> None:
         """The process is gone: read what is left, classify, queue the outcome for writing."""
-        if self.table.get(child.key) is not child:
+        if self.table.get(child.key) is not child or child.ending:
             return
+        child.ending = True
         self.on_report(child, mono)
         self.close_report(child)
         if child.output_fd >= 0:
@@ -474,11 +502,17 @@ class Children:
             self.watchdog.forget(child)
             proctree.kill_group(child.pid)  # what it left in its process group dies with it
         self.orphans_due = True
-        if (child.stop is None and child.final is None and self.fence_mono is not None
+        fenced = self.fence_mono is not None and mono >= self.fence_mono
+        if (child.stop is None and child.final is None and fenced
                 and child.status is not None and os.WIFSIGNALED(child.status)
-                and os.WTERMSIG(child.status) == signal.SIGKILL and mono >= self.fence_mono):
+                and os.WTERMSIG(child.status) == signal.SIGKILL):
             child.stop = (Outcome.LOST, "fenced: killed by its fork server when the lease was "
                           "not renewed in time")
+        if child.hosted and child.stop is None and child.final is None:
+            child.stop = (Outcome.LOST, "fenced: ended by the model-call relay when the lease "
+                          "was not renewed in time") if fenced else (
+                Outcome.INTERRUPTED, "the model-call relay ended without an outcome for it "
+                "(it died or was killed); the attempt is given back")
         end = classify(child, mono)
         self.pending.append((child, end))
         level = logging.INFO if end.outcome in (Outcome.SUCCEEDED, Outcome.RESCHEDULED) else logging.WARNING
@@ -515,7 +549,7 @@ def classify(child: Child, mono: float | None = None) -> AttemptEnd:
     figures = dict(
         # An attempt that never had a process (given back between claim and start, or
         # refused by its fork server) spent nothing: its claim's estimate is refunded.
-        spent_tokens=child.spent_tokens if child.pid is not None else 0,
+        spent_tokens=child.spent_tokens if child.started else 0, started=child.started,
         pid=child.pid, peak_rss_bytes=max(child.peak_rss, (child.rusage or {}).get("maxrss_kb", 0) * 1024) or None,
         cpu_s=None if not child.rusage else round(child.rusage["utime"] + child.rusage["stime"], 4),
         wall_s=mono - child.spawned_mono,

@@ -105,6 +105,7 @@ class LlmConfig:
     request_timeout_s: float = 600.0
     stall_timeout_s: float = 60.0
     relay: bool = True                  # calls made by one relay process (workers.relay)
+    run_in_relay: bool = True           # llm.chat attempts hosted by it: no process each
 
 
 @dataclass(frozen=True)
@@ -244,6 +245,7 @@ _SECTIONS: dict[str, dict[str, _Field]] = {
         "request_timeout_s": _Field("seconds", 0, above=True, maximum=DAY_S),
         "stall_timeout_s": _Field("seconds", 0, above=True, maximum=DAY_S),
         "relay": _Field("bool"),
+        "run_in_relay": _Field("bool"),
     },
 }
 # A type cannot say "none": None in a TypeConfig means "fall back to [defaults]".

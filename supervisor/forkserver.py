@@ -1,36 +1,27 @@
 """The fork servers, seen from the supervisor: the process handle and its generations.
 
 Owns starting a fork server (`python -m workers.zygote`, a fresh interpreter in its own
-process group that imports the preload modules), the spawn request (the report socket and
-the output pipe passed as file descriptors, the task spec in the same packet, or in a
-memfd when it is too big for one, so a spec of any size crosses), the execution fence,
-its events (checked by workers.wire), and the generations: the current server, the
-retiring ones that keep running their tasks after a reload, and the restart backoff after
-a crash. Sends never block: what the socket cannot take now waits in an outbox that the
-loop flushes when the socket is writable, so the supervisor and the fork server can never
-both block writing to each other. It never imports user code and never touches the
-database.
+process group that imports the preload modules, with its fence memfd), the boot handshake,
+and the generations: the current server, the retiring ones that keep running their tasks
+after a reload, and the restart backoff after a crash. The channel itself (spawn requests
+that never block the loop, events, the fence) is supervisor.channel's. It never imports
+user code and never touches the database.
 """
 
 from __future__ import annotations
 
-import collections
 import json
 import logging
 import os
-import signal
 import socket
 import sys
 import time
 
+from supervisor.channel import MAX_PACKET, Channel
 from supervisor.proctree import describe_status, helper_env, spawn_helper
 from workers import wire
 
-MAX_PACKET = wire.MAX_PACKET
 log = logging.getLogger("taskvisor.supervisor")
-INLINE_SPEC_MAX = 60000  # bytes: under MAX_PACKET with room for the header line; bigger: a memfd
-# One encoder for every spec (json.dumps with arguments builds one per call).
-_encode_spec = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 class ForkServerError(Exception):
@@ -41,25 +32,19 @@ class ForkServerError(Exception):
         super().__init__(message)
 
 
-class ForkServer:
+class ForkServer(Channel):
     """The supervisor's handle on one fork server process (one generation)."""
 
     def __init__(self, preload: tuple[str, ...], handlers: dict[str, str], generation: int = 1,
                  log_format: str = "text", log_level: str = "INFO", owner: str | None = None):
+        super().__init__()
         self.owner = owner
         self.log_format = log_format
         self.log_level = log_level
         self.preload = tuple(preload)
         self.handlers = dict(handlers)
         self.generation = generation
-        self.pid: int | None = None
-        self.sock: socket.socket | None = None
         self.types: list[str] = []
-        self.exited = False
-        self.broken: str | None = None  # why its messages can no longer be trusted
-        # Packets the socket could not take yet, with the descriptors they carry.
-        self.outbox: collections.deque[tuple[bytes, list[int]]] = collections.deque()
-        self.fence_map: wire.Fence | None = None
 
     def start(self, timeout_s: float = 60.0) -> None:
         """Start the process and wait until it has imported every preload module.
@@ -103,99 +88,9 @@ class ForkServer:
             log.warning("fork server %s: %s", self.pid, warning)
         ours.setblocking(False)
 
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def spawn(self, key: str, spec: dict | bytes, start_by: float | None = None) -> tuple[int, int]:
-        """Ask for one task process, to be started before monotonic time `start_by` or not
-        at all; returns (the supervisor's end of its report socket, the read end of its
-        output pipe), both non-blocking. The pid comes later in a "spawned" event. Raises
-        OSError only when the fork server is gone."""
-        body = spec if isinstance(spec, bytes) else _encode_spec(spec).encode()
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        output_r, output_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        os.set_blocking(output_w, True)  # the task's stdout: a plain blocking pipe
-        fds = [theirs.detach(), output_w]
-        if len(body) <= INLINE_SPEC_MAX:
-            packet = wire.encode_spawn(key, body, start_by)
-        else:
-            packet = wire.encode_spawn(key, None, start_by)
-            fds.append(_spec_file(body))
-        ours.setblocking(False)
-        try:
-            self.send(packet, fds)
-        except OSError:
-            ours.close()
-            os.close(output_r)
-            raise
-        return ours.detach(), output_r
-
-    def fence(self, deadline_mono: float) -> None:
-        """Task processes of this server must not run past `deadline_mono` (monotonic
-        seconds) unless a later fence is set first: the fork server reads it at once."""
-        if self.fence_map is not None:
-            self.fence_map.set(deadline_mono)
-
-    def send(self, packet: bytes, fds: list[int]) -> None:
-        """Send now if the socket takes it, else queue it (in order); the descriptors
-        are closed once sent. Raises OSError when the fork server is gone."""
-        if self.sock is None:
-            for fd in fds:
-                os.close(fd)
-            raise OSError("the fork server's socket is closed")
-        self.outbox.append((packet, fds))
-        if len(self.outbox) == 1:
-            self.flush()
-
-    def flush(self) -> None:
-        """Send what the outbox holds until the socket would block (never blocks)."""
-        while self.outbox and self.sock is not None:
-            packet, fds = self.outbox[0]
-            try:
-                if fds:
-                    socket.send_fds(self.sock, [packet], fds)
-                else:
-                    self.sock.send(packet)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                self.exited = True
-                self._drop_outbox()
-                raise
-            self.outbox.popleft()
-            for fd in fds:
-                os.close(fd)
-
-    def _drop_outbox(self) -> None:
-        while self.outbox:
-            for fd in self.outbox.popleft()[1]:
-                os.close(fd)
-
     def reaped(self, status: int) -> None:
         """The supervisor's wait4(-1) took its exit status (Children.reap)."""
         self.exited = True
-
-    def events(self) -> list[dict]:
-        """Every message waiting from the fork server; [] when none. Sets `exited` on EOF
-        and `broken` (and kills it) on a message that breaks the protocol."""
-        out = []
-        while self.sock is not None and self.broken is None:
-            try:
-                data = self.sock.recv(MAX_PACKET)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
-                self.exited = True
-                break
-            if not data:
-                self.exited = True
-                break
-            try:
-                out.append(wire.parse_server_event(data))
-            except wire.ProtocolError as exc:
-                self.broken = str(exc)
-                self.kill()  # its task processes die with it; the supervisor restarts it
-        return out
 
     def stop(self) -> None:
         """Ask it to exit once idle; its running task processes keep running."""
@@ -204,13 +99,6 @@ class ForkServer:
         except OSError:
             pass
 
-    def kill(self) -> None:
-        if self.pid:
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
     def wait(self) -> str:
         try:
             _, status = os.waitpid(self.pid, 0)
@@ -218,12 +106,6 @@ class ForkServer:
             return "already reaped"
         self.exited = True
         return describe_status(status)
-
-    def close(self) -> None:
-        self._drop_outbox()
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
 
 
 def _child_env(owner: str | None = None) -> dict:
@@ -237,20 +119,6 @@ def _child_env(owner: str | None = None) -> dict:
         env["LD_BIND_NOW"] = "1"
         env["TASKVISOR_UNSET_LD_BIND_NOW"] = "1"
     return env
-
-
-def _spec_file(data: bytes) -> int:
-    """An anonymous file holding the spec (any size, unlike a socket packet)."""
-    if hasattr(os, "memfd_create"):
-        fd = os.memfd_create("taskvisor-spec", os.MFD_CLOEXEC)
-    else:  # pragma: no cover - not Linux
-        import tempfile
-        fd, path = tempfile.mkstemp(prefix="taskvisor-spec-")
-        os.unlink(path)
-    os.write(fd, data)
-    os.lseek(fd, 0, os.SEEK_SET)
-    return fd
-
 
 
 RESTART_BACKOFF_S = (0.5, 1, 2, 5, 10, 30, 60)

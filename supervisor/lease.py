@@ -92,6 +92,8 @@ class Leases:
             for server in sup.servers.all():
                 if not server.exited:
                     server.fence(fence)
+            if sup.relay is not None:  # the attempts it hosts
+                sup.relay.fence(fence)
 
 
 def new_owner(host: str) -> str:

@@ -411,9 +411,21 @@ class Supervisor:
                 self.children.give_back(task, self.server, fresh, "the supervisor was paused "
                                         "between the claim and the start; the attempt is given back")
             else:
-                self.children.spawn(task, self.server, self.config, now, fresh, self.cgroup_dir,
-                                    start_by=start_by)
+                self.children.spawn(task, self.host_for(task), self.config, now, fresh,
+                                    self.cgroup_dir, start_by=start_by)
                 self.emit("claimed", task=task)
+
+    def host_for(self, task: Task):
+        """Where an attempt runs: `llm.chat` in the model-call relay ([llm] run_in_relay,
+        while the relay is up and the type keeps its built-in handler), else a process
+        forked by the current fork server."""
+        relay = self.relay
+        if (task.type == "llm.chat" and relay is not None and self.config.llm.run_in_relay
+                and relay.hosts()):
+            spec = self.config.types.get("llm.chat")
+            if spec is None or not spec.handler:
+                return relay
+        return self.server
 
     def flush_progress(self, mono: float) -> None:
         updates = [(c.lease, *c.progress) for c in self.children.progressed.values() if c.progress]
@@ -596,7 +608,11 @@ class Supervisor:
                 for msg in target.events():
                     self.children.on_server_event(target, msg, mono)
         elif kind == "relay":
-            target.on_readable()
+            if events & selectors.EVENT_WRITE:
+                target.flush()
+            if events & selectors.EVENT_READ:
+                for msg in target.events():
+                    self.children.on_server_event(target, msg, mono)
         elif kind == "wake":
             self.wake.drain()
             self.claim_needed = True
@@ -609,8 +625,14 @@ class Supervisor:
         """Ask to hear when a fork server's socket can take more, while its outbox holds
         packets: sends never block, and nothing waits in the outbox unwatched."""
         for server in self.servers.all():
-            if server.sock is None:
-                continue
-            want = selectors.EVENT_READ | (selectors.EVENT_WRITE if server.outbox else 0)
-            if self.selector.get_key(server).events != want:
-                self.selector.modify(server, want, ("server", server))
+            self._want_writes(server, "server")
+        if self.relay is not None:
+            self._want_writes(self.relay, "relay")
+
+    def _want_writes(self, channel, kind: str) -> None:
+        if channel.sock is None:
+            return
+        want = selectors.EVENT_READ | (selectors.EVENT_WRITE if channel.outbox else 0)
+        key = self.selector.get_map().get(channel.sock)
+        if key is not None and key.events != want:
+            self.selector.modify(channel.sock, want, (kind, channel))

@@ -22,20 +22,29 @@ import sys
 import tempfile
 import time
 
+from supervisor.channel import MAX_PACKET, Channel
 from supervisor.forkserver import RESTART_BACKOFF_S, STABLE_S
 from supervisor.proctree import describe_status, helper_env, spawn_helper
+from workers import wire
 from workers.relaycall import RELAY_ENV
 
 log = logging.getLogger("taskvisor.supervisor")
+READY = b'{"op":"ready"}'  # its first packet, once it listens
 START_TIMEOUT_S = 10.0   # the first start waits this long for "ready"; restarts do not wait
 FOLDER_PREFIX = "taskvisor-relay-"  # then the supervisor's pid, "-" and mkdtemp's letters
 STOP_TIMEOUT_S = 5.0
 
 
-class Relay:
-    """The supervisor's handle on its relay process. Runs in the supervisor's main thread."""
+class Relay(Channel):
+    """The supervisor's handle on its relay process, and the channel of the attempts it
+    hosts (Channel: `spawn`, the fence, events). Runs in the supervisor's main thread."""
+
+    output_pipes = False  # a hosted attempt has no stdout of its own
+    hosts_attempts = True
+    types: list[str] = []  # a hosted attempt spawns no tasks (llm.chat never calls ctx.spawn)
 
     def __init__(self, owner: str | None = None):
+        super().__init__()
         self.owner = owner
         base = os.environ.get("XDG_RUNTIME_DIR")
         if not (base and os.path.isdir(base) and os.access(base, os.W_OK | os.X_OK)):
@@ -44,8 +53,8 @@ class Relay:
         # 0700; named after this process, so that a later supervisor can tell it is stale
         self.folder = tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-", dir=base)
         self.path = os.path.join(self.folder, "llm-relay.sock")
-        self.pid: int | None = None
-        self.ctrl: socket.socket | None = None
+        self.ready = False  # it said "ready" since its last start: it may host attempts
+        self.fence_mono: float | None = None  # the last fence set, given again at a restart
         self.started_mono = 0.0
         self.reaped_status: int | None = None  # see reaped()
         self.restarts = 0
@@ -68,17 +77,25 @@ class Relay:
 
     def start(self, wait: bool = False) -> None:
         """Start the process; with `wait`, until it listens (wait_ready)."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         os.set_inheritable(theirs.fileno(), True)
+        self.fence_map, fence_fd = wire.Fence.create()
+        os.set_inheritable(fence_fd, True)
+        if self.fence_mono is not None:
+            self.fence_map.set(self.fence_mono)
         argv = [sys.executable, "-m", "workers.relay", "--socket", self.path,
-                "--parent", str(os.getpid()), "--ctrl-fd", str(theirs.fileno())]
+                "--parent", str(os.getpid()), "--ctrl-fd", str(theirs.fileno()),
+                "--fence-fd", str(fence_fd)]
         try:
             # Its own group: ^C or ^Z aimed at the supervisor's group leaves it serving the
             # tasks that are still draining; the supervisor stops it after them.
             self.pid = spawn_helper(argv, _env(self.owner))
         finally:
             theirs.close()
-        self.ctrl = ours
+            os.close(fence_fd)
+        self.sock = ours
+        self.exited = self.ready = False
+        self.broken = None
         self.reaped_status = None
         self.started_mono = time.monotonic()
         ours.setblocking(False)
@@ -86,21 +103,38 @@ class Relay:
             self.wait_ready()
         self._watch()
 
+    def fence(self, deadline_mono: float) -> None:
+        self.fence_mono = deadline_mono
+        super().fence(deadline_mono)
+
+    def hosts(self) -> bool:
+        """Whether it can take an attempt now: started, said ready, and still there."""
+        return self.ready and self.sock is not None and not self.exited and not self.stopped
+
+    def cancel(self, key: str) -> None:
+        """Ask it to end hosted attempt `key` (TaskCancelled in its handler: a cancel, a
+        time limit, a lost lease, the shutdown). Never blocks; a relay that is gone has
+        ended the attempt already."""
+        try:
+            self.send(b"cancel " + key.encode(), [])
+        except OSError:
+            pass
+
     def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> bool:
         """Wait until the relay listens (after the fork server started: the two start side
         by side). A relay that does not is logged; tasks call directly until it does."""
-        ctrl = self.ctrl
+        ctrl = self.sock
         if ctrl is None:
             return False
         ctrl.settimeout(timeout_s)
         try:
-            ready = ctrl.recv(64)
+            first = ctrl.recv(MAX_PACKET)
         except OSError:
-            ready = b""
+            first = b""
         finally:
             ctrl.setblocking(False)
-        if ready.startswith(b"ready"):
-            log.info("model-call relay %d ready on %s", self.pid, self.path)
+        if first == READY:
+            self._ready()
             return True
         log.error("model-call relay %d did not start within %gs; llm.chat calls are made in "
                   "the task processes until it does", self.pid, timeout_s)
@@ -109,16 +143,30 @@ class Relay:
     def _watch(self) -> None:
         if self.helper_pids is not None and self.pid is not None:
             self.helper_pids.add(self.pid)
-        if self.selector is not None and self.ctrl is not None:
+        if self.selector is not None and self.sock is not None:
             try:
-                self.selector.register(self.ctrl, selectors.EVENT_READ, ("relay", self))
+                self.selector.register(self.sock, selectors.EVENT_READ, ("relay", self))
             except KeyError:
                 pass  # already registered
 
-    def on_readable(self) -> None:
-        """Its control socket is readable (the loop's selector): "ready" after a restart,
-        or the end of file of its exit, which `tend` then turns into its exit status."""
-        self._drain_ctrl()
+    def _ready(self) -> None:
+        self.ready = True
+        log.info("model-call relay %d ready on %s", self.pid, self.path)
+
+    def events(self) -> list[dict]:
+        """What its socket holds (read when the loop's selector finds it readable, and by
+        Children before a hosted attempt's end): "ready" after a start, taken here; the
+        events of the attempts it hosts, returned for Children.on_server_event; the end
+        of file of its exit, which `tend` then turns into its exit status."""
+        out = []
+        for msg in super().events():
+            if msg["op"] == "ready":
+                self._ready()
+            else:
+                out.append(msg)
+        if self.exited or self.broken is not None:
+            self._close_ctrl()
+        return out
 
     def reaped(self, status: int) -> None:
         """The loop's wait4(-1) took its exit status before `tend` could (Children.reap):
@@ -129,7 +177,7 @@ class Relay:
         """Once a pass, first in the pass (before the loop's wait4(-1) can take its exit
         status): once its control socket ended, take its exit status and log it; restart
         when due. While the relay runs, nothing here makes a system call."""
-        if self.pid is not None and self.ctrl is None:  # it exited, or is exiting
+        if self.pid is not None and self.sock is None:  # it exited, or is exiting
             try:
                 pid, status = os.waitpid(self.pid, os.WNOHANG)
             except ChildProcessError:  # reaped with the task processes (Children.reap)
@@ -142,20 +190,6 @@ class Relay:
             self.start()
             log.info("model-call relay %d started again on %s (%d restart(s) so far)",
                      self.pid, self.path, self.restarts)
-
-    def _drain_ctrl(self) -> None:
-        while self.ctrl is not None:
-            try:
-                data = self.ctrl.recv(64)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                data = b""
-            if not data:  # it exited: waitpid says how
-                self._close_ctrl()
-                return
-            if data.startswith(b"ready"):
-                log.info("model-call relay %d ready on %s", self.pid, self.path)
 
     def _exited(self, status: int | None, mono: float) -> None:
         how = describe_status(status) if status is not None else "exited"
@@ -174,15 +208,18 @@ class Relay:
                   "processes meanwhile)", pid, how, delay)
 
     def _close_ctrl(self) -> None:
-        if self.ctrl is None:
+        """Its socket ended (it exited) or is closed by us: nothing more is hosted there;
+        what waited in the outbox is dropped (each report socket's end closes with it, so
+        those attempts end, given back)."""
+        self.ready = False
+        if self.sock is None:
             return
         if self.selector is not None:
             try:
-                self.selector.unregister(self.ctrl)
+                self.selector.unregister(self.sock)
             except (KeyError, ValueError):
                 pass
-        self.ctrl.close()
-        self.ctrl = None
+        self.close()
 
     def stop(self, _supervisor=None) -> None:
         """End the relay (the end of its control socket, then KILL after STOP_TIMEOUT_S)

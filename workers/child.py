@@ -312,28 +312,38 @@ def _run_handler(spec: dict, reporter: Reporter, log_settings: tuple[bool, str])
                 result = asyncio.run(_await(result))
         finally:
             ctx.close_output()  # streamed output goes out before the outcome
-        _send_result(reporter, result, spec.get("max_result_bytes", 1 << 20), ctx.spawned)
-    except Retry as exc:
-        reporter.send(wire.RETRY, delay_s=exc.delay_s, reason=exc.reason,
-                      pause_limit=exc.pause_limit)
+        send_result(reporter, result, spec.get("max_result_bytes", 1 << 20), ctx.spawned)
     except TaskCancelled:
         set_handler(SIGTERM, SIG_DFL)
         reporter.send(wire.CANCELLED)
     except SystemExit as exc:  # the handler called sys.exit(n): honour n, skip atexit
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         os._exit(code)
-    except MemoryError:
+    except BaseException as exc:
+        send_failure(reporter, exc)
+    return EXIT_OK
+
+
+def send_failure(reporter: Reporter, exc: BaseException) -> None:
+    """The outcome line for what a handler raised (call it in the except block: the
+    traceback is the current exception's): Retry, TaskCancelled, MemoryError, else an
+    error, whose outcome and retry decision a Fail chooses (any other: retryable)."""
+    if isinstance(exc, Retry):
+        reporter.send(wire.RETRY, delay_s=exc.delay_s, reason=exc.reason,
+                      pause_limit=exc.pause_limit)
+    elif isinstance(exc, TaskCancelled):
+        reporter.send(wire.CANCELLED)
+    elif isinstance(exc, MemoryError):
         reporter.send(wire.ERROR, type="MemoryError", message="the task ran out of memory "
                       "(its memory limit, RLIMIT_DATA, refused an allocation)",
                       traceback=_format_exc(20), retryable=True,
                       outcome="memory_limit")
-    except BaseException as exc:  # a Fail says the outcome and whether a retry can help
+    else:
         chosen = isinstance(exc, Fail)
         reporter.send(wire.ERROR, type=type(exc).__qualname__[:300], message=str(exc)[:4000],
                       traceback=_format_exc(50)[-16000:],
                       retryable=exc.retryable if chosen else True,
                       outcome=exc.outcome if chosen else "error")
-    return EXIT_OK
 
 
 async def _await(awaitable):
@@ -344,7 +354,9 @@ def _known_type(name: str) -> bool:
     return lookup(name) is not None
 
 
-def _send_result(reporter: Reporter, result, limit: int, spawned: list | None = None) -> None:
+def send_result(reporter: Reporter, result, limit: int, spawned: list | None = None) -> None:
+    """The outcome line of a handler's return value: its JSON text, or an error when it is not
+    JSON or over `limit` bytes."""
     try:
         text = "null" if result is None else _encode_result(result)
     except (TypeError, ValueError, RecursionError) as exc:

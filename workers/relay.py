@@ -159,7 +159,7 @@ class RelayServer:
             except (ValueError, KeyError, TypeError) as exc:  # a line over the limit: ValueError
                 await self._error(writer, "protocol", exc)
                 return
-            call = asyncio.ensure_future(self.call(writer, *args))
+            call = asyncio.ensure_future(self.call(Frames(writer), *args))
             gone = asyncio.ensure_future(reader.read(1))  # end of file: the task went away
             await asyncio.wait((call, gone), return_when=asyncio.FIRST_COMPLETED)
             if not call.done():
@@ -182,18 +182,20 @@ class RelayServer:
         self.lanes.append([client, 0])
         return self.lanes[-1]
 
-    async def call(self, writer: asyncio.StreamWriter, url: str, body, headers: dict,
+    async def call(self, out: "Frames", url: str, body, headers: dict,
                    stall_s: float, request_s: float, parse: dict | None) -> None:
+        """One exchange, its answer sent to `out` as frames (a task's connection, or a
+        hosted attempt: workers.hosting)."""
         if self.httpx is None:
             self._load()
         lane = self.lane()
         lane[1] += 1
         try:
-            await self._call(lane[0], writer, url, body, headers, stall_s, request_s, parse)
+            await self._call(lane[0], out, url, body, headers, stall_s, request_s, parse)
         finally:
             lane[1] -= 1
 
-    async def _call(self, client, writer: asyncio.StreamWriter, url: str, body, headers: dict,
+    async def _call(self, client, writer: "Frames", url: str, body, headers: dict,
                     stall_s: float, request_s: float, parse: dict | None) -> None:
         httpx = self.httpx
         timeout = httpx.Timeout(stall_s, connect=min(CONNECT_TIMEOUT_S, stall_s))
@@ -203,17 +205,17 @@ class RelayServer:
                 parsed = self.llmreports.Parse(parse, url, stall_s)
                 first = parsed.start()
                 if first:
-                    await _send(writer, frame(b"R", first))
+                    await writer.send(b"R", first)
             async with asyncio.timeout(request_s):
                 async with client.stream("POST", url, json=body, headers=headers,
                                          timeout=timeout) as resp:
                     if resp.status_code >= 400 or parsed is None:
                         head = {"status": resp.status_code, "reason": resp.reason_phrase,
                                 "headers": [[k, v] for k, v in resp.headers.items()]}
-                        await _send(writer, frame(b"H", json.dumps(head).encode()))
+                        await writer.send(b"H", json.dumps(head).encode())
                     if resp.status_code >= 400:
-                        await _send(writer, frame(b"B", await _body(resp, MAX_ERROR_BODY_BYTES)))
-                        await _send(writer, frame(b"Z"))
+                        await writer.send(b"B", await _body(resp, MAX_ERROR_BODY_BYTES))
+                        await writer.send(b"Z")
                     elif parsed is not None:
                         await self._parsed(resp, writer, parsed)
                     else:
@@ -252,50 +254,69 @@ class RelayServer:
         if lines:
             yield lines
 
-    async def _lines(self, resp, writer: asyncio.StreamWriter) -> None:
+    async def _lines(self, resp, writer: "Frames") -> None:
         """The body as it comes: the whole of it (`B`) for one JSON object, else its lines
         (`L`, one frame per upstream read), then `Z`."""
         if is_json(resp):
-            await _send(writer, frame(b"B", await _body(resp)))
+            await writer.send(b"B", await _body(resp))
         else:
             batches = self._batches(resp)
             async for lines in batches:
-                await _send(writer, frame(b"L", "\n".join(lines).encode()))
+                await writer.send(b"L", "\n".join(lines).encode())
                 if any(line.startswith("data:") and line[5:].strip() == "[DONE]" for line in lines):
                     await _rest(batches)
                     break
-        await _send(writer, frame(b"Z"))
+        await writer.send(b"Z")
 
-    async def _parsed(self, resp, writer: asyncio.StreamWriter, parsed) -> None:
+    async def _parsed(self, resp, writer: "Frames", parsed) -> None:
         """The body read here (llmreports.Parse): `R` frames of report lines as they come,
         then the last ones and `J`, the result. Raises llm's exceptions."""
         if is_json(resp):
             reports = parsed.whole(await _body(resp))
             if reports:
-                await _send(writer, frame(b"R", reports))
+                await writer.send(b"R", reports)
         else:
             batches = self._batches(resp)
             async for lines in batches:
                 reports = parsed.lines(lines)
                 if reports:
-                    await _send(writer, frame(b"R", reports))
+                    await writer.send(b"R", reports)
                 if parsed.done:
                     await _rest(batches)
                     break
         last, result = parsed.end()
-        await _send(writer, (frame(b"R", last) if last else b"") + frame(b"J", result))
+        if last:
+            writer.put(b"R", last)
+        await writer.send(b"J", result)
 
-    async def _error(self, writer: asyncio.StreamWriter, kind: str, exc: BaseException | None) -> None:
+    async def _error(self, writer: "Frames", kind: str, exc: BaseException | None) -> None:
         # The exception's text names the URL at most, never a header or the body.
         await self._send_error(writer, {
             "kind": kind, "error": type(exc).__name__ if exc is not None else "",
             "message": str(exc)[:2000] if exc is not None else ""})
 
-    async def _send_error(self, writer: asyncio.StreamWriter, msg: dict) -> None:
+    async def _send_error(self, writer: "Frames", msg: dict) -> None:
         try:
-            await _send(writer, frame(b"E", json.dumps(msg).encode()))
+            await writer.send(b"E", json.dumps(msg).encode())
         except (ConnectionError, OSError):
             pass
+
+
+class Frames:
+    """Where a call's answer goes: a task's connection, one frame each (`put` queues one
+    for the next `send`). `send` waits for the socket to drain (backpressure: no upstream
+    read until the task has taken this). workers.hosting has its own kind, for an attempt
+    the relay runs itself."""
+
+    def __init__(self, writer: asyncio.StreamWriter):
+        self.writer = writer
+
+    def put(self, kind: bytes, data: bytes = b"") -> None:
+        self.writer.write(frame(kind, data))
+
+    async def send(self, kind: bytes, data: bytes = b"") -> None:
+        self.writer.write(frame(kind, data))
+        await self.writer.drain()
 
 
 async def _body(resp, cap: int | None = None) -> bytes:
@@ -322,11 +343,6 @@ async def _rest(batches) -> None:
                 pass
     except TimeoutError:
         pass
-
-
-async def _send(writer: asyncio.StreamWriter, data: bytes) -> None:
-    writer.write(data)
-    await writer.drain()  # backpressure: no upstream read until the task has taken this
 
 
 def bind(path: str) -> socket.socket:
@@ -383,8 +399,10 @@ def rebind(path: str) -> socket.socket:
     return bind(path)
 
 
-async def run(listener: socket.socket, ctrl: socket.socket) -> None:
-    """Serve on `listener` until the control socket ends or SIGTERM. Every SOCKET_CHECK_S,
+async def run(listener: socket.socket, ctrl: socket.socket, fence=None) -> None:
+    """Serve on `listener`, and host the attempts the supervisor sends on `ctrl`
+    (workers.hosting, under the execution `fence`), until the control socket ends or
+    SIGTERM. Every SOCKET_CHECK_S,
     if its path no longer names the listening socket (the folder was removed: a tmp
     cleaner), bind it again: else every task found no relay and called directly, for the
     rest of the supervisor's life (the relay itself never died, so was never restarted).
@@ -419,16 +437,11 @@ async def run(listener: socket.socket, ctrl: socket.socket) -> None:
             print(f"taskvisor-relay: its socket {path} was removed; listening there again",
                   file=sys.stderr, flush=True)
     watching = asyncio.ensure_future(watch())
-    ctrl.setblocking(False)
+    from workers.hosting import Host
+    host = Host(relay, ctrl, fence)
 
     def on_ctrl() -> None:
-        try:
-            data = ctrl.recv(64)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data and not done.done():
+        if not host.on_readable() and not done.done():
             done.set_result("the supervisor closed the control socket")
 
     loop.add_reader(ctrl.fileno(), on_ctrl)
@@ -452,16 +465,21 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_PARENT_GONE
     set_process_name(b"taskvisor-relay")
     ctrl = socket.socket(fileno=int(args["--ctrl-fd"]))
+    fence = None
+    if int(args.get("--fence-fd", -1)) >= 0:
+        from workers.wire import Fence
+        fence = Fence(int(args["--fence-fd"]))
+        os.close(int(args["--fence-fd"]))  # the mapping stays
     # Listening before the serving side's imports (httpx, ~0.3 s, at the first call): the
     # supervisor need not wait for them, and a task that connects meanwhile waits.
     listener = bind(args["--socket"])
     try:
-        ctrl.sendall(b"ready\n")
+        ctrl.sendall(b'{"op":"ready"}')
     except OSError:
         # The supervisor stopped before it needed us (a database it cannot open): it
         # already said why; a BrokenPipeError traceback under its one-line error only hid it.
         return EXIT_PARENT_GONE
-    asyncio.run(run(listener, ctrl))  # leaves the process itself
+    asyncio.run(run(listener, ctrl, fence))  # leaves the process itself
     return 0
 
 

@@ -256,7 +256,7 @@ class FlowOps:
         with self.conn.write() as db:
             if end.spent_tokens is not None and task.limit_keys and limits:
                 settle_spend(db, task.limit_keys, task.estimated_tokens, end.spent_tokens,
-                             limits, now, unsent=end.pid is None)
+                             limits, now, unsent=not end.started)
             for key in end.pause_limits:
                 pause_key(db, key, now + (end.delay_s or 0.0),
                           f"task {task.id} ({task.type}): {end.reason or 'Retry'}")

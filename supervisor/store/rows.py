@@ -281,6 +281,9 @@ class AttemptEnd:
     spawn: tuple = ()                    # NewTasks to store with the success (ctx.spawn)
     pause_limits: tuple[str, ...] = ()   # limit keys to pause for delay_s (Retry pause_limit)
     spent_tokens: int | None = None      # tokens the handler reported with ctx.spend
+    # It began (a process forked, or the relay took it): False for one given back before,
+    # whose claim's request and token estimate its limits get back.
+    started: bool = True
 
 
 @dataclass(frozen=True)

@@ -71,7 +71,7 @@ def server(via):
         yield srv
     assert relaycall.fallbacks == before, "a call found no relay and went direct"
     if via is not None:
-        assert via.pid is not None and via.ctrl is not None, "the relay died"
+        assert via.pid is not None and via.sock is not None, "the relay died"
 
 
 def run(payload, ctx=None):
@@ -428,16 +428,20 @@ def fake_llm():
         yield srv
 
 
-@pytest.fixture(scope="module", params=["relay", "direct"])
+@pytest.fixture(scope="module", params=["hosted", "relay", "direct"])
 def sup(request, tmp_path_factory, fake_llm):
-    """A supervisor whose llm.chat tasks call through its relay ([llm] relay = true, the
-    default), or make their calls themselves (relay = false)."""
+    """A supervisor whose llm.chat attempts run in its relay (the default: no process
+    each), run in task processes that call through the relay (run_in_relay = false), or
+    in task processes that make their calls themselves (relay = false)."""
     tmp = tmp_path_factory.mktemp("llm-e2e")
+    relay = request.param != "direct"
     env = {"TASKVISOR_LLM__BASE_URL": fake_llm.base_url, "TASKVISOR_LLM__API_KEY_ENV": "E2E_LLM_KEY",
-           "E2E_LLM_KEY": "sk-e2e-secret", "TASKVISOR_LLM__RELAY": str(request.param == "relay").lower()}
+           "E2E_LLM_KEY": "sk-e2e-secret", "TASKVISOR_LLM__RELAY": str(relay).lower(),
+           "TASKVISOR_LLM__RUN_IN_RELAY": str(request.param == "hosted").lower()}
     with SupervisorProcess(tmp, supervisor_config(["workers.handlers.llm"]), env=env) as proc:
         proc.wait_ready()
-        assert ("model-call relay" in proc.log() and "ready on" in proc.log()) == (request.param == "relay")
+        assert ("model-call relay" in proc.log() and "ready on" in proc.log()) == relay
+        proc.llm_path = request.param
         yield proc
     assert ("cannot be reached" in proc.log()) is False, "a task found no relay"
 

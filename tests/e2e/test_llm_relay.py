@@ -63,10 +63,13 @@ def relay():
 
 @pytest.mark.timeout(90)
 def test_relay_killed_mid_stream_the_attempt_fails_retryably_and_the_retry_uses_the_new_relay(tmp_path):
+    """In a task process that calls through the relay (tests/e2e/test_llm_hosted.py: an
+    attempt the relay runs itself)."""
     with FakeOpenAI(Stream(text="after the restart", keep_alive=True)) as srv:
         srv.script(Stream(text=" ".join(["word"] * 400), delay_s=0.05))
         # The retry waits 3 s: the relay is restarted 0.5 s after it died.
-        toml = llm_config(srv.base_url, '[types."llm.chat"]\nbackoff_initial_s = 3\nbackoff_max_s = 3\n')
+        toml = llm_config(srv.base_url, 'run_in_relay = false\n[types."llm.chat"]\n'
+                          'backoff_initial_s = 3\nbackoff_max_s = 3\n')
         with SupervisorProcess(tmp_path, toml) as sup:
             (first,) = wait_until(lambda: relay_pids(sup), timeout=10)
             task_id = sup.queue.enqueue("llm.chat", {"prompt": "a long answer"}, max_attempts=3)
@@ -95,7 +98,7 @@ def test_relay_killed_mid_stream_the_attempt_fails_retryably_and_the_retry_uses_
 @pytest.mark.timeout(90)
 def test_a_task_killed_mid_stream_closes_its_upstream_connection_at_once(tmp_path):
     with FakeOpenAI(Stream(text=" ".join(["word"] * 400), delay_s=0.05)) as srv:
-        with SupervisorProcess(tmp_path, llm_config(srv.base_url)) as sup:
+        with SupervisorProcess(tmp_path, llm_config(srv.base_url, "run_in_relay = false\n")) as sup:
             (relay_pid,) = wait_until(lambda: relay_pids(sup), timeout=10)
             task_id = sup.queue.enqueue("llm.chat", {"prompt": "a long answer"}, max_attempts=1)
             task = wait_until(lambda: (t := sup.queue.get(task_id)).pid and "tokens" in (
@@ -354,7 +357,7 @@ def test_the_relays_exit_status_is_logged_when_the_loops_reap_took_it_first(capl
             children = Children(sel, load(None, env={}), clock=None, emit=lambda *a, **k: None)
             children.reap([handle], time.monotonic())  # the zombie taken here
         assert not psutil.pid_exists(pid) or psutil.Process(pid).ppid() != os.getpid()
-        handle.on_readable()  # the end of its control socket
+        handle.events()  # the end of its control socket
         with caplog.at_level(logging.INFO, logger="taskvisor"):
             handle.tend(time.monotonic())
         assert f"model-call relay {pid} killed by SIGKILL" in caplog.text, caplog.text

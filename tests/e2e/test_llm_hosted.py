@@ -1,0 +1,184 @@
+"""`llm.chat` attempts hosted by the model-call relay ([llm] run_in_relay, the default;
+workers.hosting): no task process, the same outcomes, and the promise kept under attack:
+the relay killed mid-stream (the attempt is given back and runs again), a time limit and
+a cancel (the upstream connection closes at once, the relay lives on), the supervisor
+stopped past its lease (the relay ends the call at the fence, before another supervisor
+runs it: never two at once), the supervisor killed (the call dies with it), and a
+shutdown with calls in flight."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import psutil
+import pytest
+
+from supervisor.store import Store
+from tests.support import wait_until
+from tests.support.launcher import SupervisorProcess
+from tests.support.openai_server import FakeOpenAI, Stream
+
+from tests.e2e.test_llm_relay import llm_config, relay_pids
+
+LONG = " ".join(["word"] * 400)
+
+
+def running(sup: SupervisorProcess, task_id: str):
+    """The task once its call streams (its progress counts tokens)."""
+    return wait_until(lambda: (t := sup.queue.get(task_id)).status == "running" and "tokens" in (
+        t.progress_message or "") and t, timeout=20, message="the call never streamed")
+
+
+def task_processes(sup: SupervisorProcess) -> list[psutil.Process]:
+    """The supervisor's descendants other than its helpers (fork server, spares, relay)."""
+    out = []
+    for proc in psutil.Process(sup.pid).children(recursive=True):
+        try:
+            line = " ".join(proc.cmdline())
+            if not any(h in line for h in ("workers.zygote", "workers.relay")) and \
+                    proc.name() != "taskvisor-spare":
+                out.append(proc)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+@pytest.mark.timeout(60)
+def test_a_hosted_attempt_has_no_process_and_the_same_result_output_and_progress(tmp_path):
+    with FakeOpenAI(Stream(text=" ".join(f"w{i}" for i in range(40)), delay_s=0.05)) as srv:
+        with SupervisorProcess(tmp_path, llm_config(srv.base_url)) as sup:
+            task_id = sup.queue.enqueue("llm.chat", {"prompt": "count", "max_tokens": 64})
+            live = running(sup, task_id)
+            assert live.pid is None  # no process of its own
+            assert task_processes(sup) == []
+            task = sup.wait(task_id)
+            assert task.status == "succeeded", task.error
+            assert task.result["text"].startswith("w0 w1") and task.result["usage"]["total_tokens"] == 52
+            assert [a.outcome for a in task.history] == ["succeeded"]
+            assert task.history[0].pid is None
+            store = Store(str(tmp_path / "taskvisor.db"))
+            try:
+                assert store.read_output(task_id).text == task.result["text"]
+            finally:
+                store.close()
+            # with run_in_relay = false the same call runs in a task process
+    (tmp_path / "forked").mkdir()
+    with FakeOpenAI(Stream(text=LONG, delay_s=0.01)) as srv:
+        with SupervisorProcess(tmp_path / "forked", llm_config(srv.base_url, "run_in_relay = false\n")) as sup:
+            task_id = sup.queue.enqueue("llm.chat", {"prompt": "count"})
+            assert running(sup, task_id).pid is not None
+            assert sup.wait(task_id).status == "succeeded"
+
+
+@pytest.mark.timeout(90)
+def test_relay_killed_mid_stream_the_hosted_attempt_is_given_back_and_runs_again(tmp_path):
+    with FakeOpenAI(Stream(text="after the restart")) as srv:
+        srv.script(Stream(text=LONG, delay_s=0.05))
+        with SupervisorProcess(tmp_path, llm_config(srv.base_url)) as sup:
+            (first,) = wait_until(lambda: relay_pids(sup), timeout=10)
+            task_id = sup.queue.enqueue("llm.chat", {"prompt": "a long answer"}, max_attempts=1)
+            running(sup, task_id)
+            os.kill(first, signal.SIGKILL)
+            task = sup.wait(task_id, timeout=40)
+            assert task.status == "succeeded", (task.error, sup.log()[-3000:])
+            assert [a.outcome for a in task.history] == ["interrupted", "succeeded"]
+            assert "model-call relay ended without an outcome" in task.history[0].reason
+            assert task.attempts == 1, "a relay's death spends no attempt"
+            assert task.result["text"] == "after the restart"
+            (second,) = wait_until(lambda: relay_pids(sup), timeout=10)
+            assert second != first
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["time limit", "cancel"])
+def test_a_time_limit_or_a_cancel_ends_the_hosted_call_and_its_connection_at_once(tmp_path, how):
+    with FakeOpenAI(Stream(text=LONG, delay_s=0.05)) as srv:
+        with SupervisorProcess(tmp_path, llm_config(srv.base_url)) as sup:
+            (relay_pid,) = wait_until(lambda: relay_pids(sup), timeout=10)
+            options = {"timeout_s": 2} if how == "time limit" else {}
+            task_id = sup.queue.enqueue("llm.chat", {"prompt": "long"}, max_attempts=1, **options)
+            running(sup, task_id)
+            asked = time.monotonic()
+            if how == "cancel":
+                sup.queue.cancel(task_id)
+            gone = wait_until(lambda: srv.disconnects, timeout=10,
+                              message="the model server still streams to a stopped attempt")
+            task = sup.wait(task_id)
+            if how == "cancel":
+                assert task.status == "cancelled" and gone[0] - asked < 3.0
+            else:
+                assert task.status == "failed" and task.outcome == "timeout", task.error
+                assert "time limit" in task.history[0].reason
+            assert relay_pids(sup) == [relay_pid], "the relay outlives the attempt"
+            assert len(srv.requests) == 1
+            # the relay takes the next call as before
+            srv.default = Stream(text="next")
+            assert sup.wait(sup.queue.enqueue("llm.chat", {"prompt": "hi"})).result["text"] == "next"
+
+
+def _shared_config(base_url: str, db: str, folder) -> str:
+    folder.mkdir(exist_ok=True)
+    toml = llm_config(base_url, '[types."llm.chat"]\nmax_attempts = 5\n', pool_size=1)
+    assert 'database = "taskvisor.db"' in toml
+    return toml.replace('database = "taskvisor.db"', f'database = "{db}"').replace(
+        "lease_s = 10", "lease_s = 2")
+
+
+@pytest.mark.timeout(120)
+def test_a_stopped_supervisors_hosted_call_ends_at_the_fence_before_another_runs_it(tmp_path):
+    """A is frozen (SIGSTOP) mid-call: its relay ends the call at the fence (before the
+    lease expires); B rescues the task after the expiry and runs it. The model server
+    never answers two requests of it at once; when A resumes it records nothing."""
+    db = str(tmp_path / "shared.db")
+    with FakeOpenAI(Stream(text="rescued", delay_s=0.01)) as srv:
+        srv.script(Stream(text=LONG, delay_s=0.1))  # 40 s: far past the lease
+        with SupervisorProcess(tmp_path / "a", _shared_config(srv.base_url, db, tmp_path / "a")) as a:
+            task_id = a.queue.enqueue("llm.chat", {"prompt": "long"})
+            running(a, task_id)
+            a.signal(signal.SIGSTOP)
+            try:
+                stopped = time.monotonic()
+                gone = wait_until(lambda: srv.disconnects, timeout=10,
+                                  message="A's relay did not fence the call of a stopped supervisor")
+                assert gone[0] - stopped < 4.0  # the fence is before the 2 s lease's expiry
+                with SupervisorProcess(tmp_path / "b", _shared_config(srv.base_url, db, tmp_path / "b")) as b:
+                    task = b.wait(task_id, timeout=30)
+                    assert task.status == "succeeded" and task.result["text"] == "rescued"
+                    a.signal(signal.SIGCONT)
+                    first, second = task.history
+                    assert first.outcome == "lost" and second.outcome == "succeeded"
+                    assert srv.max_active == 1, "two requests of one task at once"
+                    assert len(srv.requests) == 2
+                    # A resumes and records nothing over B's outcome
+                    wait_until(lambda: "fenced" in a.log() or "lease was lost" in a.log()
+                               or "not recorded" in a.log(), timeout=15)
+                    assert b.queue.get(task_id).status == "succeeded"
+                    assert a.stop() == 0
+            finally:
+                a.signal(signal.SIGCONT)
+
+
+@pytest.mark.timeout(60)
+def test_hosted_calls_die_with_a_killed_supervisor_and_stop_with_a_stopped_one(tmp_path):
+    with FakeOpenAI(Stream(text=LONG, delay_s=0.05)) as srv:
+        with SupervisorProcess(tmp_path, llm_config(srv.base_url)) as sup:
+            task_id = sup.queue.enqueue("llm.chat", {"prompt": "long"})
+            running(sup, task_id)
+            sup.kill9()
+            wait_until(lambda: srv.disconnects, timeout=10,
+                       message="a hosted call outlived its supervisor")
+            srv.disconnects.clear()
+            sup.start()
+            # the restarted supervisor finds the lease of the dead one, and runs it again
+            running(sup, task_id)
+            assert sup.stop() == 0  # shutdown with a hosted call in flight: given back
+            assert srv.disconnects, "the call went on after the shutdown"
+            store = Store(str(tmp_path / "taskvisor.db"))
+            try:
+                task = store.get(task_id)
+                assert task.status == "queued"
+                assert task.history[-1].outcome == "interrupted", task.history
+            finally:
+                store.close()
