@@ -79,7 +79,7 @@ class Child:
     def hosted(self) -> bool:
         """Run by the model-call relay as a coroutine (workers.hosting), not a process:
         no pid; it ends when the relay closes its report socket."""
-        return self.server.hosts_attempts
+        return self.server is not None and self.server.hosts_attempts
 
     @property
     def started(self) -> bool:
@@ -171,9 +171,10 @@ class Children:
             child.report_fd, child.output_fd = server.spawn(
                 child.key, spec_for(task, config, now, limits, cgroup_dir), start_by)
         except OSError as exc:
-            log.error("could not reach the fork server: %s", exc)
+            what = "the model-call relay" if child.hosted else "the fork server"
+            log.error("could not reach %s: %s", what, exc)
             server.exited = True
-            child.stop = (Outcome.INTERRUPTED, f"could not reach the fork server: {exc}")
+            child.stop = (Outcome.INTERRUPTED, f"could not reach {what}: {exc}")
             self.finish(child, mono)
             return child
         self.selector.register(child.report_fd, selectors.EVENT_READ, ("report", child))

@@ -46,7 +46,7 @@ class Host:
         ctrl.setblocking(False)
         self.fence = fence
         self.loop = asyncio.get_running_loop()
-        self.attempts: dict[bytes, Attempt] = {}
+        self.attempts: dict[bytes, "HostedAttempt"] = {}
         self.outq: collections.deque[bytes] = collections.deque()  # events not sent yet
         self.fence_task: asyncio.Task | None = None
 
@@ -101,7 +101,7 @@ class Host:
         if kind != "llm.chat":
             self._refuse(key, "the model-call relay hosts llm.chat attempts only", fds[:1])
             return
-        attempt = Attempt(self, key, parsed, fds[0])
+        attempt = HostedAttempt(self, key, parsed, fds[0])
         self.attempts[key] = attempt
         attempt.task = self.loop.create_task(attempt.run())
         if self.fence is not None and self.fence_task is None:
@@ -165,7 +165,7 @@ class Host:
             self.fence_task = None
 
 
-class Attempt:
+class HostedAttempt:
     """One hosted attempt: its spec, its report socket, the coroutine that runs it."""
 
     def __init__(self, host: Host, key: bytes, spec: dict, report_fd: int):
@@ -232,14 +232,14 @@ async def chat(server, payload, ctx: TaskContext, reports: "Reports") -> dict:
     (report lines to `reports`, the result, llm's exceptions)."""
     req = llm.build_request(payload, ctx)
     call = llmrelay.Parsed(req, ctx)
-    answer = Answer(call, reports)
+    answer = HostedAnswer(call, reports)
     await server.call(answer, req.url, req.body, req.headers, req.stall_timeout_s,
                       req.request_timeout_s, call.parse)
     return answer.outcome()
 
 
-class Answer:
-    """The frames of a hosted attempt's call (workers.relay.Frames' interface), taken by
+class HostedAnswer:
+    """The frames of a hosted attempt's call (workers.relay.TaskFrames' interface), taken by
     llmrelay.Parsed as they come; the first exception it raises is kept for `outcome`.
     `send` waits while the attempt's reports wait to be read: no upstream read meanwhile."""
 

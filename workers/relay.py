@@ -159,7 +159,7 @@ class RelayServer:
             except (ValueError, KeyError, TypeError) as exc:  # a line over the limit: ValueError
                 await self._error(writer, "protocol", exc)
                 return
-            call = asyncio.ensure_future(self.call(Frames(writer), *args))
+            call = asyncio.ensure_future(self.call(TaskFrames(writer), *args))
             gone = asyncio.ensure_future(reader.read(1))  # end of file: the task went away
             await asyncio.wait((call, gone), return_when=asyncio.FIRST_COMPLETED)
             if not call.done():
@@ -182,7 +182,7 @@ class RelayServer:
         self.lanes.append([client, 0])
         return self.lanes[-1]
 
-    async def call(self, out: "Frames", url: str, body, headers: dict,
+    async def call(self, out: "TaskFrames", url: str, body, headers: dict,
                    stall_s: float, request_s: float, parse: dict | None) -> None:
         """One exchange, its answer sent to `out` as frames (a task's connection, or a
         hosted attempt: workers.hosting)."""
@@ -195,7 +195,7 @@ class RelayServer:
         finally:
             lane[1] -= 1
 
-    async def _call(self, client, writer: "Frames", url: str, body, headers: dict,
+    async def _call(self, client, writer: "TaskFrames", url: str, body, headers: dict,
                     stall_s: float, request_s: float, parse: dict | None) -> None:
         httpx = self.httpx
         timeout = httpx.Timeout(stall_s, connect=min(CONNECT_TIMEOUT_S, stall_s))
@@ -254,7 +254,7 @@ class RelayServer:
         if lines:
             yield lines
 
-    async def _lines(self, resp, writer: "Frames") -> None:
+    async def _lines(self, resp, writer: "TaskFrames") -> None:
         """The body as it comes: the whole of it (`B`) for one JSON object, else its lines
         (`L`, one frame per upstream read), then `Z`."""
         if is_json(resp):
@@ -268,7 +268,7 @@ class RelayServer:
                     break
         await writer.send(b"Z")
 
-    async def _parsed(self, resp, writer: "Frames", parsed) -> None:
+    async def _parsed(self, resp, writer: "TaskFrames", parsed) -> None:
         """The body read here (llmreports.Parse): `R` frames of report lines as they come,
         then the last ones and `J`, the result. Raises llm's exceptions."""
         if is_json(resp):
@@ -289,20 +289,20 @@ class RelayServer:
             writer.put(b"R", last)
         await writer.send(b"J", result)
 
-    async def _error(self, writer: "Frames", kind: str, exc: BaseException | None) -> None:
+    async def _error(self, writer: "TaskFrames", kind: str, exc: BaseException | None) -> None:
         # The exception's text names the URL at most, never a header or the body.
         await self._send_error(writer, {
             "kind": kind, "error": type(exc).__name__ if exc is not None else "",
             "message": str(exc)[:2000] if exc is not None else ""})
 
-    async def _send_error(self, writer: "Frames", msg: dict) -> None:
+    async def _send_error(self, writer: "TaskFrames", msg: dict) -> None:
         try:
             await writer.send(b"E", json.dumps(msg).encode())
         except (ConnectionError, OSError):
             pass
 
 
-class Frames:
+class TaskFrames:
     """Where a call's answer goes: a task's connection, one frame each (`put` queues one
     for the next `send`). `send` waits for the socket to drain (backpressure: no upstream
     read until the task has taken this). workers.hosting has its own kind, for an attempt

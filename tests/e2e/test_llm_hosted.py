@@ -83,7 +83,12 @@ def test_relay_killed_mid_stream_the_hosted_attempt_is_given_back_and_runs_again
             os.kill(first, signal.SIGKILL)
             task = sup.wait(task_id, timeout=40)
             assert task.status == "succeeded", (task.error, sup.log()[-3000:])
-            assert [a.outcome for a in task.history] == ["interrupted", "succeeded"]
+            # (A second attempt claimed in the instant the relay's end was seen on its
+            # report socket and not yet on its channel is given back too, unstarted.)
+            outcomes = [a.outcome for a in task.history]
+            assert outcomes[-1] == "succeeded" and set(outcomes[:-1]) == {"interrupted"}, (
+                [(a.outcome, a.reason) for a in task.history], sup.log()[-3000:])
+            assert len(outcomes) <= 3
             assert "model-call relay ended without an outcome" in task.history[0].reason
             assert task.attempts == 1, "a relay's death spends no attempt"
             assert task.result["text"] == "after the restart"

@@ -132,7 +132,8 @@ def test_an_attempt_given_back_before_it_started_gives_back_its_request_and_toke
     full = levels()
     t = store.claim("sup", T0, lease_s=LEASE_S, limits=limits)
     assert levels() == (full[0] - 1, full[1] - 50)
-    end = AttemptEnd(Outcome.INTERRUPTED, reason="fenced before it started", spent_tokens=0)
+    end = AttemptEnd(Outcome.INTERRUPTED, reason="fenced before it started", spent_tokens=0,
+                     started=False)
     store.fail(t.lease, end, T0, Backoff())
     store.settle_limits(t, end, limits, T0)
     assert levels() == full

@@ -34,6 +34,7 @@ class FakeForkServer:
         self.outbox: collections.deque = collections.deque()
         self.exited = False
         self.broken = None
+        self.hosts_attempts = False
         self.generation = 1
         self.types: list[str] = []
         self.calls: list[tuple] = []   # ("fence", t) and ("spawn", key), in order
