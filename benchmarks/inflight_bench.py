@@ -113,9 +113,11 @@ def main(argv=None) -> int:
     ap.add_argument("--probe-in-flight", type=int, default=1000)
     ap.add_argument("--preload-llm", action="store_true",
                     help="taskvisor's sleep variant preloads workers.handlers.llm too, as an agent's config would")
-    ap.add_argument("--llm-relay", choices=("on", "off", "both"), default="on",
-                    help="taskvisor's [llm] relay in the chat variant: on (the default config), "
-                         "off (each task makes its call), or both, one after the other")
+    ap.add_argument("--llm-relay", choices=("on", "process", "off", "all"), default="on",
+                    help="taskvisor's chat variant: on (the default config: the relay runs each "
+                         "call), process (a task process per call, through the relay: "
+                         "run_in_relay = false), off (each task process makes its call: "
+                         "relay = false), or all three, one after the other")
     ap.add_argument("--hang-s", type=float, default=30.0, help="no task finished for this long = HANG")
     ap.add_argument("--out", default=str(HERE / "results" / "inflight.json"))
     args = ap.parse_args(argv)
@@ -163,12 +165,17 @@ def main(argv=None) -> int:
     return 130 if interrupted else 0
 
 
+MODES = {"taskvisor": "hosted", "taskvisor via relay": "process", "taskvisor no relay": "off"}
+
+
 def ours(kind: str, llm_relay: str) -> list[str]:
-    """taskvisor's rows of a size: with its model-call relay ("taskvisor", the default
-    config), without it ("taskvisor no relay"), or both in the chat variant."""
+    """taskvisor's rows of a size: the default config ("taskvisor": the relay runs each
+    call), a task process per call through the relay ("taskvisor via relay"), a task
+    process that makes its own call ("taskvisor no relay"), or all three (chat variant)."""
     if kind != "chat" or llm_relay == "on":
         return ["taskvisor"]
-    return {"off": ["taskvisor no relay"], "both": ["taskvisor no relay", "taskvisor"]}[llm_relay]
+    return {"process": ["taskvisor via relay"], "off": ["taskvisor no relay"],
+            "all": ["taskvisor no relay", "taskvisor via relay", "taskvisor"]}[llm_relay]
 
 
 def run_all(args, workdir: Path, sessions, res: dict, sizes, chat_sizes, seconds, probes, systems,
@@ -204,11 +211,11 @@ def run_all(args, workdir: Path, sessions, res: dict, sizes, chat_sizes, seconds
                                                "why": why})
                         continue
                 if system.startswith("taskvisor"):
-                    relay = system == "taskvisor"
-                    r = inflight_taskvisor.run(sessions, workdir, f"{kind}-{size}-{int(relay)}",
+                    mode = MODES[system]
+                    r = inflight_taskvisor.run(sessions, workdir, f"{kind}-{size}-{mode}",
                                                kind, seconds, size, 3 * size, base_url,
                                                args.hang_s, preload_llm=args.preload_llm,
-                                               llm_relay=relay)
+                                               llm_mode=mode)
                 else:
                     r = inflight_peers.run(sessions, redis, workdir, system, kind, seconds, size,
                                            3 * size, base_url, args.hang_s, boot_s=180)

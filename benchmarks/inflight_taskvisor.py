@@ -48,9 +48,10 @@ class Supervisor:
     """One supervisor process on a fresh database in `workdir`."""
 
     def __init__(self, sessions: procfs.Sessions, workdir: Path, name: str, pool: int,
-                 preload: tuple[str, ...] = ("inflight_handlers",), llm_relay: bool = True,
+                 preload: tuple[str, ...] = ("inflight_handlers",), llm_mode: str = "hosted",
                  relay_shared: bool = False):
-        self.llm_relay = llm_relay
+        self.llm_relay = llm_mode != "off"
+        self.llm_mode = llm_mode
         self.relay_shared = relay_shared  # the relay's PSS counts per task in flight (chat)
         self.relay = 0
         self.sessions = sessions
@@ -73,7 +74,8 @@ class Supervisor:
                        f"preload = {json.dumps(list(self.preload))}\n"
                        f"pool_size = {self.pool}\nshutdown_grace_s = 2\nkill_grace_s = 1\n\n"
                        '[http]\nlisten = ""\n\n[log]\nlevel = "WARNING"\n\n'
-                       f"[llm]\nrelay = {json.dumps(self.llm_relay)}\n")
+                       f"[llm]\nrelay = {json.dumps(self.llm_relay)}\n"
+                       f"run_in_relay = {json.dumps(self.llm_mode == 'hosted')}\n")
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), str(HERE), env.get("PYTHONPATH")) if p)
         env.pop("NOTIFY_SOCKET", None)
@@ -127,14 +129,24 @@ class Supervisor:
         with self.store.conn.read() as db:
             return db.execute("SELECT count(*) FROM tasks WHERE status = 'running'").fetchall()[0][0]
 
+    def relays(self) -> list[int]:
+        """The relay processes now: the first, and those started as hosted calls grew."""
+        out = []
+        for pid in procfs.children(self.proc.pid):
+            try:
+                if b"workers.relay" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    out.append(pid)
+            except OSError:
+                continue
+        return out
+
     def cpu(self) -> dict:
         s, z = procfs.cpu(self.proc.pid), procfs.cpu(self.fork_server)
         if s is None or z is None:
             return {}
         out = {"supervisor": s, "fork_server": z}
-        r = procfs.cpu(self.relay) if self.relay else None
-        if r is not None:
-            out["relay"] = r
+        if self.relay:  # every relay's: one started after the window opened counts whole
+            out["relay"] = sum((procfs.cpu(p) or procfs.ZERO for p in self.relays()), procfs.ZERO)
         return out
 
     def system(self) -> System:
@@ -142,29 +154,32 @@ class Supervisor:
                       alive=lambda: self.proc.poll() is None,
                       task_pids=lambda: procfs.children(self.fork_server),
                       overhead_pids=lambda: [self.proc.pid, self.fork_server] + (
-                          [self.relay] if self.relay and not self.relay_shared else []),
-                      shared_pids=lambda: [self.relay] if self.relay and self.relay_shared else [],
+                          self.relays() if self.relay and not self.relay_shared else []),
+                      shared_pids=lambda: self.relays() if self.relay and self.relay_shared else [],
                       cpu=self.cpu, log_tail=self.log_tail)
 
 
 def run(sessions, workdir: Path, name: str, kind: str, seconds: float, pool: int, n: int,
         base_url: str | None, hang_s: float, preload_llm: bool = False,
-        llm_relay: bool = True) -> dict:
+        llm_mode: str = "hosted") -> dict:
     """N tasks, queue filled first, pool `pool`; the row's figures, or status HANG/ERROR.
-    `preload_llm`: preload workers.handlers.llm whatever the variant. `llm_relay`: [llm]
-    relay (the system is then "taskvisor"; without it "taskvisor no relay"). In the chat
+    `preload_llm`: preload workers.handlers.llm whatever the variant. `llm_mode`: "hosted"
+    (the default config, "taskvisor": the relay runs each llm.chat call), "process" (a
+    task process per call through the relay, "taskvisor via relay") or "off" ([llm] relay
+    = false, "taskvisor no relay"). In the chat
     variant the relay's PSS is counted per task in flight and its CPU per task; in the
     sleep variant it is idle, a fixed cost like the supervisor's."""
     # What a user running each workload would preload: the chat variant's handler is
     # llm.chat (httpx and a TLS context, 13 MiB the fork server holds and every fork copies
     # the page tables of); the sleep variant's is inflight_handlers alone.
     preload = PRELOAD["chat" if preload_llm else kind]
-    sv = Supervisor(sessions, workdir, name, pool, preload, llm_relay=llm_relay,
+    sv = Supervisor(sessions, workdir, name, pool, preload, llm_mode=llm_mode,
                     relay_shared=kind == "chat")
     type_, payload = workload(kind, seconds, base_url)
     sv.store.enqueue_many([NewTask(type=type_, payload=payload) for _ in range(n)], time.time())
-    out: dict = {"system": "taskvisor" if llm_relay else "taskvisor no relay", "kind": kind,
-                 "concurrency": pool, "tasks": n, "preload": list(preload), "llm_relay": llm_relay}
+    system = {"hosted": "taskvisor", "process": "taskvisor via relay", "off": "taskvisor no relay"}
+    out: dict = {"system": system[llm_mode], "kind": kind, "concurrency": pool, "tasks": n,
+                 "preload": list(preload), "llm_mode": llm_mode}
     try:
         sv.start()
         base = sv.cpu()

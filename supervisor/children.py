@@ -167,6 +167,8 @@ class Children:
                       memory_mb=limits[1], cpu_s=limits[2],
                       type_limits=tuple(config.type_limits(task.type)))
         self.table[child.key] = child
+        if child.hosted:
+            server.hosting += 1  # finish() counts it out
         try:
             child.report_fd, child.output_fd = server.spawn(
                 child.key, spec_for(task, config, now, limits, cgroup_dir), start_by)
@@ -496,6 +498,8 @@ class Children:
                 os.close(child.output_fd)
                 child.output_fd = -1
         del self.table[child.key]
+        if child.hosted:
+            child.server.hosting -= 1
         self.output.end(child.key)
         self.progressed.pop(child.key, None)
         if child.pid is not None:

@@ -106,6 +106,7 @@ class LlmConfig:
     stall_timeout_s: float = 60.0
     relay: bool = True                  # calls made by one relay process (workers.relay)
     run_in_relay: bool = True           # llm.chat attempts hosted by it: no process each
+    relays: int = 0                     # relay processes at most; 0: one per CPU, up to 8
 
 
 @dataclass(frozen=True)
@@ -246,6 +247,7 @@ _SECTIONS: dict[str, dict[str, _Field]] = {
         "stall_timeout_s": _Field("seconds", 0, above=True, maximum=DAY_S),
         "relay": _Field("bool"),
         "run_in_relay": _Field("bool"),
+        "relays": _Field("int", 0, maximum=64),
     },
 }
 # A type cannot say "none": None in a TypeConfig means "fall back to [defaults]".

@@ -92,8 +92,8 @@ class Leases:
             for server in sup.servers.all():
                 if not server.exited:
                     server.fence(fence)
-            if sup.relay is not None:  # the attempts it hosts
-                sup.relay.fence(fence)
+            for relay in sup.relays.all if sup.relays else ():  # the attempts they host
+                relay.fence(fence)
 
 
 def new_owner(host: str) -> str:

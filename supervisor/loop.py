@@ -129,7 +129,7 @@ class Supervisor:
         # of ours that are not tasks (the event fan-out process), spared by kill_orphans.
         self.on_commit: list[Callable[[], None]] = []
         self.helper_pids: set[int] = set()
-        self.relay = None  # supervisor.relay.Relay, set by supervisor.start ([llm] relay)
+        self.relays = None  # supervisor.relay.Relays, set by supervisor.start ([llm] relay)
 
     # -- life cycle ----------------------------------------------------------------------
 
@@ -160,8 +160,9 @@ class Supervisor:
         """One pass of the loop; False once a stop has drained every task."""
         now, mono = self.clock.now(), self.clock.monotonic()
         self.last_loop_at = now
-        if self.relay is not None:  # first: before reap's wait4(-1) can take its exit status
-            self.guard(self.relay.tend, mono)
+        for relay in self.relays.all if self.relays else ():
+            # first: before reap's wait4(-1) can take its exit status
+            self.guard(relay.tend, mono)
         self.guard(self.handle_signals, mono)
         self.guard(self.respawn.tend_fork_servers, mono)
         self.guard(self.children.reap, self.helpers(), mono)
@@ -182,10 +183,7 @@ class Supervisor:
     def helpers(self) -> list:
         """Our helper processes that the pass's wait4(-1) may reap: the fork servers and
         the model-call relay."""
-        out = self.servers.all()
-        if self.relay is not None:
-            out.append(self.relay)
-        return out
+        return self.servers.all() + (self.relays.all if self.relays else [])
 
     def guard(self, step: Callable, *args) -> None:
         """Run a step; an exception is logged and counted, never the end of the loop."""
@@ -419,12 +417,12 @@ class Supervisor:
         """Where an attempt runs: `llm.chat` in the model-call relay ([llm] run_in_relay,
         while the relay is up and the type keeps its built-in handler), else a process
         forked by the current fork server."""
-        relay = self.relay
-        if (task.type == "llm.chat" and relay is not None and self.config.llm.run_in_relay
-                and relay.hosts()):
+        if task.type == "llm.chat" and self.relays is not None and self.config.llm.run_in_relay:
             spec = self.config.types.get("llm.chat")
             if spec is None or not spec.handler:
-                return relay
+                relay = self.relays.pick()
+                if relay is not None:
+                    return relay
         return self.server
 
     def flush_progress(self, mono: float) -> None:
@@ -581,7 +579,8 @@ class Supervisor:
         if output_at is not None:  # not before a failed write may be retried
             times.append(max(output_at, t.store_retry))
         for extra in (kids.next_timer(), self.stop_deadline, self.servers.restart_at,
-                      self.notifier.next_watchdog_mono(), self.relay and self.relay.restart_at):
+                      self.notifier.next_watchdog_mono(),
+                      *(r.restart_at for r in (self.relays.all if self.relays else ()))):
             if extra is not None:
                 times.append(extra)
         return max(min(times), t.step_error)
@@ -626,8 +625,8 @@ class Supervisor:
         packets: sends never block, and nothing waits in the outbox unwatched."""
         for server in self.servers.all():
             self._want_writes(server, "server")
-        if self.relay is not None:
-            self._want_writes(self.relay, "relay")
+        for relay in self.relays.all if self.relays else ():
+            self._want_writes(relay, "relay")
 
     def _want_writes(self, channel, kind: str) -> None:
         if channel.sock is None:

@@ -31,6 +31,8 @@ from workers.relaycall import RELAY_ENV
 log = logging.getLogger("taskvisor.supervisor")
 READY = b'{"op":"ready"}'  # its first packet, once it listens
 START_TIMEOUT_S = 10.0   # the first start waits this long for "ready"; restarts do not wait
+HOST_SPLIT = 100         # hosted calls per relay before another one starts (Relays.pick)
+AUTO_MAX = 8             # [llm] relays = 0: one per CPU, at most this many
 FOLDER_PREFIX = "taskvisor-relay-"  # then the supervisor's pid, "-" and mkdtemp's letters
 STOP_TIMEOUT_S = 5.0
 
@@ -54,6 +56,7 @@ class Relay(Channel):
         self.folder = tempfile.mkdtemp(prefix=f"{FOLDER_PREFIX}{os.getpid()}-", dir=base)
         self.path = os.path.join(self.folder, "llm-relay.sock")
         self.ready = False  # it said "ready" since its last start: it may host attempts
+        self.hosting = 0    # attempts it hosts now (Children keeps the count)
         self.fence_mono: float | None = None  # the last fence set, given again at a restart
         self.started_mono = 0.0
         self.reaped_status: int | None = None  # see reaped()
@@ -254,6 +257,63 @@ class Relay(Channel):
         return self.restart_at
 
 
+class Relays:
+    """Every relay process of one supervisor: the first, whose socket task processes call
+    through, and those started as the calls it hosts grow ([llm] relays): one asyncio
+    loop is one core, and past a few hundred calls a second the calls queue behind it."""
+
+    def __init__(self, first: Relay, owner: str | None):
+        self.all = [first]
+        self.owner = owner
+        self.supervisor = None
+        self.cpus = os.cpu_count() or 1
+
+    @property
+    def first(self) -> Relay:
+        return self.all[0]
+
+    def attach(self, supervisor) -> None:
+        self.supervisor = supervisor
+        for relay in self.all:
+            relay.attach(supervisor)
+
+    def cap(self) -> int:
+        wanted = self.supervisor.config.llm.relays
+        return wanted if wanted > 0 else max(1, min(self.cpus, AUTO_MAX))
+
+    def pick(self) -> Relay | None:
+        """The relay to host the next attempt: the one hosting the fewest, of those that
+        can; None when none can (the attempt then gets a task process). When even that
+        one hosts HOST_SPLIT, another relay is started (up to `cap`) for the next ones."""
+        best = None
+        for relay in self.all:
+            if relay.hosts() and (best is None or relay.hosting < best.hosting):
+                best = relay
+        if best is not None and best.hosting >= HOST_SPLIT and len(self.all) < self.cap():
+            self._grow()
+        return best
+
+    def _grow(self) -> None:
+        relay = Relay(self.owner)
+        relay.fence_mono = self.supervisor.children.fence_mono  # set as it starts
+        try:
+            # Waited for (~0.1 s, once per relay in the supervisor's life): a burst claimed
+            # in one pass then spreads at once, instead of all going to the busy ones.
+            relay.start(wait=True)
+        except OSError as exc:  # no process to be had now (EAGAIN): the next pick tries again
+            log.error("could not start another model-call relay: %s", exc)
+            relay.stop()
+            return
+        relay.attach(self.supervisor)
+        self.all.append(relay)
+        log.info("model-call relay %d started beside %d other(s): the hosted calls passed "
+                 "%d per relay", relay.pid, len(self.all) - 1, HOST_SPLIT)
+
+    def stop(self, _supervisor=None) -> None:
+        for relay in self.all:
+            relay.stop()
+
+
 def remove_stale_folders(base: str) -> int:
     """Remove the socket folders in `base` that supervisors killed with kill -9 left
     (stop() removes a folder otherwise): ours (same user), named after a pid that no
@@ -294,10 +354,10 @@ def _env(owner: str | None) -> dict:
     return env
 
 
-def launch(config, owner: str | None = None) -> Relay | None:
-    """Start the relay (not waiting for it: `wait_ready` after the fork server started)
-    and name its socket in the environment the fork server will inherit; None, and no
-    socket named (not even one inherited from an outer environment), with
+def launch(config, owner: str | None = None) -> Relays | None:
+    """Start the first relay (not waiting for it: `wait_ready` after the fork server
+    started) and name its socket in the environment the fork server will inherit; None,
+    and no socket named (not even one inherited from an outer environment), with
     `[llm] relay = false`."""
     if not config.llm.relay:
         os.environ.pop(RELAY_ENV, None)
@@ -306,4 +366,4 @@ def launch(config, owner: str | None = None) -> Relay | None:
     relay = Relay(owner)
     relay.announce()
     relay.start()
-    return relay
+    return Relays(relay, owner)

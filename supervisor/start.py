@@ -59,16 +59,16 @@ def run(config: Config, *, events=None, ready_file: str | None = None) -> int:
     add_config_folder_to_path(config)
     from supervisor import handlercode
     code = handlercode.stamp(config)  # before the launch: a later edit is seen by a reload
-    relay = start_relay(config, owner=owner)  # names its socket to the fork server's tasks
+    relays = start_relay(config, owner=owner)  # names its socket to the fork server's tasks
     try:
-        return _run(config, owner, code, relay, cgroup_dir, events, ready_file)
+        return _run(config, owner, code, relays, cgroup_dir, events, ready_file)
     finally:
-        if relay is not None:
-            relay.stop()
+        if relays is not None:
+            relays.stop()
 
 
-def _run(config: Config, owner: str, code, relay, cgroup_dir, events, ready_file) -> int:
-    """From the fork server's launch to the loop's end (run() stops the relay after it)."""
+def _run(config: Config, owner: str, code, relays, cgroup_dir, events, ready_file) -> int:
+    """From the fork server's launch to the loop's end (run() stops the relays after it)."""
     try:
         server = launch(config, owner=owner)
     except ForkServerError as exc:
@@ -86,12 +86,12 @@ def _run(config: Config, owner: str, code, relay, cgroup_dir, events, ready_file
         http = HttpServer(config, metrics)
         events = fanout(metrics, events)
     supervisor = Supervisor(config, server, events=events, owner=owner)
-    if relay is not None:
-        supervisor.relay = relay
-        relay.attach(supervisor)
+    if relays is not None:
+        supervisor.relays = relays
+        relays.attach(supervisor)
         # Listening by the first claim: waited for once the database is open (it started
         # beside the fork server, and imports while the store opens).
-        supervisor.on_ready.insert(0, lambda sup: relay.wait_ready())
+        supervisor.on_ready.insert(0, lambda sup: relays.first.wait_ready())
     supervisor.cgroup_dir = cgroup_dir
     supervisor.handler_code.remember(server.pid, code)
     supervisor.on_ready.append(_track_database)

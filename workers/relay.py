@@ -140,7 +140,9 @@ class RelayServer:
         _no_missing_sniffio()
         import httpx
 
+        from workers import aionet
         from workers.handlers import llmreports
+        self.aionet = aionet
         self.llmreports = llmreports
         self.tls = httpx.create_ssl_context()
         self.httpx = httpx
@@ -176,9 +178,11 @@ class RelayServer:
         for lane in self.lanes:
             if lane[1] < LANE_CALLS:
                 return lane
-        client = self.httpx.AsyncClient(verify=self.tls, limits=self.httpx.Limits(
-            max_connections=None, max_keepalive_connections=LANE_CALLS,
-            keepalive_expiry=KEEPALIVE_EXPIRY_S))
+        limits = self.httpx.Limits(max_connections=None, max_keepalive_connections=LANE_CALLS,
+                                   keepalive_expiry=KEEPALIVE_EXPIRY_S)
+        client = self.httpx.AsyncClient(
+            verify=self.tls, limits=limits,  # (a proxy from the environment uses these)
+            transport=self.aionet.transport(self.httpx, verify=self.tls, limits=limits))
         self.lanes.append([client, 0])
         return self.lanes[-1]
 

@@ -9,7 +9,9 @@ shutdown with calls in flight."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import subprocess
 import time
 
 import psutil
@@ -179,7 +181,7 @@ def test_hosted_calls_die_with_a_killed_supervisor_and_stop_with_a_stopped_one(t
             # the restarted supervisor finds the lease of the dead one, and runs it again
             running(sup, task_id)
             assert sup.stop() == 0  # shutdown with a hosted call in flight: given back
-            assert srv.disconnects, "the call went on after the shutdown"
+            wait_until(lambda: srv.disconnects, timeout=5, message="the call went on after the shutdown")
             store = Store(str(tmp_path / "taskvisor.db"))
             try:
                 task = store.get(task_id)
@@ -187,3 +189,117 @@ def test_hosted_calls_die_with_a_killed_supervisor_and_stop_with_a_stopped_one(t
                 assert task.history[-1].outcome == "interrupted", task.history
             finally:
                 store.close()
+
+
+@pytest.mark.timeout(120)
+def test_hosted_calls_spread_over_another_relay_as_they_grow(tmp_path):
+    """Past HOST_SPLIT calls on one relay another starts ([llm] relays = 2: no more),
+    and the calls after take it: one asyncio loop is one core."""
+    from supervisor.relay import HOST_SPLIT
+    n = HOST_SPLIT * 2 + 50
+    with FakeOpenAI(Stream(text=" ".join(["w"] * 40), delay_s=0.05)) as srv:
+        toml = llm_config(srv.base_url, "relays = 2\n", pool_size=n)
+        with SupervisorProcess(tmp_path, toml) as sup:
+            ids = sup.queue.enqueue_many([{"type": "llm.chat", "payload": {"prompt": f"p{i}"}}
+                                          for i in range(n)])
+
+            def both_call():
+                pids = relay_pids(sup)
+                busy = [p for p in pids if any(c.raddr and c.raddr.port == srv.port
+                                                for c in psutil.Process(p).net_connections("tcp"))]
+                return len(busy) == 2 and pids
+            pids = wait_until(both_call, timeout=30, message="the calls stayed on one relay")
+            assert len(pids) == 2
+            tasks = [sup.wait(i, timeout=60) for i in ids]
+            assert all(t.status == "succeeded" for t in tasks), [t.error for t in tasks if t.error][:3]
+            assert all(t.pid is None for t in tasks)
+            assert "started beside 1 other(s)" in sup.log()
+            assert len(relay_pids(sup)) == 2, "no third relay past relays = 2"
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory):
+    """A self-signed certificate for 127.0.0.1 and its key."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                    "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    return cert, key
+
+
+@pytest.mark.timeout(90)
+def test_a_hosted_call_over_tls_and_a_certificate_the_relay_does_not_trust(tmp_path, tls_files):
+    cert, _key = tls_files
+    with FakeOpenAI(Stream(text="over tls", delay_s=0.01), tls=tls_files) as srv:
+        assert srv.base_url.startswith("https://")
+        with SupervisorProcess(tmp_path, llm_config(srv.base_url),
+                               env={"SSL_CERT_FILE": str(cert)}) as sup:
+            ids = [sup.queue.enqueue("llm.chat", {"prompt": "hi"}) for _ in range(3)]
+            tasks = [sup.wait(i) for i in ids]
+            assert [t.status for t in tasks] == ["succeeded"] * 3, [t.error for t in tasks]
+            assert {t.result["text"] for t in tasks} == {"over tls"}
+            assert all(t.history[0].pid is None for t in tasks)  # hosted by the relay
+        (tmp_path / "untrusted").mkdir()
+        with SupervisorProcess(tmp_path / "untrusted", llm_config(srv.base_url)) as sup:
+            task = sup.wait(sup.queue.enqueue("llm.chat", {"prompt": "hi"}, max_attempts=1))
+            assert task.status == "failed", task.result
+            assert "CERTIFICATE_VERIFY_FAILED" in task.error, task.error
+
+
+def _read_report(fd: int, timeout: float = 10.0) -> bytes:
+    """What the relay writes on a hosted attempt's report socket, until it closes it."""
+    import select
+    out, deadline = b"", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        select.select([fd], [], [], 0.2)
+        try:
+            data = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            continue
+        if not data:
+            os.close(fd)
+            return out
+        out += data
+    raise AssertionError(f"the relay never closed the report socket: {out[-300:]!r}")
+
+
+@pytest.mark.timeout(60)
+def test_the_relay_refuses_what_it_must_not_run_and_takes_a_spec_of_any_size():
+    """Another type, a spawn past its claim's fence, a spec that is not JSON: refused,
+    said on the channel before the report socket closes; a spec too big for a packet
+    (a long conversation, sent in a memfd) runs."""
+    from supervisor.relay import Relay
+    relay = Relay()
+    relay.start(wait=True)
+    try:
+        with FakeOpenAI(Stream(text="long one")) as srv:
+            def spec(task_type="llm.chat", content="hi"):
+                return {"task": {"id": "T", "type": task_type, "attempt": 1, "max_attempts": 1,
+                                 "payload": {"base_url": srv.base_url,
+                                             "messages": [{"role": "user", "content": content}]}},
+                        "config": {"llm": {"request_timeout_s": 30, "stall_timeout_s": 10}}}
+            now = time.monotonic()
+            cases = [("T:1", spec("shell"), now + 30, "hosts llm.chat attempts only"),
+                     ("T:2", spec(), now - 1, "fenced"),
+                     ("T:3", b"{not json", now + 30, "bad spec")]
+            for key, body, start_by, _ in cases:
+                fd, _out = relay.spawn(key, body, start_by)
+                assert _read_report(fd) == b""
+            said = wait_until(lambda: (e := relay.events()) and e, timeout=5)
+            while len(said) < 3:
+                said += relay.events()
+            assert [(e["op"], e["key"]) for e in said] == [("spawn_failed", k) for k, *_ in cases]
+            for event, (_, _, _, why) in zip(said, cases):
+                assert why in event["error"], event
+            big = "x" * 200_000
+            fd, _out = relay.spawn("T:4", spec(content=big), time.monotonic() + 30)
+            lines = _read_report(fd).splitlines()
+            assert lines[0].startswith(b'{"kind":"ready"') and b'"kind":"result"' in lines[-1]
+            assert b"long one" in lines[-1]
+            assert srv.requests[-1]["body"]["messages"][0]["content"] == big
+    finally:
+        relay.stop()

@@ -96,7 +96,8 @@ def tokens(text: str) -> list[str]:
 class FakeOpenAI:
     """`with FakeOpenAI() as server:` then `server.base_url` (ends in /v1)."""
 
-    def __init__(self, default=None):
+    def __init__(self, default=None, tls: tuple | None = None):
+        """`tls`: (certificate file, key file): served over HTTPS."""
         self.default = default if default is not None else Stream()
         self.requests: list[dict] = []
         self.connections = 0          # TCP connections accepted (keep-alive reuses them)
@@ -110,6 +111,12 @@ class FakeOpenAI:
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        if tls is not None:
+            import ssl
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*map(str, tls))
+            self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
+            self.base_url = f"https://127.0.0.1:{self.port}/v1"
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="fake-openai",
                                         kwargs={"poll_interval": 0.05}, daemon=True)
 
