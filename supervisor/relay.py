@@ -32,6 +32,7 @@ log = logging.getLogger("taskvisor.supervisor")
 READY = b'{"op":"ready"}'  # its first packet, once it listens
 START_TIMEOUT_S = 10.0   # the first start waits this long for "ready"; restarts do not wait
 HOST_SPLIT = 100         # hosted calls per relay before another one starts (Relays.pick)
+GROW_WAIT_S = 1.0        # how long the loop waits for such a relay (it is used once ready)
 AUTO_MAX = 8             # [llm] relays = 0: one per CPU, at most this many
 FOLDER_PREFIX = "taskvisor-relay-"  # then the supervisor's pid, "-" and mkdtemp's letters
 STOP_TIMEOUT_S = 5.0
@@ -139,8 +140,8 @@ class Relay(Channel):
         if first == READY:
             self._ready()
             return True
-        log.error("model-call relay %d did not start within %gs; llm.chat calls are made in "
-                  "the task processes until it does", self.pid, timeout_s)
+        log.error("model-call relay %d did not start within %gs; it is not used until it "
+                  "does (llm.chat attempts run in task processes meanwhile)", self.pid, timeout_s)
         return False
 
     def _watch(self) -> None:
@@ -297,9 +298,10 @@ class Relays:
         relay = Relay(self.owner)
         relay.fence_mono = self.supervisor.children.fence_mono  # set as it starts
         try:
+            relay.start()
             # Waited for (~0.1 s, once per relay in the supervisor's life): a burst claimed
             # in one pass then spreads at once, instead of all going to the busy ones.
-            relay.start(wait=True)
+            relay.wait_ready(GROW_WAIT_S)
         except OSError as exc:  # no process to be had now (EAGAIN): the next pick tries again
             log.error("could not start another model-call relay: %s", exc)
             relay.stop()
