@@ -51,7 +51,7 @@ sys.path[:0] = [str(REPO), str(HERE)]
 import inflight_peers  # noqa: E402
 import inflight_proc as procfs  # noqa: E402
 import inflight_taskvisor  # noqa: E402
-from inflight_report import bars, print_report  # noqa: E402
+from inflight_report import bars, print_report, pss_per_task_mib  # noqa: E402
 
 SYSTEMS = ("taskvisor", *inflight_peers.PEERS)
 POOL4_WAVES = 8   # the pool-4 baseline runs 32 tasks: 3 waves of 4 are too few for 10 ms CPU ticks
@@ -64,6 +64,9 @@ def raise_nofile() -> tuple[int, int]:
     return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
+LLM_SERVER: list = []  # the model server's pid, for its CPU per call (on the same cores)
+
+
 def start_llm_server(sessions: procfs.Sessions, workdir: Path, seconds: float) -> str:
     """The chat variant's model server in its own process; returns its base URL."""
     proc = sessions.add(subprocess.Popen(
@@ -73,6 +76,7 @@ def start_llm_server(sessions: procfs.Sessions, workdir: Path, seconds: float) -
     line = proc.stdout.readline().strip()
     if not line.startswith("http://"):
         raise RuntimeError(f"the model server did not start: {line!r}")
+    LLM_SERVER[:] = [proc.pid]
     return line
 
 
@@ -89,8 +93,7 @@ def line(r: dict, seconds: float) -> str:
         return f"{r.get('status')}: {r.get('error', '')}"[:160]
     cpu = r["cpu_ms_per_task"]
     mem = r.get("memory") or {}
-    pss = ((mem["task_pss_kib"] + mem.get("shared_pss_kib", 0)) / 1024
-           / max(1, mem["in_flight"])) if mem else None
+    pss = pss_per_task_mib(r)
     parts = [f"{r['window_s'] / (3 * seconds):.2f}x ideal", f"CPU {cpu['total']:.2f} ms/task"]
     if "supervisor" in cpu:
         parts.append(f"(supervisor {cpu['supervisor']:.2f}, fork server {cpu['fork_server']:.2f}"
@@ -98,6 +101,11 @@ def line(r: dict, seconds: float) -> str:
     if pss is not None:
         parts.append(f"PSS {pss:.2f} MiB/in flight" + (
             f" (relay {mem['shared_pss_kib'] / 1024:.1f} MiB of it)" if mem.get("shared_pss_kib") else ""))
+    if r.get("call_s"):
+        c = r["call_s"]
+        parts.append(f"claim to end p50 {c['p50']:.2f} s, p99 {c['p99']:.2f} s")
+    if r.get("model_server_cpu_ms_per_call") is not None:
+        parts.append(f"model server {r['model_server_cpu_ms_per_call']:.2f} ms/call (not counted)")
     return ", ".join(parts)
 
 
@@ -210,6 +218,7 @@ def run_all(args, workdir: Path, sessions, res: dict, sizes, chat_sizes, seconds
                         res["skipped"].append({"system": system, "kind": kind, "concurrency": size,
                                                "why": why})
                         continue
+                served = procfs.session_cpu(LLM_SERVER[0]) if kind == "chat" and LLM_SERVER else None
                 if system.startswith("taskvisor"):
                     mode = MODES[system]
                     r = inflight_taskvisor.run(sessions, workdir, f"{kind}-{size}-{mode}",
@@ -223,6 +232,9 @@ def run_all(args, workdir: Path, sessions, res: dict, sizes, chat_sizes, seconds
                     m = r["memory"]
                     prefork_pss = m["task_pss_kib"] / max(1, m["task_processes"])
                 r["elapsed_s"] = time.monotonic() - t
+                if served is not None and (after := procfs.session_cpu(LLM_SERVER[0])) is not None:
+                    # not in the row's CPU: what the test server took of the same 2 cores
+                    r["model_server_cpu_ms_per_call"] = (after - served).own_s * 1000 / (3 * size)
                 r["loadavg_1m"] = os.getloadavg()[0]
                 res["runs"].append(r)
                 print(f"  {size:>5} in flight  {system:<16} {line(r, seconds)}  "

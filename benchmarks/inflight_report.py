@@ -30,14 +30,24 @@ def _find(res: dict, kind: str, system: str, concurrency: int, baseline: bool = 
 
 
 def _per_task(r: dict, key: str) -> float | None:
-    """Over the tasks in flight at the sample (taskvisor: attempts running in the store,
-    whether in a task process or hosted by the relay; a peer: its own count)."""
+    """Over the tasks in flight at the sample: taskvisor's task processes read (one per
+    task, the fork server's spare included), or when it has none (llm.chat run in the
+    relay) its attempts running in the store; a peer's own count (its processes are
+    shared)."""
     m = r.get("memory")
-    if not m or not m["in_flight"]:
+    if not m:
         return None
+    if not r["system"].startswith("taskvisor"):
+        return m[key] / MIB / m["in_flight"] if m["in_flight"] else None
     # taskvisor's chat variant: the relay serves every call; its memory is shared by them
-    shared = m.get(key.replace("task_", "shared_"), 0) if r["system"].startswith("taskvisor") else 0
-    return (m[key] + shared) / MIB / m["in_flight"]
+    shared = m.get(key.replace("task_", "shared_"), 0)
+    count = m["in_flight"] if _hosted(r) else m["task_processes"]
+    return (m[key] + shared) / MIB / count if count else None
+
+
+def _hosted(r: dict) -> bool:
+    """A taskvisor chat row whose calls the relay runs: no task process each."""
+    return r.get("kind") == "chat" and r.get("llm_mode", "hosted") == "hosted"
 
 
 def relay_line(r: dict) -> str | None:
@@ -46,7 +56,8 @@ def relay_line(r: dict) -> str | None:
     if not m.get("shared_pss_kib") and "relay" not in cpu:
         return None
     pss = m.get("shared_pss_kib", 0) / MIB
-    per = pss / m["in_flight"] if m.get("in_flight") else None
+    count = m.get("in_flight") if _hosted(r) else m.get("task_processes")
+    per = pss / count if count else None
     return (f"relay PSS {pss:.1f} MiB ({fmt(per, '.3f')} MiB per task in flight), "
             f"CPU {fmt(cpu.get('relay'))} ms per call (included above)")
 

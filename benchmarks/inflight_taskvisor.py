@@ -200,6 +200,8 @@ def run(sessions, workdir: Path, name: str, kind: str, seconds: float, pool: int
         out.update(succeeded=ok, window_s=(last - first) if ok else None)
         if kind == "sleep":
             out["lags_ms"] = lags(sv.store, seconds)
+        else:
+            out["call_s"] = call_times(sv.store)
         if ok != n:
             out.update(status="FAIL", error=f"{n - ok} of {n} tasks did not succeed")
     except Hang as exc:
@@ -209,6 +211,17 @@ def run(sessions, workdir: Path, name: str, kind: str, seconds: float, pool: int
     finally:
         sv.stop(hung=out.get("status") != "ok")
     return out
+
+
+def call_times(store: Store) -> dict:
+    """A chat task's claim to its recorded end, p50/p99/max in seconds: the model's S
+    plus what the call's path added (a window over the ideal that these do not explain
+    is in the claims between waves)."""
+    from inflight_report import percentile
+    with store.conn.read() as db:
+        v = [r[0] for r in db.execute("SELECT completed_at - started_at FROM tasks "
+                                      "WHERE status = 'succeeded'").fetchall()]
+    return {"p50": percentile(v, 50), "p99": percentile(v, 99), "max": max(v, default=None)}
 
 
 def lags(store: Store, seconds: float) -> dict:

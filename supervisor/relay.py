@@ -1,13 +1,17 @@
-"""The model-call relay, seen from the supervisor: the process handle and its restarts.
+"""The model-call relays, seen from the supervisor: the process handles, their restarts,
+and how many run.
 
 Owns starting `python -m workers.relay` (its own process group, the parent-death signal,
-the owner marker in its environment like the fork server's), the private folder its socket
-lives in (mode 0700, made with mkdtemp under $XDG_RUNTIME_DIR or the temporary folder, so
-the AF_UNIX path stays short), the variable TASKVISOR_LLM_RELAY_SOCKET that names the
-socket to the fork server and so to every task process, noticing its exit, restarting it
-with the fork server's backoff, stopping it at shutdown, and logging each. Tasks that find
-no relay (it died and is being restarted) make their calls themselves. It never touches the
-database and never reads what passes through the relay.
+the owner marker in its environment like the fork server's, its execution fence in a
+memfd), the private folder its socket lives in (mode 0700, made with mkdtemp under
+$XDG_RUNTIME_DIR or the temporary folder, so the AF_UNIX path stays short), the variable
+TASKVISOR_LLM_RELAY_SOCKET that names the first relay's socket to the fork server and so
+to every task process, the control channel over which a relay runs `llm.chat` attempts
+itself (supervisor.channel: the fork server's spawn request, "cancel KEY", its events),
+noticing an exit, restarting with the fork server's backoff, starting more relays as the
+calls they run grow ([llm] relays), stopping them at shutdown, and logging each. Tasks
+that find no relay (it died and is being restarted) make their calls themselves. It never
+touches the database and never reads what passes through a relay.
 """
 
 from __future__ import annotations

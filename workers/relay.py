@@ -38,9 +38,14 @@ environment variable TASKVISOR_LLM_RELAY_SOCKET, which every task process inheri
 - Backpressure: the relay writes a frame and waits for the socket to drain before it reads
   upstream again, so a task that does not read holds at most a socket buffer's worth.
 
-Run as `python -m workers.relay --socket PATH --parent PID --ctrl-fd FD`: it binds PATH
-(mode 0600; the supervisor makes its folder 0700), writes "ready\\n" on the control socket,
-and exits when the control socket ends, on SIGTERM, or when its parent dies.
+Besides the task processes' calls, the relay runs `llm.chat` attempts itself when the
+supervisor sends them on the control socket (workers.hosting), each call then going to a
+HostedAnswer instead of a task's connection (both take the same frames: TaskFrames' interface).
+
+Run as `python -m workers.relay --socket PATH --parent PID --ctrl-fd FD [--fence-fd FD]`:
+it binds PATH (mode 0600; the supervisor makes its folder 0700), sends {"op": "ready"} on
+the control socket (a SOCK_SEQPACKET pair), and exits when the control socket ends, on
+SIGTERM, or when its parent dies.
 """
 
 from __future__ import annotations

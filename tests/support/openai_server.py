@@ -96,8 +96,10 @@ def tokens(text: str) -> list[str]:
 class FakeOpenAI:
     """`with FakeOpenAI() as server:` then `server.base_url` (ends in /v1)."""
 
-    def __init__(self, default=None, tls: tuple | None = None):
-        """`tls`: (certificate file, key file): served over HTTPS."""
+    def __init__(self, default=None, tls: tuple | None = None, port: int = 0,
+                 reuse_port: bool = False):
+        """`tls`: (certificate file, key file): served over HTTPS. `reuse_port`: bound
+        with SO_REUSEPORT, so that more servers (processes) can listen on `port` too."""
         self.default = default if default is not None else Stream()
         self.requests: list[dict] = []
         self.connections = 0          # TCP connections accepted (keep-alive reuses them)
@@ -107,7 +109,8 @@ class FakeOpenAI:
         self._queue: list = []
         self._lock = threading.Lock()
         self.stopping = threading.Event()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler_class(self))
+        server_class = _ReusePortServer if reuse_port else ThreadingHTTPServer
+        self.httpd = server_class(("127.0.0.1", port), _handler_class(self))
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
@@ -151,6 +154,10 @@ class FakeOpenAI:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class _ReusePortServer(ThreadingHTTPServer):
+    allow_reuse_port = True
 
 
 def _handler_class(server: FakeOpenAI):
