@@ -303,3 +303,27 @@ def test_the_relay_refuses_what_it_must_not_run_and_takes_a_spec_of_any_size():
             assert srv.requests[-1]["body"]["messages"][0]["content"] == big
     finally:
         relay.stop()
+
+
+@pytest.mark.timeout(90)
+def test_a_frozen_relay_cannot_hold_an_attempt_past_its_time_limit(tmp_path):
+    """The relay is stopped (SIGSTOP) mid-call: it cannot act on the cancel, so once
+    kill_grace_s has passed the supervisor kills it; the attempt ends as the time limit
+    says, and the restarted relay serves the next call."""
+    with FakeOpenAI(Stream(text=LONG, delay_s=0.05)) as srv:
+        with SupervisorProcess(tmp_path, llm_config(srv.base_url)) as sup:
+            (frozen,) = wait_until(lambda: relay_pids(sup), timeout=10)
+            task_id = sup.queue.enqueue("llm.chat", {"prompt": "long"}, max_attempts=1,
+                                        timeout_s=3)
+            running(sup, task_id)
+            os.kill(frozen, signal.SIGSTOP)
+            task = sup.wait(task_id, timeout=30)
+            assert task.status == "failed" and task.outcome == "timeout", task.error
+            assert "did not end attempt" in sup.log() and "killing the relay" in sup.log()
+            wait_until(lambda: not psutil.pid_exists(frozen)
+                       or psutil.Process(frozen).status() == psutil.STATUS_ZOMBIE, timeout=10)
+            (fresh,) = wait_until(lambda: relay_pids(sup), timeout=10)
+            assert fresh != frozen
+            srv.default = Stream(text="after")
+            after = sup.wait(sup.queue.enqueue("llm.chat", {"prompt": "hi"}), timeout=30)
+            assert after.status == "succeeded" and after.result["text"] == "after"
