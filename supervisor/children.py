@@ -175,7 +175,8 @@ class Children:
         except OSError as exc:
             what = "the model-call relay" if child.hosted else "the fork server"
             log.error("could not reach %s: %s", what, exc)
-            server.exited = True
+            if not child.hosted:  # a relay's send error says so itself (Channel.flush);
+                server.exited = True  # its socketpair failing (EMFILE) must not retire it
             child.stop = (Outcome.INTERRUPTED, f"could not reach {what}: {exc}")
             self.finish(child, mono)
             return child

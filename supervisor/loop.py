@@ -182,7 +182,7 @@ class Supervisor:
 
     def helpers(self) -> list:
         """Our helper processes that the pass's wait4(-1) may reap: the fork servers and
-        the model-call relay."""
+        the model-call relays."""
         return self.servers.all() + (self.relays.all if self.relays else [])
 
     def guard(self, step: Callable, *args) -> None:
