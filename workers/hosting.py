@@ -25,6 +25,7 @@ import collections
 import json
 import os
 import socket
+import sys
 import time
 
 from workers import wire
@@ -70,7 +71,7 @@ class Host:
                 for fd in fds:
                     _close(fd)
                 print(f"taskvisor-relay: a packet from the supervisor failed: {exc!r}",
-                      flush=True)
+                      file=sys.stderr, flush=True)
 
     def _on_packet(self, data: bytes, fds: list[int]) -> None:
         head, _, spec = data.partition(b"\n")
