@@ -600,13 +600,7 @@ class Supervisor:
             self.children.on_report(target, mono)
         elif kind == "output":
             self.children.on_output(target)
-        elif kind == "server":
-            if events & selectors.EVENT_WRITE:
-                target.flush()
-            if events & selectors.EVENT_READ:
-                for msg in target.events():
-                    self.children.on_server_event(target, msg, mono)
-        elif kind == "relay":
+        elif kind == "server":  # a fork server's or a relay's channel (supervisor.channel)
             if events & selectors.EVENT_WRITE:
                 target.flush()
             if events & selectors.EVENT_READ:
@@ -624,14 +618,14 @@ class Supervisor:
         """Ask to hear when a fork server's socket can take more, while its outbox holds
         packets: sends never block, and nothing waits in the outbox unwatched."""
         for server in self.servers.all():
-            self._want_writes(server, "server")
+            self._want_writes(server)
         for relay in self.relays.all if self.relays else ():
-            self._want_writes(relay, "relay")
+            self._want_writes(relay)
 
-    def _want_writes(self, channel, kind: str) -> None:
+    def _want_writes(self, channel) -> None:
         if channel.sock is None:
             return
         want = selectors.EVENT_READ | (selectors.EVENT_WRITE if channel.outbox else 0)
         key = self.selector.get_map().get(channel.sock)
         if key is not None and key.events != want:
-            self.selector.modify(channel.sock, want, (kind, channel))
+            self.selector.modify(channel.sock, want, ("server", channel))

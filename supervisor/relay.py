@@ -87,6 +87,8 @@ class Relay(Channel):
         """Start the process; with `wait`, until it listens (wait_ready)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         os.set_inheritable(theirs.fileno(), True)
+        if self.fence_map is not None:  # the last process's: a new one for each
+            self.fence_map.close()
         self.fence_map, fence_fd = wire.Fence.create()
         os.set_inheritable(fence_fd, True)
         if self.fence_mono is not None:
@@ -153,7 +155,7 @@ class Relay(Channel):
             self.helper_pids.add(self.pid)
         if self.selector is not None and self.sock is not None:
             try:
-                self.selector.register(self.sock, selectors.EVENT_READ, ("relay", self))
+                self.selector.register(self.sock, selectors.EVENT_READ, ("server", self))
             except KeyError:
                 pass  # already registered
 

@@ -82,13 +82,11 @@ class Stream(httpcore.AsyncNetworkStream):
     async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
         p = self.protocol
         if not p.buffer and not p.eof:
-            p.waiter, timer = _wait(timeout, httpcore.ReadTimeout)
+            p.waiter = _until(timeout, httpcore.ReadTimeout)
             try:
                 await p.waiter
             finally:
                 p.waiter = None
-                if timer is not None:
-                    timer.cancel()
         if p.buffer:
             data = bytes(p.buffer[:max_bytes])
             del p.buffer[:max_bytes]
@@ -108,13 +106,11 @@ class Stream(httpcore.AsyncNetworkStream):
             raise httpcore.WriteError(str(p.error) if p.error else "the connection is closed")
         self.transport.write(buffer)
         if p.write_paused:
-            p.writable, timer = _wait(timeout, httpcore.WriteTimeout)
+            p.writable = _until(timeout, httpcore.WriteTimeout)
             try:
                 await p.writable
             finally:
                 p.writable = None
-                if timer is not None:
-                    timer.cancel()
             if p.error is not None:
                 raise httpcore.WriteError(str(p.error))
 
@@ -188,13 +184,15 @@ class Backend(httpcore.AsyncNetworkBackend):
         await asyncio.sleep(seconds)
 
 
-def _wait(timeout: float | None, error: type) -> tuple[asyncio.Future, asyncio.TimerHandle | None]:
-    """A future to await, failed with `error` after `timeout` seconds (None: never), and
-    the timer to cancel once it is done."""
+def _until(timeout: float | None, error: type) -> asyncio.Future:
+    """A future for one wait, failed with `error` after `timeout` seconds (None: never);
+    its timer goes with it once it is done, whichever way."""
     loop = asyncio.get_running_loop()
     future = loop.create_future()
-    timer = loop.call_later(timeout, _fail, future, error) if timeout is not None else None
-    return future, timer
+    if timeout is not None:
+        timer = loop.call_later(timeout, _fail, future, error)
+        future.add_done_callback(lambda _f: timer.cancel())
+    return future
 
 
 def _fail(future: asyncio.Future, error: type) -> None:

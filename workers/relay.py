@@ -324,7 +324,7 @@ class TaskFrames:
         self.writer.write(frame(kind, data))
 
     async def send(self, kind: bytes, data: bytes = b"") -> None:
-        self.writer.write(frame(kind, data))
+        self.put(kind, data)
         await self.writer.drain()
 
 

@@ -65,7 +65,7 @@ def test_a_hosted_attempt_has_no_process_and_the_same_result_output_and_progress
                 assert store.read_output(task_id).text == task.result["text"]
             finally:
                 store.close()
-            # with run_in_relay = false the same call runs in a task process
+    # with run_in_relay = false the same call runs in a task process
     (tmp_path / "forked").mkdir()
     with FakeOpenAI(Stream(text=LONG, delay_s=0.01)) as srv:
         with SupervisorProcess(tmp_path / "forked", llm_config(srv.base_url, "run_in_relay = false\n")) as sup:
@@ -289,9 +289,9 @@ def test_the_relay_refuses_what_it_must_not_run_and_takes_a_spec_of_any_size():
             for key, body, start_by, _ in cases:
                 fd, _out = relay.spawn(key, body, start_by)
                 assert _read_report(fd) == b""
-            said = wait_until(lambda: (e := relay.events()) and e, timeout=5)
-            while len(said) < 3:
-                said += relay.events()
+            said: list = []
+            wait_until(lambda: said.extend(relay.events()) or len(said) >= 3, timeout=5,
+                       message="the relay did not say why it refused")
             assert [(e["op"], e["key"]) for e in said] == [("spawn_failed", k) for k, *_ in cases]
             for event, (_, _, _, why) in zip(said, cases):
                 assert why in event["error"], event
