@@ -28,6 +28,7 @@ from supervisor.store import AttemptEnd, Lease, Outcome, Task
 from supervisor.watchdog import Watchdog
 from workers import outcome as codes
 from workers import wire
+from workers.relaycall import RELAY_ENV
 
 if TYPE_CHECKING:
     from supervisor.forkserver import ForkServer
@@ -36,6 +37,13 @@ log = logging.getLogger("taskvisor.supervisor")
 MIB = 1024 * 1024
 MAX_LOG_BYTES = 256 * 1024  # the tail of a task's stdout and stderr kept per attempt
 REPORT_READ = 65536
+# A task whose hosted attempts were lost with their relay this many times runs its next
+# attempts in a task process of its own that calls the model directly: a payload that
+# kills the relay (a crash in the TLS stack, an answer that exhausts its memory) must not
+# take every call the relay hosts down with it again and again, nor hop from relay to
+# relay. Such losses spend no attempt; in a task process a crash does.
+ISOLATE_AFTER = 2
+RELAY_LOSSES_KEPT = 10_000  # tasks remembered (the oldest forgotten first)
 
 
 @dataclass(eq=False)
@@ -99,9 +107,12 @@ _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 _handler_configs: list = [None, b""]  # [the config it was built from, its JSON]
 
 
-def spec_for(task: Task, config, now: float, limits: tuple, cgroup_dir: str | None) -> bytes:
+def spec_for(task: Task, config, now: float, limits: tuple, cgroup_dir: str | None,
+             unset_env: tuple[str, ...] = ()) -> bytes:
     """The JSON text a task process reads: the task (its payload passed through as the
-    stored text, never decoded here), the deadline, limits and handler settings."""
+    stored text, never decoded here), the deadline, limits and handler settings, and the
+    environment variables it must not see (`unset_env`: an isolated llm.chat attempt
+    does not use the relay)."""
     timeout_s, memory_mb, cpu_s = limits
     if _handler_configs[0] is not config:  # ctx.config: llm.chat's settings, never a secret
         from dataclasses import asdict
@@ -118,7 +129,8 @@ def spec_for(task: Task, config, now: float, limits: tuple, cgroup_dir: str | No
         # workflow inputs, event data, checkpoint state (read at claim: Store.claim)
         **({"context": task.context} if task.context else {}),
         # The named limits it draws from, and those of its type (llm.chat pauses these).
-        "limit_keys": list(task.limit_keys), "type_limits": list(config.type_limits(task.type))})
+        "limit_keys": list(task.limit_keys), "type_limits": list(config.type_limits(task.type)),
+        **({"unset_env": list(unset_env)} if unset_env else {})})
     return b"".join((b'{"task":', head[:-1].encode(), b',"payload":', task.payload_text.encode(),
                      b'},"config":', _handler_configs[1], b",", rest[1:].encode()))
 
@@ -147,6 +159,7 @@ class Children:
         self._seq = 0
         self.orphans_due = False
         self.fence_mono: float | None = None  # set by the loop; past it tasks are killed
+        self.relay_losses: dict[str, int] = {}  # task id -> started hosted attempts lost with their relay
 
     def __len__(self) -> int:
         return len(self.table)
@@ -169,9 +182,10 @@ class Children:
         self.table[child.key] = child
         if child.hosted:
             server.hosting += 1  # finish() counts it out
+        unset = (RELAY_ENV,) if not child.hosted and self.isolated(task) else ()
         try:
             child.report_fd, child.output_fd = server.spawn(
-                child.key, spec_for(task, config, now, limits, cgroup_dir), start_by)
+                child.key, spec_for(task, config, now, limits, cgroup_dir, unset), start_by)
         except OSError as exc:
             what = "the model-call relay" if child.hosted else "the fork server"
             log.error("could not reach %s: %s", what, exc)
@@ -186,6 +200,28 @@ class Children:
         if child.deadline_mono is not None:
             self.at(child.deadline_mono, child)
         return child
+
+    def isolated(self, task: Task) -> bool:
+        """Whether the task's attempts run apart from the model-call relay (ISOLATE_AFTER)."""
+        return self.relay_losses.get(task.id, 0) >= ISOLATE_AFTER
+
+    def _lost_with_relay(self, child: Child) -> str:
+        """Count a started hosted attempt whose relay ended without its outcome; the
+        reason its attempt gives."""
+        losses = self.relay_losses
+        n = losses[child.task.id] = losses.pop(child.task.id, 0) + 1  # now the newest
+        if len(losses) > RELAY_LOSSES_KEPT:
+            del losses[next(iter(losses))]
+        reason = ("the model-call relay ended without an outcome for it (it died or was "
+                  "killed); the attempt is given back")
+        if n >= ISOLATE_AFTER:
+            reason += (f". The relay ended {n} times while hosting this task, so its next "
+                       f"attempts run in a task process of their own that calls the model "
+                       f"directly")
+            log.warning("task %s: the model-call relay ended %d times while hosting its "
+                        "attempts; its next attempts run in a task process of their own",
+                        child.task.id, n, extra={"task_id": child.task.id})
+        return reason
 
     def give_back(self, task: Task, server: "ForkServer", mono: float, reason: str) -> None:
         """Record a claimed attempt as interrupted without starting it."""
@@ -515,11 +551,17 @@ class Children:
             child.stop = (Outcome.LOST, "fenced: killed by its fork server when the lease was "
                           "not renewed in time")
         if child.hosted and child.stop is None and child.final is None:
-            child.stop = (Outcome.LOST, "fenced: ended by the model-call relay when the lease "
-                          "was not renewed in time") if fenced else (
-                Outcome.INTERRUPTED, "the model-call relay ended without an outcome for it "
-                "(it died or was killed); the attempt is given back")
+            if fenced:
+                child.stop = (Outcome.LOST, "fenced: ended by the model-call relay when the "
+                              "lease was not renewed in time")
+            elif child.started:
+                child.stop = (Outcome.INTERRUPTED, self._lost_with_relay(child))
+            else:
+                child.stop = (Outcome.INTERRUPTED, "the model-call relay ended before the "
+                              "attempt started; the attempt is given back")
         end = classify(child, mono)
+        if end.outcome is Outcome.SUCCEEDED and self.relay_losses:
+            self.relay_losses.pop(child.task.id, None)
         self.pending.append((child, end))
         level = logging.INFO if end.outcome in (Outcome.SUCCEEDED, Outcome.RESCHEDULED) else logging.WARNING
         log.log(level, "%s attempt %d ended %s: %s", child.task.type, child.lease.attempt,

@@ -415,9 +415,11 @@ class Supervisor:
 
     def host_for(self, task: Task):
         """Where an attempt runs: `llm.chat` in the model-call relay ([llm] run_in_relay,
-        while the relay is up and the type keeps its built-in handler), else a process
+        while the relay is up, the type keeps its built-in handler and the task's attempts
+        have not been lost with their relay too often: Children.isolated), else a process
         forked by the current fork server."""
-        if task.type == "llm.chat" and self.relays is not None and self.config.llm.run_in_relay:
+        if (task.type == "llm.chat" and self.relays is not None and self.config.llm.run_in_relay
+                and not self.children.isolated(task)):
             spec = self.config.types.get("llm.chat")
             if spec is None or not spec.handler:
                 relay = self.relays.pick()

@@ -235,6 +235,8 @@ def start(spec: dict | bytes | int, report_fd: int, log_fd: int) -> int:
         spec = data
     if not isinstance(spec, dict):
         spec = json.loads(spec)
+    for name in spec.get("unset_env") or ():  # e.g. the relay, for an isolated attempt
+        os.environ.pop(name, None)
     reporter = Reporter(report_fd)
     task = spec["task"]
     log_settings = (spec.get("log_format") == "json", spec.get("log_level", "INFO"))

@@ -327,3 +327,60 @@ def test_a_frozen_relay_cannot_hold_an_attempt_past_its_time_limit(tmp_path):
             srv.default = Stream(text="after")
             after = sup.wait(sup.queue.enqueue("llm.chat", {"prompt": "hi"}), timeout=30)
             assert after.status == "succeeded" and after.result["text"] == "after"
+
+
+@pytest.mark.timeout(120)
+def test_a_call_that_kills_its_relay_twice_runs_apart_in_a_task_process_of_its_own(tmp_path):
+    """A payload that takes the relay down (here: the test kills whichever relay holds
+    its connection) would take every call hosted there down with it, and hop to the next
+    relay each time. After two such losses (no attempt spent) its next attempt runs in a
+    task process that calls the model itself, though a third relay is up, and the relays
+    are left alone."""
+    from supervisor.children import ISOLATE_AFTER
+    from supervisor.relay import HOST_SPLIT
+    n = 2 * HOST_SPLIT + 10
+    with FakeOpenAI(Stream(text=" ".join(["w"] * 20), delay_s=0.1)) as srv:
+        toml = llm_config(srv.base_url, "relays = 3\n", pool_size=n)
+        with SupervisorProcess(tmp_path, toml) as sup:
+            # enough calls at once to start three relays; they stay up afterwards
+            ids = sup.queue.enqueue_many([{"type": "llm.chat", "payload": {"prompt": f"p{i}"}}
+                                          for i in range(n)])
+            assert all(sup.wait(i, timeout=60).status == "succeeded" for i in ids)
+            relays = wait_until(lambda: len(p := relay_pids(sup)) == 3 and p, timeout=10)
+            srv.default = Stream(text=LONG, delay_s=0.02)
+            poison = sup.queue.enqueue("llm.chat", {"prompt": "poison"}, max_attempts=1)
+            killed, direct = [], []
+
+            def holders() -> None:
+                """Kill each relay that streams the call; note a task process that does."""
+                for proc in psutil.Process(sup.pid).children(recursive=True):
+                    try:
+                        if any(c.raddr and c.raddr.port == srv.port
+                               for c in proc.net_connections("tcp")):
+                            if "workers.relay" in " ".join(proc.cmdline()):
+                                proc.kill()
+                                killed.append(proc.pid)
+                            elif proc.pid not in direct:
+                                direct.append(proc.pid)
+                    except psutil.NoSuchProcess:
+                        pass
+            wait_until(lambda: holders() or sup.queue.get(poison).status in ("succeeded", "failed"),
+                       timeout=60, interval=0.02, message="the call never ended")
+            task = sup.wait(poison, timeout=30)
+            assert task.status == "succeeded", (task.error, sup.log()[-3000:])
+            assert len(killed) == ISOLATE_AFTER and len(set(killed)) == ISOLATE_AFTER, (killed, relays)
+            started = [a for a in task.history if "before the attempt started" not in (a.reason or "")]
+            assert [a.outcome for a in started] == ["interrupted"] * ISOLATE_AFTER + ["succeeded"], (
+                [(a.outcome, a.reason) for a in task.history])
+            assert "run in a task process of their own" in started[ISOLATE_AFTER - 1].reason
+            assert started[-1].pid is not None and started[-1].pid in direct
+            assert task.attempts == 1, "losses with the relay spend no attempt"
+            assert task.result["text"] == LONG
+            assert "ended 2 times while hosting its attempts" in sup.log()
+            # the relays come back and host the calls after it
+            wait_until(lambda: sup.log().count(" ready on ") >= 3 + ISOLATE_AFTER, timeout=20,
+                       message="the killed relays did not start again")
+            srv.default = Stream(text="fine")
+            after = sup.queue.enqueue("llm.chat", {"prompt": "after"})
+            done = sup.wait(after, timeout=30)
+            assert done.status == "succeeded" and done.history[-1].pid is None
