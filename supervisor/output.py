@@ -20,6 +20,12 @@ from dataclasses import dataclass, field
 # chunks and passes that cost less while tasks stream (10 ms: passes with outcomes 1.37x
 # slower while 8 tasks streamed 50,000 tokens/s; 50 ms: see benchmarks/README.md).
 OUTPUT_FLUSH_S = 0.05
+# With many attempts streaming, each one's output waits longer, so that about
+# OUTPUT_CHUNKS_PER_S chunks are stored a second in all, up to OUTPUT_MAX_WAIT_S: every
+# chunk is a row (and its event) written in the pass, and with 1,000 model calls
+# streaming, storing each piece as it came was a fifth of the supervisor's busy time.
+OUTPUT_CHUNKS_PER_S = 1000
+OUTPUT_MAX_WAIT_S = 1.0
 LOG_FLUSH_S = 1.0       # a running attempt's log is stored this often (for --follow)
 
 
@@ -31,7 +37,7 @@ class _Attempt:
     out_bytes: int = 0            # UTF-8 bytes stored so far, against max_output_bytes
     out_truncated: bool = False
     out_pending: list[str] = field(default_factory=list)
-    out_since: float | None = None
+    out_due: float | None = None  # when the pending output is stored (set by its first piece)
     log_seq: int = 0
     log_written: int = 0          # bytes the attempt wrote so far
     log_stored: int = 0           # bytes of those already stored or dropped
@@ -43,9 +49,11 @@ class _Attempt:
 class LiveOutput:
     """The buffers of every running attempt, keyed by the child's key."""
 
-    def __init__(self, max_output_bytes: int, max_log_bytes: int):
+    def __init__(self, max_output_bytes: int, max_log_bytes: int,
+                 chunks_per_s: float = OUTPUT_CHUNKS_PER_S):
         self.max_output_bytes = max_output_bytes
         self.max_log_bytes = max_log_bytes
+        self.chunks_per_s = chunks_per_s
         self._attempts: dict[str, _Attempt] = {}
         # When a flush is due, without a look at every attempt in every pass: a heap of
         # (due, key, kind) pushed when an attempt's oldest unsent piece starts waiting
@@ -74,9 +82,15 @@ class LiveOutput:
         if att.out_truncated:
             return
         att.out_pending.append(text)
-        if att.out_since is None:
-            att.out_since = mono
-            heapq.heappush(self._due, (mono + OUTPUT_FLUSH_S, key, 0))
+        if att.out_due is None:
+            att.out_due = mono + self.output_wait()
+            heapq.heappush(self._due, (att.out_due, key, 0))
+
+    def output_wait(self) -> float:
+        """How long a first piece of output waits to be stored: OUTPUT_FLUSH_S, longer
+        when so many attempts write that more than chunks_per_s chunks would be stored a
+        second (at most OUTPUT_MAX_WAIT_S)."""
+        return min(OUTPUT_MAX_WAIT_S, max(OUTPUT_FLUSH_S, len(self._attempts) / self.chunks_per_s))
 
     def on_log(self, key: str, lease, data: bytes, mono: float) -> None:
         """A chunk the attempt wrote to stdout or stderr; only the tail is kept."""
@@ -109,8 +123,10 @@ class LiveOutput:
             due, key, kind = heap[0]
             att = self._attempts.get(key)
             if att is not None:
-                since = att.out_since if kind == 0 else att.log_since
-                if since is not None and since + (OUTPUT_FLUSH_S, LOG_FLUSH_S)[kind] == due:
+                if kind == 0:
+                    if att.out_due == due:
+                        return due
+                elif att.log_since is not None and att.log_since + LOG_FLUSH_S == due:
                     return due
             heapq.heappop(heap)  # flushed (or its attempt gone) since it was pushed
         return None
@@ -127,7 +143,7 @@ class LiveOutput:
             att = self._attempts.get(key)
             if att is None:
                 continue
-            if att.out_pending and (att.ended or mono >= att.out_since + OUTPUT_FLUSH_S):
+            if att.out_pending and (att.ended or mono >= att.out_due):
                 self._flush_output(store, att)
             if att.log_pending and (att.ended or mono >= att.log_since + LOG_FLUSH_S):
                 self._flush_log(store, att)
@@ -186,7 +202,7 @@ class LiveOutput:
                 self.dropped_output += 1
             att.out_truncated = truncated
             del att.out_pending[:n]
-            att.out_since = None
+            att.out_due = None
         self._staged.append(apply)
 
     def _flush_log(self, store, att: _Attempt) -> None:

@@ -227,7 +227,8 @@ def test_live_output_knows_when_it_is_due_without_a_look_at_every_attempt(store)
     live.committed()
     assert live.next_due() == 5.0 + OUTPUT_FLUSH_S  # forgotten once flushed
 
-    many = LiveOutput(max_output_bytes=1 << 20, max_log_bytes=1000)
+    # (chunks_per_s: no longer waits with more attempts streaming, tested apart)
+    many = LiveOutput(max_output_bytes=1 << 20, max_log_bytes=1000, chunks_per_s=float("inf"))
     many._attempts = Counting()
     for i in range(1000):
         many.on_stream(f"t{i}:1", leases[0], "x", 10.0 + i / 1000)
@@ -235,6 +236,51 @@ def test_live_output_knows_when_it_is_due_without_a_look_at_every_attempt(store)
     for _ in range(100):
         assert many.next_due() == 10.0 + OUTPUT_FLUSH_S
     assert Counting.gets == 100, "one look per call, at the earliest attempt"
+
+
+def test_with_many_attempts_streaming_output_waits_longer_and_is_stored_in_fewer_chunks(store):
+    """Output is stored OUTPUT_FLUSH_S after its first piece while few attempts write;
+    with more, each waits so that about OUTPUT_CHUNKS_PER_S chunks are stored a second in
+    all (up to OUTPUT_MAX_WAIT_S): what came meanwhile is one chunk, in order, and the
+    text is whole. An attempt that ends is stored at once, however many write."""
+    from supervisor.output import OUTPUT_CHUNKS_PER_S, OUTPUT_MAX_WAIT_S
+    lease = claimed(store)
+    live = LiveOutput(max_output_bytes=1 << 20, max_log_bytes=1000)
+    live.on_stream("few:1", lease, "a", 1.0)
+    assert live.next_due() == 1.0 + OUTPUT_FLUSH_S
+
+    class Recording:
+        def __init__(self):
+            self.outputs = []
+
+        def append_output(self, lease, seq, pos, text, truncated):
+            self.outputs.append((seq, pos, text))
+            return True
+
+    busy = LiveOutput(max_output_bytes=1 << 20, max_log_bytes=1000)
+    streaming = OUTPUT_CHUNKS_PER_S // 2  # half a second's worth of chunks
+    for i in range(streaming):
+        busy.on_stream(f"t{i}:1", lease, "x", 2.0)
+    busy.on_stream("late:1", lease, "one ", 2.0)
+    wait = busy.output_wait()
+    assert wait > OUTPUT_FLUSH_S and abs(wait - (streaming + 1) / OUTPUT_CHUNKS_PER_S) < 1e-9
+    for j, piece in enumerate(("two ", "three")):  # pieces 0.2 s apart: one chunk
+        busy.on_stream("late:1", lease, piece, 2.0 + 0.2 * (j + 1))
+    rec = Recording()
+    busy.flush(rec, 2.0 + OUTPUT_FLUSH_S)
+    busy.committed()
+    assert all(text == "x" for _seq, _pos, text in rec.outputs), "the late one waits"
+    assert len(rec.outputs) < streaming  # those that came first, with fewer writing
+    busy.flush(rec, 2.0 + wait)
+    busy.committed()
+    assert ((0, 0, "one two three") in rec.outputs) and len(rec.outputs) == streaming + 1
+    crowd = LiveOutput(max_output_bytes=1 << 20, max_log_bytes=1000)
+    for i in range(OUTPUT_CHUNKS_PER_S * 5):
+        crowd.on_stream(f"t{i}:1", lease, "x", 3.0)
+    assert crowd.output_wait() == OUTPUT_MAX_WAIT_S
+    crowd.on_stream("done:1", lease, "tail", 3.0)
+    crowd.end("done:1")
+    assert crowd.next_due() == 0.0  # an ended attempt: at once
 
 
 class Counting(dict):
@@ -268,7 +314,7 @@ def test_live_output_flush_looks_only_at_attempts_due(store):
         def append_log(self, *args, **kwargs):
             raise AssertionError("no log was written")
 
-    live = LiveOutput(max_output_bytes=1 << 20, max_log_bytes=1000)
+    live = LiveOutput(max_output_bytes=1 << 20, max_log_bytes=1000, chunks_per_s=float("inf"))
     live._attempts = Counting()
     for i in range(1000):
         live.on_stream(f"t{i}:1", lease, f"x{i}", 10.0 + i / 1000)
