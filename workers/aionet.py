@@ -24,9 +24,15 @@ import httpcore
 
 HIGH_WATER = 1 << 18  # unread bytes before the connection stops reading (then LOW_WATER)
 LOW_WATER = 1 << 16
+# Every connection's reads land here first (BufferedProtocol: the transport calls recv_into
+# and then buffer_updated, in one callback of the loop's one thread), then are copied to
+# that connection's buffer. A plain Protocol is handed a new bytes object per read, which
+# asyncio allocates at 256 KiB and shrinks: a mmap, a mremap and a munmap per read (strace
+# of a relay at 300 calls in flight: 10 of them per call).
+_READ_INTO = memoryview(bytearray(1 << 16))
 
 
-class _Protocol(asyncio.Protocol):
+class _Protocol(asyncio.BufferedProtocol):
     """What has arrived on one connection, and who waits for more."""
 
     def __init__(self) -> None:
@@ -42,7 +48,13 @@ class _Protocol(asyncio.Protocol):
     def connection_made(self, transport) -> None:
         self.transport = transport
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _READ_INTO
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(_READ_INTO[:nbytes])
+
+    def data_received(self, data) -> None:
         self.buffer += data
         if not self.paused and len(self.buffer) > HIGH_WATER:
             self.transport.pause_reading()
