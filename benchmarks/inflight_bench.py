@@ -67,10 +67,12 @@ def raise_nofile() -> tuple[int, int]:
 LLM_SERVER: list = []  # the model server's pid, for its CPU per call (on the same cores)
 
 
-def start_llm_server(sessions: procfs.Sessions, workdir: Path, seconds: float) -> str:
+def start_llm_server(sessions: procfs.Sessions, workdir: Path, seconds: float,
+                     chunks: int | None = None) -> str:
     """The chat variant's model server in its own process; returns its base URL."""
     proc = sessions.add(subprocess.Popen(
-        [sys.executable, str(HERE / "inflight_llm_server.py"), repr(seconds)], cwd=HERE,
+        [sys.executable, str(HERE / "inflight_llm_server.py"), repr(seconds), "4",
+         *([str(chunks)] if chunks else [])], cwd=HERE,
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
         stderr=open(workdir / "llm-server.log", "wb"), start_new_session=True, text=True))
     line = proc.stdout.readline().strip()
@@ -126,6 +128,9 @@ def main(argv=None) -> int:
                          "call), process (a task process per call, through the relay: "
                          "run_in_relay = false), off (each task process makes its call: "
                          "relay = false), or all three, one after the other")
+    ap.add_argument("--chat-chunks", type=int,
+                    help="pieces each chat answer streams over S (default 10; a model streaming "
+                         "30 tokens/s for 3 s sends ~100)")
     ap.add_argument("--hang-s", type=float, default=30.0, help="no task finished for this long = HANG")
     ap.add_argument("--out", default=str(HERE / "results" / "inflight.json"))
     args = ap.parse_args(argv)
@@ -144,9 +149,12 @@ def main(argv=None) -> int:
         ap.error(f"unknown --only/--variants value(s) {', '.join(bad)}; systems: {', '.join(SYSTEMS)}; "
                  "variants: sleep, chat")
     nofile = raise_nofile()
+    chunks = args.chat_chunks or 10
     res: dict = {"machine": machine(nofile), "seconds": seconds, "sizes": sizes, "chat_sizes": chat_sizes,
+                 "chat_chunks": chunks,
                  "systems": systems, "variants": variants, "runs": [], "skipped": []}
-    print(f"In flight: S={seconds:g}s, sizes {sizes} (chat {chat_sizes}), systems {systems}, variants {variants}; "
+    print(f"In flight: S={seconds:g}s, sizes {sizes} (chat {chat_sizes}, {chunks} pieces an answer), "
+          f"systems {systems}, variants {variants}; "
           f"load {os.getloadavg()[0]:.1f}, open files {nofile[0]}", flush=True)
     sessions = procfs.Sessions()
     t_start = time.monotonic()
@@ -196,7 +204,8 @@ def run_all(args, workdir: Path, sessions, res: dict, sizes, chat_sizes, seconds
             res["skipped"].append({"system": p, "why": why})
             peers.remove(p)
     redis = start_redis(sessions, workdir) if peers else None
-    base_url = start_llm_server(sessions, workdir, seconds) if "chat" in variants else None
+    base_url = (start_llm_server(sessions, workdir, seconds, args.chat_chunks)
+                if "chat" in variants else None)
     prefork_pss: float | None = None
     for kind in variants:
         print(f"\nVariant {kind}", flush=True)

@@ -2,7 +2,7 @@
 server (tests/support/openai_server.py) in a process of its own, answering every request
 with the same stream of CHUNKS tokens spread over S seconds (a fixed latency).
 
-Usage: python inflight_llm_server.py S [PROCESSES]  -> prints its base URL on one line,
+Usage: python inflight_llm_server.py S [PROCESSES [CHUNKS]]  -> prints its base URL on one line,
 serves until SIGTERM. Its listen backlog is raised to the kernel's maximum, so a thousand
 clients connecting at once are not dropped into SYN retries. PROCESSES (default 4) copies
 of the server listen on the same port (SO_REUSEPORT; the kernel spreads connections): one
@@ -27,10 +27,11 @@ CHUNKS = 10
 def main() -> None:
     seconds = float(sys.argv[1])
     processes = int(sys.argv[2]) if len(sys.argv) > 2 else 4
-    text = " ".join(f"token{i}" for i in range(CHUNKS))
+    chunks = int(sys.argv[3]) if len(sys.argv) > 3 else CHUNKS
+    text = " ".join(f"token{i}" for i in range(chunks))
 
     def serve(port: int = 0) -> FakeOpenAI:
-        server = FakeOpenAI(default=Stream(text=text, delay_s=seconds / CHUNKS), port=port,
+        server = FakeOpenAI(default=Stream(text=text, delay_s=seconds / chunks), port=port,
                             reuse_port=True)
         server.httpd.socket.listen(65535)  # capped by net.core.somaxconn
         server.requests = _Counter()       # the test server keeps every request; count them only

@@ -78,6 +78,13 @@ BACKLOG = 4096                       # capped by net.core.somaxconn: a wave of t
 EXIT_PARENT_GONE = 3
 DONE_DRAIN_S = 0.5                   # after [DONE], how long the body's end is waited for
 SOCKET_CHECK_S = 2.0                 # how often the relay looks that its socket is still there
+# An answer it reads itself (a hosted attempt, or a task's "parse" call) goes out as stream
+# text at most this often: the first piece at once, the next ones held until this long
+# after the last went (or HOLD_PIECES came), then together as one report line. Each line is
+# read, parsed and stored by the supervisor, and a model that streams 30-100 tokens a second
+# sent as many (the supervisor stores output every 50 ms at best anyway).
+STREAM_EVERY_S = 0.05
+HOLD_PIECES = 64
 # The cyclic collector's young-generation threshold once httpx is loaded (the default is
 # 700): a call in flight keeps a few hundred objects alive for its seconds (its coroutine,
 # connection, parser), so at the default every young collection found them alive, moved
@@ -298,14 +305,7 @@ class RelayServer:
             if reports:
                 await writer.send(b"R", reports)
         else:
-            batches = self._batches(resp)
-            async for lines in batches:
-                reports = parsed.lines(lines)
-                if reports:
-                    await writer.send(b"R", reports)
-                if parsed.done:
-                    await _rest(batches)
-                    break
+            await _stream_parsed(self._batches(resp), writer, parsed)
         last, result = parsed.end()
         if last:
             writer.put(b"R", last)
@@ -339,6 +339,53 @@ class TaskFrames:
     async def send(self, kind: bytes, data: bytes = b"") -> None:
         self.put(kind, data)
         await self.writer.drain()
+
+
+async def _stream_parsed(batches, writer: "TaskFrames", parsed) -> None:
+    """The body's batches fed to `parsed`, its report lines sent as `R` frames, its stream
+    text at most every STREAM_EVERY_S: held text goes with the next read that is due, or by
+    a timer if none comes, and before whatever ends the call (its error included)."""
+    loop = asyncio.get_running_loop()
+    last = -STREAM_EVERY_S  # the first piece goes at once
+    timer: asyncio.TimerHandle | None = None
+
+    def flush_held() -> None:
+        nonlocal timer, last
+        timer = None
+        last = loop.time()
+        reports = parsed.flush()
+        if reports:
+            writer.put(b"R", reports)
+    try:
+        async for lines in batches:
+            now = loop.time()
+            due = now - last >= STREAM_EVERY_S or parsed.held >= HOLD_PIECES
+            reports = parsed.lines(lines, flush=due)
+            if due:
+                if parsed.flushed:  # (a read with no text, the role's chunk, starts no step)
+                    last = now
+                if timer is not None:
+                    timer.cancel()
+                    timer = None
+            elif parsed.held and timer is None:
+                timer = loop.call_at(last + STREAM_EVERY_S, flush_held)
+            if reports:
+                await writer.send(b"R", reports)  # the wait for the reader: backpressure
+            if parsed.done:
+                await _rest(batches)
+                break
+    except BaseException:
+        if timer is not None:
+            timer.cancel()
+            timer = None
+        try:
+            flush_held()  # what came before the error is the attempt's output too
+        except Exception:  # noqa: BLE001 - the first error is the one told
+            pass
+        raise
+    finally:
+        if timer is not None:
+            timer.cancel()
 
 
 async def _body(resp, cap: int | None = None) -> bytes:

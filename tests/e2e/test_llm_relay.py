@@ -314,6 +314,32 @@ def test_the_relay_writes_a_task_contexts_stream_progress_and_spend_in_order(rel
 
 
 @pytest.mark.timeout(30)
+def test_a_fast_stream_goes_out_in_steps_of_stream_every_s_the_first_piece_at_once(relay):
+    """A model streaming 500 tokens a second would cost the supervisor a report line per
+    token: the relay sends the first piece at once, then what came in each STREAM_EVERY_S
+    as one line, the last with the end; the text is whole and in order."""
+    import socket
+
+    from workers.relay import STREAM_EVERY_S
+    words = [f"w{i} " for i in range(300)]
+    ours, theirs = socket.socketpair()
+    with FakeOpenAI(Stream(text="".join(words).strip(), delay_s=0.002)) as srv:
+        ctx = task_context(ours.fileno())
+        started = time.monotonic()
+        out = llm.chat_sync({"prompt": "hi", "base_url": srv.base_url, "model": "m1",
+                             "request_timeout_s": 20, "stall_timeout_s": 10}, ctx)
+        took = time.monotonic() - started
+        ctx.close_output()
+        ours.close()
+        lines = report_lines(theirs)
+    theirs.close()
+    streams = [m["text"] for m in lines if m["kind"] == "stream"]
+    assert "".join(streams) == out["text"] == "".join(words).strip()
+    assert len(streams[0].split()) <= 3, streams[0]  # not held for the first step
+    assert 2 <= len(streams) <= took / STREAM_EVERY_S + 3, (len(streams), took)
+
+
+@pytest.mark.timeout(30)
 def test_what_the_relay_reads_raises_the_same_exceptions_in_the_task(relay):
     import socket
 

@@ -49,7 +49,8 @@ class Parse:
         self.ctx = TaskContext(id="", type="llm.chat", attempt=1, max_attempts=1,
                                deadline_at=None, reporter=self.out) if opts.get("reports") else None
         self.reply = llm.Reply(self.ctx, stall_timeout_s, opts.get("max_tokens"))
-        self.reply.batch_stream()  # one stream line per upstream read
+        self.reply.batch_stream()  # one stream line per upstream read, or per `flush`
+        self.flushed = False  # whether the last `lines` or `flush` sent stream text
 
     def start(self) -> bytes:
         """Before the request: the "asking" progress."""
@@ -57,8 +58,10 @@ class Parse:
             self.ctx.progress(0.0, llm.asking(self.model, self.url))
         return self.out.take()
 
-    def lines(self, lines: list[str]) -> bytes:
-        """Body lines of one upstream read (none after [DONE]: see `done`)."""
+    def lines(self, lines: list[str], flush: bool = True) -> bytes:
+        """Body lines of one upstream read (none after [DONE]: see `done`). With `flush`
+        False the streamed text stays held (`held`) for a later `flush`, unless the answer
+        is whole."""
         reply = self.reply
         try:
             for line in lines:
@@ -66,7 +69,22 @@ class Parse:
                 if reply.done:
                     break
         finally:
-            reply.flush_stream()
+            if flush or reply.done:
+                self.flushed = bool(reply.pending)
+                reply.flush_stream()
+            else:
+                self.flushed = False
+        return self.out.take()
+
+    @property
+    def held(self) -> int:
+        """Pieces of streamed text held since the last flush."""
+        return len(self.reply.pending or ())
+
+    def flush(self) -> bytes:
+        """The held text, as report lines (b\"\" when none is held)."""
+        self.flushed = bool(self.reply.pending)
+        self.reply.flush_stream()
         return self.out.take()
 
     def whole(self, body: bytes) -> bytes:
