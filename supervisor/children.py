@@ -5,8 +5,9 @@ attempt, the spawn request and the fork server's events about it, the report cha
 (every line checked by workers.wire; a task that breaks the protocol ends its own attempt
 as `crashed`), its output pipe (read into supervisor.output), reaping, the time, boot and
 memory limits (deadlines in a heap and a bounded watchdog, so the cost is per event, not
-per task in flight), stopping an attempt, and turning how it ended into an AttemptEnd that
-waits in `pending` until the loop writes it. It never touches the database and never
+per task in flight), stopping an attempt, turning how it ended into an AttemptEnd that
+waits in `pending` until the loop writes it, and counting the hosted attempts each task
+lost with its relay (`isolated`: from the second, the task runs apart from the relay). It never touches the database and never
 imports user code.
 """
 

@@ -32,11 +32,13 @@ environment variable TASKVISOR_LLM_RELAY_SOCKET, which every task process inheri
   (workers.handlers.llmreports: the same Reply a task runs) and sends instead `R` (report
   lines, workers.wire: the stream text, progress and spend that the task's context would
   have sent, for the task to write to its report channel as they are; the first one
-  before the request) and `J` (the result object; the end), or `E` with kind "raised"
+  before the request; the stream text at most every STREAM_EVERY_S, the first piece at
+  once) and `J` (the result object; the end), or `E` with kind "raised"
   {"error": the llm exception's class name, "message"}. An HTTP error status still comes
   as `H` and `B`.
 - Backpressure: the relay writes a frame and waits for the socket to drain before it reads
-  upstream again, so a task that does not read holds at most a socket buffer's worth.
+  upstream again, so a task that does not read holds at most a socket buffer's worth (and,
+  with "parse", HOLD_PIECES pieces of held stream text).
 
 Besides the task processes' calls, the relay runs `llm.chat` attempts itself when the
 supervisor sends them on the control socket (workers.hosting), each call then going to a

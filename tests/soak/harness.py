@@ -30,7 +30,8 @@ MARK = "TVSOAK_MARK"
 TYPE = "soak.run"
 FIGURES: list[dict] = []   # one row per finished soak test, printed at the end of the session
 COLUMNS = ("test", "tasks", "sup kills", "pauses (aimed)", "fs kills", "task kills",
-           "runs", "duplicate runs", "overlaps", "max overlap s", "drain s", "wall s", "notes")
+           "relay kills", "runs", "duplicate runs", "overlaps", "max overlap s", "drain s",
+           "wall s", "notes")
 
 
 class SoakSupervisor(SupervisorProc):

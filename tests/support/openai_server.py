@@ -17,7 +17,9 @@ The real services cannot be reached from here; this is what the tests talk to.
 from __future__ import annotations
 
 import json
+import select
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass, field
@@ -106,10 +108,16 @@ class FakeOpenAI:
         self.disconnects: list[float] = []  # monotonic times a client left mid-answer
         self.flooded = 0              # bytes a Flood wrote so far
         self.active = self.max_active = 0   # requests being answered now / at most at once
+        # With `key` (body -> a hashable, e.g. the prompt of one task): requests of each key
+        # being answered now, and each request that began while another of its key was
+        # answered (two runs of one task at once, as the model server sees them).
+        self.key = None
+        self.active_by: dict = {}
+        self.overlaps: list = []
         self._queue: list = []
         self._lock = threading.Lock()
         self.stopping = threading.Event()
-        server_class = _ReusePortServer if reuse_port else ThreadingHTTPServer
+        server_class = _ReusePortServer if reuse_port else _Server
         self.httpd = server_class(("127.0.0.1", port), _handler_class(self))
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
@@ -156,7 +164,13 @@ class FakeOpenAI:
         self.close()
 
 
-class _ReusePortServer(ThreadingHTTPServer):
+class _Server(ThreadingHTTPServer):
+    # socketserver's default backlog is 5: a hundred calls that connect at once overflowed
+    # it, and some were reset (a real model server's is in the thousands).
+    request_queue_size = 4096
+
+
+class _ReusePortServer(_Server):
     allow_reuse_port = True
 
 
@@ -195,6 +209,11 @@ def _handler_class(server: FakeOpenAI):
             with server._lock:
                 server.active += 1
                 server.max_active = max(server.max_active, server.active)
+                key = server.key(body) if server.key is not None else None
+                if key is not None:
+                    server.active_by[key] = server.active_by.get(key, 0) + 1
+                    if server.active_by[key] > 1:
+                        server.overlaps.append((key, time.monotonic()))
             try:
                 self._serve(behaviour, body)
             except (BrokenPipeError, ConnectionResetError):
@@ -203,6 +222,8 @@ def _handler_class(server: FakeOpenAI):
             finally:
                 with server._lock:
                     server.active -= 1
+                    if key is not None:
+                        server.active_by[key] -= 1
 
         def _serve(self, b, body: dict) -> None:
             if isinstance(b, Status):
@@ -274,7 +295,7 @@ def _handler_class(server: FakeOpenAI):
             self._event(_chunk(model, {"role": "assistant", "content": ""}))
             for n, piece in enumerate(pieces, 1):
                 if b.delay_s:
-                    time.sleep(b.delay_s)
+                    self._pause(b.delay_s)
                 self._event(_chunk(model, {"content": piece}))
                 if b.ping_every and n % b.ping_every == 0:
                     self._write(": keep-alive\n\n")
@@ -286,6 +307,29 @@ def _handler_class(server: FakeOpenAI):
                          "total_tokens": b.prompt_tokens + completion}
                 self._event({**_chunk(model, None), "choices": [], "usage": usage})
             self._write("data: [DONE]\n\n")
+
+        def _pause(self, seconds: float) -> None:
+            """Wait between two pieces; a client that closed its connection meanwhile ends
+            the answer at once (ConnectionResetError), as a real server's event loop sees a
+            closed connection, rather than at the next write."""
+            sock = self.connection
+            end = time.monotonic() + seconds
+            if isinstance(sock, ssl.SSLSocket):  # no MSG_PEEK through TLS
+                time.sleep(seconds)
+                return
+            while (left := end - time.monotonic()) > 0:
+                if not select.select([sock], [], [], left)[0]:
+                    return
+                try:
+                    peek = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    continue
+                except OSError as exc:
+                    raise ConnectionResetError(str(exc)) from None
+                if not peek:
+                    raise ConnectionResetError("the client closed the connection")
+                time.sleep(max(0.0, end - time.monotonic()))  # a next request waits its turn
+                return
 
         def _tool_calls(self, b: Stream, model: str) -> int:
             """Tool-call deltas as OpenAI streams them: each call's first piece (index, id,
