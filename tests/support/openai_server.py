@@ -317,8 +317,10 @@ def _handler_class(server: FakeOpenAI):
             if isinstance(sock, ssl.SSLSocket):  # no MSG_PEEK through TLS
                 time.sleep(seconds)
                 return
+            poller = select.poll()  # not select(): no limit on the descriptor's number
+            poller.register(sock, select.POLLIN)
             while (left := end - time.monotonic()) > 0:
-                if not select.select([sock], [], [], left)[0]:
+                if not poller.poll(left * 1000):
                     return
                 try:
                     peek = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
