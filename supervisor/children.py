@@ -7,8 +7,8 @@ as `crashed`), its output pipe (read into supervisor.output), reaping, the time,
 memory limits (deadlines in a heap and a bounded watchdog, so the cost is per event, not
 per task in flight), stopping an attempt, turning how it ended into an AttemptEnd that
 waits in `pending` until the loop writes it, and counting the hosted attempts each task
-lost with its relay (`isolated`: from the second, the task runs apart from the relay). It never touches the database and never
-imports user code.
+lost with its relay (`isolated`: from the second, the task runs apart from the relay). It
+never touches the database and never imports user code.
 """
 
 from __future__ import annotations

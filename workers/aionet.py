@@ -52,10 +52,7 @@ class _Protocol(asyncio.BufferedProtocol):
         return _READ_INTO
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(_READ_INTO[:nbytes])
-
-    def data_received(self, data) -> None:
-        self.buffer += data
+        self.buffer += _READ_INTO[:nbytes]
         if not self.paused and len(self.buffer) > HIGH_WATER:
             self.transport.pause_reading()
             self.paused = True

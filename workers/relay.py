@@ -379,9 +379,8 @@ async def _stream_parsed(batches, writer: "TaskFrames", parsed) -> None:
     except BaseException:
         if timer is not None:
             timer.cancel()
-            timer = None
         try:
-            flush_held()  # what came before the error is the attempt's output too
+            flush_held()  # (forgets the timer) what came before the error is output too
         except Exception:  # noqa: BLE001 - the first error is the one told
             pass
         raise

@@ -22,7 +22,7 @@ from tests.support import wait_until
 from tests.support.launcher import SupervisorProcess
 from tests.support.openai_server import FakeOpenAI, Stream
 
-from tests.e2e.test_llm_relay import llm_config, relay_pids
+from tests.e2e.test_llm_relay import llm_config, relay_pids, streaming_relays
 
 LONG = " ".join(["word"] * 400)
 
@@ -204,9 +204,7 @@ def test_hosted_calls_spread_over_another_relay_as_they_grow(tmp_path):
                                           for i in range(n)])
 
             def both_call():
-                pids = relay_pids(sup)
-                busy = [p for p in pids if any(c.raddr and c.raddr.port == srv.port
-                                                for c in psutil.Process(p).net_connections("tcp"))]
+                pids, busy = streaming_relays(sup, srv.port)
                 return len(busy) == 2 and pids
             pids = wait_until(both_call, timeout=30, message="the calls stayed on one relay")
             assert len(pids) == 2

@@ -38,6 +38,20 @@ def relay_pids(sup: SupervisorProcess) -> list[int]:
     return out
 
 
+def streaming_relays(sup: SupervisorProcess, port: int) -> tuple[list[int], list[int]]:
+    """(the supervisor's relays now, those of them holding a connection to `port`)."""
+    pids = relay_pids(sup)
+    busy = []
+    for pid in pids:
+        try:
+            if any(c.raddr and c.raddr.port == port
+                   for c in psutil.Process(pid).net_connections("tcp")):
+                busy.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return pids, busy
+
+
 def llm_config(base_url: str, extra: str = "", pool_size: int = 2) -> str:
     return supervisor_config(["workers.handlers.llm", "workers.handlers.shell"], pool_size=pool_size,
                              extra=f'[llm]\nbase_url = "{base_url}"\n' + extra)

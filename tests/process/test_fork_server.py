@@ -389,8 +389,8 @@ def test_warm_ups_run_once_in_the_fork_server_and_a_failing_one_is_a_warning(sup
 
 def test_the_fork_server_hands_its_freed_heap_back_after_the_preload():
     """What every fork copies the page tables of is what the fork server has mapped: the
-    heap pages its imports freed are given back (glibc's malloc_trim) before it serves,
-    and doing it again finds little left to give."""
+    helper its boot calls after the preload (glibc's malloc_trim) gives the heap's freed
+    holes back, here ~40 MB freed below blocks that stay."""
     import platform
 
     from workers.zygote import _trim_heap
@@ -407,4 +407,4 @@ def test_the_fork_server_hands_its_freed_heap_back_after_the_preload():
     assert _trim_heap() is True
     after = anon_kib()
     assert after < before - 20_000, (before, after)  # the freed holes went back
-    assert len(kept) == 1000
+    del kept  # alive until here

@@ -19,7 +19,7 @@ import time
 import psutil
 import pytest
 
-from tests.e2e.test_llm_relay import llm_config, relay_pids
+from tests.e2e.test_llm_relay import llm_config, relay_pids, streaming_relays
 from tests.soak.harness import FIGURES, print_table
 from tests.support import wait_until
 from tests.support.launcher import SupervisorProcess
@@ -27,19 +27,6 @@ from tests.support.openai_server import FakeOpenAI, Stream
 
 WORDS = 30
 DELAY_S = 0.05  # between pieces: about 1.5 s a call
-
-
-def streaming_relays(sup: SupervisorProcess, port: int) -> tuple[list[int], list[int]]:
-    """(the relays now, those of them holding a connection to the model server)."""
-    pids = relay_pids(sup)
-    busy = []
-    for pid in pids:
-        try:
-            if any(c.raddr and c.raddr.port == port for c in psutil.Process(pid).net_connections("tcp")):
-                busy.append(pid)
-        except psutil.NoSuchProcess:
-            pass
-    return pids, busy
 
 
 @pytest.mark.timeout(900)
@@ -95,8 +82,7 @@ def test_kill9_of_relays_hosting_streaming_calls(tmp_path, scale):
             tasks = [sup.queue.get(i) for i in ids]
             seen = set(relay_pids(sup)) | set(killed)
         # the supervisor has stopped: nothing of it is left
-        left = [p for p in seen if psutil.pid_exists(p)
-                and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        left = [p for p in seen if _alive(p)]
         requests: dict[str, int] = {}
         for r in srv.requests:
             key = srv.key(r["body"])
@@ -128,3 +114,10 @@ def test_kill9_of_relays_hosting_streaming_calls(tmp_path, scale):
     if left:
         problems.append(f"relay processes left after the stop: {left}")
     assert not problems, f"(seed {seed})\n" + "\n".join(problems[:40])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
