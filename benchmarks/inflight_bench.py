@@ -68,11 +68,12 @@ LLM_SERVER: list = []  # the model server's pid, for its CPU per call (on the sa
 
 
 def start_llm_server(sessions: procfs.Sessions, workdir: Path, seconds: float,
-                     chunks: int | None = None) -> str:
-    """The chat variant's model server in its own process; returns its base URL."""
+                     chunks: int | None = None, kind: str = "asyncio") -> str:
+    """The chat variant's model server in its own processes (one event loop each, or the
+    test server's thread per stream: `kind`); returns its base URL."""
     proc = sessions.add(subprocess.Popen(
-        [sys.executable, str(HERE / "inflight_llm_server.py"), repr(seconds), "4",
-         *([str(chunks)] if chunks else [])], cwd=HERE,
+        [sys.executable, str(HERE / "inflight_llm_server.py"), repr(seconds),
+         "4" if kind == "threads" else "2", str(chunks or 10), kind], cwd=HERE,
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
         stderr=open(workdir / "llm-server.log", "wb"), start_new_session=True, text=True))
     line = proc.stdout.readline().strip()
@@ -131,6 +132,10 @@ def main(argv=None) -> int:
     ap.add_argument("--chat-chunks", type=int,
                     help="pieces each chat answer streams over S (default 10; a model streaming "
                          "30 tokens/s for 3 s sends ~100)")
+    ap.add_argument("--model-server", choices=("asyncio", "threads"), default="asyncio",
+                    help="the chat variant's model server: one event loop per process "
+                         "(default), or the repo's test server with a thread per stream "
+                         "(the runs before 2026-12-04)")
     ap.add_argument("--hang-s", type=float, default=30.0, help="no task finished for this long = HANG")
     ap.add_argument("--out", default=str(HERE / "results" / "inflight.json"))
     args = ap.parse_args(argv)
@@ -151,9 +156,9 @@ def main(argv=None) -> int:
     nofile = raise_nofile()
     chunks = args.chat_chunks or 10
     res: dict = {"machine": machine(nofile), "seconds": seconds, "sizes": sizes, "chat_sizes": chat_sizes,
-                 "chat_chunks": chunks,
+                 "chat_chunks": chunks, "model_server": args.model_server,
                  "systems": systems, "variants": variants, "runs": [], "skipped": []}
-    print(f"In flight: S={seconds:g}s, sizes {sizes} (chat {chat_sizes}, {chunks} pieces an answer), "
+    print(f"In flight: S={seconds:g}s, sizes {sizes} (chat {chat_sizes}, {chunks} pieces an answer, {args.model_server} model server), "
           f"systems {systems}, variants {variants}; "
           f"load {os.getloadavg()[0]:.1f}, open files {nofile[0]}", flush=True)
     sessions = procfs.Sessions()
@@ -204,7 +209,7 @@ def run_all(args, workdir: Path, sessions, res: dict, sizes, chat_sizes, seconds
             res["skipped"].append({"system": p, "why": why})
             peers.remove(p)
     redis = start_redis(sessions, workdir) if peers else None
-    base_url = (start_llm_server(sessions, workdir, seconds, args.chat_chunks)
+    base_url = (start_llm_server(sessions, workdir, seconds, args.chat_chunks, args.model_server)
                 if "chat" in variants else None)
     prefork_pss: float | None = None
     for kind in variants:
