@@ -413,18 +413,28 @@ class Supervisor:
                                     self.cgroup_dir, start_by=start_by)
                 self.emit("claimed", task=task)
 
+    def hosts_llm_chat(self) -> bool:
+        """`llm.chat` attempts run in a model-call relay (while one is up): [llm]
+        run_in_relay, and the type keeps its built-in handler."""
+        if self.relays is None or not self.config.llm.run_in_relay:
+            return False
+        spec = self.config.types.get("llm.chat")
+        return spec is None or not spec.handler
+
+    def unreserved_types(self) -> tuple[str, ...]:
+        """Types whose attempts reserve no memory at their claim: a hosted call has no
+        process for `memory_mb` to limit, and costs the relay ~0.07 MiB."""
+        return ("llm.chat",) if self.hosts_llm_chat() else ()
+
     def host_for(self, task: Task):
         """Where an attempt runs: `llm.chat` in the model-call relay ([llm] run_in_relay,
         while the relay is up, the type keeps its built-in handler and the task's attempts
         have not been lost with their relay too often: Children.isolated), else a process
         forked by the current fork server."""
-        if (task.type == "llm.chat" and self.relays is not None and self.config.llm.run_in_relay
-                and not self.children.isolated(task)):
-            spec = self.config.types.get("llm.chat")
-            if spec is None or not spec.handler:
-                relay = self.relays.pick()
-                if relay is not None:
-                    return relay
+        if task.type == "llm.chat" and self.hosts_llm_chat() and not self.children.isolated(task):
+            relay = self.relays.pick()
+            if relay is not None:
+                return relay
         return self.server
 
     def flush_progress(self, mono: float) -> None:
@@ -496,7 +506,7 @@ class Supervisor:
                 self.owner, now, lease_s=cfg.supervisor.lease_s, caps=caps,
                 memory_budget_mb=self.memory_budget_mb, type_memory_mb=type_mb,
                 default_memory_mb=cfg.defaults.memory_mb, reserved_mb=reserved,
-                limits=cfg.limit_table())
+                limits=cfg.limit_table(), unreserved_types=self.unreserved_types())
             if task is None:
                 self.claim_needed = False
                 # Wake up for the next delayed task, not a poll interval later.

@@ -29,11 +29,16 @@ def sum_reserved_mb(db: apsw.Connection) -> int:
                            "AND reserved_mb > 0"))[0]
 
 
-# The effective declared memory of a queued row: its own, else its type's, else the default.
-# json_each keys compare as plain strings; `:type_mb ->> type` would read a type such
-# as "$x" (or "") as a JSON path and make the whole claim fail.
-_DECLARED_MB = ("coalesce(memory_mb, (SELECT j.value FROM json_each(:type_mb) AS j "
-                "WHERE j.key = tasks.type), :default_mb)")
+# A type whose attempts run in no process of their own (`llm.chat` hosted by a model-call
+# relay) is UNRESERVED_MB in :type_mb: its tasks reserve nothing, whatever they declare.
+UNRESERVED_MB = -1
+
+# The effective declared memory of a queued row: its own, else its type's, else the default
+# (0 for an unreserved type). json_each keys compare as plain strings; `:type_mb ->> type`
+# would read a type such as "$x" (or "") as a JSON path and make the whole claim fail.
+_DECLARED_MB = ("coalesce((SELECT CASE WHEN j.value < 0 THEN 0 ELSE coalesce(tasks.memory_mb, "
+                "j.value) END FROM json_each(:type_mb) AS j WHERE j.key = tasks.type), "
+                "memory_mb, :default_mb)")
 _DEFAULT_MB = "coalesce(memory_mb, :default_mb)"  # the same when no type declares memory
 
 

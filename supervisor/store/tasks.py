@@ -178,12 +178,14 @@ class Store(WorkflowStore, flow.FlowOps, LiveOps):
     def claim(self, owner: str, now: float, *, lease_s: float, caps: dict[str, int] | None = None,
               memory_budget_mb: float | None = None, type_memory_mb: dict[str, int] | None = None,
               default_memory_mb: int | None = None, reserved_mb: float | None = None,
-              limits: budget.Limits | None = None) -> Task | None:
+              limits: budget.Limits | None = None,
+              unreserved_types: tuple[str, ...] = ()) -> Task | None:
         """Lease the next due task: priority first, then FIFO; None when nothing fits.
 
         Types whose running count (across every supervisor on the file) has reached
         their cap in `caps` are skipped; so are tasks whose declared memory (task, else
-        `type_memory_mb`, else `default_memory_mb`) exceeds `memory_budget_mb` minus
+        `type_memory_mb`, else `default_memory_mb`; none for a type in `unreserved_types`,
+        whose attempts run in no process of their own) exceeds `memory_budget_mb` minus
         what running tasks reserved (`reserved_mb` when the caller knows it, as after
         `reserved_mb()` in the same transaction plus what it claimed since), and tasks of a
         limit group (migration 0009) any of whose keys has no room by `limits` (or is
@@ -203,7 +205,7 @@ class Store(WorkflowStore, flow.FlowOps, LiveOps):
                 free = None
             else:
                 free = memory_budget_mb - (cq.sum_reserved_mb(db) if reserved_mb is None else reserved_mb)
-            type_mb = self._type_mb_json(type_memory_mb)
+            type_mb = self._type_mb_json(type_memory_mb, unreserved_types)
             states: dict[str, budget.KeyState] = {}
             self.limit_room_s = None
             pick = dict(now=now, full_types=full, free_mb=free, type_mb=type_mb,
@@ -292,15 +294,19 @@ class Store(WorkflowStore, flow.FlowOps, LiveOps):
                 return False
         return True
 
-    def _type_mb_json(self, type_memory_mb: dict[str, int] | None) -> str:
-        """{type: MB} of the types that declare memory, as JSON; cached on its content (a
-        supervisor passes the same config on every claim)."""
-        if not type_memory_mb:
+    def _type_mb_json(self, type_memory_mb: dict[str, int] | None,
+                      unreserved: tuple[str, ...] = ()) -> str:
+        """{type: MB} of the types that declare memory (and the unreserved ones, as
+        cq.UNRESERVED_MB), as JSON; cached on its content (a supervisor passes the same
+        config on every claim)."""
+        if not type_memory_mb and not unreserved:
             return "{}"
-        key = tuple(type_memory_mb.items())
+        key = (tuple((type_memory_mb or {}).items()), tuple(unreserved))
         cached = self._type_mb_cache
         if cached is None or cached[0] != key:
-            cached = self._type_mb_cache = (key, json.dumps({k: v for k, v in key if v}))
+            mb = {k: v for k, v in key[0] if v}
+            mb.update((t, cq.UNRESERVED_MB) for t in unreserved)
+            cached = self._type_mb_cache = (key, json.dumps(mb))
         return cached[1]
 
     def reserved_mb(self) -> float:

@@ -382,3 +382,23 @@ def test_a_call_that_kills_its_relay_twice_runs_apart_in_a_task_process_of_its_o
             after = sup.queue.enqueue("llm.chat", {"prompt": "after"})
             done = sup.wait(after, timeout=30)
             assert done.status == "succeeded" and done.history[-1].pid is None
+
+
+@pytest.mark.timeout(90)
+def test_hosted_calls_reserve_no_memory_while_calls_in_task_processes_do(tmp_path):
+    """A memory budget of 4 GiB and 2 GiB declared per task: two task processes at once,
+    but a hosted call has no process for memory_mb to limit (it costs the relay ~0.07
+    MiB), so its claim reserves nothing and six stream at once."""
+    def config(base_url: str, extra: str = "") -> str:
+        return (llm_config(base_url, extra, pool_size=6)
+                .replace("[supervisor]\n", "[supervisor]\nmemory_budget_mb = 4096\n", 1)
+                .replace("[defaults]\n", "[defaults]\nmemory_mb = 2048\n", 1))
+    for folder, extra, at_once in (("hosted", "", 6), ("forked", "run_in_relay = false\n", 2)):
+        (tmp_path / folder).mkdir()
+        with FakeOpenAI(Stream(text=" ".join(["w"] * 30), delay_s=0.05)) as srv:
+            with SupervisorProcess(tmp_path / folder, config(srv.base_url, extra)) as sup:
+                ids = sup.queue.enqueue_many([{"type": "llm.chat", "payload": {"prompt": f"p{i}"}}
+                                              for i in range(6)])
+                tasks = [sup.wait(i, timeout=60) for i in ids]
+                assert all(t.status == "succeeded" for t in tasks), [t.error for t in tasks]
+                assert srv.max_active == at_once, (folder, srv.max_active)

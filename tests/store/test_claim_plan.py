@@ -155,6 +155,25 @@ def test_declared_memory_is_task_then_type_then_default(store):
     assert store.stats(T0).running_reserved_mb == 450
 
 
+def test_an_unreserved_type_reserves_nothing_whatever_it_declares(store):
+    """`llm.chat` hosted by a relay has no process for memory_mb to limit: its claims
+    reserve 0 MB, by its type's figure, the default or its own, and leave the budget to
+    the tasks that have a process."""
+    hosted = [store.enqueue(new(type="llm.chat"), T0) for _ in range(3)]
+    declared = store.enqueue(new(type="llm.chat", memory_mb=900), T0)
+    other = store.enqueue(new(type="medium"), T0)
+    memory = {**MEMORY, "type_memory_mb": {"medium": 300, "llm.chat": 600}}
+    reserved = {t.id: t.reserved_mb for t in claim_all(store, **memory,
+                                                         unreserved_types=("llm.chat",))}
+    assert reserved == {**{h: 0 for h in hosted}, declared: 0, other: 300}
+    assert store.stats(T0).running_reserved_mb == 300
+    # Without it (calls in task processes), the same tasks reserve their type's figure.
+    more = [store.enqueue(new(type="llm.chat"), T0) for _ in range(2)]
+    first = store.claim("o", T0, lease_s=LEASE_S, **memory)
+    assert first.id == more[0] and first.reserved_mb == 600
+    assert store.claim("o", T0, lease_s=LEASE_S, **memory) is None  # 1000-300-600 < 600
+
+
 def test_small_task_backfills_when_a_big_one_does_not_fit(store):
     big = store.enqueue(new(type="big", memory_mb=800, priority=9), T0)
     big2 = store.enqueue(new(type="big", memory_mb=800, priority=9), T0)
