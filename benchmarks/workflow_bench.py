@@ -172,7 +172,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--children", type=int, default=1000)
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--pool", type=int, default=4, help="pool_size of the end-to-end supervisor")
+    ap.add_argument("--pool", type=int, default=32,
+                    help="pool_size of the end-to-end supervisor (default 32: agent steps run "
+                         "at pools of tens to thousands; see benchmarks/README.md)")
     args = ap.parse_args()
     n = args.children
     load = os.getloadavg()
