@@ -42,9 +42,9 @@ REPORT_READ = 65536
 # attempts in a task process of its own that calls the model directly: a payload that
 # kills the relay (a crash in the TLS stack, an answer that exhausts its memory) must not
 # take every call the relay hosts down with it again and again, nor hop from relay to
-# relay. Such losses spend no attempt; in a task process a crash does.
+# relay. Such losses spend no attempt; in a task process a crash does. The count is the
+# task row's (relay_losses): it holds across restarts and the supervisors of a file.
 ISOLATE_AFTER = 2
-RELAY_LOSSES_KEPT = 10_000  # tasks remembered (the oldest forgotten first)
 
 
 @dataclass(eq=False)
@@ -78,6 +78,7 @@ class Child:
     checkpoints: list = field(default_factory=list)  # (seq, state JSON) not yet written
     spent_tokens: int | None = None    # what ctx.spend reported, summed
     type_limits: tuple = ()            # its type's limits when it started (its ctx.type_limits)
+    relay_lost: bool = False           # hosted, and its relay ended without its outcome
     ending: bool = False               # finish() runs for it
 
     @property
@@ -160,7 +161,6 @@ class Children:
         self._seq = 0
         self.orphans_due = False
         self.fence_mono: float | None = None  # set by the loop; past it tasks are killed
-        self.relay_losses: dict[str, int] = {}  # task id -> started hosted attempts lost with their relay
 
     def __len__(self) -> int:
         return len(self.table)
@@ -204,15 +204,13 @@ class Children:
 
     def isolated(self, task: Task) -> bool:
         """Whether the task's attempts run apart from the model-call relay (ISOLATE_AFTER)."""
-        return self.relay_losses.get(task.id, 0) >= ISOLATE_AFTER
+        return task.relay_losses >= ISOLATE_AFTER
 
     def _lost_with_relay(self, child: Child) -> str:
-        """Count a started hosted attempt whose relay ended without its outcome; the
-        reason its attempt gives."""
-        losses = self.relay_losses
-        n = losses[child.task.id] = losses.pop(child.task.id, 0) + 1  # now the newest
-        if len(losses) > RELAY_LOSSES_KEPT:
-            del losses[next(iter(losses))]
+        """Mark a started hosted attempt whose relay ended without its outcome (its
+        outcome's write counts it on the task's row); the reason its attempt gives."""
+        child.relay_lost = True
+        n = child.task.relay_losses + 1
         reason = ("the model-call relay ended without an outcome for it (it died or was "
                   "killed); the attempt is given back")
         if n >= ISOLATE_AFTER:
@@ -561,8 +559,6 @@ class Children:
                 child.stop = (Outcome.INTERRUPTED, "the model-call relay ended before the "
                               "attempt started; the attempt is given back")
         end = classify(child, mono)
-        if end.outcome is Outcome.SUCCEEDED and self.relay_losses:
-            self.relay_losses.pop(child.task.id, None)
         self.pending.append((child, end))
         level = logging.INFO if end.outcome in (Outcome.SUCCEEDED, Outcome.RESCHEDULED) else logging.WARNING
         log.log(level, "%s attempt %d ended %s: %s", child.task.type, child.lease.attempt,
@@ -611,7 +607,7 @@ def classify(child: Child, mono: float | None = None) -> AttemptEnd:
                           spawn=final.get("spawn") or (), **figures)
     if child.stop is not None:
         outcome, reason = child.stop
-        return AttemptEnd(outcome, reason=reason, **figures)
+        return AttemptEnd(outcome, reason=reason, relay_lost=child.relay_lost, **figures)
     if kind == wire.ERROR:
         error = {k: final.get(k) for k in ("type", "message", "traceback")}
         return AttemptEnd(Outcome(final["outcome"]), reason=f"{final['type']}: {final['message']}",

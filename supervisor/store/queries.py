@@ -162,6 +162,11 @@ def count_reschedule(db: apsw.Connection, lease) -> bool:
     return db.changes() > 0
 
 
+def count_relay_loss(db: apsw.Connection, lease) -> bool:
+    db.execute(f"UPDATE tasks SET relay_losses = relay_losses + 1 WHERE {_FENCE}", _lease(lease))
+    return db.changes() > 0
+
+
 def fail_task(db: apsw.Connection, lease, *, now: float, status: str, outcome: str,
               error: str | None) -> bool:
     """Final: status is 'failed' or 'cancelled'."""

@@ -135,6 +135,7 @@ class Task:
     estimated_tokens: int | None = None   # what a claim charges token budgets
     schedule: str | None = None           # the schedule that enqueued it
     scheduled_for: float | None = None    # the fire time it stands for
+    relay_losses: int = 0                 # started attempts lost with their relay (0012)
     depends_on: tuple[str, ...] = ()
     history: tuple[Attempt, ...] = field(default=(), compare=False)
     # What the attempt's process gets besides the row, read at claim when claim_reads is
@@ -146,7 +147,7 @@ class Task:
                "lease_expires_at, reserved_mb, pid, pid_started_at, cancel_requested, progress, "
                "progress_message, result, error, outcome, dedupe_key, parent_id, workflow_id, "
                "await_event, run_on_failure, claim_reads, limit_keys, estimated_tokens, "
-               "schedule, scheduled_for")
+               "schedule, scheduled_for, relay_losses")
 
     @classmethod
     def from_row(cls, row: tuple, depends_on: tuple[str, ...] = (),
@@ -284,6 +285,7 @@ class AttemptEnd:
     # It began (a process forked, or the relay took it): False for one given back before,
     # whose claim's request and token estimate its limits get back.
     started: bool = True
+    relay_lost: bool = False             # a hosted attempt its relay took down (0012)
 
 
 @dataclass(frozen=True)

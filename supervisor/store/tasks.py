@@ -363,7 +363,8 @@ class Store(WorkflowStore, flow.FlowOps, LiveOps):
         is written either unless the lease still expires before that time: read inside
         this transaction, so a renewal that committed after the rescuer's first look wins.
         A rescheduled attempt is counted; past `max_reschedules` (the type's setting;
-        None: no limit) the task fails for good instead.
+        None: no limit) the task fails for good instead. So is a hosted attempt its relay
+        took down (`end.relay_lost`: the row's relay_losses, which the claim returns).
         """
         with self.conn.write() as db:
             row = q.select_task(db, lease.id)
@@ -385,6 +386,8 @@ class Store(WorkflowStore, flow.FlowOps, LiveOps):
             if decision.reason:
                 end = replace(end, reason=reason)
             q.insert_attempt(db, lease, started_at=task.started_at, now=now, end=end, pid=task.pid)
+            if end.relay_lost:
+                q.count_relay_loss(db, lease)
             if decision.action == "requeue":
                 if rescheduled:
                     q.count_reschedule(db, lease)

@@ -267,6 +267,28 @@ def test_interrupted_and_rescheduled_refund_the_attempt(store, outcome, delay_s,
     assert [a.outcome for a in store.get(task_id).history] == [str(outcome)] * 4
 
 
+def test_an_attempt_lost_with_its_relay_is_counted_on_the_row_and_a_stale_one_is_not(store, db_path):
+    """The count that sends a task's attempts to a process of their own
+    (supervisor.children.ISOLATE_AFTER) is the row's: the next claim, by any supervisor
+    of the file or after a restart, returns it."""
+    task_id = store.enqueue(new(type="llm.chat", max_attempts=1), T0)
+    lost = AttemptEnd(Outcome.INTERRUPTED, reason="its relay died", relay_lost=True)
+    for n in (1, 2):
+        task = claim(store)
+        assert task.relay_losses == n - 1
+        assert store.fail(task.lease, lost, T0, BACKOFF) is Status.QUEUED
+        assert store.fail(task.lease, lost, T0, BACKOFF) is None  # stale: nothing counted
+    other = Store(db_path)
+    try:
+        task = other.claim("another", T0, lease_s=LEASE_S)
+        assert (task.id, task.relay_losses, task.attempts) == (task_id, 2, 1)
+        # an interruption of another kind (a shutdown) is not counted
+        other.fail(task.lease, AttemptEnd(Outcome.INTERRUPTED, reason="shutdown"), T0, BACKOFF)
+        assert other.claim("another", T0, lease_s=LEASE_S).relay_losses == 2
+    finally:
+        other.close()
+
+
 # -- cancel ---------------------------------------------------------------------------------------------
 
 def test_cancel_queued_and_blocked_fails_their_dependents_naming_it(store):
