@@ -9,7 +9,7 @@ thousand clients connecting at once are not dropped into SYN retries.
 
 KIND picks the implementation; both send the same events (those of
 tests/support/openai_server.py's `Stream`) and close the connection after each answer:
-  asyncio  (default) one event loop per process, each model's events encoded once: 0.45-0.70
+  asyncio  (default) one event loop per process, each model's events encoded once: 0.45-0.85
            ms of CPU a call at 1,000 in flight (2026-12-04). A model provider runs on other
            machines; this stand-in shares the cores with what is measured, so it should
            take as little of them as it can.
