@@ -274,3 +274,82 @@ def test_an_idle_loop_wakes_for_the_next_delayed_task_not_the_next_poll(loop):
     clock.advance(wait_s + 0.01)
     assert sup.step()
     assert queue.get(task_id).status == "running"
+
+
+class FakeRelay(FakeForkServer):
+    """A model-call relay as the loop sees it: it hosts attempts (no process, no output
+    pipe); the test plays what it reports, and its end (the report socket closed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pid = NO_SUCH_PID + 998
+        self.hosts_attempts = True
+        self.hosting = 0
+        self.restart_at = None
+        self.types = ["llm.chat"]
+
+    def spawn(self, key: str, spec: bytes, start_by: float | None = None) -> tuple[int, int]:
+        report, output = super().spawn(key, spec, start_by)
+        os.close(output)
+        os.close(self.tasks[key]["output"])
+        return report, -1
+
+    def tend(self, mono: float) -> None:
+        pass
+
+
+class FakeRelays:
+    def __init__(self, relay: FakeRelay):
+        self.all = [relay]
+
+    def pick(self) -> FakeRelay:
+        return self.all[0]
+
+
+def test_a_task_whose_relay_died_twice_runs_in_a_task_process_under_any_supervisor(loop, tmp_path):
+    """Two hosted attempts lost with their relay are given back unspent and counted on
+    the task's row; a new supervisor on the file (a restart, or another one) runs the
+    next attempt in a task process without the relay, though its relay is up."""
+    from workers.relaycall import RELAY_ENV
+    sup, server, clock, queue, seen = loop
+    relay = FakeRelay()
+    sup.relays = FakeRelays(relay)
+    sup.selector.register(relay, selectors.EVENT_READ, ("server", relay))
+    task_id = queue.enqueue("llm.chat", {"prompt": "p"}, max_attempts=1)
+    for n in (1, 2):
+        clock.advance(1.0)  # past the poll interval: the given-back attempt is claimed
+        spawns = [c for c in relay.calls if c[0] == "spawn"]
+        assert sup.step()
+        now_spawned = [c for c in relay.calls if c[0] == "spawn"]
+        assert len(now_spawned) == len(spawns) + 1, relay.calls
+        key = now_spawned[-1][1]
+        assert "unset_env" not in relay.tasks[key]["spec"]
+        relay.report(key, b'{"kind":"ready","pid":%d}' % relay.pid)
+        sup.wait(0.2)
+        relay.tasks[key]["report"].close()  # the relay died with the call in it
+        sup.wait(0.2)
+        clock.advance(0.01)
+        assert sup.step()
+        task = queue.get(task_id)
+        assert (task.status, task.attempts) == ("queued", 0)
+        assert task.history[-1].outcome == "interrupted"
+        assert ("run in a task process of their own" in task.history[-1].reason) == (n == 2)
+    assert server.calls == [c for c in server.calls if c[0] == "fence"], "nothing forked yet"
+    sup.store.close()
+    # Another supervisor (fresh memory) on the same file, with a relay of its own that is up.
+    server2, relay2 = FakeForkServer(), FakeRelay()
+    sup2 = Supervisor(sup.config, server2, clock=clock, events=lambda n, f: None)
+    sup2.relays = FakeRelays(relay2)
+    for channel in (server2, relay2):
+        sup2.selector.register(channel, selectors.EVENT_READ, ("server", channel))
+    sup2.open_store()
+    try:
+        clock.advance(1.0)
+        assert sup2.step()
+        (key,) = [k for op, k in server2.calls if op == "spawn"]
+        assert [k for op, k in relay2.calls if op == "spawn"] == []
+        assert server2.tasks[key]["spec"]["unset_env"] == [RELAY_ENV]
+    finally:
+        sup2.store.close()
+        sup2.wake.close()
+        sup.open_store()  # the fixture closes it
