@@ -158,8 +158,8 @@ def main(argv=None) -> int:
     res: dict = {"machine": machine(nofile), "seconds": seconds, "sizes": sizes, "chat_sizes": chat_sizes,
                  "chat_chunks": chunks, "model_server": args.model_server,
                  "systems": systems, "variants": variants, "runs": [], "skipped": []}
-    print(f"In flight: S={seconds:g}s, sizes {sizes} (chat {chat_sizes}, {chunks} pieces an answer, {args.model_server} model server), "
-          f"systems {systems}, variants {variants}; "
+    print(f"In flight: S={seconds:g}s, sizes {sizes} (chat {chat_sizes}, {chunks} pieces an answer, "
+          f"{args.model_server} model server), systems {systems}, variants {variants}; "
           f"load {os.getloadavg()[0]:.1f}, open files {nofile[0]}", flush=True)
     sessions = procfs.Sessions()
     t_start = time.monotonic()
