@@ -46,18 +46,12 @@ def main() -> None:
         return serve_threads(seconds, processes, chunks, text)
     if kind != "asyncio":
         sys.exit(f"KIND must be asyncio or threads, not {kind!r}")
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock = _listener(0)
     port = sock.getsockname()[1]
     for _ in range(processes - 1):
         if os.fork() == 0:
             _die_with_parent()
-            copy = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            copy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            copy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            copy.bind(("127.0.0.1", port))
+            copy = _listener(port)
             sock.close()
             asyncio.run(Server(text, seconds / chunks).serve(copy))
             os._exit(0)
@@ -125,6 +119,16 @@ class Server:
         writer.write(end_usage if (body.get("stream_options") or {}).get("include_usage")
                      else end)
         await writer.drain()
+
+
+def _listener(port: int) -> socket.socket:
+    """A socket bound on 127.0.0.1:`port` (0: a free one) that other processes can bind
+    too (SO_REUSEPORT: the kernel spreads connections over them)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(("127.0.0.1", port))
+    return sock
 
 
 def _event(obj: dict) -> bytes:

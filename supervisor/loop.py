@@ -499,6 +499,7 @@ class Supervisor:
         cfg = self.config
         caps = cfg.concurrency_caps()
         type_mb = {n: t.memory_mb for n, t in cfg.types.items() if t.memory_mb}
+        unreserved = self.unreserved_types()
         claimed: list[Task] = []
         reserved = self.store.reserved_mb()  # once a pass; each claim adds its own
         while len(claimed) < free:
@@ -506,7 +507,7 @@ class Supervisor:
                 self.owner, now, lease_s=cfg.supervisor.lease_s, caps=caps,
                 memory_budget_mb=self.memory_budget_mb, type_memory_mb=type_mb,
                 default_memory_mb=cfg.defaults.memory_mb, reserved_mb=reserved,
-                limits=cfg.limit_table(), unreserved_types=self.unreserved_types())
+                limits=cfg.limit_table(), unreserved_types=unreserved)
             if task is None:
                 self.claim_needed = False
                 # Wake up for the next delayed task, not a poll interval later.

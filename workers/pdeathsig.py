@@ -16,8 +16,8 @@ PR_SET_NAME = 15
 PR_SET_CHILD_SUBREAPER = 36
 
 _libc = None
-_prctl = None  # bound here: a task process calls it without an attribute lookup
-_prctl_ints = None
+_prctl = None  # typed: PR_SET_NAME's argument is a pointer
+_prctl_ints = None  # untyped, for small ints: what a task process calls, bound here
 if sys.platform.startswith("linux"):
     try:
         # The running program's own symbols (libc's among them), not ctypes.util's

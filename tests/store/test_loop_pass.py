@@ -306,7 +306,7 @@ class FakeRelays:
         return self.all[0]
 
 
-def test_a_task_whose_relay_died_twice_runs_in_a_task_process_under_any_supervisor(loop, tmp_path):
+def test_a_task_whose_relay_died_twice_runs_in_a_task_process_under_any_supervisor(loop):
     """Two hosted attempts lost with their relay are given back unspent and counted on
     the task's row; a new supervisor on the file (a restart, or another one) runs the
     next attempt in a task process without the relay, though its relay is up."""
@@ -335,7 +335,6 @@ def test_a_task_whose_relay_died_twice_runs_in_a_task_process_under_any_supervis
         assert task.history[-1].outcome == "interrupted"
         assert ("run in a task process of their own" in task.history[-1].reason) == (n == 2)
     assert server.calls == [c for c in server.calls if c[0] == "fence"], "nothing forked yet"
-    sup.store.close()
     # Another supervisor (fresh memory) on the same file, with a relay of its own that is up.
     server2, relay2 = FakeForkServer(), FakeRelay()
     sup2 = Supervisor(sup.config, server2, clock=clock, events=lambda n, f: None)
@@ -352,4 +351,3 @@ def test_a_task_whose_relay_died_twice_runs_in_a_task_process_under_any_supervis
     finally:
         sup2.store.close()
         sup2.wake.close()
-        sup.open_store()  # the fixture closes it
