@@ -15,6 +15,9 @@ import resource
 FDS_PER_TASK = 2   # the report socket and the output pipe, held by the supervisor
 FDS_SPARE = 256    # the database, HTTP clients, fork servers, logs
 PROCS_SPARE = 64   # the supervisor, fork servers, threads, other processes of the user
+# Task processes that reported their outcome and are exiting hold no slot (the next task
+# starts meanwhile): at most min(pool_size, EXITING_MAX) of them, with their descriptors.
+EXITING_MAX = 64
 
 
 def raise_open_files() -> tuple[int, int]:
@@ -34,16 +37,18 @@ def problems(pool_size: int) -> list[str]:
     """Why `pool_size` tasks cannot run at once here (empty: they can)."""
     out = []
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    need = pool_size * FDS_PER_TASK + FDS_SPARE
+    tasks = pool_size + min(pool_size, EXITING_MAX)
+    need = tasks * FDS_PER_TASK + FDS_SPARE
     if soft != resource.RLIM_INFINITY and need > soft:
         most = (soft - FDS_SPARE) // FDS_PER_TASK
+        most -= min((most + 1) // 2, EXITING_MAX)
         # Below FDS_SPARE + 2 no pool_size fits: "at most 1" sent people to a value
         # refused with the same advice.
         lower = f"lower pool_size to at most {most}, or " if most >= 1 else ""
         out.append(f"pool_size = {pool_size} needs about {need} open files in the supervisor, "
                    f"but its limit is {soft} (hard limit {hard}): {lower}raise the limit to "
                    f"at least {need} (LimitNOFILE= in the systemd unit, `ulimit -n` in a shell)")
-    procs = pool_size + PROCS_SPARE
+    procs = tasks + PROCS_SPARE
     nproc = resource.getrlimit(resource.RLIMIT_NPROC)[0]
     if os.geteuid() != 0 and nproc != resource.RLIM_INFINITY and procs > nproc:
         out.append(f"pool_size = {pool_size} needs at least {procs} processes, but "

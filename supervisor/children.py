@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from supervisor import proctree
+from supervisor.capacity import EXITING_MAX
 from supervisor.output import LiveOutput
 from supervisor.store import AttemptEnd, Lease, Outcome, Task
 from supervisor.watchdog import Watchdog
@@ -45,6 +46,9 @@ REPORT_READ = 65536
 # relay. Such losses spend no attempt; in a task process a crash does. The count is the
 # task row's (relay_losses): it holds across restarts and the supervisors of a file.
 ISOLATE_AFTER = 2
+# A task process that reported its outcome is killed if it has not exited this long after
+# (its report stands): it holds no slot meanwhile (Children.busy), and must not stay.
+EXIT_AFTER_FINAL_S = 5.0
 
 
 @dataclass(eq=False)
@@ -79,6 +83,7 @@ class Child:
     spent_tokens: int | None = None    # what ctx.spend reported, summed
     type_limits: tuple = ()            # its type's limits when it started (its ctx.type_limits)
     relay_lost: bool = False           # hosted, and its relay ended without its outcome
+    released: bool = False             # its outcome is in: it no longer holds a slot
     ending: bool = False               # finish() runs for it
 
     @property
@@ -150,6 +155,7 @@ class Children:
         # the loop's pass (supervisor.output), which keeps the last max_log_bytes.
         self.output = LiveOutput(config.supervisor.max_output_bytes, max_log_bytes)
         self.table: dict[str, Child] = {}
+        self.released = 0  # children in the table whose outcome is in (Child.released)
         self.by_pid: dict[int, Child] = {}
         self.pending: list[tuple[Child, AttemptEnd]] = []  # ended, not yet recorded
         self.pending_pids: list[Child] = []                # pid not yet recorded
@@ -164,6 +170,16 @@ class Children:
 
     def __len__(self) -> int:
         return len(self.table)
+
+    def busy(self) -> int:
+        """The slots taken: every attempt in the table but those whose process reported
+        its outcome and is exiting. The outcome is written once the process is reaped (its
+        exit status and CPU time are part of it), but the next task need not wait for that
+        exit: on a busy machine the fork server's reaping and its message are a slot's
+        idle time. At most min(pool_size, EXITING_MAX) such processes count as free, so a
+        task that reports and then does not exit cannot multiply processes."""
+        free = min(self.released, self.config.supervisor.pool_size, EXITING_MAX)
+        return len(self.table) - free
 
     def __iter__(self):
         return iter(list(self.table.values()))
@@ -358,6 +374,12 @@ class Children:
         if child.final is not None:
             return f"a second outcome ({msg['kind']} after {child.final['kind']})"
         child.final = msg
+        if not child.hosted and not child.released:  # a relay ends the attempt itself
+            child.released = True
+            self.released += 1
+            if child.kill_at_mono is None:
+                child.kill_at_mono = mono + EXIT_AFTER_FINAL_S
+                self.at(child.kill_at_mono, child)
         return None
 
     def _checkpoint(self, child: Child, msg: dict, mono: float) -> str | None:
@@ -448,6 +470,10 @@ class Children:
             if child.key not in self.table or child.status is not None:
                 continue
             if child.kill_at_mono is not None and mono >= child.kill_at_mono:
+                if child.released and child.stop is None and child.pid:
+                    log.warning("task %s reported its outcome %.0fs ago and has not exited; "
+                                "killing its process (the outcome stands)", child.key,
+                                EXIT_AFTER_FINAL_S, extra={"task_id": child.task.id})
                 if child.pid:
                     proctree.kill_tree(child.pid)
                 elif child.hosted and child.server.pid:
@@ -534,6 +560,8 @@ class Children:
                 os.close(child.output_fd)
                 child.output_fd = -1
         del self.table[child.key]
+        if child.released:
+            self.released -= 1
         if child.hosted:
             child.server.hosting -= 1
         self.output.end(child.key)

@@ -112,6 +112,7 @@ class Supervisor:
         self.claim_needed = True
         self.last_loop_at = 0.0
         self.store_ok = False
+        self.kept_in_memory = 0  # outcomes held since a write failed (as logged)
         self.data_version = -1  # of the store, when cancel requests were last read
         self.memory_budget_mb = policy.memory_budget_mb(config.supervisor.memory_budget_mb,
                                                         machine_memory_mb())
@@ -149,6 +150,10 @@ class Supervisor:
         self.open_store()
         self.leases.rescue(self.clock.now())
         reloading.warn_unhandled_schedules(self.config, self.server.types)
+        # Ready means served: the HTTP server binds in on_ready, and its first /healthz
+        # must see an open store and a live loop, not the snapshot made before them.
+        self.last_loop_at = self.clock.now()
+        self.snapshot = Snapshot.of(self, running={})
         for hook in self.on_ready:
             hook(self)
         self.emit("started", owner=self.owner)
@@ -323,7 +328,8 @@ class Supervisor:
 
     def sync(self, now: float, mono: float) -> None:
         """One transaction a pass: pids, progress and finished attempts, then a claim for
-        every free slot, so a slot freed by a completion is refilled in the same commit.
+        every free slot (a slot is free once its process reported its outcome:
+        Children.busy), so what an outcome made ready is claimed in the same commit.
         If SQLite fails, outcomes stay in memory (reaping goes on) and nothing is claimed."""
         sup = self.config.supervisor
         kids = self.children
@@ -349,15 +355,22 @@ class Supervisor:
                 if output_due:  # before outcomes: an attempt's output precedes its end
                     kids.output.flush(self.store, mono)
                 statuses = [self.record(child, end, now) for child, end in kids.pending]
-                claimed = self.claim(now, sup.pool_size - len(kids)) if claiming else []
+                # Asked again after the outcomes: a success may have made its dependents
+                # ready, for this transaction to claim (and then wake_others, when full).
+                free = sup.pool_size - kids.busy()
+                claimed = self.claim(now, free) if self.can_claim(mono) else []
         except StoreError as exc:
-            if self.store_ok:
+            # Once a failing streak, and again when outcomes first wait in memory (a claim
+            # may fail first: a slot frees before its process's outcome is in).
+            if self.store_ok or kids.pending and not self.kept_in_memory:
                 log.error("database write failed, keeping %d outcome(s) in memory: %s",
                           len(kids.pending), exc)
+                self.kept_in_memory = len(kids.pending)
             self.store_ok = False
             self.timers.store_retry = mono + 0.5
             return
         self.store_ok = True
+        self.kept_in_memory = 0
         kids.output.committed()
         for hook in self.on_commit:
             hook()
@@ -371,7 +384,7 @@ class Supervisor:
             if was_empty:  # these are the only leases held: the fence may move up to them
                 self.leases.advance_fence(mono)
             self.start_attempts(claimed, now, mono)
-        if recorded and (self.stopping or len(kids) >= sup.pool_size):
+        if recorded and (self.stopping or kids.busy() >= sup.pool_size):
             self.wake_others(mono)
 
     def wake_others(self, mono: float) -> None:
@@ -547,7 +560,7 @@ class Supervisor:
     # -- status and waiting --------------------------------------------------------------
 
     def status_line(self) -> str:
-        return (f"{len(self.children)}/{self.config.supervisor.pool_size} slots busy"
+        return (f"{self.children.busy()}/{self.config.supervisor.pool_size} slots busy"
                 + (", stopping" if self.stopping else ""))
 
     def publish(self, now: float, mono: float) -> None:
@@ -566,7 +579,7 @@ class Supervisor:
     def can_claim(self, mono: float) -> bool:
         """A free slot, maybe a task for it, and a fork server and a database to use."""
         return (self.claim_needed and not self.stopping and not self.server.exited
-                and len(self.children) < self.config.supervisor.pool_size
+                and self.children.busy() < self.config.supervisor.pool_size
                 and mono >= self.timers.store_retry)
 
     def next_deadline(self, mono: float) -> float:

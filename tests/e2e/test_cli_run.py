@@ -58,7 +58,7 @@ def test_a_pool_size_the_descriptors_cannot_serve_is_refused_with_what_to_raise(
     res = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
                          capture_output=True, text=True, timeout=30)
     assert res.returncode == 2, res.stderr
-    assert "pool_size = 100000 needs about 200256 open files" in res.stderr
+    assert "pool_size = 100000 needs about 200384 open files" in res.stderr
     assert "its limit is 4096 (hard limit 4096)" in res.stderr  # raised from 1024 first
     assert "LimitNOFILE=" in res.stderr
     assert not (tmp_path / "t.db").exists()
@@ -66,9 +66,9 @@ def test_a_pool_size_the_descriptors_cannot_serve_is_refused_with_what_to_raise(
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("hard, pool, advice", [
-    (256, 1, "raise the limit to at least 258 ("),   # no pool_size fits: none is suggested
-    (256, 4, "raise the limit to at least 264 ("),
-    (300, 40, "lower pool_size to at most 22, or raise the limit to at least 336 ("),
+    (256, 1, "raise the limit to at least 260 ("),   # no pool_size fits: none is suggested
+    (256, 4, "raise the limit to at least 272 ("),
+    (300, 40, "lower pool_size to at most 11, or raise the limit to at least 416 ("),
 ])
 def test_the_open_files_advice_names_a_pool_size_that_fits_or_none(tmp_path, hard, pool,
                                                                     advice):

@@ -11,9 +11,11 @@ it.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 
+import psutil
 import pytest
 
 from tests.process.conftest import assert_dead
@@ -53,6 +55,40 @@ def test_a_handler_that_forks_and_leaves_a_child_cannot_hurt_the_supervisor(supe
         assert_dead(task.result["child"], what="child left behind by a handler")
     assert sup.proc.poll() is None
     assert "FORKED CHILD COULD REPORT" not in sup.log()
+    assert sup.wait_status(sup.enqueue("t.ok"), "succeeded")
+    assert sup.stop() == 0
+
+
+@pytest.mark.timeout(90)
+def test_a_task_that_reports_its_outcome_and_stays_is_killed_and_cannot_multiply(supervisor_proc):
+    """A process that has reported its outcome holds no slot while it exits (the next task
+    starts meanwhile). One that reports and then stays (TERM ignored) is killed
+    EXIT_AFTER_FINAL_S later, its outcome standing, and at most pool_size of them count
+    as free: six such tasks at pool 2 never run more than four processes at once."""
+    from supervisor.children import EXIT_AFTER_FINAL_S
+    sup = supervisor_proc(supervisor={"pool_size": 2, **HOSTILE})
+    ids = [sup.enqueue("h.done_early", {"s": 60}, max_attempts=1) for _ in range(6)]
+    most = 0
+
+    def all_done() -> bool:
+        nonlocal most
+        procs = 0
+        for server in sup.fork_servers():
+            for proc in server.children():
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    procs += proc.name() != "taskvisor-spare"
+        most = max(most, procs)
+        return all(sup.get(i).status == "succeeded" for i in ids)
+
+    wait_until(all_done, timeout=60, interval=0.02)
+    assert 3 <= most <= 4, f"{most} task processes at once at pool_size 2"
+    for task_id in ids:
+        task = sup.get(task_id)
+        (attempt,) = task.history
+        assert task.result == "early" and attempt.signal == "SIGKILL", attempt
+        assert EXIT_AFTER_FINAL_S - 0.5 < attempt.wall_s < EXIT_AFTER_FINAL_S + 5, attempt
+        assert_dead(attempt.pid, what="a task process that reported and stayed")
+    assert sup.log().count("reported its outcome 5s ago and has not exited") == 6
     assert sup.wait_status(sup.enqueue("t.ok"), "succeeded")
     assert sup.stop() == 0
 

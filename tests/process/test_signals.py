@@ -200,7 +200,7 @@ def test_sighup_refuses_a_pool_size_the_descriptors_cannot_serve(supervisor_proc
     sup.write_config({"supervisor": {"pool_size": 1000}})
     sup.signal(signal.SIGHUP)
     sup.wait_log("reload rejected: keeping the running config")
-    assert "reload rejected: pool_size = 1000 needs about 2256 open files" in sup.log()
+    assert "reload rejected: pool_size = 1000 needs about 2384 open files" in sup.log()
     assert "config reloaded from" not in sup.log()
     ids = [sup.enqueue("t.log", {"s": 0.3}) for _ in range(2)]
     sup.wait_all(ids, "succeeded", timeout=15)

@@ -148,6 +148,66 @@ def test_a_pass_claims_up_to_the_pool_fences_first_then_records_results(loop):
     assert [n for n, _ in seen].count("recorded") == 2
 
 
+def test_a_reported_outcome_frees_its_slot_and_is_written_at_the_exit(loop):
+    """The next task starts while a process that reported its outcome exits; the outcome
+    is written once the process is reaped, with its exit status and CPU time."""
+    sup, server, clock, queue, seen = loop
+    ids = [queue.enqueue("t", {"n": i}) for i in range(3)]
+    keys = start_all(sup, server, clock)
+    server.report(keys[0], b'{"kind":"ready","pid":1}', b'{"kind":"result","result":"7"}')
+    sup.wait(0.5)
+    assert sup.children.busy() == 1 and len(sup.children) == 2
+    assert sup.can_claim(clock.monotonic())
+    assert sup.step()
+    assert [t.status for t in map(queue.get, ids)] == ["running"] * 3  # the third claimed
+    assert len(sup.children) == 3 and sup.children.busy() == 2
+    assert sup.status_line() == "2/2 slots busy"
+    sup.children.on_server_event(server, server.exit(keys[0]), clock.monotonic())
+    assert sup.step()
+    done = queue.get(ids[0])
+    assert done.status == "succeeded" and done.result == 7
+    assert done.history[-1].exit_code == 0 and done.history[-1].cpu_s == 0.01
+    assert len(sup.children) == 2 and sup.children.released == 0
+
+
+def test_processes_that_reported_free_at_most_the_pool_and_are_killed_if_they_stay(loop, monkeypatch):
+    """A task can report an outcome and not exit: at most pool_size such processes count
+    as free (so no more than twice the pool run), and each is killed EXIT_AFTER_FINAL_S
+    after its report, its outcome standing."""
+    from supervisor import children as children_mod
+    killed = []
+    monkeypatch.setattr(children_mod.proctree, "kill_tree", killed.append)
+    sup, server, clock, queue, seen = loop
+    ids = [queue.enqueue("t", {"n": i}) for i in range(6)]
+    first = start_all(sup, server, clock)
+    for key in first:
+        server.report(key, b'{"kind":"ready","pid":1}', b'{"kind":"result","result":"1"}')
+    sup.wait(0.5)
+    clock.advance(1.0)
+    second = [k for k in start_all(sup, server, clock) if k not in first]
+    assert len(second) == 2 and sup.children.busy() == 2
+    for key in second:
+        server.report(key, b'{"kind":"ready","pid":1}', b'{"kind":"result","result":"2"}')
+    sup.wait(0.5)
+    assert sup.step()
+    assert len(sup.children) == 4 and sup.children.busy() == 2  # two count as free, not four
+    assert not sup.can_claim(clock.monotonic())
+    assert [queue.get(i).status for i in ids].count("queued") == 2
+    clock.advance(children_mod.EXIT_AFTER_FINAL_S - 1.1)
+    assert sup.step() and not killed
+    clock.advance(0.2)
+    assert sup.step()
+    assert sorted(killed) == sorted(server.tasks[k]["pid"] for k in first)
+    for key in first:
+        sup.children.on_server_event(server, server.exit(key, status=9), clock.monotonic())
+    assert sup.step()
+    for task_id in ids[:2]:
+        task = queue.get(task_id)
+        assert task.status == "succeeded" and task.result == 1
+        assert task.history[-1].signal == "SIGKILL"
+    assert [queue.get(i).status for i in ids].count("running") == 4  # the last two claimed
+
+
 def test_the_payload_goes_to_the_task_as_stored_text_never_decoded(loop, tmp_path):
     """The payload is opaque to the supervisor: the stored JSON text reaches the task
     process byte for byte (spacing, escapes and number spellings that a decode and

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
 import time
 
 from tests.process.handlers.tvp_handlers import logged, note_pid
@@ -42,6 +43,16 @@ def _write_all(fd: int, data: bytes) -> None:
             data = data[os.write(fd, data):]
     except OSError:
         pass  # the supervisor hung up on us: that is the point
+
+
+@task("h.done_early")
+def done_early(payload, ctx):
+    """Report a result straight onto the report channel, then stay: TERM ignored, no
+    return. Its slot is free once the result is read; its process must not stay."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _write_all(ctx._reporter.fd, b'{"kind":"result","result":"\\"early\\""}\n')
+    time.sleep(float(payload.get("s", 60)))
+    return "should not count"
 
 
 @task("h.fork_leave")
