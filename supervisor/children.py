@@ -5,7 +5,9 @@ attempt, the spawn request and the fork server's events about it, the report cha
 (every line checked by workers.wire; a task that breaks the protocol ends its own attempt
 as `crashed`), its output pipe (read into supervisor.output), reaping, the time, boot and
 memory limits (deadlines in a heap and a bounded watchdog, so the cost is per event, not
-per task in flight), stopping an attempt, turning how it ended into an AttemptEnd that
+per task in flight), which attempts hold a slot (not one whose process reported its
+outcome and is exiting: its channels are read once more at its reap, and it is killed if
+it stays), stopping an attempt, turning how it ended into an AttemptEnd that
 waits in `pending` until the loop writes it, and counting the hosted attempts each task
 lost with its relay (`isolated`: from the second, the task runs apart from the relay). It
 never touches the database and never imports user code.
@@ -84,6 +86,7 @@ class Child:
     type_limits: tuple = ()            # its type's limits when it started (its ctx.type_limits)
     relay_lost: bool = False           # hosted, and its relay ended without its outcome
     released: bool = False             # its outcome is in: it no longer holds a slot
+    watched: bool = True               # its report socket and output pipe are in the selector
     ending: bool = False               # finish() runs for it
 
     @property
@@ -380,7 +383,18 @@ class Children:
             if child.kill_at_mono is None:
                 child.kill_at_mono = mono + EXIT_AFTER_FINAL_S
                 self.at(child.kill_at_mono, child)
+            # Nothing more is due on its channels before its exit: read them then (finish),
+            # not at the end of file each one reaches as it exits (a pass of its own).
+            self.on_output(child)
+            self.unwatch(child)
         return None
+
+    def unwatch(self, child: Child) -> None:
+        if child.watched:
+            child.watched = False
+            for fd in (child.report_fd, child.output_fd):
+                if fd >= 0:
+                    self.selector.unregister(fd)
 
     def _checkpoint(self, child: Child, msg: dict, mono: float) -> str | None:
         """ctx.checkpoint: written in the pass's transaction (supervisor.checkpointing),
@@ -411,7 +425,8 @@ class Children:
 
     def close_report(self, child: Child) -> None:
         if child.report_fd >= 0:
-            self.selector.unregister(child.report_fd)
+            if child.watched:
+                self.selector.unregister(child.report_fd)
             os.close(child.report_fd)
             child.report_fd = -1
 
@@ -442,7 +457,8 @@ class Children:
             except OSError:
                 data = b""
             if not data:
-                self.selector.unregister(child.output_fd)
+                if child.watched:
+                    self.selector.unregister(child.output_fd)
                 os.close(child.output_fd)
                 child.output_fd = -1
                 return
@@ -556,7 +572,8 @@ class Children:
         if child.output_fd >= 0:
             self.on_output(child)
             if child.output_fd >= 0:  # a descendant still holds the pipe: stop listening
-                self.selector.unregister(child.output_fd)
+                if child.watched:
+                    self.selector.unregister(child.output_fd)
                 os.close(child.output_fd)
                 child.output_fd = -1
         del self.table[child.key]

@@ -403,7 +403,8 @@ class Supervisor:
 
     def write_pids(self) -> None:
         for child in self.children.pending_pids:  # only if still running: most no-ops are not
-            if child.key in self.children.table and child.status is None:
+            # (one that reported its outcome is exiting: its pid goes with the outcome)
+            if child.key in self.children.table and child.status is None and not child.released:
                 if child.pid_started_at is None:
                     child.pid_started_at = proctree.start_time(child.pid)
                 if child.pid_started_at is not None:

@@ -170,6 +170,33 @@ def test_a_reported_outcome_frees_its_slot_and_is_written_at_the_exit(loop):
     assert len(sup.children) == 2 and sup.children.released == 0
 
 
+def test_after_its_outcome_a_task_is_read_at_its_exit_not_woken_for(loop):
+    """Once the outcome is in, its channels leave the selector (their ends of file would
+    each wake a pass for nothing): what the process writes after it (the flush of its
+    stdout, or a second outcome) is read when it is reaped."""
+    sup, server, clock, queue, seen = loop
+    task_id, liar_id = queue.enqueue("t"), queue.enqueue("t", max_attempts=1)
+    key, liar = start_all(sup, server, clock)
+    os.write(server.tasks[key]["output"], b"before\n")
+    for k in (key, liar):
+        server.report(k, b'{"kind":"ready","pid":1}', b'{"kind":"result","result":"1"}')
+    sup.wait(0.5)
+    child = sup.children.table[key]
+    watched = {k.fileobj for k in sup.selector.get_map().values()}
+    assert child.report_fd not in watched and child.output_fd not in watched
+    os.write(server.tasks[key]["output"], b"after\n")
+    server.report(liar, b'{"kind":"result","result":"2"}')
+    for k in (key, liar):
+        sup.children.on_server_event(server, server.exit(k), clock.monotonic())
+    assert sup.step()
+    task = queue.get(task_id)
+    assert task.status == "succeeded" and task.history[-1].exit_code == 0
+    log = b"".join(c.data for c in sup.store.read_log(task_id, 1))
+    assert log == b"before\nafter\n"
+    lied = queue.get(liar_id)
+    assert lied.status == "failed" and "a second outcome" in lied.history[-1].reason
+
+
 def test_processes_that_reported_free_at_most_the_pool_and_are_killed_if_they_stay(loop, monkeypatch):
     """A task can report an outcome and not exit: at most pool_size such processes count
     as free (so no more than twice the pool run), and each is killed EXIT_AFTER_FINAL_S
