@@ -87,6 +87,7 @@ class Child:
     relay_lost: bool = False           # hosted, and its relay ended without its outcome
     released: bool = False             # its outcome is in: it no longer holds a slot
     watched: bool = True               # its report socket and output pipe are in the selector
+    overdue: bool = False              # released, and not gone EXIT_AFTER_FINAL_S later
     ending: bool = False               # finish() runs for it
 
     @property
@@ -486,7 +487,8 @@ class Children:
             if child.key not in self.table or child.status is not None:
                 continue
             if child.kill_at_mono is not None and mono >= child.kill_at_mono:
-                if child.released and child.stop is None and child.pid:
+                if child.released and child.stop is None and child.pid and not child.overdue:
+                    child.overdue = True  # said once; the KILL is repeated until its reap
                     log.warning("task %s reported its outcome %.0fs ago and has not exited; "
                                 "killing its process (the outcome stands)", child.key,
                                 EXIT_AFTER_FINAL_S, extra={"task_id": child.task.id})

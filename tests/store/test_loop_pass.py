@@ -197,7 +197,8 @@ def test_after_its_outcome_a_task_is_read_at_its_exit_not_woken_for(loop):
     assert lied.status == "failed" and "a second outcome" in lied.history[-1].reason
 
 
-def test_processes_that_reported_free_at_most_the_pool_and_are_killed_if_they_stay(loop, monkeypatch):
+def test_processes_that_reported_free_at_most_the_pool_and_are_killed_if_they_stay(loop, monkeypatch,
+                                                                                  caplog):
     """A task can report an outcome and not exit: at most pool_size such processes count
     as free (so no more than twice the pool run), and each is killed EXIT_AFTER_FINAL_S
     after its report, its outcome standing."""
@@ -205,7 +206,7 @@ def test_processes_that_reported_free_at_most_the_pool_and_are_killed_if_they_st
     killed = []
     monkeypatch.setattr(children_mod.proctree, "kill_tree", killed.append)
     sup, server, clock, queue, seen = loop
-    ids = [queue.enqueue("t", {"n": i}) for i in range(6)]
+    ids = [queue.enqueue("t", {"n": i}, timeout_s=60) for i in range(6)]
     first = start_all(sup, server, clock)
     for key in first:
         server.report(key, b'{"kind":"ready","pid":1}', b'{"kind":"result","result":"1"}')
@@ -225,6 +226,11 @@ def test_processes_that_reported_free_at_most_the_pool_and_are_killed_if_they_st
     clock.advance(0.2)
     assert sup.step()
     assert sorted(killed) == sorted(server.tasks[k]["pid"] for k in first)
+    clock.advance(1.05)  # the first two not reaped yet: KILL again, and no second warning
+    assert sup.step()
+    pids = [server.tasks[k]["pid"] for k in first] * 2 + [server.tasks[k]["pid"] for k in second]
+    assert sorted(killed) == sorted(pids)
+    assert caplog.text.count("reported its outcome 5s ago and has not exited") == 4
     for key in first:
         sup.children.on_server_event(server, server.exit(key, status=9), clock.monotonic())
     assert sup.step()
