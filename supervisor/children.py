@@ -85,8 +85,7 @@ class Child:
     spent_tokens: int | None = None    # what ctx.spend reported, summed
     type_limits: tuple = ()            # its type's limits when it started (its ctx.type_limits)
     relay_lost: bool = False           # hosted, and its relay ended without its outcome
-    released: bool = False             # its outcome is in: it no longer holds a slot
-    watched: bool = True               # its report socket and output pipe are in the selector
+    released: bool = False             # its outcome is in: no slot, its channels unwatched
     overdue: bool = False              # released, and not gone EXIT_AFTER_FINAL_S later
     ending: bool = False               # finish() runs for it
 
@@ -379,23 +378,23 @@ class Children:
             return f"a second outcome ({msg['kind']} after {child.final['kind']})"
         child.final = msg
         if not child.hosted and not child.released:  # a relay ends the attempt itself
-            child.released = True
-            self.released += 1
-            if child.kill_at_mono is None:
-                child.kill_at_mono = mono + EXIT_AFTER_FINAL_S
-                self.at(child.kill_at_mono, child)
-            # Nothing more is due on its channels before its exit: read them then (finish),
-            # not at the end of file each one reaches as it exits (a pass of its own).
-            self.on_output(child)
-            self.unwatch(child)
+            self.on_output(child)  # what it wrote so far, while the pipe is still watched
+            self.release(child, mono)
         return None
 
-    def unwatch(self, child: Child) -> None:
-        if child.watched:
-            child.watched = False
-            for fd in (child.report_fd, child.output_fd):
-                if fd >= 0:
-                    self.selector.unregister(fd)
+    def release(self, child: Child, mono: float) -> None:
+        """Its outcome is in: it holds no slot (busy) and must exit within
+        EXIT_AFTER_FINAL_S. Nothing more is due on its channels before its exit: they leave
+        the selector and are read at its reap (finish), not at the end of file each one
+        reaches as it exits (a pass of its own)."""
+        child.released = True
+        self.released += 1
+        if child.kill_at_mono is None:
+            child.kill_at_mono = mono + EXIT_AFTER_FINAL_S
+            self.at(child.kill_at_mono, child)
+        for fd in (child.report_fd, child.output_fd):
+            if fd >= 0:
+                self.selector.unregister(fd)
 
     def _checkpoint(self, child: Child, msg: dict, mono: float) -> str | None:
         """ctx.checkpoint: written in the pass's transaction (supervisor.checkpointing),
@@ -426,7 +425,7 @@ class Children:
 
     def close_report(self, child: Child) -> None:
         if child.report_fd >= 0:
-            if child.watched:
+            if not child.released:
                 self.selector.unregister(child.report_fd)
             os.close(child.report_fd)
             child.report_fd = -1
@@ -458,7 +457,7 @@ class Children:
             except OSError:
                 data = b""
             if not data:
-                if child.watched:
+                if not child.released:
                     self.selector.unregister(child.output_fd)
                 os.close(child.output_fd)
                 child.output_fd = -1
@@ -574,7 +573,7 @@ class Children:
         if child.output_fd >= 0:
             self.on_output(child)
             if child.output_fd >= 0:  # a descendant still holds the pipe: stop listening
-                if child.watched:
+                if not child.released:
                     self.selector.unregister(child.output_fd)
                 os.close(child.output_fd)
                 child.output_fd = -1

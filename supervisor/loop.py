@@ -112,7 +112,7 @@ class Supervisor:
         self.claim_needed = True
         self.last_loop_at = 0.0
         self.store_ok = False
-        self.kept_in_memory = 0  # outcomes held since a write failed (as logged)
+        self.kept_logged = False  # that outcomes wait in memory since a write failed
         self.data_version = -1  # of the store, when cancel requests were last read
         self.memory_budget_mb = policy.memory_budget_mb(config.supervisor.memory_budget_mb,
                                                         machine_memory_mb())
@@ -362,15 +362,15 @@ class Supervisor:
         except StoreError as exc:
             # Once a failing streak, and again when outcomes first wait in memory (a claim
             # may fail first: a slot frees before its process's outcome is in).
-            if self.store_ok or kids.pending and not self.kept_in_memory:
+            if self.store_ok or kids.pending and not self.kept_logged:
                 log.error("database write failed, keeping %d outcome(s) in memory: %s",
                           len(kids.pending), exc)
-                self.kept_in_memory = len(kids.pending)
+                self.kept_logged = bool(kids.pending)
             self.store_ok = False
             self.timers.store_retry = mono + 0.5
             return
         self.store_ok = True
-        self.kept_in_memory = 0
+        self.kept_logged = False
         kids.output.committed()
         for hook in self.on_commit:
             hook()
