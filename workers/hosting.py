@@ -27,11 +27,14 @@ import os
 import socket
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from workers import wire
 from workers.child import Reporter, send_failure, send_result
 from workers.context import TaskContext
-from workers.handlers import llm, llmrelay
+
+if TYPE_CHECKING:
+    from workers.handlers import llmrelay
 
 FENCE_CHECK_S = 0.1   # how often the fence is read while attempts run (it only moves later)
 HIGH_WATER = 1 << 16  # report bytes an attempt may have waiting before its call reads on
@@ -230,7 +233,11 @@ class HostedAttempt:
 async def chat(server, payload, ctx: TaskContext, reports: "Reports") -> dict:
     """`llm.chat` for a hosted attempt: the request built as a task process builds it, the
     exchange made by `server` (RelayServer), its frames read by the same llmrelay.Parsed
-    (report lines to `reports`, the result, llm's exceptions)."""
+    (report lines to `reports`, the result, llm's exceptions).
+    llm is imported here, at the first hosted attempt, not with this module: in the relay
+    (no relay named in its environment) it imports httpx and its transports, ~0.25 s of
+    CPU that every supervisor's start spent beside its first tasks, calls or not."""
+    from workers.handlers import llm, llmrelay
     req = llm.build_request(payload, ctx)
     call = llmrelay.Parsed(req, ctx)
     answer = HostedAnswer(call, reports)
@@ -264,6 +271,7 @@ class HostedAnswer:
         if self.error is not None:
             raise self.error
         if self.call.result is None:
+            from workers.handlers import llm  # imported by chat() already
             raise llm.MalformedReply(f"the model-call relay ended the call to {self.call.req.url} "
                                      f"without a result")
         return self.call.result

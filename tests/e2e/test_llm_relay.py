@@ -422,3 +422,22 @@ def test_the_relay_keeps_what_its_imports_made_out_of_the_cyclic_collector():
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+def test_a_relay_starts_without_the_http_stack_which_its_first_call_loads():
+    """What a relay imports up to its first call (workers.relay, and workers.hosting for
+    hosted attempts) leaves httpx out: loading it took ~0.25 s of CPU at every
+    supervisor's start, beside the first tasks, model calls or not. Run in a fresh
+    interpreter, as the relay starts (no relay named in its environment)."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != RELAY_ENV}
+    code = ("import sys, workers.relay, workers.hosting\n"
+            "print(sorted(m for m in ('httpx', 'httpcore', 'anyio', 'workers.handlers.llm')"
+            " if m in sys.modules))\n"
+            "workers.relay.RelayServer()._load()\n"
+            "print('httpx' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=60, check=True).stdout.split("\n")
+    assert out[0] == "[]", out
+    assert out[1] == "True", out
