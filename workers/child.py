@@ -11,9 +11,9 @@ write task state anywhere but the pipe.
 from __future__ import annotations
 
 import _signal
+import _socket
 import json
 import os
-import socket
 import sys
 from _signal import (SIG_BLOCK, SIG_DFL, SIG_UNBLOCK, SIGKILL, SIGTERM, pthread_sigmask,
                      set_wakeup_fd)
@@ -42,6 +42,7 @@ _TERM = (SIGTERM,)
 _READY = b'{"kind":"%s","pid":%%d}\n' % wire.READY.encode()
 _RESULT = b'{"kind":"%s","result":%%s}\n' % wire.RESULT.encode()
 _RESET = (_signal.SIGCHLD, _signal.SIGINT, _signal.SIGHUP)
+_FDS_SPACE = _socket.CMSG_SPACE(3 * 4)  # a spare's task: up to 3 descriptors
 
 
 def _not_json(obj):
@@ -186,8 +187,12 @@ def run_spare(sock_fd: int, parent_pid: int, name: bytes = b"python") -> None:
         # until the handler ran, a stray TERM would cancel the next task instead.
         set_handler(SIGTERM, SIG_DFL)
         pthread_sigmask(SIG_UNBLOCK, _TERM)
-        with socket.socket(fileno=sock_fd) as sock:
-            data, fds, _flags, _addr = socket.recv_fds(sock, wire.MAX_PACKET, 3)
+        sock = _socket.socket(fileno=sock_fd)
+        try:
+            data, ancillary, _flags, _addr = sock.recvmsg(wire.MAX_PACKET, _FDS_SPACE)
+        finally:
+            sock.close()
+        fds = wire.received_fds(ancillary)
         pthread_sigmask(SIG_BLOCK, _TERM)
         if len(fds) < 2:
             code = EXIT_PARENT_GONE  # not a task: the fork server is stopping

@@ -14,6 +14,8 @@ server imports it.
 from __future__ import annotations
 
 import json
+import sys
+from _socket import SCM_RIGHTS, SOL_SOCKET
 
 # The largest packet on the fork server's sockets (supervisor <-> fork server <-> spare);
 # a spawn whose spec does not fit inline sends it in a memfd.
@@ -152,6 +154,24 @@ def parse_ack(line: bytes) -> tuple[int, str | None]:
 
 
 # -- the fork server channel (supervisor <-> fork server), one message per packet ----------
+
+def received_fds(ancillary) -> list[int]:
+    """The descriptors that came with a packet (the ancillary data recvmsg returns).
+    Here rather than socket.recv_fds: the fork server and its task processes use `_socket`
+    alone, not socket.py (its enums, selectors and math are ~0.35 MiB that every fork
+    copies the page tables of)."""
+    fds: list[int] = []
+    for level, kind, data in ancillary:
+        if level == SOL_SOCKET and kind == SCM_RIGHTS:
+            fds.extend(memoryview(data)[:len(data) - len(data) % 4].cast("i"))
+    return fds
+
+
+def passing_fds(fds) -> list[tuple]:
+    """sendmsg's ancillary data that passes `fds` (socket.send_fds without socket.py)."""
+    return [(SOL_SOCKET, SCM_RIGHTS,
+             b"".join([fd.to_bytes(4, sys.byteorder, signed=True) for fd in fds]))]
+
 
 def encode_spawn(key: str, spec: bytes | None, start_by: float | None = None) -> bytes:
     """"spawn KEY [START_BY]" with the spec inline after a newline, or alone (spec in a

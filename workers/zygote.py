@@ -31,14 +31,13 @@ KEY is "<task id>:<attempt>" (no spaces); UTIME and STIME are seconds (repr of a
 
 from __future__ import annotations
 
-import array
+import _socket
 import gc
 import importlib
 import json
 import os
 import select
 import signal
-import socket
 import sys
 import time
 
@@ -52,26 +51,27 @@ BATCH = 32  # requests read before their forks (back to back); the rest at the n
 _CO_COROUTINE = 0x80  # inspect.CO_COROUTINE
 _SCAN = json.JSONDecoder().scan_once  # (text, index) -> (value, end), in C with _json
 
-_FDS_SPACE = socket.CMSG_SPACE(4 * 4)  # room for up to 4 descriptors
-_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)  # received descriptors: not inherited
+_FDS_SPACE = _socket.CMSG_SPACE(4 * 4)  # room for up to 4 descriptors
+_CLOEXEC = getattr(_socket, "MSG_CMSG_CLOEXEC", 0)  # received descriptors: not inherited
 # SIGCHLD's handler: only its wake-up byte matters. A C callable taking (signum, frame),
 # not a lambda: no Python frame runs for it at every task's exit.
 _IGNORE_ARGS = {}.get
 _ENDED = os.WEXITED | os.WNOHANG | os.WNOWAIT  # waitid: report an ended child, reap none
-_DONTWAIT = socket.MSG_DONTWAIT
+_DONTWAIT = _socket.MSG_DONTWAIT
 
 # _LEAN: every page of this process is shared copy-on-write with each task process, and
 # the after-fork hooks of every module it imported run in each of them. So it imports no
 # more than the spawn protocol needs: not logging (its import of threading alone doubles
 # the CPU a fork and exit cost), not inspect, typing, dataclasses,
-# argparse or traceback. A preload module that imports them still gets them. For the
+# argparse or traceback, and `_socket` rather than socket.py (whose enums, selectors and
+# math held 0.35 MiB and 10 mappings more: 12-16 us more a fork and exit). A preload module that imports them still gets them. For the
 # same reason the loop between two forks touches as few objects as it can: every page it
 # writes after a fork is copied first (selectors, socket.recv_fds and JSON messages
 # cost a task many more faults: benchmarks/README.md).
 
 
 class Zygote:
-    def __init__(self, sock: socket.socket, parent_pid: int, fence: "wire.Fence | None" = None):
+    def __init__(self, sock: _socket.socket, parent_pid: int, fence: "wire.Fence | None" = None):
         self.sock = sock
         self.parent_pid = parent_pid
         self.children: set[int] = set()
@@ -82,7 +82,7 @@ class Zygote:
         # one forks directly (a hand-over costs a task more CPU than a fork, and under
         # load a task waits for a free slot anyway). Not a task: never reported, ended
         # by closing its socket.
-        self.spare: tuple[int, socket.socket] | None = None
+        self.spare: tuple[int, _socket.socket] | None = None
         self.spare_pids: set[int] = set()  # spares forked and not yet reaped
         self.spare_after = 0.0  # monotonic time before which no new spare is forked
         # The execution fence: the supervisor's leases are renewed up to this monotonic
@@ -258,7 +258,7 @@ class Zygote:
                 pass
 
     def _fork_spare(self) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours, theirs = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
         try:
             pid = os.fork()
         except OSError:
@@ -286,7 +286,7 @@ class Zygote:
         pid, sock = self.spare
         self.spare = None
         try:
-            socket.send_fds(sock, [spec or b"{}"], fds)
+            sock.sendmsg([spec or b"{}"], wire.passing_fds(fds))
         except OSError:
             return None  # it died meanwhile: it is reaped as a spare, the spawn forks
         finally:
@@ -328,10 +328,7 @@ class Zygote:
         except (BlockingIOError, InterruptedError):
             return None
         data = self.bufs[0][:size]
-        fds = array.array("i")
-        for level, kind, cdata in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds.frombytes(cdata[:len(cdata) - len(cdata) % 4])
+        fds = wire.received_fds(anc) if anc else []
         if not data:  # the supervisor closed its end
             self.stopping = True
             self.poller.unregister(self.sock_fd)
@@ -507,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.getppid() != args["parent"]:
         return proto.ZYGOTE_PARENT_GONE
     limits.no_core_dumps()  # for every task process it forks
-    sock = socket.socket(fileno=args["fd"])
+    sock = _socket.socket(fileno=args["fd"])
     fence = None
     if args["fence_fd"] >= 0:
         fence = wire.Fence(args["fence_fd"])
