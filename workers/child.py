@@ -41,6 +41,7 @@ SPARE_NAME = b"taskvisor-spare"  # /proc/PID/comm of a spare waiting for its tas
 _TERM = (SIGTERM,)
 _READY = b'{"kind":"%s","pid":%%d}\n' % wire.READY.encode()
 _RESULT = b'{"kind":"%s","result":%%s}\n' % wire.RESULT.encode()
+QUICKEN_CALLS = 10  # CPython 3.11 specialises a function at its eighth call (warm_up)
 _RESET = (_signal.SIGCHLD, _signal.SIGINT, _signal.SIGHUP)
 _FDS_SPACE = _socket.CMSG_SPACE(3 * 4)  # a spare's task: up to 3 descriptors
 
@@ -138,20 +139,35 @@ def detach_after_fork() -> None:
 
 
 def warm_up() -> None:
-    """Called by the fork server once it has preloaded: build, and throw away, the objects
-    each task process builds (TaskContext, Reporter, ResourceLimits), so their types' attribute
-    cache entries are already filled in the memory every task process starts from. A
-    lookup that misses writes its entry: page faults in every task. The same for the
-    lookups inside the parent-death call (ctypes) and the flush of stdout and stderr at
-    exit; both are harmless here (the fork server has this parent-death signal already)."""
-    reporter = Reporter(-1)
-    for _ in range(2):
-        TaskContext(id="", type="", attempt=1, max_attempts=1, deadline_at=None,
-                    reporter=reporter, config=None, log_settings=(False, "INFO"))
-        ResourceLimits.from_dict({})
-        set_parent_death_signal(SIGKILL)
-        sys.stdout.flush()
-        sys.stderr.flush()
+    """Called by the fork server once it has preloaded: run, and throw away the results of,
+    the parts of a task process's path that touch nothing outside this process (the
+    TaskContext, Reporter and ResourceLimits it builds, applying no limits, the ready and
+    result lines into a pipe, the handler lookup, the parent-death call, the flush of
+    stdout and stderr at exit), QUICKEN_CALLS times. Two reasons, both page faults in
+    every task: a lookup that misses the types' attribute cache writes its entry, and
+    CPython 3.11 counts the calls of a function in its code object until the eighth,
+    when it specialises it, so code the fork server never ran is written to by each task
+    process that runs it. (The parent-death call is harmless here: the fork server has
+    this parent-death signal already.)"""
+    r, w = os.pipe()
+    try:
+        reporter = Reporter(w)
+        for _ in range(QUICKEN_CALLS):
+            ctx = TaskContext(id="", type="", attempt=1, max_attempts=1, deadline_at=None,
+                              reporter=reporter, config=None, log_settings=(False, "INFO"))
+            apply(ResourceLimits.from_dict({}))  # none: nothing to apply
+            reporter.write(_READY % 0)
+            lookup("")
+            ctx.close_output()
+            send_result(reporter, None, 1 << 20)
+            send_result(reporter, {"k": [1, 2.5, "v", None, True]}, 1 << 20)
+            set_parent_death_signal(SIGKILL)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            read(r, 1 << 16)
+    finally:
+        close(r)
+        close(w)
 
 
 def run(spec: dict | bytes | int, report_fd: int, log_fd: int, parent_pid: int,
