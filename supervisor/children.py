@@ -641,7 +641,8 @@ def classify(child: Child, mono: float | None = None) -> AttemptEnd:
         # An attempt that never had a process (given back between claim and start, or
         # refused by its fork server) spent nothing: its claim's estimate is refunded.
         spent_tokens=child.spent_tokens if child.started else 0, started=child.started,
-        pid=child.pid, peak_rss_bytes=max(child.peak_rss, (child.rusage or {}).get("maxrss_kb", 0) * 1024) or None,
+        pid=child.pid, ran_in="relay" if child.hosted else "process",
+        peak_rss_bytes=max(child.peak_rss, (child.rusage or {}).get("maxrss_kb", 0) * 1024) or None,
         cpu_s=None if not child.rusage else round(child.rusage["utime"] + child.rusage["stime"], 4),
         wall_s=mono - child.spawned_mono,
         exit_code=os.WEXITSTATUS(st) if st is not None and os.WIFEXITED(st) else None,

@@ -270,7 +270,8 @@ def cmd_show(args, cfg) -> int:
     for a in task.history:
         ended = a.outcome or "running"
         exit_ = (f"signal {a.signal}" if a.signal else
-                 f"exit {a.exit_code}" if a.exit_code is not None else "")
+                 f"exit {a.exit_code}" if a.exit_code is not None else
+                 "in the model-call relay" if a.ran_in == "relay" else "")
         peak = "-" if a.peak_rss_bytes is None else f"{a.peak_rss_bytes / 1048576:.1f} MiB"
         print(f"  #{a.attempt:<3} {ended:<17} {iso(a.started_at)}  wall {_num(a.wall_s, 's')}"
               f"  cpu {_num(a.cpu_s, 's')}  peak {peak}  {exit_}".rstrip())

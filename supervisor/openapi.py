@@ -70,7 +70,10 @@ ATTEMPT = _obj({
     "error": _null({"type": "object", "description": "{type, message, traceback} when the "
                     "handler raised"}),
     "exit_code": _null(INT), "signal": _null(STR), "pid": _null(INT),
-    "peak_rss_bytes": _null(INT), "cpu_s": _null(NUM), "wall_s": _null(NUM)})
+    "peak_rss_bytes": _null(INT), "cpu_s": _null(NUM), "wall_s": _null(NUM),
+    "ran_in": _null({"type": "string", "enum": ["process", "relay", None],
+                     "description": "a task process of its own, or hosted by the model-call "
+                     "relay (llm.chat; memory_mb and cpu_s do not apply); null: not known"})})
 
 TASK_FIELDS = {
     "id": {"type": "string", "description": "26-character time-ordered id"},

@@ -269,7 +269,8 @@
       el("td", { class: "num" }, duration(a.wall_s)),
       el("td", { class: "num" }, bytes(a.peak_rss_bytes)),
       el("td", { class: "num" }, a.cpu_s === null ? "–" : duration(a.cpu_s)),
-      el("td", null, a.signal || (a.exit_code === null ? "" : "exit " + a.exit_code))));
+      el("td", null, a.signal || (a.exit_code !== null ? "exit " + a.exit_code
+        : a.ran_in === "relay" ? "in the relay" : ""))));
     table($("attempts"), ["#", "outcome", "reason", "started", "wall", "peak RSS", "CPU", "exit"], rows, "not run yet");
     const last = t.history.length ? t.history[t.history.length - 1] : null;
     const trace = last && last.error && last.error.traceback ? last.error.traceback : "";

@@ -88,12 +88,13 @@ def insert_attempt(db: apsw.Connection, lease, *, started_at: float | None, now:
     """Write the row of one ended attempt (a running attempt has none: it is the tasks row)."""
     db.execute(
         "INSERT INTO attempts (task_id, attempt, owner, started_at, ended_at, outcome, reason, "
-        "error, exit_code, signal, pid, peak_rss_bytes, cpu_s, wall_s) "
-        "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+        "error, exit_code, signal, pid, peak_rss_bytes, cpu_s, wall_s, ran_in) "
+        "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
         (lease.id, lease.attempt, lease.owner, now if started_at is None else started_at, now,
          str(end.outcome), end.reason, json.dumps(end.error) if end.error else None,
          end.exit_code, end.signal, end.pid if end.pid is not None else pid,
-         end.peak_rss_bytes, end.cpu_s, None if end.wall_s is None else round(end.wall_s, 6)))
+         end.peak_rss_bytes, end.cpu_s, None if end.wall_s is None else round(end.wall_s, 6),
+         end.ran_in))
 
 
 _FENCE = "id = :id AND attempts = :attempt AND lease_owner = :owner AND status = 'running'"

@@ -78,9 +78,10 @@ class Attempt:
     peak_rss_bytes: int | None
     cpu_s: float | None
     wall_s: float | None
+    ran_in: str | None = None  # "process", "relay" (hosted: no memory_mb, cpu_s) or None: not known
 
     COLUMNS = ("id, task_id, attempt, owner, started_at, ended_at, outcome, reason, error, "
-               "exit_code, signal, pid, peak_rss_bytes, cpu_s, wall_s")
+               "exit_code, signal, pid, peak_rss_bytes, cpu_s, wall_s, ran_in")
 
     @classmethod
     def from_row(cls, row: tuple) -> "Attempt":
@@ -95,6 +96,7 @@ class Attempt:
             "outcome": self.outcome, "reason": self.reason, "error": self.error,
             "exit_code": self.exit_code, "signal": self.signal, "pid": self.pid,
             "peak_rss_bytes": self.peak_rss_bytes, "cpu_s": self.cpu_s, "wall_s": self.wall_s,
+            "ran_in": self.ran_in,
         }
 
 
@@ -286,6 +288,7 @@ class AttemptEnd:
     # whose claim's request and token estimate its limits get back.
     started: bool = True
     relay_lost: bool = False             # a hosted attempt its relay took down (0012)
+    ran_in: str | None = None            # "process" or "relay" (0013); None: not known (a rescue)
 
 
 @dataclass(frozen=True)

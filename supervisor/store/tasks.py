@@ -511,8 +511,10 @@ class Store(WorkflowStore, flow.FlowOps, LiveOps):
         task = Task.from_row(row, deps, attempts)
         if history and task.status is Status.RUNNING and not any(
                 a.attempt == task.attempts and a.ended_at is None for a in attempts):
+            # Where it runs shows once its pid is written (a hosted attempt never has one).
             running = Attempt(0, task.id, task.attempts, task.lease_owner or "", task.started_at,
-                              None, None, "running", None, None, None, task.pid, None, None, None)
+                              None, None, "running", None, None, None, task.pid, None, None, None,
+                              "process" if task.pid is not None else None)
             task = replace(task, history=attempts + (running,))
         return task
 

@@ -1,5 +1,6 @@
 """`taskvisor show` (human form): the limits a task runs with and where each comes from
-(the task, its type's section, [defaults]), and the whole traceback of a failed attempt."""
+(the task, its type's section, [defaults]), the whole traceback of a failed attempt, and
+which attempts the model-call relay hosted."""
 
 from __future__ import annotations
 
@@ -52,3 +53,22 @@ def test_show_prints_the_whole_traceback_of_a_failed_attempt(tmp_path):
     shown = [line[len("       | "):] for line in res.stdout.splitlines()
              if line.startswith("       | ")]
     assert shown == TRACE.rstrip("\n").splitlines()
+
+
+def test_show_says_which_attempts_the_model_call_relay_hosted(tmp_path):
+    task_id = enqueue(tmp_path, "x", "--max-attempts", "3")
+    store = Store(tmp_path / "taskvisor.db")
+    try:
+        for ran_in, exit_code in (("relay", None), ("process", 1)):
+            task = store.claim("owner", time.time(), lease_s=30)
+            end = AttemptEnd(Outcome.ERROR, reason="RuntimeError: again", exit_code=exit_code,
+                             ran_in=ran_in, error={"type": "RuntimeError", "message": "again",
+                                                   "traceback": ""})
+            store.fail(task.lease, end, time.time(), policy.Backoff(initial_s=0.0, max_s=0.0))
+        assert [a.ran_in for a in store.get(task_id).history] == ["relay", "process"]
+    finally:
+        store.close()
+    out = tv(tmp_path, "show", task_id).stdout
+    first, second = [line for line in out.splitlines() if line.startswith("  #")]
+    assert first.endswith("in the model-call relay") and "#1" in first
+    assert second.endswith("exit 1") and "#2" in second

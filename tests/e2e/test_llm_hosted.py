@@ -59,7 +59,8 @@ def test_a_hosted_attempt_has_no_process_and_the_same_result_output_and_progress
             assert task.status == "succeeded", task.error
             assert task.result["text"].startswith("w0 w1") and task.result["usage"]["total_tokens"] == 52
             assert [a.outcome for a in task.history] == ["succeeded"]
-            assert task.history[0].pid is None
+            assert task.history[0].pid is None and task.history[0].ran_in == "relay"
+            assert task.to_dict()["history"][0]["ran_in"] == "relay"  # the API's field
             store = Store(str(tmp_path / "taskvisor.db"))
             try:
                 assert store.read_output(task_id).text == task.result["text"]
@@ -71,7 +72,9 @@ def test_a_hosted_attempt_has_no_process_and_the_same_result_output_and_progress
         with SupervisorProcess(tmp_path / "forked", llm_config(srv.base_url, "run_in_relay = false\n")) as sup:
             task_id = sup.queue.enqueue("llm.chat", {"prompt": "count"})
             assert running(sup, task_id).pid is not None
-            assert sup.wait(task_id).status == "succeeded"
+            task = sup.wait(task_id)
+            assert task.status == "succeeded"
+            assert task.history[0].pid is not None and task.history[0].ran_in == "process"
 
 
 @pytest.mark.timeout(90)
