@@ -62,9 +62,10 @@ _DONTWAIT = _socket.MSG_DONTWAIT
 # _LEAN: every page of this process is shared copy-on-write with each task process, and
 # the after-fork hooks of every module it imported run in each of them. So it imports no
 # more than the spawn protocol needs: not logging (its import of threading alone doubles
-# the CPU a fork and exit cost), not inspect, typing, dataclasses,
-# argparse or traceback, and `_socket` rather than socket.py (whose enums, selectors and
-# math held 0.35 MiB and 10 mappings more: 12-16 us more a fork and exit). A preload module that imports them still gets them. For the
+# the CPU a fork and exit cost), not inspect, typing, dataclasses, argparse or
+# traceback, and `_socket` rather than socket.py and array (socket.py's enums, selectors
+# and math, with array, held 0.35 MiB and 11 mappings more: 12-16 us more a fork and
+# exit). A preload module that imports them still gets them. For the
 # same reason the loop between two forks touches as few objects as it can: every page it
 # writes after a fork is copied first (selectors, socket.recv_fds and JSON messages
 # cost a task many more faults: benchmarks/README.md).

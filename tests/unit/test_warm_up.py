@@ -48,3 +48,23 @@ def test_llm_relay_warm_up_makes_a_canned_call_and_leaves_nothing_behind():
                       "usage": {"prompt_tokens": 2, "completion_tokens": 2, "total_tokens": 4}}
     assert set(os.listdir("/proc/self/fd")) <= fds  # (listdir's own descriptor aside)
     assert threading.active_count() == threads
+
+
+def test_the_fork_servers_warm_up_of_the_task_path_changes_nothing_of_this_process():
+    """workers.child.warm_up runs the task path's side-effect-free part QUICKEN_CALLS times
+    in the fork server: no limit, priority, descriptor or signal of the process moves."""
+    import resource
+    import signal
+
+    from workers import child
+    limits = [resource.getrlimit(r) for r in (resource.RLIMIT_DATA, resource.RLIMIT_CPU,
+                                              resource.RLIMIT_NOFILE)]
+    nice = os.getpriority(os.PRIO_PROCESS, 0)
+    fds = sorted(os.listdir("/proc/self/fd"))
+    term = signal.getsignal(signal.SIGTERM)
+    child.warm_up()
+    assert [resource.getrlimit(r) for r in (resource.RLIMIT_DATA, resource.RLIMIT_CPU,
+                                            resource.RLIMIT_NOFILE)] == limits
+    assert os.getpriority(os.PRIO_PROCESS, 0) == nice
+    assert sorted(os.listdir("/proc/self/fd")) == fds
+    assert signal.getsignal(signal.SIGTERM) is term
