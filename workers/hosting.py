@@ -9,7 +9,8 @@ attempt's `memory_mb` and `cpu_s` do not apply (the relay caps each answer at
 MAX_ANSWER_BYTES); its time limit, cancel, lease fence and outcome are the same.
 
 Owns the relay's side of hosting: the supervisor's packets on the control socket (the fork
-server's spawn request, workers.wire, with the report socket as a descriptor; "cancel KEY"),
+server's spawn request, workers.wire, with the report socket as a descriptor; "cancel KEY";
+"warm", answered {"op": "warmed", "seconds"} once the first call's imports are done),
 each attempt's run (a TaskContext whose report lines never block the relay's loop, the
 call through RelayServer, read as a task process reads it: llmrelay.Parsed, and the one
 outcome line a task process would have written: workers.child), cancelling, and the
@@ -84,6 +85,9 @@ class Host:
             if attempt is not None:
                 attempt.cancel()
             return
+        if op == b"warm":
+            self.warm()
+            return
         if op != b"spawn":
             raise ValueError(f"unknown packet {head[:60]!r}")
         key, _, start_by = rest.partition(b" ")
@@ -110,6 +114,16 @@ class Host:
         attempt.task = self.loop.create_task(attempt.run())
         if self.fence is not None and self.fence_task is None:
             self.fence_task = self.loop.create_task(self._watch_fence())
+
+    def warm(self) -> None:
+        """The supervisor has been idle a while: import and build now what the first call
+        would (httpx, its TLS context, llm: ~0.3 s of CPU, in this loop), and say how long
+        it took. Not at the relay's start, where it ran beside the first tasks."""
+        started = time.monotonic()
+        self.server.warm()
+        from workers.handlers import llm, llmrelay  # noqa: F401 - what chat() imports
+        self.tell(json.dumps({"op": "warmed",
+                              "seconds": round(time.monotonic() - started, 3)}).encode())
 
     def _refuse(self, key: bytes, error: str, fds: list[int]) -> None:
         """Say why, then close its report socket: the supervisor reads the event before

@@ -156,6 +156,12 @@ class RelayServer:
         # so the same lanes, and their kept-alive connections, serve wave after wave.
         self.lanes: list[list] = []  # [client, calls in flight]
 
+    def warm(self) -> None:
+        """Load the serving side now (the supervisor is idle: workers.hosting), not in the
+        first call, which would wait for it."""
+        if self.httpx is None:
+            self._load()
+
     def _load(self) -> None:
         """Import httpx and llm's answer reader and build the TLS context: ~0.3 s of CPU,
         paid at the first call rather than at every supervisor's start (where it competed

@@ -224,7 +224,8 @@ def parse_server_event(data: bytes) -> dict:
     """One message of the fork server as a checked dict with its "op"; raises ProtocolError.
 
     Text lines: "spawned KEY PID", "spawn_failed KEY text", "exited PID STATUS UTIME STIME
-    MAXRSS_KB", "fenced COUNT"; JSON objects for start-up ("ready", "boot_error")."""
+    MAXRSS_KB", "fenced COUNT"; JSON objects for start-up ("ready", "boot_error") and the
+    model-call relay's answer to "warm" ("warmed", with the seconds it took)."""
     op, _, rest = data.partition(b" ")
     try:
         if op == b"exited":
@@ -243,7 +244,7 @@ def parse_server_event(data: bytes) -> dict:
         msg = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"bad fork server message {data[:80]!r}: {exc}") from None
-    if not isinstance(msg, dict) or msg.get("op") not in ("ready", "boot_error"):
+    if not isinstance(msg, dict) or msg.get("op") not in ("ready", "boot_error", "warmed"):
         raise ProtocolError(f"unknown fork server message {data[:80]!r}")
     return msg
 

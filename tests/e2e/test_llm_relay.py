@@ -441,3 +441,27 @@ def test_a_relay_starts_without_the_http_stack_which_its_first_call_loads():
                          timeout=60, check=True).stdout.split("\n")
     assert out[0] == "[]", out
     assert out[1] == "True", out
+
+
+@pytest.mark.timeout(90)
+def test_the_relay_loads_its_http_stack_once_the_supervisor_is_idle_not_beside_its_tasks(tmp_path):
+    """httpx and the rest of a call's stack (~0.3 s of CPU) load in the relay once the
+    supervisor has had no attempt for a second (relay.WARM_IDLE_S), so that the first model
+    call does not wait for them: not while tasks run (two `sleep 2` tasks queued before the
+    start keep the pool busy from the first pass), and once a start."""
+    with FakeOpenAI(Stream(text="warm")) as srv:
+        sup = SupervisorProcess(tmp_path, llm_config(srv.base_url))
+        try:
+            ids = [sup.queue.enqueue("shell", {"cmd": "sleep 2", "shell": True}) for _ in range(2)]
+            sup.start()
+            assert [sup.wait(i).status for i in ids] == ["succeeded"] * 2
+            warmed = "loaded its HTTP stack while the supervisor was idle"
+            sup.wait_log(warmed, timeout=20)
+            log = sup.log()
+            assert log.index(warmed) > log.rindex("shell attempt 1 ended succeeded"), log[-3000:]
+            task = sup.wait(sup.queue.enqueue("llm.chat", {"prompt": "hi"}))
+            assert task.status == "succeeded" and task.result["text"] == "warm"
+            assert task.history[0].ran_in == "relay"
+            assert sup.log().count(warmed) == 1
+        finally:
+            sup.close()

@@ -42,6 +42,7 @@ def test_the_per_task_messages_read_back_into_their_fields():
     assert parse_event(b'{"op":"ready","pid":7,"types":["a"]}')["types"] == ["a"]
 
     assert parse_event(b"fenced 3") == {"op": "fenced", "count": 3}
+    assert parse_event(b'{"op":"warmed","seconds":0.31}') == {"op": "warmed", "seconds": 0.31}
 
 
 @pytest.mark.parametrize("bad", [b"exited x 9 0 0 0", b"exited -4 9 0.1 0.1 1", b"spawned k",
