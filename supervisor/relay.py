@@ -37,7 +37,7 @@ READY = b'{"op":"ready"}'  # its first packet, once it listens
 START_TIMEOUT_S = 10.0   # the first start waits this long for "ready"; restarts do not wait
 HOST_SPLIT = 100         # hosted calls per relay before another one starts (Relays.pick)
 WARM_IDLE_S = 1.0        # no attempt for this long: the relays load their HTTP stack (warm)
-LLM_TYPE = "llm.chat"     # registered by workers.handlers.llm: model calls can come
+LLM_TYPE = "llm.chat"    # registered by workers.handlers.llm: model calls can come
 GROW_WAIT_S = 1.0        # how long the loop waits for such a relay (it is used once ready)
 AUTO_MAX = 8             # [llm] relays = 0: one per CPU, at most this many
 FOLDER_PREFIX = "taskvisor-relay-"  # then the supervisor's pid, "-" and mkdtemp's letters
