@@ -398,6 +398,9 @@ class FakeRelays:
     def pick(self) -> FakeRelay:
         return self.all[0]
 
+    def warm_when_idle(self, busy: bool, mono: float) -> None:
+        pass  # tests/unit/test_relay_warm.py
+
 
 def test_a_task_whose_relay_died_twice_runs_in_a_task_process_under_any_supervisor(loop):
     """Two hosted attempts lost with their relay are given back unspent and counted on
