@@ -425,10 +425,18 @@ class Children:
 
     def close_report(self, child: Child) -> None:
         if child.report_fd >= 0:
-            if not child.released:
-                self.selector.unregister(child.report_fd)
-            os.close(child.report_fd)
+            self._close_channel(child, child.report_fd)
             child.report_fd = -1
+
+    def close_output(self, child: Child) -> None:
+        if child.output_fd >= 0:
+            self._close_channel(child, child.output_fd)
+            child.output_fd = -1
+
+    def _close_channel(self, child: Child, fd: int) -> None:
+        if not child.released:  # release() took its channels out of the selector already
+            self.selector.unregister(fd)
+        os.close(fd)
 
     def ack(self, child: Child, seq: int, error: str | None = None) -> None:
         """Answer a request line after the commit (`send_acks`)."""
@@ -457,10 +465,7 @@ class Children:
             except OSError:
                 data = b""
             if not data:
-                if not child.released:
-                    self.selector.unregister(child.output_fd)
-                os.close(child.output_fd)
-                child.output_fd = -1
+                self.close_output(child)
                 return
             self.output.on_log(child.key, child.lease, data, self.clock.monotonic())
 
@@ -572,11 +577,7 @@ class Children:
         self.close_report(child)
         if child.output_fd >= 0:
             self.on_output(child)
-            if child.output_fd >= 0:  # a descendant still holds the pipe: stop listening
-                if not child.released:
-                    self.selector.unregister(child.output_fd)
-                os.close(child.output_fd)
-                child.output_fd = -1
+            self.close_output(child)  # a descendant may still hold the pipe: stop listening
         del self.table[child.key]
         if child.released:
             self.released -= 1
