@@ -159,6 +159,7 @@ class Children:
         self.output = LiveOutput(config.supervisor.max_output_bytes, max_log_bytes)
         self.table: dict[str, Child] = {}
         self.released = 0  # children in the table whose outcome is in (Child.released)
+        self.emptied_at = clock.monotonic()  # when the table last became empty
         self.by_pid: dict[int, Child] = {}
         self.pending: list[tuple[Child, AttemptEnd]] = []  # ended, not yet recorded
         self.pending_pids: list[Child] = []                # pid not yet recorded
@@ -579,6 +580,8 @@ class Children:
             self.on_output(child)
             self.close_output(child)  # a descendant may still hold the pipe: stop listening
         del self.table[child.key]
+        if not self.table:
+            self.emptied_at = mono
         if child.released:
             self.released -= 1
         if child.hosted:

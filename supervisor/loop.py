@@ -183,8 +183,8 @@ class Supervisor:
         self.guard(self.fire_schedules, now, mono)
         self.guard(self.prune_finished, now, mono)
         self.guard(self.publish, now, mono)
-        if self.relays is not None and not self.stopping:
-            self.guard(self.relays.warm_when_idle, bool(self.children), mono)
+        if self.relays is not None and not self.children and not self.stopping:
+            self.guard(self.relays.warm_when_idle, self.children.emptied_at, mono)
         return True
 
     def helpers(self) -> list:

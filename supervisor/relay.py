@@ -289,7 +289,6 @@ class Relays:
     def __init__(self, first: Relay, owner: str | None):
         self.all = [first]
         self.owner = owner
-        self.idle_since: float | None = None  # monotonic time since when no attempt ran
         self.supervisor = None
         self.cpus = os.cpu_count() or 1
 
@@ -302,19 +301,15 @@ class Relays:
         for relay in self.all:
             relay.attach(supervisor)
 
-    def warm_when_idle(self, busy: bool, mono: float) -> None:
-        """Once the supervisor has had no attempt for WARM_IDLE_S, each relay that has not
-        loads its HTTP stack (0.17-0.3 s of CPU, 15 MiB), which the first model call would
-        otherwise wait for, when no task waits for the cores (at the relay's start it ran
-        beside the first tasks of every run). Only where model calls can come: a fork
-        server preloaded `workers.handlers.llm` (the `llm.chat` type, and `llm.chat_sync`
-        for handlers of one's own)."""
-        if busy:
-            self.idle_since = None
-            return
-        if self.idle_since is None:
-            self.idle_since = mono
-        elif mono - self.idle_since >= WARM_IDLE_S and any(
+    def warm_when_idle(self, idle_since: float, mono: float) -> None:
+        """Asked by the loop while it has no attempt (since monotonic time `idle_since`):
+        from WARM_IDLE_S on, each relay that has not loads its HTTP stack (0.17-0.3 s of
+        CPU, 15 MiB), which the first model call would otherwise wait for, when no task
+        waits for the cores (at the relay's start it ran beside the first tasks of every
+        run). Only where model calls can come: a fork server preloaded
+        `workers.handlers.llm` (the `llm.chat` type, and `llm.chat_sync` for handlers of
+        one's own)."""
+        if mono - idle_since >= WARM_IDLE_S and any(
                 LLM_TYPE in server.types for server in self.supervisor.servers.all()):
             for relay in self.all:
                 relay.warm()

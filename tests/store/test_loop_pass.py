@@ -398,7 +398,7 @@ class FakeRelays:
     def pick(self) -> FakeRelay:
         return self.all[0]
 
-    def warm_when_idle(self, busy: bool, mono: float) -> None:
+    def warm_when_idle(self, idle_since: float, mono: float) -> None:
         pass  # tests/unit/test_relay_warm.py
 
 
@@ -447,3 +447,35 @@ def test_a_task_whose_relay_died_twice_runs_in_a_task_process_under_any_supervis
     finally:
         sup2.store.close()
         sup2.wake.close()
+
+
+class WarmRecorder(FakeRelays):
+    def __init__(self):
+        super().__init__(FakeRelay())
+        self.asked: list[tuple[float, float]] = []
+
+    def warm_when_idle(self, idle_since: float, mono: float) -> None:
+        self.asked.append((idle_since, mono))
+
+
+def test_the_relays_are_asked_to_warm_only_while_no_attempt_runs_and_since_the_last_ended(loop):
+    """Relays.warm_when_idle is not on the busy loop's path: a pass asks it only while the
+    table is empty, with the time the table last emptied (Children.emptied_at)."""
+    sup, server, clock, queue, seen = loop
+    sup.relays = relays = WarmRecorder()
+    started = clock.monotonic()
+    assert sup.step()
+    assert relays.asked == [(started, started)]  # empty since the supervisor began
+    queue.enqueue("t", {})
+    clock.advance(3)
+    (key,) = start_all(sup, server, clock)
+    relays.asked.clear()
+    clock.advance(1)
+    assert sup.step()
+    assert relays.asked == []  # an attempt runs
+    server.report(key, b'{"kind":"ready","pid":1}', b'{"kind":"result","result":"1"}')
+    sup.wait(0.5)
+    ended = clock.advance(1)
+    sup.children.on_server_event(server, server.exit(key), ended)
+    assert sup.step()
+    assert relays.asked and relays.asked[-1][0] == ended
