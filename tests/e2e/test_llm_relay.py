@@ -386,6 +386,7 @@ def test_the_relays_exit_status_is_logged_when_the_loops_reap_took_it_first(capl
 
     from supervisor.children import Children
     from supervisor.config import load
+    from supervisor.loop import SystemClock
     handle = Relay()
     handle.start(wait=True)
     try:
@@ -394,7 +395,8 @@ def test_the_relays_exit_status_is_logged_when_the_loops_reap_took_it_first(capl
         wait_until(lambda: psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, timeout=10,
                    message="the relay did not die")
         with selectors.DefaultSelector() as sel:
-            children = Children(sel, load(None, env={}), clock=None, emit=lambda *a, **k: None)
+            children = Children(sel, load(None, env={}), clock=SystemClock,
+                                emit=lambda *a, **k: None)
             children.reap([handle], time.monotonic())  # the zombie taken here
         assert not psutil.pid_exists(pid) or psutil.Process(pid).ppid() != os.getpid()
         handle.events()  # the end of its control socket
